@@ -1,0 +1,22 @@
+//! Tiers of tierckpt: one [`Tier`] trait, the memory tier on tmpfs, the local
+//! wire protocol shared by the daemon and its clients, and the conformance
+//! suite that every tier passes.
+
+pub mod conformance;
+mod error;
+pub mod memory;
+pub mod proto;
+mod tier;
+
+pub use error::{ErrorKind, TierError, WireError};
+pub use memory::{MemoryTier, MemoryTierConfig, Reservation};
+pub use tier::{ShardBytes, StepSummary, Tier};
+
+pub type Result<T, E = TierError> = std::result::Result<T, E>;
+
+/// Milliseconds since the Unix epoch.
+pub fn now_unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}

@@ -1,0 +1,136 @@
+//! The local control protocol between a client and its node daemon: one JSON
+//! request and one JSON reply per frame, each frame a big-endian u32 length
+//! followed by that many bytes, over a Unix socket.
+
+use serde::{Deserialize, Serialize};
+use std::io::{Read, Write};
+use tierckpt_format::Manifest;
+
+use crate::{StepSummary, WireError};
+
+/// Largest frame accepted; requests and replies are small (bytes travel by mapping).
+pub const MAX_FRAME: usize = 16 << 20;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    /// Ask for a segment of exactly `len` bytes for one shard.
+    Reserve {
+        namespace: String,
+        step: u64,
+        rank: u32,
+        world_size: u32,
+        len: u64,
+    },
+    /// The segment is written: checksum, index and publish it. With `wait`, the
+    /// reply comes once the shard is visible (or failed); otherwise at once.
+    Seal { id: u64, wait: bool },
+    /// Give a reservation back unwritten.
+    Abort { id: u64 },
+    /// Wait until a sealed shard is visible or its seal failed.
+    WaitVisible {
+        namespace: String,
+        step: u64,
+        rank: u32,
+        timeout_ms: u64,
+    },
+    /// Where a visible shard's bytes are, and its manifest.
+    Open { namespace: String, step: u64, rank: u32 },
+    /// Newest complete step.
+    Latest { namespace: String },
+    ListNamespaces,
+    ListSteps { namespace: String },
+    DeleteStep { namespace: String, step: u64 },
+    DeleteNamespace { namespace: String },
+    /// Drop incomplete steps newer than `step` (left by a run that crashed
+    /// before every rank saved); a resumed job calls this before saving again.
+    DiscardIncompleteAfter { namespace: String, step: u64 },
+    Status,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "reply", rename_all = "snake_case")]
+pub enum Reply {
+    Reserved { id: u64, path: String, len: u64 },
+    Done,
+    Opened { path: String, manifest: Manifest },
+    Latest { step: Option<u64> },
+    Namespaces { namespaces: Vec<NamespaceSummary> },
+    Steps { steps: Vec<StepSummary> },
+    Deleted { shards: u64, bytes: u64 },
+    Status(Box<DaemonStatus>),
+}
+
+/// One namespace at a glance.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NamespaceSummary {
+    pub namespace: String,
+    pub steps: u64,
+    pub complete_steps: u64,
+    pub latest_complete: Option<u64>,
+    pub bytes: u64,
+}
+
+/// What `tierckpt status` shows.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DaemonStatus {
+    pub version: String,
+    pub pid: u32,
+    pub root: String,
+    pub socket: String,
+    pub http_addr: Option<String>,
+    pub uptime_s: f64,
+    pub memory: MemoryUsage,
+    pub namespaces: Vec<NamespaceSummary>,
+}
+
+/// Byte accounting of the memory tier.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemoryUsage {
+    pub capacity: u64,
+    /// Everything below counts against capacity.
+    pub used: u64,
+    pub sealed: u64,
+    pub in_progress: u64,
+    /// Recycled segments kept for reuse (their pages stay allocated, so the
+    /// next save of the same size does not pay for page faults).
+    pub pooled: u64,
+    pub shards: u64,
+    pub reservations: u64,
+    pub keep_last: usize,
+}
+
+pub type WireResult = Result<Reply, WireError>;
+
+/// Writes one frame.
+pub fn write_frame<W: Write>(w: &mut W, value: &impl Serialize) -> std::io::Result<()> {
+    let body = serde_json::to_vec(value).map_err(std::io::Error::other)?;
+    w.write_all(&(body.len() as u32).to_be_bytes())?;
+    w.write_all(&body)?;
+    w.flush()
+}
+
+/// Reads one frame; `Ok(None)` on a clean end of stream.
+pub fn read_frame<R: Read>(r: &mut R) -> std::io::Result<Option<Vec<u8>>> {
+    let mut len = [0u8; 4];
+    match r.read_exact(&mut len) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e),
+    }
+    let len = u32::from_be_bytes(len) as usize;
+    check_frame_len(len)?;
+    let mut body = vec![0u8; len];
+    r.read_exact(&mut body)?;
+    Ok(Some(body))
+}
+
+pub fn check_frame_len(len: usize) -> std::io::Result<()> {
+    if len > MAX_FRAME {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("frame of {len} bytes exceeds the {MAX_FRAME}-byte limit"),
+        ));
+    }
+    Ok(())
+}

@@ -1,0 +1,201 @@
+//! The memory tier on a real tmpfs directory.
+
+use std::fs::OpenOptions;
+use std::io::{Seek, SeekFrom, Write};
+use std::sync::{Arc, Barrier};
+use std::time::Duration;
+
+use tierckpt_format::ShardKey;
+use tierckpt_tiers::conformance::{run_all, sample_shard};
+use tierckpt_tiers::{ErrorKind, MemoryTier, MemoryTierConfig};
+
+fn shm_dir() -> tempfile::TempDir {
+    let base = std::path::Path::new("/dev/shm");
+    if base.is_dir() {
+        tempfile::Builder::new().prefix("tierckpt-test-").tempdir_in(base).unwrap()
+    } else {
+        tempfile::tempdir().unwrap()
+    }
+}
+
+fn tier(dir: &std::path::Path, capacity: u64, keep_last: usize) -> MemoryTier {
+    let mut cfg = MemoryTierConfig::new(dir, capacity);
+    cfg.keep_last = keep_last;
+    MemoryTier::open(cfg).unwrap()
+}
+
+/// Writes a sample shard through reserve / write / seal, as a client would.
+fn save(t: &MemoryTier, ns: &str, step: u64, rank: u32, world: u32, n: usize) -> Vec<u8> {
+    let (_, data) = sample_shard(ShardKey::new(ns, step, rank), world, n, step as u8);
+    let r = t.reserve(&ShardKey::new(ns, step, rank), world, data.len() as u64).unwrap();
+    std::fs::write(&r.path, &data).unwrap();
+    t.seal(r.id).unwrap();
+    data
+}
+
+#[tokio::test]
+async fn memory_tier_passes_conformance() {
+    let dir = shm_dir();
+    let t = tier(dir.path(), 1 << 30, 3);
+    let root = dir.path().to_path_buf();
+    let corrupt = move |key: &ShardKey| {
+        let step_dir = root.join("ns").join(&key.namespace).join(format!("{:020}", key.step));
+        let f = std::fs::read_dir(&step_dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .find(|p| p.extension().is_some_and(|e| e == "safetensors"))
+            .unwrap();
+        let mut file = OpenOptions::new().read(true).write(true).open(f).unwrap();
+        let len = file.metadata().unwrap().len();
+        file.seek(SeekFrom::Start(len - 3)).unwrap();
+        file.write_all(&[0xAB]).unwrap();
+    };
+    run_all(&t, &corrupt).await;
+}
+
+#[test]
+fn restart_keeps_sealed_shards_and_reclaims_pending() {
+    let dir = shm_dir();
+    let data = {
+        let t = tier(dir.path(), 64 << 20, 3);
+        let d = save(&t, "job", 1, 0, 1, 1000);
+        let r = t.reserve(&ShardKey::new("job", 2, 0), 1, 100).unwrap();
+        std::fs::write(&r.path, b"partial").unwrap();
+        d
+    };
+    let t = tier(dir.path(), 64 << 20, 3);
+    let (_, bytes) = t.map(&ShardKey::new("job", 1, 0)).unwrap();
+    assert!(bytes[..] == data[..]);
+    assert_eq!(t.latest("job").unwrap(), Some(1));
+    assert_eq!(t.steps("job").unwrap().len(), 1, "the unsealed step 2 must not be visible");
+    assert_eq!(t.usage().reservations, 0);
+    // The key the dead writer held is free again.
+    save(&t, "job", 2, 0, 1, 10);
+}
+
+#[test]
+fn restart_seals_segments_left_unchecksummed() {
+    let dir = shm_dir();
+    {
+        let t = tier(dir.path(), 64 << 20, 3);
+        let (_, data) = sample_shard(ShardKey::new("job", 7, 0), 1, 100, 1);
+        let r = t.reserve(&ShardKey::new("job", 7, 0), 1, data.len() as u64).unwrap();
+        std::fs::write(&r.path, &data).unwrap();
+        // The daemon stops between the two halves of a seal.
+        let _job = t.begin_seal(r.id).unwrap();
+    }
+    let t = tier(dir.path(), 64 << 20, 3);
+    assert_eq!(t.latest("job").unwrap(), Some(7));
+}
+
+#[test]
+fn second_daemon_on_same_directory_is_refused() {
+    let dir = shm_dir();
+    let _t = tier(dir.path(), 1 << 20, 3);
+    let e = MemoryTier::open(MemoryTierConfig::new(dir.path(), 1 << 20)).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Unavailable);
+    assert!(e.to_string().contains(".lock"), "{e}");
+}
+
+#[test]
+fn retention_keeps_newest_complete_steps_and_recycles_segments() {
+    let dir = shm_dir();
+    let t = tier(dir.path(), 64 << 20, 2);
+    for step in 1..=5 {
+        save(&t, "job", step, 0, 1, 10_000);
+    }
+    let steps: Vec<u64> = t.steps("job").unwrap().iter().map(|s| s.step).collect();
+    assert_eq!(steps, [4, 5]);
+    let u = t.usage();
+    assert!(u.pooled > 0, "evicted segments are pooled for reuse: {u:?}");
+    assert_eq!(u.used, u.sealed + u.pooled);
+}
+
+#[test]
+fn full_tier_gives_capacity_exceeded_and_keeps_newest_complete() {
+    let dir = shm_dir();
+    let shard = sample_shard(ShardKey::new("a", 1, 0), 1, 100_000, 0).1.len() as u64;
+    let t = tier(dir.path(), shard * 2 + shard / 2, 3);
+    save(&t, "job", 1, 0, 1, 100_000);
+    save(&t, "job", 2, 0, 1, 100_000);
+    // A third step fits only by evicting step 1 (step 2 is the newest complete).
+    save(&t, "job", 3, 0, 1, 100_000);
+    assert_eq!(t.latest("job").unwrap(), Some(3));
+    let steps: Vec<u64> = t.steps("job").unwrap().iter().map(|s| s.step).collect();
+    assert_eq!(steps, [2, 3]);
+    // Step 4 of a two-rank world: rank 0 fits by evicting step 2, rank 1 cannot
+    // fit: step 3 is the newest complete, and step 4 is being written.
+    let k0 = ShardKey::new("job", 4, 0);
+    let r0 = t.reserve(&k0, 2, shard).unwrap();
+    let e = t.reserve(&ShardKey::new("job", 4, 1), 2, shard).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::CapacityExceeded);
+    let msg = e.to_string();
+    assert!(msg.contains(&format!("asked for {shard} bytes")), "{msg}");
+    assert_eq!(t.latest("job").unwrap(), Some(3));
+    t.abort(r0.id).unwrap();
+    // Bigger than the whole tier.
+    let e = t.reserve(&ShardKey::new("job", 9, 0), 1, u64::MAX / 2).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::CapacityExceeded);
+}
+
+#[test]
+fn concurrent_writers_of_one_key_exactly_one_wins() {
+    let dir = shm_dir();
+    let t = Arc::new(tier(dir.path(), 64 << 20, 3));
+    let n = 8;
+    let barrier = Arc::new(Barrier::new(n));
+    let handles: Vec<_> = (0..n)
+        .map(|_| {
+            let (t, b) = (t.clone(), barrier.clone());
+            std::thread::spawn(move || {
+                b.wait();
+                t.reserve(&ShardKey::new("race", 1, 0), 1, 1000)
+            })
+        })
+        .collect();
+    let results: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    let wins = results.iter().filter(|r| r.is_ok()).count();
+    assert_eq!(wins, 1);
+    for r in results.iter().filter_map(|r| r.as_ref().err()) {
+        assert_eq!(r.kind(), ErrorKind::AlreadyExists);
+    }
+}
+
+#[test]
+fn a_seal_of_invalid_bytes_fails_and_frees_the_key() {
+    let dir = shm_dir();
+    let t = tier(dir.path(), 1 << 20, 3);
+    let key = ShardKey::new("job", 1, 0);
+    let r = t.reserve(&key, 1, 64).unwrap();
+    std::fs::write(&r.path, [0xFFu8; 64]).unwrap();
+    let e = t.seal(r.id).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Corrupt, "{e}");
+    let e = t.wait_visible(&key, Duration::from_millis(10)).unwrap_err();
+    assert!(e.to_string().contains("seal failed"), "{e}");
+    assert!(t.steps("job").unwrap().is_empty());
+    save(&t, "job", 1, 0, 1, 4);
+}
+
+#[test]
+fn world_size_must_agree_within_a_step() {
+    let dir = shm_dir();
+    let t = tier(dir.path(), 1 << 20, 3);
+    save(&t, "job", 1, 0, 2, 4);
+    let e = t.reserve(&ShardKey::new("job", 1, 1), 3, 100).unwrap_err();
+    assert!(e.to_string().contains("world_size 2"), "{e}");
+    let e = t.reserve(&ShardKey::new("../x", 1, 0), 1, 100).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidArgument);
+}
+
+#[test]
+fn discard_incomplete_after_drops_stale_steps_only() {
+    let dir = shm_dir();
+    let t = tier(dir.path(), 1 << 20, 3);
+    save(&t, "job", 10, 0, 2, 4);
+    save(&t, "job", 10, 1, 2, 4);
+    save(&t, "job", 20, 0, 2, 4);
+    t.discard_incomplete_after("job", 10).unwrap();
+    let steps: Vec<u64> = t.steps("job").unwrap().iter().map(|s| s.step).collect();
+    assert_eq!(steps, [10]);
+    save(&t, "job", 20, 0, 2, 4);
+}
