@@ -31,7 +31,7 @@ pub enum TierError {
     #[error("already exists: {0}")]
     AlreadyExists(String),
     #[error("corrupt: {0}")]
-    Corrupt(#[from] FormatError),
+    Corrupt(FormatError),
     #[error("capacity exceeded: asked for {requested} bytes, {free} of {capacity} bytes are free{detail}; raise memory_tier_size, lower keep_last, or delete old steps")]
     CapacityExceeded {
         requested: u64,
@@ -59,7 +59,6 @@ impl TierError {
         match self {
             TierError::NotFound(_) => ErrorKind::NotFound,
             TierError::AlreadyExists(_) => ErrorKind::AlreadyExists,
-            TierError::Corrupt(FormatError::InvalidArgument(_)) => ErrorKind::InvalidArgument,
             TierError::Corrupt(_) => ErrorKind::Corrupt,
             TierError::CapacityExceeded { .. } => ErrorKind::CapacityExceeded,
             TierError::InvalidArgument(_) => ErrorKind::InvalidArgument,
@@ -105,6 +104,15 @@ impl From<WireError> for TierError {
         TierError::Remote {
             kind: w.kind,
             message: w.message,
+        }
+    }
+}
+
+impl From<FormatError> for TierError {
+    fn from(e: FormatError) -> Self {
+        match e {
+            FormatError::InvalidArgument(m) => TierError::InvalidArgument(m),
+            e => TierError::Corrupt(e),
         }
     }
 }

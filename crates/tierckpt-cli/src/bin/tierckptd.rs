@@ -1,0 +1,99 @@
+//! `tierckptd`: the node daemon. Settings come from `--config FILE`, then
+//! `TIERCKPT_*` variables, then flags. Prints one JSON line on stdout once it
+//! serves (`{"event":"ready",...}`), and stops cleanly on SIGINT or SIGTERM.
+
+use std::path::PathBuf;
+
+use clap::Parser;
+use tierckpt_daemon::{ConfigLayer, Daemon, DaemonConfig};
+
+#[derive(Parser, Debug)]
+#[command(name = "tierckptd", version, about = "tierckpt node daemon: checkpoints in CPU memory")]
+struct Args {
+    /// TOML config file.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// tmpfs directory of the memory tier [default: /dev/shm/tierckpt].
+    #[arg(long)]
+    memory_dir: Option<PathBuf>,
+    /// Capacity of the memory tier: "32GB", "512MiB" or "auto" [default: auto].
+    #[arg(long)]
+    memory_tier_size: Option<String>,
+    /// Complete steps kept per namespace [default: 3].
+    #[arg(long)]
+    keep_last: Option<usize>,
+    /// Unix socket of the local API [default: <memory-dir>/daemon.sock].
+    #[arg(long)]
+    socket: Option<PathBuf>,
+    /// host:port of the HTTP API, or "off" [default: 127.0.0.1:7750].
+    #[arg(long)]
+    http_addr: Option<String>,
+    /// File holding the bearer token required by the HTTP API.
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+}
+
+fn config(args: Args) -> anyhow::Result<DaemonConfig> {
+    let file = match &args.config {
+        Some(p) => ConfigLayer::from_file(p)?,
+        None => ConfigLayer::default(),
+    };
+    let env = ConfigLayer::from_env(std::env::vars())?;
+    let flags = ConfigLayer {
+        memory_dir: args.memory_dir,
+        memory_tier_size: args.memory_tier_size,
+        keep_last: args.keep_last,
+        socket: args.socket,
+        http_addr: args.http_addr,
+        token_file: args.token_file,
+        token: None,
+    };
+    Ok(DaemonConfig::resolve(file.merge(env).merge(flags))?)
+}
+
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tierckptd: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("TIERCKPT_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let cfg = config(Args::parse())?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let running = Daemon::start(cfg).await?;
+        println!(
+            "{}",
+            serde_json::json!({
+                "event": "ready",
+                "pid": std::process::id(),
+                "socket": running.socket,
+                "http_addr": running.http_addr.map(|a| a.to_string()),
+                "capacity": running.daemon.cfg.capacity,
+            })
+        );
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        tracing::info!("stopping");
+        running.shutdown().await;
+        anyhow::Ok(())
+    })
+}

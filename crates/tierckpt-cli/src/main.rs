@@ -1,0 +1,106 @@
+//! `tierckpt`: the command-line tool.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand, ValueEnum};
+use tierckpt_cli::{bench, commands, demo};
+use tierckpt_client::Client;
+
+#[derive(Parser, Debug)]
+#[command(name = "tierckpt", version, about = "Tiered checkpointing for large-model training")]
+struct Cli {
+    /// Socket of the node daemon [default: $TIERCKPT_SOCKET or /dev/shm/tierckpt/daemon.sock].
+    #[arg(long, global = true)]
+    socket: Option<PathBuf>,
+    /// Print one JSON object instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy)]
+enum ExportFormat {
+    Safetensors,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// The daemon, its memory tier, and its namespaces.
+    Status,
+    /// Namespaces, or the steps of one namespace.
+    Ls { namespace: Option<String> },
+    /// Tensors, metadata and checksums of a step's shards.
+    Inspect {
+        namespace: String,
+        /// Step [default: newest complete].
+        #[arg(long)]
+        step: Option<u64>,
+        #[arg(long)]
+        rank: Option<u32>,
+    },
+    /// Verify the checksums of every shard (of one step, or all steps).
+    Verify {
+        namespace: String,
+        #[arg(long)]
+        step: Option<u64>,
+    },
+    /// Write a step's shards as safetensors files into DIR.
+    Export {
+        namespace: String,
+        /// Step [default: newest complete].
+        #[arg(long)]
+        step: Option<u64>,
+        #[arg(long, value_enum, default_value = "safetensors")]
+        format: ExportFormat,
+        dir: PathBuf,
+    },
+    /// Delete one step, or a whole namespace.
+    Rm {
+        namespace: String,
+        #[arg(long)]
+        step: Option<u64>,
+    },
+    /// The main job: train, crash, restore, and check the result bit for bit.
+    Demo(demo::DemoArgs),
+    /// Benchmarks with ratios against a floor measured in the same run.
+    Bench(bench::BenchArgs),
+    /// The demo's training process (started by `tierckpt demo`).
+    #[command(hide = true)]
+    DemoTrainer(demo::TrainerArgs),
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    match run(&cli) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: &Cli) -> Result<()> {
+    let connect = || -> Result<Client> {
+        Ok(match &cli.socket {
+            Some(s) => Client::connect(s)?,
+            None => Client::connect_default()?,
+        })
+    };
+    let j = cli.json;
+    match &cli.cmd {
+        Cmd::Status => commands::status(&mut connect()?, j),
+        Cmd::Ls { namespace } => commands::ls(&mut connect()?, namespace.as_deref(), j),
+        Cmd::Inspect { namespace, step, rank } => commands::inspect(&mut connect()?, namespace, *step, *rank, j),
+        Cmd::Verify { namespace, step } => commands::verify(&mut connect()?, namespace, *step, j),
+        Cmd::Export { namespace, step, format: ExportFormat::Safetensors, dir } => {
+            commands::export(&mut connect()?, namespace, *step, dir, j)
+        }
+        Cmd::Rm { namespace, step } => commands::rm(&mut connect()?, namespace, *step, j),
+        Cmd::Demo(a) => demo::run(a, j),
+        Cmd::Bench(a) => bench::run(a, j),
+        Cmd::DemoTrainer(a) => demo::run_trainer(a),
+    }
+}

@@ -1,0 +1,225 @@
+//! Daemon configuration: one struct, from a TOML file, then `TIERCKPT_*`
+//! environment variables, then command-line flags, each layer overriding the
+//! one before. Unknown keys in the file are errors that name the key.
+
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use crate::DaemonError;
+
+pub const DEFAULT_MEMORY_DIR: &str = "/dev/shm/tierckpt";
+pub const DEFAULT_HTTP_ADDR: &str = "127.0.0.1:7750";
+/// Share of available RAM that `memory_tier_size = "auto"` takes.
+const AUTO_SHARE: f64 = 0.5;
+
+/// One layer of settings; every field optional so layers can be merged.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigLayer {
+    /// tmpfs directory holding the memory tier.
+    pub memory_dir: Option<PathBuf>,
+    /// "32GB", "512MiB", or "auto".
+    pub memory_tier_size: Option<String>,
+    /// Complete steps kept per namespace.
+    pub keep_last: Option<usize>,
+    /// Unix socket of the local API (default: `<memory_dir>/daemon.sock`).
+    pub socket: Option<PathBuf>,
+    /// "host:port" of the HTTP API, or "off".
+    pub http_addr: Option<String>,
+    /// File holding the bearer token for the HTTP API.
+    pub token_file: Option<PathBuf>,
+    /// The bearer token itself (prefer `token_file`; env `TIERCKPT_TOKEN`).
+    pub token: Option<String>,
+}
+
+impl ConfigLayer {
+    pub fn from_toml(text: &str, origin: &Path) -> Result<Self, DaemonError> {
+        toml::from_str(text).map_err(|e| {
+            DaemonError::Config(format!("{}: {}", origin.display(), e.message()))
+        })
+    }
+
+    pub fn from_file(path: &Path) -> Result<Self, DaemonError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| DaemonError::Config(format!("reading {}: {e}", path.display())))?;
+        Self::from_toml(&text, path)
+    }
+
+    /// Reads `TIERCKPT_MEMORY_DIR`, `TIERCKPT_MEMORY_TIER_SIZE`,
+    /// `TIERCKPT_KEEP_LAST`, `TIERCKPT_SOCKET`, `TIERCKPT_HTTP_ADDR`,
+    /// `TIERCKPT_TOKEN_FILE` and `TIERCKPT_TOKEN` from `vars`.
+    pub fn from_env(vars: impl IntoIterator<Item = (String, String)>) -> Result<Self, DaemonError> {
+        let mut l = Self::default();
+        for (k, v) in vars {
+            match k.as_str() {
+                "TIERCKPT_MEMORY_DIR" => l.memory_dir = Some(v.into()),
+                "TIERCKPT_MEMORY_TIER_SIZE" => l.memory_tier_size = Some(v),
+                "TIERCKPT_KEEP_LAST" => {
+                    l.keep_last = Some(v.parse().map_err(|_| {
+                        DaemonError::Config(format!("TIERCKPT_KEEP_LAST={v:?} is not a whole number"))
+                    })?)
+                }
+                "TIERCKPT_SOCKET" => l.socket = Some(v.into()),
+                "TIERCKPT_HTTP_ADDR" => l.http_addr = Some(v),
+                "TIERCKPT_TOKEN_FILE" => l.token_file = Some(v.into()),
+                "TIERCKPT_TOKEN" => l.token = Some(v),
+                _ => {}
+            }
+        }
+        Ok(l)
+    }
+
+    /// `other`'s settings win where present.
+    pub fn merge(mut self, other: ConfigLayer) -> Self {
+        macro_rules! take {
+            ($($f:ident),*) => { $( if other.$f.is_some() { self.$f = other.$f; } )* };
+        }
+        take!(memory_dir, memory_tier_size, keep_last, socket, http_addr, token_file, token);
+        self
+    }
+}
+
+/// The resolved configuration of a daemon.
+#[derive(Debug, Clone)]
+pub struct DaemonConfig {
+    pub memory_dir: PathBuf,
+    pub memory_tier_size: String,
+    pub capacity: u64,
+    pub keep_last: usize,
+    pub socket: PathBuf,
+    pub http_addr: Option<SocketAddr>,
+    pub token: Option<String>,
+}
+
+impl DaemonConfig {
+    pub fn resolve(layer: ConfigLayer) -> Result<Self, DaemonError> {
+        let memory_dir = layer.memory_dir.unwrap_or_else(|| DEFAULT_MEMORY_DIR.into());
+        let memory_tier_size = layer.memory_tier_size.unwrap_or_else(|| "auto".into());
+        let keep_last = layer.keep_last.unwrap_or(3);
+        if keep_last == 0 {
+            return Err(DaemonError::Config("keep_last must be at least 1".into()));
+        }
+        let capacity = parse_capacity(&memory_tier_size, &memory_dir)?;
+        let socket = layer.socket.unwrap_or_else(|| memory_dir.join("daemon.sock"));
+        let http_addr: Option<SocketAddr> = match layer.http_addr.as_deref().unwrap_or(DEFAULT_HTTP_ADDR) {
+            "off" | "" => None,
+            a => Some(a.parse().map_err(|_| {
+                DaemonError::Config(format!("http_addr {a:?} is not host:port (for example 127.0.0.1:7750) or \"off\""))
+            })?),
+        };
+        let token = match (layer.token, layer.token_file) {
+            (Some(t), _) => Some(t),
+            (None, Some(f)) => Some(
+                std::fs::read_to_string(&f)
+                    .map_err(|e| DaemonError::Config(format!("reading token_file {}: {e}", f.display())))?
+                    .trim()
+                    .to_string(),
+            ),
+            (None, None) => None,
+        };
+        if token.as_deref() == Some("") {
+            return Err(DaemonError::Config("the bearer token is empty".into()));
+        }
+        if let Some(a) = http_addr {
+            if !a.ip().is_loopback() && token.is_none() {
+                return Err(DaemonError::Config(format!(
+                    "http_addr {a} is reachable from other hosts: set token_file (or TIERCKPT_TOKEN) so requests must carry a bearer token"
+                )));
+            }
+        }
+        Ok(Self {
+            memory_dir,
+            memory_tier_size,
+            capacity,
+            keep_last,
+            socket,
+            http_addr,
+            token,
+        })
+    }
+}
+
+/// Parses "32GB", "512MiB", a plain byte count, or "auto".
+pub fn parse_capacity(s: &str, dir: &Path) -> Result<u64, DaemonError> {
+    if s.eq_ignore_ascii_case("auto") {
+        return Ok(auto_capacity(dir));
+    }
+    let n = parse_size::parse_size(s).map_err(|e| {
+        DaemonError::Config(format!(
+            "memory_tier_size {s:?} is not a size ({e}); write it like \"32GB\", \"512MiB\" or \"auto\""
+        ))
+    })?;
+    if n == 0 {
+        return Err(DaemonError::Config("memory_tier_size must be above 0".into()));
+    }
+    Ok(n)
+}
+
+/// Half of the available RAM, bounded by the free space of the tmpfs.
+fn auto_capacity(dir: &Path) -> u64 {
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("MemAvailable:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
+        .map_or(8 << 30, |kib| kib * 1024);
+    let mut share = (mem as f64 * AUTO_SHARE) as u64;
+    let probe = dir.ancestors().find(|p| p.exists()).unwrap_or(Path::new("/"));
+    if let Ok(c) = std::ffi::CString::new(probe.as_os_str().as_encoded_bytes()) {
+        // SAFETY: statvfs writes into a zeroed struct we own.
+        let mut sv: libc::statvfs = unsafe { std::mem::zeroed() };
+        if unsafe { libc::statvfs(c.as_ptr(), &mut sv) } == 0 {
+            share = share.min(sv.f_bavail as u64 * sv.f_frsize as u64);
+        }
+    }
+    share.max(1 << 20)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layers_override_in_order() {
+        let file = ConfigLayer::from_toml("memory_tier_size = \"1GiB\"\nkeep_last = 5\n", Path::new("t.toml")).unwrap();
+        let env = ConfigLayer::from_env([("TIERCKPT_KEEP_LAST".to_string(), "2".to_string())]).unwrap();
+        let flags = ConfigLayer { http_addr: Some("off".into()), ..Default::default() };
+        let c = DaemonConfig::resolve(file.merge(env).merge(flags)).unwrap();
+        assert_eq!(c.capacity, 1 << 30);
+        assert_eq!(c.keep_last, 2);
+        assert_eq!(c.http_addr, None);
+        assert_eq!(c.socket, Path::new(DEFAULT_MEMORY_DIR).join("daemon.sock"));
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_named() {
+        let e = ConfigLayer::from_toml("memory_tier_sise = \"1GB\"", Path::new("c.toml")).unwrap_err().to_string();
+        assert!(e.contains("memory_tier_sise") && e.contains("c.toml"), "{e}");
+        let bad = ConfigLayer { memory_tier_size: Some("lots".into()), ..Default::default() };
+        let e = DaemonConfig::resolve(bad).unwrap_err().to_string();
+        assert!(e.contains("\"lots\""), "{e}");
+        let e = ConfigLayer::from_env([("TIERCKPT_KEEP_LAST".into(), "x".into())]).unwrap_err().to_string();
+        assert!(e.contains("TIERCKPT_KEEP_LAST"), "{e}");
+    }
+
+    #[test]
+    fn sizes() {
+        let d = Path::new("/tmp");
+        assert_eq!(parse_capacity("32GB", d).unwrap(), 32_000_000_000);
+        assert_eq!(parse_capacity("512MiB", d).unwrap(), 512 << 20);
+        assert!(parse_capacity("auto", d).unwrap() >= 1 << 20);
+        assert!(parse_capacity("0", d).is_err());
+    }
+
+    #[test]
+    fn public_address_needs_a_token() {
+        let l = ConfigLayer { http_addr: Some("0.0.0.0:7750".into()), memory_tier_size: Some("1MB".into()), ..Default::default() };
+        let e = DaemonConfig::resolve(l.clone()).unwrap_err().to_string();
+        assert!(e.contains("token"), "{e}");
+        let ok = l.merge(ConfigLayer { token: Some("s3cret".into()), ..Default::default() });
+        assert!(DaemonConfig::resolve(ok).is_ok());
+    }
+}

@@ -1,0 +1,249 @@
+//! The HTTP API (axum): native `/v1` endpoints and `/health`. Shard bodies
+//! stream in (no size limit beyond the memory tier's capacity) and are served
+//! straight from the mapped segment after verification.
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{Path, Request, State};
+use axum::http::{header, HeaderMap, StatusCode, Uri};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use futures_util::StreamExt;
+use serde_json::json;
+use tierckpt_format::{names, verify_chunks, ShardKey};
+use tierckpt_tiers::{ErrorKind, TierError};
+use tokio::sync::watch;
+
+use crate::Daemon;
+
+type D = State<Arc<Daemon>>;
+
+/// A tier error as an HTTP response: a status from its kind, a JSON body.
+struct ApiError(TierError);
+
+impl<E: Into<TierError>> From<E> for ApiError {
+    fn from(e: E) -> Self {
+        ApiError(e.into())
+    }
+}
+
+fn status_of(kind: ErrorKind) -> StatusCode {
+    match kind {
+        ErrorKind::NotFound => StatusCode::NOT_FOUND,
+        ErrorKind::AlreadyExists => StatusCode::CONFLICT,
+        ErrorKind::Corrupt => StatusCode::UNPROCESSABLE_ENTITY,
+        ErrorKind::CapacityExceeded => StatusCode::INSUFFICIENT_STORAGE,
+        ErrorKind::InvalidArgument => StatusCode::BAD_REQUEST,
+        ErrorKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+        ErrorKind::Unauthorized => StatusCode::UNAUTHORIZED,
+        ErrorKind::Io | ErrorKind::Cancelled | ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let w = self.0.to_wire();
+        (status_of(w.kind), Json(w)).into_response()
+    }
+}
+
+fn bad(msg: impl Into<String>) -> ApiError {
+    ApiError(TierError::InvalidArgument(msg.into()))
+}
+
+fn parse_u64(what: &str, s: &str) -> Result<u64, ApiError> {
+    s.parse().map_err(|_| bad(format!("{what} {s:?} is not a whole number")))
+}
+
+fn parse_u32(what: &str, s: &str) -> Result<u32, ApiError> {
+    s.parse().map_err(|_| bad(format!("{what} {s:?} is not a whole number below 2^32")))
+}
+
+fn shard_key(ns: &str, step: &str, rank: &str) -> Result<ShardKey, ApiError> {
+    names::validate_namespace(ns)?;
+    Ok(ShardKey::new(ns, parse_u64("step", step)?, parse_u32("rank", rank)?))
+}
+
+fn query_param<'a>(uri: &'a Uri, name: &str) -> Option<&'a str> {
+    uri.query()?
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v)
+}
+
+pub(crate) fn router(d: Arc<Daemon>) -> Router {
+    Router::new()
+        .route("/health", get(health))
+        .route("/v1/status", get(status))
+        .route("/v1/namespaces", get(namespaces))
+        .route("/v1/namespaces/{ns}", axum::routing::delete(delete_namespace))
+        .route("/v1/namespaces/{ns}/steps", get(steps))
+        .route("/v1/namespaces/{ns}/latest", get(latest))
+        .route("/v1/namespaces/{ns}/steps/{step}", axum::routing::delete(delete_step))
+        .route("/v1/shards/{ns}/{step}/{rank}", get(get_shard).put(put_shard))
+        .route("/v1/shards/{ns}/{step}/{rank}/manifest", get(get_manifest))
+        .fallback(|uri: Uri| async move {
+            ApiError(TierError::NotFound(format!("no endpoint {}", uri.path())))
+        })
+        .layer(middleware::from_fn_with_state(d.clone(), auth))
+        .with_state(d)
+}
+
+pub(crate) async fn serve(d: Arc<Daemon>, listener: tokio::net::TcpListener, mut stop: watch::Receiver<bool>) {
+    let app = router(d);
+    let done = async move {
+        let _ = stop.changed().await;
+    };
+    if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(done).await {
+        tracing::error!(error = %e, "HTTP API stopped");
+    }
+}
+
+/// Every request but `/health` carries `Authorization: Bearer <token>` when
+/// the daemon has a token.
+async fn auth(State(d): D, req: Request, next: Next) -> Response {
+    if let Some(token) = &d.cfg.token {
+        if req.uri().path() != "/health" {
+            let given = req
+                .headers()
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "))
+                .unwrap_or("");
+            if !constant_time_eq::constant_time_eq(given.as_bytes(), token.as_bytes()) {
+                return ApiError(TierError::Remote {
+                    kind: ErrorKind::Unauthorized,
+                    message: "missing or wrong bearer token".into(),
+                })
+                .into_response();
+            }
+        }
+    }
+    next.run(req).await
+}
+
+async fn health(State(d): D) -> Json<serde_json::Value> {
+    let u = d.tier.usage();
+    Json(json!({ "status": "ok", "memory_used": u.used, "memory_capacity": u.capacity }))
+}
+
+async fn status(State(d): D) -> Json<serde_json::Value> {
+    Json(serde_json::to_value(d.status()).unwrap_or_default())
+}
+
+async fn namespaces(State(d): D) -> Json<serde_json::Value> {
+    Json(json!({ "namespaces": d.tier.namespaces() }))
+}
+
+async fn steps(State(d): D, Path(ns): Path<String>) -> Result<Json<serde_json::Value>, ApiError> {
+    Ok(Json(json!({ "namespace": ns, "steps": d.tier.steps(&ns)? })))
+}
+
+async fn latest(State(d): D, Path(ns): Path<String>) -> Result<Json<serde_json::Value>, ApiError> {
+    Ok(Json(json!({ "namespace": ns, "step": d.tier.latest(&ns)? })))
+}
+
+async fn delete_namespace(State(d): D, Path(ns): Path<String>) -> Result<Json<serde_json::Value>, ApiError> {
+    let t = d.tier.clone();
+    let (shards, bytes) = tokio::task::spawn_blocking(move || t.delete_namespace(&ns))
+        .await
+        .map_err(|e| TierError::Unavailable(e.to_string()))??;
+    Ok(Json(json!({ "deleted_shards": shards, "deleted_bytes": bytes })))
+}
+
+async fn delete_step(State(d): D, Path((ns, step)): Path<(String, String)>) -> Result<Json<serde_json::Value>, ApiError> {
+    let step = parse_u64("step", &step)?;
+    let t = d.tier.clone();
+    let (shards, bytes) = tokio::task::spawn_blocking(move || t.delete_step(&ns, step))
+        .await
+        .map_err(|e| TierError::Unavailable(e.to_string()))??;
+    Ok(Json(json!({ "deleted_shards": shards, "deleted_bytes": bytes })))
+}
+
+async fn get_manifest(State(d): D, Path((ns, step, rank)): Path<(String, String, String)>) -> Result<Response, ApiError> {
+    let key = shard_key(&ns, &step, &rank)?;
+    let (_, m) = d.tier.locate(&key)?;
+    Ok(Json((*m).clone()).into_response())
+}
+
+/// Serves a shard's bytes after verifying them against its manifest.
+async fn get_shard(State(d): D, Path((ns, step, rank)): Path<(String, String, String)>) -> Result<Response, ApiError> {
+    let key = shard_key(&ns, &step, &rank)?;
+    let t = d.tier.clone();
+    let (m, bytes) = tokio::task::spawn_blocking(move || -> Result<_, TierError> {
+        let (m, bytes) = t.map(&key)?;
+        verify_chunks(&bytes, &m, &key.to_string())?;
+        Ok((m, bytes))
+    })
+    .await
+    .map_err(|e| TierError::Unavailable(e.to_string()))??;
+    let mut headers = HeaderMap::new();
+    headers.insert(header::CONTENT_TYPE, "application/octet-stream".parse().expect("static"));
+    headers.insert("x-tierckpt-world-size", m.world_size.into());
+    let body = Body::from(bytes::Bytes::from_owner(bytes));
+    Ok((headers, body).into_response())
+}
+
+/// Returns the reservation to the pool unless sealed.
+struct AbortOnDrop<'a> {
+    d: &'a Daemon,
+    id: Option<u64>,
+}
+
+impl Drop for AbortOnDrop<'_> {
+    fn drop(&mut self) {
+        if let Some(id) = self.id {
+            let _ = self.d.tier.abort(id);
+        }
+    }
+}
+
+/// Streams a shard (a whole safetensors file) into a reservation and seals
+/// it. Needs `Content-Length` and `?world_size=N`.
+async fn put_shard(
+    State(d): D,
+    Path((ns, step, rank)): Path<(String, String, String)>,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let key = shard_key(&ns, &step, &rank)?;
+    let world_size = parse_u32(
+        "world_size",
+        query_param(&uri, "world_size").ok_or_else(|| bad("query parameter world_size is required"))?,
+    )?;
+    let len = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        .ok_or_else(|| bad("Content-Length is required for a shard upload"))?;
+    let r = d.tier.reserve(&key, world_size, len)?;
+    let mut guard = AbortOnDrop { d: &d, id: Some(r.id) };
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&r.path)
+        .map_err(|e| TierError::io(format!("opening {}", r.path.display()), e))?;
+    let mut written = 0u64;
+    let mut stream = body.into_data_stream();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| bad(format!("reading the request body: {e}")))?;
+        written += chunk.len() as u64;
+        if written > len {
+            return Err(bad(format!("body is longer than Content-Length {len}")));
+        }
+        std::io::Write::write_all(&mut file, &chunk)
+            .map_err(|e| TierError::io(format!("writing {}", r.path.display()), e))?;
+    }
+    if written != len {
+        return Err(bad(format!("body ended after {written} of {len} bytes")));
+    }
+    drop(file);
+    guard.id = None;
+    d.seal(r.id, true).await?;
+    let (_, m) = d.tier.locate(&key)?;
+    Ok((StatusCode::CREATED, Json((*m).clone())).into_response())
+}

@@ -1,0 +1,37 @@
+//! `tierckptd` as a library: the node daemon that holds checkpoints in CPU
+//! memory. It serves a local API on a Unix socket (the zero-copy save path:
+//! reserve, write into the mapped segment, seal) and an HTTP API (axum) with
+//! the native `/v1` endpoints and `/health`. Binaries are thin wrappers.
+
+pub mod config;
+mod http;
+mod service;
+mod uds;
+
+pub use config::{ConfigLayer, DaemonConfig};
+pub use service::{Daemon, RunningDaemon};
+
+use tierckpt_tiers::TierError;
+
+/// Errors of the daemon.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("configuration: {0}")]
+    Config(String),
+    #[error(transparent)]
+    Tier(#[from] TierError),
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        source: std::io::Error,
+    },
+}
+
+impl DaemonError {
+    pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+        DaemonError::Io {
+            context: context.into(),
+            source,
+        }
+    }
+}

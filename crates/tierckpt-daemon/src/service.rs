@@ -1,0 +1,179 @@
+//! The daemon's state and the handling of local requests; both APIs call it.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tierckpt_format::ShardKey;
+use tierckpt_tiers::proto::{DaemonStatus, Reply, Request, WireResult};
+use tierckpt_tiers::{MemoryTier, MemoryTierConfig, Result, TierError};
+use tokio::sync::watch;
+
+use crate::{DaemonConfig, DaemonError};
+
+/// Shared state of a running daemon.
+pub struct Daemon {
+    pub tier: Arc<MemoryTier>,
+    pub cfg: DaemonConfig,
+    started: Instant,
+    http_addr: Option<SocketAddr>,
+}
+
+/// Handle on a daemon started with [`Daemon::start`].
+pub struct RunningDaemon {
+    pub daemon: Arc<Daemon>,
+    pub socket: PathBuf,
+    pub http_addr: Option<SocketAddr>,
+    stop: watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl RunningDaemon {
+    /// Stops accepting, then waits for the servers to end.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        for t in self.tasks {
+            let _ = t.await;
+        }
+        let _ = std::fs::remove_file(&self.socket);
+    }
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| TierError::Unavailable(format!("daemon worker failed: {e}")))?
+}
+
+impl Daemon {
+    /// Opens the memory tier and binds both APIs.
+    pub async fn start(cfg: DaemonConfig) -> std::result::Result<RunningDaemon, DaemonError> {
+        let mut tcfg = MemoryTierConfig::new(&cfg.memory_dir, cfg.capacity);
+        tcfg.keep_last = cfg.keep_last;
+        let tier = Arc::new(blocking(move || MemoryTier::open(tcfg)).await?);
+        let listener = crate::uds::bind(&cfg.socket)?;
+        let http = match cfg.http_addr {
+            Some(a) => Some(
+                tokio::net::TcpListener::bind(a)
+                    .await
+                    .map_err(|e| DaemonError::io(format!("binding the HTTP API to {a}"), e))?,
+            ),
+            None => None,
+        };
+        let http_addr = http.as_ref().and_then(|l| l.local_addr().ok());
+        let socket = cfg.socket.clone();
+        let daemon = Arc::new(Daemon {
+            tier,
+            cfg,
+            started: Instant::now(),
+            http_addr,
+        });
+        let (stop, stopped) = watch::channel(false);
+        let mut tasks = vec![tokio::spawn(crate::uds::serve(daemon.clone(), listener, stopped.clone()))];
+        if let Some(l) = http {
+            tasks.push(tokio::spawn(crate::http::serve(daemon.clone(), l, stopped)));
+        }
+        tracing::info!(socket = %socket.display(), http = ?http_addr, capacity = daemon.cfg.capacity, "daemon ready");
+        Ok(RunningDaemon {
+            daemon,
+            socket,
+            http_addr,
+            stop,
+            tasks,
+        })
+    }
+
+    pub fn status(&self) -> DaemonStatus {
+        DaemonStatus {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            pid: std::process::id(),
+            root: self.cfg.memory_dir.display().to_string(),
+            socket: self.cfg.socket.display().to_string(),
+            http_addr: self.http_addr.map(|a| a.to_string()),
+            uptime_s: self.started.elapsed().as_secs_f64(),
+            memory: self.tier.usage(),
+            namespaces: self.tier.namespaces(),
+        }
+    }
+
+    /// Seals a reservation: moves it into place now, checksums it on a worker
+    /// thread, and with `wait` returns once it is visible.
+    pub async fn seal(&self, id: u64, wait: bool) -> Result<()> {
+        let job = self.tier.begin_seal(id)?;
+        let tier = self.tier.clone();
+        let work = tokio::task::spawn_blocking(move || tier.finish_seal(job));
+        if wait {
+            work.await
+                .map_err(|e| TierError::Unavailable(format!("seal worker failed: {e}")))??;
+        }
+        Ok(())
+    }
+
+    /// Handles one local request; `owned` holds the reservations of the
+    /// calling connection, reclaimed if it goes away before sealing.
+    pub async fn handle(&self, req: Request, owned: &mut HashSet<u64>) -> WireResult {
+        self.handle_inner(req, owned).await.map_err(|e| e.to_wire())
+    }
+
+    async fn handle_inner(&self, req: Request, owned: &mut HashSet<u64>) -> Result<Reply> {
+        let tier = &self.tier;
+        let take = |owned: &mut HashSet<u64>, id: u64| {
+            if owned.remove(&id) {
+                Ok(())
+            } else {
+                Err(TierError::NotFound(format!(
+                    "reservation {id} is not held by this connection"
+                )))
+            }
+        };
+        Ok(match req {
+            Request::Reserve { namespace, step, rank, world_size, len } => {
+                let r = tier.reserve(&ShardKey::new(namespace, step, rank), world_size, len)?;
+                owned.insert(r.id);
+                Reply::Reserved { id: r.id, path: r.path.display().to_string(), len: r.len }
+            }
+            Request::Seal { id, wait } => {
+                take(owned, id)?;
+                self.seal(id, wait).await?;
+                Reply::Done
+            }
+            Request::Abort { id } => {
+                take(owned, id)?;
+                tier.abort(id)?;
+                Reply::Done
+            }
+            Request::WaitVisible { namespace, step, rank, timeout_ms } => {
+                let t = tier.clone();
+                let key = ShardKey::new(namespace, step, rank);
+                let timeout = Duration::from_millis(timeout_ms.min(3_600_000));
+                blocking(move || t.wait_visible(&key, timeout)).await?;
+                Reply::Done
+            }
+            Request::Open { namespace, step, rank } => {
+                let (path, m) = tier.locate(&ShardKey::new(namespace, step, rank))?;
+                Reply::Opened { path: path.display().to_string(), manifest: (*m).clone() }
+            }
+            Request::Latest { namespace } => Reply::Latest { step: tier.latest(&namespace)? },
+            Request::ListNamespaces => Reply::Namespaces { namespaces: tier.namespaces() },
+            Request::ListSteps { namespace } => Reply::Steps { steps: tier.steps(&namespace)? },
+            Request::DeleteStep { namespace, step } => {
+                let t = tier.clone();
+                let (shards, bytes) = blocking(move || t.delete_step(&namespace, step)).await?;
+                Reply::Deleted { shards, bytes }
+            }
+            Request::DeleteNamespace { namespace } => {
+                let t = tier.clone();
+                let (shards, bytes) = blocking(move || t.delete_namespace(&namespace)).await?;
+                Reply::Deleted { shards, bytes }
+            }
+            Request::DiscardIncompleteAfter { namespace, step } => {
+                let t = tier.clone();
+                let (shards, bytes) = blocking(move || t.discard_incomplete_after(&namespace, step)).await?;
+                Reply::Deleted { shards, bytes }
+            }
+            Request::Status => Reply::Status(Box::new(self.status())),
+        })
+    }
+}

@@ -1,0 +1,125 @@
+//! The local API on a Unix socket: framed JSON requests (see
+//! `tierckpt_tiers::proto`), peer credentials checked, reservations reclaimed
+//! when their connection goes away.
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::sync::Arc;
+
+use tierckpt_tiers::proto::{check_frame_len, Request, WireResult};
+use tierckpt_tiers::{ErrorKind, WireError};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::watch;
+
+use crate::{Daemon, DaemonError};
+
+/// Binds the socket, replacing a stale file but never a live daemon's socket.
+pub(crate) fn bind(path: &Path) -> Result<UnixListener, DaemonError> {
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(DaemonError::Config(format!(
+                "a daemon is already serving {}; stop it or choose another socket",
+                path.display()
+            )));
+        }
+        let _ = std::fs::remove_file(path);
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| DaemonError::io(format!("creating {}", dir.display()), e))?;
+    }
+    let l = UnixListener::bind(path)
+        .map_err(|e| DaemonError::io(format!("binding {}", path.display()), e))?;
+    use std::os::unix::fs::PermissionsExt;
+    let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
+    Ok(l)
+}
+
+pub(crate) async fn serve(d: Arc<Daemon>, listener: UnixListener, mut stop: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            _ = stop.changed() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((s, _)) => {
+                    let d = d.clone();
+                    let stop = stop.clone();
+                    tokio::spawn(async move { connection(d, s, stop).await });
+                }
+                Err(e) => tracing::warn!(error = %e, "accepting a local connection failed"),
+            }
+        }
+    }
+}
+
+fn peer_allowed(s: &UnixStream) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    match s.peer_cred() {
+        Ok(c) => c.uid() == me || c.uid() == 0,
+        Err(_) => false,
+    }
+}
+
+async fn read_frame(s: &mut UnixStream) -> std::io::Result<Option<Vec<u8>>> {
+    let mut len = [0u8; 4];
+    match s.read_exact(&mut len).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e),
+    }
+    let len = u32::from_be_bytes(len) as usize;
+    check_frame_len(len)?;
+    let mut body = vec![0u8; len];
+    s.read_exact(&mut body).await?;
+    Ok(Some(body))
+}
+
+async fn write_reply(s: &mut UnixStream, reply: &WireResult) -> std::io::Result<()> {
+    let body = serde_json::to_vec(reply).map_err(std::io::Error::other)?;
+    s.write_all(&(body.len() as u32).to_be_bytes()).await?;
+    s.write_all(&body).await
+}
+
+async fn connection(d: Arc<Daemon>, mut s: UnixStream, mut stop: watch::Receiver<bool>) {
+    if !peer_allowed(&s) {
+        let refused = Err(WireError {
+            kind: ErrorKind::Unauthorized,
+            message: "this daemon serves only its own user and root".into(),
+        });
+        let _ = write_reply(&mut s, &refused).await;
+        return;
+    }
+    let mut owned = HashSet::new();
+    loop {
+        let frame = tokio::select! {
+            _ = stop.changed() => break,
+            f = read_frame(&mut s) => f,
+        };
+        let frame = match frame {
+            Ok(Some(f)) => f,
+            Ok(None) => break,
+            Err(e) => {
+                let bad = Err(WireError { kind: ErrorKind::InvalidArgument, message: e.to_string() });
+                let _ = write_reply(&mut s, &bad).await;
+                break;
+            }
+        };
+        let reply = match serde_json::from_slice::<Request>(&frame) {
+            Ok(req) => d.handle(req, &mut owned).await,
+            Err(e) => Err(WireError {
+                kind: ErrorKind::InvalidArgument,
+                message: format!("malformed request: {e}"),
+            }),
+        };
+        if write_reply(&mut s, &reply).await.is_err() {
+            break;
+        }
+    }
+    for id in owned {
+        match d.tier.abort(id) {
+            Ok(()) => tracing::info!(reservation = id, "reclaimed the segment of a client that left before sealing"),
+            Err(e) => tracing::debug!(reservation = id, error = %e, "reclaim"),
+        }
+    }
+}
