@@ -6,3 +6,4 @@ pub mod commands;
 pub mod daemon_proc;
 pub mod demo;
 pub mod output;
+pub mod testkit;

@@ -1,0 +1,75 @@
+//! Helpers shared by the integration tests: real daemon processes on tmpfs.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+
+use tierckpt_cli::daemon_proc::{DaemonOptions, DaemonProcess};
+
+/// A fresh directory on tmpfs, removed on drop.
+pub fn shm_dir() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("tierckpt-it-")
+        .tempdir_in("/dev/shm")
+        .expect("a directory in /dev/shm")
+}
+
+pub struct TestDaemon {
+    pub dir: tempfile::TempDir,
+    pub proc: DaemonProcess,
+}
+
+impl TestDaemon {
+    pub fn start(size: &str) -> Self {
+        Self::start_with(size, |_| {})
+    }
+
+    pub fn start_with(size: &str, f: impl FnOnce(&mut DaemonOptions)) -> Self {
+        let dir = shm_dir();
+        let mut o = DaemonOptions::new(dir.path().join("mem"));
+        o.memory_tier_size = size.into();
+        f(&mut o);
+        let proc = DaemonProcess::spawn(o).expect("daemon starts");
+        Self { dir, proc }
+    }
+
+    pub fn client(&self) -> tierckpt_client::Client {
+        tierckpt_client::Client::connect(&self.proc.socket).expect("client connects")
+    }
+
+    pub fn http(&self) -> String {
+        format!("http://{}", self.proc.http_addr.as_deref().expect("http enabled"))
+    }
+}
+
+pub fn tierckpt() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_tierckpt"))
+}
+
+/// Starts `tierckpt debug-writer` and waits for it to announce `phase`.
+pub fn writer_paused_at(socket: &Path, ns: &str, step: u64, bytes: usize, phase: &str) -> Child {
+    let mut child = tierckpt()
+        .args(["debug-writer", "--namespace", ns, "--step", &step.to_string()])
+        .args(["--bytes", &bytes.to_string(), "--pause-at", phase, "--socket"])
+        .arg(socket)
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("writer starts");
+    let mut line = String::new();
+    BufReader::new(child.stdout.as_mut().expect("stdout"))
+        .read_line(&mut line)
+        .expect("writer announces its phase");
+    assert!(line.contains("phase"), "writer said {line:?}");
+    child
+}
+
+/// Runs the CLI against a daemon and returns (success, stdout, stderr).
+pub fn cli(socket: &Path, args: &[&str]) -> (bool, String, String) {
+    let out = tierckpt().arg("--socket").arg(socket).args(args).output().expect("tierckpt runs");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
