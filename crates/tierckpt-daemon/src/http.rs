@@ -21,6 +21,9 @@ use crate::Daemon;
 
 type D = State<Arc<Daemon>>;
 
+/// An upload that sends nothing for this long is dropped, freeing its segment.
+const BODY_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// A tier error as an HTTP response: a status from its kind, a JSON body.
 struct ApiError(TierError);
 
@@ -229,7 +232,11 @@ async fn put_shard(
         .map_err(|e| TierError::io(format!("opening {}", r.path.display()), e))?;
     let mut written = 0u64;
     let mut stream = body.into_data_stream();
-    while let Some(chunk) = stream.next().await {
+    loop {
+        let next = tokio::time::timeout(BODY_IDLE_TIMEOUT, stream.next())
+            .await
+            .map_err(|_| bad(format!("no body bytes for {BODY_IDLE_TIMEOUT:?}; upload dropped")))?;
+        let Some(chunk) = next else { break };
         let chunk = chunk.map_err(|e| bad(format!("reading the request body: {e}")))?;
         written += chunk.len() as u64;
         if written > len {

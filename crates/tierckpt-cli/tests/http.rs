@@ -1,0 +1,200 @@
+//! The HTTP API against a real daemon process: round trips, bad input,
+//! tokens, and fuzzed requests that must never bring the daemon down.
+
+mod common;
+
+use common::{http, TestDaemon};
+use proptest::prelude::*;
+use serde_json::Value;
+use tierckpt_tiers::conformance::sample_shard;
+use tierckpt_format::ShardKey;
+
+fn json(body: &[u8]) -> Value {
+    serde_json::from_slice(body).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(body)))
+}
+
+fn addr(d: &TestDaemon) -> String {
+    d.proc.http_addr.clone().unwrap()
+}
+
+#[test]
+fn put_get_round_trip_and_listing() {
+    let d = TestDaemon::start("64MiB");
+    let a = addr(&d);
+    let (_, data) = sample_shard(ShardKey::new("h", 3, 1), 2, 300_000, 5);
+    let (st, body) = http(&a, "PUT", "/v1/shards/h/3/1?world_size=2", &[], &data);
+    assert_eq!(st, 201, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(json(&body)["file_len"], data.len());
+    let (st, body) = http(&a, "GET", "/v1/shards/h/3/1", &[], b"");
+    assert_eq!(st, 200);
+    assert!(body == data, "GET returns the bytes PUT");
+    let (st, body) = http(&a, "GET", "/v1/namespaces/h/latest", &[], b"");
+    assert_eq!((st, json(&body)["step"].clone()), (200, Value::Null), "one of two ranks is not complete");
+    let (_, data0) = sample_shard(ShardKey::new("h", 3, 0), 2, 10, 5);
+    assert_eq!(http(&a, "PUT", "/v1/shards/h/3/0?world_size=2", &[], &data0).0, 201);
+    let (_, body) = http(&a, "GET", "/v1/namespaces/h/latest", &[], b"");
+    assert_eq!(json(&body)["step"], 3);
+    let (_, body) = http(&a, "GET", "/v1/namespaces/h/steps", &[], b"");
+    assert_eq!(json(&body)["steps"][0]["complete"], true);
+    let (st, body) = http(&a, "GET", "/v1/shards/h/3/1/manifest", &[], b"");
+    assert_eq!((st, json(&body)["world_size"].clone()), (200, Value::from(2)));
+    // Written once: a second PUT of the key conflicts and changes nothing.
+    let (_, other) = sample_shard(ShardKey::new("h", 3, 1), 2, 300_000, 6);
+    assert_eq!(http(&a, "PUT", "/v1/shards/h/3/1?world_size=2", &[], &other).0, 409);
+    assert!(http(&a, "GET", "/v1/shards/h/3/1", &[], b"").1 == data);
+    assert_eq!(http(&a, "DELETE", "/v1/namespaces/h/steps/3", &[], b"").0, 200);
+    assert_eq!(http(&a, "GET", "/v1/shards/h/3/1", &[], b"").0, 404);
+    let (st, body) = http(&a, "GET", "/health", &[], b"");
+    assert_eq!((st, json(&body)["status"].clone()), (200, Value::from("ok")));
+}
+
+#[test]
+fn bad_requests_get_clear_errors_and_lose_nothing() {
+    let d = TestDaemon::start("64MiB");
+    let a = addr(&d);
+    let (_, good) = sample_shard(ShardKey::new("ok", 1, 0), 1, 1000, 1);
+    assert_eq!(http(&a, "PUT", "/v1/shards/ok/1/0?world_size=1", &[], &good).0, 201);
+    let cases: Vec<(&str, &str, Vec<(&str, &str)>, Vec<u8>, u16, &str)> = vec![
+        ("PUT", "/v1/shards/..%2Fetc/1/0?world_size=1", vec![], good.clone(), 400, "namespace"),
+        ("PUT", "/v1/shards/ok/x/0?world_size=1", vec![], good.clone(), 400, "whole number"),
+        ("PUT", "/v1/shards/ok/2/-1?world_size=1", vec![], good.clone(), 400, "rank"),
+        ("PUT", "/v1/shards/ok/2/0", vec![], good.clone(), 400, "world_size"),
+        ("PUT", "/v1/shards/ok/2/3?world_size=2", vec![], good.clone(), 400, "rank 3 is not below world_size 2"),
+        ("PUT", "/v1/shards/ok/2/0?world_size=1", vec![], b"not a safetensors file".to_vec(), 422, "invalid safetensors header"),
+        ("PUT", "/v1/shards/ok/2/0?world_size=1", vec![("Content-Length", "999999999999")], vec![], 507, "capacity"),
+        ("GET", "/v1/shards/ok/9/0", vec![], vec![], 404, "not found"),
+        ("GET", "/v1/nothing", vec![], vec![], 404, "no endpoint"),
+        ("GET", "/v1/namespaces/a%20b/steps", vec![], vec![], 400, "namespace"),
+        ("DELETE", "/v1/namespaces/ok/steps/2", vec![], vec![], 404, "not found"),
+    ];
+    for (method, path, headers, body, want, needle) in cases {
+        let (st, resp) = http(&a, method, path, &headers, &body);
+        let text = String::from_utf8_lossy(&resp);
+        assert_eq!(st, want, "{method} {path}: {text}");
+        assert!(text.to_lowercase().contains(&needle.to_lowercase()), "{method} {path}: {text}");
+    }
+    // A client that hangs up mid-body: the upload is dropped and its segment reclaimed.
+    common::http_abandon(&a, "PUT", "/v1/shards/ok/3/0?world_size=1", 5000, &good[..100]);
+    let mut reclaimed = false;
+    for _ in 0..500 {
+        let status = json(&http(&a, "GET", "/v1/status", &[], b"").1);
+        if status["memory"]["reservations"] == 0 {
+            reclaimed = true;
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    assert!(reclaimed, "the abandoned upload's reservation was reclaimed");
+    let steps = json(&http(&a, "GET", "/v1/namespaces/ok/steps", &[], b"").1);
+    assert_eq!(steps["steps"].as_array().unwrap().len(), 1, "only the good step exists: {steps}");
+    assert!(http(&a, "GET", "/v1/shards/ok/1/0", &[], b"").1 == good);
+}
+
+#[test]
+fn token_is_required_when_configured() {
+    let d = TestDaemon::start_with("64MiB", |o| o.token = Some("s3cret-token".into()));
+    let a = addr(&d);
+    let (_, data) = sample_shard(ShardKey::new("t", 1, 0), 1, 100, 1);
+    for auth in [None, Some("Bearer wrong"), Some("s3cret-token"), Some("Bearer s3cret-tokenX")] {
+        let headers: Vec<(&str, &str)> = auth.map(|v| ("Authorization", v)).into_iter().collect();
+        let (st, body) = http(&a, "PUT", "/v1/shards/t/1/0?world_size=1", &headers, &data);
+        assert_eq!(st, 401, "{auth:?}: {}", String::from_utf8_lossy(&body));
+        assert_eq!(http(&a, "GET", "/v1/namespaces", &headers, b"").0, 401);
+    }
+    let ok = [("Authorization", "Bearer s3cret-token")];
+    let (_, body) = http(&a, "GET", "/v1/namespaces", &ok, b"");
+    assert_eq!(json(&body)["namespaces"].as_array().unwrap().len(), 0, "refused requests changed nothing");
+    assert_eq!(http(&a, "PUT", "/v1/shards/t/1/0?world_size=1", &ok, &data).0, 201);
+    assert_eq!(http(&a, "GET", "/health", &[], b"").0, 200, "health needs no token");
+}
+
+#[test]
+fn daemon_refuses_a_public_address_without_token() {
+    let dir = common::shm_dir();
+    let mut o = tierckpt_cli::daemon_proc::DaemonOptions::new(dir.path().join("m"));
+    o.http_addr = "0.0.0.0:0".into();
+    let e = tierckpt_cli::daemon_proc::DaemonProcess::spawn(o).err().expect("refused");
+    assert!(e.to_string().contains("exited before it was ready"), "{e}");
+}
+
+fn arb_path() -> impl Strategy<Value = String> {
+    let seg = prop_oneof![
+        Just("v1".to_string()),
+        Just("shards".to_string()),
+        Just("namespaces".to_string()),
+        Just("steps".to_string()),
+        Just("latest".to_string()),
+        Just("manifest".to_string()),
+        Just("ns1".to_string()),
+        Just("..".to_string()),
+        Just("%2e%2e".to_string()),
+        "[0-9]{1,25}",
+        "[a-zA-Z0-9_%.-]{0,12}",
+    ];
+    (proptest::collection::vec(seg, 0..6), proptest::option::of("[a-z_]{1,10}=[0-9a-z-]{0,20}"))
+        .prop_map(|(segs, q)| {
+            let mut p = format!("/{}", segs.join("/"));
+            if let Some(q) = q {
+                p.push('?');
+                p.push_str(&q);
+            }
+            p
+        })
+}
+
+#[test]
+fn fuzzed_requests_never_crash_the_daemon() {
+    let mut d = TestDaemon::start("32MiB");
+    let a = addr(&d);
+    let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig::with_cases(300));
+    let strategy = (
+        prop_oneof![Just("GET"), Just("PUT"), Just("DELETE"), Just("POST"), Just("PATCH")],
+        arb_path(),
+        proptest::collection::vec(any::<u8>(), 0..300),
+        any::<bool>(),
+    );
+    runner
+        .run(&strategy, |(method, path, body, with_body)| {
+            let body = if with_body { &body[..] } else { &[][..] };
+            let (st, _) = http(&a, method, &path, &[], body);
+            prop_assert!(st == 0 || (200..600).contains(&st), "{method} {path} -> {st}");
+            prop_assert!(st < 500 || st == 507, "{method} {path} -> server error {st}");
+            Ok(())
+        })
+        .unwrap();
+    assert!(d.proc.alive(), "the daemon survived the fuzzing");
+    assert_eq!(http(&a, "GET", "/health", &[], b"").0, 200);
+}
+
+#[test]
+fn malformed_local_frames_never_crash_the_daemon() {
+    use std::io::{Read, Write};
+    let mut d = TestDaemon::start("32MiB");
+    let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig::with_cases(200));
+    let frames = prop_oneof![
+        proptest::collection::vec(any::<u8>(), 0..64),
+        "\\{\"op\":\"[a-z_]{1,20}\"(,\"[a-z_]{1,12}\":(-?[0-9]{1,22}|\"[^\"]{0,20}\"|null|\\[\\]))*\\}".prop_map(|s| s.into_bytes()),
+    ];
+    runner
+        .run(&frames, |body| {
+            let mut s = std::os::unix::net::UnixStream::connect(&d.proc.socket).unwrap();
+            s.set_read_timeout(Some(std::time::Duration::from_secs(30))).unwrap();
+            let _ = s.write_all(&(body.len() as u32).to_be_bytes());
+            let _ = s.write_all(&body);
+            let mut len = [0u8; 4];
+            s.read_exact(&mut len).unwrap();
+            let mut reply = vec![0u8; u32::from_be_bytes(len) as usize];
+            s.read_exact(&mut reply).unwrap();
+            let v: Value = serde_json::from_slice(&reply).unwrap();
+            prop_assert!(v.get("Err").is_some() || v.get("Ok").is_some(), "{v}");
+            Ok(())
+        })
+        .unwrap();
+    // An oversized frame header is refused too.
+    let mut s = std::os::unix::net::UnixStream::connect(&d.proc.socket).unwrap();
+    s.write_all(&u32::MAX.to_be_bytes()).unwrap();
+    let mut len = [0u8; 4];
+    s.read_exact(&mut len).unwrap();
+    assert!(d.proc.alive());
+    assert!(d.client().status().is_ok());
+}
