@@ -105,6 +105,6 @@ fn run(cli: &Cli) -> Result<()> {
         Cmd::Demo(a) => demo::run(a, j),
         Cmd::Bench(a) => bench::run(a, j),
         Cmd::DemoTrainer(a) => demo::run_trainer(a),
-        Cmd::DebugWriter(a) => testkit::run_writer(a),
+        Cmd::DebugWriter(a) => testkit::run_writer(a, connect()?),
     }
 }

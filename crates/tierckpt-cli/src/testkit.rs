@@ -4,7 +4,6 @@
 
 use std::collections::BTreeMap;
 use std::io::Write;
-use std::path::PathBuf;
 
 use anyhow::Result;
 use tierckpt_client::Client;
@@ -26,8 +25,6 @@ pub enum Phase {
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct WriterArgs {
-    #[arg(long)]
-    pub socket: PathBuf,
     #[arg(long)]
     pub namespace: String,
     #[arg(long)]
@@ -64,8 +61,7 @@ fn pause(at: Phase, now: Phase) {
     }
 }
 
-pub fn run_writer(a: &WriterArgs) -> Result<()> {
-    let mut c = Client::connect(&a.socket)?;
+pub fn run_writer(a: &WriterArgs, mut c: Client) -> Result<()> {
     let key = ShardKey::new(&a.namespace, a.step, a.rank);
     let spec = [TensorSpec { name: "payload".into(), dtype: Dtype::U8, shape: vec![a.bytes] }];
     let meta = BTreeMap::from([("seed".to_string(), a.seed.to_string())]);

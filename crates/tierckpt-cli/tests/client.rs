@@ -221,8 +221,9 @@ fn concurrent_writer_processes_of_one_key_exactly_one_wins() {
     let children: Vec<_> = (0..6)
         .map(|_| {
             common::tierckpt()
-                .args(["debug-writer", "--namespace", "race", "--step", "1", "--bytes", "100000", "--socket"])
+                .arg("--socket")
                 .arg(&d.proc.socket)
+                .args(["debug-writer", "--namespace", "race", "--step", "1", "--bytes", "100000"])
                 .stdout(std::process::Stdio::null())
                 .stderr(std::process::Stdio::piped())
                 .spawn()

@@ -50,9 +50,10 @@ pub fn tierckpt() -> Command {
 /// Starts `tierckpt debug-writer` and waits for it to announce `phase`.
 pub fn writer_paused_at(socket: &Path, ns: &str, step: u64, bytes: usize, phase: &str) -> Child {
     let mut child = tierckpt()
-        .args(["debug-writer", "--namespace", ns, "--step", &step.to_string()])
-        .args(["--bytes", &bytes.to_string(), "--pause-at", phase, "--socket"])
+        .arg("--socket")
         .arg(socket)
+        .args(["debug-writer", "--namespace", ns, "--step", &step.to_string()])
+        .args(["--bytes", &bytes.to_string(), "--pause-at", phase])
         .stdout(Stdio::piped())
         .spawn()
         .expect("writer starts");
