@@ -84,6 +84,14 @@ impl DaemonProcess {
         if let Some(t) = &opts.token {
             cmd.env("TIERCKPT_TOKEN", t);
         }
+        // The daemon dies with the process that started it (demo, bench, test).
+        // SAFETY: prctl is async-signal-safe.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
         let mut child = cmd
             .spawn()
             .with_context(|| format!("starting {}", daemon_binary().display()))?;

@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde_json::{json, Value};
-use tierckpt_client::{Client, ErrorKind, TensorData};
+use tierckpt_client::{Client, TensorData};
 use tierckpt_format::{Dtype, ShardKey, ShardLayout, TensorSpec};
 
 use crate::daemon_proc::{DaemonOptions, DaemonProcess};
@@ -587,26 +587,6 @@ fn emit(v: Value) -> Result<()> {
         .context("writing to the demo")
 }
 
-/// Waits until shards whose seal is in flight (a save of the previous
-/// incarnation, published after it died) are visible or dropped, so that
-/// `latest` sees them and no step is written twice.
-fn settle_in_flight(client: &mut Client, ns: &str) -> Result<()> {
-    let steps = match client.steps(ns) {
-        Ok(s) => s,
-        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(e).context("listing steps"),
-    };
-    for s in steps.iter().filter(|s| !s.complete) {
-        for &rank in &s.in_progress {
-            // NotFound: the writer died before sealing and the daemon took the
-            // segment back; a failed seal leaves the step incomplete. Either
-            // way it is not a checkpoint to resume from.
-            let _ = client.wait_visible(&ShardKey::new(ns, s.step, rank), Duration::from_secs(120));
-        }
-    }
-    Ok(())
-}
-
 pub fn run_trainer(a: &TrainerArgs) -> Result<()> {
     ensure!(a.checkpoint_every > 0, "--checkpoint-every must be at least 1");
     let threads = a.threads.unwrap_or_else(default_threads).max(1);
@@ -622,7 +602,6 @@ pub fn run_trainer(a: &TrainerArgs) -> Result<()> {
         "init_s": t0.elapsed().as_secs_f64(),
     }))?;
     let mut client = Client::connect(&a.daemon_socket)?;
-    settle_in_flight(&mut client, ns)?;
     if let Some(step) = client.latest(ns).context("asking for the latest checkpoint")? {
         let key = ShardKey::new(ns, step, 0);
         let t = Instant::now();
@@ -1075,7 +1054,6 @@ pub fn run(args: &DemoArgs, json: bool) -> Result<()> {
     {
         // Its segments go back to the daemon's pool, for the next run to reuse.
         let mut c = Client::connect(&daemon.socket)?;
-        settle_in_flight(&mut c, ref_ns)?;
         c.delete_namespace(ref_ns)
             .context("deleting the reference run's checkpoints")?;
     }

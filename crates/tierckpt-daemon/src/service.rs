@@ -13,6 +13,10 @@ use tokio::sync::watch;
 
 use crate::{DaemonConfig, DaemonError};
 
+/// How long `latest` waits for seals in flight (acknowledged to a writer, not
+/// yet checksummed) so that its answer includes them.
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// Shared state of a running daemon.
 pub struct Daemon {
     pub tier: Arc<MemoryTier>,
@@ -155,7 +159,15 @@ impl Daemon {
                 let (path, m) = tier.locate(&ShardKey::new(namespace, step, rank))?;
                 Reply::Opened { path: path.display().to_string(), manifest: (*m).clone() }
             }
-            Request::Latest { namespace } => Reply::Latest { step: tier.latest(&namespace)? },
+            Request::Latest { namespace } => {
+                let t = tier.clone();
+                let step = blocking(move || {
+                    t.settle(&namespace, SETTLE_TIMEOUT);
+                    t.latest(&namespace)
+                })
+                .await?;
+                Reply::Latest { step }
+            }
             Request::ListNamespaces => Reply::Namespaces { namespaces: tier.namespaces() },
             Request::ListSteps { namespace } => Reply::Steps { steps: tier.steps(&namespace)? },
             Request::DeleteStep { namespace, step } => {
@@ -165,12 +177,20 @@ impl Daemon {
             }
             Request::DeleteNamespace { namespace } => {
                 let t = tier.clone();
-                let (shards, bytes) = blocking(move || t.delete_namespace(&namespace)).await?;
+                let (shards, bytes) = blocking(move || {
+                    t.settle(&namespace, SETTLE_TIMEOUT);
+                    t.delete_namespace(&namespace)
+                })
+                .await?;
                 Reply::Deleted { shards, bytes }
             }
             Request::DiscardIncompleteAfter { namespace, step } => {
                 let t = tier.clone();
-                let (shards, bytes) = blocking(move || t.discard_incomplete_after(&namespace, step)).await?;
+                let (shards, bytes) = blocking(move || {
+                    t.settle(&namespace, SETTLE_TIMEOUT);
+                    t.discard_incomplete_after(&namespace, step)
+                })
+                .await?;
                 Reply::Deleted { shards, bytes }
             }
             Request::Status => Reply::Status(Box::new(self.status())),

@@ -670,6 +670,29 @@ impl MemoryTier {
         self.finish_seal(job)
     }
 
+    /// Waits until no shard of `ns` is being sealed (sealing takes one
+    /// checksum pass), so that [`Self::latest`] reflects every seal already
+    /// acknowledged to a writer. Gives up quietly after `timeout`.
+    pub fn settle(&self, ns: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        let mut st = self.lock();
+        loop {
+            let sealing = st
+                .steps
+                .range((ns.to_string(), 0)..=(ns.to_string(), u64::MAX))
+                .any(|(_, s)| s.shards.values().any(|sh| matches!(sh, Shard::Sealing { .. })));
+            let now = Instant::now();
+            if !sealing || now >= deadline {
+                return;
+            }
+            st = self
+                .changed
+                .wait_timeout(st, deadline - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+
     /// Waits until `key` is visible; fails if its seal failed, if nothing is
     /// reserved or sealing for it, or after `timeout`.
     pub fn wait_visible(&self, key: &ShardKey, timeout: Duration) -> Result<Arc<Manifest>> {

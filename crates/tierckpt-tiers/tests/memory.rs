@@ -199,3 +199,23 @@ fn discard_incomplete_after_drops_stale_steps_only() {
     assert_eq!(steps, [10]);
     save(&t, "job", 20, 0, 2, 4);
 }
+
+#[test]
+fn settle_waits_for_acknowledged_seals_before_latest_answers() {
+    let dir = shm_dir();
+    let t = Arc::new(tier(dir.path(), 1 << 20, 3));
+    let key = ShardKey::new("job", 3, 0);
+    let (_, data) = sample_shard(key.clone(), 1, 100, 1);
+    let r = t.reserve(&key, 1, data.len() as u64).unwrap();
+    std::fs::write(&r.path, &data).unwrap();
+    let job = t.begin_seal(r.id).unwrap();
+    assert_eq!(t.latest("job").unwrap(), None, "not visible before its checksums");
+    let t2 = t.clone();
+    let finisher = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(100));
+        t2.finish_seal(job).unwrap();
+    });
+    t.settle("job", Duration::from_secs(30));
+    assert_eq!(t.latest("job").unwrap(), Some(3));
+    finisher.join().unwrap();
+}
