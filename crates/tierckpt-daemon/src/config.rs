@@ -31,6 +31,41 @@ pub struct ConfigLayer {
     pub token_file: Option<PathBuf>,
     /// The bearer token itself (prefer `token_file`; env `TIERCKPT_TOKEN`).
     pub token: Option<String>,
+    /// This node's id in `nodes`; set it (and `nodes`) to form a cluster.
+    pub node_id: Option<String>,
+    /// Every node of the cluster, this one included, in a fixed order.
+    pub nodes: Option<Vec<NodeSpec>>,
+    /// Copies of each shard on other nodes (default 1).
+    pub replication_factor: Option<usize>,
+    /// "ring" or "group".
+    pub placement: Option<String>,
+    /// How often peers are probed ("500ms").
+    pub heartbeat_interval: Option<String>,
+    /// A peer silent this long is dead ("3s"); after half of it, suspect.
+    pub heartbeat_timeout: Option<String>,
+    /// Cap on replication traffic per second ("1GB"); none by default.
+    pub replication_bandwidth: Option<String>,
+}
+
+/// A member of the cluster.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeSpec {
+    pub id: String,
+    pub addr: String,
+}
+
+/// Parses "n0=127.0.0.1:7750,n1=127.0.0.1:7751".
+pub fn parse_nodes(s: &str) -> Result<Vec<NodeSpec>, DaemonError> {
+    s.split(',')
+        .filter(|p| !p.trim().is_empty())
+        .map(|p| {
+            let (id, addr) = p.trim().split_once('=').ok_or_else(|| {
+                DaemonError::Config(format!("node {p:?} is not id=host:port"))
+            })?;
+            Ok(NodeSpec { id: id.to_string(), addr: addr.to_string() })
+        })
+        .collect()
 }
 
 impl ConfigLayer {
@@ -64,6 +99,17 @@ impl ConfigLayer {
                 "TIERCKPT_HTTP_ADDR" => l.http_addr = Some(v),
                 "TIERCKPT_TOKEN_FILE" => l.token_file = Some(v.into()),
                 "TIERCKPT_TOKEN" => l.token = Some(v),
+                "TIERCKPT_NODE_ID" => l.node_id = Some(v),
+                "TIERCKPT_NODES" => l.nodes = Some(parse_nodes(&v)?),
+                "TIERCKPT_REPLICATION_FACTOR" => {
+                    l.replication_factor = Some(v.parse().map_err(|_| {
+                        DaemonError::Config(format!("TIERCKPT_REPLICATION_FACTOR={v:?} is not a whole number"))
+                    })?)
+                }
+                "TIERCKPT_PLACEMENT" => l.placement = Some(v),
+                "TIERCKPT_HEARTBEAT_INTERVAL" => l.heartbeat_interval = Some(v),
+                "TIERCKPT_HEARTBEAT_TIMEOUT" => l.heartbeat_timeout = Some(v),
+                "TIERCKPT_REPLICATION_BANDWIDTH" => l.replication_bandwidth = Some(v),
                 _ => {}
             }
         }
@@ -75,7 +121,11 @@ impl ConfigLayer {
         macro_rules! take {
             ($($f:ident),*) => { $( if other.$f.is_some() { self.$f = other.$f; } )* };
         }
-        take!(memory_dir, memory_tier_size, keep_last, socket, http_addr, token_file, token);
+        take!(
+            memory_dir, memory_tier_size, keep_last, socket, http_addr, token_file, token, node_id,
+            nodes, replication_factor, placement, heartbeat_interval, heartbeat_timeout,
+            replication_bandwidth
+        );
         self
     }
 }
@@ -90,10 +140,107 @@ pub struct DaemonConfig {
     pub socket: PathBuf,
     pub http_addr: Option<SocketAddr>,
     pub token: Option<String>,
+    pub cluster: Option<ClusterConfig>,
+}
+
+/// Where the copies of a shard go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Placement {
+    /// Node i copies to nodes i+1 .. i+k (mod n).
+    Ring,
+    /// Nodes form groups of k+1 consecutive nodes; a shard goes to its whole group.
+    Group,
+}
+
+/// Membership and replication settings of a clustered daemon.
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    pub node_id: String,
+    pub nodes: Vec<(String, SocketAddr)>,
+    pub replication_factor: usize,
+    pub placement: Placement,
+    pub heartbeat_interval: std::time::Duration,
+    pub heartbeat_timeout: std::time::Duration,
+    pub replication_bandwidth: Option<u64>,
+}
+
+impl ClusterConfig {
+    pub fn my_index(&self) -> usize {
+        self.nodes.iter().position(|(id, _)| *id == self.node_id).expect("validated")
+    }
+    pub fn my_addr(&self) -> SocketAddr {
+        self.nodes[self.my_index()].1
+    }
+}
+
+fn parse_duration(key: &str, s: &str) -> Result<std::time::Duration, DaemonError> {
+    humantime::parse_duration(s)
+        .map_err(|e| DaemonError::Config(format!("{key} {s:?} is not a duration ({e}); write it like \"500ms\" or \"3s\"")))
+}
+
+fn resolve_cluster(layer: &ConfigLayer) -> Result<Option<ClusterConfig>, DaemonError> {
+    let (node_id, nodes) = match (&layer.node_id, &layer.nodes) {
+        (None, None) => return Ok(None),
+        (Some(_), None) => return Err(DaemonError::Config("node_id is set but nodes is not: list every node of the cluster".into())),
+        (None, Some(_)) => return Err(DaemonError::Config("nodes is set but node_id is not: say which node this is".into())),
+        (Some(i), Some(n)) => (i.clone(), n.clone()),
+    };
+    let mut parsed = Vec::with_capacity(nodes.len());
+    for n in &nodes {
+        tierckpt_format::names::validate_namespace(&n.id)
+            .map_err(|_| DaemonError::Config(format!("node id {:?} is invalid: use [A-Za-z0-9_-]", n.id)))?;
+        if parsed.iter().any(|(id, _): &(String, SocketAddr)| *id == n.id) {
+            return Err(DaemonError::Config(format!("node id {:?} appears twice in nodes", n.id)));
+        }
+        let addr: SocketAddr = n.addr.parse().map_err(|_| {
+            DaemonError::Config(format!("node {} has address {:?}; expected host:port", n.id, n.addr))
+        })?;
+        parsed.push((n.id.clone(), addr));
+    }
+    if !parsed.iter().any(|(id, _)| *id == node_id) {
+        return Err(DaemonError::Config(format!("node_id {node_id:?} is not among nodes")));
+    }
+    let k = layer.replication_factor.unwrap_or(1);
+    if k >= parsed.len() {
+        return Err(DaemonError::Config(format!(
+            "replication_factor {k} needs at least {} nodes; nodes lists {}",
+            k + 1,
+            parsed.len()
+        )));
+    }
+    let placement = match layer.placement.as_deref().unwrap_or("ring") {
+        "ring" => Placement::Ring,
+        "group" => Placement::Group,
+        p => return Err(DaemonError::Config(format!("placement {p:?} is not \"ring\" or \"group\""))),
+    };
+    let heartbeat_interval = parse_duration("heartbeat_interval", layer.heartbeat_interval.as_deref().unwrap_or("500ms"))?;
+    let heartbeat_timeout = parse_duration("heartbeat_timeout", layer.heartbeat_timeout.as_deref().unwrap_or("3s"))?;
+    if heartbeat_timeout <= heartbeat_interval {
+        return Err(DaemonError::Config(format!(
+            "heartbeat_timeout {heartbeat_timeout:?} must exceed heartbeat_interval {heartbeat_interval:?}"
+        )));
+    }
+    let replication_bandwidth = match &layer.replication_bandwidth {
+        None => None,
+        Some(b) => Some(parse_size::parse_size(b).map_err(|e| {
+            DaemonError::Config(format!("replication_bandwidth {b:?} is not a size per second ({e})"))
+        })?),
+    };
+    Ok(Some(ClusterConfig {
+        node_id,
+        nodes: parsed,
+        replication_factor: k,
+        placement,
+        heartbeat_interval,
+        heartbeat_timeout,
+        replication_bandwidth,
+    }))
 }
 
 impl DaemonConfig {
     pub fn resolve(layer: ConfigLayer) -> Result<Self, DaemonError> {
+        let cluster = resolve_cluster(&layer)?;
         let memory_dir = layer.memory_dir.unwrap_or_else(|| DEFAULT_MEMORY_DIR.into());
         let memory_tier_size = layer.memory_tier_size.unwrap_or_else(|| "auto".into());
         let keep_last = layer.keep_last.unwrap_or(3);
@@ -102,7 +249,8 @@ impl DaemonConfig {
         }
         let capacity = parse_capacity(&memory_tier_size, &memory_dir)?;
         let socket = layer.socket.unwrap_or_else(|| memory_dir.join("daemon.sock"));
-        let http_addr: Option<SocketAddr> = match layer.http_addr.as_deref().unwrap_or(DEFAULT_HTTP_ADDR) {
+        let default_http = cluster.as_ref().map(|c| c.my_addr().to_string());
+        let http_addr: Option<SocketAddr> = match layer.http_addr.as_deref().or(default_http.as_deref()).unwrap_or(DEFAULT_HTTP_ADDR) {
             "off" | "" => None,
             a => Some(a.parse().map_err(|_| {
                 DaemonError::Config(format!("http_addr {a:?} is not host:port (for example 127.0.0.1:7750) or \"off\""))
@@ -121,6 +269,18 @@ impl DaemonConfig {
         if token.as_deref() == Some("") {
             return Err(DaemonError::Config("the bearer token is empty".into()));
         }
+        if let Some(c) = &cluster {
+            if http_addr.is_none() {
+                return Err(DaemonError::Config("a cluster node needs its HTTP API: http_addr must not be off".into()));
+            }
+            if let Some((id, a)) = c.nodes.iter().find(|(_, a)| !a.ip().is_loopback()) {
+                if token.is_none() {
+                    return Err(DaemonError::Config(format!(
+                        "node {id} at {a} is reached over the network: set token_file (or TIERCKPT_TOKEN) so peers authenticate"
+                    )));
+                }
+            }
+        }
         if let Some(a) = http_addr {
             if !a.ip().is_loopback() && token.is_none() {
                 return Err(DaemonError::Config(format!(
@@ -136,6 +296,7 @@ impl DaemonConfig {
             socket,
             http_addr,
             token,
+            cluster,
         })
     }
 }
@@ -188,6 +349,7 @@ mod tests {
         let env = ConfigLayer::from_env([("TIERCKPT_KEEP_LAST".to_string(), "2".to_string())]).unwrap();
         let flags = ConfigLayer { http_addr: Some("off".into()), ..Default::default() };
         let c = DaemonConfig::resolve(file.merge(env).merge(flags)).unwrap();
+        assert!(c.cluster.is_none());
         assert_eq!(c.capacity, 1 << 30);
         assert_eq!(c.keep_last, 2);
         assert_eq!(c.http_addr, None);
@@ -203,6 +365,24 @@ mod tests {
         assert!(e.contains("\"lots\""), "{e}");
         let e = ConfigLayer::from_env([("TIERCKPT_KEEP_LAST".into(), "x".into())]).unwrap_err().to_string();
         assert!(e.contains("TIERCKPT_KEEP_LAST"), "{e}");
+    }
+
+    #[test]
+    fn cluster_settings() {
+        let text = "node_id = \"b\"\nreplication_factor = 1\nplacement = \"group\"\nmemory_tier_size = \"1MB\"\n[[nodes]]\nid = \"a\"\naddr = \"127.0.0.1:7001\"\n[[nodes]]\nid = \"b\"\naddr = \"127.0.0.1:7002\"\n";
+        let l = ConfigLayer::from_toml(text, Path::new("c.toml")).unwrap();
+        let c = DaemonConfig::resolve(l.clone()).unwrap();
+        let cl = c.cluster.unwrap();
+        assert_eq!((cl.my_index(), cl.placement), (1, Placement::Group));
+        assert_eq!(c.http_addr.unwrap().port(), 7002, "binds its own node address by default");
+        let k2 = ConfigLayer { replication_factor: Some(2), ..Default::default() };
+        let e = DaemonConfig::resolve(l.clone().merge(k2)).unwrap_err().to_string();
+        assert!(e.contains("replication_factor 2 needs at least 3 nodes"), "{e}");
+        let stranger = ConfigLayer { node_id: Some("z".into()), ..Default::default() };
+        assert!(DaemonConfig::resolve(l.clone().merge(stranger)).unwrap_err().to_string().contains("\"z\""));
+        let env = ConfigLayer::from_env([("TIERCKPT_NODES".into(), "a=10.0.0.1:1,b=10.0.0.2:1".into())]).unwrap();
+        let e = DaemonConfig::resolve(l.merge(env)).unwrap_err().to_string();
+        assert!(e.contains("token"), "{e}");
     }
 
     #[test]

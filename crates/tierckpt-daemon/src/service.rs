@@ -99,6 +99,7 @@ impl Daemon {
             uptime_s: self.started.elapsed().as_secs_f64(),
             memory: self.tier.usage(),
             namespaces: self.tier.namespaces(),
+            cluster: None,
         }
     }
 

@@ -152,6 +152,16 @@ struct State {
     pool: Vec<Pooled>,
     next_id: u64,
     used: u64,
+    /// Steps known to be complete across a cluster (every rank held by some
+    /// live node), though this node holds only some ranks of them.
+    known_complete: HashMap<String, BTreeSet<u64>>,
+}
+
+impl State {
+    /// Complete here, or known complete across the cluster.
+    fn settled(&self, ns: &str, step: u64, s: &Step) -> bool {
+        s.complete() || self.known_complete.get(ns).is_some_and(|set| set.contains(&step))
+    }
 }
 
 /// Files to remove once the index lock is released (unlinking a large tmpfs
@@ -410,7 +420,7 @@ impl MemoryTier {
     fn victim(st: &State) -> Option<(String, u64)> {
         let mut newest_complete: HashMap<&str, u64> = HashMap::new();
         for ((ns, step), s) in &st.steps {
-            if s.complete() {
+            if st.settled(ns, *step, s) {
                 newest_complete.insert(ns, *step);
             }
         }
@@ -419,7 +429,7 @@ impl MemoryTier {
         });
         let mut best: Option<(bool, u64, &(String, u64))> = None;
         for (k, s) in evictable {
-            let rank = (s.complete(), s.summary(k.1).created_unix_ms, k);
+            let rank = (st.settled(&k.0, k.1, s), s.summary(k.1).created_unix_ms, k);
             if best.as_ref().is_none_or(|b| (rank.0, rank.1) < (b.0, b.1)) {
                 best = Some(rank);
             }
@@ -609,7 +619,21 @@ impl MemoryTier {
     /// Second half of a seal: validates the safetensors header, checksums the
     /// bytes and publishes the shard by writing its manifest.
     pub fn finish_seal(&self, job: SealJob) -> Result<Arc<Manifest>> {
-        let result = self.checksum_and_commit(&job);
+        let result = self.checksum(&job);
+        self.commit(job, result)
+    }
+
+    /// Writes the manifest (the commit point) and updates the index, or on
+    /// error drops the sealed segment.
+    fn commit(&self, job: SealJob, manifest: Result<Arc<Manifest>>) -> Result<Arc<Manifest>> {
+        let result = manifest.and_then(|m| {
+            let mpath = self.manifest_path(&job.key, job.world_size);
+            let tmp = mpath.with_extension("json.tmp");
+            fs::write(&tmp, m.to_json())
+                .and_then(|()| fs::rename(&tmp, &mpath))
+                .map_err(io_err("writing", &mpath))?;
+            Ok(m)
+        });
         let mut unlinks = Vec::new();
         {
             let mut st = self.lock();
@@ -641,7 +665,7 @@ impl MemoryTier {
         result
     }
 
-    fn checksum_and_commit(&self, job: &SealJob) -> Result<Arc<Manifest>> {
+    fn checksum(&self, job: &SealJob) -> Result<Arc<Manifest>> {
         let label = job.path.display().to_string();
         let file = File::open(&job.path).map_err(io_err("opening", &job.path))?;
         let actual = file.metadata().map_err(io_err("reading", &job.path))?.len();
@@ -655,13 +679,26 @@ impl MemoryTier {
         }
         let bytes = map_file(&file, &job.path)?;
         parse_shard(&bytes, &label)?;
-        let m = Manifest::compute(job.key.clone(), job.world_size, &bytes, now_unix_ms());
-        let mpath = self.manifest_path(&job.key, job.world_size);
-        let tmp = mpath.with_extension("json.tmp");
-        fs::write(&tmp, m.to_json())
-            .and_then(|()| fs::rename(&tmp, &mpath))
-            .map_err(io_err("writing", &mpath))?;
-        Ok(Arc::new(m))
+        Ok(Arc::new(Manifest::compute(job.key.clone(), job.world_size, &bytes, now_unix_ms())))
+    }
+
+    /// Seals a segment whose bytes the caller has already verified against
+    /// `manifest` while receiving them (a replica): checks the length and the
+    /// safetensors header, then publishes with that manifest.
+    pub fn seal_verified(&self, id: u64, manifest: &Manifest) -> Result<()> {
+        let job = self.begin_seal(id)?;
+        let expected = Arc::new(manifest.clone());
+        let checked = (|| {
+            if job.key != manifest.key || job.world_size != manifest.world_size || job.len != manifest.file_len {
+                return Err(TierError::InvalidArgument(format!(
+                    "manifest of {} does not describe reservation {}", manifest.key, job.key
+                )));
+            }
+            let file = File::open(&job.path).map_err(io_err("opening", &job.path))?;
+            parse_shard(&map_file(&file, &job.path)?, &job.path.display().to_string())?;
+            Ok(())
+        })();
+        self.commit(job, checked.map(|()| expected)).map(|_| ())
     }
 
     /// Seal in one call (both halves).
@@ -861,7 +898,7 @@ impl MemoryTier {
             let stale: Vec<u64> = st
                 .steps
                 .range((ns.to_string(), step.saturating_add(1))..=(ns.to_string(), u64::MAX))
-                .filter(|(_, s)| !s.complete() && !s.busy())
+                .filter(|((n, step), s)| !st.settled(n, *step, s) && !s.busy())
                 .map(|((_, s), _)| *s)
                 .collect();
             for s in stale {
@@ -873,9 +910,16 @@ impl MemoryTier {
         Ok(total)
     }
 
+    /// Tells the tier which steps of `ns` are complete across the cluster
+    /// (retention and eviction treat them as complete), then applies retention.
+    pub fn set_known_complete(&self, ns: &str, steps: BTreeSet<u64>) {
+        self.lock().known_complete.insert(ns.to_string(), steps);
+        self.retain(ns);
+    }
+
     /// Keeps the newest `keep_last` complete steps of `ns`; drops older
     /// complete steps and idle incomplete steps older than the oldest kept.
-    fn retain(&self, ns: &str) {
+    pub fn retain(&self, ns: &str) {
         let mut unlinks = Vec::new();
         {
             let mut st = self.lock();
@@ -883,7 +927,7 @@ impl MemoryTier {
             let complete: Vec<u64> = st
                 .steps
                 .range(range.clone())
-                .filter(|(_, s)| s.complete())
+                .filter(|((n, step), s)| st.settled(n, *step, s))
                 .map(|((_, step), _)| *step)
                 .collect();
             if complete.len() < self.cfg.keep_last {

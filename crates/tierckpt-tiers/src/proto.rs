@@ -3,6 +3,7 @@
 //! followed by that many bytes, over a Unix socket.
 
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use tierckpt_format::Manifest;
 
@@ -82,6 +83,79 @@ pub struct DaemonStatus {
     pub uptime_s: f64,
     pub memory: MemoryUsage,
     pub namespaces: Vec<NamespaceSummary>,
+    /// Present when the daemon is a member of a cluster.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<ClusterStatus>,
+}
+
+/// What one node holds in memory: visible shards per namespace and step.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Holdings {
+    pub node_id: String,
+    pub namespaces: BTreeMap<String, Vec<HeldStep>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeldStep {
+    pub step: u64,
+    pub world_size: u32,
+    pub ranks: Vec<u32>,
+    pub created_unix_ms: u64,
+}
+
+/// Health of a node as its peers see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NodeState {
+    /// Not heard from yet.
+    Unknown,
+    Alive,
+    /// Silent for more than half the heartbeat timeout.
+    Suspect,
+    /// Silent for more than the heartbeat timeout.
+    Dead,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NodeStatus {
+    pub id: String,
+    pub addr: String,
+    pub state: NodeState,
+    /// Milliseconds since the last answer (none if never heard from).
+    pub last_seen_ms_ago: Option<u64>,
+    pub this_node: bool,
+}
+
+/// One step across the cluster: which live nodes hold each rank.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterStep {
+    pub step: u64,
+    pub world_size: u32,
+    /// Every rank is held by at least one live node.
+    pub complete: bool,
+    pub holders: BTreeMap<u32, Vec<String>>,
+}
+
+/// Counters of the replicator.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicationStats {
+    pub shards_sent: u64,
+    pub bytes_sent: u64,
+    pub failures: u64,
+    pub queued: u64,
+    pub shards_fetched: u64,
+    pub bytes_fetched: u64,
+    pub rereplicated: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClusterStatus {
+    pub node_id: String,
+    pub replication_factor: usize,
+    pub placement: String,
+    pub nodes: Vec<NodeStatus>,
+    pub namespaces: BTreeMap<String, Vec<ClusterStep>>,
+    pub replication: ReplicationStats,
 }
 
 /// Byte accounting of the memory tier.

@@ -28,9 +28,30 @@ struct Args {
     /// host:port of the HTTP API, or "off" [default: 127.0.0.1:7750].
     #[arg(long)]
     http_addr: Option<String>,
-    /// File holding the bearer token required by the HTTP API.
+    /// File holding the bearer token required by the HTTP API and peers.
     #[arg(long)]
     token_file: Option<PathBuf>,
+    /// This node's id among --nodes.
+    #[arg(long)]
+    node_id: Option<String>,
+    /// Every node of the cluster: "n0=127.0.0.1:7750,n1=127.0.0.1:7751".
+    #[arg(long)]
+    nodes: Option<String>,
+    /// Copies of each shard on other nodes [default: 1].
+    #[arg(long)]
+    replication_factor: Option<usize>,
+    /// "ring" or "group" [default: ring].
+    #[arg(long)]
+    placement: Option<String>,
+    /// How often peers are probed [default: 500ms].
+    #[arg(long)]
+    heartbeat_interval: Option<String>,
+    /// A peer silent this long is dead [default: 3s].
+    #[arg(long)]
+    heartbeat_timeout: Option<String>,
+    /// Cap on replication traffic per second, e.g. "1GB" [default: none].
+    #[arg(long)]
+    replication_bandwidth: Option<String>,
 }
 
 fn config(args: Args) -> anyhow::Result<DaemonConfig> {
@@ -47,6 +68,13 @@ fn config(args: Args) -> anyhow::Result<DaemonConfig> {
         http_addr: args.http_addr,
         token_file: args.token_file,
         token: None,
+        node_id: args.node_id,
+        nodes: args.nodes.as_deref().map(tierckpt_daemon::config::parse_nodes).transpose()?,
+        replication_factor: args.replication_factor,
+        placement: args.placement,
+        heartbeat_interval: args.heartbeat_interval,
+        heartbeat_timeout: args.heartbeat_timeout,
+        replication_bandwidth: args.replication_bandwidth,
     };
     Ok(DaemonConfig::resolve(file.merge(env).merge(flags))?)
 }
