@@ -89,6 +89,9 @@ pub(crate) fn router(d: Arc<Daemon>) -> Router {
         .route("/v1/namespaces/{ns}/steps/{step}", axum::routing::delete(delete_step))
         .route("/v1/shards/{ns}/{step}/{rank}", get(get_shard).put(put_shard))
         .route("/v1/shards/{ns}/{step}/{rank}/manifest", get(get_manifest))
+        .route("/v1/replicas/{ns}/{step}/{rank}", get(get_replica).put(put_replica))
+        .route("/v1/peer/holdings", get(holdings))
+        .route("/metrics", get(metrics))
         .fallback(|uri: Uri| async move {
             ApiError(TierError::NotFound(format!("no endpoint {}", uri.path())))
         })
@@ -147,7 +150,60 @@ async fn steps(State(d): D, Path(ns): Path<String>) -> Result<Json<serde_json::V
 }
 
 async fn latest(State(d): D, Path(ns): Path<String>) -> Result<Json<serde_json::Value>, ApiError> {
-    Ok(Json(json!({ "namespace": ns, "step": d.tier.latest(&ns)? })))
+    Ok(Json(json!({ "namespace": ns, "step": d.latest(&ns).await? })))
+}
+
+async fn metrics(State(d): D) -> Response {
+    let text = d.metrics.render(&d.tier.usage());
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
+}
+
+/// What this node holds (the heartbeat between peers).
+async fn holdings(State(d): D) -> Json<tierckpt_tiers::proto::Holdings> {
+    let id = d.cluster.as_ref().map(|c| c.node_id().to_string()).unwrap_or_default();
+    Json(crate::cluster::holdings_of(&d.tier, &id))
+}
+
+/// A peer's copy of a shard, streamed with its manifest and unverified: the
+/// receiver verifies every chunk.
+async fn get_replica(State(d): D, Path((ns, step, rank)): Path<(String, String, String)>) -> Result<Response, ApiError> {
+    let key = shard_key(&ns, &step, &rank)?;
+    let t = d.tier.clone();
+    let (m, bytes) = tokio::task::spawn_blocking(move || t.map(&key))
+        .await
+        .map_err(|e| TierError::Unavailable(e.to_string()))??;
+    let mut headers = HeaderMap::new();
+    headers.insert(header::CONTENT_TYPE, "application/octet-stream".parse().expect("static"));
+    let manifest = serde_json::to_string(&m).expect("manifest serializes");
+    headers.insert(
+        crate::peer::MANIFEST_HEADER,
+        manifest.parse().map_err(|_| bad("manifest is not a valid header value"))?,
+    );
+    Ok((headers, Body::from(bytes::Bytes::from_owner(bytes))).into_response())
+}
+
+/// Receives a replica from a peer; it becomes visible only if every chunk
+/// matches the manifest sent with it.
+async fn put_replica(
+    State(d): D,
+    Path((ns, step, rank)): Path<(String, String, String)>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let key = shard_key(&ns, &step, &rank)?;
+    let raw = headers
+        .get(crate::peer::MANIFEST_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .ok_or_else(|| bad(format!("header {} is required", crate::peer::MANIFEST_HEADER)))?;
+    let m = tierckpt_format::Manifest::from_json(raw.as_bytes(), "replica manifest")?;
+    if m.key != key {
+        return Err(bad(format!("manifest is for {}, the path names {key}", m.key)));
+    }
+    let stream = body
+        .into_data_stream()
+        .map(|r| r.map_err(|e| TierError::Unavailable(format!("reading the replica body: {e}"))));
+    let stored = crate::cluster::receive(&d.tier, &m, "a peer", stream).await?;
+    Ok((StatusCode::CREATED, Json(json!({ "stored": stored }))).into_response())
 }
 
 async fn delete_namespace(State(d): D, Path(ns): Path<String>) -> Result<Json<serde_json::Value>, ApiError> {
@@ -169,13 +225,14 @@ async fn delete_step(State(d): D, Path((ns, step)): Path<(String, String)>) -> R
 
 async fn get_manifest(State(d): D, Path((ns, step, rank)): Path<(String, String, String)>) -> Result<Response, ApiError> {
     let key = shard_key(&ns, &step, &rank)?;
-    let (_, m) = d.tier.locate(&key)?;
+    let (_, m) = d.locate(&key).await?;
     Ok(Json((*m).clone()).into_response())
 }
 
 /// Serves a shard's bytes after verifying them against its manifest.
 async fn get_shard(State(d): D, Path((ns, step, rank)): Path<(String, String, String)>) -> Result<Response, ApiError> {
     let key = shard_key(&ns, &step, &rank)?;
+    d.locate(&key).await?;
     let t = d.tier.clone();
     let (m, bytes) = tokio::task::spawn_blocking(move || -> Result<_, TierError> {
         let (m, bytes) = t.map(&key)?;

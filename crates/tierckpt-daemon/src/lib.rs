@@ -3,8 +3,11 @@
 //! reserve, write into the mapped segment, seal) and an HTTP API (axum) with
 //! the native `/v1` endpoints and `/health`. Binaries are thin wrappers.
 
+pub mod cluster;
 pub mod config;
 mod http;
+pub mod metrics;
+pub mod peer;
 mod service;
 mod uds;
 

@@ -7,6 +7,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tierckpt_format::ShardKey;
+use tierckpt_tiers::ErrorKind;
+
+use crate::cluster::Cluster;
+use crate::metrics::Metrics;
 use tierckpt_tiers::proto::{DaemonStatus, Reply, Request, WireResult};
 use tierckpt_tiers::{MemoryTier, MemoryTierConfig, Result, TierError};
 use tokio::sync::watch;
@@ -21,6 +25,8 @@ const SETTLE_TIMEOUT: Duration = Duration::from_secs(60);
 pub struct Daemon {
     pub tier: Arc<MemoryTier>,
     pub cfg: DaemonConfig,
+    pub cluster: Option<Arc<Cluster>>,
+    pub metrics: Arc<Metrics>,
     started: Instant,
     http_addr: Option<SocketAddr>,
 }
@@ -68,13 +74,20 @@ impl Daemon {
         };
         let http_addr = http.as_ref().and_then(|l| l.local_addr().ok());
         let socket = cfg.socket.clone();
+        let (stop, stopped) = watch::channel(false);
+        let metrics = Arc::new(Metrics::default());
+        let cluster = cfg
+            .cluster
+            .clone()
+            .map(|c| Cluster::start(c, tier.clone(), cfg.token.clone(), metrics.clone(), stopped.clone()));
         let daemon = Arc::new(Daemon {
             tier,
             cfg,
+            cluster,
+            metrics,
             started: Instant::now(),
             http_addr,
         });
-        let (stop, stopped) = watch::channel(false);
         let mut tasks = vec![tokio::spawn(crate::uds::serve(daemon.clone(), listener, stopped.clone()))];
         if let Some(l) = http {
             tasks.push(tokio::spawn(crate::http::serve(daemon.clone(), l, stopped)));
@@ -99,21 +112,65 @@ impl Daemon {
             uptime_s: self.started.elapsed().as_secs_f64(),
             memory: self.tier.usage(),
             namespaces: self.tier.namespaces(),
-            cluster: None,
+            cluster: self.cluster.as_ref().map(|c| c.status()),
         }
     }
 
     /// Seals a reservation: moves it into place now, checksums it on a worker
     /// thread, and with `wait` returns once it is visible.
+    /// Once visible, a shard written on this node is queued for replication.
     pub async fn seal(&self, id: u64, wait: bool) -> Result<()> {
         let job = self.tier.begin_seal(id)?;
         let tier = self.tier.clone();
         let work = tokio::task::spawn_blocking(move || tier.finish_seal(job));
-        if wait {
-            work.await
+        let (cluster, metrics) = (self.cluster.clone(), self.metrics.clone());
+        let done = async move {
+            let m = work
+                .await
                 .map_err(|e| TierError::Unavailable(format!("seal worker failed: {e}")))??;
+            metrics.sealed(m.file_len);
+            if let Some(c) = cluster {
+                c.enqueue(m.key.clone());
+            }
+            Ok::<(), TierError>(())
+        };
+        if wait {
+            done.await
+        } else {
+            tokio::spawn(done);
+            Ok(())
         }
-        Ok(())
+    }
+
+    /// Newest complete step: across live nodes in a cluster, else here.
+    pub async fn latest(&self, ns: &str) -> Result<Option<u64>> {
+        tierckpt_format::names::validate_namespace(ns)?;
+        let t = self.tier.clone();
+        let n = ns.to_string();
+        let local = blocking(move || {
+            t.settle(&n, SETTLE_TIMEOUT);
+            t.latest(&n)
+        })
+        .await?;
+        Ok(match &self.cluster {
+            Some(c) => c.latest(ns).await.max(local),
+            None => local,
+        })
+    }
+
+    /// Path and manifest of a shard held here, fetching it from a peer first
+    /// if this node lacks it.
+    pub async fn locate(&self, key: &ShardKey) -> Result<(PathBuf, Arc<tierckpt_format::Manifest>)> {
+        match self.tier.locate(key) {
+            Err(e) if e.kind() == ErrorKind::NotFound => match &self.cluster {
+                Some(c) => {
+                    c.fetch_from_peers(key).await?;
+                    self.tier.locate(key)
+                }
+                None => Err(e),
+            },
+            r => r,
+        }
     }
 
     /// Handles one local request; `owned` holds the reservations of the
@@ -157,18 +214,10 @@ impl Daemon {
                 Reply::Done
             }
             Request::Open { namespace, step, rank } => {
-                let (path, m) = tier.locate(&ShardKey::new(namespace, step, rank))?;
+                let (path, m) = self.locate(&ShardKey::new(namespace, step, rank)).await?;
                 Reply::Opened { path: path.display().to_string(), manifest: (*m).clone() }
             }
-            Request::Latest { namespace } => {
-                let t = tier.clone();
-                let step = blocking(move || {
-                    t.settle(&namespace, SETTLE_TIMEOUT);
-                    t.latest(&namespace)
-                })
-                .await?;
-                Reply::Latest { step }
-            }
+            Request::Latest { namespace } => Reply::Latest { step: self.latest(&namespace).await? },
             Request::ListNamespaces => Reply::Namespaces { namespaces: tier.namespaces() },
             Request::ListSteps { namespace } => Reply::Steps { steps: tier.steps(&namespace)? },
             Request::DeleteStep { namespace, step } => {

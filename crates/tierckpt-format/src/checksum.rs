@@ -219,6 +219,60 @@ fn copy_hash_chunks(
     Ok(())
 }
 
+/// Verifies a shard's bytes as they stream in, chunk by chunk, so a receiver
+/// learns of a mismatch as soon as the bad chunk ends.
+pub struct StreamVerifier<'m> {
+    m: &'m Manifest,
+    file: String,
+    chunk: usize,
+    in_chunk: u64,
+    total: u64,
+    hasher: Xxh3,
+}
+
+impl<'m> StreamVerifier<'m> {
+    pub fn new(m: &'m Manifest, file: impl Into<String>) -> Self {
+        Self { m, file: file.into(), chunk: 0, in_chunk: 0, total: 0, hasher: Xxh3::new() }
+    }
+
+    /// Feeds the next bytes of the file.
+    pub fn feed(&mut self, mut data: &[u8]) -> Result<(), FormatError> {
+        while !data.is_empty() {
+            if self.chunk >= self.m.chunks.len() {
+                return Err(FormatError::InvalidHeader {
+                    file: self.file.clone(),
+                    reason: format!("more than the {} bytes its manifest describes", self.m.file_len),
+                });
+            }
+            let (a, b) = self.m.chunk_range(self.chunk);
+            let take = ((b - a - self.in_chunk) as usize).min(data.len());
+            self.hasher.update(&data[..take]);
+            self.in_chunk += take as u64;
+            self.total += take as u64;
+            data = &data[take..];
+            if self.in_chunk == b - a {
+                let found = self.hasher.digest128();
+                if found != self.m.chunks[self.chunk].0 {
+                    return Err(mismatch(&self.file, self.m, self.chunk, found));
+                }
+                self.chunk += 1;
+                self.in_chunk = 0;
+                self.hasher.reset();
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks that the whole file arrived.
+    pub fn finish(self) -> Result<(), FormatError> {
+        check_len(self.total as usize, self.m, &self.file)?;
+        if self.chunk != self.m.chunks.len() {
+            return Err(FormatError::Truncated { file: self.file, expected: self.m.file_len, found: self.total });
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -281,6 +335,30 @@ mod tests {
         let mut t2 = [CopyTarget { file_offset: oc as u64, dst: &mut c2 }];
         let e = copy_verified(&bad, &mut t2, &m, "f").unwrap_err();
         assert!(matches!(e, FormatError::ChecksumMismatch { chunk: 2, .. }), "{e}");
+    }
+
+    #[test]
+    fn stream_verifier_accepts_any_split_and_names_bad_chunks() {
+        let d = data((9 << 20) + 7);
+        let m = Manifest::compute(ShardKey::new("n", 1, 0), 1, &d, 0);
+        for piece in [1usize << 20, 3_000_001, 17] {
+            let mut v = StreamVerifier::new(&m, "f");
+            for p in d[..2 << 20].chunks(piece).chain(d[2 << 20..].chunks(1 << 22)) {
+                v.feed(p).unwrap();
+            }
+            v.finish().unwrap();
+        }
+        let mut bad = d.clone();
+        bad[5 << 20] ^= 4;
+        let mut v = StreamVerifier::new(&m, "peer n1");
+        let e = bad.chunks(1 << 20).try_for_each(|p| v.feed(p)).unwrap_err();
+        assert!(matches!(e, FormatError::ChecksumMismatch { chunk: 1, .. }), "{e}");
+        let mut short = StreamVerifier::new(&m, "f");
+        short.feed(&d[..100]).unwrap();
+        assert!(matches!(short.finish(), Err(FormatError::Truncated { .. })));
+        let mut long = StreamVerifier::new(&m, "f");
+        long.feed(&d).unwrap();
+        assert!(long.feed(&[0]).is_err());
     }
 
     #[test]

@@ -12,7 +12,7 @@ mod layout;
 mod manifest;
 pub mod names;
 
-pub use checksum::{chunk_checksums, copy_verified, verify_chunks, Checksum, CopyTarget};
+pub use checksum::{chunk_checksums, copy_verified, verify_chunks, Checksum, CopyTarget, StreamVerifier};
 pub use error::FormatError;
 pub use layout::{parse_shard, ShardLayout, ShardView, TensorEntry, TensorSpec};
 pub use manifest::{Manifest, ShardKey, DEFAULT_CHUNK_SIZE, FORMAT_VERSION};

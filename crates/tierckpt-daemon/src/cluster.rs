@@ -1,0 +1,524 @@
+//! The peer tier: cluster membership, heartbeats, replication of every sealed
+//! shard to k peers, the cluster view (which live node holds which rank), restore
+//! from a peer's copy, and re-replication after a node dies.
+//!
+//! Heartbeats carry each node's holdings, so every node keeps a view of the
+//! cluster that is at most one heartbeat old; `latest` and peer restores refresh
+//! it first. Retention on every node follows cluster-wide completeness.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::Write;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_util::{Stream, StreamExt};
+use tierckpt_format::{Manifest, ShardKey, StreamVerifier};
+use tierckpt_tiers::proto::{
+    ClusterStatus, ClusterStep, HeldStep, Holdings, NodeState, NodeStatus, ReplicationStats,
+};
+use tierckpt_tiers::{ErrorKind, MemoryTier, TierError};
+use tokio::sync::{mpsc, watch};
+
+use crate::config::{ClusterConfig, Placement};
+use crate::metrics::Metrics;
+use crate::peer::{Pace, PeerClient};
+
+/// Indices of the nodes that receive copies of `owner`'s shards.
+pub fn replica_targets(placement: Placement, n: usize, owner: usize, k: usize) -> Vec<usize> {
+    let ring = |count: usize| (1..=count).map(|j| (owner + j) % n).collect::<Vec<_>>();
+    match placement {
+        Placement::Ring => ring(k.min(n - 1)),
+        Placement::Group => {
+            let size = k + 1;
+            let groups = (n / size).max(1);
+            // The last group absorbs the remainder so that no group is short.
+            let g = (owner / size).min(groups - 1);
+            let start = g * size;
+            let end = if g == groups - 1 { n } else { start + size };
+            (start..end).filter(|&i| i != owner).collect()
+        }
+    }
+}
+
+/// A random number for backoff jitter (from the std hasher's random keys).
+fn random_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    std::collections::hash_map::RandomState::new().build_hasher().finish()
+}
+
+struct Member {
+    state: NodeState,
+    last_ok: Option<Instant>,
+    holdings: Option<Holdings>,
+}
+
+/// A clustered daemon's view of its peers, and the work it does with them.
+pub struct Cluster {
+    pub cfg: ClusterConfig,
+    me: usize,
+    tier: Arc<MemoryTier>,
+    peers: PeerClient,
+    members: Mutex<Vec<Member>>,
+    stats: Mutex<ReplicationStats>,
+    queue: mpsc::UnboundedSender<ShardKey>,
+    started: Instant,
+    rereplicating: AtomicBool,
+    metrics: Arc<Metrics>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Holdings of a memory tier: its visible shards.
+pub fn holdings_of(tier: &MemoryTier, node_id: &str) -> Holdings {
+    let mut h = Holdings { node_id: node_id.to_string(), namespaces: BTreeMap::new() };
+    for ns in tier.namespaces() {
+        let steps: Vec<HeldStep> = tier
+            .steps(&ns.namespace)
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|s| !s.ranks.is_empty())
+            .map(|s| HeldStep { step: s.step, world_size: s.world_size, ranks: s.ranks, created_unix_ms: s.created_unix_ms })
+            .collect();
+        if !steps.is_empty() {
+            h.namespaces.insert(ns.namespace, steps);
+        }
+    }
+    h
+}
+
+/// Streams a shard into the memory tier, verifying every chunk before it is
+/// written; publishes it only if all of it matched `m`. Returns false if an
+/// identical copy was already held.
+pub async fn receive<S>(tier: &Arc<MemoryTier>, m: &Manifest, source: &str, stream: S) -> Result<bool, TierError>
+where
+    S: Stream<Item = Result<Bytes, TierError>>,
+{
+    let r = match tier.reserve(&m.key, m.world_size, m.file_len) {
+        Ok(r) => r,
+        Err(e) if e.kind() == ErrorKind::AlreadyExists => {
+            return match tier.locate(&m.key) {
+                Ok((_, have)) if have.chunks == m.chunks => Ok(false),
+                _ => Err(e),
+            };
+        }
+        Err(e) => return Err(e),
+    };
+    let result = async {
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&r.path)
+            .map_err(|e| TierError::io(format!("opening {}", r.path.display()), e))?;
+        let mut v = StreamVerifier::new(m, format!("{} from {source}", m.key));
+        let mut stream = std::pin::pin!(stream);
+        loop {
+            let next = tokio::time::timeout(Duration::from_secs(60), stream.next())
+                .await
+                .map_err(|_| TierError::Unavailable(format!("{source} sent nothing for 60 s")))?;
+            let Some(piece) = next else { break };
+            let piece = piece?;
+            v.feed(&piece)?;
+            file.write_all(&piece)
+                .map_err(|e| TierError::io(format!("writing {}", r.path.display()), e))?;
+        }
+        v.finish()?;
+        Ok::<(), TierError>(())
+    }
+    .await;
+    match result {
+        Ok(()) => {
+            let (tier, m) = (tier.clone(), m.clone());
+            tokio::task::spawn_blocking(move || tier.seal_verified(r.id, &m))
+                .await
+                .map_err(|e| TierError::Unavailable(e.to_string()))??;
+            Ok(true)
+        }
+        Err(e) => {
+            let _ = tier.abort(r.id);
+            Err(e)
+        }
+    }
+}
+
+impl Cluster {
+    /// Starts the heartbeat loop and the replicator.
+    pub fn start(
+        cfg: ClusterConfig,
+        tier: Arc<MemoryTier>,
+        token: Option<String>,
+        metrics: Arc<Metrics>,
+        stop: watch::Receiver<bool>,
+    ) -> Arc<Self> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let me = cfg.my_index();
+        let members = (0..cfg.nodes.len())
+            .map(|i| Member {
+                state: if i == me { NodeState::Alive } else { NodeState::Unknown },
+                last_ok: None,
+                holdings: None,
+            })
+            .collect();
+        let c = Arc::new(Self {
+            cfg,
+            me,
+            tier,
+            peers: PeerClient::new(token),
+            members: Mutex::new(members),
+            stats: Mutex::new(ReplicationStats::default()),
+            queue: tx,
+            started: Instant::now(),
+            rereplicating: AtomicBool::new(false),
+            metrics,
+        });
+        tokio::spawn(c.clone().heartbeat_loop(stop.clone()));
+        tokio::spawn(c.clone().replicate_loop(rx, stop));
+        c
+    }
+
+    pub fn node_id(&self) -> &str {
+        &self.cfg.node_id
+    }
+
+    fn addr(&self, i: usize) -> SocketAddr {
+        self.cfg.nodes[i].1
+    }
+
+    fn id(&self, i: usize) -> &str {
+        &self.cfg.nodes[i].0
+    }
+
+    /// Queues a freshly sealed local shard for replication.
+    pub fn enqueue(&self, key: ShardKey) {
+        lock(&self.stats).queued += 1;
+        let _ = self.queue.send(key);
+    }
+
+    async fn heartbeat_loop(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        let mut tick = tokio::time::interval(self.cfg.heartbeat_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = stop.changed() => return,
+                _ = tick.tick() => {}
+            }
+            self.refresh().await;
+            if !self.rereplicating.swap(true, Ordering::AcqRel) {
+                let c = self.clone();
+                tokio::spawn(async move {
+                    c.rereplicate().await;
+                    c.rereplicating.store(false, Ordering::Release);
+                });
+            }
+        }
+    }
+
+    /// Asks every peer for its holdings once, updates node states, and
+    /// applies cluster-wide completeness to local retention.
+    pub async fn refresh(&self) {
+        let timeout = self.cfg.heartbeat_interval.max(Duration::from_millis(200));
+        let asks = (0..self.cfg.nodes.len()).filter(|&i| i != self.me).map(|i| {
+            let peers = self.peers.clone();
+            let addr = self.addr(i);
+            async move { (i, peers.holdings(addr, timeout).await) }
+        });
+        let answers = futures_util::future::join_all(asks).await;
+        let now = Instant::now();
+        {
+            let mut members = lock(&self.members);
+            for (i, answer) in answers {
+                let m = &mut members[i];
+                let before = m.state;
+                match answer {
+                    Ok(h) if h.node_id == self.cfg.nodes[i].0 => {
+                        m.last_ok = Some(now);
+                        m.holdings = Some(h);
+                        m.state = NodeState::Alive;
+                    }
+                    answer => {
+                        if let Ok(h) = answer {
+                            tracing::warn!(node = self.id(i), answered_as = %h.node_id, "a peer answers with another node id");
+                        }
+                        let silent = now - m.last_ok.unwrap_or(self.started);
+                        if silent >= self.cfg.heartbeat_timeout {
+                            m.state = NodeState::Dead;
+                            m.holdings = None;
+                        } else if silent >= self.cfg.heartbeat_timeout / 2 && m.state != NodeState::Unknown {
+                            m.state = NodeState::Suspect;
+                        }
+                    }
+                }
+                if m.state != before {
+                    let (id, state) = (self.id(i), m.state);
+                    match state {
+                        NodeState::Dead => tracing::warn!(node = id, "node is dead"),
+                        NodeState::Suspect => tracing::warn!(node = id, "node is suspect"),
+                        _ => tracing::info!(node = id, state = ?state, "node state changed"),
+                    }
+                    self.metrics.node_event(id, state);
+                }
+            }
+        }
+        for (ns, steps) in self.view() {
+            let complete: BTreeSet<u64> = steps.iter().filter(|s| s.complete).map(|s| s.step).collect();
+            self.tier.set_known_complete(&ns, complete);
+        }
+    }
+
+    fn live(&self, state: NodeState) -> bool {
+        matches!(state, NodeState::Alive | NodeState::Suspect)
+    }
+
+    /// Which live node holds which rank of every step.
+    pub fn view(&self) -> BTreeMap<String, Vec<ClusterStep>> {
+        let mut all = vec![holdings_of(&self.tier, &self.cfg.node_id)];
+        all.extend(
+            lock(&self.members)
+                .iter()
+                .filter(|m| self.live(m.state))
+                .filter_map(|m| m.holdings.clone()),
+        );
+        let mut out: BTreeMap<String, BTreeMap<u64, ClusterStep>> = BTreeMap::new();
+        for h in all {
+            for (ns, steps) in h.namespaces {
+                for s in steps {
+                    let e = out.entry(ns.clone()).or_default().entry(s.step).or_insert_with(|| ClusterStep {
+                        step: s.step,
+                        world_size: s.world_size,
+                        complete: false,
+                        holders: BTreeMap::new(),
+                    });
+                    for r in s.ranks {
+                        e.holders.entry(r).or_default().push(h.node_id.clone());
+                    }
+                }
+            }
+        }
+        out.into_iter()
+            .map(|(ns, steps)| {
+                let steps = steps
+                    .into_values()
+                    .map(|mut s| {
+                        s.complete = (0..s.world_size).all(|r| s.holders.contains_key(&r));
+                        s
+                    })
+                    .collect();
+                (ns, steps)
+            })
+            .collect()
+    }
+
+    /// Newest step whose every rank is held by some live node.
+    pub async fn latest(&self, ns: &str) -> Option<u64> {
+        self.refresh().await;
+        self.view().get(ns)?.iter().rev().find(|s| s.complete).map(|s| s.step)
+    }
+
+    fn stats_update(&self, f: impl FnOnce(&mut ReplicationStats)) {
+        f(&mut lock(&self.stats));
+    }
+
+    async fn replicate_loop(self: Arc<Self>, mut rx: mpsc::UnboundedReceiver<ShardKey>, mut stop: watch::Receiver<bool>) {
+        loop {
+            let key = tokio::select! {
+                _ = stop.changed() => return,
+                k = rx.recv() => match k { Some(k) => k, None => return },
+            };
+            self.stats_update(|s| s.queued = s.queued.saturating_sub(1));
+            let targets = replica_targets(self.cfg.placement, self.cfg.nodes.len(), self.me, self.cfg.replication_factor);
+            let pushes = targets.into_iter().map(|t| self.push(&key, t));
+            for r in futures_util::future::join_all(pushes).await {
+                if let Err(e) = r {
+                    tracing::warn!(shard = %key, error = %e, "replication failed; re-replication will retry");
+                }
+            }
+        }
+    }
+
+    /// Sends a local shard to node `t`, retrying transient failures.
+    async fn push(&self, key: &ShardKey, t: usize) -> Result<(), TierError> {
+        let state = lock(&self.members)[t].state;
+        if state == NodeState::Dead {
+            return Err(TierError::Unavailable(format!("node {} is dead", self.id(t))));
+        }
+        let tier = self.tier.clone();
+        let k = key.clone();
+        let (m, map) = tokio::task::spawn_blocking(move || tier.map(&k))
+            .await
+            .map_err(|e| TierError::Unavailable(e.to_string()))??;
+        let data = Bytes::from_owner(map);
+        let pace = self.cfg.replication_bandwidth.map(|b| Pace { bytes_per_s: b });
+        let mut delay = Duration::from_millis(100);
+        for attempt in 0.. {
+            match self.peers.put_replica(self.addr(t), &m, data.clone(), pace).await {
+                Ok(()) => {
+                    self.stats_update(|s| {
+                        s.shards_sent += 1;
+                        s.bytes_sent += m.file_len;
+                    });
+                    self.metrics.replicated(m.file_len);
+                    tracing::debug!(shard = %key, to = self.id(t), bytes = m.file_len, "replicated");
+                    return Ok(());
+                }
+                Err(e) if e.kind() == ErrorKind::AlreadyExists => return Ok(()),
+                Err(e) if e.is_retryable() && attempt < 3 => {
+                    let jitter = random_u64() % (delay.as_millis() as u64 / 2 + 1);
+                    tokio::time::sleep(delay + Duration::from_millis(jitter)).await;
+                    delay *= 2;
+                }
+                Err(e) => {
+                    self.stats_update(|s| s.failures += 1);
+                    self.metrics.replication_failed();
+                    return Err(e);
+                }
+            }
+        }
+        unreachable!("the loop returns")
+    }
+
+    /// Fetches `key` from a live peer into local memory, verifying it; tries
+    /// every live holder before giving up.
+    pub async fn fetch_from_peers(&self, key: &ShardKey) -> Result<(), TierError> {
+        self.refresh().await;
+        let view = self.view();
+        let holders: Vec<String> = view
+            .get(&key.namespace)
+            .and_then(|steps| steps.iter().find(|s| s.step == key.step))
+            .and_then(|s| s.holders.get(&key.rank))
+            .cloned()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|id| *id != self.cfg.node_id)
+            .collect();
+        if holders.is_empty() {
+            let dead: Vec<&str> = {
+                let members = lock(&self.members);
+                (0..members.len()).filter(|&i| members[i].state == NodeState::Dead).map(|i| self.id(i)).collect()
+            };
+            return Err(TierError::NotFound(format!(
+                "no live copy of shard {key}: no live node holds it (dead nodes: {dead:?})"
+            )));
+        }
+        let mut errors = Vec::new();
+        for id in holders {
+            let i = self.cfg.nodes.iter().position(|(n, _)| *n == id).expect("holder is a member");
+            let attempt = async {
+                let (m, stream) = self.peers.fetch(self.addr(i), key).await?;
+                if m.key != *key {
+                    return Err(TierError::InvalidArgument(format!("node {id} sent {} for {key}", m.key)));
+                }
+                receive(&self.tier, &m, &format!("node {id}"), stream).await?;
+                Ok::<u64, TierError>(m.file_len)
+            };
+            match attempt.await {
+                Ok(bytes) => {
+                    self.stats_update(|s| {
+                        s.shards_fetched += 1;
+                        s.bytes_fetched += bytes;
+                    });
+                    tracing::info!(shard = %key, from = %id, bytes, "restored a shard from a peer");
+                    return Ok(());
+                }
+                Err(e) if e.kind() == ErrorKind::AlreadyExists => return Ok(()),
+                Err(e) => {
+                    tracing::warn!(shard = %key, from = %id, error = %e, "peer copy unusable; trying the next");
+                    errors.push(format!("{id}: {e}"));
+                }
+            }
+        }
+        Err(TierError::Unavailable(format!("every live copy of shard {key} failed: {}", errors.join("; "))))
+    }
+
+    /// Restores k+1 copies of the newest complete step of each namespace on
+    /// live nodes. Among the live holders of a shard, the first in node order
+    /// does the work; shards younger than twice the heartbeat timeout are left
+    /// to the replicator.
+    async fn rereplicate(&self) {
+        let live: Vec<usize> = {
+            let members = lock(&self.members);
+            (0..members.len()).filter(|&i| i == self.me || self.live(members[i].state)).collect()
+        };
+        let desired = (self.cfg.replication_factor + 1).min(live.len());
+        let grace_ms = 2 * self.cfg.heartbeat_timeout.as_millis() as u64;
+        let now_ms = tierckpt_tiers::now_unix_ms();
+        for (ns, steps) in self.view() {
+            let Some(s) = steps.iter().rev().find(|s| s.complete) else { continue };
+            for (rank, holders) in &s.holders {
+                if holders.len() >= desired || holders.first().map(String::as_str) != Some(self.node_id()) {
+                    continue;
+                }
+                let key = ShardKey::new(&ns, s.step, *rank);
+                let young = self.tier.locate(&key).map(|(_, m)| now_ms.saturating_sub(m.created_unix_ms) < grace_ms);
+                if young.unwrap_or(true) {
+                    continue;
+                }
+                let order = (1..self.cfg.nodes.len()).map(|j| (self.me + j) % self.cfg.nodes.len());
+                let targets: Vec<usize> = order
+                    .filter(|i| live.contains(i) && !holders.iter().any(|h| h == self.id(*i)))
+                    .take(desired - holders.len())
+                    .collect();
+                for t in targets {
+                    match self.push(&key, t).await {
+                        Ok(()) => {
+                            self.stats_update(|s| s.rereplicated += 1);
+                            tracing::info!(shard = %key, to = self.id(t), "re-replicated to restore k+1 copies");
+                        }
+                        Err(e) => tracing::warn!(shard = %key, to = self.id(t), error = %e, "re-replication failed"),
+                    }
+                }
+            }
+        }
+    }
+
+    pub fn status(&self) -> ClusterStatus {
+        let now = Instant::now();
+        let nodes = {
+            let members = lock(&self.members);
+            members
+                .iter()
+                .enumerate()
+                .map(|(i, m)| NodeStatus {
+                    id: self.id(i).to_string(),
+                    addr: self.addr(i).to_string(),
+                    state: m.state,
+                    last_seen_ms_ago: if i == self.me { Some(0) } else { m.last_ok.map(|t| (now - t).as_millis() as u64) },
+                    this_node: i == self.me,
+                })
+                .collect()
+        };
+        ClusterStatus {
+            node_id: self.cfg.node_id.clone(),
+            replication_factor: self.cfg.replication_factor,
+            placement: format!("{:?}", self.cfg.placement).to_lowercase(),
+            nodes,
+            namespaces: self.view(),
+            replication: *lock(&self.stats),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ring_placement() {
+        assert_eq!(replica_targets(Placement::Ring, 4, 0, 1), [1]);
+        assert_eq!(replica_targets(Placement::Ring, 4, 3, 2), [0, 1]);
+        assert_eq!(replica_targets(Placement::Ring, 2, 1, 5), [0]);
+    }
+
+    #[test]
+    fn group_placement() {
+        // Groups {0,1} {2,3}.
+        assert_eq!(replica_targets(Placement::Group, 4, 0, 1), [1]);
+        assert_eq!(replica_targets(Placement::Group, 4, 3, 1), [2]);
+        // 5 nodes, k=1: groups {0,1} {2,3,4}: the last group takes the remainder.
+        assert_eq!(replica_targets(Placement::Group, 5, 4, 1), [2, 3]);
+        // 6 nodes, k=2: groups {0,1,2} {3,4,5}.
+        assert_eq!(replica_targets(Placement::Group, 6, 4, 2), [3, 5]);
+    }
+}

@@ -1,0 +1,103 @@
+//! Prometheus metrics of the daemon, served at `/metrics`.
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use tierckpt_tiers::proto::{MemoryUsage, NodeState};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct NodeLabels {
+    node: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EventLabels {
+    node: String,
+    state: String,
+}
+
+/// Counters and gauges, updated where things happen.
+pub struct Metrics {
+    registry: Registry,
+    shards_sealed: Counter,
+    bytes_sealed: Counter,
+    replicated_shards: Counter,
+    replicated_bytes: Counter,
+    replication_failures: Counter,
+    node_events: Family<EventLabels, Counter>,
+    node_state: Family<NodeLabels, Gauge>,
+    memory_used: Gauge,
+    memory_capacity: Gauge,
+    memory_pooled: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("tierckpt");
+        let m = Metrics {
+            registry: Registry::default(),
+            shards_sealed: Counter::default(),
+            bytes_sealed: Counter::default(),
+            replicated_shards: Counter::default(),
+            replicated_bytes: Counter::default(),
+            replication_failures: Counter::default(),
+            node_events: Family::default(),
+            node_state: Family::default(),
+            memory_used: Gauge::default(),
+            memory_capacity: Gauge::default(),
+            memory_pooled: Gauge::default(),
+        };
+        registry.register("shards_sealed", "Shards sealed from local writers", m.shards_sealed.clone());
+        registry.register("sealed_bytes", "Bytes sealed from local writers", m.bytes_sealed.clone());
+        registry.register("replicated_shards", "Shards copied to peers", m.replicated_shards.clone());
+        registry.register("replicated_bytes", "Bytes copied to peers", m.replicated_bytes.clone());
+        registry.register("replication_failures", "Copies to peers that failed after retries", m.replication_failures.clone());
+        registry.register("node_events", "Node state changes seen by this node", m.node_events.clone());
+        registry.register("node_state", "Peer state: 0 unknown, 1 alive, 2 suspect, 3 dead", m.node_state.clone());
+        registry.register("memory_used_bytes", "Bytes held by the memory tier", m.memory_used.clone());
+        registry.register("memory_capacity_bytes", "Capacity of the memory tier", m.memory_capacity.clone());
+        registry.register("memory_pooled_bytes", "Recycled segments kept for reuse", m.memory_pooled.clone());
+        Metrics { registry, ..m }
+    }
+}
+
+impl Metrics {
+    pub fn sealed(&self, bytes: u64) {
+        self.shards_sealed.inc();
+        self.bytes_sealed.inc_by(bytes);
+    }
+
+    pub fn replicated(&self, bytes: u64) {
+        self.replicated_shards.inc();
+        self.replicated_bytes.inc_by(bytes);
+    }
+
+    pub fn replication_failed(&self) {
+        self.replication_failures.inc();
+    }
+
+    pub fn node_event(&self, node: &str, state: NodeState) {
+        let s = format!("{state:?}").to_lowercase();
+        self.node_events.get_or_create(&EventLabels { node: node.into(), state: s }).inc();
+        let code = match state {
+            NodeState::Unknown => 0,
+            NodeState::Alive => 1,
+            NodeState::Suspect => 2,
+            NodeState::Dead => 3,
+        };
+        self.node_state.get_or_create(&NodeLabels { node: node.into() }).set(code);
+    }
+
+    /// The text exposition, with memory gauges taken now.
+    pub fn render(&self, memory: &MemoryUsage) -> String {
+        self.memory_used.set(memory.used as i64);
+        self.memory_capacity.set(memory.capacity as i64);
+        self.memory_pooled.set(memory.pooled as i64);
+        let mut out = String::new();
+        encode(&mut out, &self.registry).expect("metrics encode");
+        out
+    }
+}

@@ -1,0 +1,181 @@
+//! HTTP client for daemon-to-daemon traffic: heartbeats that carry each
+//! node's holdings, pushing replicas, and fetching shards for a restore.
+//! Every request carries the cluster's bearer token when one is set; shard
+//! bodies are streamed and verified chunk by chunk on the receiving side.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_util::{Stream, StreamExt};
+use http_body_util::{combinators::BoxBody, BodyExt, Empty, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_util::rt::TokioExecutor;
+use tierckpt_format::{Manifest, ShardKey};
+use tierckpt_tiers::proto::Holdings;
+use tierckpt_tiers::{TierError, WireError};
+
+/// Header carrying a shard's manifest (compact JSON) with its bytes.
+pub const MANIFEST_HEADER: &str = "x-tierckpt-manifest";
+
+/// Pieces a shard body is cut into when streamed out.
+const SEND_PIECE: usize = 4 << 20;
+
+type Body = BoxBody<Bytes, std::io::Error>;
+
+/// Client for the peer endpoints of other daemons.
+#[derive(Clone)]
+pub struct PeerClient {
+    http: Client<HttpConnector, Body>,
+    token: Option<String>,
+}
+
+/// Paces a stream to at most `bytes_per_s`.
+#[derive(Clone, Copy, Debug)]
+pub struct Pace {
+    pub bytes_per_s: u64,
+}
+
+fn unavailable(addr: SocketAddr, what: &str, e: impl std::fmt::Display) -> TierError {
+    TierError::Unavailable(format!("{what} at {addr}: {e}"))
+}
+
+impl PeerClient {
+    pub fn new(token: Option<String>) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(Duration::from_secs(3)));
+        let http = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(30))
+            .build(connector);
+        Self { http, token }
+    }
+
+    async fn send(
+        &self,
+        addr: SocketAddr,
+        method: Method,
+        path: &str,
+        headers: &[(&str, String)],
+        body: Body,
+        timeout: Option<Duration>,
+    ) -> Result<Response<Incoming>, TierError> {
+        let mut req = Request::builder().method(method).uri(format!("http://{addr}{path}"));
+        if let Some(t) = &self.token {
+            req = req.header("authorization", format!("Bearer {t}"));
+        }
+        for (k, v) in headers {
+            req = req.header(*k, v);
+        }
+        let req = req
+            .body(body)
+            .map_err(|e| TierError::InvalidArgument(format!("building a request to {addr}: {e}")))?;
+        let fut = self.http.request(req);
+        let resp = match timeout {
+            Some(t) => tokio::time::timeout(t, fut)
+                .await
+                .map_err(|_| unavailable(addr, path, format!("no answer within {t:?}")))?,
+            None => fut.await,
+        }
+        .map_err(|e| unavailable(addr, path, e))?;
+        if resp.status().is_success() {
+            return Ok(resp);
+        }
+        let status = resp.status();
+        let body = resp.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+        Err(match serde_json::from_slice::<WireError>(&body) {
+            Ok(w) => TierError::Remote {
+                kind: w.kind,
+                message: format!("peer {addr}: {}", w.message),
+            },
+            Err(_) if status == StatusCode::UNAUTHORIZED => TierError::Remote {
+                kind: tierckpt_tiers::ErrorKind::Unauthorized,
+                message: format!("peer {addr} refused our token"),
+            },
+            Err(_) => unavailable(addr, path, format!("status {status}")),
+        })
+    }
+
+    fn empty() -> Body {
+        Empty::new().map_err(|never| match never {}).boxed()
+    }
+
+    /// The holdings of the node at `addr` (the heartbeat).
+    pub async fn holdings(&self, addr: SocketAddr, timeout: Duration) -> Result<Holdings, TierError> {
+        let deadline = Instant::now() + timeout;
+        let resp = self
+            .send(addr, Method::GET, "/v1/peer/holdings", &[], Self::empty(), Some(timeout))
+            .await?;
+        let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(50));
+        let body = tokio::time::timeout(left, resp.into_body().collect())
+            .await
+            .map_err(|_| unavailable(addr, "holdings", "body timed out"))?
+            .map_err(|e| unavailable(addr, "holdings", e))?
+            .to_bytes();
+        serde_json::from_slice(&body).map_err(|e| unavailable(addr, "holdings", e))
+    }
+
+    /// Streams a shard to a peer, which verifies it before it becomes visible.
+    pub async fn put_replica(
+        &self,
+        addr: SocketAddr,
+        manifest: &Manifest,
+        data: Bytes,
+        pace: Option<Pace>,
+    ) -> Result<(), TierError> {
+        let k = &manifest.key;
+        let path = format!("/v1/replicas/{}/{}/{}", k.namespace, k.step, k.rank);
+        let headers = [
+            (MANIFEST_HEADER, serde_json::to_string(manifest).expect("manifest serializes")),
+            ("content-length", data.len().to_string()),
+        ];
+        let body = BodyExt::boxed(StreamBody::new(paced_pieces(data, pace).map(|b| Ok(Frame::data(b)))));
+        self.send(addr, Method::PUT, &path, &headers, body, None).await?;
+        Ok(())
+    }
+
+    /// Fetches a shard's manifest and a stream of its bytes (unverified: the
+    /// caller verifies while receiving).
+    pub async fn fetch(
+        &self,
+        addr: SocketAddr,
+        key: &ShardKey,
+    ) -> Result<(Manifest, impl Stream<Item = Result<Bytes, TierError>> + use<>), TierError> {
+        let path = format!("/v1/replicas/{}/{}/{}", key.namespace, key.step, key.rank);
+        let resp = self
+            .send(addr, Method::GET, &path, &[], Self::empty(), Some(Duration::from_secs(10)))
+            .await?;
+        let manifest = resp
+            .headers()
+            .get(MANIFEST_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .ok_or_else(|| unavailable(addr, &path, "no manifest header"))
+            .and_then(|v| Manifest::from_json(v.as_bytes(), &format!("manifest from {addr}")).map_err(TierError::from))?;
+        let stream = resp.into_body().into_data_stream().map(move |r| {
+            r.map_err(|e| TierError::Unavailable(format!("receiving from {addr}: {e}")))
+        });
+        Ok((manifest, stream))
+    }
+}
+
+/// Cuts `data` into pieces, pacing them if asked.
+fn paced_pieces(data: Bytes, pace: Option<Pace>) -> impl Stream<Item = Bytes> {
+    let start = Instant::now();
+    futures_util::stream::unfold((data, 0u64), move |(mut rest, sent)| async move {
+        if rest.is_empty() {
+            return None;
+        }
+        if let Some(p) = pace {
+            let due = Duration::from_secs_f64(sent as f64 / p.bytes_per_s.max(1) as f64);
+            let elapsed = start.elapsed();
+            if due > elapsed {
+                tokio::time::sleep(due - elapsed).await;
+            }
+        }
+        let piece = rest.split_to(rest.len().min(SEND_PIECE));
+        let n = piece.len() as u64;
+        Some((piece, (rest, sent + n)))
+    })
+}
