@@ -27,6 +27,19 @@ pub fn daemon_binary() -> PathBuf {
     "tierckptd".into()
 }
 
+/// Cluster membership of a daemon child.
+#[derive(Debug, Clone)]
+pub struct ClusterOptions {
+    pub node_id: String,
+    /// "n0=127.0.0.1:7001,n1=127.0.0.1:7002".
+    pub nodes: String,
+    pub replication_factor: usize,
+    pub placement: String,
+    pub heartbeat_interval: String,
+    pub heartbeat_timeout: String,
+    pub replication_bandwidth: Option<String>,
+}
+
 /// Settings for a daemon child.
 #[derive(Debug, Clone)]
 pub struct DaemonOptions {
@@ -37,6 +50,7 @@ pub struct DaemonOptions {
     pub http_addr: String,
     pub token: Option<String>,
     pub log: String,
+    pub cluster: Option<ClusterOptions>,
 }
 
 impl DaemonOptions {
@@ -48,6 +62,7 @@ impl DaemonOptions {
             http_addr: "127.0.0.1:0".into(),
             token: None,
             log: "warn".into(),
+            cluster: None,
         }
     }
 }
@@ -83,6 +98,16 @@ impl DaemonProcess {
             .stderr(Stdio::inherit());
         if let Some(t) = &opts.token {
             cmd.env("TIERCKPT_TOKEN", t);
+        }
+        if let Some(c) = &opts.cluster {
+            cmd.args(["--node-id", &c.node_id, "--nodes", &c.nodes])
+                .args(["--replication-factor", &c.replication_factor.to_string()])
+                .args(["--placement", &c.placement])
+                .args(["--heartbeat-interval", &c.heartbeat_interval])
+                .args(["--heartbeat-timeout", &c.heartbeat_timeout]);
+            if let Some(b) = &c.replication_bandwidth {
+                cmd.args(["--replication-bandwidth", b]);
+            }
         }
         // The daemon dies with the process that started it (demo, bench, test).
         // SAFETY: prctl is async-signal-safe.
@@ -172,5 +197,161 @@ impl Drop for DaemonProcess {
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
+    }
+}
+
+/// `n` distinct free ports on 127.0.0.1, drawn below the kernel's ephemeral
+/// range (32768 and up) so that outgoing connections do not take them
+/// between this check and the daemon's bind.
+pub fn free_ports(n: usize) -> Result<Vec<u16>> {
+    use std::hash::{BuildHasher, Hasher};
+    let mut held = Vec::new();
+    for _ in 0..n * 50 {
+        if held.len() == n {
+            break;
+        }
+        let r = std::collections::hash_map::RandomState::new().build_hasher().finish();
+        let port = 20000 + (r % 12000) as u16;
+        if let Ok(l) = std::net::TcpListener::bind(("127.0.0.1", port)) {
+            held.push(l);
+        }
+    }
+    if held.len() < n {
+        bail!("could not find {n} free ports on 127.0.0.1");
+    }
+    held.iter().map(|l| Ok(l.local_addr()?.port())).collect()
+}
+
+/// Settings shared by the nodes of a [`LocalCluster`].
+#[derive(Debug, Clone)]
+pub struct LocalClusterOptions {
+    pub nodes: usize,
+    pub memory_tier_size: String,
+    pub keep_last: usize,
+    pub replication_factor: usize,
+    pub placement: String,
+    pub heartbeat_interval: String,
+    pub heartbeat_timeout: String,
+    pub replication_bandwidth: Option<String>,
+    pub token: Option<String>,
+}
+
+impl Default for LocalClusterOptions {
+    fn default() -> Self {
+        Self {
+            nodes: 4,
+            memory_tier_size: "1GiB".into(),
+            keep_last: 3,
+            replication_factor: 1,
+            placement: "ring".into(),
+            heartbeat_interval: "100ms".into(),
+            heartbeat_timeout: "600ms".into(),
+            replication_bandwidth: None,
+            token: None,
+        }
+    }
+}
+
+/// Several daemons on one machine, each with its own memory directory under
+/// `base` and its own port on 127.0.0.1, forming one cluster.
+pub struct LocalCluster {
+    pub base: PathBuf,
+    pub opts: LocalClusterOptions,
+    pub nodes: Vec<Option<DaemonProcess>>,
+    node_opts: Vec<DaemonOptions>,
+}
+
+impl LocalCluster {
+    pub fn node_id(i: usize) -> String {
+        format!("n{i}")
+    }
+
+    /// Starts every node; on a port taken meanwhile, tries again with others.
+    pub fn start(base: &Path, opts: LocalClusterOptions) -> Result<Self> {
+        let mut last = None;
+        for _ in 0..3 {
+            match Self::start_once(base, opts.clone()) {
+                Ok(c) => return Ok(c),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.expect("tried"))
+    }
+
+    fn start_once(base: &Path, opts: LocalClusterOptions) -> Result<Self> {
+        let ports = free_ports(opts.nodes)?;
+        let members: Vec<String> = ports
+            .iter()
+            .enumerate()
+            .map(|(i, p)| format!("{}=127.0.0.1:{p}", Self::node_id(i)))
+            .collect();
+        let node_opts: Vec<DaemonOptions> = (0..opts.nodes)
+            .map(|i| {
+                let mut o = DaemonOptions::new(base.join(Self::node_id(i)));
+                o.memory_tier_size = opts.memory_tier_size.clone();
+                o.keep_last = opts.keep_last;
+                o.http_addr = format!("127.0.0.1:{}", ports[i]);
+                o.token = opts.token.clone();
+                o.cluster = Some(ClusterOptions {
+                    node_id: Self::node_id(i),
+                    nodes: members.join(","),
+                    replication_factor: opts.replication_factor,
+                    placement: opts.placement.clone(),
+                    heartbeat_interval: opts.heartbeat_interval.clone(),
+                    heartbeat_timeout: opts.heartbeat_timeout.clone(),
+                    replication_bandwidth: opts.replication_bandwidth.clone(),
+                });
+                o
+            })
+            .collect();
+        let mut nodes = Vec::new();
+        for o in &node_opts {
+            nodes.push(Some(DaemonProcess::spawn(o.clone())?));
+        }
+        Ok(Self { base: base.to_path_buf(), opts, nodes, node_opts })
+    }
+
+    pub fn node(&self, i: usize) -> &DaemonProcess {
+        self.nodes[i].as_ref().expect("node is running")
+    }
+
+    pub fn options(&self, i: usize) -> &DaemonOptions {
+        &self.node_opts[i]
+    }
+
+    /// Options of node `i`, to change before [`Self::restart`].
+    pub fn options_mut(&mut self, i: usize) -> &mut DaemonOptions {
+        &mut self.node_opts[i]
+    }
+
+    pub fn socket(&self, i: usize) -> PathBuf {
+        self.node_opts[i].memory_dir.join("daemon.sock")
+    }
+
+    /// SIGKILLs node `i` (its memory directory stays).
+    pub fn kill(&mut self, i: usize) -> Result<()> {
+        if let Some(mut p) = self.nodes[i].take() {
+            p.kill()?;
+        }
+        Ok(())
+    }
+
+    /// Restarts node `i` on its memory directory.
+    pub fn restart(&mut self, i: usize) -> Result<()> {
+        self.kill(i)?;
+        self.nodes[i] = Some(DaemonProcess::spawn(self.node_opts[i].clone())?);
+        Ok(())
+    }
+
+    /// Replaces node `i` by an empty one: same id and address, memory wiped
+    /// (a new machine in the old one's place).
+    pub fn replace_empty(&mut self, i: usize) -> Result<()> {
+        self.kill(i)?;
+        let dir = &self.node_opts[i].memory_dir;
+        if dir.exists() {
+            std::fs::remove_dir_all(dir).with_context(|| format!("wiping {}", dir.display()))?;
+        }
+        self.nodes[i] = Some(DaemonProcess::spawn(self.node_opts[i].clone())?);
+        Ok(())
     }
 }

@@ -52,6 +52,8 @@ fn random_u64() -> u64 {
 struct Member {
     state: NodeState,
     last_ok: Option<Instant>,
+    /// The last probe was answered; only such nodes count in the view.
+    reachable: bool,
     holdings: Option<Holdings>,
 }
 
@@ -159,6 +161,7 @@ impl Cluster {
             .map(|i| Member {
                 state: if i == me { NodeState::Alive } else { NodeState::Unknown },
                 last_ok: None,
+                reachable: i == me,
                 holdings: None,
             })
             .collect();
@@ -235,10 +238,12 @@ impl Cluster {
                 match answer {
                     Ok(h) if h.node_id == self.cfg.nodes[i].0 => {
                         m.last_ok = Some(now);
+                        m.reachable = true;
                         m.holdings = Some(h);
                         m.state = NodeState::Alive;
                     }
                     answer => {
+                        m.reachable = false;
                         if let Ok(h) = answer {
                             tracing::warn!(node = self.id(i), answered_as = %h.node_id, "a peer answers with another node id");
                         }
@@ -268,19 +273,11 @@ impl Cluster {
         }
     }
 
-    fn live(&self, state: NodeState) -> bool {
-        matches!(state, NodeState::Alive | NodeState::Suspect)
-    }
-
-    /// Which live node holds which rank of every step.
+    /// Which reachable node holds which rank of every step (this node, and
+    /// the peers that answered the last probe).
     pub fn view(&self) -> BTreeMap<String, Vec<ClusterStep>> {
         let mut all = vec![holdings_of(&self.tier, &self.cfg.node_id)];
-        all.extend(
-            lock(&self.members)
-                .iter()
-                .filter(|m| self.live(m.state))
-                .filter_map(|m| m.holdings.clone()),
-        );
+        all.extend(lock(&self.members).iter().filter(|m| m.reachable).filter_map(|m| m.holdings.clone()));
         let mut out: BTreeMap<String, BTreeMap<u64, ClusterStep>> = BTreeMap::new();
         for h in all {
             for (ns, steps) in h.namespaces {
@@ -403,6 +400,7 @@ impl Cluster {
             )));
         }
         let mut errors = Vec::new();
+        let (mut all_unreachable, mut any_corrupt) = (true, false);
         for id in holders {
             let i = self.cfg.nodes.iter().position(|(n, _)| *n == id).expect("holder is a member");
             let attempt = async {
@@ -425,11 +423,20 @@ impl Cluster {
                 Err(e) if e.kind() == ErrorKind::AlreadyExists => return Ok(()),
                 Err(e) => {
                     tracing::warn!(shard = %key, from = %id, error = %e, "peer copy unusable; trying the next");
+                    all_unreachable &= e.kind() == ErrorKind::Unavailable;
+                    any_corrupt |= e.kind() == ErrorKind::Corrupt;
                     errors.push(format!("{id}: {e}"));
                 }
             }
         }
-        Err(TierError::Unavailable(format!("every live copy of shard {key} failed: {}", errors.join("; "))))
+        let msg = format!("no live copy of shard {key}: every copy failed: {}", errors.join("; "));
+        Err(if all_unreachable {
+            TierError::NotFound(msg)
+        } else if any_corrupt {
+            TierError::Remote { kind: ErrorKind::Corrupt, message: msg }
+        } else {
+            TierError::Unavailable(msg)
+        })
     }
 
     /// Restores k+1 copies of the newest complete step of each namespace on
@@ -439,7 +446,7 @@ impl Cluster {
     async fn rereplicate(&self) {
         let live: Vec<usize> = {
             let members = lock(&self.members);
-            (0..members.len()).filter(|&i| i == self.me || self.live(members[i].state)).collect()
+            (0..members.len()).filter(|&i| i == self.me || members[i].reachable).collect()
         };
         let desired = (self.cfg.replication_factor + 1).min(live.len());
         let grace_ms = 2 * self.cfg.heartbeat_timeout.as_millis() as u64;

@@ -49,8 +49,9 @@ pub enum Request {
     Status,
 }
 
+/// Externally tagged, so that maps with integer keys inside deserialize.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(tag = "reply", rename_all = "snake_case")]
+#[serde(rename_all = "snake_case")]
 pub enum Reply {
     Reserved { id: u64, path: String, len: u64 },
     Done,

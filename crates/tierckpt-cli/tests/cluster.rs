@@ -1,0 +1,216 @@
+//! The peer tier with separate daemon processes on 127.0.0.1 ports:
+//! replication, restore of an empty replacement from peers, corrupt replicas,
+//! node loss before, during and after replication, tokens, re-replication.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use common::shm_dir;
+use tierckpt_cli::daemon_proc::{LocalCluster, LocalClusterOptions};
+use tierckpt_client::{Client, ErrorKind, TensorData};
+use tierckpt_format::{Dtype, ShardKey};
+use tierckpt_tiers::proto::ClusterStatus;
+
+fn payload(rank: u32, step: u64, n: usize) -> Vec<u8> {
+    (0..n).map(|i| (i as u64 * 7 + rank as u64 * 13 + step) as u8).collect()
+}
+
+fn save(c: &LocalCluster, node: usize, ns: &str, step: u64, rank: u32, world: u32, n: usize) -> Vec<u8> {
+    let data = payload(rank, step, n);
+    let t = [TensorData { name: "state", dtype: Dtype::U8, shape: &[n], data: &data }];
+    let mut client = Client::connect(c.socket(node)).unwrap();
+    client.save(&ShardKey::new(ns, step, rank), world, &t, &BTreeMap::new(), true).unwrap();
+    data
+}
+
+fn load(c: &LocalCluster, node: usize, ns: &str, step: u64, rank: u32, n: usize) -> Result<Vec<u8>, tierckpt_client::Error> {
+    let mut buf = vec![0u8; n];
+    let mut client = Client::connect(c.socket(node)).unwrap();
+    client.load_into(&ShardKey::new(ns, step, rank), &mut [("state", &mut buf[..])])?;
+    Ok(buf)
+}
+
+fn cluster_status(c: &LocalCluster, node: usize) -> ClusterStatus {
+    Client::connect(c.socket(node)).unwrap().status().unwrap().cluster.expect("clustered")
+}
+
+/// Live holders of (ns, step, rank) as `node` sees them.
+fn holders(c: &LocalCluster, node: usize, ns: &str, step: u64, rank: u32) -> Vec<String> {
+    cluster_status(c, node)
+        .namespaces
+        .get(ns)
+        .and_then(|steps| steps.iter().find(|s| s.step == step))
+        .and_then(|s| s.holders.get(&rank).cloned())
+        .unwrap_or_default()
+}
+
+/// Polls `cond` until it holds or `limit` passes.
+fn wait_for(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(start.elapsed() < limit, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+const LIMIT: Duration = Duration::from_secs(30);
+
+fn start(nodes: usize, k: usize, f: impl FnOnce(&mut LocalClusterOptions)) -> (tempfile::TempDir, LocalCluster) {
+    let dir = shm_dir();
+    let mut o = LocalClusterOptions { nodes, replication_factor: k, memory_tier_size: "256MiB".into(), ..Default::default() };
+    f(&mut o);
+    let c = LocalCluster::start(dir.path(), o).unwrap();
+    (dir, c)
+}
+
+#[test]
+fn every_shard_is_copied_to_k_ring_peers_bitwise() {
+    let (_d, c) = start(4, 2, |_| {});
+    let data = save(&c, 1, "rep", 10, 1, 4, 3 << 20);
+    wait_for(LIMIT, "3 holders", || holders(&c, 0, "rep", 10, 1).len() == 3);
+    let mut h = holders(&c, 0, "rep", 10, 1);
+    h.sort();
+    assert_eq!(h, ["n1", "n2", "n3"], "ring placement: n1 -> n2, n3");
+    // The replica on n3 is a local, verified copy there.
+    let mut client = Client::connect(c.socket(3)).unwrap();
+    let s = client.open(&ShardKey::new("rep", 10, 1)).unwrap();
+    assert!(s.tensor("state").unwrap() == &data[..]);
+    let st = cluster_status(&c, 1);
+    assert_eq!(st.replication.shards_sent, 2);
+    assert!(st.nodes.iter().all(|n| n.state == tierckpt_tiers::proto::NodeState::Alive), "{:?}", st.nodes);
+}
+
+#[test]
+fn group_placement_keeps_copies_inside_the_group() {
+    let (_d, c) = start(4, 1, |o| o.placement = "group".into());
+    save(&c, 2, "grp", 1, 2, 4, 1000);
+    wait_for(LIMIT, "2 holders", || holders(&c, 0, "grp", 1, 2).len() == 2);
+    let mut h = holders(&c, 0, "grp", 1, 2);
+    h.sort();
+    assert_eq!(h, ["n2", "n3"]);
+}
+
+#[test]
+fn empty_replacement_restores_all_its_ranks_from_peers() {
+    let (_d, mut c) = start(4, 1, |_| {});
+    let n = 2 << 20;
+    let mut expected = BTreeMap::new();
+    for rank in 0..4u32 {
+        expected.insert(rank, save(&c, rank as usize, "job", 100, rank, 4, n));
+    }
+    wait_for(LIMIT, "2 copies of every rank", || (0..4).all(|r| holders(&c, 0, "job", 100, r).len() == 2));
+    c.replace_empty(2).unwrap();
+    let mut client = Client::connect(c.socket(2)).unwrap();
+    assert!(client.steps("job").unwrap().is_empty(), "the replacement starts empty");
+    assert_eq!(client.latest("job").unwrap(), Some(100), "latest counts copies on live peers");
+    assert!(load(&c, 2, "job", 100, 2, n).unwrap() == expected[&2], "rank 2 restored bitwise from n3");
+    let st = cluster_status(&c, 2);
+    assert_eq!(st.replication.shards_fetched, 1);
+}
+
+#[test]
+fn corrupt_replica_is_detected_and_skipped_for_another_copy() {
+    let (_d, mut c) = start(3, 2, |_| {});
+    let n = 9 << 20;
+    let data = save(&c, 0, "cor", 5, 0, 1, n);
+    wait_for(LIMIT, "3 holders", || holders(&c, 0, "cor", 5, 0).len() == 3);
+    // Flip a byte of n1's copy.
+    let mut client = Client::connect(c.socket(1)).unwrap();
+    let (path, _, _) = client.map_unverified(&ShardKey::new("cor", 5, 0)).unwrap();
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[6 << 20] ^= 0x40;
+    std::fs::write(&path, &bytes).unwrap();
+    c.replace_empty(0).unwrap();
+    assert!(load(&c, 0, "cor", 5, 0, n).unwrap() == data, "restored from n2's good copy");
+}
+
+#[test]
+fn losing_k_plus_1_nodes_gives_a_clear_answer_not_a_hang() {
+    let (_d, mut c) = start(3, 1, |_| {});
+    save(&c, 0, "lost", 1, 0, 2, 1000);
+    save(&c, 2, "lost", 1, 1, 2, 1000);
+    wait_for(LIMIT, "2 copies", || holders(&c, 2, "lost", 1, 0).len() == 2);
+    c.kill(0).unwrap();
+    c.kill(1).unwrap();
+    let t = Instant::now();
+    let e = load(&c, 2, "lost", 1, 0, 1000).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::NotFound, "{e}");
+    assert!(e.to_string().contains("no live copy"), "{e}");
+    assert!(t.elapsed() < LIMIT, "answered in bounded time");
+    let mut client = Client::connect(c.socket(2)).unwrap();
+    assert_eq!(client.latest("lost").unwrap(), None, "no step is complete on live nodes");
+}
+
+#[test]
+fn node_down_before_replication_gets_its_copy_when_back() {
+    let (_d, mut c) = start(3, 1, |_| {});
+    c.kill(1).unwrap();
+    let data = save(&c, 0, "late", 1, 0, 1, 100_000);
+    assert_eq!(holders(&c, 0, "late", 1, 0), ["n0"], "the save did not wait for the dead peer");
+    c.restart(1).unwrap();
+    // Re-replication brings the copy count back to k+1 on live nodes.
+    wait_for(LIMIT, "a second copy", || holders(&c, 0, "late", 1, 0).len() == 2);
+    c.kill(0).unwrap();
+    let mut client = Client::connect(c.socket(2)).unwrap();
+    assert_eq!(client.latest("late").unwrap(), Some(1));
+    assert!(load(&c, 2, "late", 1, 0, 100_000).unwrap() == data);
+}
+
+#[test]
+fn node_killed_during_replication_shows_no_partial_copy() {
+    let (_d, mut c) = start(2, 1, |o| o.replication_bandwidth = Some("8MB".into()));
+    let n = 16 << 20;
+    let data = save(&c, 0, "mid", 1, 0, 1, n);
+    // The copy takes about two seconds at 8 MB/s; kill the receiver mid-way.
+    let mut receiver = Client::connect(c.socket(1)).unwrap();
+    wait_for(LIMIT, "the copy to start", || {
+        receiver.status().unwrap().memory.reservations == 1
+    });
+    c.kill(1).unwrap();
+    c.restart(1).unwrap();
+    let mut receiver = Client::connect(c.socket(1)).unwrap();
+    let st = receiver.steps("mid").unwrap();
+    assert!(st.iter().all(|s| s.ranks.is_empty()), "no partial replica is visible: {st:?}");
+    wait_for(LIMIT, "the copy to be redone", || holders(&c, 0, "mid", 1, 0).len() == 2);
+    let s = receiver.open(&ShardKey::new("mid", 1, 0)).unwrap();
+    assert!(s.tensor("state").unwrap() == &data[..]);
+}
+
+#[test]
+fn dead_node_triggers_re_replication_to_k_plus_1_live_copies() {
+    let (_d, mut c) = start(4, 1, |_| {});
+    for rank in 0..4u32 {
+        save(&c, rank as usize, "rr", 7, rank, 4, 50_000);
+    }
+    wait_for(LIMIT, "2 copies of every rank", || (0..4).all(|r| holders(&c, 0, "rr", 7, r).len() == 2));
+    c.kill(2).unwrap();
+    wait_for(LIMIT, "2 live copies again", || {
+        (0..4).all(|r| {
+            let h = holders(&c, 0, "rr", 7, r);
+            h.len() == 2 && !h.contains(&"n2".to_string())
+        })
+    });
+    let st = cluster_status(&c, 0);
+    assert_eq!(st.nodes[2].state, tierckpt_tiers::proto::NodeState::Dead);
+}
+
+#[test]
+fn peers_with_a_wrong_token_are_refused() {
+    let (_d, mut c) = start(2, 1, |o| o.token = Some("right-token".into()));
+    c.options_mut(1).token = Some("wrong-token".into());
+    c.restart(1).unwrap();
+    save(&c, 0, "tok", 1, 0, 1, 1000);
+    // n1 cannot prove itself to n0, nor n0 to n1: no copy crosses.
+    wait_for(LIMIT, "n1 to be seen as dead by n0", || {
+        cluster_status(&c, 0).nodes[1].state == tierckpt_tiers::proto::NodeState::Dead
+    });
+    let mut client = Client::connect(c.socket(1)).unwrap();
+    assert!(client.steps("tok").unwrap().is_empty());
+    let addr = c.options(0).http_addr.clone();
+    let (st, _) = common::http(&addr, "GET", "/v1/peer/holdings", &[("Authorization", "Bearer wrong-token")], b"");
+    assert_eq!(st, 401);
+    let (st, _) = common::http(&addr, "GET", "/v1/peer/holdings", &[], b"");
+    assert_eq!(st, 401);
+}
