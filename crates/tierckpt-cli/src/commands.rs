@@ -32,7 +32,55 @@ pub fn status(c: &mut Client, as_json: bool) -> Result<()> {
         m.keep_last
     );
     print_namespaces(&s.namespaces);
+    if let Some(c) = &s.cluster {
+        print_cluster(c);
+    }
     Ok(())
+}
+
+fn print_cluster(c: &tierckpt_tiers::proto::ClusterStatus) {
+    let r = &c.replication;
+    println!(
+        "cluster: node {}, replication factor {} ({} placement); sent {} shards ({}), fetched {} ({}), re-replicated {}, {} failures, {} queued",
+        c.node_id,
+        c.replication_factor,
+        c.placement,
+        r.shards_sent,
+        human_bytes(r.bytes_sent),
+        r.shards_fetched,
+        human_bytes(r.bytes_fetched),
+        r.rereplicated,
+        r.failures,
+        r.queued
+    );
+    let mut t = table(&["node", "address", "state", "last seen"]);
+    for n in &c.nodes {
+        t.add_row(vec![
+            if n.this_node { format!("{} (this node)", n.id) } else { n.id.clone() },
+            n.addr.clone(),
+            format!("{:?}", n.state).to_lowercase(),
+            n.last_seen_ms_ago.map_or("never".into(), |ms| format!("{:.1} s ago", ms as f64 / 1000.0)),
+        ]);
+    }
+    println!("{t}");
+    for (ns, steps) in &c.namespaces {
+        let mut t = table(&["namespace", "step", "complete", "rank: nodes holding it"]);
+        for s in steps {
+            let holders: Vec<String> = (0..s.world_size)
+                .map(|r| match s.holders.get(&r) {
+                    Some(h) => format!("{r}: {}", h.join(",")),
+                    None => format!("{r}: -"),
+                })
+                .collect();
+            t.add_row(vec![
+                ns.clone(),
+                s.step.to_string(),
+                if s.complete { "yes".into() } else { "no".into() },
+                holders.join("  "),
+            ]);
+        }
+        println!("{t}");
+    }
 }
 
 fn print_namespaces(ns: &[tierckpt_tiers::proto::NamespaceSummary]) {

@@ -194,6 +194,14 @@ fn dead_node_triggers_re_replication_to_k_plus_1_live_copies() {
     });
     let st = cluster_status(&c, 0);
     assert_eq!(st.nodes[2].state, tierckpt_tiers::proto::NodeState::Dead);
+    // People see the same in `tierckpt status`; programs get it with --json.
+    let (ok, out, err) = common::cli(&c.socket(0), &["status"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("n2") && out.contains("dead") && out.contains("rr"), "{out}");
+    let (ok, out, _) = common::cli(&c.socket(0), &["status", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert!(ok && v["cluster"]["nodes"][2]["state"] == "dead", "{v}");
+    assert_eq!(v["cluster"]["namespaces"]["rr"][0]["complete"], true);
 }
 
 #[test]
