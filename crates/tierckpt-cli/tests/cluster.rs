@@ -79,6 +79,15 @@ fn every_shard_is_copied_to_k_ring_peers_bitwise() {
     assert!(s.tensor("state").unwrap() == &data[..]);
     let st = cluster_status(&c, 1);
     assert_eq!(st.replication.shards_sent, 2);
+    let (code, text) = common::http(&c.options(1).http_addr, "GET", "/metrics", &[], b"");
+    let text = String::from_utf8_lossy(&text);
+    assert_eq!(code, 200);
+    let sent = text
+        .lines()
+        .find(|l| l.starts_with("tierckpt_replicated_bytes_total "))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok());
+    assert_eq!(sent, Some(st.replication.bytes_sent as f64), "{text}");
+    assert!(st.replication.bytes_sent > 2 * data.len() as u64, "two copies of the shard and its header");
     assert!(st.nodes.iter().all(|n| n.state == tierckpt_tiers::proto::NodeState::Alive), "{:?}", st.nodes);
 }
 
