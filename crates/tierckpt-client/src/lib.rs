@@ -256,7 +256,16 @@ impl Client {
     }
 
     /// Maps a shard read-only without verifying it (see [`Client::open`]).
+    /// The shard stays leased (never recycled) until this connection closes.
     pub fn map_unverified(&mut self, key: &ShardKey) -> Result<(PathBuf, Manifest, Mmap)> {
+        self.map_shard(key, true)
+    }
+
+    fn release(&mut self, key: &ShardKey) -> Result<()> {
+        self.done(&Request::Release { namespace: key.namespace.clone(), step: key.step, rank: key.rank })
+    }
+
+    fn map_shard(&mut self, key: &ShardKey, populate: bool) -> Result<(PathBuf, Manifest, Mmap)> {
         let req = Request::Open { namespace: key.namespace.clone(), step: key.step, rank: key.rank };
         let (path, manifest) = match self.call(&req)? {
             Reply::Opened { path, manifest } => (PathBuf::from(path), manifest),
@@ -266,7 +275,9 @@ impl Client {
         // SAFETY: sealed segments are not written again; what is read is verified.
         let map = unsafe { MmapOptions::new().map(&file) }
             .map_err(|e| Error::io(format!("mapping {}", path.display()), e))?;
-        copy::populate_parallel(&map);
+        if populate {
+            copy::populate_parallel(&map);
+        }
         Ok((path, manifest, map))
     }
 
@@ -283,9 +294,27 @@ impl Client {
     /// every chunk of the shard in the same pass. Each buffer must have the
     /// tensor's exact byte length. Returns the shard's layout and metadata.
     pub fn load_into(&mut self, key: &ShardKey, targets: &mut [(&str, &mut [u8])]) -> Result<(Manifest, ShardView)> {
-        let (path, manifest, map) = self.map_unverified(key)?;
+        // Not prefaulted: the copy workers fault pages in themselves, 16 at a time.
+        let (path, manifest, map) = self.map_shard(key, false)?;
+        let result = Self::copy_out(key, &path, &manifest, &map, targets);
+        if map.len() >= 64 << 20 {
+            // Unmapping a large mapping takes tens of ms; not on the caller's time.
+            std::thread::spawn(move || drop(map));
+        }
+        self.release(key)?;
+        let view = result?;
+        Ok((manifest, view))
+    }
+
+    fn copy_out(
+        key: &ShardKey,
+        path: &Path,
+        manifest: &Manifest,
+        map: &[u8],
+        targets: &mut [(&str, &mut [u8])],
+    ) -> Result<ShardView> {
         let label = path.display().to_string();
-        let view = parse_shard(&map, &label)?;
+        let view = parse_shard(map, &label)?;
         let mut copies = Vec::with_capacity(targets.len());
         for (name, buf) in targets.iter_mut() {
             let e = view.entry(name).ok_or_else(|| {
@@ -302,8 +331,8 @@ impl Client {
             }
             copies.push(CopyTarget { file_offset: e.offset, dst: &mut buf[..] });
         }
-        copy_verified(&map, &mut copies, &manifest, &label)?;
-        Ok((manifest, view))
+        copy_verified(map, &mut copies, manifest, &label)?;
+        Ok(view)
     }
 
     pub fn namespaces(&mut self) -> Result<Vec<NamespaceSummary>> {

@@ -343,7 +343,7 @@ impl Cluster {
         }
         let tier = self.tier.clone();
         let k = key.clone();
-        let (m, map) = tokio::task::spawn_blocking(move || tier.map(&k))
+        let (m, map) = tokio::task::spawn_blocking(move || tier.map_leased(&k))
             .await
             .map_err(|e| TierError::Unavailable(e.to_string()))??;
         let data = Bytes::from_owner(map);

@@ -169,7 +169,7 @@ async fn holdings(State(d): D) -> Json<tierckpt_tiers::proto::Holdings> {
 async fn get_replica(State(d): D, Path((ns, step, rank)): Path<(String, String, String)>) -> Result<Response, ApiError> {
     let key = shard_key(&ns, &step, &rank)?;
     let t = d.tier.clone();
-    let (m, bytes) = tokio::task::spawn_blocking(move || t.map(&key))
+    let (m, bytes) = tokio::task::spawn_blocking(move || t.map_leased(&key))
         .await
         .map_err(|e| TierError::Unavailable(e.to_string()))??;
     let mut headers = HeaderMap::new();
@@ -235,7 +235,7 @@ async fn get_shard(State(d): D, Path((ns, step, rank)): Path<(String, String, St
     d.locate(&key).await?;
     let t = d.tier.clone();
     let (m, bytes) = tokio::task::spawn_blocking(move || -> Result<_, TierError> {
-        let (m, bytes) = t.map(&key)?;
+        let (m, bytes) = t.map_leased(&key)?;
         verify_chunks(&bytes, &m, &key.to_string())?;
         Ok((m, bytes))
     })

@@ -12,7 +12,7 @@ mod service;
 mod uds;
 
 pub use config::{ConfigLayer, DaemonConfig};
-pub use service::{Daemon, RunningDaemon};
+pub use service::{Connection, Daemon, RunningDaemon};
 
 use tierckpt_tiers::TierError;
 

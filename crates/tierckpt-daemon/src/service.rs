@@ -31,6 +31,15 @@ pub struct Daemon {
     http_addr: Option<SocketAddr>,
 }
 
+/// What one local connection holds.
+#[derive(Default)]
+pub struct Connection {
+    /// Reservations not yet sealed, reclaimed if the connection goes away.
+    pub reservations: HashSet<u64>,
+    /// Shards opened for reading, released when the connection goes away.
+    pub leases: Vec<ShardKey>,
+}
+
 /// Handle on a daemon started with [`Daemon::start`].
 pub struct RunningDaemon {
     pub daemon: Arc<Daemon>,
@@ -173,13 +182,27 @@ impl Daemon {
         }
     }
 
-    /// Handles one local request; `owned` holds the reservations of the
-    /// calling connection, reclaimed if it goes away before sealing.
-    pub async fn handle(&self, req: Request, owned: &mut HashSet<u64>) -> WireResult {
-        self.handle_inner(req, owned).await.map_err(|e| e.to_wire())
+    /// Handles one local request for the connection `conn`.
+    pub async fn handle(&self, req: Request, conn: &mut Connection) -> WireResult {
+        self.handle_inner(req, conn).await.map_err(|e| e.to_wire())
     }
 
-    async fn handle_inner(&self, req: Request, owned: &mut HashSet<u64>) -> Result<Reply> {
+    /// Gives back what a closed connection still held: unsealed reservations
+    /// (their segments are recycled) and leases.
+    pub fn close(&self, conn: Connection) {
+        for id in conn.reservations {
+            match self.tier.abort(id) {
+                Ok(()) => tracing::info!(reservation = id, "reclaimed the segment of a client that left before sealing"),
+                Err(e) => tracing::debug!(reservation = id, error = %e, "reclaim"),
+            }
+        }
+        for key in conn.leases {
+            self.tier.release(&key);
+        }
+    }
+
+    async fn handle_inner(&self, req: Request, conn: &mut Connection) -> Result<Reply> {
+        let owned = &mut conn.reservations;
         let tier = &self.tier;
         let take = |owned: &mut HashSet<u64>, id: u64| {
             if owned.remove(&id) {
@@ -214,8 +237,19 @@ impl Daemon {
                 Reply::Done
             }
             Request::Open { namespace, step, rank } => {
-                let (path, m) = self.locate(&ShardKey::new(namespace, step, rank)).await?;
+                let key = ShardKey::new(namespace, step, rank);
+                self.locate(&key).await?;
+                let (path, m) = tier.lease(&key)?;
+                conn.leases.push(key);
                 Reply::Opened { path: path.display().to_string(), manifest: (*m).clone() }
+            }
+            Request::Release { namespace, step, rank } => {
+                let key = ShardKey::new(namespace, step, rank);
+                let i = conn.leases.iter().position(|k| *k == key).ok_or_else(|| {
+                    TierError::NotFound(format!("this connection holds no lease on {key}"))
+                })?;
+                tier.release(&conn.leases.swap_remove(i));
+                Reply::Done
             }
             Request::Latest { namespace } => Reply::Latest { step: self.latest(&namespace).await? },
             Request::ListNamespaces => Reply::Namespaces { namespaces: tier.namespaces() },

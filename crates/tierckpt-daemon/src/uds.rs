@@ -2,7 +2,6 @@
 //! `tierckpt_tiers::proto`), peer credentials checked, reservations reclaimed
 //! when their connection goes away.
 
-use std::collections::HashSet;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -90,7 +89,7 @@ async fn connection(d: Arc<Daemon>, mut s: UnixStream, mut stop: watch::Receiver
         let _ = write_reply(&mut s, &refused).await;
         return;
     }
-    let mut owned = HashSet::new();
+    let mut conn = crate::service::Connection::default();
     loop {
         let frame = tokio::select! {
             _ = stop.changed() => break,
@@ -106,7 +105,7 @@ async fn connection(d: Arc<Daemon>, mut s: UnixStream, mut stop: watch::Receiver
             }
         };
         let reply = match serde_json::from_slice::<Request>(&frame) {
-            Ok(req) => d.handle(req, &mut owned).await,
+            Ok(req) => d.handle(req, &mut conn).await,
             Err(e) => Err(WireError {
                 kind: ErrorKind::InvalidArgument,
                 message: format!("malformed request: {e}"),
@@ -116,10 +115,5 @@ async fn connection(d: Arc<Daemon>, mut s: UnixStream, mut stop: watch::Receiver
             break;
         }
     }
-    for id in owned {
-        match d.tier.abort(id) {
-            Ok(()) => tracing::info!(reservation = id, "reclaimed the segment of a client that left before sealing"),
-            Err(e) => tracing::debug!(reservation = id, error = %e, "reclaim"),
-        }
-    }
+    d.close(conn);
 }

@@ -125,9 +125,11 @@ unsafe impl Send for RawTarget {}
 unsafe impl Sync for RawTarget {}
 
 /// Copies the parts of `src` that `targets` ask for and verifies every chunk
-/// of `src` against the manifest in the same pass. Hashes are taken over the
-/// bytes as they landed in the destination, so what the caller holds is what
-/// was verified. On error the destinations hold unspecified bytes.
+/// of `src` against the manifest in the same pass: each 256 KiB block is
+/// hashed, then copied from the cache with non-temporal stores (the
+/// destination is never read). `src` must not change during the call (the
+/// memory tier guarantees it: a leased segment is never recycled). On error
+/// the destinations hold unspecified bytes.
 pub fn copy_verified(
     src: &[u8],
     targets: &mut [CopyTarget<'_>],
@@ -195,8 +197,8 @@ fn copy_hash_chunks(
                         let dst = unsafe {
                             std::slice::from_raw_parts_mut(t.ptr.add(p - t.offset), q - p)
                         };
-                        dst.copy_from_slice(&src[p..q]);
-                        h.update(dst);
+                        h.update(&src[p..q]);
+                        copy_streaming(dst, &src[p..q]);
                         if q == t.offset + t.len {
                             ti += 1;
                         }
@@ -216,7 +218,45 @@ fn copy_hash_chunks(
             return Err((c, found));
         }
     }
+    store_fence();
     Ok(())
+}
+
+/// Copies with non-temporal stores where the CPU has them (SSE2 is part of
+/// x86_64): the destination's cache lines are written without being read.
+fn copy_streaming(dst: &mut [u8], src: &[u8]) {
+    assert_eq!(dst.len(), src.len());
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{__m128i, _mm_loadu_si128, _mm_stream_si128};
+        let head = dst.as_ptr().align_offset(16).min(dst.len());
+        dst[..head].copy_from_slice(&src[..head]);
+        let body = (dst.len() - head) / 64 * 64;
+        // SAFETY: SSE2 is baseline on x86_64; dst + head is 16-byte aligned and
+        // every access stays inside [head, head + body) of both slices.
+        unsafe {
+            let (s, d) = (src.as_ptr().add(head), dst.as_mut_ptr().add(head));
+            let mut i = 0;
+            while i < body {
+                for k in [0, 16, 32, 48] {
+                    _mm_stream_si128(d.add(i + k) as *mut __m128i, _mm_loadu_si128(s.add(i + k) as *const __m128i));
+                }
+                i += 64;
+            }
+        }
+        dst[head + body..].copy_from_slice(&src[head + body..]);
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    dst.copy_from_slice(src);
+}
+
+/// Orders non-temporal stores before whatever follows.
+fn store_fence() {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: SSE2 is baseline on x86_64.
+    unsafe {
+        std::arch::x86_64::_mm_sfence()
+    };
 }
 
 /// Verifies a shard's bytes as they stream in, chunk by chunk, so a receiver

@@ -9,7 +9,7 @@ pub mod proto;
 mod tier;
 
 pub use error::{ErrorKind, TierError, WireError};
-pub use memory::{MemoryTier, MemoryTierConfig, Reservation};
+pub use memory::{LeasedMap, MemoryTier, MemoryTierConfig, Reservation};
 pub use tier::{ShardBytes, StepSummary, Tier};
 
 pub type Result<T, E = TierError> = std::result::Result<T, E>;

@@ -155,6 +155,9 @@ struct State {
     /// Steps known to be complete across a cluster (every rank held by some
     /// live node), though this node holds only some ranks of them.
     known_complete: HashMap<String, BTreeSet<u64>>,
+    /// Shards mapped by readers: when dropped they are unlinked, never
+    /// recycled, so what a reader maps never changes under it.
+    leases: HashMap<ShardKey, usize>,
 }
 
 impl State {
@@ -447,7 +450,12 @@ impl MemoryTier {
             let key = ShardKey::new(ns, step, rank);
             let len = shard.len();
             let _ = fs::remove_file(self.manifest_path(&key, s.world_size));
-            self.pool_file(st, self.data_path(&key, s.world_size), len, unlinks);
+            if st.leases.contains_key(&key) {
+                unlinks.push(self.data_path(&key, s.world_size));
+                st.used = st.used.saturating_sub(len);
+            } else {
+                self.pool_file(st, self.data_path(&key, s.world_size), len, unlinks);
+            }
             n += 1;
             bytes += len;
         }
@@ -783,6 +791,33 @@ impl MemoryTier {
         Ok(((*m).clone(), map_file(&f, &path)?))
     }
 
+    /// Like [`Self::locate`], and keeps the shard's bytes from being recycled
+    /// until [`Self::release`]: a reader may map it and trust that the bytes
+    /// it verifies stay the bytes it copies.
+    pub fn lease(&self, key: &ShardKey) -> Result<(PathBuf, Arc<Manifest>)> {
+        let found = self.locate(key)?;
+        *self.lock().leases.entry(key.clone()).or_default() += 1;
+        Ok(found)
+    }
+
+    pub fn release(&self, key: &ShardKey) {
+        let mut st = self.lock();
+        if let Some(n) = st.leases.get_mut(key) {
+            *n -= 1;
+            if *n == 0 {
+                st.leases.remove(key);
+            }
+        }
+    }
+
+    /// Maps a visible shard under a lease that ends when the mapping drops.
+    pub fn map_leased(self: &Arc<Self>, key: &ShardKey) -> Result<(Manifest, LeasedMap)> {
+        let (path, m) = self.lease(key)?;
+        let lease = Lease { tier: self.clone(), key: key.clone() };
+        let f = File::open(&path).map_err(io_err("opening", &path))?;
+        Ok(((*m).clone(), LeasedMap { map: map_file(&f, &path)?, _lease: lease }))
+    }
+
     /// Newest complete step of a namespace.
     pub fn latest(&self, ns: &str) -> Result<Option<u64>> {
         validate_namespace(ns)?;
@@ -945,6 +980,36 @@ impl MemoryTier {
             }
         }
         Unlinks(unlinks).run();
+    }
+}
+
+struct Lease {
+    tier: Arc<MemoryTier>,
+    key: ShardKey,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.tier.release(&self.key);
+    }
+}
+
+/// A read-only mapping of a shard that holds a lease on it.
+pub struct LeasedMap {
+    map: memmap2::Mmap,
+    _lease: Lease,
+}
+
+impl AsRef<[u8]> for LeasedMap {
+    fn as_ref(&self) -> &[u8] {
+        &self.map
+    }
+}
+
+impl std::ops::Deref for LeasedMap {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.map
     }
 }
 

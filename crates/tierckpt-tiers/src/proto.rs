@@ -35,8 +35,12 @@ pub enum Request {
         rank: u32,
         timeout_ms: u64,
     },
-    /// Where a visible shard's bytes are, and its manifest.
+    /// Where a visible shard's bytes are, and its manifest. The shard is
+    /// leased to this connection: never recycled while leased, so what the
+    /// client maps stays what it verifies. Leases end with `Release` or when
+    /// the connection closes.
     Open { namespace: String, step: u64, rank: u32 },
+    Release { namespace: String, step: u64, rank: u32 },
     /// Newest complete step.
     Latest { namespace: String },
     ListNamespaces,

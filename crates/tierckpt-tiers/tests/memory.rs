@@ -219,3 +219,23 @@ fn settle_waits_for_acknowledged_seals_before_latest_answers() {
     assert_eq!(t.latest("job").unwrap(), Some(3));
     finisher.join().unwrap();
 }
+
+#[test]
+fn leased_shards_are_unlinked_not_recycled() {
+    let dir = shm_dir();
+    let t = tier(dir.path(), 64 << 20, 1);
+    let first = save(&t, "job", 1, 0, 1, 10_000);
+    let (path, _) = t.lease(&ShardKey::new("job", 1, 0)).unwrap();
+    let held = std::fs::File::open(&path).unwrap();
+    // Retention drops step 1; the next save of the same size must not reuse
+    // (and overwrite) the leased segment.
+    save(&t, "job", 2, 0, 1, 10_000);
+    save(&t, "job", 3, 0, 1, 10_000);
+    let mut still = Vec::new();
+    std::io::Read::read_to_end(&mut &held, &mut still).unwrap();
+    assert!(still == first, "a leased segment was rewritten");
+    t.release(&ShardKey::new("job", 1, 0));
+    // Unleased, dropped segments go back to the pool.
+    save(&t, "job", 4, 0, 1, 10_000);
+    assert!(t.usage().pooled > 0);
+}
