@@ -1,21 +1,47 @@
-//! `tierckpt demo`: the main job, on one node.
+//! `tierckpt demo`: the main job, on a local cluster.
 //!
-//! It starts a daemon on a fresh memory tier under `/dev/shm`, then a
-//! training process (`tierckpt demo-trainer`, this same executable) that runs
-//! Adam over a few hundred MB of f32 state (weights and both moments) and
-//! checkpoints every K steps into the daemon. The demo runs the workload once
-//! uninterrupted for a reference, then again, SIGKILLs the trainer between two
-//! checkpoints, restarts it, lets it resume from the memory tier and finish,
-//! and compares the final state with the reference bit for bit.
+//! It starts a cluster of N node daemons (`tierckptd`, default 4) on
+//! 127.0.0.1, each with a fresh memory tier under `/dev/shm`, replicating
+//! every sealed shard to k=1 peer (ring: node i -> i+1). Then it runs a job of
+//! N training processes (`tierckpt demo-trainer`, this same executable),
+//! rank r talking to node r's daemon. Each rank owns one shard of the model,
+//! as in ZeRO: a 1/N slice of the weights and of Adam's two moments
+//! (`--size` is the total across ranks), and checkpoints it every K steps.
+//!
+//! The demo runs the job once uninterrupted for a reference, then again with
+//! two failures, each between two checkpoints (so work is lost and redone):
+//!
+//! 1. **trainer crash**: one rank's trainer is SIGKILLed; as a job launcher
+//!    would, the demo then SIGKILLs the other ranks and restarts the whole
+//!    job. Every rank restores from its own node's memory tier.
+//! 2. **node loss**: node 2's daemon and its trainer are SIGKILLed together,
+//!    the other ranks stopped, and an empty daemon with the same node id and
+//!    address takes the lost node's place. The job restarts; rank 2's shard
+//!    comes from the peer that holds its replica.
+//!
+//! At the end it compares the job's final state with the reference bit for
+//! bit (the xxh3-128 of the ranks' state hashes in rank order).
 //!
 //! The workload is deterministic: the gradient of step t is a function of the
 //! weights, of a data batch picked by a shuffling data loader, and of noise
-//! seeded from an RNG whose state, like the loader's, travels in the
-//! checkpoint. A resumed run is identical to an uninterrupted one only if
-//! every piece of that state was saved and restored exactly.
+//! seeded from an RNG whose state, like the loader's, travels in every
+//! shard. Every rank runs the same RNG and loader and updates its own slice
+//! of the flat parameter vector by global index, so the N-rank job computes
+//! exactly what one process holding the whole model would. A resumed run is
+//! identical to an uninterrupted one only if every piece of that state was
+//! saved and restored exactly.
 //!
-//! The trainer reports to the demo through its stdout, one JSON object per
-//! line: `started`, `resumed`, `step`, `checkpoint`, `done`.
+//! The ranks run in lockstep, as data-parallel ranks do (a collective per
+//! step): the demo is their launcher and their barrier. Each trainer talks to
+//! it over its stdin and stdout, one line per message:
+//!
+//! - trainer -> demo (JSON): `started`, `latest` (the newest complete step
+//!   its daemon knows of), `resumed` (step, tier, restore time), `ready`,
+//!   `checkpoint`, `step`, `done` (state hash).
+//! - demo -> trainer: `resume <step>` or `resume none` once every rank said
+//!   `latest` (the newest step any rank saw complete, so that all ranks
+//!   resume from the same step, as rank 0's broadcast does in a real job),
+//!   then `go` before every step, once every rank finished the previous one.
 
 // `u64::is_multiple_of` needs Rust 1.87; the workspace supports 1.85.
 #![allow(clippy::manual_is_multiple_of)]
@@ -24,19 +50,19 @@ use std::collections::{BTreeMap, VecDeque};
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde_json::{json, Value};
-use tierckpt_client::{Client, TensorData};
+use tierckpt_client::{Client, ErrorKind, TensorData};
 use tierckpt_format::{Dtype, ShardKey, ShardLayout, TensorSpec};
 
-use crate::daemon_proc::{DaemonOptions, DaemonProcess};
+use crate::daemon_proc::{LocalCluster, LocalClusterOptions};
 use crate::output::{human_bytes, print_json};
 
 // Tensors are saved as their in-memory bytes: safetensors is little-endian.
@@ -45,30 +71,40 @@ const _: () = assert!(
     "the demo trainer assumes a little-endian host"
 );
 
+/// Copies of each shard on peers.
+const REPLICATION_FACTOR: usize = 1;
+const PLACEMENT: &str = "ring";
+
 #[derive(clap::Args, Debug, Clone)]
 pub struct DemoArgs {
-    /// Training state to checkpoint: weights plus Adam's two moments, all f32 ("300MB", "1GiB").
+    /// Training state to checkpoint, across all ranks: weights plus Adam's two moments, all f32 ("300MB", "1GiB").
     #[arg(long, default_value = "300MB", value_parser = parse_size_arg)]
     pub size: u64,
+    /// Nodes of the local cluster (one daemon each); the job has one rank per node.
+    #[arg(long, default_value_t = 4)]
+    pub nodes: usize,
     /// Training steps.
     #[arg(long, default_value_t = 60)]
     pub steps: u64,
     /// Checkpoint every K steps.
     #[arg(long, value_name = "K", default_value_t = 10)]
     pub checkpoint_every: u64,
-    /// Seed of the workload; it also picks the step after which the trainer is killed.
+    /// Seed of the workload; it also picks the steps after which the failures strike and the rank that crashes.
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
-    /// Kill the trainer after this step instead of one picked from the seed.
+    /// Crash a trainer after this step instead of one picked from the seed.
     #[arg(long, value_name = "STEP")]
     pub kill_at_step: Option<u64>,
-    /// Complete checkpoints the memory tier keeps.
+    /// Lose node 2 (daemon and trainer) after this step instead of one picked from the seed.
+    #[arg(long, value_name = "STEP")]
+    pub node_loss_at_step: Option<u64>,
+    /// Complete checkpoints each memory tier keeps.
     #[arg(long, default_value_t = 3)]
     pub keep_last: usize,
-    /// Threads of the trainer's optimizer step [default: one per core].
+    /// Threads of each trainer's optimizer step [default: the cores shared among the ranks].
     #[arg(long)]
     pub threads: Option<usize>,
-    /// Directory (a tmpfs) in which the demo's memory tier is created and removed.
+    /// Directory (a tmpfs) in which the demo's memory tiers are created and removed.
     #[arg(long, value_name = "DIR", default_value = "/dev/shm")]
     pub tmp_dir: PathBuf,
 }
@@ -80,7 +116,7 @@ pub struct TrainerArgs {
     pub daemon_socket: PathBuf,
     #[arg(long)]
     pub namespace: String,
-    /// Bytes of training state (weights + two moments).
+    /// Bytes of training state (weights + two moments) across all ranks.
     #[arg(long, value_parser = parse_size_arg)]
     pub size: u64,
     #[arg(long)]
@@ -89,6 +125,10 @@ pub struct TrainerArgs {
     pub checkpoint_every: u64,
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
+    #[arg(long, default_value_t = 0)]
+    pub rank: u32,
+    #[arg(long, default_value_t = 1)]
+    pub world_size: u32,
     #[arg(long)]
     pub threads: Option<usize>,
 }
@@ -248,14 +288,87 @@ impl Loader {
     }
 }
 
-/// Everything a training process holds: weights, Adam's moments, step
-/// counter, RNG and data loader.
+/// The part of the model one rank holds, as in ZeRO: a contiguous range of
+/// whole rows of the flat parameter vector, with the matching Adam moments.
+/// Its tensors are its rows of every layer it touches.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Shard {
+    pub rank: u32,
+    pub world_size: u32,
+    /// Global index of its first parameter.
+    pub base: usize,
+    /// (layer, first row within the layer, rows).
+    pub pieces: Vec<(usize, usize, usize)>,
+}
+
+impl Shard {
+    /// Rank `rank`'s share of a model with these layer rows: rows
+    /// [R r / W, R (r+1) / W) of the R rows of all layers in order.
+    pub fn of(rows: &[usize], rank: u32, world_size: u32) -> Result<Self> {
+        ensure!(
+            rank < world_size,
+            "rank {rank} is not below the world size {world_size}"
+        );
+        let total: usize = rows.iter().sum();
+        let w = world_size as usize;
+        ensure!(
+            total >= w,
+            "a model of {total} rows of {HIDDEN} parameters cannot be split across {w} ranks: use a larger --size"
+        );
+        let (lo, hi) = (total * rank as usize / w, total * (rank as usize + 1) / w);
+        let mut pieces = Vec::new();
+        let mut off = 0;
+        for (l, &n) in rows.iter().enumerate() {
+            let (a, b) = (lo.max(off), hi.min(off + n));
+            if a < b {
+                pieces.push((l, a - off, b - a));
+            }
+            off += n;
+        }
+        Ok(Self {
+            rank,
+            world_size,
+            base: lo * HIDDEN,
+            pieces,
+        })
+    }
+
+    /// The whole model, on one rank.
+    pub fn whole(rows: &[usize]) -> Self {
+        Self {
+            rank: 0,
+            world_size: 1,
+            base: 0,
+            pieces: rows.iter().enumerate().filter(|(_, &n)| n > 0).map(|(l, &n)| (l, 0, n)).collect(),
+        }
+    }
+
+    pub fn rows(&self) -> usize {
+        self.pieces.iter().map(|p| p.2).sum()
+    }
+
+    pub fn params(&self) -> usize {
+        self.rows() * HIDDEN
+    }
+
+    /// "layer:first_row+rows,...", kept in the checkpoint's metadata.
+    fn describe(&self) -> String {
+        self.pieces
+            .iter()
+            .map(|(l, a, n)| format!("{l}:{a}+{n}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+}
+
+/// Everything a training process holds: its shard of the weights and of
+/// Adam's moments, step counter, RNG and data loader.
 pub struct TrainState {
     seed: u64,
     step: u64,
     rng: Rng,
     loader: Loader,
-    rows: Vec<usize>,
+    shard: Shard,
     params: Vec<f32>,
     exp_avg: Vec<f32>,
     exp_avg_sq: Vec<f32>,
@@ -342,10 +455,10 @@ fn layer_names(l: usize) -> [String; 3] {
 const STEP_TENSOR: &str = "trainer.step";
 const RNG_TENSOR: &str = "trainer.rng_state";
 
-/// The tensors of a checkpoint of a model with these layer rows.
-pub fn checkpoint_specs(rows: &[usize]) -> Vec<TensorSpec> {
-    let mut specs = Vec::with_capacity(3 * rows.len() + 2);
-    for (l, &r) in rows.iter().enumerate() {
+/// The tensors of a checkpoint of this shard: its rows of each layer.
+pub fn checkpoint_specs(shard: &Shard) -> Vec<TensorSpec> {
+    let mut specs = Vec::with_capacity(3 * shard.pieces.len() + 2);
+    for &(l, _, r) in &shard.pieces {
         for name in layer_names(l) {
             specs.push(TensorSpec {
                 name,
@@ -375,14 +488,15 @@ struct Scalars {
 }
 
 impl TrainState {
-    /// A freshly initialised model (every page of the state touched).
-    pub fn new(seed: u64, rows: &[usize], threads: usize) -> Self {
-        let n = rows.iter().sum::<usize>() * HIDDEN;
+    /// A freshly initialised shard of the model (every page of it touched).
+    pub fn new(seed: u64, shard: &Shard, threads: usize) -> Self {
+        let n = shard.params();
         let mut params = vec![0f32; n];
         let mut exp_avg = vec![0f32; n];
         let mut exp_avg_sq = vec![0f32; n];
         let mut blocks = vec![0f64; n.div_ceil(BLOCK)];
         let init_seed = mix(seed ^ 0x1417);
+        let base = shard.base;
         parallel_blocks(
             threads,
             &mut params,
@@ -391,7 +505,7 @@ impl TrainState {
             &mut blocks,
             |at, p, m, v, _| {
                 for (j, x) in p.iter_mut().enumerate() {
-                    *x = 0.5 * unit(mix(init_seed ^ ((at + j) as u64).wrapping_mul(GOLDEN)));
+                    *x = 0.5 * unit(mix(init_seed ^ ((base + at + j) as u64).wrapping_mul(GOLDEN)));
                 }
                 m.fill(0.0);
                 v.fill(0.0);
@@ -402,7 +516,7 @@ impl TrainState {
             step: 0,
             rng: Rng::seeded(seed),
             loader: Loader::default(),
-            rows: rows.to_vec(),
+            shard: shard.clone(),
             params,
             exp_avg,
             exp_avg_sq,
@@ -422,7 +536,8 @@ impl TrainState {
         12 * self.params.len() as u64
     }
 
-    /// One training step; returns the mean loss before the update.
+    /// One training step; returns the mean loss of this shard's parameters
+    /// before the update.
     pub fn train_step(&mut self, threads: usize) -> f64 {
         let noise_seed = self.rng.next_u64();
         let batch = self.loader.next_batch(&mut self.rng);
@@ -435,15 +550,16 @@ impl TrainState {
             bc2: (1.0 - f64::from(BETA2).powf(t)) as f32,
         };
         let mut losses = vec![0f64; self.params.len().div_ceil(BLOCK)];
+        let base = self.shard.base;
         parallel_blocks(
             threads,
             &mut self.params,
             &mut self.exp_avg,
             &mut self.exp_avg_sq,
             &mut losses,
-            |at, p, m, v, l| adam_range(at, p, m, v, l, k),
+            |at, p, m, v, l| adam_range(base + at, p, m, v, l, k),
         );
-        losses.iter().sum::<f64>() / self.params.len() as f64
+        losses.iter().sum::<f64>() / self.params.len().max(1) as f64
     }
 
     /// xxh3-128 of every byte of state, in hex.
@@ -466,10 +582,14 @@ impl TrainState {
     fn metadata(&self) -> BTreeMap<String, String> {
         let order: Vec<String> = self.loader.order.iter().map(u32::to_string).collect();
         BTreeMap::from([
-            ("format".to_string(), "tierckpt-demo/1".to_string()),
+            ("format".to_string(), "tierckpt-demo/2".to_string()),
             ("step".to_string(), self.step.to_string()),
             ("seed".to_string(), self.seed.to_string()),
             ("params".to_string(), self.params.len().to_string()),
+            ("rank".to_string(), self.shard.rank.to_string()),
+            ("world_size".to_string(), self.shard.world_size.to_string()),
+            ("shard.base".to_string(), self.shard.base.to_string()),
+            ("shard.rows".to_string(), self.shard.describe()),
             (
                 "optimizer".to_string(),
                 format!("adam lr={LR} betas=({BETA1},{BETA2}) eps={EPS}"),
@@ -483,12 +603,12 @@ impl TrainState {
 
     /// The checkpoint's tensors, borrowing the state, and its metadata.
     fn with_checkpoint<R>(&self, f: impl FnOnce(&[TensorData<'_>], &BTreeMap<String, String>) -> R) -> R {
-        let specs = checkpoint_specs(&self.rows);
+        let specs = checkpoint_specs(&self.shard);
         let step = (self.step as i64).to_le_bytes();
         let rng = self.rng.to_bytes();
         let mut data: Vec<&[u8]> = Vec::with_capacity(specs.len());
         let mut at = 0;
-        for &r in &self.rows {
+        for &(_, _, r) in &self.shard.pieces {
             let range = at * HIDDEN..(at + r) * HIDDEN;
             for a in [&self.params, &self.exp_avg, &self.exp_avg_sq] {
                 data.push(f32_bytes(&a[range.clone()]));
@@ -516,12 +636,12 @@ impl TrainState {
         &mut self,
         load: impl FnOnce(&mut [(&str, &mut [u8])]) -> Result<BTreeMap<String, String>>,
     ) -> Result<()> {
-        let specs = checkpoint_specs(&self.rows);
+        let specs = checkpoint_specs(&self.shard);
         let mut sc = Scalars::default();
         let meta = {
             let mut bufs: Vec<&mut [u8]> = Vec::with_capacity(specs.len());
             let (mut p, mut m, mut v) = (&mut self.params[..], &mut self.exp_avg[..], &mut self.exp_avg_sq[..]);
-            for &r in &self.rows {
+            for &(_, _, r) in &self.shard.pieces {
                 for a in [&mut p, &mut m, &mut v] {
                     let (head, tail) = std::mem::take(a).split_at_mut(r * HIDDEN);
                     *a = tail;
@@ -550,6 +670,15 @@ impl TrainState {
             num("seed")?,
             self.seed
         );
+        let (rows, base) = (get("shard.rows")?, num("shard.base")?);
+        ensure!(
+            *rows == self.shard.describe() && base == self.shard.base as u64,
+            "the checkpoint holds rows {rows} from parameter {base}, but rank {} of {} holds rows {} from parameter {}",
+            self.shard.rank,
+            self.shard.world_size,
+            self.shard.describe(),
+            self.shard.base
+        );
         let order = get("data.order")?;
         let order: Vec<u32> = if order.is_empty() {
             Vec::new()
@@ -571,9 +700,19 @@ impl TrainState {
     }
 }
 
-/// Default trainer threads: one per core.
-fn default_threads() -> usize {
-    std::thread::available_parallelism().map_or(2, |n| n.get())
+/// The job's state hash: xxh3-128 of the ranks' state hashes, in rank order.
+pub fn combined_hash(rank_hashes: &[String]) -> String {
+    let mut h = xxhash_rust::xxh3::Xxh3Default::new();
+    for r in rank_hashes {
+        h.update(r.as_bytes());
+    }
+    format!("{:032x}", h.digest128())
+}
+
+/// Default trainer threads: the cores, shared among `ranks` trainers.
+fn default_threads(ranks: usize) -> usize {
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    (cores / ranks.max(1)).max(1)
 }
 
 // ---------------------------------------------------------------------------
@@ -587,48 +726,116 @@ fn emit(v: Value) -> Result<()> {
         .context("writing to the demo")
 }
 
+/// Tries of a restore from a peer before giving up.
+const PEER_ATTEMPTS: u32 = 5;
+
+/// Parses the demo's `resume <step>` / `resume none`.
+fn parse_resume(line: &str) -> Result<Option<u64>> {
+    match line.strip_prefix("resume ") {
+        Some("none") => Ok(None),
+        Some(s) => Ok(Some(s.parse().with_context(|| format!("the demo said {line:?}"))?)),
+        None => bail!("the demo said {line:?}, expected \"resume <step>\" or \"resume none\""),
+    }
+}
+
 pub fn run_trainer(a: &TrainerArgs) -> Result<()> {
     ensure!(a.checkpoint_every > 0, "--checkpoint-every must be at least 1");
-    let threads = a.threads.unwrap_or_else(default_threads).max(1);
+    let threads = a.threads.unwrap_or_else(|| default_threads(a.world_size as usize)).max(1);
     let rows = model_rows(a.size)?;
-    let ns = a.namespace.as_str();
+    let shard = Shard::of(&rows, a.rank, a.world_size)?;
+    let (ns, rank) = (a.namespace.as_str(), a.rank);
     let t0 = Instant::now();
-    let mut state = TrainState::new(a.seed, &rows, threads);
+    let mut state = TrainState::new(a.seed, &shard, threads);
     emit(json!({
         "event": "started",
         "pid": std::process::id(),
+        "rank": rank,
         "params": state.params(),
         "state_bytes": state.state_bytes(),
         "init_s": t0.elapsed().as_secs_f64(),
     }))?;
     let mut client = Client::connect(&a.daemon_socket)?;
-    if let Some(step) = client.latest(ns).context("asking for the latest checkpoint")? {
-        let key = ShardKey::new(ns, step, 0);
+    // The newest step complete across the cluster's live nodes.
+    let latest = client.latest(ns).context("asking for the latest checkpoint")?;
+    emit(json!({ "event": "latest", "step": latest }))?;
+    let mut orders = std::io::stdin().lock().lines();
+    let mut order = move || -> Result<String> {
+        match orders.next() {
+            Some(line) => Ok(line.context("reading from the demo")?.trim().to_string()),
+            None => bail!("the demo closed the trainer's stdin"),
+        }
+    };
+    if let Some(step) = parse_resume(&order()?)? {
+        let key = ShardKey::new(ns, step, rank);
+        // `steps` lists only this node's shards: is ours here, or does the
+        // daemon have to fetch it from a peer?
+        let local = client
+            .steps(ns)
+            .context("listing this node's checkpoints")?
+            .iter()
+            .any(|s| s.step == step && s.ranks.contains(&rank));
+        let peers: Vec<String> = if local {
+            Vec::new()
+        } else {
+            client
+                .status()
+                .ok()
+                .and_then(|s| s.cluster)
+                .and_then(|c| {
+                    let me = c.node_id.clone();
+                    let steps = c.namespaces.get(ns)?;
+                    let s = steps.iter().find(|s| s.step == step)?;
+                    Some(s.holders.get(&rank)?.iter().filter(|h| **h != me).cloned().collect())
+                })
+                .unwrap_or_default()
+        };
         let t = Instant::now();
+        let mut attempts = 0;
         state
-            .restore_with(|targets| Ok(client.load_into(&key, targets)?.1.metadata))
+            .restore_with(|targets| loop {
+                attempts += 1;
+                match client.load_into(&key, targets) {
+                    Ok((_, view)) => return Ok(view.metadata),
+                    // The daemon's view of its peers comes from its last
+                    // probe of them; one probe answered late hides a holder.
+                    Err(e)
+                        if !local
+                            && attempts < PEER_ATTEMPTS
+                            && matches!(e.kind(), ErrorKind::NotFound | ErrorKind::Unavailable) =>
+                    {
+                        std::thread::sleep(Duration::from_millis(200));
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            })
             .with_context(|| format!("restoring {key}"))?;
         let restore_s = t.elapsed().as_secs_f64();
+        ensure!(state.step() == step, "restored step {} for {key}", state.step());
         emit(json!({
             "event": "resumed",
-            "step": state.step(),
+            "step": step,
             "restore_s": restore_s,
             "bytes": state.state_bytes(),
-            "tier": "memory",
+            "tier": if local { "memory" } else { "peer" },
+            "peers": peers,
+            "attempts": attempts,
         }))?;
     }
     client
         .discard_incomplete_after(ns, state.step())
         .context("discarding leftovers of a crashed run")?;
+    emit(json!({ "event": "ready", "step": state.step() }))?;
     while state.step() < a.steps {
+        let o = order()?;
+        ensure!(o == "go", "the demo said {o:?}, expected \"go\"");
         let t = Instant::now();
         let loss = state.train_step(threads);
+        let step_s = t.elapsed().as_secs_f64();
         let step = state.step();
-        emit(json!({ "event": "step", "step": step, "loss": loss, "step_s": t.elapsed().as_secs_f64() }))?;
         if step % a.checkpoint_every == 0 {
-            let key = ShardKey::new(ns, step, 0);
+            let key = ShardKey::new(ns, step, rank);
             let timing = state
-                .with_checkpoint(|tensors, meta| client.save(&key, 1, tensors, meta, false))
+                .with_checkpoint(|tensors, meta| client.save(&key, a.world_size, tensors, meta, false))
                 .with_context(|| format!("saving {key}"))?;
             emit(json!({
                 "event": "checkpoint",
@@ -638,6 +845,13 @@ pub fn run_trainer(a: &TrainerArgs) -> Result<()> {
                 "bytes": timing.bytes,
             }))?;
         }
+        emit(json!({
+            "event": "step",
+            "step": step,
+            "loss": loss,
+            "params": state.params(),
+            "step_s": step_s,
+        }))?;
     }
     emit(json!({ "event": "done", "step": state.step(), "state_hash": state.state_hash() }))
 }
@@ -652,7 +866,7 @@ extern "C" fn on_interrupt(_: libc::c_int) {
 }
 
 /// Ctrl-C or SIGTERM end the demo through its normal error path, so the
-/// children are killed and the memory tier removed.
+/// children are killed and the memory tiers removed.
 fn catch_interrupts() {
     let handler = on_interrupt as extern "C" fn(libc::c_int) as libc::sighandler_t;
     // SAFETY: the handler only stores to an atomic.
@@ -669,24 +883,37 @@ fn check_interrupt() -> Result<()> {
     Ok(())
 }
 
-/// A trainer child process: its stdout events arrive on a channel, the tail
-/// of its stderr is kept for error messages. Killed on drop.
+/// This very binary, even if a rebuild replaced the file meanwhile: the
+/// reference and the interrupted runs must run the same code.
+fn trainer_exe() -> Result<PathBuf> {
+    let self_exe = Path::new("/proc/self/exe");
+    if self_exe.exists() {
+        Ok(self_exe.to_path_buf())
+    } else {
+        std::env::current_exe().context("locating the tierckpt executable")
+    }
+}
+
+/// One rank's trainer process: its stdout events go to the job's channel,
+/// the tail of its stderr is kept for error messages. Killed on drop.
 struct Trainer {
     child: Child,
-    events: Receiver<Value>,
+    stdin: Option<ChildStdin>,
     stderr: Arc<Mutex<VecDeque<String>>>,
 }
 
 impl Trainer {
-    fn spawn(socket: &Path, namespace: &str, a: &DemoArgs, threads: usize) -> Result<Self> {
-        // This very binary, even if a rebuild replaced the file meanwhile:
-        // the reference and the crashed run must run the same code.
-        let self_exe = Path::new("/proc/self/exe");
-        let exe = if self_exe.exists() {
-            self_exe.to_path_buf()
-        } else {
-            std::env::current_exe().context("locating the tierckpt executable")?
-        };
+    #[allow(clippy::too_many_arguments)]
+    fn spawn(
+        rank: usize,
+        world: usize,
+        socket: &Path,
+        namespace: &str,
+        a: &DemoArgs,
+        threads: usize,
+        events: Sender<(usize, Value)>,
+    ) -> Result<Self> {
+        let exe = trainer_exe()?;
         let mut cmd = Command::new(&exe);
         cmd.arg0("tierckpt")
             .arg("demo-trainer")
@@ -697,8 +924,10 @@ impl Trainer {
             .args(["--steps", &a.steps.to_string()])
             .args(["--checkpoint-every", &a.checkpoint_every.to_string()])
             .args(["--seed", &a.seed.to_string()])
+            .args(["--rank", &rank.to_string()])
+            .args(["--world-size", &world.to_string()])
             .args(["--threads", &threads.to_string()])
-            .stdin(Stdio::null())
+            .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         // SAFETY: prctl is async-signal-safe. The trainer dies with the demo.
@@ -710,18 +939,18 @@ impl Trainer {
         }
         let mut child = cmd
             .spawn()
-            .with_context(|| format!("starting {} demo-trainer", exe.display()))?;
+            .with_context(|| format!("starting {} demo-trainer --rank {rank}", exe.display()))?;
         let stdout = child.stdout.take().expect("piped stdout");
         let stderr = child.stderr.take().expect("piped stderr");
-        let (tx, events) = mpsc::channel();
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines() {
                 let Ok(line) = line else { break };
                 let v = serde_json::from_str(&line).unwrap_or_else(|_| json!({ "event": "text", "text": line }));
-                if tx.send(v).is_err() {
-                    break;
+                if events.send((rank, v)).is_err() {
+                    return;
                 }
             }
+            let _ = events.send((rank, json!({ "event": "exit" })));
         });
         let tail = Arc::new(Mutex::new(VecDeque::new()));
         let t = tail.clone();
@@ -736,26 +965,10 @@ impl Trainer {
             }
         });
         Ok(Self {
+            stdin: child.stdin.take(),
             child,
-            events,
             stderr: tail,
         })
-    }
-
-    /// The next event, or None once the trainer closed its stdout.
-    fn next_event(&self) -> Result<Option<Value>> {
-        let deadline = Instant::now() + Duration::from_secs(600);
-        loop {
-            check_interrupt()?;
-            match self.events.recv_timeout(Duration::from_millis(100)) {
-                Ok(v) => return Ok(Some(v)),
-                Err(RecvTimeoutError::Disconnected) => return Ok(None),
-                Err(RecvTimeoutError::Timeout) if Instant::now() > deadline => {
-                    bail!("the trainer (pid {}) said nothing for 10 minutes", self.child.id())
-                }
-                Err(RecvTimeoutError::Timeout) => {}
-            }
-        }
     }
 
     fn stderr_tail(&self) -> String {
@@ -765,13 +978,13 @@ impl Trainer {
         q.iter().cloned().collect::<Vec<_>>().join("\n")
     }
 
-    fn wait(&mut self) -> Result<ExitStatus> {
-        self.child.wait().context("waiting for the trainer")
-    }
-
+    /// SIGKILL, then reap (nothing if it already exited).
     fn kill(&mut self) -> Result<()> {
-        self.child.kill().context("killing the trainer")?;
-        self.wait()?;
+        if matches!(self.child.try_wait(), Ok(None)) {
+            self.child.kill().context("killing a trainer")?;
+        }
+        self.stdin = None;
+        self.child.wait().context("waiting for a trainer")?;
         Ok(())
     }
 }
@@ -785,23 +998,145 @@ impl Drop for Trainer {
     }
 }
 
+/// The trainers of one incarnation of the job, rank r on node r.
+struct Job {
+    trainers: Vec<Trainer>,
+    events: Receiver<(usize, Value)>,
+}
+
+impl Job {
+    fn spawn(sockets: &[PathBuf], namespace: &str, a: &DemoArgs, threads: usize) -> Result<Self> {
+        let (tx, events) = mpsc::channel();
+        let trainers = sockets
+            .iter()
+            .enumerate()
+            .map(|(rank, s)| Trainer::spawn(rank, sockets.len(), s, namespace, a, threads, tx.clone()))
+            .collect::<Result<_>>()?;
+        Ok(Self { trainers, events })
+    }
+
+    fn pid(&self, rank: usize) -> u32 {
+        self.trainers[rank].child.id()
+    }
+
+    /// The next event of any rank.
+    fn next_event(&self) -> Result<(usize, Value)> {
+        let deadline = Instant::now() + Duration::from_secs(600);
+        loop {
+            check_interrupt()?;
+            match self.events.recv_timeout(Duration::from_millis(100)) {
+                Ok(e) => return Ok(e),
+                Err(RecvTimeoutError::Disconnected) => bail!("every trainer closed its stdout"),
+                Err(RecvTimeoutError::Timeout) if Instant::now() > deadline => {
+                    bail!("the trainers said nothing for 10 minutes")
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+            }
+        }
+    }
+
+    /// Sends one line to every rank.
+    fn tell_all(&mut self, line: &str) -> Result<()> {
+        for (rank, t) in self.trainers.iter_mut().enumerate() {
+            let stdin = t.stdin.as_mut().ok_or_else(|| anyhow!("rank {rank}'s stdin is closed"))?;
+            writeln!(stdin, "{line}")
+                .and_then(|()| stdin.flush())
+                .with_context(|| format!("telling rank {rank} {line:?}"))?;
+        }
+        Ok(())
+    }
+
+    fn kill(&mut self, rank: usize) -> Result<()> {
+        self.trainers[rank].kill()
+    }
+
+    /// What a job launcher does when a rank fails: SIGKILL the rest.
+    fn kill_all(&mut self) -> Result<()> {
+        self.trainers.iter_mut().try_for_each(Trainer::kill)
+    }
+}
+
+/// One checkpoint of the job: every rank saved its shard of one step.
+struct Checkpoint {
+    step: u64,
+    /// The job's pause: the slowest rank's (the next step waits for it).
+    stall_s: f64,
+    shard_stalls: Vec<f64>,
+    bytes: u64,
+}
+
 /// What one namespace's runs recorded.
 #[derive(Default)]
 struct RunLog {
-    checkpoints: Vec<(u64, f64)>,
+    checkpoints: Vec<Checkpoint>,
     step_s: Vec<f64>,
     last_step: u64,
     loss: Option<f64>,
-    /// (step, restore_s, when the event arrived)
-    resumed: Option<(u64, f64, Instant)>,
-    /// Model initialisation of the latest trainer process.
-    init_s: Option<f64>,
     killed_at: Option<Instant>,
 }
 
+impl RunLog {
+    fn last_checkpoint(&self) -> Option<u64> {
+        self.checkpoints.iter().map(|c| c.step).max()
+    }
+}
+
+/// How one rank resumed.
+struct RankRestore {
+    rank: usize,
+    tier: String,
+    restore_s: f64,
+    bytes: u64,
+    peers: Vec<String>,
+    attempts: u64,
+}
+
+/// What one start of the job did before training.
+#[derive(Default)]
+struct Incarnation {
+    /// Each rank's answer to `latest`.
+    latest_seen: Vec<Option<u64>>,
+    /// The step every rank resumed from.
+    resume: Option<u64>,
+    ranks: Vec<RankRestore>,
+    /// When the last rank had restored its shard.
+    resumed_at: Option<Instant>,
+    /// The slowest rank's model initialisation.
+    init_s: Option<f64>,
+}
+
+impl Incarnation {
+    fn ranks_from(&self, tier: &str) -> Vec<usize> {
+        let mut r: Vec<usize> = self.ranks.iter().filter(|r| r.tier == tier).map(|r| r.rank).collect();
+        r.sort_unstable();
+        r
+    }
+
+    /// The slowest restore from `tier`.
+    fn restore_s(&self, tier: Option<&str>) -> Option<f64> {
+        self.ranks
+            .iter()
+            .filter(|r| tier.is_none_or(|t| r.tier == t))
+            .map(|r| r.restore_s)
+            .reduce(f64::max)
+    }
+
+    /// The slowest tier any rank restored from.
+    fn recovered_from(&self) -> &'static str {
+        if self.resume.is_none() {
+            "none"
+        } else if self.ranks.iter().any(|r| r.tier == "peer") {
+            "peer"
+        } else {
+            "memory"
+        }
+    }
+}
+
 enum Outcome {
-    Done { hash: String },
-    Killed { at: Instant },
+    Done { hashes: Vec<String> },
+    /// Every rank finished the step asked for and waits for the next `go`.
+    Stopped,
 }
 
 /// Prints a line above the progress bar (to stderr), unless `--json`.
@@ -840,118 +1175,301 @@ fn fmt_s(s: f64) -> String {
     }
 }
 
-fn num(v: &Value, k: &str) -> Result<f64> {
-    v[k].as_f64()
-        .ok_or_else(|| anyhow!("the trainer sent {v} without a number {k:?}"))
+fn gib_s(bytes: u64, s: f64) -> f64 {
+    bytes as f64 / s / (1u64 << 30) as f64
 }
 
-/// Follows a trainer until it is done, or kills it once it reports a step at
-/// or past `kill_at`.
-fn drive(tr: &mut Trainer, ui: &Ui, pb: &ProgressBar, log: &mut RunLog, kill_at: Option<u64>) -> Result<Outcome> {
+fn list(ranks: &[usize]) -> String {
+    ranks.iter().map(usize::to_string).collect::<Vec<_>>().join(",")
+}
+
+fn num(v: &Value, k: &str) -> Result<f64> {
+    v[k].as_f64()
+        .ok_or_else(|| anyhow!("a trainer sent {v} without a number {k:?}"))
+}
+
+/// A step's reports, as they come in from the ranks.
+#[derive(Default)]
+struct StepIn {
+    ranks: usize,
+    loss_sum: f64,
+    params: f64,
+    checkpoint: Vec<(f64, u64)>,
+}
+
+/// Runs one start of the job: agrees on the step to resume from, then
+/// steps the ranks in lockstep until they are done, or until every rank
+/// finished step `stop_at` (they then wait for orders that never come).
+fn drive(
+    job: &mut Job,
+    steps: u64,
+    ui: &Ui,
+    pb: &ProgressBar,
+    log: &mut RunLog,
+    stop_at: Option<u64>,
+) -> Result<(Incarnation, Outcome)> {
+    let w = job.trainers.len();
+    let mut inc = Incarnation {
+        latest_seen: vec![None; w],
+        ..Default::default()
+    };
+    let (mut latest_n, mut ready_n) = (0, 0);
+    let mut by_step: BTreeMap<u64, StepIn> = BTreeMap::new();
+    let mut hashes: Vec<Option<String>> = vec![None; w];
     loop {
-        let Some(ev) = tr.next_event()? else {
-            check_interrupt()?;
-            let status = tr.wait()?;
-            bail!(
-                "the trainer (pid {}) exited ({status}) before it was done:\n{}",
-                tr.child.id(),
-                tr.stderr_tail()
-            );
-        };
+        let (rank, ev) = job.next_event()?;
         match ev["event"].as_str().unwrap_or("") {
-            "started" => log.init_s = ev["init_s"].as_f64(),
-            "resumed" => {
-                let now = Instant::now();
-                let (step, restore_s) = (num(&ev, "step")? as u64, num(&ev, "restore_s")?);
-                log.resumed = Some((step, restore_s, now));
-                let lost = log.last_step.saturating_sub(step);
-                log.last_step = step;
-                pb.set_position(step);
-                let since_kill = log.killed_at.map_or(String::new(), |k| {
-                    format!(", {} after the kill", fmt_s((now - k).as_secs_f64()))
-                });
-                ui.say(
-                    pb,
-                    format!(
-                        "    resumed     from step {step} in the memory tier: restore {} ({:.2} GiB/s){since_kill}; {lost} steps to redo",
-                        fmt_s(restore_s),
-                        num(&ev, "bytes")? / restore_s / (1u64 << 30) as f64,
-                    ),
-                );
+            "started" => {
+                let i = num(&ev, "init_s")?;
+                inc.init_s = Some(inc.init_s.map_or(i, |m| m.max(i)));
             }
-            "step" => {
-                let step = num(&ev, "step")? as u64;
-                let loss = num(&ev, "loss")?;
-                log.last_step = step;
-                log.loss = Some(loss);
-                log.step_s.push(num(&ev, "step_s")?);
-                pb.set_position(step);
-                pb.set_message(format!("loss {loss:.4}"));
-                if kill_at.is_some_and(|k| step >= k) {
-                    let at = Instant::now();
-                    tr.kill()?;
-                    return Ok(Outcome::Killed { at });
+            "latest" => {
+                inc.latest_seen[rank] = ev["step"].as_u64();
+                latest_n += 1;
+                if latest_n == w {
+                    // Every shard of a step some rank saw complete is still
+                    // held: retention never drops a newest complete step.
+                    inc.resume = inc.latest_seen.iter().copied().max().flatten();
+                    let order = inc.resume.map_or("resume none".to_string(), |s| format!("resume {s}"));
+                    job.tell_all(&order)?;
+                }
+            }
+            "resumed" => {
+                inc.ranks.push(RankRestore {
+                    rank,
+                    tier: ev["tier"].as_str().unwrap_or("memory").to_string(),
+                    restore_s: num(&ev, "restore_s")?,
+                    bytes: num(&ev, "bytes")? as u64,
+                    peers: ev["peers"]
+                        .as_array()
+                        .map(|a| a.iter().filter_map(|p| p.as_str().map(String::from)).collect())
+                        .unwrap_or_default(),
+                    attempts: ev["attempts"].as_u64().unwrap_or(1),
+                });
+                if inc.ranks.len() == w {
+                    let now = Instant::now();
+                    inc.resumed_at = Some(now);
+                    let step = inc.resume.unwrap_or(0);
+                    let lost = log.last_step.saturating_sub(step);
+                    let mut parts = Vec::new();
+                    for tier in ["memory", "peer"] {
+                        let ranks = inc.ranks_from(tier);
+                        if ranks.is_empty() {
+                            continue;
+                        }
+                        let bytes: u64 = inc.ranks.iter().filter(|r| r.tier == tier).map(|r| r.bytes).max().unwrap_or(0);
+                        let s = inc.restore_s(Some(tier)).unwrap_or(0.0);
+                        let from = if tier == "peer" {
+                            let mut p: Vec<String> = inc.ranks.iter().filter(|r| r.tier == tier).flat_map(|r| r.peers.clone()).collect();
+                            p.dedup();
+                            let tries = inc.ranks.iter().filter(|r| r.tier == tier).map(|r| r.attempts).max().unwrap_or(1);
+                            let tries = if tries > 1 { format!(", {tries} tries") } else { String::new() };
+                            if p.is_empty() { tries } else { format!(" (held by {}{tries})", p.join(", ")) }
+                        } else {
+                            String::new()
+                        };
+                        parts.push(format!(
+                            "rank{} {} from {tier}{from} in {} ({:.2} GiB/s)",
+                            if ranks.len() > 1 { "s" } else { "" },
+                            list(&ranks),
+                            fmt_s(s),
+                            gib_s(bytes, s)
+                        ));
+                    }
+                    let since_kill = log.killed_at.map_or(String::new(), |k| {
+                        format!("; {} after the kill", fmt_s((now - k).as_secs_f64()))
+                    });
+                    ui.say(
+                        pb,
+                        format!(
+                            "    resumed     from step {step}: {}{since_kill}; {lost} step{} to redo",
+                            parts.join(", "),
+                            if lost == 1 { "" } else { "s" }
+                        ),
+                    );
+                }
+            }
+            "ready" => {
+                ready_n += 1;
+                if ready_n == w {
+                    let step = inc.resume.unwrap_or(0);
+                    log.last_step = step;
+                    pb.set_position(step);
+                    if step < steps {
+                        job.tell_all("go")?;
+                    }
                 }
             }
             "checkpoint" => {
-                let (step, stall) = (num(&ev, "step")? as u64, num(&ev, "stall_s")?);
-                log.checkpoints.push((step, stall));
-                ui.say(
-                    pb,
-                    format!(
-                        "    checkpoint  step {step:>4}  {} into the memory tier, training paused {}",
-                        human_bytes(num(&ev, "bytes")? as u64),
-                        fmt_s(stall)
-                    ),
-                );
+                let step = num(&ev, "step")? as u64;
+                let e = by_step.entry(step).or_default();
+                e.checkpoint.push((num(&ev, "stall_s")?, num(&ev, "bytes")? as u64));
+            }
+            "step" => {
+                let step = num(&ev, "step")? as u64;
+                log.step_s.push(num(&ev, "step_s")?);
+                let e = by_step.entry(step).or_default();
+                e.ranks += 1;
+                e.loss_sum += num(&ev, "loss")? * num(&ev, "params")?;
+                e.params += num(&ev, "params")?;
+                if e.ranks < w {
+                    continue;
+                }
+                let e = by_step.remove(&step).expect("present");
+                let loss = e.loss_sum / e.params.max(1.0);
+                log.last_step = step;
+                log.loss = Some(loss);
+                pb.set_position(step);
+                pb.set_message(format!("loss {loss:.4}"));
+                if !e.checkpoint.is_empty() {
+                    ensure!(
+                        e.checkpoint.len() == w,
+                        "only {} of {w} ranks checkpointed step {step}",
+                        e.checkpoint.len()
+                    );
+                    let c = Checkpoint {
+                        step,
+                        stall_s: e.checkpoint.iter().map(|c| c.0).fold(0.0, f64::max),
+                        shard_stalls: e.checkpoint.iter().map(|c| c.0).collect(),
+                        bytes: e.checkpoint.iter().map(|c| c.1).sum(),
+                    };
+                    ui.say(
+                        pb,
+                        format!(
+                            "    checkpoint  step {step:>4}  {w} shards, {} into node memory, training paused {}",
+                            human_bytes(c.bytes),
+                            fmt_s(c.stall_s)
+                        ),
+                    );
+                    log.checkpoints.push(c);
+                }
+                if stop_at == Some(step) {
+                    return Ok((inc, Outcome::Stopped));
+                }
+                if step < steps {
+                    job.tell_all("go")?;
+                }
             }
             "done" => {
                 let hash = ev["state_hash"]
                     .as_str()
-                    .ok_or_else(|| anyhow!("the trainer sent {ev} without a hash"))?;
-                let status = tr.wait()?;
-                ensure!(
-                    status.success(),
-                    "the trainer exited ({status}) after it was done:\n{}",
-                    tr.stderr_tail()
+                    .ok_or_else(|| anyhow!("rank {rank} sent {ev} without a hash"))?;
+                hashes[rank] = Some(hash.to_string());
+                if hashes.iter().all(Option::is_some) {
+                    for (r, t) in job.trainers.iter_mut().enumerate() {
+                        t.stdin = None;
+                        let status = t.child.wait().context("waiting for a trainer")?;
+                        ensure!(
+                            status.success(),
+                            "rank {r}'s trainer exited ({status}) after it was done:\n{}",
+                            t.stderr_tail()
+                        );
+                    }
+                    return Ok((inc, Outcome::Done { hashes: hashes.into_iter().flatten().collect() }));
+                }
+            }
+            "exit" if hashes[rank].is_none() => {
+                check_interrupt()?;
+                let t = &mut job.trainers[rank];
+                let status = t.child.wait().context("waiting for a trainer")?;
+                bail!(
+                    "rank {rank}'s trainer (pid {}) exited ({status}) before it was done:\n{}",
+                    t.child.id(),
+                    t.stderr_tail()
                 );
-                return Ok(Outcome::Done { hash: hash.to_string() });
             }
             _ => {}
         }
     }
 }
 
-/// Runs a trainer in `ns` from start to end; returns the final state hash.
-fn run_through(tr: &mut Trainer, ui: &Ui, pb: &ProgressBar, log: &mut RunLog) -> Result<String> {
-    match drive(tr, ui, pb, log, None)? {
-        Outcome::Done { hash } => Ok(hash),
-        Outcome::Killed { .. } => unreachable!("no kill was asked for"),
-    }
+fn candidates(steps: u64, every: u64) -> (Vec<u64>, Vec<u64>, Vec<u64>) {
+    let all: Vec<u64> = (every + 1..steps).collect();
+    let off: Vec<u64> = all.iter().copied().filter(|s| s % every != 0).collect();
+    let clear: Vec<u64> = off.iter().copied().filter(|s| (s + 1) % every != 0).collect();
+    (all, off, clear)
 }
 
-/// The step after which the trainer is killed: past the first checkpoint,
-/// neither on a checkpoint boundary nor right before one (so work is lost and
-/// recomputed), in the middle third of the run if possible; picked from the
-/// seed.
-pub fn pick_kill_step(steps: u64, every: u64, seed: u64) -> Result<u64> {
+/// The first non-empty pool, and a member of it picked from `seed`.
+fn pick(pools: Vec<Vec<u64>>, seed: u64, salt: u64) -> Option<u64> {
+    let pool = pools.into_iter().find(|p| !p.is_empty())?;
+    Some(pool[(mix(seed ^ salt) % pool.len() as u64) as usize])
+}
+
+/// The steps after which the two failures strike: (trainer crash, node
+/// loss). Both lie past the first checkpoint, preferably neither on a
+/// checkpoint boundary nor right before one (so work is lost and
+/// recomputed), the crash in the first half of the run and a checkpoint
+/// between the two; picked from the seed where not given.
+pub fn pick_failure_steps(
+    steps: u64,
+    every: u64,
+    seed: u64,
+    crash: Option<u64>,
+    loss: Option<u64>,
+) -> Result<(u64, u64)> {
+    ensure!(every > 0, "--checkpoint-every must be at least 1");
+    for (flag, s) in [("--kill-at-step", crash), ("--node-loss-at-step", loss)] {
+        if let Some(s) = s {
+            ensure!(
+                s > every && s < steps,
+                "{flag} must lie after the first checkpoint (step {every}) and before the last step ({steps})"
+            );
+        }
+    }
+    if let (Some(c), Some(l)) = (crash, loss) {
+        ensure!(c < l, "--kill-at-step ({c}) must come before --node-loss-at-step ({l})");
+        return Ok((c, l));
+    }
     ensure!(
-        steps > every + 1,
-        "--steps ({steps}) must exceed --checkpoint-every ({every}) by at least 2, so the crash can follow a checkpoint"
+        steps >= every + 3,
+        "--steps ({steps}) must exceed --checkpoint-every ({every}) by at least 3, so that two failures can follow a checkpoint"
     );
-    let all: Vec<u64> = (every + 1..steps).collect();
-    let off_boundary: Vec<u64> = all.iter().copied().filter(|s| s % every != 0).collect();
-    let clear: Vec<u64> = off_boundary.iter().copied().filter(|s| (s + 1) % every != 0).collect();
-    let middle: Vec<u64> = clear
-        .iter()
-        .copied()
-        .filter(|&s| 3 * s >= steps && 3 * s <= 2 * steps)
-        .collect();
-    let pool = [middle, clear, off_boundary, all]
-        .into_iter()
-        .find(|c| !c.is_empty())
-        .expect("steps > every + 1 leaves at least one step");
-    Ok(pool[(mix(seed ^ 0xC2A5) % pool.len() as u64) as usize])
+    let (all, off, clear) = candidates(steps, every);
+    // A checkpoint lies in (a, b].
+    let between = |a: u64, b: u64| b / every > a / every;
+    let crash = match crash {
+        Some(c) => c,
+        None => {
+            let limit = loss.unwrap_or(steps - 1);
+            let below = |v: &[u64]| v.iter().copied().filter(|&s| s < limit).collect::<Vec<_>>();
+            let has_later = |s: u64| match loss {
+                Some(l) => between(s, l),
+                None => clear.iter().any(|&t| t > s && between(s, t)),
+            };
+            let first_half = |v: &[u64]| {
+                v.iter().copied().filter(|&s| s < limit && 2 * s <= steps && has_later(s)).collect::<Vec<_>>()
+            };
+            let early = |v: &[u64]| v.iter().copied().filter(|&s| s < limit && has_later(s)).collect::<Vec<_>>();
+            pick(
+                vec![first_half(&clear), early(&clear), below(&clear), below(&off), below(&all)],
+                seed,
+                0xC2A5,
+            )
+            .ok_or_else(|| anyhow!("no step after the first checkpoint comes before --node-loss-at-step ({limit})"))?
+        }
+    };
+    let loss = match loss {
+        Some(l) => l,
+        None => {
+            let after = |v: &[u64]| v.iter().copied().filter(|&s| s > crash).collect::<Vec<_>>();
+            let spaced = |v: &[u64]| v.iter().copied().filter(|&s| s > crash && between(crash, s)).collect::<Vec<_>>();
+            pick(
+                vec![spaced(&clear), after(&clear), spaced(&off), after(&off), after(&all)],
+                seed,
+                0x10557,
+            )
+            .ok_or_else(|| {
+                anyhow!("no step is left for the node loss after the crash at step {crash}: use more --steps")
+            })?
+        }
+    };
+    Ok((crash, loss))
+}
+
+/// The rank whose trainer crashes first.
+pub fn pick_crash_rank(world: usize, seed: u64) -> usize {
+    (mix(seed ^ 0xDEAD) % world as u64) as usize
 }
 
 fn median(v: &[f64]) -> Option<f64> {
@@ -964,190 +1482,375 @@ fn median(v: &[f64]) -> Option<f64> {
     }
 }
 
+/// Live copies of every rank's shard of `step`, as node `from` sees them.
+fn copies(cluster: &LocalCluster, from: usize, ns: &str, step: u64, world: usize) -> Result<Vec<usize>> {
+    let st = Client::connect(cluster.socket(from))?.status()?;
+    let c = st.cluster.ok_or_else(|| anyhow!("node {from} is not in a cluster"))?;
+    let s = c.namespaces.get(ns).and_then(|steps| steps.iter().find(|s| s.step == step));
+    Ok((0..world as u32)
+        .map(|r| s.and_then(|s| s.holders.get(&r)).map_or(0, Vec::len))
+        .collect())
+}
+
+/// Waits until every shard of `step` has `want` live copies (replication is
+/// asynchronous); returns how long that took, or None if it did not happen
+/// within `limit`.
+fn wait_replicated(
+    cluster: &LocalCluster,
+    from: usize,
+    ns: &str,
+    step: u64,
+    world: usize,
+    want: usize,
+    limit: Duration,
+) -> Result<Option<f64>> {
+    let t = Instant::now();
+    loop {
+        check_interrupt()?;
+        if copies(cluster, from, ns, step, world)?.iter().all(|&n| n >= want) {
+            return Ok(Some(t.elapsed().as_secs_f64()));
+        }
+        if t.elapsed() > limit {
+            return Ok(None);
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Deletes a namespace from every node. A delete is local to a node, and a
+/// node whose peer dropped its copy may re-replicate its own meanwhile, so
+/// it checks, a few heartbeats later, that no node holds any of it.
+fn delete_everywhere(cluster: &LocalCluster, ns: &str) -> Result<()> {
+    for _ in 0..5 {
+        for i in 0..cluster.nodes.len() {
+            match Client::connect(cluster.socket(i))?.delete_namespace(ns) {
+                Ok(_) => {}
+                Err(e) if e.kind() == ErrorKind::NotFound => {}
+                Err(e) => return Err(e).with_context(|| format!("deleting {ns} on node {i}")),
+            }
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        let mut left = false;
+        for i in 0..cluster.nodes.len() {
+            left |= !Client::connect(cluster.socket(i))?.steps(ns)?.is_empty();
+        }
+        if !left {
+            return Ok(());
+        }
+    }
+    bail!("the nodes still hold copies of {ns} after deleting it five times")
+}
+
+/// The largest shard's file length (rank 0 holds the most rows).
+fn shard_file_len(a: &DemoArgs, rows: &[usize], world: usize) -> Result<u64> {
+    let mut max = 0;
+    for rank in 0..world as u32 {
+        let shard = Shard::of(rows, rank, world as u32)?;
+        let probe = TrainState {
+            seed: a.seed,
+            step: a.steps,
+            rng: Rng::seeded(0),
+            loader: Loader {
+                epoch: a.steps,
+                position: 0,
+                order: (0..BATCHES).collect(),
+            },
+            shard: shard.clone(),
+            params: Vec::new(),
+            exp_avg: Vec::new(),
+            exp_avg_sq: Vec::new(),
+        };
+        max = max.max(ShardLayout::new(&checkpoint_specs(&shard), &probe.metadata())?.file_len);
+    }
+    Ok(max)
+}
+
+/// A failure's record in the report.
+fn failure_json(kind: &str, step_killed: u64, killed_at: Instant, inc: &Incarnation, extra: Value) -> Value {
+    let step = inc.resume.unwrap_or(0);
+    let ranks: Vec<Value> = {
+        let mut r: Vec<&RankRestore> = inc.ranks.iter().collect();
+        r.sort_by_key(|r| r.rank);
+        r.iter()
+            .map(|r| {
+                json!({
+                    "rank": r.rank,
+                    "node": LocalCluster::node_id(r.rank),
+                    "tier": r.tier,
+                    "restore_s": r.restore_s,
+                    "bytes": r.bytes,
+                    "peers": r.peers,
+                    "attempts": r.attempts,
+                })
+            })
+            .collect()
+    };
+    let mut v = json!({
+        "kind": kind,
+        "signal": "SIGKILL",
+        "step_killed": step_killed,
+        "step_resumed": step,
+        "steps_recomputed": step_killed.saturating_sub(step),
+        "recovered_from": inc.recovered_from(),
+        "restored_from": {
+            "memory": inc.ranks_from("memory"),
+            "peer": inc.ranks_from("peer"),
+        },
+        "restore_s": inc.restore_s(None),
+        "restore_s_memory": inc.restore_s(Some("memory")),
+        "restore_s_peer": inc.restore_s(Some("peer")),
+        "init_s": inc.init_s,
+        "recovery_s": inc.resumed_at.map(|t| (t - killed_at).as_secs_f64()),
+        "latest_seen": inc.latest_seen,
+        "ranks": ranks,
+    });
+    if let (Some(o), Value::Object(e)) = (v.as_object_mut(), extra) {
+        o.extend(e);
+    }
+    v
+}
+
 pub fn run(args: &DemoArgs, json: bool) -> Result<()> {
     let wall = Instant::now();
     let a = args;
     ensure!(a.checkpoint_every > 0, "--checkpoint-every must be at least 1");
     ensure!(a.keep_last > 0, "--keep-last must be at least 1");
+    ensure!(
+        a.nodes >= 2,
+        "--nodes must be at least 2: each shard is copied to {REPLICATION_FACTOR} peer"
+    );
+    ensure!(a.nodes <= 64, "--nodes must be at most 64 on one machine");
+    let world = a.nodes;
     let rows = model_rows(a.size)?;
-    let kill_step = match a.kill_at_step {
-        Some(s) => {
-            ensure!(
-                s > a.checkpoint_every && s < a.steps,
-                "--kill-at-step must lie after the first checkpoint (step {}) and before the last step ({})",
-                a.checkpoint_every,
-                a.steps
-            );
-            s
-        }
-        None => pick_kill_step(a.steps, a.checkpoint_every, a.seed)?,
-    };
-    let threads = a.threads.unwrap_or_else(default_threads).max(1);
+    let shards: Vec<Shard> = (0..world as u32).map(|r| Shard::of(&rows, r, world as u32)).collect::<Result<_>>()?;
+    let (crash_step, loss_step) =
+        pick_failure_steps(a.steps, a.checkpoint_every, a.seed, a.kill_at_step, a.node_loss_at_step)?;
+    let crash_rank = pick_crash_rank(world, a.seed);
+    let lost = 2.min(world - 1);
+    let threads = a.threads.unwrap_or_else(|| default_threads(world)).max(1);
     let params = rows.iter().sum::<usize>() * HIDDEN;
     let state_bytes = 12 * params as u64;
-    // One shard per checkpoint; metadata grows a little with the step number.
-    let probe = TrainState {
-        seed: a.seed,
-        step: a.steps,
-        rng: Rng::seeded(0),
-        loader: Loader {
-            epoch: a.steps,
-            position: 0,
-            order: (0..BATCHES).collect(),
-        },
-        rows: rows.clone(),
-        params: Vec::new(),
-        exp_avg: Vec::new(),
-        exp_avg_sq: Vec::new(),
-    };
-    let shard_bytes = ShardLayout::new(&checkpoint_specs(&rows), &probe.metadata())?.file_len;
-    let capacity = (a.keep_last as u64 + 2) * (shard_bytes + (1 << 20));
+    let shard_bytes = shard_file_len(a, &rows, world)?;
+    // Per node: its own rank's shards and a peer's replicas, each for the
+    // steps kept, one being written and one more (a fetched or re-replicated copy).
+    let capacity = 2 * (a.keep_last as u64 + 3) * (shard_bytes + (1 << 20));
     catch_interrupts();
 
     let tmp = tempfile::Builder::new()
         .prefix("tierckpt-demo-")
         .tempdir_in(&a.tmp_dir)
-        .with_context(|| format!("creating the demo's memory tier under {}", a.tmp_dir.display()))?;
-    let mut opts = DaemonOptions::new(tmp.path());
-    opts.memory_tier_size = capacity.to_string();
-    opts.keep_last = a.keep_last;
-    opts.http_addr = "off".into();
-    let daemon = DaemonProcess::spawn(opts).context("starting the daemon")?;
+        .with_context(|| format!("creating the demo's memory tiers under {}", a.tmp_dir.display()))?;
+    let opts = LocalClusterOptions {
+        nodes: world,
+        memory_tier_size: capacity.to_string(),
+        keep_last: a.keep_last,
+        replication_factor: REPLICATION_FACTOR,
+        placement: PLACEMENT.into(),
+        ..Default::default()
+    };
+    let heartbeat = opts.heartbeat_interval.clone();
+    let mut cluster = LocalCluster::start(tmp.path(), opts).context("starting the cluster's daemons")?;
+    let sockets: Vec<PathBuf> = (0..world).map(|i| cluster.socket(i)).collect();
     let ui = Ui { json };
     let hidden = ProgressBar::hidden();
+    let pids: Vec<String> = (0..world)
+        .map(|i| format!("{} (pid {})", LocalCluster::node_id(i), cluster.node(i).pid()))
+        .collect();
     ui.say(
         &hidden,
         format!(
-            "tierckpt demo: Adam over {:.1}M parameters ({} of weights, exp_avg and exp_avg_sq, f32, in {LAYERS} layers)\n  \
-             {} steps, a checkpoint every {} steps, seed {}; the trainer will be killed after step {kill_step}\n  \
-             daemon tierckptd (pid {}) with a {} memory tier in {}, keeping {} checkpoints\n",
+            "tierckpt demo: a local cluster of {world} nodes, a job of {world} ranks (one per node)\n  \
+             Adam over {:.1}M parameters ({} of weights, exp_avg and exp_avg_sq, f32, in {LAYERS} layers), \
+             sharded as in ZeRO: each rank holds 1/{world} ({} per shard)\n  \
+             {} steps, a checkpoint every {} steps, seed {}\n  \
+             failures: rank {crash_rank}'s trainer crashes after step {crash_step} (the job restarts); \
+             node {} is lost after step {loss_step} (daemon and trainer), replaced by an empty node\n  \
+             daemons: {}; each with a {} memory tier under {}, keeping {} checkpoints, \
+             copying each shard to {REPLICATION_FACTOR} peer ({PLACEMENT}), heartbeat {heartbeat}\n",
             params as f64 / 1e6,
             human_bytes(state_bytes),
+            human_bytes(shard_bytes),
             a.steps,
             a.checkpoint_every,
             a.seed,
-            daemon.pid(),
+            LocalCluster::node_id(lost),
+            pids.join(", "),
             human_bytes(capacity),
             tmp.path().display(),
             a.keep_last
         ),
     );
 
-    // 1. The reference: the same workload, never interrupted.
+    // 1. The reference: the same job, never interrupted.
     let ref_ns = "demo-reference";
     ui.say(&hidden, "[1/2] reference run, uninterrupted");
     let mut ref_log = RunLog::default();
     let t_ref = Instant::now();
     let pb = ui.bar(a.steps, "reference");
-    let ref_hash = run_through(
-        &mut Trainer::spawn(&daemon.socket, ref_ns, a, threads)?,
-        &ui,
-        &pb,
-        &mut ref_log,
-    )?;
+    let mut job = Job::spawn(&sockets, ref_ns, a, threads)?;
+    let ref_hashes = match drive(&mut job, a.steps, &ui, &pb, &mut ref_log, None)?.1 {
+        Outcome::Done { hashes } => hashes,
+        Outcome::Stopped => unreachable!("no stop was asked for"),
+    };
+    drop(job);
+    let ref_hash = combined_hash(&ref_hashes);
     let ref_wall_s = t_ref.elapsed().as_secs_f64();
     pb.finish_and_clear();
     ui.say(
         &hidden,
         format!("    done in {ref_wall_s:.1} s, final state xxh3-128 {ref_hash}\n"),
     );
-    {
-        // Its segments go back to the daemon's pool, for the next run to reuse.
-        let mut c = Client::connect(&daemon.socket)?;
-        c.delete_namespace(ref_ns)
-            .context("deleting the reference run's checkpoints")?;
+    // Its segments go back to the daemons' pools, for the next run to
+    // reuse; first let replication finish, so no copy lands after the delete.
+    if let Some(s) = ref_log.last_checkpoint() {
+        wait_replicated(&cluster, 0, ref_ns, s, world, REPLICATION_FACTOR + 1, Duration::from_secs(30))?;
     }
+    delete_everywhere(&cluster, ref_ns).context("deleting the reference run's checkpoints")?;
 
-    // 2. The same workload, with a crash.
+    // 2. The same job, with two failures.
     let ns = "demo";
-    ui.say(&hidden, format!("[2/2] training, with a crash after step {kill_step}"));
+    ui.say(
+        &hidden,
+        format!(
+            "[2/2] training, with a trainer crash after step {crash_step} and the loss of node {} after step {loss_step}",
+            LocalCluster::node_id(lost)
+        ),
+    );
     let mut log = RunLog::default();
     let t_main = Instant::now();
     let pb = ui.bar(a.steps, "training");
-    let mut first = Trainer::spawn(&daemon.socket, ns, a, threads)?;
-    let killed_at = match drive(&mut first, &ui, &pb, &mut log, Some(kill_step))? {
-        Outcome::Killed { at } => at,
-        Outcome::Done { .. } => bail!("the trainer finished before it could be killed"),
-    };
+
+    // Failure 1: a trainer crash.
+    let mut job = Job::spawn(&sockets, ns, a, threads)?;
+    let (_, out) = drive(&mut job, a.steps, &ui, &pb, &mut log, Some(crash_step))?;
+    ensure!(matches!(out, Outcome::Stopped), "the job finished before the crash");
+    let last_ckpt = log.last_checkpoint();
+    let pid = job.pid(crash_rank);
+    let killed_at = Instant::now();
+    job.kill(crash_rank)?;
+    // The launcher sees a rank die and stops the others (they would hang in
+    // the next collective), then starts the job again.
+    job.kill_all()?;
+    drop(job);
     log.killed_at = Some(killed_at);
-    let pid_killed = first.child.id();
-    // The supervisor's job: restart at once.
-    let mut second = Trainer::spawn(&daemon.socket, ns, a, threads)?;
-    // What the killed trainer said before it died.
-    while let Ok(ev) = first.events.recv() {
-        match ev["event"].as_str() {
-            Some("step") => log.last_step = log.last_step.max(num(&ev, "step")? as u64),
-            Some("checkpoint") => log.checkpoints.push((num(&ev, "step")? as u64, num(&ev, "stall_s")?)),
-            _ => {}
-        }
-    }
-    drop(first);
-    let step_killed = log.last_step;
-    let last_ckpt = log.checkpoints.iter().map(|c| c.0).max();
     ui.say(
         &pb,
         format!(
-            "    SIGKILL     trainer pid {pid_killed} after step {step_killed} (last checkpoint: step {})",
+            "    SIGKILL     rank {crash_rank}'s trainer (pid {pid}) after step {crash_step} (last checkpoint: step {}); \
+             the launcher stops the other ranks and restarts the job",
             last_ckpt.map_or("none".into(), |s| s.to_string())
         ),
     );
-    let final_hash = run_through(&mut second, &ui, &pb, &mut log)?;
+    let mut job = Job::spawn(&sockets, ns, a, threads)?;
+    let (inc1, out) = drive(&mut job, a.steps, &ui, &pb, &mut log, Some(loss_step))?;
+    ensure!(matches!(out, Outcome::Stopped), "the job finished before the node loss");
+    let crash = failure_json(
+        "trainer_crash",
+        crash_step,
+        killed_at,
+        &inc1,
+        json!({ "rank_killed": crash_rank, "ranks_stopped": (0..world).filter(|&r| r != crash_rank).collect::<Vec<_>>() }),
+    );
+
+    // Failure 2: node `lost` goes away with its trainer; an empty node takes its place.
+    let last_ckpt = log.last_checkpoint();
+    // Replication runs in the background and takes well under a step; the
+    // demo makes sure of it, so that the resume step does not depend on timing.
+    let watcher = (lost + 1) % world;
+    let replication_wait_s = match last_ckpt {
+        Some(s) => wait_replicated(&cluster, watcher, ns, s, world, REPLICATION_FACTOR + 1, Duration::from_secs(30))?,
+        None => None,
+    };
+    let copies_at_kill = match last_ckpt {
+        Some(s) => copies(&cluster, watcher, ns, s, world)?,
+        None => Vec::new(),
+    };
+    let daemon_pid = cluster.node(lost).pid();
+    let trainer_pid = job.pid(lost);
+    let killed_at = Instant::now();
+    cluster.kill(lost)?;
+    job.kill(lost)?;
+    job.kill_all()?;
+    drop(job);
+    log.killed_at = Some(killed_at);
+    let t = Instant::now();
+    cluster.replace_empty(lost).context("starting an empty replacement node")?;
+    let replace_s = t.elapsed().as_secs_f64();
+    ui.say(
+        &pb,
+        format!(
+            "    node loss   {}: tierckptd (pid {daemon_pid}) and rank {lost}'s trainer (pid {trainer_pid}) SIGKILLed after step {loss_step} \
+             (last checkpoint: step {}, {}); an empty tierckptd (pid {}) took its place in {}",
+            LocalCluster::node_id(lost),
+            last_ckpt.map_or("none".into(), |s| s.to_string()),
+            match replication_wait_s {
+                Some(w) => format!("every shard on {} nodes, waited {} for it", REPLICATION_FACTOR + 1, fmt_s(w)),
+                None => format!("copies per shard {copies_at_kill:?}"),
+            },
+            cluster.node(lost).pid(),
+            fmt_s(replace_s)
+        ),
+    );
+    let mut job = Job::spawn(&sockets, ns, a, threads)?;
+    let (inc2, out) = drive(&mut job, a.steps, &ui, &pb, &mut log, None)?;
+    let hashes = match out {
+        Outcome::Done { hashes } => hashes,
+        Outcome::Stopped => unreachable!("no stop was asked for"),
+    };
+    drop(job);
+    let node_loss = failure_json(
+        "node_loss",
+        loss_step,
+        killed_at,
+        &inc2,
+        json!({
+            "node_killed": LocalCluster::node_id(lost),
+            "rank_killed": lost,
+            "ranks_stopped": (0..world).filter(|&r| r != lost).collect::<Vec<_>>(),
+            "replacement": "empty",
+            "replace_s": replace_s,
+            "replicated_before_kill": replication_wait_s.is_some(),
+            "replication_wait_s": replication_wait_s,
+            "copies_at_kill": copies_at_kill,
+        }),
+    );
+    let final_hash = combined_hash(&hashes);
     let main_wall_s = t_main.elapsed().as_secs_f64();
     pb.finish_and_clear();
-    let failure = match log.resumed {
-        Some((step, restore_s, at)) => {
-            let recovery_s = (at - killed_at).as_secs_f64();
-            json!({
-                "kind": "trainer_crash",
-                "signal": "SIGKILL",
-                "step_killed": step_killed,
-                "step_resumed": step,
-                "steps_recomputed": step_killed.saturating_sub(step),
-                "recovered_from": "memory",
-                "restore_s": restore_s,
-                "init_s": log.init_s,
-                "recovery_s": recovery_s,
-            })
-        }
-        None => json!({
-            "kind": "trainer_crash",
-            "signal": "SIGKILL",
-            "step_killed": step_killed,
-            "step_resumed": 0,
-            "steps_recomputed": step_killed,
-            "recovered_from": "none",
-            "restore_s": null,
-            "recovery_s": null,
-        }),
-    };
-    if log.resumed.is_none() {
-        ui.say(
-            &hidden,
-            "    the restarted trainer found no checkpoint and started over",
-        );
-    }
     ui.say(
         &hidden,
         format!("    done in {main_wall_s:.1} s, final state xxh3-128 {final_hash}\n"),
     );
+    let fetched: u64 = Client::connect(cluster.socket(lost))
+        .and_then(|mut c| c.status())
+        .ok()
+        .and_then(|s| s.cluster)
+        .map_or(0, |c| c.replication.shards_fetched);
 
-    drop(daemon);
-    tmp.close().context("removing the demo's memory tier")?;
+    drop(cluster);
+    tmp.close().context("removing the demo's memory tiers")?;
 
     let identical = final_hash == ref_hash;
-    let stalls: Vec<f64> = log.checkpoints.iter().map(|c| c.1).collect();
-    let ref_stalls: Vec<f64> = ref_log.checkpoints.iter().map(|c| c.1).collect();
+    let stalls: Vec<f64> = log.checkpoints.iter().map(|c| c.stall_s).collect();
+    let shard_stalls: Vec<f64> = log.checkpoints.iter().flat_map(|c| c.shard_stalls.clone()).collect();
+    let ref_stalls: Vec<f64> = ref_log.checkpoints.iter().map(|c| c.stall_s).collect();
     let stall_median = median(&stalls);
     let wall_s = wall.elapsed().as_secs_f64();
-    let restore_s = failure["restore_s"].as_f64();
-    let recovery_s = failure["recovery_s"].as_f64();
+    let failures = [crash, node_loss];
     if json {
         print_json(&json!({
             "bitwise_identical": identical,
             "state_hash": final_hash,
             "reference_state_hash": ref_hash,
+            "rank_state_hashes": hashes,
+            "nodes": world,
+            "ranks": world,
+            "replication_factor": REPLICATION_FACTOR,
+            "placement": PLACEMENT,
             "state_bytes": state_bytes,
-            "checkpoint_bytes": shard_bytes,
+            "shard_state_bytes": shards.iter().map(|s| 12 * s.params() as u64).collect::<Vec<_>>(),
+            "checkpoint_bytes": log.checkpoints.first().map_or(0, |c| c.bytes),
+            "shard_bytes": shard_bytes,
             "params": params,
             "steps": a.steps,
             "checkpoint_every": a.checkpoint_every,
@@ -1155,14 +1858,18 @@ pub fn run(args: &DemoArgs, json: bool) -> Result<()> {
             "seed": a.seed,
             "threads": threads,
             "checkpoints": log.checkpoints.len(),
-            "checkpoint_steps": log.checkpoints.iter().map(|c| c.0).collect::<Vec<_>>(),
+            "checkpoint_steps": log.checkpoints.iter().map(|c| c.step).collect::<Vec<_>>(),
             "stall_s": stalls,
             "stall_s_median": stall_median,
             "stall_s_max": stalls.iter().copied().reduce(f64::max),
+            "shard_stall_s_median": median(&shard_stalls),
             "step_s_median": median(&log.step_s),
-            "restore_s": restore_s,
-            "recovery_s": recovery_s,
-            "failures": [failure],
+            "restore_s": failures[0]["restore_s"],
+            "recovery_s": failures[0]["recovery_s"],
+            "restore_s_memory": inc1.restore_s(Some("memory")),
+            "restore_s_peer": inc2.restore_s(Some("peer")),
+            "shards_fetched_from_peers": fetched,
+            "failures": failures,
             "final_loss": log.loss,
             "reference": {
                 "checkpoints": ref_log.checkpoints.len(),
@@ -1176,17 +1883,24 @@ pub fn run(args: &DemoArgs, json: bool) -> Result<()> {
         let mut t = comfy_table::Table::new();
         t.load_preset(comfy_table::presets::UTF8_BORDERS_ONLY);
         t.add_row(vec![
+            "cluster".to_string(),
+            format!(
+                "{world} nodes (tierckptd on 127.0.0.1), {world} ranks; each shard copied to {REPLICATION_FACTOR} peer ({PLACEMENT})"
+            ),
+        ]);
+        t.add_row(vec![
             "training state".to_string(),
             format!(
-                "{} ({:.1}M parameters, Adam, f32)",
+                "{} ({:.1}M parameters, Adam, f32), {} per rank",
                 human_bytes(state_bytes),
-                params as f64 / 1e6
+                params as f64 / 1e6,
+                human_bytes(state_bytes / world as u64)
             ),
         ]);
         t.add_row(vec![
             "checkpoints taken".to_string(),
             format!(
-                "{} (every {} steps, {} each)",
+                "{} (every {} steps, {world} shards of {} each)",
                 log.checkpoints.len(),
                 a.checkpoint_every,
                 human_bytes(shard_bytes)
@@ -1196,46 +1910,64 @@ pub fn run(args: &DemoArgs, json: bool) -> Result<()> {
             let max = stalls.iter().copied().fold(0.0, f64::max);
             t.add_row(vec![
                 "training paused per checkpoint".to_string(),
-                format!("{} median, {} max", fmt_s(m), fmt_s(max)),
+                format!("{} median, {} max (slowest rank)", fmt_s(m), fmt_s(max)),
             ]);
         }
         if let Some(m) = median(&log.step_s) {
             t.add_row(vec!["one training step".to_string(), format!("{} median", fmt_s(m))]);
         }
-        t.add_row(vec![
-            "failure".to_string(),
-            format!("trainer SIGKILLed after step {step_killed}"),
-        ]);
-        match (restore_s, recovery_s) {
-            (Some(r), Some(rec)) => {
-                t.add_row(vec![
-                    "recovered from".to_string(),
-                    format!("memory tier, step {}", failure["step_resumed"]),
-                ]);
-                t.add_row(vec![
-                    "restore".to_string(),
-                    format!(
-                        "{} ({:.2} GiB/s, checksums verified)",
-                        fmt_s(r),
-                        state_bytes as f64 / r / (1u64 << 30) as f64
-                    ),
-                ]);
-                let init = log
-                    .init_s
-                    .map_or(String::new(), |i| format!(", model init {},", fmt_s(i)));
+        let rows_for = |t: &mut comfy_table::Table, f: &Value, inc: &Incarnation, what: String| {
+            t.add_row(vec!["failure".to_string(), what]);
+            let Some(step) = inc.resume else {
+                t.add_row(vec!["recovered from".to_string(), "nothing: started over".to_string()]);
+                return;
+            };
+            let mut from = Vec::new();
+            let mut restore = Vec::new();
+            for (tier, name) in [("peer", "a peer's memory"), ("memory", "local memory")] {
+                let ranks = inc.ranks_from(tier);
+                if ranks.is_empty() {
+                    continue;
+                }
+                let s = inc.restore_s(Some(tier)).unwrap_or(0.0);
+                let bytes = inc.ranks.iter().filter(|r| r.tier == tier).map(|r| r.bytes).max().unwrap_or(0);
+                let plural = if ranks.len() > 1 { "s" } else { "" };
+                from.push(format!("rank{plural} {} from {name}", list(&ranks)));
+                restore.push(format!(
+                    "{} from {tier} ({:.2} GiB/s per rank)",
+                    fmt_s(s),
+                    gib_s(bytes, s)
+                ));
+            }
+            t.add_row(vec!["recovered from".to_string(), format!("step {step}: {}", from.join("; "))]);
+            t.add_row(vec!["restore, checksums verified".to_string(), restore.join(", ")]);
+            if let Some(rec) = f["recovery_s"].as_f64() {
+                let init = inc.init_s.map_or(String::new(), |i| format!(", model init {}", fmt_s(i)));
+                let replace = f["replace_s"]
+                    .as_f64()
+                    .map_or(String::new(), |r| format!("empty node started in {}, ", fmt_s(r)));
                 t.add_row(vec![
                     "recovery, kill to resumed".to_string(),
-                    format!("{} (new process{init} restore {})", fmt_s(rec), fmt_s(r)),
-                ]);
-                t.add_row(vec![
-                    "steps recomputed".to_string(),
-                    failure["steps_recomputed"].to_string(),
+                    format!("{} ({replace}new processes{init})", fmt_s(rec)),
                 ]);
             }
-            _ => {
-                t.add_row(vec!["recovered from".to_string(), "nothing: started over".to_string()]);
-            }
-        }
+            t.add_row(vec!["steps recomputed".to_string(), f["steps_recomputed"].to_string()]);
+        };
+        rows_for(
+            &mut t,
+            &failures[0],
+            &inc1,
+            format!("rank {crash_rank}'s trainer SIGKILLed after step {crash_step}; job restarted"),
+        );
+        rows_for(
+            &mut t,
+            &failures[1],
+            &inc2,
+            format!(
+                "node {} lost after step {loss_step} (daemon and trainer SIGKILLed), replaced by an empty node",
+                LocalCluster::node_id(lost)
+            ),
+        );
         t.add_row(vec![
             "final state".to_string(),
             if identical {
@@ -1249,7 +1981,7 @@ pub fn run(args: &DemoArgs, json: bool) -> Result<()> {
     }
     ensure!(
         identical,
-        "the final state after the crash ({final_hash}) differs from the uninterrupted run's ({ref_hash})"
+        "the final state after the failures ({final_hash}) differs from the uninterrupted run's ({ref_hash})"
     );
     Ok(())
 }
@@ -1271,18 +2003,28 @@ mod tests {
     fn restore(s: &mut TrainState, snap: &(BTreeMap<String, Vec<u8>>, BTreeMap<String, String>)) -> Result<()> {
         s.restore_with(|targets| {
             for (name, buf) in targets.iter_mut() {
-                buf.copy_from_slice(&snap.0[*name]);
+                let src = snap.0.get(*name).ok_or_else(|| anyhow!("no tensor {name}"))?;
+                ensure!(src.len() == buf.len(), "tensor {name} has another size");
+                buf.copy_from_slice(src);
             }
             Ok(snap.1.clone())
         })
     }
 
-    fn trained(seed: u64, steps: u64, threads: usize) -> TrainState {
-        let mut s = TrainState::new(seed, &model_rows(3 << 20).unwrap(), threads);
+    fn whole() -> Shard {
+        Shard::whole(&model_rows(3 << 20).unwrap())
+    }
+
+    fn trained_shard(seed: u64, shard: &Shard, steps: u64, threads: usize) -> TrainState {
+        let mut s = TrainState::new(seed, shard, threads);
         for _ in 0..steps {
             s.train_step(threads);
         }
         s
+    }
+
+    fn trained(seed: u64, steps: u64, threads: usize) -> TrainState {
+        trained_shard(seed, &whole(), steps, threads)
     }
 
     #[test]
@@ -1295,67 +2037,140 @@ mod tests {
         assert_eq!(trained(7, 25, 3).state_hash(), a.state_hash());
         assert_ne!(trained(8, 25, 2).state_hash(), a.state_hash());
         // It trains: the loss goes down.
-        let mut s = TrainState::new(7, &model_rows(3 << 20).unwrap(), 2);
+        let mut s = TrainState::new(7, &whole(), 2);
         let first = s.train_step(2);
         let last = (0..30).map(|_| s.train_step(2)).last().unwrap();
         assert!(last < first, "loss went from {first} to {last}");
     }
 
     #[test]
+    fn shards_partition_the_model_and_compute_what_one_process_would() {
+        let rows = model_rows(3 << 20).unwrap();
+        let total: usize = rows.iter().sum();
+        for world in [1u32, 2, 3, 4, 7] {
+            let shards: Vec<Shard> = (0..world).map(|r| Shard::of(&rows, r, world).unwrap()).collect();
+            assert_eq!(shards.iter().map(Shard::rows).sum::<usize>(), total);
+            let mut next = 0;
+            for s in &shards {
+                assert_eq!(s.base, next, "contiguous: {s:?}");
+                next += s.params();
+                assert!(s.rows() >= total / world as usize);
+            }
+        }
+        assert!(Shard::of(&rows, 4, 4).is_err());
+        assert!(Shard::of(&[1, 1], 0, 3).is_err());
+        assert_eq!(Shard::of(&rows, 0, 1).unwrap(), Shard::whole(&rows));
+
+        // Four ranks trained apart hold, end to end, the state of one process.
+        let one = trained(7, 12, 2);
+        let mut params = Vec::new();
+        let mut m = Vec::new();
+        for r in 0..4 {
+            let s = trained_shard(7, &Shard::of(&rows, r, 4).unwrap(), 12, 1);
+            assert_eq!((s.rng.clone(), s.loader.clone()), (one.rng.clone(), one.loader.clone()));
+            params.extend_from_slice(&s.params);
+            m.extend_from_slice(&s.exp_avg_sq);
+        }
+        assert!(params == one.params && m == one.exp_avg_sq);
+        let hashes: Vec<String> = (0..4)
+            .map(|r| trained_shard(7, &Shard::of(&rows, r, 4).unwrap(), 12, 1).state_hash())
+            .collect();
+        assert_eq!(combined_hash(&hashes), combined_hash(&hashes.clone()));
+        let mut swapped = hashes.clone();
+        swapped.swap(0, 1);
+        assert_ne!(combined_hash(&hashes), combined_hash(&swapped), "rank order counts");
+    }
+
+    #[test]
     fn resuming_from_a_checkpoint_is_bitwise_identical() {
         let rows = model_rows(3 << 20).unwrap();
-        let reference = trained(7, 23, 2);
-        let at_10 = snapshot(&trained(7, 10, 2));
-        // A fresh process: newly initialised, then restored, then trained on.
-        let mut resumed = TrainState::new(7, &rows, 2);
-        restore(&mut resumed, &at_10).unwrap();
-        assert_eq!(resumed.step(), 10);
-        while resumed.step() < 23 {
-            resumed.train_step(2);
-        }
-        assert_eq!(resumed.state_hash(), reference.state_hash());
+        for shard in [whole(), Shard::of(&rows, 2, 4).unwrap()] {
+            let reference = trained_shard(7, &shard, 23, 2);
+            let at_10 = snapshot(&trained_shard(7, &shard, 10, 2));
+            // A fresh process: newly initialised, then restored, then trained on.
+            let mut resumed = TrainState::new(7, &shard, 2);
+            restore(&mut resumed, &at_10).unwrap();
+            assert_eq!(resumed.step(), 10);
+            while resumed.step() < 23 {
+                resumed.train_step(2);
+            }
+            assert_eq!(resumed.state_hash(), reference.state_hash());
 
-        // Forgetting the RNG and data loader state is caught.
-        let mut forgetful = TrainState::new(7, &rows, 2);
-        restore(&mut forgetful, &at_10).unwrap();
-        forgetful.rng = Rng::seeded(7);
-        forgetful.loader = Loader::default();
-        while forgetful.step() < 23 {
-            forgetful.train_step(2);
-        }
-        assert_ne!(forgetful.state_hash(), reference.state_hash());
+            // Forgetting the RNG and data loader state is caught.
+            let mut forgetful = TrainState::new(7, &shard, 2);
+            restore(&mut forgetful, &at_10).unwrap();
+            forgetful.rng = Rng::seeded(7);
+            forgetful.loader = Loader::default();
+            while forgetful.step() < 23 {
+                forgetful.train_step(2);
+            }
+            assert_ne!(forgetful.state_hash(), reference.state_hash());
 
-        // A checkpoint of another seed is refused.
-        let mut other = TrainState::new(8, &rows, 2);
-        assert!(restore(&mut other, &at_10).is_err());
+            // A checkpoint of another seed is refused.
+            let mut other = TrainState::new(8, &shard, 2);
+            assert!(restore(&mut other, &at_10).is_err());
+        }
+        // Another rank's shard is refused, even one of the same size.
+        let at_5 = snapshot(&trained_shard(7, &Shard::of(&rows, 0, 2).unwrap(), 5, 2));
+        let mut rank1 = TrainState::new(7, &Shard::of(&rows, 1, 2).unwrap(), 2);
+        assert!(restore(&mut rank1, &at_5).is_err());
     }
 
     #[test]
     fn checkpoint_layout_matches_the_state() {
-        let s = trained(1, 3, 2);
-        let specs = checkpoint_specs(&s.rows);
-        let layout = ShardLayout::new(&specs, &s.metadata()).unwrap();
-        assert!(layout.file_len > s.state_bytes());
-        let (tensors, meta) = snapshot(&s);
-        assert_eq!(tensors.len(), specs.len());
-        assert_eq!(
-            tensors.values().map(|t| t.len() as u64).sum::<u64>(),
-            s.state_bytes() + 40
-        );
-        assert_eq!(meta["step"], "3");
+        let rows = model_rows(3 << 20).unwrap();
+        for shard in [whole(), Shard::of(&rows, 1, 3).unwrap()] {
+            let s = trained_shard(1, &shard, 3, 2);
+            let specs = checkpoint_specs(&s.shard);
+            let layout = ShardLayout::new(&specs, &s.metadata()).unwrap();
+            assert!(layout.file_len > s.state_bytes());
+            let (tensors, meta) = snapshot(&s);
+            assert_eq!(tensors.len(), specs.len());
+            assert_eq!(
+                tensors.values().map(|t| t.len() as u64).sum::<u64>(),
+                s.state_bytes() + 40
+            );
+            assert_eq!(meta["step"], "3");
+            assert_eq!(meta["rank"], shard.rank.to_string());
+        }
     }
 
     #[test]
-    fn kill_step_is_off_the_checkpoint_boundaries() {
+    fn failure_steps_are_off_the_checkpoint_boundaries() {
         for seed in 0..50 {
-            let s = pick_kill_step(30, 5, seed).unwrap();
-            assert!(s > 5 && s < 30 && s % 5 != 0 && (s + 1) % 5 != 0, "{s}");
-            let s = pick_kill_step(60, 10, seed).unwrap();
-            assert!((20..=40).contains(&s) && s % 10 != 0, "{s}");
+            let (c, l) = pick_failure_steps(30, 5, seed, None, None).unwrap();
+            for s in [c, l] {
+                assert!(s > 5 && s < 30 && s % 5 != 0 && (s + 1) % 5 != 0, "{c} {l}");
+            }
+            assert!(2 * c <= 30 && l / 5 > c / 5, "a checkpoint between {c} and {l}");
+            let (c, l) = pick_failure_steps(60, 10, seed, None, None).unwrap();
+            assert!(c > 10 && c <= 30 && c % 10 != 0 && l / 10 > c / 10 && l < 60 && l % 10 != 0, "{c} {l}");
+            assert!(pick_crash_rank(4, seed) < 4);
         }
-        assert_eq!(pick_kill_step(30, 5, 3).unwrap(), pick_kill_step(30, 5, 3).unwrap());
-        assert!(pick_kill_step(6, 5, 0).is_err());
-        assert_eq!(pick_kill_step(3, 1, 0).unwrap(), 2);
+        assert_eq!(
+            pick_failure_steps(30, 5, 3, None, None).unwrap(),
+            pick_failure_steps(30, 5, 3, None, None).unwrap()
+        );
+        // Chosen steps are kept; the other one is fitted around them.
+        assert_eq!(pick_failure_steps(30, 5, 0, Some(19), Some(24)).unwrap(), (19, 24));
+        let (c, l) = pick_failure_steps(30, 5, 0, Some(19), None).unwrap();
+        assert!(c == 19 && l > 20 && l < 30, "{l}");
+        let (c, l) = pick_failure_steps(30, 5, 0, None, Some(12)).unwrap();
+        assert!(c > 5 && c < 10 && l == 12, "{c}");
+        assert!(pick_failure_steps(30, 5, 0, Some(24), Some(19)).is_err());
+        assert!(pick_failure_steps(30, 5, 0, Some(3), None).is_err());
+        assert!(pick_failure_steps(30, 5, 0, None, Some(6)).is_err(), "no room for the crash");
+        assert!(pick_failure_steps(7, 5, 0, None, None).is_err());
+        assert_eq!(pick_failure_steps(8, 5, 0, None, None).unwrap(), (6, 7));
+        assert_eq!(pick_failure_steps(4, 1, 0, None, None).unwrap(), (2, 3));
+    }
+
+    #[test]
+    fn resume_orders() {
+        assert_eq!(parse_resume("resume 40").unwrap(), Some(40));
+        assert_eq!(parse_resume("resume none").unwrap(), None);
+        assert!(parse_resume("go").is_err());
+        assert!(parse_resume("resume soon").is_err());
     }
 
     #[test]

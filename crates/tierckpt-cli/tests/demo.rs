@@ -1,5 +1,6 @@
-//! `tierckpt demo` end to end: a real daemon, a real trainer process killed
-//! with SIGKILL and restarted, and the final state compared bit for bit.
+//! `tierckpt demo` end to end: a real cluster of daemons, real trainer
+//! processes (one per node) SIGKILLed and restarted, a node SIGKILLed and
+//! replaced by an empty one, and the final state compared bit for bit.
 
 // `u64::is_multiple_of` needs Rust 1.87; the workspace supports 1.85.
 #![allow(clippy::manual_is_multiple_of)]
@@ -38,8 +39,35 @@ fn parse(stdout: &str, stderr: &str) -> Value {
     serde_json::from_str(lines[0]).unwrap_or_else(|e| panic!("stdout is not JSON ({e}):\n{stdout}"))
 }
 
+fn ranks(v: &Value) -> Vec<u64> {
+    v.as_array()
+        .unwrap_or_else(|| panic!("{v} is not a list"))
+        .iter()
+        .map(|r| r.as_u64().expect("a rank"))
+        .collect()
+}
+
+/// Checks one failure's record; returns (step_killed, step_resumed).
+fn check_failure(f: &Value, kind: &str, from: &str, every: u64, steps: u64) -> (u64, u64) {
+    assert_eq!(f["kind"], kind, "{f:#}");
+    assert_eq!(f["recovered_from"], from, "{f:#}");
+    let killed = f["step_killed"].as_u64().expect("step_killed");
+    let resumed = f["step_resumed"].as_u64().expect("step_resumed");
+    assert!(resumed > 0 && resumed % every == 0, "resumed from a checkpoint step: {f:#}");
+    assert!(resumed <= killed && killed < steps, "{f:#}");
+    assert_eq!(f["steps_recomputed"].as_u64(), Some(killed - resumed), "{f:#}");
+    assert!(f["recovery_s"].as_f64().is_some_and(|s| s > 0.0), "{f:#}");
+    assert!(f["restore_s"].as_f64().is_some_and(|s| s > 0.0), "{f:#}");
+    f["ranks"]
+        .as_array()
+        .expect("ranks")
+        .iter()
+        .for_each(|r| assert!(r["restore_s"].as_f64().is_some_and(|s| s > 0.0), "{r:#}"));
+    (killed, resumed)
+}
+
 #[test]
-fn demo_survives_a_crash_bitwise_identical() {
+fn demo_survives_a_crash_and_a_node_loss_bitwise_identical() {
     let (out, stdout, stderr) = run_demo(&[]);
     assert!(
         out.status.success(),
@@ -50,17 +78,33 @@ fn demo_survives_a_crash_bitwise_identical() {
 
     assert_eq!(v["bitwise_identical"], true, "{v:#}");
     assert_eq!(v["state_hash"], v["reference_state_hash"], "{v:#}");
+    assert_eq!(v["nodes"], 4, "{v:#}");
+    assert_eq!(v["ranks"], 4, "{v:#}");
+    assert_eq!(v["replication_factor"], 1, "{v:#}");
+    assert_eq!(v["rank_state_hashes"].as_array().map(Vec::len), Some(4), "{v:#}");
 
     let failures = v["failures"].as_array().expect("failures is a list");
-    assert_eq!(failures.len(), 1, "{v:#}");
-    let f = &failures[0];
-    assert_eq!(f["kind"], "trainer_crash", "{f:#}");
-    assert_eq!(f["recovered_from"], "memory", "{f:#}");
-    let killed = f["step_killed"].as_u64().expect("step_killed");
-    let resumed = f["step_resumed"].as_u64().expect("step_resumed");
-    assert!(resumed > 0 && resumed % 5 == 0, "resumed from a checkpoint step: {f:#}");
-    assert!(resumed <= killed && killed < 30, "{f:#}");
-    assert!(f["recovery_s"].as_f64().is_some_and(|s| s > 0.0), "{f:#}");
+    assert_eq!(failures.len(), 2, "{v:#}");
+
+    // A trainer crash: the job restarts, every rank from its own node's memory.
+    let crash = &failures[0];
+    let (crash_killed, _) = check_failure(crash, "trainer_crash", "memory", 5, 30);
+    assert_eq!(ranks(&crash["restored_from"]["memory"]), [0, 1, 2, 3], "{crash:#}");
+    assert!(ranks(&crash["restored_from"]["peer"]).is_empty(), "{crash:#}");
+
+    // A node loss: node 2's daemon and trainer die, an empty node replaces
+    // it, and rank 2's shard comes from the peer holding its replica.
+    let loss = &failures[1];
+    let (_, loss_resumed) = check_failure(loss, "node_loss", "peer", 5, 30);
+    assert!(loss_resumed > crash_killed, "a checkpoint lies between the failures: {v:#}");
+    assert_eq!(loss["node_killed"], "n2", "{loss:#}");
+    assert_eq!(ranks(&loss["restored_from"]["peer"]), [2], "{loss:#}");
+    assert_eq!(ranks(&loss["restored_from"]["memory"]), [0, 1, 3], "{loss:#}");
+    let rank2 = &loss["ranks"][2];
+    assert_eq!((&rank2["rank"], &rank2["tier"]), (&Value::from(2), &Value::from("peer")), "{loss:#}");
+    assert_eq!(rank2["peers"], serde_json::json!(["n3"]), "ring placement: n2 -> n3: {loss:#}");
+    assert_eq!(loss["replicated_before_kill"], true, "{loss:#}");
+    assert!(v["shards_fetched_from_peers"].as_u64().is_some_and(|n| n >= 1), "{v:#}");
 
     let checkpoints = v["checkpoints"].as_u64().expect("checkpoints");
     assert!(checkpoints > 0, "{v:#}");
@@ -71,12 +115,30 @@ fn demo_survives_a_crash_bitwise_identical() {
         Some(12 * v["params"].as_u64().unwrap()),
         "{v:#}"
     );
+    let shards: u64 = v["shard_state_bytes"]
+        .as_array()
+        .expect("shard_state_bytes")
+        .iter()
+        .map(|b| b.as_u64().unwrap())
+        .sum();
+    assert_eq!(Some(shards), v["state_bytes"].as_u64(), "the shards partition the state: {v:#}");
 }
 
 #[test]
-fn demo_with_a_chosen_crash_step() {
-    // Killed right after a step that is followed by a checkpoint boundary.
-    let (out, stdout, stderr) = run_demo(&["--kill-at-step", "19", "--seed", "3", "--keep-last", "1"]);
+fn demo_with_chosen_failure_steps_on_three_nodes() {
+    // The crash comes right before a checkpoint boundary; one checkpoint kept.
+    let (out, stdout, stderr) = run_demo(&[
+        "--nodes",
+        "3",
+        "--kill-at-step",
+        "19",
+        "--node-loss-at-step",
+        "24",
+        "--seed",
+        "3",
+        "--keep-last",
+        "1",
+    ]);
     assert!(
         out.status.success(),
         "tierckpt demo failed ({}):\n{stderr}\n{stdout}",
@@ -85,27 +147,30 @@ fn demo_with_a_chosen_crash_step() {
     let v = parse(&stdout, &stderr);
     assert_eq!(v["bitwise_identical"], true, "{v:#}");
     assert_eq!(v["seed"], 3);
-    let f = &v["failures"][0];
-    assert_eq!(f["recovered_from"], "memory", "{f:#}");
-    assert!(f["step_killed"].as_u64().unwrap() >= 19, "{f:#}");
+    assert_eq!(v["nodes"], 3);
+    let f = &v["failures"];
+    assert_eq!(check_failure(&f[0], "trainer_crash", "memory", 5, 30), (19, 15), "{f:#}");
+    assert_eq!(check_failure(&f[1], "node_loss", "peer", 5, 30), (24, 20), "{f:#}");
+    assert_eq!(ranks(&f[1]["restored_from"]["peer"]), [2], "{f:#}");
+    assert_eq!(f[1]["ranks"][2]["peers"], serde_json::json!(["n0"]), "ring: n2 -> n0: {f:#}");
 }
 
 #[test]
-fn demo_refuses_a_run_too_short_to_crash() {
-    let out = Command::new(env!("CARGO_BIN_EXE_tierckpt"))
-        .args([
-            "demo",
-            "--size",
-            "16MB",
-            "--steps",
-            "5",
-            "--checkpoint-every",
-            "5",
-            "--json",
-        ])
-        .output()
-        .expect("running tierckpt demo");
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("--steps"), "{stderr}");
+fn demo_refuses_what_it_cannot_run() {
+    for (args, says) in [
+        // Too short for two failures after a checkpoint.
+        (&["--steps", "7", "--checkpoint-every", "5"][..], "--steps"),
+        (&["--nodes", "1"][..], "--nodes"),
+        (&["--kill-at-step", "20", "--node-loss-at-step", "12"][..], "--node-loss-at-step"),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_tierckpt"))
+            .args(["demo", "--size", "16MB", "--json"])
+            .args(args)
+            .output()
+            .expect("running tierckpt demo");
+        assert!(!out.status.success(), "{args:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(says), "{args:?}: {stderr}");
+        assert!(out.stdout.is_empty(), "{args:?}");
+    }
 }
