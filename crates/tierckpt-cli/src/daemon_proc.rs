@@ -234,6 +234,8 @@ pub struct LocalClusterOptions {
     pub heartbeat_timeout: String,
     pub replication_bandwidth: Option<String>,
     pub token: Option<String>,
+    /// `TIERCKPT_LOG` of every daemon ("warn", "error", ...).
+    pub log: String,
 }
 
 impl Default for LocalClusterOptions {
@@ -248,6 +250,7 @@ impl Default for LocalClusterOptions {
             heartbeat_timeout: "600ms".into(),
             replication_bandwidth: None,
             token: None,
+            log: "warn".into(),
         }
     }
 }
@@ -292,6 +295,7 @@ impl LocalCluster {
                 o.keep_last = opts.keep_last;
                 o.http_addr = format!("127.0.0.1:{}", ports[i]);
                 o.token = opts.token.clone();
+                o.log = opts.log.clone();
                 o.cluster = Some(ClusterOptions {
                     node_id: Self::node_id(i),
                     nodes: members.join(","),

@@ -88,7 +88,9 @@ fn every_shard_is_copied_to_k_ring_peers_bitwise() {
         .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok());
     assert_eq!(sent, Some(st.replication.bytes_sent as f64), "{text}");
     assert!(st.replication.bytes_sent > 2 * data.len() as u64, "two copies of the shard and its header");
-    assert!(st.nodes.iter().all(|n| n.state == tierckpt_tiers::proto::NodeState::Alive), "{:?}", st.nodes);
+    wait_for(LIMIT, "every node alive in n1's view", || {
+        cluster_status(&c, 1).nodes.iter().all(|n| n.state == tierckpt_tiers::proto::NodeState::Alive)
+    });
 }
 
 #[test]
@@ -230,4 +232,22 @@ fn peers_with_a_wrong_token_are_refused() {
     assert_eq!(st, 401);
     let (st, _) = common::http(&addr, "GET", "/v1/peer/holdings", &[], b"");
     assert_eq!(st, 401);
+}
+
+#[test]
+fn rm_deletes_every_copy_across_the_cluster() {
+    let (_d, c) = start(3, 1, |_| {});
+    save(&c, 0, "del", 1, 0, 1, 1000);
+    save(&c, 0, "del", 2, 0, 1, 1000);
+    wait_for(LIMIT, "2 copies", || holders(&c, 2, "del", 2, 0).len() == 2);
+    let (ok, out, err) = common::cli(&c.socket(2), &["rm", "del", "--step", "2", "--json"]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(v["deleted_shards"], 2, "the shard on n0 and its replica on n1, asked from n2");
+    for node in 0..3 {
+        let steps: Vec<u64> = Client::connect(c.socket(node)).unwrap().steps("del").unwrap().iter().map(|s| s.step).collect();
+        assert!(!steps.contains(&2), "n{node} still holds step 2");
+    }
+    let (ok, _, err) = common::cli(&c.socket(2), &["rm", "del", "--step", "2"]);
+    assert!(!ok && err.contains("any reachable node"), "{err}");
 }

@@ -222,7 +222,8 @@ impl Cluster {
     /// Asks every peer for its holdings once, updates node states, and
     /// applies cluster-wide completeness to local retention.
     pub async fn refresh(&self) {
-        let timeout = self.cfg.heartbeat_interval.max(Duration::from_millis(200));
+        // Generous, so a busy peer is not taken for a missing one.
+        let timeout = self.cfg.heartbeat_interval.max(self.cfg.heartbeat_timeout / 2);
         let asks = (0..self.cfg.nodes.len()).filter(|&i| i != self.me).map(|i| {
             let peers = self.peers.clone();
             let addr = self.addr(i);
@@ -478,6 +479,25 @@ impl Cluster {
                 }
             }
         }
+    }
+
+    /// Deletes a step or namespace on every peer not known dead; returns
+    /// what each deleted (failures are logged and count as nothing).
+    pub async fn delete_on_peers(&self, ns: &str, step: Option<u64>) -> Vec<(u64, u64)> {
+        let targets: Vec<usize> = {
+            let members = lock(&self.members);
+            (0..members.len()).filter(|&i| i != self.me && members[i].state != NodeState::Dead).collect()
+        };
+        let calls = targets.into_iter().map(|i| async move {
+            match self.peers.delete(self.addr(i), ns, step).await {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::warn!(node = self.id(i), namespace = ns, ?step, error = %e, "delete on a peer failed");
+                    (0, 0)
+                }
+            }
+        });
+        futures_util::future::join_all(calls).await
     }
 
     pub fn status(&self) -> ClusterStatus {

@@ -206,20 +206,17 @@ async fn put_replica(
     Ok((StatusCode::CREATED, Json(json!({ "stored": stored }))).into_response())
 }
 
-async fn delete_namespace(State(d): D, Path(ns): Path<String>) -> Result<Json<serde_json::Value>, ApiError> {
-    let t = d.tier.clone();
-    let (shards, bytes) = tokio::task::spawn_blocking(move || t.delete_namespace(&ns))
-        .await
-        .map_err(|e| TierError::Unavailable(e.to_string()))??;
+/// Deletes across the cluster, or on this node alone with `?scope=node`.
+async fn delete_namespace(State(d): D, Path(ns): Path<String>, uri: Uri) -> Result<Json<serde_json::Value>, ApiError> {
+    let everywhere = query_param(&uri, "scope") != Some("node");
+    let (shards, bytes) = d.delete(&ns, None, everywhere).await?;
     Ok(Json(json!({ "deleted_shards": shards, "deleted_bytes": bytes })))
 }
 
-async fn delete_step(State(d): D, Path((ns, step)): Path<(String, String)>) -> Result<Json<serde_json::Value>, ApiError> {
+async fn delete_step(State(d): D, Path((ns, step)): Path<(String, String)>, uri: Uri) -> Result<Json<serde_json::Value>, ApiError> {
     let step = parse_u64("step", &step)?;
-    let t = d.tier.clone();
-    let (shards, bytes) = tokio::task::spawn_blocking(move || t.delete_step(&ns, step))
-        .await
-        .map_err(|e| TierError::Unavailable(e.to_string()))??;
+    let everywhere = query_param(&uri, "scope") != Some("node");
+    let (shards, bytes) = d.delete(&ns, Some(step), everywhere).await?;
     Ok(Json(json!({ "deleted_shards": shards, "deleted_bytes": bytes })))
 }
 

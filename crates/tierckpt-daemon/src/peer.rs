@@ -117,6 +117,23 @@ impl PeerClient {
         serde_json::from_slice(&body).map_err(|e| unavailable(addr, "holdings", e))
     }
 
+    /// Deletes a step (or a namespace) on the node at `addr` alone; returns
+    /// (shards, bytes) deleted there, (0, 0) if it held none.
+    pub async fn delete(&self, addr: SocketAddr, ns: &str, step: Option<u64>) -> Result<(u64, u64), TierError> {
+        let path = match step {
+            Some(s) => format!("/v1/namespaces/{ns}/steps/{s}?scope=node"),
+            None => format!("/v1/namespaces/{ns}?scope=node"),
+        };
+        let resp = match self.send(addr, Method::DELETE, &path, &[], Self::empty(), Some(Duration::from_secs(30))).await {
+            Ok(r) => r,
+            Err(e) if e.kind() == tierckpt_tiers::ErrorKind::NotFound => return Ok((0, 0)),
+            Err(e) => return Err(e),
+        };
+        let body = resp.into_body().collect().await.map_err(|e| unavailable(addr, &path, e))?.to_bytes();
+        let v: serde_json::Value = serde_json::from_slice(&body).map_err(|e| unavailable(addr, &path, e))?;
+        Ok((v["deleted_shards"].as_u64().unwrap_or(0), v["deleted_bytes"].as_u64().unwrap_or(0)))
+    }
+
     /// Streams a shard to a peer, which verifies it before it becomes visible.
     pub async fn put_replica(
         &self,

@@ -167,6 +167,36 @@ impl Daemon {
         })
     }
 
+    /// Deletes a step (or with `None` a namespace) here, and with
+    /// `everywhere` on every reachable peer too; returns (shards, bytes).
+    pub async fn delete(&self, ns: &str, step: Option<u64>, everywhere: bool) -> Result<(u64, u64)> {
+        tierckpt_format::names::validate_namespace(ns)?;
+        let (t, n) = (self.tier.clone(), ns.to_string());
+        let here = blocking(move || {
+            t.settle(&n, SETTLE_TIMEOUT);
+            match step {
+                Some(s) => t.delete_step(&n, s),
+                None => t.delete_namespace(&n),
+            }
+        })
+        .await;
+        let cluster = self.cluster.as_ref().filter(|_| everywhere);
+        let Some(c) = cluster else { return here };
+        let mut total = match here {
+            Ok(t) => t,
+            Err(e) if e.kind() == ErrorKind::NotFound => (0, 0),
+            Err(e) => return Err(e),
+        };
+        for (shards, bytes) in c.delete_on_peers(ns, step).await {
+            total = (total.0 + shards, total.1 + bytes);
+        }
+        if total.0 == 0 {
+            let what = step.map_or(format!("namespace {ns}"), |s| format!("{ns}/step {s}"));
+            return Err(TierError::NotFound(format!("{what} on any reachable node")));
+        }
+        Ok(total)
+    }
+
     /// Path and manifest of a shard held here, fetching it from a peer first
     /// if this node lacks it.
     pub async fn locate(&self, key: &ShardKey) -> Result<(PathBuf, Arc<tierckpt_format::Manifest>)> {
@@ -255,17 +285,11 @@ impl Daemon {
             Request::ListNamespaces => Reply::Namespaces { namespaces: tier.namespaces() },
             Request::ListSteps { namespace } => Reply::Steps { steps: tier.steps(&namespace)? },
             Request::DeleteStep { namespace, step } => {
-                let t = tier.clone();
-                let (shards, bytes) = blocking(move || t.delete_step(&namespace, step)).await?;
+                let (shards, bytes) = self.delete(&namespace, Some(step), true).await?;
                 Reply::Deleted { shards, bytes }
             }
             Request::DeleteNamespace { namespace } => {
-                let t = tier.clone();
-                let (shards, bytes) = blocking(move || {
-                    t.settle(&namespace, SETTLE_TIMEOUT);
-                    t.delete_namespace(&namespace)
-                })
-                .await?;
+                let (shards, bytes) = self.delete(&namespace, None, true).await?;
                 Reply::Deleted { shards, bytes }
             }
             Request::DiscardIncompleteAfter { namespace, step } => {
