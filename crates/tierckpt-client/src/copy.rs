@@ -103,7 +103,7 @@ mod tests {
     fn scatter_places_every_byte() {
         let a: Vec<u8> = (0..5_000_000u32).map(|i| i as u8).collect();
         let b = vec![9u8; 3_000_001];
-        let mut dst = vec![0u8; 8_000_100];
+        let mut dst = vec![0u8; 8_000_200];
         scatter(&mut dst, &[(100, &a), (100 + a.len(), &b)], true);
         assert_eq!(&dst[100..100 + a.len()], &a[..]);
         assert_eq!(&dst[100 + a.len()..100 + a.len() + b.len()], &b[..]);
