@@ -4,12 +4,15 @@
 
 pub mod conformance;
 mod error;
+pub mod faults;
 pub mod memory;
+pub mod persistent;
 pub mod proto;
 mod tier;
 
 pub use error::{ErrorKind, TierError, WireError};
 pub use memory::{LeasedMap, MemoryTier, MemoryTierConfig, Reservation};
+pub use persistent::{PersistOptions, PersistentTier};
 pub use tier::{ShardBytes, StepSummary, Tier};
 
 pub type Result<T, E = TierError> = std::result::Result<T, E>;
