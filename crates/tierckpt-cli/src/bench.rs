@@ -4,9 +4,17 @@
 //! `bench memory` saves a state into the local memory tier of a real daemon
 //! child and restores it, and compares both with a one-thread memcpy of the
 //! same bytes.
+//!
+//! `bench replicate` starts a two-node cluster of daemon children and times
+//! the copy of a shard to the peer (replication) and back from it (restore
+//! from a peer), against a plain TCP copy of the same bytes between two
+//! processes on loopback.
 
 use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -15,11 +23,15 @@ use serde::Serialize;
 use tierckpt_client::{Client, TensorData};
 use tierckpt_format::{Dtype, ShardKey, ShardLayout, TensorSpec};
 
-use crate::daemon_proc::{DaemonOptions, DaemonProcess};
+use crate::daemon_proc::{DaemonOptions, DaemonProcess, LocalCluster, LocalClusterOptions};
 use crate::output;
 
 /// Ratio to the floor that `bench memory` aims for, for saves and restores.
 pub const MEMORY_TARGET_RATIO: f64 = 1.2;
+
+/// Rate that `bench replicate` aims for, as a fraction of the TCP floor's,
+/// for replication and for a restore from a peer.
+pub const REPLICATE_TARGET_RATIO: f64 = 0.8;
 
 /// Benchmarks with ratios against a floor measured in the same run.
 #[derive(Args, Debug, Clone)]
@@ -33,6 +45,12 @@ pub enum BenchCmd {
     /// Save into and restore from the local memory tier, against a
     /// one-thread memcpy of the same bytes.
     Memory(MemoryArgs),
+    /// Replication of a shard to a peer's memory and restore from the peer
+    /// (a two-node cluster), against a plain TCP copy of the same bytes.
+    Replicate(ReplicateArgs),
+    /// The receiving end of `bench replicate`'s TCP floor.
+    #[command(hide = true)]
+    TcpSink(TcpSinkArgs),
 }
 
 #[derive(Args, Debug, Clone)]
@@ -68,6 +86,44 @@ pub struct MemoryArgs {
     pub dir: PathBuf,
 }
 
+#[derive(Args, Debug, Clone)]
+pub struct ReplicateArgs {
+    /// Total tensor bytes of the shard, like "1GiB", "512MB" or a number of bytes.
+    #[arg(long, default_value = "1GiB", value_parser = parse_bytes)]
+    pub size: u64,
+    /// Number of tensors the shard is split into (bf16, equal sizes).
+    #[arg(long, default_value_t = 64)]
+    pub tensors: usize,
+    /// Measured replications, and measured restores of each kind.
+    #[arg(long, default_value_t = 10)]
+    pub iters: usize,
+    /// Unmeasured saves and replications before the measured ones
+    /// [default: keep_last + 2, enough for both nodes to recycle segments].
+    #[arg(long)]
+    pub warmup: Option<usize>,
+    /// Steps each daemon keeps (its retention).
+    #[arg(long, default_value_t = 3)]
+    pub keep_last: usize,
+    /// Repetitions of the TCP floor up front (one more runs before every
+    /// measured replication and restore; the median of all is reported).
+    #[arg(long, default_value_t = 5)]
+    pub floor_reps: usize,
+    /// Directory (a tmpfs) in which the nodes' memory tiers are created, in a
+    /// fresh subdirectory removed at the end.
+    #[arg(long, default_value = "/dev/shm")]
+    pub dir: PathBuf,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct TcpSinkArgs {
+    /// Size of the receive buffer: the largest transfer.
+    #[arg(long, value_parser = parse_bytes)]
+    pub bytes: u64,
+    /// Port on 127.0.0.1 to listen on; 0 for any. The port is printed.
+    #[arg(long, default_value_t = 0)]
+    pub port: u16,
+}
+
 fn parse_bytes(s: &str) -> Result<u64, String> {
     parse_size::parse_size(s).map_err(|e| format!("{s:?} is not a size ({e}); write it like \"1GiB\" or \"512MB\""))
 }
@@ -83,6 +139,16 @@ pub fn run(args: &BenchArgs, json: bool) -> Result<()> {
             }
             Ok(())
         }
+        BenchCmd::Replicate(a) => {
+            let report = replicate(a)?;
+            if json {
+                output::print_json(&report);
+            } else {
+                print_replicate(&report);
+            }
+            Ok(())
+        }
+        BenchCmd::TcpSink(a) => tcp_sink(a),
     }
 }
 
@@ -449,6 +515,464 @@ fn print_memory(r: &MemoryReport) {
         r.target_ratio,
         r.save_ratio,
         verdict(r.save_meets_target),
+        r.restore_ratio,
+        verdict(r.restore_meets_target)
+    );
+    println!("steady state: {}", r.steady_state);
+}
+
+/// What `bench replicate` measured. Times are seconds; rates are GiB/s of
+/// shard-file bytes; ratios are a rate over the TCP floor's rate (higher is
+/// better, 1.0 is as fast as a plain TCP copy).
+#[derive(Debug, Clone, Serialize)]
+pub struct ReplicateReport {
+    pub benchmark: &'static str,
+    /// Tensor bytes of the shard.
+    pub bytes: u64,
+    /// Bytes of the shard file (tensors plus the safetensors header): what
+    /// replication, a restore from a peer and the TCP floor move.
+    pub file_bytes: u64,
+    pub tensors: usize,
+    pub dtype: &'static str,
+    pub nodes: usize,
+    pub replication_factor: usize,
+    pub placement: &'static str,
+    pub iters: usize,
+    pub warmup: usize,
+    pub keep_last: usize,
+    /// A plain TCP copy of `file_bytes` from this process to a child on
+    /// 127.0.0.1, pre-faulted buffers at both ends: median, rate, fastest.
+    pub tcp_floor_s: f64,
+    pub tcp_floor_gibps: f64,
+    pub tcp_floor_min_s: f64,
+    /// Floor repetitions: `floor_reps` up front, then one before each
+    /// measured replication and restore.
+    pub floor_samples: usize,
+    /// Median time from the save's return on node 0 (visible there) until
+    /// the replica is visible on node 1.
+    pub replicate_s: f64,
+    pub replicate_gibps: f64,
+    /// `replicate_gibps / tcp_floor_gibps`.
+    pub ratio: f64,
+    pub replicate_min_s: f64,
+    pub replicate_max_s: f64,
+    /// The first replication, into fresh tmpfs pages on node 1.
+    pub replicate_first_s: f64,
+    /// Median `Client::save` (wait = true) on node 0, for context.
+    pub save_s: f64,
+    /// Median `map_unverified` on node 1 after its copy was deleted: fetch
+    /// from node 0 (verified chunk by chunk), then map and populate.
+    pub restore_peer_s: f64,
+    pub restore_peer_gibps: f64,
+    /// `restore_peer_gibps / tcp_floor_gibps`.
+    pub restore_ratio: f64,
+    pub restore_peer_min_s: f64,
+    /// Median `map_unverified` on node 1 of the shard it now holds: the part
+    /// of `restore_peer_s` that is not the fetch.
+    pub restore_local_map_s: f64,
+    /// Median `load_into` on node 1 after its copy was deleted: fetch, map,
+    /// then copy into caller buffers verifying every chunk.
+    pub restore_peer_load_s: f64,
+    pub restore_peer_load_gibps: f64,
+    pub restore_peer_load_ratio: f64,
+    pub target_ratio: f64,
+    pub meets_target: bool,
+    pub restore_meets_target: bool,
+    /// The bytes restored through node 1 were compared with the saved ones.
+    pub restored_identical: bool,
+    pub steady_state: &'static str,
+}
+
+const REPLICATE_STEADY_STATE: &str = "each save waits until the replica is visible on node 1 before \
+the next one; after keep_last + 2 warm-up saves both nodes write into recycled segments";
+
+/// `bench tcp-sink`: accepts one connection on 127.0.0.1 and then, for each
+/// transfer (a little-endian u64 length, then that many bytes), reads the
+/// bytes into a pre-faulted buffer and answers one byte. Exits at EOF.
+pub fn tcp_sink(a: &TcpSinkArgs) -> Result<()> {
+    let listener = TcpListener::bind(("127.0.0.1", a.port)).context("binding the TCP sink")?;
+    let mut buf = vec![0u8; a.bytes as usize];
+    // `vec!` of zeros maps pages lazily: touch them all before any timing.
+    buf.fill(1);
+    std::hint::black_box(&mut buf);
+    let port = listener.local_addr()?.port();
+    {
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "{port}")?;
+        out.flush()?;
+    }
+    let (mut s, _) = listener.accept().context("accepting the sender")?;
+    s.set_nodelay(true)?;
+    loop {
+        let mut hdr = [0u8; 8];
+        match s.read_exact(&mut hdr) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
+            Err(e) => return Err(e).context("reading a transfer's length"),
+        }
+        let n = u64::from_le_bytes(hdr) as usize;
+        if n > buf.len() {
+            bail!("transfer of {n} bytes exceeds the sink's buffer of {}", buf.len());
+        }
+        s.read_exact(&mut buf[..n]).context("receiving a transfer")?;
+        s.write_all(&[1]).context("acknowledging a transfer")?;
+    }
+}
+
+/// The sending end of the TCP floor: a `bench tcp-sink` child and one
+/// connection to it.
+struct TcpFloor {
+    child: Child,
+    stream: TcpStream,
+}
+
+impl TcpFloor {
+    fn start(bytes: u64) -> Result<Self> {
+        let exe = std::env::current_exe().context("locating this executable for the TCP sink")?;
+        let mut cmd = Command::new(&exe);
+        cmd.args(["bench", "tcp-sink", "--bytes", &bytes.to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        // The sink dies with the benchmark.
+        // SAFETY: prctl is async-signal-safe.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        let mut child = cmd.spawn().with_context(|| format!("starting {} bench tcp-sink", exe.display()))?;
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().expect("piped stdout")).read_line(&mut line)?;
+        let port: u16 = match line.trim().parse() {
+            Ok(p) => p,
+            Err(_) => {
+                let _ = child.kill();
+                let status = child.wait().ok();
+                bail!("the TCP sink said {line:?} instead of its port ({status:?})");
+            }
+        };
+        let stream = TcpStream::connect(("127.0.0.1", port)).context("connecting to the TCP sink")?;
+        stream.set_nodelay(true)?;
+        Ok(Self { child, stream })
+    }
+
+    /// Sends `data` and waits for the acknowledgement; returns the seconds
+    /// from the first byte to the acknowledgement.
+    fn rep(&mut self, data: &[u8]) -> Result<f64> {
+        let t = Instant::now();
+        self.stream.write_all(&(data.len() as u64).to_le_bytes())?;
+        self.stream.write_all(data)?;
+        let mut ack = [0u8; 1];
+        self.stream.read_exact(&mut ack).context("waiting for the TCP sink's acknowledgement")?;
+        Ok(t.elapsed().as_secs_f64())
+    }
+
+    fn finish(mut self) -> Result<()> {
+        self.stream.shutdown(std::net::Shutdown::Write)?;
+        let status = self.child.wait()?;
+        if !status.success() {
+            bail!("the TCP sink failed: {status}");
+        }
+        Ok(())
+    }
+}
+
+impl Drop for TcpFloor {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Deletes a step on the node at `http_addr` alone (its peers keep theirs).
+fn delete_on_node(http_addr: &str, ns: &str, step: u64) -> Result<()> {
+    let mut s = TcpStream::connect(http_addr).with_context(|| format!("connecting to {http_addr}"))?;
+    write!(
+        s,
+        "DELETE /v1/namespaces/{ns}/steps/{step}?scope=node HTTP/1.1\r\nHost: {http_addr}\r\n\
+         Connection: close\r\nContent-Length: 0\r\n\r\n"
+    )?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).with_context(|| format!("reading the answer of {http_addr}"))?;
+    let status = resp.split_whitespace().nth(1).unwrap_or("");
+    if status != "200" {
+        bail!("deleting {ns}/step {step} on {http_addr}: {}", resp.lines().next().unwrap_or("no answer"));
+    }
+    Ok(())
+}
+
+/// Waits until `key` is visible on the node of `client`: polls its steps
+/// every millisecond until the shard is there or being received, then waits
+/// for it to become visible without polling.
+fn wait_replica(client: &mut Client, key: &ShardKey, timeout: Duration) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let steps = client.steps(&key.namespace)?;
+        if let Some(s) = steps.iter().find(|s| s.step == key.step) {
+            if s.ranks.contains(&key.rank) {
+                return Ok(());
+            }
+            if s.in_progress.contains(&key.rank) {
+                let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
+                client.wait_visible(key, left).with_context(|| format!("waiting for the replica of {key}"))?;
+                return Ok(());
+            }
+        }
+        if Instant::now() >= deadline {
+            bail!("no replica of {key} appeared on node 1 within {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// Runs `bench replicate` and returns its figures.
+pub fn replicate(a: &ReplicateArgs) -> Result<ReplicateReport> {
+    if a.iters == 0 || a.floor_reps == 0 {
+        bail!("--iters and --floor-reps must be at least 1");
+    }
+    if a.keep_last == 0 {
+        bail!("--keep-last must be at least 1");
+    }
+    let warmup = a.warmup.unwrap_or(a.keep_last + 2);
+    let lens = tensor_lens(a.size, a.tensors)?;
+    let bytes = a.size;
+    let names: Vec<String> = (0..lens.len()).map(|i| format!("layers.{i}.weight")).collect();
+    let shapes: Vec<[usize; 1]> = lens.iter().map(|&l| [l / 2]).collect();
+    let specs: Vec<TensorSpec> = (0..lens.len())
+        .map(|i| TensorSpec { name: names[i].clone(), dtype: Dtype::BF16, shape: shapes[i].to_vec() })
+        .collect();
+    let metadata = BTreeMap::from([("bench".to_string(), "replicate".to_string())]);
+    let file_bytes = ShardLayout::new(&specs, &metadata)?.file_len;
+
+    // One pre-faulted buffer of file_bytes: the tensors are its first `bytes`
+    // bytes, and the TCP floor sends all of it.
+    let mut src = Buf::new(file_bytes as usize, 0);
+    {
+        let n = cores();
+        let part = (file_bytes as usize).div_ceil(n);
+        std::thread::scope(|s| {
+            for (i, p) in src.bytes_mut().chunks_mut(part).enumerate() {
+                s.spawn(move || fill_random(p, i as u64 + 1));
+            }
+        });
+    }
+    let src_bytes = src.bytes();
+    let mut state: Vec<&[u8]> = Vec::with_capacity(lens.len());
+    let mut off = 0;
+    for &l in &lens {
+        state.push(&src_bytes[off..off + l]);
+        off += l;
+    }
+    let tensors: Vec<TensorData<'_>> = (0..lens.len())
+        .map(|i| TensorData { name: &names[i], dtype: Dtype::BF16, shape: &shapes[i], data: state[i] })
+        .collect();
+
+    // The floor: a plain TCP copy of the same number of bytes to a child
+    // process on loopback, `floor_reps` times up front and once right before
+    // every measured replication and restore.
+    let mut floor_link = TcpFloor::start(file_bytes)?;
+    let mut floor = Vec::with_capacity(a.floor_reps + 3 * a.iters);
+    for _ in 0..a.floor_reps {
+        floor.push(floor_link.rep(src_bytes)?);
+    }
+
+    // Two nodes, k = 1, ring: node 0 writes, node 1 holds its replicas. Each
+    // tier holds keep_last + 2 shards. The heartbeat timeout is long, so that
+    // re-replication (only of shards older than twice the timeout) stays out.
+    let dir = tempfile::Builder::new()
+        .prefix("tierckpt-bench-replicate-")
+        .tempdir_in(&a.dir)
+        .with_context(|| format!("creating a directory under {}", a.dir.display()))?;
+    let opts = LocalClusterOptions {
+        nodes: 2,
+        memory_tier_size: ((a.keep_last as u64 + 2) * file_bytes).to_string(),
+        keep_last: a.keep_last,
+        replication_factor: 1,
+        placement: "ring".into(),
+        heartbeat_interval: "500ms".into(),
+        heartbeat_timeout: "60s".into(),
+        replication_bandwidth: None,
+        token: None,
+        ..Default::default()
+    };
+    let cluster = LocalCluster::start(dir.path(), opts)?;
+    let mut c0 = Client::connect(cluster.socket(0))?;
+    let mut c1 = Client::connect(cluster.socket(1))?;
+    let http1 = cluster.node(1).http_addr.clone().context("node 1 has no HTTP address")?;
+    let timeout = Duration::from_secs(600);
+
+    // Saves on node 0, each waited for on node 1 before the next.
+    let ns = "bench-replicate";
+    let (mut saves, mut reps) = (Vec::new(), Vec::new());
+    let mut replicate_first_s = f64::NAN;
+    for step in 0..(warmup + a.iters) as u64 {
+        let measured = step >= warmup as u64;
+        if measured {
+            floor.push(floor_link.rep(src_bytes)?);
+        }
+        let key = ShardKey::new(ns, step, 0);
+        let t0 = Instant::now();
+        c0.save(&key, 1, &tensors, &metadata, true)
+            .with_context(|| format!("saving step {step} on node 0"))?;
+        let t1 = Instant::now();
+        wait_replica(&mut c1, &key, timeout)?;
+        let dt = t1.elapsed().as_secs_f64();
+        if step == 0 {
+            replicate_first_s = dt;
+        }
+        if measured {
+            saves.push((t1 - t0).as_secs_f64());
+            reps.push(dt);
+        }
+    }
+    let last = ShardKey::new(ns, (warmup + a.iters - 1) as u64, 0);
+
+    // Restores from the peer: node 1 drops its copy of the newest step (over
+    // HTTP with `scope=node`, so node 0 keeps its copy; the segment goes to
+    // node 1's pool), then a client of node 1 opens it, which
+    // makes node 1 fetch it from node 0 into that segment. `map_unverified`
+    // leases the shard until its connection closes, and a leased shard is
+    // unlinked rather than recycled when deleted: each open uses a connection
+    // of its own, closed a moment before the next delete.
+    let (mut peer, mut local_maps) = (Vec::new(), Vec::new());
+    for _ in 0..a.iters {
+        floor.push(floor_link.rep(src_bytes)?);
+        delete_on_node(&http1, ns, last.step)?;
+        let mut c = Client::connect(cluster.socket(1))?;
+        let t = Instant::now();
+        let m = c.map_unverified(&last).context("restoring from the peer (map_unverified on node 1)")?;
+        peer.push(t.elapsed().as_secs_f64());
+        drop(m);
+        let t = Instant::now();
+        let m = c.map_unverified(&last)?;
+        local_maps.push(t.elapsed().as_secs_f64());
+        drop(m);
+        drop(c);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // The same, restored into pre-faulted caller buffers with load_into.
+    let mut dst = Buf::new(bytes as usize, 0);
+    dst.bytes_mut().fill(0x5A);
+    let mut targets: Vec<(&str, &mut [u8])> = Vec::with_capacity(lens.len());
+    {
+        let mut rest = dst.bytes_mut();
+        for (i, &l) in lens.iter().enumerate() {
+            let (head, tail) = std::mem::take(&mut rest).split_at_mut(l);
+            targets.push((names[i].as_str(), head));
+            rest = tail;
+        }
+    }
+    let mut loads = Vec::new();
+    for _ in 0..a.iters {
+        floor.push(floor_link.rep(src_bytes)?);
+        delete_on_node(&http1, ns, last.step)?;
+        let t = Instant::now();
+        c1.load_into(&last, &mut targets).context("restoring from the peer (load_into on node 1)")?;
+        loads.push(t.elapsed().as_secs_f64());
+    }
+    let restored_identical = state.iter().zip(&targets).all(|(s, (_, d))| s[..] == d[..]);
+    if !restored_identical {
+        bail!("the bytes restored through node 1 differ from the saved ones");
+    }
+    drop(targets);
+
+    drop(c0);
+    drop(c1);
+    drop(cluster);
+    floor_link.finish()?;
+    dir.close().context("removing the benchmark's memory tiers")?;
+
+    let tcp_floor_s = median(&floor);
+    let replicate_s = median(&reps);
+    let restore_peer_s = median(&peer);
+    let restore_peer_load_s = median(&loads);
+    let tcp_floor_gibps = gibps(file_bytes, tcp_floor_s);
+    let replicate_gibps = gibps(file_bytes, replicate_s);
+    let restore_peer_gibps = gibps(file_bytes, restore_peer_s);
+    let restore_peer_load_gibps = gibps(file_bytes, restore_peer_load_s);
+    let ratio = replicate_gibps / tcp_floor_gibps;
+    let restore_ratio = restore_peer_gibps / tcp_floor_gibps;
+    Ok(ReplicateReport {
+        benchmark: "replicate",
+        bytes,
+        file_bytes,
+        tensors: lens.len(),
+        dtype: "BF16",
+        nodes: 2,
+        replication_factor: 1,
+        placement: "ring",
+        iters: a.iters,
+        warmup,
+        keep_last: a.keep_last,
+        tcp_floor_s,
+        tcp_floor_gibps,
+        tcp_floor_min_s: min(&floor),
+        floor_samples: floor.len(),
+        replicate_s,
+        replicate_gibps,
+        ratio,
+        replicate_min_s: min(&reps),
+        replicate_max_s: reps.iter().copied().fold(0.0, f64::max),
+        replicate_first_s,
+        save_s: median(&saves),
+        restore_peer_s,
+        restore_peer_gibps,
+        restore_ratio,
+        restore_peer_min_s: min(&peer),
+        restore_local_map_s: median(&local_maps),
+        restore_peer_load_s,
+        restore_peer_load_gibps,
+        restore_peer_load_ratio: restore_peer_load_gibps / tcp_floor_gibps,
+        target_ratio: REPLICATE_TARGET_RATIO,
+        meets_target: ratio >= REPLICATE_TARGET_RATIO,
+        restore_meets_target: restore_ratio >= REPLICATE_TARGET_RATIO,
+        restored_identical,
+        steady_state: REPLICATE_STEADY_STATE,
+    })
+}
+
+fn print_replicate(r: &ReplicateReport) {
+    println!(
+        "bench replicate: {} in {} {} tensors ({} shard file); {} nodes, k={}, {}; {} warm-up saves, then medians of {}",
+        output::human_bytes(r.bytes),
+        r.tensors,
+        r.dtype.to_lowercase(),
+        output::human_bytes(r.file_bytes),
+        r.nodes,
+        r.replication_factor,
+        r.placement,
+        r.warmup,
+        r.iters
+    );
+    let mut t = output::table(&["operation", "seconds", "GiB/s", "ratio to floor"]);
+    let row = |t: &mut comfy_table::Table, op: &str, s: f64, rate: bool| {
+        let g = gibps(r.file_bytes, s);
+        t.add_row(vec![
+            op.to_string(),
+            format!("{s:.4}"),
+            if rate { format!("{g:.2}") } else { String::new() },
+            if rate { format!("{:.3}", g / r.tcp_floor_gibps) } else { String::new() },
+        ]);
+    };
+    row(&mut t, "TCP copy on loopback (the floor)", r.tcp_floor_s, true);
+    row(&mut t, "replicate: visible on node 0 -> visible on node 1", r.replicate_s, true);
+    row(&mut t, "replicate: first (fresh tmpfs pages)", r.replicate_first_s, true);
+    row(&mut t, "restore from peer: map_unverified on node 1", r.restore_peer_s, true);
+    row(&mut t, "  of which local map and populate", r.restore_local_map_s, false);
+    row(&mut t, "restore from peer: load_into on node 1", r.restore_peer_load_s, true);
+    row(&mut t, "save on node 0 (wait), for context", r.save_s, false);
+    println!("{t}");
+    let verdict = |ok: bool| if ok { "met" } else { "missed" };
+    println!(
+        "target: rate at least {} of the floor -- replicate {:.3} ({}), restore from peer {:.3} ({})",
+        r.target_ratio,
+        r.ratio,
+        verdict(r.meets_target),
         r.restore_ratio,
         verdict(r.restore_meets_target)
     );

@@ -1,19 +1,24 @@
-//! `tierckpt bench memory` end to end: a real daemon child, a small state,
-//! and the shape of the JSON report. Never asserts on wall-clock values.
+//! `tierckpt bench memory` and `tierckpt bench replicate` end to end: real
+//! daemon children, a small state, and the shape of the JSON reports. Never
+//! asserts on wall-clock values.
 
 use std::process::Command;
 
 use serde_json::Value;
 
 fn bench_memory_json(args: &[&str]) -> Value {
+    bench_json("memory", args)
+}
+
+fn bench_json(which: &str, args: &[&str]) -> Value {
     let out = Command::new(env!("CARGO_BIN_EXE_tierckpt"))
-        .args(["bench", "memory"])
+        .args(["bench", which])
         .args(args)
         .output()
         .expect("running tierckpt");
     assert!(
         out.status.success(),
-        "tierckpt bench memory failed: {}\nstdout: {}",
+        "tierckpt bench {which} failed: {}\nstdout: {}",
         String::from_utf8_lossy(&out.stderr),
         String::from_utf8_lossy(&out.stdout)
     );
@@ -110,4 +115,103 @@ fn memory_rejects_a_bad_size() {
         .expect("running tierckpt");
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("not a size"));
+}
+
+#[test]
+fn replicate_reports_rates_against_the_tcp_floor() {
+    let v = bench_json("replicate", &["--size", "8MiB", "--iters", "3", "--json"]);
+    assert_eq!(v["benchmark"], "replicate");
+    assert_eq!(v["bytes"].as_u64(), Some(8 << 20));
+    let file_bytes = v["file_bytes"].as_u64().unwrap();
+    assert!(file_bytes > 8 << 20);
+    assert_eq!(v["tensors"].as_u64(), Some(64));
+    assert_eq!(v["nodes"].as_u64(), Some(2));
+    assert_eq!(v["replication_factor"].as_u64(), Some(1));
+    assert_eq!(v["placement"], "ring");
+    assert_eq!(v["iters"].as_u64(), Some(3));
+    assert_eq!(v["keep_last"].as_u64(), Some(3));
+    assert_eq!(v["warmup"].as_u64(), Some(5), "warm-up defaults to keep_last + 2");
+    // 5 floor repetitions up front, then one before each of 3 replications,
+    // 3 restores with map_unverified and 3 with load_into.
+    assert_eq!(v["floor_samples"].as_u64(), Some(5 + 3 * 3));
+    assert_eq!(v["restored_identical"], true);
+    assert!(v["steady_state"].as_str().unwrap().contains("recycled segments"));
+
+    for f in [
+        "tcp_floor_s",
+        "tcp_floor_gibps",
+        "tcp_floor_min_s",
+        "replicate_s",
+        "replicate_gibps",
+        "ratio",
+        "replicate_min_s",
+        "replicate_max_s",
+        "replicate_first_s",
+        "save_s",
+        "restore_peer_s",
+        "restore_peer_gibps",
+        "restore_ratio",
+        "restore_peer_min_s",
+        "restore_local_map_s",
+        "restore_peer_load_s",
+        "restore_peer_load_gibps",
+        "restore_peer_load_ratio",
+        "target_ratio",
+    ] {
+        positive(&v, f);
+    }
+    assert!(v["meets_target"].is_boolean());
+    assert!(v["restore_meets_target"].is_boolean());
+    assert!(close(positive(&v, "target_ratio"), 0.8));
+
+    let floor = positive(&v, "tcp_floor_gibps");
+    assert!(
+        close(positive(&v, "ratio"), positive(&v, "replicate_gibps") / floor),
+        "ratio is not replicate_gibps / tcp_floor_gibps: {v}"
+    );
+    assert!(
+        close(positive(&v, "restore_ratio"), positive(&v, "restore_peer_gibps") / floor),
+        "restore_ratio is not restore_peer_gibps / tcp_floor_gibps: {v}"
+    );
+    assert!(close(positive(&v, "restore_peer_load_ratio"), positive(&v, "restore_peer_load_gibps") / floor));
+    // Rates are shard-file bytes over the median times.
+    let gib = file_bytes as f64 / (1u64 << 30) as f64;
+    for (rate, time) in [
+        ("tcp_floor_gibps", "tcp_floor_s"),
+        ("replicate_gibps", "replicate_s"),
+        ("restore_peer_gibps", "restore_peer_s"),
+        ("restore_peer_load_gibps", "restore_peer_load_s"),
+    ] {
+        assert!(close(positive(&v, rate), gib / positive(&v, time)), "{rate} is not file_bytes / {time}: {v}");
+    }
+    let (lo, med, hi) = (positive(&v, "replicate_min_s"), positive(&v, "replicate_s"), positive(&v, "replicate_max_s"));
+    assert!(lo <= med && med <= hi, "median {med} outside [{lo}, {hi}]");
+    assert!(positive(&v, "tcp_floor_min_s") <= positive(&v, "tcp_floor_s"));
+    assert!(positive(&v, "restore_peer_min_s") <= positive(&v, "restore_peer_s"));
+}
+
+#[test]
+fn replicate_prints_a_table_without_json() {
+    let out = Command::new(env!("CARGO_BIN_EXE_tierckpt"))
+        .args(["bench", "replicate", "--size", "1MiB", "--tensors", "4", "--iters", "1", "--warmup", "1"])
+        .args(["--floor-reps", "1"])
+        .output()
+        .expect("running tierckpt");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    for want in ["the floor", "visible on node 1", "restore from peer", "target: rate at least 0.8", "steady state"] {
+        assert!(text.contains(want), "{want:?} missing from:\n{text}");
+    }
+}
+
+#[test]
+fn the_tcp_sink_is_hidden() {
+    let out = Command::new(env!("CARGO_BIN_EXE_tierckpt"))
+        .args(["bench", "--help"])
+        .output()
+        .expect("running tierckpt");
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("replicate"), "{text}");
+    assert!(!text.contains("tcp-sink"), "{text}");
 }
