@@ -144,6 +144,13 @@ impl PersistentTier {
     /// (`AWS_ACCESS_KEY_ID`, `AWS_REGION`, `AWS_ENDPOINT_URL`,
     /// `AWS_ALLOW_HTTP`, ...). `writer` names this writer in object paths.
     pub fn open(url: &str, writer: &str, opts: PersistOptions) -> Result<Self> {
+        Self::open_with(url, writer, opts, &[])
+    }
+
+    /// Like [`Self::open`], with store options on top of the environment
+    /// (for S3: `endpoint`, `allow_http`, `region`, `access_key_id`, ...,
+    /// as `object_store` names them).
+    pub fn open_with(url: &str, writer: &str, opts: PersistOptions, options: &[(String, String)]) -> Result<Self> {
         let bad = |m: String| TierError::InvalidArgument(m);
         let (scheme, rest) = url
             .split_once("://")
@@ -151,6 +158,9 @@ impl PersistentTier {
         let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
         let (store, prefix, local_root): (Arc<dyn ObjectStore>, &str, _) = match scheme {
             "file" => {
+                if let Some((k, _)) = options.first() {
+                    return Err(bad(format!("option {k:?} does not apply to file:// paths")));
+                }
                 let dir = PathBuf::from(rest);
                 if !dir.is_absolute() {
                     return Err(bad(format!("file URL {url:?} needs an absolute path: file:///dir")));
@@ -162,22 +172,34 @@ impl PersistentTier {
                 (Arc::new(fs), "", Some(dir))
             }
             "s3" | "s3a" => {
-                let s = object_store::aws::AmazonS3Builder::from_env()
-                    .with_bucket_name(bucket)
+                let mut b = object_store::aws::AmazonS3Builder::from_env().with_bucket_name(bucket);
+                for (k, v) in options {
+                    let key = k.parse().map_err(|_| bad(format!("unknown S3 option {k:?}")))?;
+                    b = b.with_config(key, v);
+                }
+                let s = b
                     .build()
                     .map_err(|e| store_err(url, "configuring S3", e))?;
                 (Arc::new(s), prefix, None)
             }
             "gs" => {
-                let s = object_store::gcp::GoogleCloudStorageBuilder::from_env()
-                    .with_bucket_name(bucket)
+                let mut b = object_store::gcp::GoogleCloudStorageBuilder::from_env().with_bucket_name(bucket);
+                for (k, v) in options {
+                    let key = k.parse().map_err(|_| bad(format!("unknown GCS option {k:?}")))?;
+                    b = b.with_config(key, v);
+                }
+                let s = b
                     .build()
                     .map_err(|e| store_err(url, "configuring GCS", e))?;
                 (Arc::new(s), prefix, None)
             }
             "az" | "azure" | "abfs" => {
-                let s = object_store::azure::MicrosoftAzureBuilder::from_env()
-                    .with_container_name(bucket)
+                let mut b = object_store::azure::MicrosoftAzureBuilder::from_env().with_container_name(bucket);
+                for (k, v) in options {
+                    let key = k.parse().map_err(|_| bad(format!("unknown Azure option {k:?}")))?;
+                    b = b.with_config(key, v);
+                }
+                let s = b
                     .build()
                     .map_err(|e| store_err(url, "configuring Azure", e))?;
                 (Arc::new(s), prefix, None)
