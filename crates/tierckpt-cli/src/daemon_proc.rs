@@ -51,6 +51,8 @@ pub struct DaemonOptions {
     pub token: Option<String>,
     pub log: String,
     pub cluster: Option<ClusterOptions>,
+    /// More `tierckptd` flags (e.g. `--persistent-path file:///...`).
+    pub extra_args: Vec<String>,
 }
 
 impl DaemonOptions {
@@ -63,6 +65,7 @@ impl DaemonOptions {
             token: None,
             log: "warn".into(),
             cluster: None,
+            extra_args: Vec::new(),
         }
     }
 }
@@ -109,6 +112,7 @@ impl DaemonProcess {
                 cmd.args(["--replication-bandwidth", b]);
             }
         }
+        cmd.args(&opts.extra_args);
         // The daemon dies with the process that started it (demo, bench, test).
         // SAFETY: prctl is async-signal-safe.
         unsafe {
@@ -236,6 +240,8 @@ pub struct LocalClusterOptions {
     pub token: Option<String>,
     /// `TIERCKPT_LOG` of every daemon ("warn", "error", ...).
     pub log: String,
+    /// More flags for every daemon (e.g. `--persistent-path`).
+    pub extra_args: Vec<String>,
 }
 
 impl Default for LocalClusterOptions {
@@ -251,6 +257,7 @@ impl Default for LocalClusterOptions {
             replication_bandwidth: None,
             token: None,
             log: "warn".into(),
+            extra_args: Vec::new(),
         }
     }
 }
@@ -296,6 +303,7 @@ impl LocalCluster {
                 o.http_addr = format!("127.0.0.1:{}", ports[i]);
                 o.token = opts.token.clone();
                 o.log = opts.log.clone();
+                o.extra_args = opts.extra_args.clone();
                 o.cluster = Some(ClusterOptions {
                     node_id: Self::node_id(i),
                     nodes: members.join(","),

@@ -45,6 +45,22 @@ pub struct ConfigLayer {
     pub heartbeat_timeout: Option<String>,
     /// Cap on replication traffic per second ("1GB"); none by default.
     pub replication_bandwidth: Option<String>,
+    /// Where checkpoints are drained to: file:///dir, s3://bucket/prefix, gs://..., az://...
+    pub persistent_path: Option<String>,
+    /// Persist every N-th complete checkpoint (default 1: all).
+    pub persist_every: Option<u64>,
+    /// Also persist when this long has passed since the last one ("10m").
+    pub persist_interval: Option<String>,
+    /// Committed steps kept in the persistent tier (default 3).
+    pub persist_keep_last: Option<usize>,
+    /// Also keep every step that is a multiple of this (default 0: none).
+    pub persist_keep_every: Option<u64>,
+    /// Cap on upload bytes per second ("500MB"); none by default.
+    pub persist_bandwidth: Option<String>,
+    /// Store options (for S3: endpoint, allow_http, region, ...).
+    pub persistent_options: Option<std::collections::BTreeMap<String, String>>,
+    /// Testing aid: inject faults into the store ("fail=0.3,delay=5ms,seed=1").
+    pub persistent_faults: Option<String>,
 }
 
 /// A member of the cluster.
@@ -53,6 +69,18 @@ pub struct ConfigLayer {
 pub struct NodeSpec {
     pub id: String,
     pub addr: String,
+}
+
+/// Parses "endpoint=http://127.0.0.1:9000,allow_http=true".
+pub fn parse_options(s: &str) -> Result<std::collections::BTreeMap<String, String>, DaemonError> {
+    s.split(',')
+        .filter(|p| !p.trim().is_empty())
+        .map(|p| {
+            p.split_once('=')
+                .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+                .ok_or_else(|| DaemonError::Config(format!("store option {p:?} is not key=value")))
+        })
+        .collect()
 }
 
 /// Parses "n0=127.0.0.1:7750,n1=127.0.0.1:7751".
@@ -110,6 +138,16 @@ impl ConfigLayer {
                 "TIERCKPT_HEARTBEAT_INTERVAL" => l.heartbeat_interval = Some(v),
                 "TIERCKPT_HEARTBEAT_TIMEOUT" => l.heartbeat_timeout = Some(v),
                 "TIERCKPT_REPLICATION_BANDWIDTH" => l.replication_bandwidth = Some(v),
+                "TIERCKPT_PERSISTENT_PATH" => l.persistent_path = Some(v),
+                "TIERCKPT_PERSIST_EVERY" => {
+                    l.persist_every = Some(v.parse().map_err(|_| {
+                        DaemonError::Config(format!("TIERCKPT_PERSIST_EVERY={v:?} is not a whole number"))
+                    })?)
+                }
+                "TIERCKPT_PERSIST_INTERVAL" => l.persist_interval = Some(v),
+                "TIERCKPT_PERSIST_BANDWIDTH" => l.persist_bandwidth = Some(v),
+                "TIERCKPT_PERSISTENT_OPTIONS" => l.persistent_options = Some(parse_options(&v)?),
+                "TIERCKPT_PERSISTENT_FAULTS" => l.persistent_faults = Some(v),
                 _ => {}
             }
         }
@@ -124,7 +162,8 @@ impl ConfigLayer {
         take!(
             memory_dir, memory_tier_size, keep_last, socket, http_addr, token_file, token, node_id,
             nodes, replication_factor, placement, heartbeat_interval, heartbeat_timeout,
-            replication_bandwidth
+            replication_bandwidth, persistent_path, persist_every, persist_interval, persist_keep_last,
+            persist_keep_every, persist_bandwidth, persistent_options, persistent_faults
         );
         self
     }
@@ -141,6 +180,47 @@ pub struct DaemonConfig {
     pub http_addr: Option<SocketAddr>,
     pub token: Option<String>,
     pub cluster: Option<ClusterConfig>,
+    pub persist: Option<PersistConfig>,
+}
+
+/// Settings of the drain to the persistent tier.
+#[derive(Debug, Clone)]
+pub struct PersistConfig {
+    pub url: String,
+    pub every: u64,
+    pub interval: Option<std::time::Duration>,
+    pub keep_last: usize,
+    pub keep_every: u64,
+    pub bandwidth: Option<u64>,
+    pub options: Vec<(String, String)>,
+    pub faults: Option<String>,
+}
+
+fn resolve_persist(layer: &ConfigLayer) -> Result<Option<PersistConfig>, DaemonError> {
+    let Some(url) = layer.persistent_path.clone() else {
+        return Ok(None);
+    };
+    let every = layer.persist_every.unwrap_or(1);
+    if every == 0 {
+        return Err(DaemonError::Config("persist_every must be at least 1".into()));
+    }
+    let interval = layer.persist_interval.as_deref().map(|s| parse_duration("persist_interval", s)).transpose()?;
+    let bandwidth = match &layer.persist_bandwidth {
+        None => None,
+        Some(b) => Some(parse_size::parse_size(b).map_err(|e| {
+            DaemonError::Config(format!("persist_bandwidth {b:?} is not a size per second ({e})"))
+        })?),
+    };
+    Ok(Some(PersistConfig {
+        url,
+        every,
+        interval,
+        keep_last: layer.persist_keep_last.unwrap_or(3).max(1),
+        keep_every: layer.persist_keep_every.unwrap_or(0),
+        bandwidth,
+        options: layer.persistent_options.clone().unwrap_or_default().into_iter().collect(),
+        faults: layer.persistent_faults.clone(),
+    }))
 }
 
 /// Where the copies of a shard go.
@@ -241,6 +321,7 @@ fn resolve_cluster(layer: &ConfigLayer) -> Result<Option<ClusterConfig>, DaemonE
 impl DaemonConfig {
     pub fn resolve(layer: ConfigLayer) -> Result<Self, DaemonError> {
         let cluster = resolve_cluster(&layer)?;
+        let persist = resolve_persist(&layer)?;
         let memory_dir = layer.memory_dir.unwrap_or_else(|| DEFAULT_MEMORY_DIR.into());
         let memory_tier_size = layer.memory_tier_size.unwrap_or_else(|| "auto".into());
         let keep_last = layer.keep_last.unwrap_or(3);
@@ -297,6 +378,7 @@ impl DaemonConfig {
             http_addr,
             token,
             cluster,
+            persist,
         })
     }
 }

@@ -5,6 +5,7 @@
 
 pub mod cluster;
 pub mod config;
+pub mod drain;
 mod http;
 pub mod metrics;
 pub mod peer;

@@ -26,6 +26,7 @@ pub struct Daemon {
     pub tier: Arc<MemoryTier>,
     pub cfg: DaemonConfig,
     pub cluster: Option<Arc<Cluster>>,
+    pub drainer: Option<Arc<crate::drain::Drainer>>,
     pub metrics: Arc<Metrics>,
     started: Instant,
     http_addr: Option<SocketAddr>,
@@ -89,10 +90,16 @@ impl Daemon {
             .cluster
             .clone()
             .map(|c| Cluster::start(c, tier.clone(), cfg.token.clone(), metrics.clone(), stopped.clone()));
+        let node = cfg.cluster.as_ref().map_or("node".to_string(), |c| c.node_id.clone());
+        let drainer = match cfg.persist.clone() {
+            Some(p) => Some(crate::drain::Drainer::start(p, &node, tier.clone(), cluster.clone(), stopped.clone())?),
+            None => None,
+        };
         let daemon = Arc::new(Daemon {
             tier,
             cfg,
             cluster,
+            drainer,
             metrics,
             started: Instant::now(),
             http_addr,
@@ -122,6 +129,7 @@ impl Daemon {
             memory: self.tier.usage(),
             namespaces: self.tier.namespaces(),
             cluster: self.cluster.as_ref().map(|c| c.status()),
+            persistent: self.drainer.as_ref().map(|d| serde_json::to_value(d.status()).unwrap_or_default()),
         }
     }
 
@@ -132,7 +140,7 @@ impl Daemon {
         let job = self.tier.begin_seal(id)?;
         let tier = self.tier.clone();
         let work = tokio::task::spawn_blocking(move || tier.finish_seal(job));
-        let (cluster, metrics) = (self.cluster.clone(), self.metrics.clone());
+        let (cluster, metrics, drainer) = (self.cluster.clone(), self.metrics.clone(), self.drainer.clone());
         let done = async move {
             let m = work
                 .await
@@ -140,6 +148,9 @@ impl Daemon {
             metrics.sealed(m.file_len);
             if let Some(c) = cluster {
                 c.enqueue(m.key.clone());
+            }
+            if let Some(d) = drainer {
+                d.poke();
             }
             Ok::<(), TierError>(())
         };
@@ -161,10 +172,21 @@ impl Daemon {
             t.latest(&n)
         })
         .await?;
-        Ok(match &self.cluster {
+        let memory = match &self.cluster {
             Some(c) => c.latest(ns).await.max(local),
             None => local,
-        })
+        };
+        let persisted = match &self.drainer {
+            Some(d) => match d.store.latest_committed(ns).await {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(namespace = ns, error = %e, "the persistent tier did not answer; latest counts memory only");
+                    None
+                }
+            },
+            None => None,
+        };
+        Ok(memory.max(persisted))
     }
 
     /// Deletes a step (or with `None` a namespace) here, and with
@@ -199,17 +221,45 @@ impl Daemon {
 
     /// Path and manifest of a shard held here, fetching it from a peer first
     /// if this node lacks it.
+    /// Tiers are tried fastest first: local memory, a peer's memory, then
+    /// the persistent tier; any copy is verified chunk by chunk on the way in.
     pub async fn locate(&self, key: &ShardKey) -> Result<(PathBuf, Arc<tierckpt_format::Manifest>)> {
-        match self.tier.locate(key) {
-            Err(e) if e.kind() == ErrorKind::NotFound => match &self.cluster {
-                Some(c) => {
-                    c.fetch_from_peers(key).await?;
-                    self.tier.locate(key)
-                }
-                None => Err(e),
-            },
-            r => r,
+        let local = self.tier.locate(key);
+        let Err(e) = &local else { return local };
+        if e.kind() != ErrorKind::NotFound {
+            return local;
         }
+        let mut errors = vec![format!("memory: {e}")];
+        if let Some(c) = &self.cluster {
+            match c.fetch_from_peers(key).await {
+                Ok(()) => return self.tier.locate(key),
+                Err(e) => errors.push(format!("peers: {e}")),
+            }
+        }
+        if let Some(d) = &self.drainer {
+            match self.fetch_persisted(d, key).await {
+                Ok(()) => return self.tier.locate(key),
+                Err(e) if e.kind() == ErrorKind::AlreadyExists => return self.tier.locate(key),
+                Err(e) => {
+                    let kind = e.kind();
+                    errors.push(format!("persistent: {e}"));
+                    if kind == ErrorKind::Corrupt {
+                        return Err(TierError::Remote { kind, message: errors.join("; ") });
+                    }
+                }
+            }
+        }
+        if errors.len() == 1 {
+            return local;
+        }
+        Err(TierError::NotFound(format!("no tier has a verified copy of shard {key}: {}", errors.join("; "))))
+    }
+
+    async fn fetch_persisted(&self, d: &crate::drain::Drainer, key: &ShardKey) -> Result<()> {
+        let (m, stream) = d.store.fetch(key).await?;
+        crate::cluster::receive(&self.tier, &m, d.store.url(), stream).await?;
+        tracing::info!(shard = %key, url = d.store.url(), "restored a shard from the persistent tier");
+        Ok(())
     }
 
     /// Handles one local request for the connection `conn`.

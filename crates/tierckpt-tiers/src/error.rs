@@ -39,6 +39,8 @@ pub enum TierError {
         capacity: u64,
         detail: String,
     },
+    #[error("storage full: {0}; free space there, lower persist_keep_last, or persist less often")]
+    StorageFull(String),
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
     #[error("unavailable: {0}")]
@@ -60,7 +62,7 @@ impl TierError {
             TierError::NotFound(_) => ErrorKind::NotFound,
             TierError::AlreadyExists(_) => ErrorKind::AlreadyExists,
             TierError::Corrupt(_) => ErrorKind::Corrupt,
-            TierError::CapacityExceeded { .. } => ErrorKind::CapacityExceeded,
+            TierError::CapacityExceeded { .. } | TierError::StorageFull(_) => ErrorKind::CapacityExceeded,
             TierError::InvalidArgument(_) => ErrorKind::InvalidArgument,
             TierError::Unavailable(_) => ErrorKind::Unavailable,
             TierError::Io { source, .. } if source.raw_os_error() == Some(libc::ENOSPC) => {

@@ -110,7 +110,7 @@ fn store_err(url: &str, what: &str, e: object_store::Error) -> TierError {
             let msg = format!("{what} in {url}: {e}");
             let full = std::error::Error::source(&e).map(|s| s.to_string()).unwrap_or_default();
             if msg.contains("No space left") || full.contains("No space left") {
-                TierError::CapacityExceeded { requested: 0, free: 0, capacity: 0, detail: format!(" ({msg})") }
+                TierError::StorageFull(msg)
             } else {
                 TierError::Unavailable(msg)
             }
@@ -545,6 +545,21 @@ impl PersistentTier {
         let n = all.len() as u64;
         for p in all {
             self.remove(&p).await?;
+        }
+        Ok(n)
+    }
+
+    /// Deletes the data objects under a committed step that its COMMIT does
+    /// not reference (left by an upload that was cut off or lost a race).
+    pub async fn clean_unreferenced(&self, ns: &str, step: u64) -> Result<u64> {
+        let c = self.commit_record(ns, step).await?;
+        let referenced: std::collections::HashSet<&str> = c.shards.iter().map(|r| r.data.as_str()).collect();
+        let mut n = 0;
+        for p in self.list_all(&self.child(&[ns, &step_name(step), "data"])).await? {
+            if !referenced.contains(p.as_ref()) {
+                self.remove(&p).await?;
+                n += 1;
+            }
         }
         Ok(n)
     }

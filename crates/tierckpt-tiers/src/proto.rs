@@ -91,6 +91,10 @@ pub struct DaemonStatus {
     /// Present when the daemon is a member of a cluster.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cluster: Option<ClusterStatus>,
+    /// Present when the daemon drains to a persistent tier (see
+    /// `tierckpt_daemon::drain::PersistStatus`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub persistent: Option<serde_json::Value>,
 }
 
 /// What one node holds in memory: visible shards per namespace and step.

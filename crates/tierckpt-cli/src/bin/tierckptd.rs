@@ -52,6 +52,30 @@ struct Args {
     /// Cap on replication traffic per second, e.g. "1GB" [default: none].
     #[arg(long)]
     replication_bandwidth: Option<String>,
+    /// Drain checkpoints to file:///dir, s3://bucket/prefix, gs://... or az://...
+    #[arg(long)]
+    persistent_path: Option<String>,
+    /// Persist every N-th complete checkpoint [default: 1].
+    #[arg(long)]
+    persist_every: Option<u64>,
+    /// Also persist when this long has passed since the last one, e.g. "10m".
+    #[arg(long)]
+    persist_interval: Option<String>,
+    /// Committed steps kept in the persistent tier [default: 3].
+    #[arg(long)]
+    persist_keep_last: Option<usize>,
+    /// Also keep every step that is a multiple of this [default: 0, none].
+    #[arg(long)]
+    persist_keep_every: Option<u64>,
+    /// Cap on upload bytes per second, e.g. "500MB" [default: none].
+    #[arg(long)]
+    persist_bandwidth: Option<String>,
+    /// Store options, e.g. "endpoint=http://127.0.0.1:9000,allow_http=true".
+    #[arg(long)]
+    persistent_options: Option<String>,
+    /// Testing aid: inject store faults, e.g. "fail=0.3,delay=5ms,seed=1".
+    #[arg(long, hide = true)]
+    persistent_faults: Option<String>,
 }
 
 fn config(args: Args) -> anyhow::Result<DaemonConfig> {
@@ -75,6 +99,14 @@ fn config(args: Args) -> anyhow::Result<DaemonConfig> {
         heartbeat_interval: args.heartbeat_interval,
         heartbeat_timeout: args.heartbeat_timeout,
         replication_bandwidth: args.replication_bandwidth,
+        persistent_path: args.persistent_path,
+        persist_every: args.persist_every,
+        persist_interval: args.persist_interval,
+        persist_keep_last: args.persist_keep_last,
+        persist_keep_every: args.persist_keep_every,
+        persist_bandwidth: args.persist_bandwidth,
+        persistent_options: args.persistent_options.as_deref().map(tierckpt_daemon::config::parse_options).transpose()?,
+        persistent_faults: args.persistent_faults,
     };
     Ok(DaemonConfig::resolve(file.merge(env).merge(flags))?)
 }

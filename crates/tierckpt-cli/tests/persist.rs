@@ -1,0 +1,228 @@
+//! The persistent tier behind a real daemon: background drain, atomic
+//! commit, retention, restore after all memory is lost, crashes mid-upload,
+//! a flaky store, a full file system, corrupted persisted bytes, and a real
+//! S3-protocol server.
+
+mod common;
+
+#[path = "../../tierckpt-tiers/tests/support/moto.rs"]
+mod moto;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::{shm_dir, TestDaemon};
+use tierckpt_client::{Client, ErrorKind, TensorData};
+use tierckpt_format::{Dtype, ShardKey};
+
+const LIMIT: Duration = Duration::from_secs(60);
+
+fn payload(step: u64, n: usize) -> Vec<u8> {
+    (0..n).map(|i| (i as u64 * 31 + step * 7) as u8).collect()
+}
+
+fn save(c: &mut Client, ns: &str, step: u64, n: usize) -> Vec<u8> {
+    let data = payload(step, n);
+    let t = [TensorData { name: "w", dtype: Dtype::U8, shape: &[n], data: &data }];
+    c.save(&ShardKey::new(ns, step, 0), 1, &t, &BTreeMap::new(), true).unwrap();
+    data
+}
+
+fn load(c: &mut Client, ns: &str, step: u64, n: usize) -> Result<Vec<u8>, tierckpt_client::Error> {
+    let mut buf = vec![0u8; n];
+    c.load_into(&ShardKey::new(ns, step, 0), &mut [("w", &mut buf[..])])?;
+    Ok(buf)
+}
+
+fn drain_status(c: &mut Client, ns: &str) -> serde_json::Value {
+    let s = c.status().unwrap();
+    let p = s.persistent.expect("the daemon drains");
+    p["namespaces"].as_array().unwrap().iter().find(|n| n["namespace"] == ns).cloned().unwrap_or_default()
+}
+
+fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(start.elapsed() < LIMIT, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+fn daemon(target: &str, extra: &[&str]) -> TestDaemon {
+    let mut args = vec!["--persistent-path".to_string(), target.to_string()];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    TestDaemon::start_with("256MiB", |o| o.extra_args = args)
+}
+
+fn committed_steps(dir: &Path, ns: &str) -> Vec<u64> {
+    let mut v: Vec<u64> = std::fs::read_dir(dir.join(ns))
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .filter(|e| e.path().join("COMMIT").exists())
+                .filter_map(|e| e.file_name().to_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort_unstable();
+    v
+}
+
+#[test]
+fn drains_in_the_background_and_restores_after_all_memory_is_lost() {
+    let store = shm_dir();
+    let url = format!("file://{}", store.path().display());
+    let mut d = daemon(&url, &["--persist-keep-last", "2"]);
+    let n = 3 << 20;
+    let mut c = d.client();
+    let mut last = Vec::new();
+    for step in [10, 20, 30] {
+        last = save(&mut c, "job", step, n);
+    }
+    wait_for("step 30 committed", || drain_status(&mut c, "job")["last_committed"] == 30);
+    assert_eq!(committed_steps(store.path(), "job"), [20, 30], "persistent retention keeps 2");
+    // Total memory loss: the daemon dies and its tmpfs directory is wiped.
+    d.proc.kill().unwrap();
+    std::fs::remove_dir_all(d.proc.memory_dir()).unwrap();
+    d.proc.restart().unwrap();
+    let mut c = d.client();
+    assert!(c.steps("job").unwrap().is_empty(), "memory is empty");
+    assert_eq!(c.latest("job").unwrap(), Some(30), "latest comes from the persistent tier");
+    assert!(load(&mut c, "job", 30, n).unwrap() == last, "restored bitwise from file://");
+    // The shard is now back in memory too.
+    assert_eq!(c.steps("job").unwrap().len(), 1);
+}
+
+#[test]
+fn persist_every_skips_checkpoints_between() {
+    let store = shm_dir();
+    let url = format!("file://{}", store.path().display());
+    let d = daemon(&url, &["--persist-every", "2", "--persist-keep-last", "10"]);
+    let mut c = d.client();
+    for step in 1..=4 {
+        save(&mut c, "every", step, 1000);
+        // One at a time, so each is seen complete before the next.
+        wait_for("the drainer to decide", || {
+            let s = drain_status(&mut c, "every");
+            s["last_committed"].as_u64().unwrap_or(0) + s["skipped"].as_u64().unwrap_or(0) >= step
+                || s["last_committed"] == step
+        });
+    }
+    wait_for("step 3 committed", || committed_steps(store.path(), "every").contains(&3));
+    assert_eq!(committed_steps(store.path(), "every"), [1, 3]);
+}
+
+#[test]
+fn killed_mid_upload_leaves_no_committed_partial_step_and_finishes_after_restart() {
+    let store = shm_dir();
+    let url = format!("file://{}", store.path().display());
+    // Every store request takes 300 ms, so the kill lands mid-upload.
+    let mut d = daemon(&url, &["--persistent-faults", "delay=300ms"]);
+    let n = 40 << 20;
+    let mut c = d.client();
+    let data = save(&mut c, "mid", 7, n);
+    wait_for("the upload to start", || drain_status(&mut c, "mid")["uploading"].is_string());
+    d.proc.kill().unwrap();
+    assert!(committed_steps(store.path(), "mid").is_empty(), "nothing committed");
+    d.proc.opts.extra_args = vec!["--persistent-path".into(), url.clone()];
+    d.proc.restart().unwrap();
+    let c = d.client();
+    wait_for("step 7 committed after restart", || committed_steps(store.path(), "mid") == [7]);
+    // Only the committed upload is left under the step.
+    let data_dir = store.path().join("mid").join(format!("{:020}", 7)).join("data");
+    wait_for("leftovers cleaned", || std::fs::read_dir(&data_dir).map(|r| r.count()).unwrap_or(0) == 1);
+    d.proc.kill().unwrap();
+    std::fs::remove_dir_all(d.proc.memory_dir()).unwrap();
+    d.proc.restart().unwrap();
+    let mut c2 = d.client();
+    assert!(load(&mut c2, "mid", 7, n).unwrap() == data);
+    drop(c);
+}
+
+#[test]
+fn a_store_failing_30_percent_of_requests_still_commits() {
+    let store = shm_dir();
+    let url = format!("file://{}", store.path().display());
+    let d = daemon(&url, &["--persistent-faults", "fail=0.3,seed=3"]);
+    let mut c = d.client();
+    for step in 1..=3 {
+        save(&mut c, "flaky", step, 200_000);
+    }
+    wait_for("step 3 committed", || committed_steps(store.path(), "flaky").contains(&3));
+}
+
+#[test]
+fn a_full_file_system_is_a_clear_error_and_memory_keeps_working() {
+    let mnt = shm_dir();
+    let target = mnt.path().join("small");
+    std::fs::create_dir_all(&target).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=2m", "tmpfs"])
+        .arg(&target)
+        .status()
+        .expect("mount runs");
+    assert!(mounted.success(), "this test mounts a 2 MiB tmpfs as the target (needs root)");
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _guard = Unmount(target.clone());
+    let url = format!("file://{}", target.display());
+    let d = daemon(&url, &[]);
+    let mut c = d.client();
+    let data = save(&mut c, "full", 1, 4 << 20);
+    wait_for("the failure to be reported", || drain_status(&mut c, "full")["failures"].as_u64().unwrap_or(0) > 0);
+    let s = drain_status(&mut c, "full");
+    let err = s["last_error"].as_str().unwrap_or("");
+    assert!(err.contains("storage full") && err.contains("No space left"), "{s}");
+    assert!(committed_steps(&target, "full").is_empty());
+    // Training goes on in memory.
+    assert!(load(&mut c, "full", 1, 4 << 20).unwrap() == data);
+    save(&mut c, "full", 2, 4 << 20);
+    assert_eq!(c.latest("full").unwrap(), Some(2));
+}
+
+#[test]
+fn corrupted_persisted_bytes_are_detected_not_served() {
+    let store = shm_dir();
+    let url = format!("file://{}", store.path().display());
+    let mut d = daemon(&url, &[]);
+    let mut c = d.client();
+    save(&mut c, "rot", 1, 5 << 20);
+    drop(c);
+    wait_for("committed", || committed_steps(store.path(), "rot") == [1]);
+    let data_dir = store.path().join("rot").join(format!("{:020}", 1)).join("data");
+    let writer = std::fs::read_dir(&data_dir).unwrap().next().unwrap().unwrap().path();
+    let file = std::fs::read_dir(&writer).unwrap().next().unwrap().unwrap().path();
+    let mut b = std::fs::read(&file).unwrap();
+    b[4 << 20] ^= 1;
+    std::fs::write(&file, b).unwrap();
+    d.proc.kill().unwrap();
+    std::fs::remove_dir_all(d.proc.memory_dir()).unwrap();
+    d.proc.restart().unwrap();
+    let mut c = d.client();
+    let e = load(&mut c, "rot", 1, 5 << 20).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Corrupt, "{e}");
+    assert!(e.to_string().contains("checksum mismatch in chunk 1"), "{e}");
+    assert!(c.steps("rot").unwrap().is_empty(), "nothing corrupt entered memory");
+}
+
+#[test]
+fn drains_to_and_restores_from_a_real_s3_server() {
+    let m = moto::Moto::start();
+    m.create_bucket("tierckpt-ci");
+    let opts: Vec<String> = m.options().iter().map(|(k, v)| format!("{k}={v}")).collect();
+    let mut d = daemon("s3://tierckpt-ci/checkpoints", &["--persistent-options", &opts.join(",")]);
+    let mut c = d.client();
+    let n = 20 << 20;
+    let data = save(&mut c, "s3job", 5, n);
+    wait_for("committed to S3", || drain_status(&mut c, "s3job")["last_committed"] == 5);
+    d.proc.kill().unwrap();
+    std::fs::remove_dir_all(d.proc.memory_dir()).unwrap();
+    d.proc.restart().unwrap();
+    let mut c = d.client();
+    assert_eq!(c.latest("s3job").unwrap(), Some(5));
+    assert!(load(&mut c, "s3job", 5, n).unwrap() == data, "restored bitwise from S3");
+}

@@ -1,0 +1,231 @@
+//! The drainer: copies complete checkpoints from this node's memory tier to
+//! the persistent tier in the background, commits them, and applies the
+//! persistent tier's retention. It reads from memory, so a checkpoint is
+//! persisted even when its trainer died right after staging it.
+//!
+//! In a cluster every node uploads the ranks it holds and is the first
+//! reachable holder of (so each rank is uploaded once), and whoever sees every
+//! rank recorded writes the COMMIT.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use tierckpt_format::ShardKey;
+use tierckpt_tiers::faults::{FaultSpec, FaultyStore};
+use tierckpt_tiers::{ErrorKind, MemoryTier, PersistOptions, PersistentTier, TierError};
+use tokio::sync::{watch, Notify};
+
+use crate::cluster::Cluster;
+use crate::config::PersistConfig;
+
+/// Drain state of one namespace, for `tierckpt status`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct NamespaceDrain {
+    pub namespace: String,
+    pub last_committed: Option<u64>,
+    /// Complete steps not persisted because of `persist_every`.
+    pub skipped: u64,
+    /// What is being uploaded now ("step 40 rank 1, 1.0 GiB").
+    pub uploading: Option<String>,
+    pub uploaded_shards: u64,
+    pub uploaded_bytes: u64,
+    pub failures: u64,
+    pub last_error: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PersistStatus {
+    pub url: String,
+    pub persist_every: u64,
+    pub keep_last: usize,
+    pub namespaces: Vec<NamespaceDrain>,
+}
+
+#[derive(Default)]
+struct NsState {
+    shown: NamespaceDrain,
+    /// Newest step decided on (persisted or skipped).
+    decided: Option<u64>,
+    since_last: u64,
+    last_time: Option<Instant>,
+}
+
+pub struct Drainer {
+    pub store: Arc<PersistentTier>,
+    cfg: PersistConfig,
+    tier: Arc<MemoryTier>,
+    cluster: Option<Arc<Cluster>>,
+    state: Mutex<BTreeMap<String, NsState>>,
+    wake: Notify,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Drainer {
+    pub fn start(
+        cfg: PersistConfig,
+        node: &str,
+        tier: Arc<MemoryTier>,
+        cluster: Option<Arc<Cluster>>,
+        stop: watch::Receiver<bool>,
+    ) -> Result<Arc<Self>, TierError> {
+        let opts = PersistOptions { bandwidth: cfg.bandwidth, ..Default::default() };
+        let mut store = PersistentTier::open_with(&cfg.url, node, opts.clone(), &cfg.options)?;
+        if let Some(spec) = &cfg.faults {
+            let faulty = Arc::new(FaultyStore::new(store.store(), FaultSpec::parse(spec)?));
+            let prefix = cfg.url.split_once("://").map_or("", |(_, r)| r);
+            let prefix = if cfg.url.starts_with("file://") { "" } else { prefix.split_once('/').map_or("", |(_, p)| p) };
+            store = PersistentTier::with_store(faulty, prefix, &cfg.url, node, opts)?;
+        }
+        let d = Arc::new(Self {
+            store: Arc::new(store),
+            cfg,
+            tier,
+            cluster,
+            state: Mutex::new(BTreeMap::new()),
+            wake: Notify::new(),
+        });
+        tokio::spawn(d.clone().run(stop));
+        Ok(d)
+    }
+
+    /// A shard became visible here: look for work.
+    pub fn poke(&self) {
+        self.wake.notify_one();
+    }
+
+    pub fn status(&self) -> PersistStatus {
+        PersistStatus {
+            url: self.cfg.url.clone(),
+            persist_every: self.cfg.every,
+            keep_last: self.cfg.keep_last,
+            namespaces: lock(&self.state).values().map(|s| s.shown.clone()).collect(),
+        }
+    }
+
+    async fn run(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        loop {
+            tokio::select! {
+                _ = stop.changed() => return,
+                _ = self.wake.notified() => {}
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+            for ns in self.tier.namespaces().into_iter().map(|n| n.namespace) {
+                if let Err(e) = self.drain_namespace(&ns).await {
+                    tracing::warn!(namespace = %ns, url = %self.cfg.url, error = %e, "persisting failed; will retry");
+                    let mut st = lock(&self.state);
+                    let s = st.entry(ns.clone()).or_default();
+                    s.shown.failures += 1;
+                    s.shown.last_error = Some(e.to_string());
+                    s.shown.uploading = None;
+                }
+            }
+        }
+    }
+
+    /// Complete steps of `ns` (across the cluster when clustered) and, for
+    /// each, the ranks this node should upload.
+    fn work(&self, ns: &str) -> Vec<(u64, u32, Vec<u32>)> {
+        match &self.cluster {
+            Some(c) => c
+                .view()
+                .remove(ns)
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|s| s.complete)
+                .map(|s| {
+                    let mine = s
+                        .holders
+                        .iter()
+                        .filter(|(_, h)| h.first().map(String::as_str) == Some(c.node_id()))
+                        .map(|(r, _)| *r)
+                        .collect();
+                    (s.step, s.world_size, mine)
+                })
+                .collect(),
+            None => self
+                .tier
+                .steps(ns)
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|s| s.complete)
+                .map(|s| (s.step, s.world_size, s.ranks))
+                .collect(),
+        }
+    }
+
+    async fn drain_namespace(&self, ns: &str) -> Result<(), TierError> {
+        let Some((step, world, mine)) = self.work(ns).pop() else { return Ok(()) };
+        // Another node already started persisting this step: join in,
+        // whatever this node's own count says.
+        let started_elsewhere = self.cluster.is_some()
+            && self.store.steps(ns).await?.iter().any(|s| s.step == step && !s.ranks.is_empty());
+        {
+            let mut st = lock(&self.state);
+            let s = st.entry(ns.to_string()).or_default();
+            s.shown.namespace = ns.to_string();
+            if s.decided.is_some_and(|d| d >= step) {
+                return Ok(());
+            }
+            let due_by_count = s.since_last + 1 >= self.cfg.every || s.last_time.is_none();
+            let due_by_time = self.cfg.interval.zip(s.last_time).is_some_and(|(i, t)| t.elapsed() >= i);
+            if !due_by_count && !due_by_time && !started_elsewhere {
+                s.decided = Some(step);
+                s.since_last += 1;
+                s.shown.skipped += 1;
+                return Ok(());
+            }
+        }
+        for rank in mine {
+            let key = ShardKey::new(ns, step, rank);
+            let t = self.tier.clone();
+            let k = key.clone();
+            let mapped = tokio::task::spawn_blocking(move || t.map_leased(&k))
+                .await
+                .map_err(|e| TierError::Unavailable(e.to_string()))?;
+            let (m, map) = match mapped {
+                Ok(x) => x,
+                // Evicted meanwhile: a newer step will be persisted instead.
+                Err(e) if e.kind() == ErrorKind::NotFound => return Ok(()),
+                Err(e) => return Err(e),
+            };
+            self.set_uploading(ns, Some(format!("step {step} rank {rank}, {} bytes", m.file_len)));
+            let t0 = Instant::now();
+            match self.store.upload(&m, bytes::Bytes::from_owner(map)).await {
+                Ok(()) => {
+                    tracing::info!(shard = %key, bytes = m.file_len, secs = t0.elapsed().as_secs_f64(), "uploaded");
+                    let mut st = lock(&self.state);
+                    let s = st.entry(ns.to_string()).or_default();
+                    s.shown.uploaded_shards += 1;
+                    s.shown.uploaded_bytes += m.file_len;
+                }
+                Err(e) if e.kind() == ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(e),
+            }
+        }
+        self.set_uploading(ns, None);
+        if self.store.try_commit(ns, step, world).await? {
+            let _ = self.store.clean_unreferenced(ns, step).await;
+            let deleted = self.store.retain(ns, self.cfg.keep_last, self.cfg.keep_every).await?;
+            if !deleted.is_empty() {
+                tracing::info!(namespace = ns, steps = ?deleted, "persistent retention deleted steps");
+            }
+            let mut st = lock(&self.state);
+            let s = st.entry(ns.to_string()).or_default();
+            s.decided = Some(step);
+            s.since_last = 0;
+            s.last_time = Some(Instant::now());
+            s.shown.last_committed = Some(step);
+            s.shown.last_error = None;
+        }
+        Ok(())
+    }
+
+    fn set_uploading(&self, ns: &str, what: Option<String>) {
+        lock(&self.state).entry(ns.to_string()).or_default().shown.uploading = what;
+    }
+}
