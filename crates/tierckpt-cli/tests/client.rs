@@ -166,13 +166,7 @@ fn flipped_byte_is_detected_on_load_and_by_verify() {
     bytes[at] ^= 0x01;
     std::fs::write(&path, &bytes).unwrap();
 
-    let mut buf = vec![0u8; data.len()];
-    let e = c.load_into(&key, &mut [("x", &mut buf[..])]).unwrap_err();
-    assert_eq!(e.kind(), ErrorKind::Corrupt);
-    let msg = e.to_string();
-    assert!(msg.contains("chunk 1") && msg.contains("expected") && msg.contains(&path.display().to_string()), "{msg}");
     assert_eq!(c.open(&key).err().map(|e| e.kind()), Some(ErrorKind::Corrupt));
-
     let (ok, out, _) = common::cli(&d.proc.socket, &["verify", "flip", "--json"]);
     assert!(!ok, "verify must fail on a corrupt shard");
     let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
@@ -181,6 +175,16 @@ fn flipped_byte_is_detected_on_load_and_by_verify() {
     let url = format!("{}/v1/shards/flip/1/0", d.http());
     let (status, _) = http_get(&url);
     assert_eq!(status, 422);
+
+    // A load finds it, names the chunk, has the daemon drop the bad copy, and
+    // finds no other tier to fall back to.
+    let mut buf = vec![0u8; data.len()];
+    let e = c.load_into(&key, &mut [("x", &mut buf[..])]).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Corrupt);
+    let msg = e.to_string();
+    assert!(msg.contains("chunk 1") && msg.contains("expected") && msg.contains(&path.display().to_string()), "{msg}");
+    assert!(msg.contains("no other copy"), "{msg}");
+    assert!(c.steps("flip").unwrap().is_empty(), "the corrupt copy left memory");
 }
 
 fn http_get(url: &str) -> (u16, Vec<u8>) {

@@ -251,3 +251,17 @@ fn rm_deletes_every_copy_across_the_cluster() {
     let (ok, _, err) = common::cli(&c.socket(2), &["rm", "del", "--step", "2"]);
     assert!(!ok && err.contains("any reachable node"), "{err}");
 }
+
+#[test]
+fn a_corrupt_local_copy_falls_through_to_a_peer() {
+    let (_d, c) = start(2, 1, |_| {});
+    let n = 6 << 20;
+    let data = save(&c, 0, "fall", 3, 0, 1, n);
+    wait_for(LIMIT, "2 holders", || holders(&c, 0, "fall", 3, 0).len() == 2);
+    let mut client = Client::connect(c.socket(0)).unwrap();
+    let (path, _, _) = client.map_unverified(&ShardKey::new("fall", 3, 0)).unwrap();
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[5 << 20] ^= 0x02;
+    std::fs::write(&path, &bytes).unwrap();
+    assert!(load(&c, 0, "fall", 3, 0, n).unwrap() == data, "restored from n1 after the local copy failed");
+}

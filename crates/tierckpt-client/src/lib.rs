@@ -292,8 +292,28 @@ impl Client {
 
     /// Copies the named tensors of a shard into caller buffers, verifying
     /// every chunk of the shard in the same pass. Each buffer must have the
-    /// tensor's exact byte length. Returns the shard's layout and metadata.
+    /// tensor's exact byte length. If this node's copy is corrupt, the daemon
+    /// drops it and the load is tried once more from the next tier (a peer,
+    /// then persistent storage). Returns the shard's layout and metadata.
     pub fn load_into(&mut self, key: &ShardKey, targets: &mut [(&str, &mut [u8])]) -> Result<(Manifest, ShardView)> {
+        match self.load_once(key, targets) {
+            // This node's copy is bad: the daemon drops it, and the next try
+            // gets another copy (a peer's, or the persistent tier's).
+            Err(e) if e.kind() == ErrorKind::Corrupt => {
+                self.done(&Request::ReportCorrupt { namespace: key.namespace.clone(), step: key.step, rank: key.rank })?;
+                self.load_once(key, targets).map_err(|again| match again.kind() {
+                    ErrorKind::NotFound => Error::Remote {
+                        kind: ErrorKind::Corrupt,
+                        message: format!("{e}; and no other copy: {again}"),
+                    },
+                    _ => again,
+                })
+            }
+            r => r,
+        }
+    }
+
+    fn load_once(&mut self, key: &ShardKey, targets: &mut [(&str, &mut [u8])]) -> Result<(Manifest, ShardView)> {
         // Not prefaulted: the copy workers fault pages in themselves, 16 at a time.
         let (path, manifest, map) = self.map_shard(key, false)?;
         let result = Self::copy_out(key, &path, &manifest, &map, targets);

@@ -323,6 +323,14 @@ impl Daemon {
                 conn.leases.push(key);
                 Reply::Opened { path: path.display().to_string(), manifest: (*m).clone() }
             }
+            Request::ReportCorrupt { namespace, step, rank } => {
+                let key = ShardKey::new(namespace, step, rank);
+                let t = tier.clone();
+                match blocking(move || t.quarantine_if_corrupt(&key)).await {
+                    Ok(()) | Err(TierError::Corrupt(_)) => Reply::Done,
+                    Err(e) => return Err(e),
+                }
+            }
             Request::Release { namespace, step, rank } => {
                 let key = ShardKey::new(namespace, step, rank);
                 let i = conn.leases.iter().position(|k| *k == key).ok_or_else(|| {

@@ -923,6 +923,32 @@ impl MemoryTier {
         Ok(total)
     }
 
+    /// Verifies one visible shard; if its bytes do not match its manifest,
+    /// removes it (its segment is unlinked, never recycled) and returns the
+    /// mismatch. `Ok(())` when the copy is sound.
+    pub fn quarantine_if_corrupt(&self, key: &ShardKey) -> Result<()> {
+        let (m, bytes) = self.map(key)?;
+        let Err(bad) = verify_chunks(&bytes, &m, &key.to_string()) else { return Ok(()) };
+        drop(bytes);
+        let mut unlinks = Vec::new();
+        {
+            let mut st = self.lock();
+            let k = (key.namespace.clone(), key.step);
+            if let Some(s) = st.steps.get_mut(&k) {
+                let w = s.world_size;
+                if let Some(sh) = s.shards.remove(&key.rank) {
+                    st.used = st.used.saturating_sub(sh.len());
+                    let _ = fs::remove_file(self.manifest_path(key, w));
+                    unlinks.push(self.data_path(key, w));
+                }
+            }
+            Self::remove_step_if_empty(&mut st, &key.namespace, key.step);
+        }
+        Unlinks(unlinks).run();
+        tracing::warn!(shard = %key, error = %bad, "dropped a corrupt copy from memory");
+        Err(bad.into())
+    }
+
     /// Drops incomplete, idle steps newer than `step`.
     pub fn discard_incomplete_after(&self, ns: &str, step: u64) -> Result<(u64, u64)> {
         validate_namespace(ns)?;

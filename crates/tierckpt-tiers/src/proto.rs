@@ -41,6 +41,9 @@ pub enum Request {
     /// the connection closes.
     Open { namespace: String, step: u64, rank: u32 },
     Release { namespace: String, step: u64, rank: u32 },
+    /// The client found this node's copy corrupt: the daemon checks it and,
+    /// if it is, drops it, so the next `Open` fetches another copy.
+    ReportCorrupt { namespace: String, step: u64, rank: u32 },
     /// Newest complete step.
     Latest { namespace: String },
     ListNamespaces,
