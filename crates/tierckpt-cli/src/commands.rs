@@ -35,7 +35,32 @@ pub fn status(c: &mut Client, as_json: bool) -> Result<()> {
     if let Some(c) = &s.cluster {
         print_cluster(c);
     }
+    if let Some(p) = &s.persistent {
+        print_persistent(p);
+    }
     Ok(())
+}
+
+fn print_persistent(p: &serde_json::Value) {
+    println!(
+        "persistent tier: {} (every {} complete checkpoint(s), keep {})",
+        p["url"].as_str().unwrap_or("?"),
+        p["persist_every"],
+        p["keep_last"]
+    );
+    let mut t = table(&["namespace", "last committed", "uploading", "uploaded", "skipped", "failures", "last error"]);
+    for n in p["namespaces"].as_array().into_iter().flatten() {
+        t.add_row(vec![
+            n["namespace"].as_str().unwrap_or("").to_string(),
+            n["last_committed"].as_u64().map_or("-".into(), |s| s.to_string()),
+            n["uploading"].as_str().unwrap_or("-").to_string(),
+            format!("{} shards, {}", n["uploaded_shards"], human_bytes(n["uploaded_bytes"].as_u64().unwrap_or(0))),
+            n["skipped"].to_string(),
+            n["failures"].to_string(),
+            n["last_error"].as_str().unwrap_or("-").chars().take(80).collect(),
+        ]);
+    }
+    println!("{t}");
 }
 
 fn print_cluster(c: &tierckpt_tiers::proto::ClusterStatus) {

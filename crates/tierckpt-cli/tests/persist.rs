@@ -80,6 +80,8 @@ fn drains_in_the_background_and_restores_after_all_memory_is_lost() {
         last = save(&mut c, "job", step, n);
     }
     wait_for("step 30 committed", || drain_status(&mut c, "job")["last_committed"] == 30);
+    let (ok, out, _) = common::cli(&d.proc.socket, &["status"]);
+    assert!(ok && out.contains("persistent tier") && out.contains(&url), "{out}");
     assert_eq!(committed_steps(store.path(), "job"), [20, 30], "persistent retention keeps 2");
     // Total memory loss: the daemon dies and its tmpfs directory is wiped.
     d.proc.kill().unwrap();
