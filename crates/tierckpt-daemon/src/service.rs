@@ -328,6 +328,7 @@ impl Daemon {
                 let t = tier.clone();
                 match blocking(move || t.quarantine_if_corrupt(&key)).await {
                     Ok(()) | Err(TierError::Corrupt(_)) => Reply::Done,
+                    Err(e) if e.kind() == ErrorKind::NotFound => Reply::Done,
                     Err(e) => return Err(e),
                 }
             }
