@@ -205,12 +205,7 @@ fn resolve_persist(layer: &ConfigLayer) -> Result<Option<PersistConfig>, DaemonE
         return Err(DaemonError::Config("persist_every must be at least 1".into()));
     }
     let interval = layer.persist_interval.as_deref().map(|s| parse_duration("persist_interval", s)).transpose()?;
-    let bandwidth = match &layer.persist_bandwidth {
-        None => None,
-        Some(b) => Some(parse_size::parse_size(b).map_err(|e| {
-            DaemonError::Config(format!("persist_bandwidth {b:?} is not a size per second ({e})"))
-        })?),
-    };
+    let bandwidth = parse_rate("persist_bandwidth", layer.persist_bandwidth.as_deref())?;
     Ok(Some(PersistConfig {
         url,
         every,
@@ -252,6 +247,15 @@ impl ClusterConfig {
     pub fn my_addr(&self) -> SocketAddr {
         self.nodes[self.my_index()].1
     }
+}
+
+/// An optional bytes-per-second setting such as "1GB".
+fn parse_rate(key: &str, s: Option<&str>) -> Result<Option<u64>, DaemonError> {
+    s.map(|b| {
+        parse_size::parse_size(b)
+            .map_err(|e| DaemonError::Config(format!("{key} {b:?} is not a size per second ({e})")))
+    })
+    .transpose()
 }
 
 fn parse_duration(key: &str, s: &str) -> Result<std::time::Duration, DaemonError> {
@@ -301,12 +305,7 @@ fn resolve_cluster(layer: &ConfigLayer) -> Result<Option<ClusterConfig>, DaemonE
             "heartbeat_timeout {heartbeat_timeout:?} must exceed heartbeat_interval {heartbeat_interval:?}"
         )));
     }
-    let replication_bandwidth = match &layer.replication_bandwidth {
-        None => None,
-        Some(b) => Some(parse_size::parse_size(b).map_err(|e| {
-            DaemonError::Config(format!("replication_bandwidth {b:?} is not a size per second ({e})"))
-        })?),
-    };
+    let replication_bandwidth = parse_rate("replication_bandwidth", layer.replication_bandwidth.as_deref())?;
     Ok(Some(ClusterConfig {
         node_id,
         nodes: parsed,

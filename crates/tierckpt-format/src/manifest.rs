@@ -75,6 +75,14 @@ impl Manifest {
         (a, (a + self.chunk_size).min(self.file_len))
     }
 
+    /// `Truncated` unless `len` is the file length this manifest describes.
+    pub fn check_len(&self, len: usize) -> Result<(), FormatError> {
+        if len as u64 != self.file_len {
+            return Err(FormatError::Truncated { file: self.key.to_string(), expected: self.file_len, found: len as u64 });
+        }
+        Ok(())
+    }
+
     pub fn to_json(&self) -> Vec<u8> {
         serde_json::to_vec_pretty(self).expect("manifest serializes")
     }

@@ -1053,14 +1053,7 @@ impl Tier for MemoryTier {
     }
 
     async fn put(&self, manifest: &Manifest, data: &[u8]) -> Result<()> {
-        if data.len() as u64 != manifest.file_len {
-            return Err(tierckpt_format::FormatError::Truncated {
-                file: manifest.key.to_string(),
-                expected: manifest.file_len,
-                found: data.len() as u64,
-            }
-            .into());
-        }
+        manifest.check_len(data.len())?;
         verify_chunks(data, manifest, &manifest.key.to_string())?;
         let r = self.reserve(&manifest.key, manifest.world_size, manifest.file_len)?;
         let written = OpenOptions::new()

@@ -131,6 +131,20 @@ fn parse_rank_stem(s: &str) -> Option<(u32, u32)> {
     Some((r.parse().ok()?, w.parse().ok()?))
 }
 
+/// Applies `key=value` store options to a builder whose config keys parse from strings.
+fn configure<B, K: std::str::FromStr>(
+    mut b: B,
+    options: &[(String, String)],
+    store: &str,
+    set: impl Fn(B, K, &str) -> B,
+) -> Result<B> {
+    for (k, v) in options {
+        let key = k.parse().map_err(|_| TierError::InvalidArgument(format!("unknown {store} option {k:?}")))?;
+        b = set(b, key, v);
+    }
+    Ok(b)
+}
+
 /// Random hex for writer ids (from the std hasher's random keys).
 pub fn random_hex() -> String {
     use std::hash::{BuildHasher, Hasher};
@@ -172,37 +186,19 @@ impl PersistentTier {
                 (Arc::new(fs), "", Some(dir))
             }
             "s3" | "s3a" => {
-                let mut b = object_store::aws::AmazonS3Builder::from_env().with_bucket_name(bucket);
-                for (k, v) in options {
-                    let key = k.parse().map_err(|_| bad(format!("unknown S3 option {k:?}")))?;
-                    b = b.with_config(key, v);
-                }
-                let s = b
-                    .build()
-                    .map_err(|e| store_err(url, "configuring S3", e))?;
-                (Arc::new(s), prefix, None)
+                let b = object_store::aws::AmazonS3Builder::from_env().with_bucket_name(bucket);
+                let b = configure(b, options, "S3", |b, k, v| b.with_config(k, v))?;
+                (Arc::new(b.build().map_err(|e| store_err(url, "configuring S3", e))?), prefix, None)
             }
             "gs" => {
-                let mut b = object_store::gcp::GoogleCloudStorageBuilder::from_env().with_bucket_name(bucket);
-                for (k, v) in options {
-                    let key = k.parse().map_err(|_| bad(format!("unknown GCS option {k:?}")))?;
-                    b = b.with_config(key, v);
-                }
-                let s = b
-                    .build()
-                    .map_err(|e| store_err(url, "configuring GCS", e))?;
-                (Arc::new(s), prefix, None)
+                let b = object_store::gcp::GoogleCloudStorageBuilder::from_env().with_bucket_name(bucket);
+                let b = configure(b, options, "GCS", |b, k, v| b.with_config(k, v))?;
+                (Arc::new(b.build().map_err(|e| store_err(url, "configuring GCS", e))?), prefix, None)
             }
             "az" | "azure" | "abfs" => {
-                let mut b = object_store::azure::MicrosoftAzureBuilder::from_env().with_container_name(bucket);
-                for (k, v) in options {
-                    let key = k.parse().map_err(|_| bad(format!("unknown Azure option {k:?}")))?;
-                    b = b.with_config(key, v);
-                }
-                let s = b
-                    .build()
-                    .map_err(|e| store_err(url, "configuring Azure", e))?;
-                (Arc::new(s), prefix, None)
+                let b = object_store::azure::MicrosoftAzureBuilder::from_env().with_container_name(bucket);
+                let b = configure(b, options, "Azure", |b, k, v| b.with_config(k, v))?;
+                (Arc::new(b.build().map_err(|e| store_err(url, "configuring Azure", e))?), prefix, None)
             }
             other => return Err(bad(format!("persistent_path scheme {other:?} is not supported: use file, s3, gs or az"))),
         };
@@ -613,14 +609,7 @@ impl Tier for PersistentTier {
 
     /// Uploads and claims the shard, then commits its step if complete.
     async fn put(&self, manifest: &Manifest, data: &[u8]) -> Result<()> {
-        if data.len() as u64 != manifest.file_len {
-            return Err(tierckpt_format::FormatError::Truncated {
-                file: manifest.key.to_string(),
-                expected: manifest.file_len,
-                found: data.len() as u64,
-            }
-            .into());
-        }
+        manifest.check_len(data.len())?;
         self.upload(manifest, Bytes::copy_from_slice(data)).await?;
         self.try_commit(&manifest.key.namespace, manifest.key.step, manifest.world_size).await?;
         Ok(())
