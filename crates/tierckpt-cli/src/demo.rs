@@ -2,14 +2,16 @@
 //!
 //! It starts a cluster of N node daemons (`tierckptd`, default 4) on
 //! 127.0.0.1, each with a fresh memory tier under `/dev/shm`, replicating
-//! every sealed shard to k=1 peer (ring: node i -> i+1). Then it runs a job of
-//! N training processes (`tierckpt demo-trainer`, this same executable),
+//! every sealed shard to k=1 peer (ring: node i -> i+1), and draining every
+//! complete checkpoint (`--persist-every`) to a persistent tier shared by all
+//! nodes: a `file://` directory beside the memory tiers. Then it runs a job
+//! of N training processes (`tierckpt demo-trainer`, this same executable),
 //! rank r talking to node r's daemon. Each rank owns one shard of the model,
 //! as in ZeRO: a 1/N slice of the weights and of Adam's two moments
 //! (`--size` is the total across ranks), and checkpoints it every K steps.
 //!
 //! The demo runs the job once uninterrupted for a reference, then again with
-//! two failures, each between two checkpoints (so work is lost and redone):
+//! three failures, each between two checkpoints (so work is lost and redone):
 //!
 //! 1. **trainer crash**: one rank's trainer is SIGKILLed; as a job launcher
 //!    would, the demo then SIGKILLs the other ranks and restarts the whole
@@ -18,6 +20,11 @@
 //!    the other ranks stopped, and an empty daemon with the same node id and
 //!    address takes the lost node's place. The job restarts; rank 2's shard
 //!    comes from the peer that holds its replica.
+//! 3. **total memory loss**: once the newest checkpoint is committed in the
+//!    persistent tier (the demo waits for it, and reports the wait), every
+//!    daemon and every trainer is SIGKILLed, every node's memory tier wiped,
+//!    and empty daemons start in their place. The job restarts; every rank's
+//!    shard comes from the persistent tier.
 //!
 //! At the end it compares the job's final state with the reference bit for
 //! bit (the xxh3-128 of the ranks' state hashes in rank order).
@@ -36,7 +43,8 @@
 //! it over its stdin and stdout, one line per message:
 //!
 //! - trainer -> demo (JSON): `started`, `latest` (the newest complete step
-//!   its daemon knows of), `resumed` (step, tier, restore time), `ready`,
+//!   its daemon knows of: in memory on a live node, or committed in the
+//!   persistent tier), `resumed` (step, tier, restore time), `ready`,
 //!   `checkpoint`, `step`, `done` (state hash).
 //! - demo -> trainer: `resume <step>` or `resume none` once every rank said
 //!   `latest` (the newest step any rank saw complete, so that all ranks
@@ -74,6 +82,8 @@ const _: () = assert!(
 /// Copies of each shard on peers.
 const REPLICATION_FACTOR: usize = 1;
 const PLACEMENT: &str = "ring";
+/// Where a rank's shard can come from, fastest first.
+const TIERS: [&str; 3] = ["memory", "peer", "persistent"];
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct DemoArgs {
@@ -98,13 +108,19 @@ pub struct DemoArgs {
     /// Lose node 2 (daemon and trainer) after this step instead of one picked from the seed.
     #[arg(long, value_name = "STEP")]
     pub node_loss_at_step: Option<u64>,
-    /// Complete checkpoints each memory tier keeps.
+    /// Lose every node's memory (every daemon and trainer) after this step instead of one picked from the seed.
+    #[arg(long, value_name = "STEP")]
+    pub total_loss_at_step: Option<u64>,
+    /// Complete checkpoints each memory tier keeps (and the persistent tier too).
     #[arg(long, default_value_t = 3)]
     pub keep_last: usize,
+    /// Drain every Nth complete checkpoint to the persistent tier.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub persist_every: u64,
     /// Threads of each trainer's optimizer step [default: the cores shared among the ranks].
     #[arg(long)]
     pub threads: Option<usize>,
-    /// Directory (a tmpfs) in which the demo's memory tiers are created and removed.
+    /// Directory (a tmpfs) in which the demo's memory tiers and persistent tier are created and removed.
     #[arg(long, value_name = "DIR", default_value = "/dev/shm")]
     pub tmp_dir: PathBuf,
 }
@@ -768,26 +784,28 @@ pub fn run_trainer(a: &TrainerArgs) -> Result<()> {
     if let Some(step) = parse_resume(&order()?)? {
         let key = ShardKey::new(ns, step, rank);
         // `steps` lists only this node's shards: is ours here, or does the
-        // daemon have to fetch it from a peer?
+        // daemon have to fetch it, from a live peer or the persistent tier?
         let local = client
             .steps(ns)
             .context("listing this node's checkpoints")?
             .iter()
             .any(|s| s.step == step && s.ranks.contains(&rank));
-        let peers: Vec<String> = if local {
-            Vec::new()
+        let status = if local { None } else { client.status().ok() };
+        let cluster = status.as_ref().and_then(|s| s.cluster.as_ref());
+        // The live peers holding it, in this node's view of the cluster.
+        let peers: Vec<String> = cluster
+            .and_then(|c| {
+                let s = c.namespaces.get(ns)?.iter().find(|s| s.step == step)?;
+                Some(s.holders.get(&rank)?.iter().filter(|h| **h != c.node_id).cloned().collect())
+            })
+            .unwrap_or_default();
+        let fetched_before = cluster.map(|c| c.replication.shards_fetched);
+        let expected = if local {
+            "memory"
+        } else if !peers.is_empty() {
+            "peer"
         } else {
-            client
-                .status()
-                .ok()
-                .and_then(|s| s.cluster)
-                .and_then(|c| {
-                    let me = c.node_id.clone();
-                    let steps = c.namespaces.get(ns)?;
-                    let s = steps.iter().find(|s| s.step == step)?;
-                    Some(s.holders.get(&rank)?.iter().filter(|h| **h != me).cloned().collect())
-                })
-                .unwrap_or_default()
+            "persistent"
         };
         let t = Instant::now();
         let mut attempts = 0;
@@ -811,13 +829,31 @@ pub fn run_trainer(a: &TrainerArgs) -> Result<()> {
             .with_context(|| format!("restoring {key}"))?;
         let restore_s = t.elapsed().as_secs_f64();
         ensure!(state.step() == step, "restored step {} for {key}", state.step());
+        // Where the daemon found it: a fetch from a peer is counted; a shard
+        // this node did not hold and no peer sent came from the persistent tier.
+        let tier = if local {
+            "memory"
+        } else {
+            let fetched_after = client
+                .status()
+                .ok()
+                .and_then(|s| s.cluster)
+                .map(|c| c.replication.shards_fetched);
+            match (fetched_before, fetched_after) {
+                (Some(b), Some(a)) if a > b => "peer",
+                (Some(_), Some(_)) => "persistent",
+                // No counters to tell by: trust the view taken before.
+                _ => expected,
+            }
+        };
         emit(json!({
             "event": "resumed",
             "step": step,
             "restore_s": restore_s,
             "bytes": state.state_bytes(),
-            "tier": if local { "memory" } else { "peer" },
-            "peers": peers,
+            "tier": tier,
+            "expected_tier": expected,
+            "peers": if tier == "peer" { peers } else { Vec::new() },
             "attempts": attempts,
         }))?;
     }
@@ -1085,6 +1121,8 @@ impl RunLog {
 struct RankRestore {
     rank: usize,
     tier: String,
+    /// The tier the view before loading pointed to (memory, peer, persistent).
+    expected_tier: String,
     restore_s: f64,
     bytes: u64,
     peers: Vec<String>,
@@ -1124,12 +1162,14 @@ impl Incarnation {
     /// The slowest tier any rank restored from.
     fn recovered_from(&self) -> &'static str {
         if self.resume.is_none() {
-            "none"
-        } else if self.ranks.iter().any(|r| r.tier == "peer") {
-            "peer"
-        } else {
-            "memory"
+            return "none";
         }
+        for tier in ["persistent", "peer"] {
+            if self.ranks.iter().any(|r| r.tier == tier) {
+                return tier;
+            }
+        }
+        "memory"
     }
 }
 
@@ -1238,6 +1278,7 @@ fn drive(
                 inc.ranks.push(RankRestore {
                     rank,
                     tier: ev["tier"].as_str().unwrap_or("memory").to_string(),
+                    expected_tier: ev["expected_tier"].as_str().unwrap_or("memory").to_string(),
                     restore_s: num(&ev, "restore_s")?,
                     bytes: num(&ev, "bytes")? as u64,
                     peers: ev["peers"]
@@ -1252,7 +1293,7 @@ fn drive(
                     let step = inc.resume.unwrap_or(0);
                     let lost = log.last_step.saturating_sub(step);
                     let mut parts = Vec::new();
-                    for tier in ["memory", "peer"] {
+                    for tier in TIERS {
                         let ranks = inc.ranks_from(tier);
                         if ranks.is_empty() {
                             continue;
@@ -1390,26 +1431,18 @@ fn candidates(steps: u64, every: u64) -> (Vec<u64>, Vec<u64>, Vec<u64>) {
     (all, off, clear)
 }
 
-/// The first non-empty pool, and a member of it picked from `seed`.
-fn pick(pools: Vec<Vec<u64>>, seed: u64, salt: u64) -> Option<u64> {
-    let pool = pools.into_iter().find(|p| !p.is_empty())?;
-    Some(pool[(mix(seed ^ salt) % pool.len() as u64) as usize])
-}
+/// The flags that choose the failure steps, in the order the failures strike.
+const FAILURE_FLAGS: [&str; 3] = ["--kill-at-step", "--node-loss-at-step", "--total-loss-at-step"];
 
-/// The steps after which the two failures strike: (trainer crash, node
-/// loss). Both lie past the first checkpoint, preferably neither on a
-/// checkpoint boundary nor right before one (so work is lost and
-/// recomputed), the crash in the first half of the run and a checkpoint
-/// between the two; picked from the seed where not given.
-pub fn pick_failure_steps(
-    steps: u64,
-    every: u64,
-    seed: u64,
-    crash: Option<u64>,
-    loss: Option<u64>,
-) -> Result<(u64, u64)> {
+/// The steps after which the three failures strike: [trainer crash, node
+/// loss, total memory loss]. All lie past the first checkpoint, in that
+/// order, preferably neither on a checkpoint boundary nor right before one
+/// (so work is lost and recomputed), the crash in the first half of the run
+/// and a checkpoint between each failure and the next; picked from the seed
+/// where not given, fitted around those given.
+pub fn pick_failure_steps(steps: u64, every: u64, seed: u64, chosen: [Option<u64>; 3]) -> Result<[u64; 3]> {
     ensure!(every > 0, "--checkpoint-every must be at least 1");
-    for (flag, s) in [("--kill-at-step", crash), ("--node-loss-at-step", loss)] {
+    for (flag, s) in FAILURE_FLAGS.iter().zip(chosen) {
         if let Some(s) = s {
             ensure!(
                 s > every && s < steps,
@@ -1417,54 +1450,70 @@ pub fn pick_failure_steps(
             );
         }
     }
-    if let (Some(c), Some(l)) = (crash, loss) {
-        ensure!(c < l, "--kill-at-step ({c}) must come before --node-loss-at-step ({l})");
-        return Ok((c, l));
+    let given: Vec<(&str, u64)> = FAILURE_FLAGS.iter().zip(chosen).filter_map(|(f, s)| Some((*f, s?))).collect();
+    for w in given.windows(2) {
+        let ((f0, s0), (f1, s1)) = (w[0], w[1]);
+        ensure!(s0 < s1, "{f0} ({s0}) must come before {f1} ({s1})");
+    }
+    if let [Some(c), Some(l), Some(t)] = chosen {
+        return Ok([c, l, t]);
     }
     ensure!(
-        steps >= every + 3,
-        "--steps ({steps}) must exceed --checkpoint-every ({every}) by at least 3, so that two failures can follow a checkpoint"
+        steps >= every + 4,
+        "--steps ({steps}) must exceed --checkpoint-every ({every}) by at least 4, so that three failures can follow a checkpoint"
     );
     let (all, off, clear) = candidates(steps, every);
     // A checkpoint lies in (a, b].
     let between = |a: u64, b: u64| b / every > a / every;
-    let crash = match crash {
-        Some(c) => c,
-        None => {
-            let limit = loss.unwrap_or(steps - 1);
-            let below = |v: &[u64]| v.iter().copied().filter(|&s| s < limit).collect::<Vec<_>>();
-            let has_later = |s: u64| match loss {
-                Some(l) => between(s, l),
-                None => clear.iter().any(|&t| t > s && between(s, t)),
-            };
-            let first_half = |v: &[u64]| {
-                v.iter().copied().filter(|&s| s < limit && 2 * s <= steps && has_later(s)).collect::<Vec<_>>()
-            };
-            let early = |v: &[u64]| v.iter().copied().filter(|&s| s < limit && has_later(s)).collect::<Vec<_>>();
-            pick(
-                vec![first_half(&clear), early(&clear), below(&clear), below(&off), below(&all)],
-                seed,
-                0xC2A5,
-            )
-            .ok_or_else(|| anyhow!("no step after the first checkpoint comes before --node-loss-at-step ({limit})"))?
+    // Strictest first: (steps to pick from, a checkpoint between failures,
+    // the crash in the first half).
+    let levels: [(&[u64], bool, bool); 6] = [
+        (&clear, true, true),
+        (&clear, true, false),
+        (&clear, false, false),
+        (&off, true, false),
+        (&off, false, false),
+        (&all, false, false),
+    ];
+    for (pool, spaced, first_half) in levels {
+        let pools: Vec<Vec<u64>> = (0..3)
+            .map(|i| match chosen[i] {
+                Some(s) => vec![s],
+                None => pool.iter().copied().filter(|&s| !(i == 0 && first_half && 2 * s > steps)).collect(),
+            })
+            .collect();
+        let follows = |prev: Option<u64>, s: u64| prev.is_none_or(|p| s > p && (!spaced || between(p, s)));
+        // Whether failures i.. fit after one at `prev`: `follows` only gets
+        // easier for later steps, so the earliest fitting step leaves the most room.
+        let fits = |prev: Option<u64>, i: usize| {
+            let mut prev = prev;
+            for p in &pools[i..] {
+                match p.iter().copied().find(|&s| follows(prev, s)) {
+                    Some(s) => prev = Some(s),
+                    None => return false,
+                }
+            }
+            true
+        };
+        if !fits(None, 0) {
+            continue;
         }
-    };
-    let loss = match loss {
-        Some(l) => l,
-        None => {
-            let after = |v: &[u64]| v.iter().copied().filter(|&s| s > crash).collect::<Vec<_>>();
-            let spaced = |v: &[u64]| v.iter().copied().filter(|&s| s > crash && between(crash, s)).collect::<Vec<_>>();
-            pick(
-                vec![spaced(&clear), after(&clear), spaced(&off), after(&off), after(&all)],
-                seed,
-                0x10557,
-            )
-            .ok_or_else(|| {
-                anyhow!("no step is left for the node loss after the crash at step {crash}: use more --steps")
-            })?
+        let mut picked = [0; 3];
+        let mut prev = None;
+        for (i, salt) in [0xC2A5u64, 0x10557, 0x7074].into_iter().enumerate() {
+            let ok: Vec<u64> = pools[i].iter().copied().filter(|&s| follows(prev, s) && fits(Some(s), i + 1)).collect();
+            let s = ok[(mix(seed ^ salt) % ok.len() as u64) as usize];
+            picked[i] = s;
+            prev = Some(s);
         }
-    };
-    Ok((crash, loss))
+        return Ok(picked);
+    }
+    let chosen: Vec<String> = given.iter().map(|(f, s)| format!("{f} {s}")).collect();
+    bail!(
+        "three failures in order between the first checkpoint (step {every}) and the last step ({steps}) do not fit around {}: \
+         choose other steps or use more --steps",
+        chosen.join(", ")
+    )
 }
 
 /// The rank whose trainer crashes first.
@@ -1565,6 +1614,136 @@ fn shard_file_len(a: &DemoArgs, rows: &[usize], world: usize) -> Result<u64> {
     Ok(max)
 }
 
+/// What one daemon moved, from its status: bytes sent to peers (replicas
+/// and re-replication), shards it fetched from peers, and bytes and shards
+/// it uploaded to the persistent tier for one namespace.
+#[derive(Debug, Default, Clone, Copy)]
+struct Traffic {
+    replicated: u64,
+    fetched: u64,
+    persisted: u64,
+    persisted_shards: u64,
+}
+
+fn traffic(cluster: &LocalCluster, i: usize, ns: &str) -> Result<Traffic> {
+    let st = Client::connect(cluster.socket(i))?.status()?;
+    let r = st.cluster.map(|c| c.replication).unwrap_or_default();
+    let drain = st
+        .persistent
+        .as_ref()
+        .and_then(|p| p["namespaces"].as_array()?.iter().find(|n| n["namespace"] == ns).cloned());
+    let get = |k: &str| drain.as_ref().and_then(|d| d[k].as_u64()).unwrap_or(0);
+    Ok(Traffic {
+        replicated: r.bytes_sent,
+        fetched: r.shards_fetched,
+        persisted: get("uploaded_bytes"),
+        persisted_shards: get("uploaded_shards"),
+    })
+}
+
+/// Adds up the daemons' counters over a run in which daemons die and are
+/// replaced: each daemon's counters are read just before it is killed (a
+/// new daemon starts from zero).
+struct Meter {
+    ns: String,
+    seen: Vec<Traffic>,
+    total: Traffic,
+}
+
+impl Meter {
+    /// Starts counting now (what the daemons did before is left out).
+    fn start(cluster: &LocalCluster, ns: &str) -> Result<Self> {
+        let seen = (0..cluster.nodes.len()).map(|i| traffic(cluster, i, ns)).collect::<Result<_>>()?;
+        Ok(Self { ns: ns.to_string(), seen, total: Traffic::default() })
+    }
+
+    /// Adds what node `i` did since its last reading.
+    fn read(&mut self, cluster: &LocalCluster, i: usize) -> Result<()> {
+        let now = traffic(cluster, i, &self.ns).with_context(|| format!("asking node {i} for its counters"))?;
+        let was = std::mem::replace(&mut self.seen[i], now);
+        self.total.replicated += now.replicated.saturating_sub(was.replicated);
+        self.total.fetched += now.fetched.saturating_sub(was.fetched);
+        self.total.persisted += now.persisted.saturating_sub(was.persisted);
+        self.total.persisted_shards += now.persisted_shards.saturating_sub(was.persisted_shards);
+        Ok(())
+    }
+
+    fn read_all(&mut self, cluster: &LocalCluster) -> Result<()> {
+        (0..self.seen.len()).try_for_each(|i| self.read(cluster, i))
+    }
+
+    /// Node `i` was replaced: its new daemon counts from zero.
+    fn replaced(&mut self, i: usize) {
+        self.seen[i] = Traffic::default();
+    }
+}
+
+/// The steps of `ns` committed in the `file://` persistent tier at `dir`
+/// (a step exists there only through its COMMIT object).
+fn committed_steps(dir: &Path, ns: &str) -> Vec<u64> {
+    let mut steps: Vec<u64> = std::fs::read_dir(dir.join(ns))
+        .map(|entries| {
+            entries
+                .filter_map(|e| e.ok())
+                .filter(|e| e.path().join("COMMIT").is_file())
+                .filter_map(|e| e.file_name().to_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    steps.sort_unstable();
+    steps
+}
+
+/// Whether some node's drainer is uploading a shard of `ns` right now.
+fn uploading(cluster: &LocalCluster, ns: &str) -> Result<bool> {
+    for i in 0..cluster.nodes.len() {
+        let st = Client::connect(cluster.socket(i))?.status()?;
+        let busy = st
+            .persistent
+            .as_ref()
+            .and_then(|p| p["namespaces"].as_array()?.iter().find(|n| n["namespace"] == ns).cloned())
+            .is_some_and(|n| !n["uploading"].is_null());
+        if busy {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+/// Waits until `step` of `ns` is committed in the persistent tier (the
+/// drain runs in the background); returns how long it waited and whether
+/// the step was committed. With `persist_every` > 1 the drainers may skip
+/// the step: then it also stops once no node has uploaded anything for
+/// 2.5 s (more than two rounds of the drainers), or after `limit`.
+fn wait_persisted(
+    cluster: &LocalCluster,
+    dir: &Path,
+    ns: &str,
+    step: u64,
+    persist_every: u64,
+    limit: Duration,
+) -> Result<(f64, bool)> {
+    let t = Instant::now();
+    let mut idle_since = Instant::now();
+    loop {
+        check_interrupt()?;
+        if committed_steps(dir, ns).contains(&step) {
+            return Ok((t.elapsed().as_secs_f64(), true));
+        }
+        if persist_every > 1 {
+            if uploading(cluster, ns)? {
+                idle_since = Instant::now();
+            } else if idle_since.elapsed() > Duration::from_millis(2500) {
+                return Ok((t.elapsed().as_secs_f64(), false));
+            }
+        }
+        if t.elapsed() > limit {
+            return Ok((t.elapsed().as_secs_f64(), false));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// A failure's record in the report.
 fn failure_json(kind: &str, step_killed: u64, killed_at: Instant, inc: &Incarnation, extra: Value) -> Value {
     let step = inc.resume.unwrap_or(0);
@@ -1577,6 +1756,7 @@ fn failure_json(kind: &str, step_killed: u64, killed_at: Instant, inc: &Incarnat
                     "rank": r.rank,
                     "node": LocalCluster::node_id(r.rank),
                     "tier": r.tier,
+                    "expected_tier": r.expected_tier,
                     "restore_s": r.restore_s,
                     "bytes": r.bytes,
                     "peers": r.peers,
@@ -1595,10 +1775,12 @@ fn failure_json(kind: &str, step_killed: u64, killed_at: Instant, inc: &Incarnat
         "restored_from": {
             "memory": inc.ranks_from("memory"),
             "peer": inc.ranks_from("peer"),
+            "persistent": inc.ranks_from("persistent"),
         },
         "restore_s": inc.restore_s(None),
         "restore_s_memory": inc.restore_s(Some("memory")),
         "restore_s_peer": inc.restore_s(Some("peer")),
+        "restore_s_persistent": inc.restore_s(Some("persistent")),
         "init_s": inc.init_s,
         "recovery_s": inc.resumed_at.map(|t| (t - killed_at).as_secs_f64()),
         "latest_seen": inc.latest_seen,
@@ -1615,6 +1797,7 @@ pub fn run(args: &DemoArgs, json: bool) -> Result<()> {
     let a = args;
     ensure!(a.checkpoint_every > 0, "--checkpoint-every must be at least 1");
     ensure!(a.keep_last > 0, "--keep-last must be at least 1");
+    ensure!(a.persist_every > 0, "--persist-every must be at least 1");
     ensure!(
         a.nodes >= 2,
         "--nodes must be at least 2: each shard is copied to {REPLICATION_FACTOR} peer"
@@ -1623,8 +1806,12 @@ pub fn run(args: &DemoArgs, json: bool) -> Result<()> {
     let world = a.nodes;
     let rows = model_rows(a.size)?;
     let shards: Vec<Shard> = (0..world as u32).map(|r| Shard::of(&rows, r, world as u32)).collect::<Result<_>>()?;
-    let (crash_step, loss_step) =
-        pick_failure_steps(a.steps, a.checkpoint_every, a.seed, a.kill_at_step, a.node_loss_at_step)?;
+    let [crash_step, loss_step, total_step] = pick_failure_steps(
+        a.steps,
+        a.checkpoint_every,
+        a.seed,
+        [a.kill_at_step, a.node_loss_at_step, a.total_loss_at_step],
+    )?;
     let crash_rank = pick_crash_rank(world, a.seed);
     let lost = 2.min(world - 1);
     let threads = a.threads.unwrap_or_else(|| default_threads(world)).max(1);
@@ -1636,16 +1823,29 @@ pub fn run(args: &DemoArgs, json: bool) -> Result<()> {
     let capacity = 2 * (a.keep_last as u64 + 3) * (shard_bytes + (1 << 20));
     catch_interrupts();
 
+    let tmp_dir = std::path::absolute(&a.tmp_dir).with_context(|| format!("resolving {}", a.tmp_dir.display()))?;
     let tmp = tempfile::Builder::new()
         .prefix("tierckpt-demo-")
-        .tempdir_in(&a.tmp_dir)
-        .with_context(|| format!("creating the demo's memory tiers under {}", a.tmp_dir.display()))?;
+        .tempdir_in(&tmp_dir)
+        .with_context(|| format!("creating the demo's memory tiers under {}", tmp_dir.display()))?;
+    // The persistent tier, shared by every node, outlives their memory.
+    let persist_dir = tmp.path().join("persistent");
+    std::fs::create_dir(&persist_dir).with_context(|| format!("creating {}", persist_dir.display()))?;
+    let persist_url = format!("file://{}", persist_dir.display());
     let opts = LocalClusterOptions {
         nodes: world,
         memory_tier_size: capacity.to_string(),
         keep_last: a.keep_last,
         replication_factor: REPLICATION_FACTOR,
         placement: PLACEMENT.into(),
+        extra_args: vec![
+            "--persistent-path".into(),
+            persist_url.clone(),
+            "--persist-every".into(),
+            a.persist_every.to_string(),
+            "--persist-keep-last".into(),
+            a.keep_last.to_string(),
+        ],
         ..Default::default()
     };
     let heartbeat = opts.heartbeat_interval.clone();
@@ -1656,6 +1856,10 @@ pub fn run(args: &DemoArgs, json: bool) -> Result<()> {
     let pids: Vec<String> = (0..world)
         .map(|i| format!("{} (pid {})", LocalCluster::node_id(i), cluster.node(i).pid()))
         .collect();
+    let every_nth = match a.persist_every {
+        1 => "every checkpoint".to_string(),
+        n => format!("one checkpoint in {n}"),
+    };
     ui.say(
         &hidden,
         format!(
@@ -1664,9 +1868,11 @@ pub fn run(args: &DemoArgs, json: bool) -> Result<()> {
              sharded as in ZeRO: each rank holds 1/{world} ({} per shard)\n  \
              {} steps, a checkpoint every {} steps, seed {}\n  \
              failures: rank {crash_rank}'s trainer crashes after step {crash_step} (the job restarts); \
-             node {} is lost after step {loss_step} (daemon and trainer), replaced by an empty node\n  \
+             node {} is lost after step {loss_step} (daemon and trainer), replaced by an empty node; \
+             every node's memory is lost after step {total_step} (every daemon and trainer), replaced by empty nodes\n  \
              daemons: {}; each with a {} memory tier under {}, keeping {} checkpoints, \
-             copying each shard to {REPLICATION_FACTOR} peer ({PLACEMENT}), heartbeat {heartbeat}\n",
+             copying each shard to {REPLICATION_FACTOR} peer ({PLACEMENT}), heartbeat {heartbeat}\n  \
+             persistent tier: {persist_url}, shared by every node: {every_nth} uploaded in the background and committed, {} kept\n",
             params as f64 / 1e6,
             human_bytes(state_bytes),
             human_bytes(shard_bytes),
@@ -1677,6 +1883,7 @@ pub fn run(args: &DemoArgs, json: bool) -> Result<()> {
             pids.join(", "),
             human_bytes(capacity),
             tmp.path().display(),
+            a.keep_last,
             a.keep_last
         ),
     );
@@ -1702,17 +1909,21 @@ pub fn run(args: &DemoArgs, json: bool) -> Result<()> {
     );
     // Its segments go back to the daemons' pools, for the next run to
     // reuse; first let replication finish, so no copy lands after the delete.
+    // (What the reference left in the persistent tier stays there, under
+    // its own namespace.)
     if let Some(s) = ref_log.last_checkpoint() {
         wait_replicated(&cluster, 0, ref_ns, s, world, REPLICATION_FACTOR + 1, Duration::from_secs(30))?;
     }
     delete_everywhere(&cluster, ref_ns).context("deleting the reference run's checkpoints")?;
 
-    // 2. The same job, with two failures.
+    // 2. The same job, with three failures.
     let ns = "demo";
+    let mut meter = Meter::start(&cluster, ns)?;
     ui.say(
         &hidden,
         format!(
-            "[2/2] training, with a trainer crash after step {crash_step} and the loss of node {} after step {loss_step}",
+            "[2/2] training, with a trainer crash after step {crash_step}, the loss of node {} after step {loss_step} \
+             and the loss of every node's memory after step {total_step}",
             LocalCluster::node_id(lost)
         ),
     );
@@ -1767,6 +1978,7 @@ pub fn run(args: &DemoArgs, json: bool) -> Result<()> {
     };
     let daemon_pid = cluster.node(lost).pid();
     let trainer_pid = job.pid(lost);
+    meter.read(&cluster, lost)?;
     let killed_at = Instant::now();
     cluster.kill(lost)?;
     job.kill(lost)?;
@@ -1775,6 +1987,7 @@ pub fn run(args: &DemoArgs, json: bool) -> Result<()> {
     log.killed_at = Some(killed_at);
     let t = Instant::now();
     cluster.replace_empty(lost).context("starting an empty replacement node")?;
+    meter.replaced(lost);
     let replace_s = t.elapsed().as_secs_f64();
     ui.say(
         &pb,
@@ -1792,12 +2005,8 @@ pub fn run(args: &DemoArgs, json: bool) -> Result<()> {
         ),
     );
     let mut job = Job::spawn(&sockets, ns, a, threads)?;
-    let (inc2, out) = drive(&mut job, a.steps, &ui, &pb, &mut log, None)?;
-    let hashes = match out {
-        Outcome::Done { hashes } => hashes,
-        Outcome::Stopped => unreachable!("no stop was asked for"),
-    };
-    drop(job);
+    let (inc2, out) = drive(&mut job, a.steps, &ui, &pb, &mut log, Some(total_step))?;
+    ensure!(matches!(out, Outcome::Stopped), "the job finished before the total memory loss");
     let node_loss = failure_json(
         "node_loss",
         loss_step,
@@ -1814,6 +2023,72 @@ pub fn run(args: &DemoArgs, json: bool) -> Result<()> {
             "copies_at_kill": copies_at_kill,
         }),
     );
+
+    // Failure 3: every node loses its memory (and every trainer dies); empty
+    // nodes take their places and the job restores from the persistent tier.
+    let last_ckpt = log.last_checkpoint();
+    // The drain runs in the background, a second or so behind the trainers;
+    // the demo waits for the newest checkpoint's commit so that the resume
+    // step does not depend on timing.
+    let (persist_wait_s, persisted) = match last_ckpt {
+        Some(s) => wait_persisted(&cluster, &persist_dir, ns, s, a.persist_every, Duration::from_secs(60))?,
+        None => (0.0, false),
+    };
+    let committed_at_kill = committed_steps(&persist_dir, ns).last().copied();
+    let daemon_pids: Vec<u32> = (0..world).map(|i| cluster.node(i).pid()).collect();
+    meter.read_all(&cluster)?;
+    let killed_at = Instant::now();
+    for i in 0..world {
+        cluster.kill(i)?;
+    }
+    job.kill_all()?;
+    drop(job);
+    log.killed_at = Some(killed_at);
+    let t = Instant::now();
+    for i in 0..world {
+        cluster.replace_empty(i).with_context(|| format!("starting an empty node in place of node {i}"))?;
+        meter.replaced(i);
+    }
+    let total_replace_s = t.elapsed().as_secs_f64();
+    ui.say(
+        &pb,
+        format!(
+            "    total loss  every node: {world} tierckptd (pids {}) and {world} trainers SIGKILLed after step {total_step}, \
+             every memory tier wiped (last checkpoint: step {}, {}); {world} empty tierckptd took their places in {}",
+            daemon_pids.iter().map(u32::to_string).collect::<Vec<_>>().join(", "),
+            last_ckpt.map_or("none".into(), |s| s.to_string()),
+            match (persisted, committed_at_kill) {
+                (true, _) => format!("committed in the persistent tier, waited {} for it", fmt_s(persist_wait_s)),
+                (false, Some(c)) => format!("not persisted after {}; newest committed: step {c}", fmt_s(persist_wait_s)),
+                (false, None) => format!("nothing committed in the persistent tier after {}", fmt_s(persist_wait_s)),
+            },
+            fmt_s(total_replace_s)
+        ),
+    );
+    let mut job = Job::spawn(&sockets, ns, a, threads)?;
+    let (inc3, out) = drive(&mut job, a.steps, &ui, &pb, &mut log, None)?;
+    let hashes = match out {
+        Outcome::Done { hashes } => hashes,
+        Outcome::Stopped => unreachable!("no stop was asked for"),
+    };
+    drop(job);
+    let all_ranks: Vec<usize> = (0..world).collect();
+    let total_loss = failure_json(
+        "total_memory_loss",
+        total_step,
+        killed_at,
+        &inc3,
+        json!({
+            "nodes_killed": (0..world).map(LocalCluster::node_id).collect::<Vec<_>>(),
+            "ranks_killed": all_ranks,
+            "replacement": "empty",
+            "replace_s": total_replace_s,
+            "last_checkpoint_at_kill": last_ckpt,
+            "persisted_before_kill": persisted,
+            "persist_wait_s": persist_wait_s,
+            "persistent_last_committed_at_kill": committed_at_kill,
+        }),
+    );
     let final_hash = combined_hash(&hashes);
     let main_wall_s = t_main.elapsed().as_secs_f64();
     pb.finish_and_clear();
@@ -1821,11 +2096,17 @@ pub fn run(args: &DemoArgs, json: bool) -> Result<()> {
         &hidden,
         format!("    done in {main_wall_s:.1} s, final state xxh3-128 {final_hash}\n"),
     );
-    let fetched: u64 = Client::connect(cluster.socket(lost))
-        .and_then(|mut c| c.status())
-        .ok()
-        .and_then(|s| s.cluster)
-        .map_or(0, |c| c.replication.shards_fetched);
+    // The last checkpoint drains too; wait for it (bounded) so that the
+    // counts below include it.
+    let final_persist_wait_s = match log.last_checkpoint() {
+        Some(s) if a.persist_every == 1 => {
+            Some(wait_persisted(&cluster, &persist_dir, ns, s, 1, Duration::from_secs(30))?.0)
+        }
+        _ => None,
+    };
+    meter.read_all(&cluster)?;
+    let traffic = meter.total;
+    let persisted_steps = committed_steps(&persist_dir, ns);
 
     drop(cluster);
     tmp.close().context("removing the demo's memory tiers")?;
@@ -1836,9 +2117,25 @@ pub fn run(args: &DemoArgs, json: bool) -> Result<()> {
     let ref_stalls: Vec<f64> = ref_log.checkpoints.iter().map(|c| c.stall_s).collect();
     let stall_median = median(&stalls);
     let wall_s = wall.elapsed().as_secs_f64();
-    let failures = [crash, node_loss];
+    let failures = [crash, node_loss, total_loss];
     if json {
-        print_json(&json!({
+        // In two parts: one `json!` this large exceeds the macro recursion limit.
+        let tiers = json!({
+            "restore_s_persistent": inc3.restore_s(Some("persistent")),
+            "bytes_replicated": traffic.replicated,
+            "bytes_persisted": traffic.persisted,
+            "shards_persisted": traffic.persisted_shards,
+            "persistent_last_committed": persisted_steps.last(),
+            "persistent": {
+                "url": persist_url,
+                "persist_every": a.persist_every,
+                "keep_last": a.keep_last,
+                "steps_committed": persisted_steps,
+                "last_committed": persisted_steps.last(),
+                "final_wait_s": final_persist_wait_s,
+            },
+        });
+        let mut report = json!({
             "bitwise_identical": identical,
             "state_hash": final_hash,
             "reference_state_hash": ref_hash,
@@ -1855,6 +2152,7 @@ pub fn run(args: &DemoArgs, json: bool) -> Result<()> {
             "steps": a.steps,
             "checkpoint_every": a.checkpoint_every,
             "keep_last": a.keep_last,
+            "persist_every": a.persist_every,
             "seed": a.seed,
             "threads": threads,
             "checkpoints": log.checkpoints.len(),
@@ -1868,7 +2166,7 @@ pub fn run(args: &DemoArgs, json: bool) -> Result<()> {
             "recovery_s": failures[0]["recovery_s"],
             "restore_s_memory": inc1.restore_s(Some("memory")),
             "restore_s_peer": inc2.restore_s(Some("peer")),
-            "shards_fetched_from_peers": fetched,
+            "shards_fetched_from_peers": traffic.fetched,
             "failures": failures,
             "final_loss": log.loss,
             "reference": {
@@ -1878,14 +2176,19 @@ pub fn run(args: &DemoArgs, json: bool) -> Result<()> {
                 "wall_s": ref_wall_s,
             },
             "wall_s": wall_s,
-        }));
+        });
+        if let (Some(r), Value::Object(t)) = (report.as_object_mut(), tiers) {
+            r.extend(t);
+        }
+        print_json(&report);
     } else {
         let mut t = comfy_table::Table::new();
         t.load_preset(comfy_table::presets::UTF8_BORDERS_ONLY);
         t.add_row(vec![
             "cluster".to_string(),
             format!(
-                "{world} nodes (tierckptd on 127.0.0.1), {world} ranks; each shard copied to {REPLICATION_FACTOR} peer ({PLACEMENT})"
+                "{world} nodes (tierckptd on 127.0.0.1), {world} ranks; each shard copied to {REPLICATION_FACTOR} peer ({PLACEMENT}); \
+                 {every_nth} drained to a persistent tier ({persist_url})"
             ),
         ]);
         t.add_row(vec![
@@ -1916,15 +2219,32 @@ pub fn run(args: &DemoArgs, json: bool) -> Result<()> {
         if let Some(m) = median(&log.step_s) {
             t.add_row(vec!["one training step".to_string(), format!("{} median", fmt_s(m))]);
         }
-        let rows_for = |t: &mut comfy_table::Table, f: &Value, inc: &Incarnation, what: String| {
+        t.add_row(vec![
+            "copied in the background".to_string(),
+            format!(
+                "{} to peers; {} ({} shards) to the persistent tier, newest committed step {}",
+                human_bytes(traffic.replicated),
+                human_bytes(traffic.persisted),
+                traffic.persisted_shards,
+                persisted_steps.last().map_or("none".to_string(), u64::to_string)
+            ),
+        ]);
+        let rows_for = |t: &mut comfy_table::Table, f: &Value, inc: &Incarnation, what: String, before: Option<String>| {
             t.add_row(vec!["failure".to_string(), what]);
+            if let Some(b) = before {
+                t.add_row(vec!["before the kill".to_string(), b]);
+            }
             let Some(step) = inc.resume else {
                 t.add_row(vec!["recovered from".to_string(), "nothing: started over".to_string()]);
                 return;
             };
             let mut from = Vec::new();
             let mut restore = Vec::new();
-            for (tier, name) in [("peer", "a peer's memory"), ("memory", "local memory")] {
+            for (tier, name) in [
+                ("persistent", "the persistent tier"),
+                ("peer", "a peer's memory"),
+                ("memory", "local memory"),
+            ] {
                 let ranks = inc.ranks_from(tier);
                 if ranks.is_empty() {
                     continue;
@@ -1943,9 +2263,14 @@ pub fn run(args: &DemoArgs, json: bool) -> Result<()> {
             t.add_row(vec!["restore, checksums verified".to_string(), restore.join(", ")]);
             if let Some(rec) = f["recovery_s"].as_f64() {
                 let init = inc.init_s.map_or(String::new(), |i| format!(", model init {}", fmt_s(i)));
-                let replace = f["replace_s"]
-                    .as_f64()
-                    .map_or(String::new(), |r| format!("empty node started in {}, ", fmt_s(r)));
+                let nodes = f["nodes_killed"].as_array().map_or(1, Vec::len);
+                let replace = f["replace_s"].as_f64().map_or(String::new(), |r| {
+                    if nodes > 1 {
+                        format!("{nodes} empty nodes started in {}, ", fmt_s(r))
+                    } else {
+                        format!("empty node started in {}, ", fmt_s(r))
+                    }
+                });
                 t.add_row(vec![
                     "recovery, kill to resumed".to_string(),
                     format!("{} ({replace}new processes{init})", fmt_s(rec)),
@@ -1958,6 +2283,7 @@ pub fn run(args: &DemoArgs, json: bool) -> Result<()> {
             &failures[0],
             &inc1,
             format!("rank {crash_rank}'s trainer SIGKILLed after step {crash_step}; job restarted"),
+            None,
         );
         rows_for(
             &mut t,
@@ -1967,6 +2293,24 @@ pub fn run(args: &DemoArgs, json: bool) -> Result<()> {
                 "node {} lost after step {loss_step} (daemon and trainer SIGKILLed), replaced by an empty node",
                 LocalCluster::node_id(lost)
             ),
+            replication_wait_s.map(|w| format!("waited {} for every shard to have a copy on a peer", fmt_s(w))),
+        );
+        rows_for(
+            &mut t,
+            &failures[2],
+            &inc3,
+            format!(
+                "every node's memory lost after step {total_step} ({world} daemons and {world} trainers SIGKILLed, memory wiped), \
+                 replaced by empty nodes"
+            ),
+            Some(match (persisted, last_ckpt) {
+                (true, Some(s)) => format!("waited {} for step {s} to be committed in the persistent tier", fmt_s(persist_wait_s)),
+                _ => format!(
+                    "waited {} for the drain; newest committed step {}",
+                    fmt_s(persist_wait_s),
+                    committed_at_kill.map_or("none".to_string(), |s| s.to_string())
+                ),
+            }),
         );
         t.add_row(vec![
             "final state".to_string(),
@@ -2137,32 +2481,48 @@ mod tests {
 
     #[test]
     fn failure_steps_are_off_the_checkpoint_boundaries() {
+        let pick = |steps, every, seed, chosen| pick_failure_steps(steps, every, seed, chosen);
+        let free = [None; 3];
         for seed in 0..50 {
-            let (c, l) = pick_failure_steps(30, 5, seed, None, None).unwrap();
-            for s in [c, l] {
-                assert!(s > 5 && s < 30 && s % 5 != 0 && (s + 1) % 5 != 0, "{c} {l}");
+            let [c, l, t] = pick(30, 5, seed, free).unwrap();
+            for s in [c, l, t] {
+                assert!(s > 5 && s < 30 && s % 5 != 0 && (s + 1) % 5 != 0, "{c} {l} {t}");
             }
-            assert!(2 * c <= 30 && l / 5 > c / 5, "a checkpoint between {c} and {l}");
-            let (c, l) = pick_failure_steps(60, 10, seed, None, None).unwrap();
-            assert!(c > 10 && c <= 30 && c % 10 != 0 && l / 10 > c / 10 && l < 60 && l % 10 != 0, "{c} {l}");
+            assert!(2 * c <= 30 && l / 5 > c / 5 && t / 5 > l / 5, "a checkpoint between {c}, {l} and {t}");
+            let [c, l, t] = pick(60, 10, seed, free).unwrap();
+            assert!(c > 10 && c <= 30 && c % 10 != 0, "{c}");
+            assert!(l / 10 > c / 10 && t / 10 > l / 10 && t < 60 && l % 10 != 0 && t % 10 != 0, "{c} {l} {t}");
             assert!(pick_crash_rank(4, seed) < 4);
         }
-        assert_eq!(
-            pick_failure_steps(30, 5, 3, None, None).unwrap(),
-            pick_failure_steps(30, 5, 3, None, None).unwrap()
-        );
-        // Chosen steps are kept; the other one is fitted around them.
-        assert_eq!(pick_failure_steps(30, 5, 0, Some(19), Some(24)).unwrap(), (19, 24));
-        let (c, l) = pick_failure_steps(30, 5, 0, Some(19), None).unwrap();
-        assert!(c == 19 && l > 20 && l < 30, "{l}");
-        let (c, l) = pick_failure_steps(30, 5, 0, None, Some(12)).unwrap();
-        assert!(c > 5 && c < 10 && l == 12, "{c}");
-        assert!(pick_failure_steps(30, 5, 0, Some(24), Some(19)).is_err());
-        assert!(pick_failure_steps(30, 5, 0, Some(3), None).is_err());
-        assert!(pick_failure_steps(30, 5, 0, None, Some(6)).is_err(), "no room for the crash");
-        assert!(pick_failure_steps(7, 5, 0, None, None).is_err());
-        assert_eq!(pick_failure_steps(8, 5, 0, None, None).unwrap(), (6, 7));
-        assert_eq!(pick_failure_steps(4, 1, 0, None, None).unwrap(), (2, 3));
+        assert_eq!(pick(30, 5, 3, free).unwrap(), pick(30, 5, 3, free).unwrap());
+        let spread: std::collections::BTreeSet<[u64; 3]> = (0..50).map(|seed| pick(60, 10, seed, free).unwrap()).collect();
+        assert!(spread.len() > 5, "the seed picks the steps: {spread:?}");
+        // Chosen steps are kept; the others are fitted around them.
+        assert_eq!(pick(30, 5, 0, [Some(19), Some(24), Some(28)]).unwrap(), [19, 24, 28]);
+        let [c, l, t] = pick(30, 5, 0, [Some(19), Some(24), None]).unwrap();
+        assert!(c == 19 && l == 24 && t > 25 && t < 29, "{t}");
+        let [c, l, t] = pick(30, 5, 0, [Some(19), None, None]).unwrap();
+        assert!(c == 19 && l > 20 && l < 24 && t > 25 && t < 29, "{l} {t}");
+        let [c, l, t] = pick(30, 5, 0, [None, Some(12), None]).unwrap();
+        assert!(c > 5 && c < 9 && l == 12 && t > 15 && t < 29, "{c} {t}");
+        let [c, l, t] = pick(30, 5, 0, [None, None, Some(17)]).unwrap();
+        assert!(c > 5 && c < 9 && l > 10 && l < 14 && t == 17, "{c} {l}");
+        for bad in [
+            [Some(24), Some(19), None],
+            [None, Some(24), Some(19)],
+            [Some(20), None, Some(20)],
+            [Some(3), None, None],
+            [None, None, Some(30)],
+        ] {
+            assert!(pick(30, 5, 0, bad).is_err(), "{bad:?}");
+        }
+        assert!(pick(30, 5, 0, [None, Some(6), None]).is_err(), "no room for the crash");
+        assert!(pick(30, 5, 0, [None, Some(28), None]).is_ok());
+        assert!(pick(30, 5, 0, [None, Some(29), None]).is_err(), "no room for the total loss");
+        assert!(pick(8, 5, 0, free).is_err());
+        assert_eq!(pick(9, 5, 0, free).unwrap(), [6, 7, 8]);
+        assert_eq!(pick(5, 1, 0, free).unwrap(), [2, 3, 4]);
+        assert!(pick(4, 1, 0, free).is_err());
     }
 
     #[test]

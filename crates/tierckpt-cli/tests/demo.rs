@@ -1,6 +1,8 @@
-//! `tierckpt demo` end to end: a real cluster of daemons, real trainer
-//! processes (one per node) SIGKILLed and restarted, a node SIGKILLed and
-//! replaced by an empty one, and the final state compared bit for bit.
+//! `tierckpt demo` end to end: a real cluster of daemons draining to a
+//! `file://` persistent tier, real trainer processes (one per node) SIGKILLed
+//! and restarted, a node SIGKILLed and replaced by an empty one, every node's
+//! memory lost and restored from the persistent tier, and the final state
+//! compared bit for bit.
 
 // `u64::is_multiple_of` needs Rust 1.87; the workspace supports 1.85.
 #![allow(clippy::manual_is_multiple_of)]
@@ -67,7 +69,7 @@ fn check_failure(f: &Value, kind: &str, from: &str, every: u64, steps: u64) -> (
 }
 
 #[test]
-fn demo_survives_a_crash_and_a_node_loss_bitwise_identical() {
+fn demo_survives_a_crash_a_node_loss_and_a_total_memory_loss_bitwise_identical() {
     let (out, stdout, stderr) = run_demo(&[]);
     assert!(
         out.status.success(),
@@ -84,27 +86,60 @@ fn demo_survives_a_crash_and_a_node_loss_bitwise_identical() {
     assert_eq!(v["rank_state_hashes"].as_array().map(Vec::len), Some(4), "{v:#}");
 
     let failures = v["failures"].as_array().expect("failures is a list");
-    assert_eq!(failures.len(), 2, "{v:#}");
+    assert_eq!(failures.len(), 3, "{v:#}");
 
     // A trainer crash: the job restarts, every rank from its own node's memory.
     let crash = &failures[0];
     let (crash_killed, _) = check_failure(crash, "trainer_crash", "memory", 5, 30);
     assert_eq!(ranks(&crash["restored_from"]["memory"]), [0, 1, 2, 3], "{crash:#}");
     assert!(ranks(&crash["restored_from"]["peer"]).is_empty(), "{crash:#}");
+    assert!(ranks(&crash["restored_from"]["persistent"]).is_empty(), "{crash:#}");
 
     // A node loss: node 2's daemon and trainer die, an empty node replaces
     // it, and rank 2's shard comes from the peer holding its replica.
     let loss = &failures[1];
-    let (_, loss_resumed) = check_failure(loss, "node_loss", "peer", 5, 30);
+    let (loss_killed, loss_resumed) = check_failure(loss, "node_loss", "peer", 5, 30);
     assert!(loss_resumed > crash_killed, "a checkpoint lies between the failures: {v:#}");
     assert_eq!(loss["node_killed"], "n2", "{loss:#}");
     assert_eq!(ranks(&loss["restored_from"]["peer"]), [2], "{loss:#}");
     assert_eq!(ranks(&loss["restored_from"]["memory"]), [0, 1, 3], "{loss:#}");
+    assert!(ranks(&loss["restored_from"]["persistent"]).is_empty(), "{loss:#}");
     let rank2 = &loss["ranks"][2];
     assert_eq!((&rank2["rank"], &rank2["tier"]), (&Value::from(2), &Value::from("peer")), "{loss:#}");
     assert_eq!(rank2["peers"], serde_json::json!(["n3"]), "ring placement: n2 -> n3: {loss:#}");
     assert_eq!(loss["replicated_before_kill"], true, "{loss:#}");
     assert!(v["shards_fetched_from_peers"].as_u64().is_some_and(|n| n >= 1), "{v:#}");
+
+    // A total memory loss: every daemon and trainer dies, every node comes
+    // back empty, and every rank's shard comes from the persistent tier, at
+    // the newest checkpoint (the demo waits for its commit first).
+    let total = &failures[2];
+    let (_, total_resumed) = check_failure(total, "total_memory_loss", "persistent", 5, 30);
+    assert!(total_resumed > loss_killed, "a checkpoint lies between the failures: {v:#}");
+    assert_eq!(ranks(&total["restored_from"]["persistent"]), [0, 1, 2, 3], "{total:#}");
+    assert!(ranks(&total["restored_from"]["memory"]).is_empty(), "{total:#}");
+    assert!(ranks(&total["restored_from"]["peer"]).is_empty(), "{total:#}");
+    assert_eq!(total["nodes_killed"], serde_json::json!(["n0", "n1", "n2", "n3"]), "{total:#}");
+    assert_eq!(total["persisted_before_kill"], true, "{total:#}");
+    assert_eq!(total["last_checkpoint_at_kill"].as_u64(), Some(total_resumed), "{total:#}");
+    assert_eq!(total["persistent_last_committed_at_kill"].as_u64(), Some(total_resumed), "{total:#}");
+    for f in failures {
+        for r in f["ranks"].as_array().expect("ranks") {
+            assert_eq!(r["tier"], r["expected_tier"], "the view before loading named the tier: {f:#}");
+        }
+    }
+
+    // The background copies: to peers and to the persistent tier.
+    assert_eq!(v["persist_every"], 1, "{v:#}");
+    let checkpoint_bytes = v["checkpoint_bytes"].as_u64().expect("checkpoint_bytes");
+    assert!(v["bytes_replicated"].as_u64().is_some_and(|b| b >= checkpoint_bytes), "{v:#}");
+    assert!(v["bytes_persisted"].as_u64().is_some_and(|b| b >= checkpoint_bytes), "{v:#}");
+    assert!(v["shards_persisted"].as_u64().is_some_and(|n| n >= 4), "{v:#}");
+    assert_eq!(v["persistent_last_committed"], 30, "the last checkpoint is committed too: {v:#}");
+    assert!(
+        v["persistent"]["url"].as_str().is_some_and(|u| u.starts_with("file://")),
+        "{v:#}"
+    );
 
     let checkpoints = v["checkpoints"].as_u64().expect("checkpoints");
     assert!(checkpoints > 0, "{v:#}");
@@ -134,6 +169,8 @@ fn demo_with_chosen_failure_steps_on_three_nodes() {
         "19",
         "--node-loss-at-step",
         "24",
+        "--total-loss-at-step",
+        "27",
         "--seed",
         "3",
         "--keep-last",
@@ -153,15 +190,23 @@ fn demo_with_chosen_failure_steps_on_three_nodes() {
     assert_eq!(check_failure(&f[1], "node_loss", "peer", 5, 30), (24, 20), "{f:#}");
     assert_eq!(ranks(&f[1]["restored_from"]["peer"]), [2], "{f:#}");
     assert_eq!(f[1]["ranks"][2]["peers"], serde_json::json!(["n0"]), "ring: n2 -> n0: {f:#}");
+    assert_eq!(check_failure(&f[2], "total_memory_loss", "persistent", 5, 30), (27, 25), "{f:#}");
+    assert_eq!(ranks(&f[2]["restored_from"]["persistent"]), [0, 1, 2], "{f:#}");
+    assert_eq!(v["persistent"]["keep_last"], 1, "{v:#}");
+    assert_eq!(v["persistent_last_committed"], 30, "{v:#}");
 }
 
 #[test]
 fn demo_refuses_what_it_cannot_run() {
     for (args, says) in [
-        // Too short for two failures after a checkpoint.
-        (&["--steps", "7", "--checkpoint-every", "5"][..], "--steps"),
+        // Too short for three failures after a checkpoint.
+        (&["--steps", "8", "--checkpoint-every", "5"][..], "--steps"),
         (&["--nodes", "1"][..], "--nodes"),
         (&["--kill-at-step", "20", "--node-loss-at-step", "12"][..], "--node-loss-at-step"),
+        (&["--node-loss-at-step", "20", "--total-loss-at-step", "12"][..], "--total-loss-at-step"),
+        // No room for the total loss after the node loss.
+        (&["--node-loss-at-step", "59"][..], "--steps"),
+        (&["--persist-every", "0"][..], "--persist-every"),
     ] {
         let out = Command::new(env!("CARGO_BIN_EXE_tierckpt"))
             .args(["demo", "--size", "16MB", "--json"])
