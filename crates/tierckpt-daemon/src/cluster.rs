@@ -301,6 +301,10 @@ impl Cluster {
                     .into_values()
                     .map(|mut s| {
                         s.complete = (0..s.world_size).all(|r| s.holders.contains_key(&r));
+                        // Holders in node order: "the first holder" means the same node everywhere.
+                        for h in s.holders.values_mut() {
+                            h.sort_by_key(|id| self.cfg.nodes.iter().position(|(n, _)| n == id));
+                        }
                         s
                     })
                     .collect();

@@ -112,7 +112,8 @@ impl Drainer {
             tokio::select! {
                 _ = stop.changed() => return,
                 _ = self.wake.notified() => {}
-                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                // Often enough to see steps completed on other nodes soon.
+                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
             }
             for ns in self.tier.namespaces().into_iter().map(|n| n.namespace) {
                 if let Err(e) = self.drain_namespace(&ns).await {
@@ -160,11 +161,7 @@ impl Drainer {
 
     async fn drain_namespace(&self, ns: &str) -> Result<(), TierError> {
         let Some((step, world, mine)) = self.work(ns).pop() else { return Ok(()) };
-        // Another node already started persisting this step: join in,
-        // whatever this node's own count says.
-        let started_elsewhere = self.cluster.is_some()
-            && self.store.steps(ns).await?.iter().any(|s| s.step == step && !s.ranks.is_empty());
-        {
+        let due = {
             let mut st = lock(&self.state);
             let s = st.entry(ns.to_string()).or_default();
             s.shown.namespace = ns.to_string();
@@ -173,7 +170,16 @@ impl Drainer {
             }
             let due_by_count = s.since_last + 1 >= self.cfg.every || s.last_time.is_none();
             let due_by_time = self.cfg.interval.zip(s.last_time).is_some_and(|(i, t)| t.elapsed() >= i);
-            if !due_by_count && !due_by_time && !started_elsewhere {
+            due_by_count || due_by_time
+        };
+        if !due {
+            // Another node already started persisting this step: join in,
+            // whatever this node's own count says.
+            let started_elsewhere = self.cluster.is_some()
+                && self.store.steps(ns).await?.iter().any(|s| s.step == step && !s.ranks.is_empty());
+            if !started_elsewhere {
+                let mut st = lock(&self.state);
+                let s = st.entry(ns.to_string()).or_default();
                 s.decided = Some(step);
                 s.since_last += 1;
                 s.shown.skipped += 1;

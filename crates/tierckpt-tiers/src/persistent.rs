@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use futures_util::{Stream, StreamExt, TryStreamExt};
+use futures_util::{StreamExt, TryStreamExt};
 use object_store::path::Path as ObjPath;
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
 use serde::{Deserialize, Serialize};
@@ -341,11 +341,11 @@ impl PersistentTier {
     /// another writer claimed it first (its upload wins, ours is deleted).
     pub async fn upload(&self, m: &Manifest, data: Bytes) -> Result<()> {
         let k = &m.key;
-        verify_chunks(&data, m, &format!("{k} before upload"))?;
         let rpath = self.record_path(&k.namespace, k.step, k.rank, m.world_size);
         if self.exists(&rpath, "checking a rank record").await? {
             return Err(TierError::AlreadyExists(format!("shard {k} in {}", self.url)));
         }
+        verify_chunks(&data, m, &format!("{k} before upload"))?;
         // Unique per upload, so no upload ever overwrites a claimed one.
         let data_path = self.child(&[
             &k.namespace,
@@ -520,16 +520,45 @@ impl PersistentTier {
 
     /// A committed shard's manifest and a stream of its bytes (the caller
     /// verifies them as they arrive, e.g. with `StreamVerifier`).
-    pub async fn fetch(&self, key: &ShardKey) -> Result<(Manifest, impl Stream<Item = Result<Bytes>> + use<>)> {
+    pub async fn fetch(&self, key: &ShardKey) -> Result<(Manifest, futures_util::stream::BoxStream<'static, Result<Bytes>>)> {
         let r = self.committed_rank(key).await?;
         let path = ObjPath::from(r.data.as_str());
         let what = format!("shard {key}");
+        if let Some(root) = &self.local_root {
+            // object_store reads local files 8 KiB at a time; read 4 MiB pieces.
+            let file = root.join(path.as_ref());
+            let f = tokio::fs::File::open(&file)
+                .await
+                .map_err(|e| match e.kind() {
+                    std::io::ErrorKind::NotFound => TierError::NotFound(format!("{what} in {} ({})", self.url, file.display())),
+                    _ => TierError::io(format!("opening {}", file.display()), e),
+                })?;
+            let stream = futures_util::stream::unfold(Some(f), move |f| async move {
+                use tokio::io::AsyncReadExt;
+                let mut f = f?;
+                let mut buf = bytes::BytesMut::zeroed(4 << 20);
+                let mut n = 0;
+                while n < buf.len() {
+                    match f.read(&mut buf[n..]).await {
+                        Ok(0) => break,
+                        Ok(k) => n += k,
+                        Err(e) => return Some((Err(TierError::io("reading a persisted shard", e)), None)),
+                    }
+                }
+                if n == 0 {
+                    return None;
+                }
+                buf.truncate(n);
+                Some((Ok(buf.freeze()), Some(f)))
+            });
+            return Ok((r.manifest, stream.boxed()));
+        }
         let got = self
             .retry(&what, || async { self.store.get(&path).await.map_err(|e| store_err(&self.url, &what, e)) })
             .await?;
         let url = self.url.clone();
         let stream = got.into_stream().map(move |b| b.map_err(|e| store_err(&url, "reading a shard", e)));
-        Ok((r.manifest, stream))
+        Ok((r.manifest, stream.boxed()))
     }
 
     /// Deletes a step: its COMMIT first (so readers stop seeing it), then
