@@ -48,6 +48,9 @@ pub enum BenchCmd {
     /// Replication of a shard to a peer's memory and restore from the peer
     /// (a two-node cluster), against a plain TCP copy of the same bytes.
     Replicate(ReplicateArgs),
+    /// Drain of a shard to the persistent tier (file:// or s3://), against
+    /// a raw write + fsync or a boto3 upload of the same bytes.
+    Persist(crate::bench_persist::PersistArgs),
     /// The receiving end of `bench replicate`'s TCP floor.
     #[command(hide = true)]
     TcpSink(TcpSinkArgs),
@@ -148,6 +151,7 @@ pub fn run(args: &BenchArgs, json: bool) -> Result<()> {
             }
             Ok(())
         }
+        BenchCmd::Persist(a) => crate::bench_persist::run(a, json),
         BenchCmd::TcpSink(a) => tcp_sink(a),
     }
 }

@@ -215,3 +215,39 @@ fn the_tcp_sink_is_hidden() {
     assert!(text.contains("replicate"), "{text}");
     assert!(!text.contains("tcp-sink"), "{text}");
 }
+
+fn check_persist(v: &Value, scheme: &str, target_ratio: f64) {
+    assert_eq!(v["benchmark"], "persist", "{v}");
+    assert_eq!(v["scheme"], scheme, "{v}");
+    assert_eq!(v["bytes"].as_u64(), Some(8 << 20));
+    assert_eq!(v["tensors"].as_u64(), Some(64));
+    assert_eq!(v["iters"].as_u64(), Some(2));
+    assert!(v["file_bytes"].as_u64().unwrap() > 8 << 20);
+    assert!(!v["floor_tool"].as_str().unwrap().is_empty());
+    for f in ["persist_s", "persist_gibps", "floor_s", "floor_gibps", "ratio", "drain_s", "drain_gibps", "drain_ratio"] {
+        positive(v, f);
+    }
+    let (p, f, r) = (positive(v, "persist_gibps"), positive(v, "floor_gibps"), positive(v, "ratio"));
+    assert!(close(r, p / f), "ratio {r} should be persist_gibps / floor_gibps = {}", p / f);
+    assert_eq!(v["target_ratio"].as_f64(), Some(target_ratio));
+    assert_eq!(v["meets_target"].as_bool(), Some(r >= target_ratio));
+}
+
+#[test]
+fn persist_to_a_file_target_reports_a_ratio_against_write_and_fsync() {
+    let v = bench_json("persist", &["--size", "8MiB", "--iters", "2", "--json"]);
+    check_persist(&v, "file", 0.8);
+    assert!(v["target"].as_str().unwrap().starts_with("file://"));
+    assert!(v["floor_tool"].as_str().unwrap().contains("fsync"));
+}
+
+#[test]
+fn persist_to_s3_reports_a_ratio_against_boto3() {
+    let v = bench_json(
+        "persist",
+        &["--start-moto", "--target", "s3://bench-bucket/p", "--size", "8MiB", "--iters", "2", "--json"],
+    );
+    check_persist(&v, "s3", 1.0);
+    assert_eq!(v["target"], "s3://bench-bucket/p");
+    assert!(v["floor_tool"].as_str().unwrap().contains("boto3"));
+}
