@@ -195,7 +195,7 @@ fn find_tool(env: &str, candidates: &[PathBuf], fallback: &str) -> PathBuf {
 
 fn workspace_venv(bin: &str) -> PathBuf {
     let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../.venv/bin").join(bin);
-    std::path::absolute(&p).map(|a| a.components().collect::<PathBuf>()).unwrap_or(p)
+    std::fs::canonicalize(&p).unwrap_or(p)
 }
 
 fn moto_binary() -> PathBuf {
