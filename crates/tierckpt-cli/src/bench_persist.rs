@@ -194,8 +194,10 @@ fn find_tool(env: &str, candidates: &[PathBuf], fallback: &str) -> PathBuf {
 }
 
 fn workspace_venv(bin: &str) -> PathBuf {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../.venv/bin").join(bin);
-    std::fs::canonicalize(&p).unwrap_or(p)
+    // Only the directory is made canonical: a venv's `python` is a symlink
+    // that must be run through the venv to see its packages.
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../.venv/bin");
+    std::fs::canonicalize(&dir).unwrap_or(dir).join(bin)
 }
 
 fn moto_binary() -> PathBuf {
