@@ -127,7 +127,7 @@ pub struct TcpSinkArgs {
     pub port: u16,
 }
 
-fn parse_bytes(s: &str) -> Result<u64, String> {
+pub(crate) fn parse_bytes(s: &str) -> Result<u64, String> {
     parse_size::parse_size(s).map_err(|e| format!("{s:?} is not a size ({e}); write it like \"1GiB\" or \"512MB\""))
 }
 
@@ -216,7 +216,7 @@ pub struct MemoryReport {
 const STEADY_STATE: &str = "checksumming happens between saves, as between training steps: \
 each save is waited for (wait_visible) outside the timed region";
 
-fn median(v: &[f64]) -> f64 {
+pub(crate) fn median(v: &[f64]) -> f64 {
     let mut s = v.to_vec();
     s.sort_by(f64::total_cmp);
     let n = s.len();
@@ -234,12 +234,12 @@ fn min(v: &[f64]) -> f64 {
     v.iter().copied().fold(f64::INFINITY, f64::min)
 }
 
-fn gibps(bytes: u64, s: f64) -> f64 {
+pub(crate) fn gibps(bytes: u64, s: f64) -> f64 {
     bytes as f64 / (1u64 << 30) as f64 / s
 }
 
 /// Fills `buf` with splitmix64 output seeded by `seed`, touching every page.
-fn fill_random(buf: &mut [u8], seed: u64) {
+pub(crate) fn fill_random(buf: &mut [u8], seed: u64) {
     let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xD1B5_4A32_D192_ED03;
     let mut next = || {
         x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
@@ -287,7 +287,7 @@ fn cores() -> usize {
 }
 
 /// Byte lengths of `n` bf16 tensors adding up to `total`.
-fn tensor_lens(total: u64, n: usize) -> Result<Vec<usize>> {
+pub(crate) fn tensor_lens(total: u64, n: usize) -> Result<Vec<usize>> {
     if n == 0 {
         bail!("--tensors must be at least 1");
     }

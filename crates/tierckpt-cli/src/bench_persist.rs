@@ -29,6 +29,8 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use serde::Serialize;
 use tierckpt_client::{Client, TensorData};
+
+use crate::bench::{fill_random, gibps, median, parse_bytes, tensor_lens};
 use tierckpt_format::{Dtype, ShardKey, ShardLayout, TensorSpec};
 
 use crate::daemon_proc::{DaemonOptions, DaemonProcess};
@@ -89,10 +91,6 @@ pub struct PersistArgs {
     pub dir: PathBuf,
 }
 
-fn parse_bytes(s: &str) -> Result<u64, String> {
-    parse_size::parse_size(s).map_err(|e| format!("{s:?} is not a size ({e}); write it like \"1GiB\" or \"512MB\""))
-}
-
 /// What `bench persist` measured. Times are seconds; rates are of `file_bytes`.
 #[derive(Debug, Clone, Serialize)]
 pub struct PersistReport {
@@ -132,58 +130,6 @@ pub struct PersistReport {
     pub meets_target: bool,
 }
 
-fn median(v: &[f64]) -> f64 {
-    let mut s = v.to_vec();
-    s.sort_by(f64::total_cmp);
-    let n = s.len();
-    if n == 0 {
-        return f64::NAN;
-    }
-    if n % 2 == 1 {
-        s[n / 2]
-    } else {
-        (s[n / 2 - 1] + s[n / 2]) / 2.0
-    }
-}
-
-fn gibps(bytes: u64, s: f64) -> f64 {
-    bytes as f64 / (1u64 << 30) as f64 / s
-}
-
-/// Fills `buf` with splitmix64 output seeded by `seed`.
-fn fill_random(buf: &mut [u8], seed: u64) {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xD1B5_4A32_D192_ED03;
-    let mut next = || {
-        x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = x;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    };
-    let mut words = buf.chunks_exact_mut(8);
-    for w in &mut words {
-        w.copy_from_slice(&next().to_le_bytes());
-    }
-    let rest = words.into_remainder();
-    let last = next().to_le_bytes();
-    rest.copy_from_slice(&last[..rest.len()]);
-}
-
-/// Byte lengths of `n` bf16 tensors adding up to `total`.
-fn tensor_lens(total: u64, n: usize) -> Result<Vec<usize>> {
-    if n == 0 {
-        bail!("--tensors must be at least 1");
-    }
-    if total == 0 || total & 1 == 1 {
-        bail!("--size must be a positive even number of bytes (the tensors are bf16); got {total}");
-    }
-    let elems = total / 2;
-    if elems < n as u64 {
-        bail!("--size {total} is too small for {n} bf16 tensors");
-    }
-    let (q, r) = (elems / n as u64, elems % n as u64);
-    Ok((0..n as u64).map(|i| 2 * (q + u64::from(i < r)) as usize).collect())
-}
 
 /// Looks up an executable: `$env`, then candidates that exist, then `fallback` (from `$PATH`).
 fn find_tool(env: &str, candidates: &[PathBuf], fallback: &str) -> PathBuf {

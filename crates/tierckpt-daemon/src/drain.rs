@@ -215,18 +215,21 @@ impl Drainer {
         }
         self.set_uploading(ns, None);
         if self.store.try_commit(ns, step, world).await? {
+            {
+                let mut st = lock(&self.state);
+                let s = st.entry(ns.to_string()).or_default();
+                s.decided = Some(step);
+                s.since_last = 0;
+                s.last_time = Some(Instant::now());
+                s.shown.last_committed = Some(step);
+                s.shown.last_error = None;
+            }
+            // Clean-up after the commit point, reported separately from it.
             let _ = self.store.clean_unreferenced(ns, step).await;
             let deleted = self.store.retain(ns, self.cfg.keep_last, self.cfg.keep_every).await?;
             if !deleted.is_empty() {
                 tracing::info!(namespace = ns, steps = ?deleted, "persistent retention deleted steps");
             }
-            let mut st = lock(&self.state);
-            let s = st.entry(ns.to_string()).or_default();
-            s.decided = Some(step);
-            s.since_last = 0;
-            s.last_time = Some(Instant::now());
-            s.shown.last_committed = Some(step);
-            s.shown.last_error = None;
         }
         Ok(())
     }
