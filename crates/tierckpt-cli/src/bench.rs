@@ -638,14 +638,7 @@ impl TcpFloor {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
-        // The sink dies with the benchmark.
-        // SAFETY: prctl is async-signal-safe.
-        unsafe {
-            std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                Ok(())
-            });
-        }
+        crate::daemon_proc::die_with_parent(&mut cmd);
         let mut child = cmd.spawn().with_context(|| format!("starting {} bench tcp-sink", exe.display()))?;
         let mut line = String::new();
         BufReader::new(child.stdout.take().expect("piped stdout")).read_line(&mut line)?;

@@ -179,13 +179,7 @@ impl Moto {
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(Stdio::null());
-            // SAFETY: prctl is async-signal-safe.
-            unsafe {
-                std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
-                    libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                    Ok(())
-                });
-            }
+            crate::daemon_proc::die_with_parent(&mut cmd);
             let child = cmd.spawn().with_context(|| {
                 format!(
                     "starting {} (pip install 'moto[server]' and set TIERCKPT_MOTO_SERVER, or run ./scripts/test.sh)",
@@ -276,13 +270,7 @@ impl Boto3Floor {
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
-        // SAFETY: prctl is async-signal-safe.
-        unsafe {
-            std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                Ok(())
-            });
-        }
+        crate::daemon_proc::die_with_parent(&mut cmd);
         let mut child = cmd
             .spawn()
             .with_context(|| format!("starting {} for the boto3 floor (set TIERCKPT_PYTHON to a Python with boto3)", py.display()))?;

@@ -40,6 +40,18 @@ pub struct ClusterOptions {
     pub replication_bandwidth: Option<String>,
 }
 
+/// Makes a child SIGKILLed when the thread that started it ends, so that
+/// daemons, trainers and helpers never outlive a killed demo, bench or test.
+pub fn die_with_parent(cmd: &mut Command) {
+    // SAFETY: prctl is async-signal-safe.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(cmd, || {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
+}
+
 /// Settings for a daemon child.
 #[derive(Debug, Clone)]
 pub struct DaemonOptions {
@@ -113,14 +125,7 @@ impl DaemonProcess {
             }
         }
         cmd.args(&opts.extra_args);
-        // The daemon dies with the process that started it (demo, bench, test).
-        // SAFETY: prctl is async-signal-safe.
-        unsafe {
-            std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                Ok(())
-            });
-        }
+        die_with_parent(&mut cmd);
         let mut child = cmd
             .spawn()
             .with_context(|| format!("starting {}", daemon_binary().display()))?;
