@@ -703,7 +703,8 @@ impl MemoryTier {
                 )));
             }
             let file = File::open(&job.path).map_err(io_err("opening", &job.path))?;
-            parse_shard(&map_file(&file, &job.path)?, &job.path.display().to_string())?;
+            // Only the header is read: no need to populate the whole segment.
+            parse_shard(&map_file_lazy(&file, &job.path)?, &job.path.display().to_string())?;
             Ok(())
         })();
         self.commit(job, checked.map(|()| expected)).map(|_| ())
@@ -815,7 +816,9 @@ impl MemoryTier {
         let (path, m) = self.lease(key)?;
         let lease = Lease { tier: self.clone(), key: key.clone() };
         let f = File::open(&path).map_err(io_err("opening", &path))?;
-        Ok(((*m).clone(), LeasedMap { map: map_file(&f, &path)?, _lease: lease }))
+        // Not populated: its readers stream it once, and populating first
+        // would delay the first byte by a whole pass over the page tables.
+        Ok(((*m).clone(), LeasedMap { map: map_file_lazy(&f, &path)?, _lease: lease }))
     }
 
     /// Newest complete step of a namespace.
@@ -1037,6 +1040,12 @@ impl std::ops::Deref for LeasedMap {
     fn deref(&self) -> &[u8] {
         &self.map
     }
+}
+
+/// Maps a whole file read-only without prefaulting it.
+fn map_file_lazy(file: &File, path: &Path) -> Result<memmap2::Mmap> {
+    // SAFETY: as for `map_file`.
+    unsafe { memmap2::MmapOptions::new().map(file) }.map_err(io_err("mapping", path))
 }
 
 /// Maps a whole file read-only (an empty file maps to an empty slice).
