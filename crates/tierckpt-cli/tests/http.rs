@@ -74,17 +74,20 @@ fn bad_requests_get_clear_errors_and_lose_nothing() {
         assert!(text.to_lowercase().contains(&needle.to_lowercase()), "{method} {path}: {text}");
     }
     // A client that hangs up mid-body: the upload is dropped and its segment reclaimed.
-    common::http_abandon(&a, "PUT", "/v1/shards/ok/3/0?world_size=1", 5000, &good[..100]);
-    let mut reclaimed = false;
-    for _ in 0..500 {
-        let status = json(&http(&a, "GET", "/v1/status", &[], b"").1);
-        if status["memory"]["reservations"] == 0 {
-            reclaimed = true;
-            break;
+    let reservations = || json(&http(&a, "GET", "/v1/status", &[], b"").1)["memory"]["reservations"].as_u64();
+    let wait_reservations = |n: u64, what: &str| {
+        for _ in 0..1000 {
+            if reservations() == Some(n) {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
         }
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
-    assert!(reclaimed, "the abandoned upload's reservation was reclaimed");
+        panic!("timed out waiting for {what}");
+    };
+    let half_sent = common::http_abandon(&a, "PUT", "/v1/shards/ok/3/0?world_size=1", 5000, &good[..100]);
+    wait_reservations(1, "the upload's reservation");
+    drop(half_sent);
+    wait_reservations(0, "the abandoned upload's reservation to be reclaimed");
     let steps = json(&http(&a, "GET", "/v1/namespaces/ok/steps", &[], b"").1);
     assert_eq!(steps["steps"].as_array().unwrap().len(), 1, "only the good step exists: {steps}");
     assert!(http(&a, "GET", "/v1/shards/ok/1/0", &[], b"").1 == good);

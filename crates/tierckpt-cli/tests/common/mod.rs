@@ -100,11 +100,12 @@ pub fn http(addr: &str, method: &str, path: &str, headers: &[(&str, &str)], body
     (status, resp[split + 4..].to_vec())
 }
 
-/// Sends a request head and part of its body, then hangs up.
-pub fn http_abandon(addr: &str, method: &str, path: &str, content_length: usize, partial: &[u8]) {
+/// Sends a request head and part of its body; dropping the stream hangs up.
+pub fn http_abandon(addr: &str, method: &str, path: &str, content_length: usize, partial: &[u8]) -> std::net::TcpStream {
     use std::io::Write;
     let mut s = std::net::TcpStream::connect(addr).expect("connect to the HTTP API");
     let head = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: {content_length}\r\n\r\n");
     s.write_all(head.as_bytes()).unwrap();
     s.write_all(partial).unwrap();
+    s
 }
