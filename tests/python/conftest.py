@@ -42,3 +42,62 @@ def daemon():
 def tierckpt(socket: str, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([binary("tierckpt"), "--socket", socket, *args],
                           capture_output=True, text=True, check=False)
+
+
+# --- the Python package, its examples, and daemons for them ---------------
+
+import signal
+import socket as _socket
+import sys
+import time
+
+PYTHON_SRC = ROOT / "python"
+EXAMPLES = ROOT / "examples"
+if str(PYTHON_SRC) not in sys.path:
+    sys.path.insert(0, str(PYTHON_SRC))  # test the working tree, not a stale install
+
+
+def py_env(**extra) -> dict:
+    """Environment for a Python child: the working tree's package first."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(PYTHON_SRC), os.environ.get("PYTHONPATH", "")]),
+           "TIERCKPT_LOG": "warn", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def free_port() -> int:
+    with _socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(pred, timeout=120.0, what="condition", interval=0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = pred()
+        if v:
+            return v
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILLs a process started with start_new_session=True and its group."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        pass
+
+
+@pytest.fixture
+def tmpdir_shm():
+    base = "/dev/shm" if os.path.isdir("/dev/shm") else None
+    tmp = tempfile.mkdtemp(prefix="tierckpt-py-", dir=base)
+    try:
+        yield pathlib.Path(tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

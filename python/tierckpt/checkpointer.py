@@ -1,0 +1,551 @@
+"""`Checkpointer`: save and restore a training job's state through the node daemon."""
+
+from __future__ import annotations
+
+import mmap
+import os
+import re
+import shutil
+import subprocess
+import threading
+import time
+import warnings
+
+import xxhash
+
+from . import shard
+from .adaptive import Ema, interval_steps, mtbf_from_records
+from .client import Client, default_socket
+from .errors import CorruptError, NotFoundError, TierckptError, UnavailableError
+
+DAY = 86400.0
+
+DEFAULTS = {
+    "tiered_checkpointing": True,
+    "checkpoint_frequency": "adaptive",
+    "memory_tier_size": "auto",
+    "compression": None,
+    "async_save": True,
+    "persistent_path": None,
+    "persist_every": 1,
+    "replication_factor": 1,
+    "keep_last": 3,
+    "namespace": None,
+    "socket": None,
+    "mtbf_s": None,
+    "persist_mtbf_s": None,
+    "min_interval": 10,
+    "max_interval": 100_000,
+}
+
+_SIZE_RE = re.compile(r"^\s*(auto|\d+(\.\d+)?\s*([KMGT]i?B|B)?)\s*$", re.IGNORECASE)
+_NS_RE = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+REFRESH_S = 30.0
+HEARTBEAT_MIN_S = 0.1
+
+
+def _bad(key, value, allowed):
+    return ValueError(f"config key {key!r}: {value!r} is not allowed; expected {allowed}")
+
+
+def _is_int(v):
+    return type(v) is int
+
+
+def _is_num(v):
+    return type(v) in (int, float) and v == v and v not in (float("inf"), float("-inf"))
+
+
+def validate_config(config: dict, nodes: int = 1) -> dict:
+    """The config with defaults filled in; ValueError names any unknown key or bad value."""
+    if not isinstance(config, dict):
+        raise ValueError(f"config must be a dict, got {type(config).__name__}")
+    unknown = sorted(set(config) - set(DEFAULTS), key=str)
+    if unknown:
+        raise ValueError(f"unknown config key {unknown[0]!r}; allowed keys: {', '.join(DEFAULTS)}")
+    c = {**DEFAULTS, **config}
+    for key in ("tiered_checkpointing", "async_save"):
+        if type(c[key]) is not bool:
+            raise _bad(key, c[key], "True or False")
+    f = c["checkpoint_frequency"]
+    if not (f == "adaptive" or (_is_int(f) and f >= 1)):
+        raise _bad("checkpoint_frequency", f, 'a whole number of steps >= 1 or "adaptive"')
+    if not (isinstance(c["memory_tier_size"], str) and _SIZE_RE.match(c["memory_tier_size"])):
+        raise _bad("memory_tier_size", c["memory_tier_size"], 'a size such as "32GB", "512MiB" or "auto"')
+    if c["compression"] not in (None, "off"):
+        raise _bad("compression", c["compression"], '"off" or None (compression is not supported yet)')
+    pp = c["persistent_path"]
+    if pp is not None and not (isinstance(pp, str) and re.match(r"^(file|s3|gs|az)://.+", pp)):
+        raise _bad("persistent_path", pp, "None or a URL: file:///dir, s3://bucket/prefix, gs://..., az://...")
+    for key, lo in (("persist_every", 1), ("keep_last", 1), ("replication_factor", 0),
+                    ("min_interval", 1), ("max_interval", 1)):
+        if not (_is_int(c[key]) and c[key] >= lo):
+            raise _bad(key, c[key], f"a whole number >= {lo}")
+    if c["max_interval"] < c["min_interval"]:
+        raise _bad("max_interval", c["max_interval"], f"a whole number >= min_interval ({c['min_interval']})")
+    for key in ("mtbf_s", "persist_mtbf_s"):
+        if c[key] is not None and not (_is_num(c[key]) and c[key] > 0):
+            raise _bad(key, c[key], "a positive number of seconds")
+    if c["mtbf_s"] is None:
+        c["mtbf_s"] = DAY / max(1, nodes)
+    if c["persist_mtbf_s"] is None:
+        c["persist_mtbf_s"] = 10 * c["mtbf_s"]
+    ns = c["namespace"]
+    if ns is None:
+        ns = os.environ.get("TIERCKPT_NAMESPACE") or "default"
+    if not (isinstance(ns, str) and _NS_RE.match(ns)):
+        raise _bad("namespace", ns, "1 to 128 characters from [A-Za-z0-9_-]")
+    c["namespace"] = ns
+    if c["socket"] is not None and not isinstance(c["socket"], str):
+        raise _bad("socket", c["socket"], "None or the path of the daemon's Unix socket")
+    c["socket"] = c["socket"] or default_socket()
+    return c
+
+
+def _dist():
+    """torch.distributed if torch is imported and a process group is initialized."""
+    import sys
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return None
+    try:
+        d = torch.distributed
+        return d if d.is_available() and d.is_initialized() else None
+    except Exception:
+        return None
+
+
+def _rank_world(rank, world_size):
+    d = _dist()
+    if d is not None:
+        return (d.get_rank() if rank is None else rank), (d.get_world_size() if world_size is None else world_size)
+    r = int(os.environ.get("RANK", 0)) if rank is None else rank
+    w = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
+    return r, w
+
+
+class Checkpointer:
+    """Saves each rank's state into the node daemon's memory tier and restores it.
+
+    >>> ckpt = Checkpointer({"checkpoint_frequency": "adaptive", "async_save": True})
+    >>> restored = ckpt.load({"model": model.state_dict(), "optim": opt.state_dict()})
+    >>> for step in range(start, steps):
+    ...     train_step()
+    ...     if ckpt.should_save(step):
+    ...         ckpt.save(step, {"model": model.state_dict(), "optim": opt.state_dict()})
+    """
+
+    def __init__(self, config: dict | None = None, rank: int | None = None, world_size: int | None = None):
+        self.rank, self.world_size = _rank_world(rank, world_size)
+        if not (0 <= self.rank < self.world_size):
+            raise ValueError(f"rank {self.rank} is not below world_size {self.world_size}")
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", self.world_size) or 1)
+        self.config = validate_config(config or {}, nodes=max(1, self.world_size // max(1, local)))
+        if not self.config["tiered_checkpointing"]:
+            raise ValueError("config key 'tiered_checkpointing': False is not supported yet; this "
+                             "Checkpointer saves through the node daemon's memory tier (True)")
+        self.namespace = self.config["namespace"]
+        self.socket = self.config["socket"]
+        self._client = self._connect()
+        self._maps: dict = {}  # (dev, ino, len) -> (file, mmap): pooled segments stay mapped
+        self._pending: list[int] = []
+        self._discarded = False
+        self._lock = threading.Lock()
+        # measurements for the adaptive interval
+        self._cost = Ema()          # seconds the trainer was blocked per save
+        self._step_time = Ema()     # seconds per training step, saves excluded
+        self._last_call = None      # (monotonic time, blocked seconds seen since)
+        self._blocked_since_call = 0.0
+        self._next_save = None
+        self._next_persist = None
+        self._last_save_step = None
+        self._failures_cache = (float("-inf"), [])
+        self._status_cache = (float("-inf"), None)
+        self._failures_supported = True
+        self._persist_probe = None  # (step, save time) waiting for a commit
+        self._persist_cost = Ema()
+        self.last_intervals: dict = {}
+        self._hb_path = os.environ.get("TIERCKPT_HEARTBEAT_FILE") or None
+        self._hb_last = 0.0
+
+    # -- daemon -------------------------------------------------------------
+    def _connect(self) -> Client:
+        try:
+            return Client(self.socket)
+        except UnavailableError:
+            self._start_daemon()
+            return Client(self.socket)
+
+    def _start_daemon(self) -> None:
+        """Starts a detached `tierckptd` for this node (it must outlive the trainer)."""
+        exe = os.environ.get("TIERCKPT_DAEMON_BIN") or shutil.which("tierckptd")
+        if not exe:
+            raise UnavailableError(
+                f"no tierckpt daemon answers on {self.socket} and `tierckptd` is not on PATH "
+                "(nor TIERCKPT_DAEMON_BIN set); start one with `tierckptd --socket "
+                f"{self.socket}` or run the job under `tierckpt run -- <command>`")
+        c = self.config
+        sock_dir = os.path.dirname(os.path.abspath(self.socket))
+        args = [exe, "--socket", self.socket, "--memory-tier-size", c["memory_tier_size"].strip(),
+                "--keep-last", str(c["keep_last"])]
+        if "TIERCKPT_MEMORY_DIR" not in os.environ and os.path.basename(self.socket) == "daemon.sock":
+            args += ["--memory-dir", sock_dir]
+        if c["persistent_path"]:
+            args += ["--persistent-path", c["persistent_path"], "--persist-every", str(c["persist_every"])]
+        if os.environ.get("TIERCKPT_NODES"):
+            args += ["--replication-factor", str(c["replication_factor"])]
+        os.makedirs(sock_dir, exist_ok=True)
+        log = open(os.path.join(sock_dir, "tierckptd.log"), "ab")
+        try:
+            proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                    start_new_session=True, close_fds=True)
+        finally:
+            log.close()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                Client(self.socket).close()
+                return
+            except UnavailableError:
+                if proc.poll() is not None:
+                    # another rank of this node may have won the daemon's lock: its daemon will answer
+                    time.sleep(0.1)
+                    try:
+                        Client(self.socket).close()
+                        return
+                    except UnavailableError:
+                        if time.monotonic() > deadline - 25:
+                            raise UnavailableError(
+                                f"started {' '.join(args)} but it exited with status {proc.returncode}; "
+                                f"see {os.path.join(sock_dir, 'tierckptd.log')}") from None
+                time.sleep(0.05)
+        raise UnavailableError(f"started tierckptd but nothing answers on {self.socket} after 30 s")
+
+    @property
+    def client(self) -> Client:
+        return self._client
+
+    # -- heartbeat ----------------------------------------------------------
+    def heartbeat(self, step: int | None = None) -> None:
+        if not self._hb_path:
+            return
+        now = time.monotonic()
+        if now - self._hb_last < HEARTBEAT_MIN_S:
+            return
+        self._hb_last = now
+        try:
+            with open(self._hb_path, "w") as f:
+                f.write(f"{'' if step is None else int(step)}\n")
+        except OSError:
+            pass
+
+    # -- save ---------------------------------------------------------------
+    def _map(self, path: str, length: int):
+        """A writable mapping of a reserved segment, cached by (device, inode, length)."""
+        fd = os.open(path, os.O_RDWR)
+        st = os.fstat(fd)
+        key = (st.st_dev, st.st_ino, length)
+        for k in [k for k, (f, _) in self._maps.items() if k != key and os.fstat(f).st_nlink == 0]:
+            self._unmap(k)  # deleted segments: do not pin their memory
+        if key in self._maps:
+            os.close(fd)
+            return self._maps[key][1]
+        try:
+            if st.st_size != length:
+                raise TierckptError(f"segment {path} has {st.st_size} bytes, expected {length}")
+            mm = mmap.mmap(fd, length, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        except BaseException:
+            os.close(fd)
+            raise
+        while len(self._maps) >= 8:
+            self._unmap(next(iter(self._maps)))
+        self._maps[key] = (fd, mm)
+        return mm
+
+    def _unmap(self, key) -> None:
+        fd, mm = self._maps.pop(key)
+        try:
+            mm.close()
+        except BufferError:
+            pass
+        os.close(fd)
+
+    def save(self, step: int, state, tiers=None) -> None:
+        """Copies `state` into a segment of the daemon and seals it.
+
+        Blocks for the reserve and the copy; with `async_save` the daemon
+        checksums and publishes the shard in the background (see `wait()`).
+        """
+        t0 = time.perf_counter()
+        self.heartbeat(step)
+        if not _is_int(step) or step < 0:
+            raise ValueError(f"step must be a whole number >= 0, got {step!r}")
+        tree, tensors = shard.encode_tree(state)
+        import json
+        meta = {"format": shard.FORMAT, "step": str(step), "tree": json.dumps(tree, separators=(",", ":"))}
+        if tiers:
+            meta["tiers"] = ",".join(sorted(tiers))
+        header, length = shard.plan(tensors, meta)
+        c = self._client
+        res = c.reserve(self.namespace, step, self.rank, self.world_size, length)
+        try:
+            mm = self._map(res["path"], length)
+            shard.write(mm, header, tensors)
+            c.seal(res["id"], wait=not self.config["async_save"])
+        except BaseException:
+            try:
+                c.abort(res["id"])
+            except Exception:
+                pass
+            raise
+        self._pending.append(step)
+        blocked = time.perf_counter() - t0
+        self.last_save_blocked_s = blocked
+        self._cost.add(blocked)
+        self._blocked_since_call += blocked
+        self._last_save_step = step
+        if self._persist_probe is None and self._persistent_status() is not None:
+            self._persist_probe = (step, time.time())
+
+    def wait(self, timeout_s: float = 600.0) -> None:
+        """Waits until every shard saved so far is visible (checksummed and published)."""
+        while self._pending:
+            self._client.wait_visible(self.namespace, self._pending[0], self.rank, int(timeout_s * 1000))
+            self._pending.pop(0)
+
+    # -- load ---------------------------------------------------------------
+    def latest_step(self) -> int | None:
+        return self._client.latest(self.namespace)
+
+    def load(self, state=None, step: int | None = None):
+        """Restores the newest complete step (or `step`) and returns the restored tree.
+
+        Tensors of `state` at the same path, with the same shape and dtype, are
+        filled in place (and appear in the returned tree); others come back as
+        new CPU tensors. Returns None when the namespace has no complete step.
+        Every chunk is verified before a byte is used; a corrupt copy is
+        reported to the daemon and the load is tried once more (the daemon
+        falls through to a peer or the persistent tier), else CorruptError.
+        """
+        self.heartbeat(step)
+        if step is None:
+            step = self.latest_step()
+            if step is None:
+                self._after_resume(None)
+                return None
+        first_error = None
+        for attempt in range(2):
+            try:
+                opened = self._client.open(self.namespace, step, self.rank)
+            except NotFoundError as e:
+                if first_error is not None:
+                    raise CorruptError(f"{first_error}; no other copy could be loaded: {e}") from None
+                raise
+            try:
+                out = self._load_opened(opened, state, step)
+            except CorruptError as e:
+                self._release(step)
+                self._client.report_corrupt(self.namespace, step, self.rank)
+                if first_error is not None:
+                    raise CorruptError(f"{first_error}; the next copy is corrupt too: {e}") from None
+                first_error = e
+                continue
+            self._release(step)
+            self._after_resume(step)
+            return out
+        raise AssertionError("unreachable")
+
+    def _release(self, step):
+        try:
+            self._client.release(self.namespace, step, self.rank)
+        except TierckptError:
+            pass
+
+    def _after_resume(self, step):
+        if not self._discarded:
+            self._client.discard_incomplete_after(self.namespace, step if step is not None else 0)
+            self._discarded = True
+            d = _dist()
+            if d is not None:
+                d.barrier()
+        if step is not None:
+            self._last_save_step = step
+            self._next_save = None
+
+    def _load_opened(self, opened, state, step):
+        import json
+        path, man = opened["path"], opened["manifest"]
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size != man["file_len"] or size == 0:
+                raise CorruptError(f"{path}: {size} bytes, the manifest says {man['file_len']}")
+            mm = mmap.mmap(f.fileno(), size, mmap.MAP_SHARED, mmap.PROT_READ)
+        try:
+            mv = memoryview(mm)
+            cs = int(man["chunk_size"])
+            for i, want in enumerate(man["chunks"]):
+                a, b = i * cs, min((i + 1) * cs, size)
+                got = xxhash.xxh3_128_intdigest(mv[a:b])
+                if got != int(want, 16):
+                    mv.release()
+                    raise CorruptError(
+                        f"corrupt: {path} chunk {i} (bytes {a}..{b}): expected xxh3-128 {want}, found {got:032x}")
+            mv.release()
+            entries, meta, data_start = shard.parse_header(mm)
+            if meta.get("format") != shard.FORMAT:
+                raise TierckptError(f"step {step} rank {self.rank} of {self.namespace!r} was not written by "
+                                    f"the Python Checkpointer (format {meta.get('format')!r}); "
+                                    "read it with the safetensors package")
+            tree = json.loads(meta["tree"])
+            return shard.decode_tree(tree, lambda kind, name, tgt: self._tensor(mm, entries, data_start, kind,
+                                                                                 name, tgt), state)
+        finally:
+            try:
+                mm.close()
+            except BufferError:
+                pass
+
+    @staticmethod
+    def _tensor(mm, entries, data_start, kind, name, tgt):
+        e = entries[name]
+        st = e["dtype"]
+        a, b = e["data_offsets"]
+        shape = tuple(e["shape"])
+        if kind == "torch":
+            torch = shard._torch()
+            _, from_st = shard._torch_maps()
+            dt = from_st[st]
+            n = 1
+            for s in shape:
+                n *= s
+            if n == 0:
+                src = torch.empty(shape, dtype=dt)
+            else:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # read-only buffer: only read from
+                    src = torch.frombuffer(mm, dtype=dt, count=n, offset=data_start + a).view(shape)
+            if isinstance(tgt, torch.Tensor) and tgt.dtype == dt and tuple(tgt.shape) == shape:
+                with torch.no_grad():
+                    tgt.copy_(src)
+                return tgt
+            return src.clone()
+        npdt = shard.DTYPES[st][1]
+        n = (b - a) // shard.DTYPES[st][0]
+        src = shard.np.frombuffer(mm, dtype=npdt, count=n, offset=data_start + a).reshape(shape)
+        if isinstance(tgt, shard.np.ndarray) and tgt.dtype == npdt and tgt.shape == shape and tgt.flags.writeable:
+            tgt[...] = src
+            return tgt
+        return src.copy()
+
+    # -- when to save -------------------------------------------------------
+    def should_save(self, step: int) -> set:
+        """Tiers to save `step` to: an empty set means do not save. Call it every step."""
+        self.heartbeat(step)
+        now = time.monotonic()
+        if self._last_call is not None:
+            dt = now - self._last_call - self._blocked_since_call
+            if dt > 0:
+                self._step_time.add(dt)
+        self._last_call = now
+        self._blocked_since_call = 0.0
+        f = self.config["checkpoint_frequency"]
+        persist = self._persistent_status() is not None
+        if f != "adaptive":
+            if step % f != 0:
+                return set()
+            tiers = {"memory"}
+            if persist and (step // f) % self.config["persist_every"] == 0:
+                tiers.add("persistent")
+            return tiers
+        if self._next_save is None:
+            base = self._last_save_step if self._last_save_step is not None else step
+            self._next_save = base + self.config["min_interval"]
+            self._next_persist = self._next_save
+        if step < self._next_save:
+            return set()
+        iv = self.intervals()  # collective across ranks: every rank is at this same step
+        self._next_save = step + iv["memory"]
+        tiers = {"memory"}
+        if "persistent" in iv and step >= self._next_persist:
+            tiers.add("persistent")
+            self._next_persist = step + iv["persistent"]
+        return tiers
+
+    def _failures(self) -> list:
+        t, recs = self._failures_cache
+        if time.monotonic() - t < REFRESH_S or not self._failures_supported:
+            return recs
+        try:
+            recs = self._client.failures(self.namespace)
+        except TierckptError as e:
+            if e.kind == "invalid_argument" or "unknown variant" in str(e):
+                self._failures_supported = False  # an older daemon
+            recs = []
+        self._failures_cache = (time.monotonic(), recs)
+        return recs
+
+    def _persistent_status(self):
+        t, st = self._status_cache
+        if time.monotonic() - t < REFRESH_S:
+            return st
+        try:
+            st = (self._client.status() or {}).get("persistent")
+        except TierckptError:
+            st = None
+        self._status_cache = (time.monotonic(), st)
+        if st is not None and self._persist_probe is not None:
+            step, t_saved = self._persist_probe
+            for ns in st.get("namespaces", []):
+                if ns.get("namespace") == self.namespace:
+                    upload = ns.get("last_upload_s")  # exposed by newer daemons
+                    if upload is not None:
+                        self._persist_cost.add(float(upload))
+                        self._persist_probe = None
+                    elif ns.get("last_committed") is not None and ns["last_committed"] >= step:
+                        # an upper bound: commit observed at this refresh
+                        self._persist_cost.add(time.time() - t_saved)
+                        self._persist_probe = None
+        return st
+
+    def intervals(self) -> dict:
+        """The current intervals in steps per tier, and the figures they come from.
+
+        In a multi-rank job this is collective: every rank must call it at the
+        same step (should_save does); measurements are all-reduced (max).
+        """
+        c = self.config
+        now = time.time()
+        recs = self._failures()
+        mtbf = mtbf_from_records(c["mtbf_s"], recs, now)
+        pmtbf = mtbf_from_records(c["persist_mtbf_s"], recs, now) if recs else c["persist_mtbf_s"]
+        persist = self._persistent_status() is not None
+        vals = [self._cost.value, self._step_time.value, self._persist_cost.value]
+        vals = [-1.0 if v is None else float(v) for v in vals] + [-mtbf, -pmtbf, 1.0 if persist else 0.0]
+        d = _dist()
+        if d is not None and self.world_size > 1:
+            import torch
+            t = torch.tensor(vals, dtype=torch.float64)
+            d.all_reduce(t, op=d.ReduceOp.MAX)
+            vals = t.tolist()
+        cost, step_time, pcost = (None if v < 0 else v for v in vals[:3])
+        mtbf, pmtbf, persist = -vals[3], -vals[4], vals[5] > 0
+        out = {"memory": interval_steps(cost, mtbf, step_time, c["min_interval"], c["max_interval"]),
+               "cost_s": cost, "step_time_s": step_time, "mtbf_s": mtbf}
+        if persist:
+            pc = pcost if pcost is not None else cost
+            out["persistent"] = max(out["memory"], interval_steps(pc, pmtbf, step_time, c["min_interval"],
+                                                                  c["max_interval"]))
+            out["persist_cost_s"], out["persist_mtbf_s"] = pc, pmtbf
+        self.last_intervals = out
+        return out
+
+    def close(self) -> None:
+        for k in list(self._maps):
+            self._unmap(k)
+        self._client.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
