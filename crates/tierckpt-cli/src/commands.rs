@@ -38,7 +38,32 @@ pub fn status(c: &mut Client, as_json: bool) -> Result<()> {
     if let Some(p) = &s.persistent {
         print_persistent(p);
     }
+    if !s.failures.is_empty() {
+        print_failures(&s.failures);
+    }
     Ok(())
+}
+
+/// The jobs' starts and failures recorded by `tierckpt run` (newest few).
+fn print_failures(f: &std::collections::BTreeMap<String, Vec<tierckpt_tiers::proto::FailureRecord>>) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    println!("recent job events (tierckpt run):");
+    let mut t = table(&["namespace", "when", "event", "detail", "newest complete step", "run"]);
+    for (ns, recs) in f {
+        for r in recs {
+            t.add_row(vec![
+                ns.clone(),
+                format!("{:.0} s ago", now.saturating_sub(r.unix_ms) as f64 / 1000.0),
+                format!("{:?}", r.kind).to_lowercase(),
+                r.detail.chars().take(60).collect(),
+                r.step.map_or("-".into(), |s| s.to_string()),
+                r.restart.to_string(),
+            ]);
+        }
+    }
+    println!("{t}");
 }
 
 fn print_persistent(p: &serde_json::Value) {

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand, ValueEnum};
-use tierckpt_cli::{bench, commands, demo, testkit};
+use tierckpt_cli::{bench, commands, demo, supervise, testkit};
 use tierckpt_client::Client;
 
 #[derive(Parser, Debug)]
@@ -62,6 +62,8 @@ enum Cmd {
         #[arg(long)]
         step: Option<u64>,
     },
+    /// Run a training command, restarting it when it fails or hangs.
+    Run(supervise::RunArgs),
     /// The main job: train, crash, restore, and check the result bit for bit.
     Demo(demo::DemoArgs),
     /// Benchmarks with ratios against a floor measured in the same run.
@@ -76,6 +78,12 @@ enum Cmd {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    if let Cmd::Run(a) = &cli.cmd {
+        return supervise::run(a, cli.socket.as_deref()).unwrap_or_else(|e| {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        });
+    }
     match run(&cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
@@ -106,5 +114,6 @@ fn run(cli: &Cli) -> Result<()> {
         Cmd::Bench(a) => bench::run(a, j),
         Cmd::DemoTrainer(a) => demo::run_trainer(a),
         Cmd::DebugWriter(a) => testkit::run_writer(a, connect()?),
+        Cmd::Run(_) => unreachable!("handled in main"),
     }
 }

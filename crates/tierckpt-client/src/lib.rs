@@ -22,7 +22,7 @@ use tierckpt_format::{
     copy_verified, parse_shard, verify_chunks, CopyTarget, Dtype, Manifest, ShardKey, ShardLayout,
     ShardView, TensorSpec,
 };
-use tierckpt_tiers::proto::{self, DaemonStatus, NamespaceSummary, Reply, Request, WireResult};
+use tierckpt_tiers::proto::{self, DaemonStatus, FailureRecord, NamespaceSummary, Reply, Request, WireResult};
 pub use tierckpt_tiers::{ErrorKind, StepSummary, TierError as Error};
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -390,6 +390,19 @@ impl Client {
     /// ranks saved, others not) do not block the new saves.
     pub fn discard_incomplete_after(&mut self, namespace: &str, step: u64) -> Result<(u64, u64)> {
         self.deleted(Request::DiscardIncompleteAfter { namespace: namespace.into(), step })
+    }
+
+    /// Appends a start or failure of a job to the namespace's record.
+    pub fn record_failure(&mut self, namespace: &str, record: FailureRecord) -> Result<()> {
+        self.done(&Request::RecordFailure { namespace: namespace.into(), record })
+    }
+
+    /// The namespace's recorded starts and failures, oldest first.
+    pub fn failures(&mut self, namespace: &str) -> Result<Vec<FailureRecord>> {
+        match self.call(&Request::Failures { namespace: namespace.into() })? {
+            Reply::Failures { records } => Ok(records),
+            r => Err(unexpected(r)),
+        }
     }
 
     pub fn status(&mut self) -> Result<DaemonStatus> {

@@ -6,6 +6,7 @@
 pub mod cluster;
 pub mod config;
 pub mod drain;
+pub mod failures;
 mod http;
 pub mod metrics;
 pub mod peer;

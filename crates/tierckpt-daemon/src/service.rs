@@ -21,6 +21,9 @@ use crate::{DaemonConfig, DaemonError};
 /// yet checksummed) so that its answer includes them.
 const SETTLE_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// Newest failure records per namespace shown in the status.
+const STATUS_FAILURES: usize = 20;
+
 /// Shared state of a running daemon.
 pub struct Daemon {
     pub tier: Arc<MemoryTier>,
@@ -28,6 +31,7 @@ pub struct Daemon {
     pub cluster: Option<Arc<Cluster>>,
     pub drainer: Option<Arc<crate::drain::Drainer>>,
     pub metrics: Arc<Metrics>,
+    pub failures: crate::failures::FailureLog,
     started: Instant,
     http_addr: Option<SocketAddr>,
 }
@@ -95,7 +99,9 @@ impl Daemon {
             Some(p) => Some(crate::drain::Drainer::start(p, &node, tier.clone(), cluster.clone(), stopped.clone())?),
             None => None,
         };
+        let failures = crate::failures::FailureLog::new(&cfg.memory_dir);
         let daemon = Arc::new(Daemon {
+            failures,
             tier,
             cfg,
             cluster,
@@ -130,6 +136,7 @@ impl Daemon {
             namespaces: self.tier.namespaces(),
             cluster: self.cluster.as_ref().map(|c| c.status()),
             persistent: self.drainer.as_ref().map(|d| serde_json::to_value(d.status()).unwrap_or_default()),
+            failures: self.failures.recent(STATUS_FAILURES),
         }
     }
 
@@ -361,6 +368,12 @@ impl Daemon {
                 Reply::Deleted { shards, bytes }
             }
             Request::Status => Reply::Status(Box::new(self.status())),
+            Request::RecordFailure { namespace, record } => {
+                self.failures.record(&namespace, &record)?;
+                tracing::info!(namespace = %namespace, kind = ?record.kind, step = ?record.step, restart = record.restart, detail = %record.detail, "job event recorded");
+                Reply::Done
+            }
+            Request::Failures { namespace } => Reply::Failures { records: self.failures.read(&namespace)? },
         })
     }
 }

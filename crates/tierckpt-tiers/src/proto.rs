@@ -54,6 +54,51 @@ pub enum Request {
     /// before every rank saved); a resumed job calls this before saving again.
     DiscardIncompleteAfter { namespace: String, step: u64 },
     Status,
+    /// Appends an event of a job's life (a start or a failure), as the
+    /// supervisor `tierckpt run` sees it, to the namespace's record.
+    RecordFailure { namespace: String, record: FailureRecord },
+    /// The namespace's recorded events, oldest first.
+    Failures { namespace: String },
+}
+
+/// What happened to a job, as the supervisor saw it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailureKind {
+    /// The supervisor started the job (not a failure: the start of the
+    /// observed time that failure rates are measured over).
+    Start,
+    /// The command exited with a non-zero code.
+    Exit,
+    /// The command was killed by a signal.
+    Signal,
+    /// No progress heartbeat within the hang timeout.
+    Hang,
+    /// The node daemon was gone, and with it the node's memory tier.
+    DaemonLost,
+}
+
+impl FailureKind {
+    pub fn is_failure(self) -> bool {
+        self != FailureKind::Start
+    }
+}
+
+/// One recorded event of a job.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FailureRecord {
+    pub unix_ms: u64,
+    pub kind: FailureKind,
+    /// Exit code, signal name, or what was waited for.
+    #[serde(default)]
+    pub detail: String,
+    /// Newest complete step of the namespace when it happened.
+    #[serde(default)]
+    pub step: Option<u64>,
+    /// How many restarts preceded it.
+    #[serde(default)]
+    pub restart: u32,
 }
 
 /// Externally tagged, so that maps with integer keys inside deserialize.
@@ -68,6 +113,7 @@ pub enum Reply {
     Steps { steps: Vec<StepSummary> },
     Deleted { shards: u64, bytes: u64 },
     Status(Box<DaemonStatus>),
+    Failures { records: Vec<FailureRecord> },
 }
 
 /// One namespace at a glance.
@@ -98,6 +144,9 @@ pub struct DaemonStatus {
     /// `tierckpt_daemon::drain::PersistStatus`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub persistent: Option<serde_json::Value>,
+    /// The newest recorded events of each namespace (see `FailureRecord`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub failures: BTreeMap<String, Vec<FailureRecord>>,
 }
 
 /// What one node holds in memory: visible shards per namespace and step.

@@ -1,0 +1,216 @@
+//! `tierckpt run`: restarts, their limit, hangs, signals, and the failure
+//! record, with a real daemon and real child processes.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{shm_dir, tierckpt, TestDaemon};
+use tierckpt_tiers::proto::{FailureKind, FailureRecord};
+
+fn supervise(d: &TestDaemon, ns: &str, extra: &[&str], script: &str) -> Command {
+    let mut c = tierckpt();
+    c.arg("--socket")
+        .arg(&d.proc.socket)
+        .args(["run", "--namespace", ns, "--backoff", "10ms"])
+        .args(extra)
+        .args(["--", "sh", "-c", script]);
+    c
+}
+
+fn run(d: &TestDaemon, ns: &str, extra: &[&str], script: &str) -> Output {
+    supervise(d, ns, extra, script).output().expect("tierckpt run runs")
+}
+
+fn records(d: &TestDaemon, ns: &str) -> Vec<FailureRecord> {
+    d.client().failures(ns).expect("failures")
+}
+
+fn kinds(d: &TestDaemon, ns: &str) -> Vec<FailureKind> {
+    records(d, ns).into_iter().map(|r| r.kind).collect()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Whether `pid` is gone (or a zombie nobody reaped yet).
+fn gone(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(s) => s.rsplit(')').next().is_some_and(|rest| rest.trim_start().starts_with('Z')),
+    }
+}
+
+fn wait_for_file(p: &Path) -> String {
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(30) {
+        if let Ok(s) = std::fs::read_to_string(p) {
+            if s.ends_with('\n') {
+                return s;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("{} was not written", p.display());
+}
+
+#[test]
+fn restarts_stop_at_the_limit_and_every_failure_is_recorded() {
+    let d = TestDaemon::start("64MiB");
+    let log = d.dir.path().join("runs");
+    let o = run(&d, "limit", &["--max-restarts", "2"], &format!("echo $TIERCKPT_RESTART >> {}; exit 3", log.display()));
+    assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
+    assert_eq!(std::fs::read_to_string(&log).unwrap(), "0\n1\n2\n");
+    let recs = records(&d, "limit");
+    let k: Vec<_> = recs.iter().map(|r| r.kind).collect();
+    assert_eq!(k, [FailureKind::Start, FailureKind::Exit, FailureKind::Exit, FailureKind::Exit]);
+    assert_eq!(recs.iter().skip(1).map(|r| r.restart).collect::<Vec<_>>(), [0, 1, 2]);
+    assert!(recs[1].detail.contains("exit code 3"), "{:?}", recs[1]);
+    assert!(stderr(&o).contains("giving up after 2 restart(s)"), "{}", stderr(&o));
+
+    let (ok, out, _) = common::cli(&d.proc.socket, &["status"]);
+    assert!(ok && out.contains("exit code 3") && out.contains("limit"), "{out}");
+    let (ok, out, _) = common::cli(&d.proc.socket, &["--json", "status"]);
+    let v: serde_json::Value = serde_json::from_str(&out).expect("json");
+    assert!(ok);
+    assert_eq!(v["failures"]["limit"].as_array().map(Vec::len), Some(4), "{v}");
+}
+
+#[test]
+fn a_killed_command_is_restarted_with_the_job_environment() {
+    let d = TestDaemon::start("64MiB");
+    let out = d.dir.path().join("env");
+    let script = format!(
+        "if [ \"$TIERCKPT_RESTART\" = 0 ]; then kill -9 $$; fi; echo \"$TIERCKPT_NAMESPACE $TIERCKPT_SOCKET\" > {}",
+        out.display()
+    );
+    let o = run(&d, "killed", &[], &script);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let env = std::fs::read_to_string(&out).unwrap();
+    assert_eq!(env.trim(), format!("killed {}", d.proc.socket.display()));
+    let recs = records(&d, "killed");
+    assert_eq!(recs.iter().map(|r| r.kind).collect::<Vec<_>>(), [FailureKind::Start, FailureKind::Signal]);
+    assert_eq!(recs[1].detail, "SIGKILL");
+}
+
+#[test]
+fn the_failure_record_names_the_newest_complete_step() {
+    let d = TestDaemon::start("64MiB");
+    let mut c = d.client();
+    let data = vec![7u8; 64];
+    let t = [tierckpt_client::TensorData { name: "w", dtype: tierckpt_format::Dtype::U8, shape: &[64], data: &data }];
+    c.save(&tierckpt_format::ShardKey::new("stepped", 40, 0), 1, &t, &Default::default(), true).unwrap();
+    let o = run(&d, "stepped", &["--max-restarts", "0"], "exit 1");
+    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(records(&d, "stepped")[1].step, Some(40));
+}
+
+#[test]
+fn a_hang_is_detected_and_its_processes_killed() {
+    let d = TestDaemon::start("64MiB");
+    let sleeper = d.dir.path().join("sleeper");
+    let script = format!(
+        "if [ \"$TIERCKPT_RESTART\" = 0 ]; then touch \"$TIERCKPT_HEARTBEAT_FILE\"; sleep 300 & echo $! > {}; wait; fi",
+        sleeper.display()
+    );
+    let o = run(&d, "hang", &["--hang-timeout", "1s"], &script);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let recs = records(&d, "hang");
+    assert_eq!(recs.iter().map(|r| r.kind).collect::<Vec<_>>(), [FailureKind::Start, FailureKind::Hang]);
+    assert!(recs[1].detail.contains("no heartbeat"), "{:?}", recs[1]);
+    let pid: i32 = std::fs::read_to_string(&sleeper).unwrap().trim().parse().unwrap();
+    let t = Instant::now();
+    while !gone(pid) && t.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(gone(pid), "the hung run's child {pid} survived");
+}
+
+#[test]
+fn a_steady_heartbeat_is_not_a_hang() {
+    let d = TestDaemon::start("64MiB");
+    let script = "for i in $(seq 25); do touch \"$TIERCKPT_HEARTBEAT_FILE\"; sleep 0.1; done";
+    let o = run(&d, "steady", &["--hang-timeout", "1s"], script);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(kinds(&d, "steady"), [FailureKind::Start]);
+}
+
+#[test]
+fn exit_codes_and_signals_pass_through() {
+    let d = TestDaemon::start("64MiB");
+    let o = run(&d, "codes", &["--max-restarts", "0"], "exit 7");
+    assert_eq!(o.status.code(), Some(7));
+    let o = run(&d, "codes", &["--max-restarts", "0"], "kill -TERM $$");
+    assert_eq!(o.status.code(), Some(128 + libc::SIGTERM));
+    let k = kinds(&d, "codes");
+    assert_eq!(k, [FailureKind::Start, FailureKind::Exit, FailureKind::Start, FailureKind::Signal]);
+}
+
+#[test]
+fn ctrl_c_stops_the_command_without_a_restart() {
+    let d = TestDaemon::start("64MiB");
+    let pidfile = d.dir.path().join("pid");
+    let script = format!("echo $$ > {}; sleep 300 & wait", pidfile.display());
+    let mut sup = supervise(&d, "ctrlc", &[], &script).stderr(Stdio::piped()).spawn().unwrap();
+    let pid: i32 = wait_for_file(&pidfile).trim().parse().unwrap();
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(sup.id() as i32, libc::SIGINT) };
+    let status = sup.wait().unwrap();
+    assert_eq!(status.code(), Some(130));
+    assert!(gone(pid), "the command survived Ctrl-C");
+    assert_eq!(kinds(&d, "ctrlc"), [FailureKind::Start]);
+}
+
+#[test]
+fn starts_a_daemon_when_none_answers() {
+    let dir = shm_dir();
+    let mem = dir.path().join("mem");
+    let out = dir.path().join("socket");
+    let o = tierckpt()
+        .env_remove("TIERCKPT_SOCKET")
+        .env("TIERCKPT_MEMORY_DIR", &mem)
+        .env("TIERCKPT_MEMORY_TIER_SIZE", "64MiB")
+        .env("TIERCKPT_HTTP_ADDR", "off")
+        .args(["run", "--namespace", "fresh", "--", "sh", "-c"])
+        .arg(format!("test -S \"$TIERCKPT_SOCKET\" && echo \"$TIERCKPT_SOCKET\" > {}", out.display()))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let socket = mem.join("daemon.sock");
+    assert_eq!(std::fs::read_to_string(&out).unwrap().trim(), socket.display().to_string());
+    let mut c = tierckpt_client::Client::connect(&socket).expect("the started daemon answers after the job");
+    let pid = c.status().unwrap().pid as i32;
+    let k: Vec<_> = c.failures("fresh").unwrap().into_iter().map(|r| r.kind).collect();
+    // SAFETY: the daemon this test caused to start.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    assert_eq!(k, [FailureKind::Start]);
+    let t = Instant::now();
+    while !gone(pid) && t.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn bad_input_gets_a_clear_error() {
+    let d = TestDaemon::start("64MiB");
+    let o = tierckpt().arg("--socket").arg(&d.proc.socket).args(["run", "--namespace", "x"]).output().unwrap();
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("CMD"), "{}", stderr(&o));
+    let o = run(&d, "bad/ns", &[], "true");
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("bad/ns"), "{}", stderr(&o));
+    let o = tierckpt()
+        .arg("--socket")
+        .arg(&d.proc.socket)
+        .args(["run", "--namespace", "nocmd", "--", "/nonexistent/train"])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("cannot start \"/nonexistent/train\""), "{}", stderr(&o));
+    let o = tierckpt().arg("--socket").arg(&d.proc.socket).args(["run", "--hang-timeout", "soon", "--", "true"]).output().unwrap();
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("--hang-timeout"), "{}", stderr(&o));
+}
