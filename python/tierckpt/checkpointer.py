@@ -329,7 +329,7 @@ class Checkpointer:
         """
         self.heartbeat(step)
         if step is None:
-            step = self.latest_step()
+            step = self._agreed_latest()
             if step is None:
                 self._after_resume(None)
                 return None
@@ -354,6 +354,30 @@ class Checkpointer:
             self._after_resume(step)
             return out
         raise AssertionError("unreachable")
+
+    def _agreed_latest(self, settle_s: float = 30.0):
+        """The newest complete step, once no shard of the namespace is still sealing (a
+        dead incarnation's seal may be finishing), and the same on every rank."""
+        d = _dist()
+        if d is None or self.world_size == 1 or self.rank == 0:
+            deadline = time.monotonic() + settle_s
+            while time.monotonic() < deadline:
+                try:
+                    steps = self._client.list_steps(self.namespace)
+                except NotFoundError:
+                    steps = []
+                if not any(s.get("in_progress") for s in steps):
+                    break
+                time.sleep(0.05)
+            step = self.latest_step()
+        else:
+            step = None
+        if d is not None and self.world_size > 1:
+            import torch
+            t = torch.tensor([-1 if step is None else step], dtype=torch.int64)
+            d.broadcast(t, src=0)
+            step = None if t.item() < 0 else int(t.item())
+        return step
 
     def _release(self, step):
         try:
@@ -458,7 +482,7 @@ class Checkpointer:
                 tiers.add("persistent")
             return tiers
         if self._next_save is None:
-            base = self._last_save_step if self._last_save_step is not None else step
+            base = self._last_save_step if self._last_save_step is not None else 0
             self._next_save = base + self.config["min_interval"]
             self._next_persist = self._next_save
         if step < self._next_save:

@@ -50,3 +50,76 @@ def test_interval_clamped_and_conservative_without_measurements():
     assert interval_steps(1e-9, 3600, 10.0, 7, 100) == 7
     assert interval_steps(100.0, 1e9, 1e-3, 7, 100) == 100
     assert 7 <= interval_steps(1.0, 3600, 1.0, 7, 100) <= 100
+
+
+# --- the Checkpointer's schedule against a real daemon ----------------------
+
+import torch
+
+from tierckpt import Checkpointer, Client
+
+
+def adaptive(daemon, ns, **cfg):
+    return Checkpointer({"socket": daemon["socket"], "namespace": ns, "checkpoint_frequency": "adaptive",
+                         "min_interval": 2, "max_interval": 10**6, "mtbf_s": 3600.0, **cfg},
+                        rank=0, world_size=1)
+
+
+def test_schedule_starts_conservative_and_follows_measurements(daemon):
+    c = adaptive(daemon, "sched")
+    saves = [s for s in range(1, 7) if c.should_save(s)]
+    assert saves == [2, 4, 6]            # nothing measured yet: every min_interval steps
+    c._cost.value, c._step_time.value = 1.0, 0.01   # injected: 1 s per checkpoint, 10 ms per step
+    cheap = c.intervals()["memory"]
+    c._cost.value = 4.0
+    dear = c.intervals()["memory"]
+    assert cheap < dear
+    assert cheap == round(daly_interval(1.0, 3600.0) / 0.01)
+    assert dear == round(daly_interval(4.0, 3600.0) / 0.01)
+    c2 = adaptive(daemon, "clamp", max_interval=50)
+    c2._cost.value, c2._step_time.value = 4.0, 0.01
+    assert c2.intervals()["memory"] == 50
+
+
+def test_real_saves_measure_cost_and_step_time(daemon):
+    c = adaptive(daemon, "measured", min_interval=3)
+    state = {"w": torch.zeros(1 << 20)}
+    saved = []
+    for step in range(1, 13):
+        if c.should_save(step):
+            c.save(step, state)
+            saved.append(step)
+    assert saved[0] == 3 and c._cost.count == len(saved) and c._step_time.count == 11
+    assert c.last_intervals["cost_s"] > 0 and c.last_intervals["step_time_s"] > 0
+    assert all(b - a >= 3 for a, b in zip(saved, saved[1:]))
+    c.wait()
+    assert c.latest_step() == saved[-1]
+
+
+def _supports_failures(daemon) -> bool:
+    try:
+        Client(daemon["socket"]).failures("probe")
+        return True
+    except Exception:
+        return False
+
+
+def test_recorded_failures_shorten_the_interval(daemon):
+    if not _supports_failures(daemon):
+        pytest.skip("the daemon has no failure records yet (the supervisor change)")
+    c = adaptive(daemon, "flaky")
+    cl = Client(daemon["socket"])
+    now_ms = int(time.time() * 1000)
+    cl.record_failure("flaky", "start", "job started", unix_ms=now_ms - 3_600_000)
+    c._cost.value, c._step_time.value = 2.0, 0.01
+    c._failures_cache = (float("-inf"), [])
+    calm = c.intervals()
+    assert calm["mtbf_s"] == pytest.approx(7200, rel=0.01)
+    for i in range(3):
+        cl.record_failure("flaky", "signal", "SIGKILL", step=100 * i, restart=i + 1)
+    c._failures_cache = (float("-inf"), [])
+    stormy = c.intervals()
+    assert stormy["mtbf_s"] == pytest.approx(7200 / 4, rel=0.01)
+    assert stormy["memory"] < calm["memory"]
+    kinds = [r["kind"] for r in cl.failures("flaky")]
+    assert kinds == ["start", "signal", "signal", "signal"]

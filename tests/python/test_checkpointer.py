@@ -108,12 +108,11 @@ def test_every_dtype_empty_scalar_and_noncontiguous_tensors(daemon):
     state = {}
     for dt in DTYPES:
         name = str(dt).removeprefix("torch.")
-        raw = torch.randint(0, 256, (6, 5), dtype=torch.uint8, generator=g)
         if dt == torch.bool:
-            full = raw % 2 == 1
+            full = torch.randint(0, 2, (6, 5), generator=g) == 1
         else:
-            full = torch.randint(0, 255, (6, 5 * raw.element_size()), dtype=torch.uint8, generator=g)
-            full = full.view(torch.uint8).reshape(-1)[: 30 * torch.empty(0, dtype=dt).element_size()].view(dt).reshape(6, 5)
+            es = torch.empty(0, dtype=dt).element_size()
+            full = torch.randint(0, 256, (30 * es,), dtype=torch.uint8, generator=g).view(dt).reshape(6, 5)
         state[name] = {"full": full, "t": full.t(), "strided": full[::2, 1::2], "scalar": full[1, 1].clone(),
                        "empty": full[:0], "empty3": torch.empty((2, 0, 3), dtype=dt)}
     assert not state["float32"]["t"].is_contiguous()
