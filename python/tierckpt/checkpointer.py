@@ -299,6 +299,7 @@ class Checkpointer:
                 pass
             raise
         self._pending.append(step)
+        del self._pending[:-16]
         blocked = time.perf_counter() - t0
         self.last_save_blocked_s = blocked
         self._cost.add(blocked)
@@ -310,7 +311,12 @@ class Checkpointer:
     def wait(self, timeout_s: float = 600.0) -> None:
         """Waits until every shard saved so far is visible (checksummed and published)."""
         while self._pending:
-            self._client.wait_visible(self.namespace, self._pending[0], self.rank, int(timeout_s * 1000))
+            try:
+                self._client.wait_visible(self.namespace, self._pending[0], self.rank, int(timeout_s * 1000))
+            except NotFoundError:
+                if len(self._pending) == 1:
+                    raise
+                # an older step already visible and dropped by retention since
             self._pending.pop(0)
 
     # -- load ---------------------------------------------------------------
@@ -328,6 +334,7 @@ class Checkpointer:
         falls through to a peer or the persistent tier), else CorruptError.
         """
         self.heartbeat(step)
+        self.wait()  # this Checkpointer's own saves first
         if step is None:
             step = self._agreed_latest()
             if step is None:
