@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 
-FAILURE_KINDS = ("exit", "signal", "hang")
+FAILURE_KINDS = ("exit", "signal", "hang", "daemon_lost")  # every kind but "start"
 
 
 def daly_interval(d: float, mtbf: float) -> float:
@@ -32,11 +32,11 @@ def mtbf_from_records(prior_s: float, records, now_s: float) -> float:
     """MTBF updated from failure records: (prior + T_observed) / (1 + failures).
 
     T_observed is `now` minus the first "start" record (0 without one); a
-    failure is a record of kind exit, signal or hang.
+    failure is any record but a start (exit, signal, hang, daemon_lost).
     """
     starts = [r["unix_ms"] for r in records if r.get("kind") == "start"]
     observed = max(0.0, now_s - min(starts) / 1000.0) if starts else 0.0
-    failures = sum(1 for r in records if r.get("kind") in FAILURE_KINDS)
+    failures = sum(1 for r in records if r.get("kind") not in (None, "start"))
     return (prior_s + observed) / (1 + failures)
 
 

@@ -340,6 +340,9 @@ class Checkpointer:
             if step is None:
                 self._after_resume(None)
                 return None
+        else:
+            # a shard another writer sealed asynchronously may still be checksumming
+            self._client.wait_visible(self.namespace, step, self.rank, 60_000)
         first_error = None
         for attempt in range(2):
             try:
