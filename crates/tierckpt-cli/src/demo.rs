@@ -70,6 +70,7 @@ use serde_json::{json, Value};
 use tierckpt_client::{Client, ErrorKind, TensorData};
 use tierckpt_format::{Dtype, ShardKey, ShardLayout, TensorSpec};
 
+use crate::baseline::FileCheckpoints;
 use crate::daemon_proc::{LocalCluster, LocalClusterOptions};
 use crate::output::{human_bytes, print_json};
 
@@ -120,16 +121,37 @@ pub struct DemoArgs {
     /// Threads of each trainer's optimizer step [default: the cores shared among the ranks].
     #[arg(long)]
     pub threads: Option<usize>,
-    /// Directory (a tmpfs) in which the demo's memory tiers and persistent tier are created and removed.
+    /// Directory (a tmpfs) in which the demo's memory tiers are created and removed.
     #[arg(long, value_name = "DIR", default_value = "/dev/shm")]
     pub tmp_dir: PathBuf,
+    /// Directory (a disk) in which the persistent tier and the baseline's checkpoint files are created and removed [default: the system's temporary directory].
+    #[arg(long, value_name = "DIR")]
+    pub persist_dir: Option<PathBuf>,
+    /// Milliseconds of each training step standing for the forward and backward pass on an accelerator (the host's cores are idle meanwhile).
+    #[arg(long, value_name = "MS", default_value_t = 100)]
+    pub compute_ms: u64,
+    /// Write rate of the persistent storage per node, per second ("off": as fast as the local disk goes). It paces the drain to the persistent tier and the baseline's checkpoint writes alike. The default is what torch.save reached on an H100 node's local disk (8 GiB in 10.3 s).
+    #[arg(long, value_name = "RATE", default_value = "800MB", value_parser = parse_rate_arg)]
+    pub storage_bandwidth: Rate,
 }
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct TrainerArgs {
     /// Socket of the daemon to checkpoint into.
+    #[arg(long, required_unless_present = "checkpoint_dir", conflicts_with = "checkpoint_dir")]
+    pub daemon_socket: Option<PathBuf>,
+    /// Checkpoint synchronously to files in this directory instead (the baseline).
     #[arg(long)]
-    pub daemon_socket: PathBuf,
+    pub checkpoint_dir: Option<PathBuf>,
+    /// Complete checkpoints kept in --checkpoint-dir.
+    #[arg(long, default_value_t = 3)]
+    pub keep_last: usize,
+    /// Milliseconds each step waits, standing for the accelerator's forward and backward pass.
+    #[arg(long, default_value_t = 0)]
+    pub compute_ms: u64,
+    /// Write rate of the storage behind --checkpoint-dir, bytes per second.
+    #[arg(long)]
+    pub storage_bandwidth: Option<u64>,
     #[arg(long)]
     pub namespace: String,
     /// Bytes of training state (weights + two moments) across all ranks.
@@ -177,6 +199,17 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         return Err(bad());
     }
     Ok(bytes.round() as u64)
+}
+
+/// Bytes per second, or none ("off").
+#[derive(Debug, Clone, Copy)]
+pub struct Rate(pub Option<u64>);
+
+fn parse_rate_arg(s: &str) -> Result<Rate, String> {
+    match s.trim() {
+        "off" => Ok(Rate(None)),
+        r => parse_size_arg(r).map(|b| Rate(Some(b))),
+    }
 }
 
 fn parse_size_arg(s: &str) -> Result<u64, String> {
@@ -770,17 +803,18 @@ pub fn run_trainer(a: &TrainerArgs) -> Result<()> {
         "state_bytes": state.state_bytes(),
         "init_s": t0.elapsed().as_secs_f64(),
     }))?;
-    let mut client = Client::connect(&a.daemon_socket)?;
+    let mut client = match (&a.daemon_socket, &a.checkpoint_dir) {
+        (Some(socket), _) => Client::connect(socket)?,
+        (None, Some(dir)) => {
+            let files = FileCheckpoints::new(dir, rank, a.world_size, a.keep_last, a.storage_bandwidth);
+            return run_file_trainer(a, state, files, threads);
+        }
+        (None, None) => bail!("give --daemon-socket or --checkpoint-dir"),
+    };
     // The newest step complete across the cluster's live nodes.
     let latest = client.latest(ns).context("asking for the latest checkpoint")?;
     emit(json!({ "event": "latest", "step": latest }))?;
-    let mut orders = std::io::stdin().lock().lines();
-    let mut order = move || -> Result<String> {
-        match orders.next() {
-            Some(line) => Ok(line.context("reading from the demo")?.trim().to_string()),
-            None => bail!("the demo closed the trainer's stdin"),
-        }
-    };
+    let mut order = stdin_orders();
     if let Some(step) = parse_resume(&order()?)? {
         let key = ShardKey::new(ns, step, rank);
         // `steps` lists only this node's shards: is ours here, or does the
@@ -861,24 +895,42 @@ pub fn run_trainer(a: &TrainerArgs) -> Result<()> {
         .discard_incomplete_after(ns, state.step())
         .context("discarding leftovers of a crashed run")?;
     emit(json!({ "event": "ready", "step": state.step() }))?;
+    train(a, &mut state, threads, &mut order, |state, step| {
+        let key = ShardKey::new(ns, step, rank);
+        let timing = state
+            .with_checkpoint(|tensors, meta| client.save(&key, a.world_size, tensors, meta, false))
+            .with_context(|| format!("saving {key}"))?;
+        Ok((timing.total_s(), timing.copy_s, timing.bytes))
+    })
+}
+
+/// The training loop shared by both kinds of trainer: a step on each "go",
+/// a checkpoint (by `save`, returning stall, copy time and bytes) every
+/// `checkpoint_every` steps.
+fn train(
+    a: &TrainerArgs,
+    state: &mut TrainState,
+    threads: usize,
+    order: &mut impl FnMut() -> Result<String>,
+    mut save: impl FnMut(&TrainState, u64) -> Result<(f64, f64, u64)>,
+) -> Result<()> {
     while state.step() < a.steps {
         let o = order()?;
         ensure!(o == "go", "the demo said {o:?}, expected \"go\"");
         let t = Instant::now();
         let loss = state.train_step(threads);
+        // The accelerator's share of the step: the host's cores are free meanwhile.
+        std::thread::sleep(Duration::from_millis(a.compute_ms));
         let step_s = t.elapsed().as_secs_f64();
         let step = state.step();
         if step % a.checkpoint_every == 0 {
-            let key = ShardKey::new(ns, step, rank);
-            let timing = state
-                .with_checkpoint(|tensors, meta| client.save(&key, a.world_size, tensors, meta, false))
-                .with_context(|| format!("saving {key}"))?;
+            let (stall_s, copy_s, bytes) = save(state, step)?;
             emit(json!({
                 "event": "checkpoint",
                 "step": step,
-                "stall_s": timing.total_s(),
-                "copy_s": timing.copy_s,
-                "bytes": timing.bytes,
+                "stall_s": stall_s,
+                "copy_s": copy_s,
+                "bytes": bytes,
             }))?;
         }
         emit(json!({
@@ -890,6 +942,46 @@ pub fn run_trainer(a: &TrainerArgs) -> Result<()> {
         }))?;
     }
     emit(json!({ "event": "done", "step": state.step(), "state_hash": state.state_hash() }))
+}
+
+fn stdin_orders() -> impl FnMut() -> Result<String> {
+    let mut orders = std::io::stdin().lock().lines();
+    move || match orders.next() {
+        Some(line) => Ok(line.context("reading from the demo")?.trim().to_string()),
+        None => bail!("the demo closed the trainer's stdin"),
+    }
+}
+
+/// The baseline's trainer: checkpoints to files, synchronously, and resumes
+/// from the newest step every rank's file is there for.
+fn run_file_trainer(a: &TrainerArgs, mut state: TrainState, files: FileCheckpoints, threads: usize) -> Result<()> {
+    let latest = files.latest()?;
+    emit(json!({ "event": "latest", "step": latest }))?;
+    let mut order = stdin_orders();
+    if let Some(step) = parse_resume(&order()?)? {
+        let t = Instant::now();
+        state.restore_with(|targets| files.load_into(step, targets))?;
+        ensure!(state.step() == step, "restored step {} from the files of step {step}", state.step());
+        emit(json!({
+            "event": "resumed",
+            "step": step,
+            "restore_s": t.elapsed().as_secs_f64(),
+            "bytes": state.state_bytes(),
+            "tier": "persistent",
+            "expected_tier": "persistent",
+            "peers": [],
+            "attempts": 1,
+        }))?;
+    }
+    emit(json!({ "event": "ready", "step": state.step() }))?;
+    train(a, &mut state, threads, &mut order, |state, step| {
+        let t = Instant::now();
+        let bytes = state
+            .with_checkpoint(|tensors, meta| files.save(step, tensors, meta))
+            .with_context(|| format!("saving step {step} of rank {} to files", a.rank))?;
+        let s = t.elapsed().as_secs_f64();
+        Ok((s, s, bytes))
+    })
 }
 
 // ---------------------------------------------------------------------------
@@ -943,7 +1035,7 @@ impl Trainer {
     fn spawn(
         rank: usize,
         world: usize,
-        socket: &Path,
+        store: &Store,
         namespace: &str,
         a: &DemoArgs,
         threads: usize,
@@ -953,9 +1045,11 @@ impl Trainer {
         let mut cmd = Command::new(&exe);
         cmd.arg0("tierckpt")
             .arg("demo-trainer")
-            .arg("--daemon-socket")
-            .arg(socket)
+            .args(store.trainer_args(rank))
             .args(["--namespace", namespace])
+            .args(["--keep-last", &a.keep_last.to_string()])
+            .args(["--compute-ms", &a.compute_ms.to_string()])
+            .args(a.storage_bandwidth.0.iter().flat_map(|b| ["--storage-bandwidth".to_string(), b.to_string()]))
             .args(["--size", &a.size.to_string()])
             .args(["--steps", &a.steps.to_string()])
             .args(["--checkpoint-every", &a.checkpoint_every.to_string()])
@@ -1035,13 +1129,35 @@ struct Job {
     events: Receiver<(usize, Value)>,
 }
 
+/// Where a job's ranks checkpoint.
+enum Store {
+    /// Into the memory tier of each rank's node daemon (one socket per rank).
+    Daemons(Vec<PathBuf>),
+    /// Synchronously into files in one directory (the baseline), for `world` ranks.
+    Files(PathBuf, usize),
+}
+
+impl Store {
+    fn world(&self) -> usize {
+        match self {
+            Store::Daemons(s) => s.len(),
+            Store::Files(_, w) => *w,
+        }
+    }
+
+    fn trainer_args(&self, rank: usize) -> Vec<std::ffi::OsString> {
+        match self {
+            Store::Daemons(s) => vec!["--daemon-socket".into(), s[rank].clone().into()],
+            Store::Files(dir, _) => vec!["--checkpoint-dir".into(), dir.clone().into()],
+        }
+    }
+}
+
 impl Job {
-    fn spawn(sockets: &[PathBuf], namespace: &str, a: &DemoArgs, threads: usize) -> Result<Self> {
+    fn spawn(store: &Store, namespace: &str, a: &DemoArgs, threads: usize) -> Result<Self> {
         let (tx, events) = mpsc::channel();
-        let trainers = sockets
-            .iter()
-            .enumerate()
-            .map(|(rank, s)| Trainer::spawn(rank, sockets.len(), s, namespace, a, threads, tx.clone()))
+        let trainers = (0..store.world())
+            .map(|rank| Trainer::spawn(rank, store.world(), store, namespace, a, threads, tx.clone()))
             .collect::<Result<_>>()?;
         Ok(Self { trainers, events })
     }
@@ -1104,9 +1220,25 @@ struct RunLog {
     last_step: u64,
     loss: Option<f64>,
     killed_at: Option<Instant>,
+    /// Where checkpoints go, as the progress lines say it.
+    into: &'static str,
+    /// When the first step was ordered, and when the newest step ended.
+    trained_from: Option<Instant>,
+    last_step_at: Option<Instant>,
 }
 
 impl RunLog {
+    fn new(into: &'static str) -> Self {
+        Self { into, ..Default::default() }
+    }
+
+    /// The training loop's time without its checkpoint pauses: what the
+    /// job needs when nothing fails and nothing is saved.
+    fn useful_s(&self) -> Option<f64> {
+        let trained = (self.last_step_at? - self.trained_from?).as_secs_f64();
+        Some(trained - self.checkpoints.iter().map(|c| c.stall_s).sum::<f64>())
+    }
+
     fn last_checkpoint(&self) -> Option<u64> {
         self.checkpoints.iter().map(|c| c.step).max()
     }
@@ -1332,6 +1464,7 @@ fn drive(
                     log.last_step = step;
                     pb.set_position(step);
                     if step < steps {
+                        log.trained_from.get_or_insert_with(Instant::now);
                         job.tell_all("go")?;
                     }
                 }
@@ -1353,6 +1486,7 @@ fn drive(
                 }
                 let e = by_step.remove(&step).expect("present");
                 let loss = e.loss_sum / e.params.max(1.0);
+                log.last_step_at = Some(Instant::now());
                 log.last_step = step;
                 log.loss = Some(loss);
                 pb.set_position(step);
@@ -1372,8 +1506,9 @@ fn drive(
                     ui.say(
                         pb,
                         format!(
-                            "    checkpoint  step {step:>4}  {w} shards, {} into node memory, training paused {}",
+                            "    checkpoint  step {step:>4}  {w} shards, {} into {}, training paused {}",
                             human_bytes(c.bytes),
+                            if log.into.is_empty() { "node memory" } else { log.into },
                             fmt_s(c.stall_s)
                         ),
                     );
@@ -1787,6 +1922,61 @@ fn failure_json(kind: &str, step_killed: u64, killed_at: Instant, inc: &Incarnat
     v
 }
 
+/// The failures both runs go through: kind, the step after which it
+/// strikes, and the ranks whose trainers it kills (the launcher then stops
+/// the rest and restarts the job).
+struct Failure {
+    kind: &'static str,
+    step: u64,
+    ranks: Vec<usize>,
+}
+
+/// What the baseline run measured.
+struct BaselineRun {
+    log: RunLog,
+    hashes: Vec<String>,
+    failures: Vec<Value>,
+    wall_s: f64,
+}
+
+/// The baseline: the same job and the same failures, checkpointing only to
+/// files on the persistent tier's disk, synchronously (write + fsync); every
+/// restart reads the newest complete step's files.
+fn run_baseline(a: &DemoArgs, dir: &Path, world: usize, threads: usize, ui: &Ui, failures: &[Failure]) -> Result<BaselineRun> {
+    let store = Store::Files(dir.to_path_buf(), world);
+    let ns = "demo-baseline";
+    let mut log = RunLog::new("files (write + fsync)");
+    let pb = ui.bar(a.steps, "baseline");
+    let t = Instant::now();
+    let mut job = Job::spawn(&store, ns, a, threads)?;
+    let mut reports = Vec::new();
+    let mut pending: Option<(&Failure, Instant)> = None;
+    for next in failures.iter().map(Some).chain([None]) {
+        let (inc, out) = drive(&mut job, a.steps, ui, &pb, &mut log, next.map(|f| f.step))?;
+        if let Some((f, killed_at)) = pending.take() {
+            reports.push(failure_json(f.kind, f.step, killed_at, &inc, json!({ "ranks_killed": f.ranks })));
+        }
+        let Some(f) = next else {
+            let Outcome::Done { hashes } = out else { bail!("the baseline stopped without being asked to") };
+            drop(job);
+            pb.finish_and_clear();
+            return Ok(BaselineRun { log, hashes, failures: reports, wall_s: t.elapsed().as_secs_f64() });
+        };
+        ensure!(matches!(out, Outcome::Stopped), "the baseline finished before its {}", f.kind);
+        let killed_at = Instant::now();
+        for &r in &f.ranks {
+            job.kill(r)?;
+        }
+        job.kill_all()?;
+        drop(job);
+        log.killed_at = Some(killed_at);
+        ui.say(&pb, format!("    {:<11} after step {}: the job restarts and reads its newest files", f.kind, f.step));
+        pending = Some((f, killed_at));
+        job = Job::spawn(&store, ns, a, threads)?;
+    }
+    unreachable!("the loop returns after the last run")
+}
+
 pub fn run(args: &DemoArgs, json: bool) -> Result<()> {
     let wall = Instant::now();
     let a = args;
@@ -1824,7 +2014,14 @@ pub fn run(args: &DemoArgs, json: bool) -> Result<()> {
         .tempdir_in(&tmp_dir)
         .with_context(|| format!("creating the demo's memory tiers under {}", tmp_dir.display()))?;
     // The persistent tier, shared by every node, outlives their memory.
-    let persist_dir = tmp.path().join("persistent");
+    // The persistent tier and the baseline's files live on a disk, as they would.
+    let persist_root = a.persist_dir.clone().unwrap_or_else(std::env::temp_dir);
+    let ptmp = tempfile::Builder::new()
+        .prefix("tierckpt-demo-")
+        .tempdir_in(&persist_root)
+        .with_context(|| format!("creating the demo's persistent tier under {}", persist_root.display()))?;
+    let persist_dir = ptmp.path().join("persistent");
+    let baseline_dir = ptmp.path().join("baseline");
     std::fs::create_dir(&persist_dir).with_context(|| format!("creating {}", persist_dir.display()))?;
     let persist_url = format!("file://{}", persist_dir.display());
     let opts = LocalClusterOptions {
@@ -1840,12 +2037,15 @@ pub fn run(args: &DemoArgs, json: bool) -> Result<()> {
             a.persist_every.to_string(),
             "--persist-keep-last".into(),
             a.keep_last.to_string(),
-        ],
+        ]
+        .into_iter()
+        .chain(a.storage_bandwidth.0.iter().flat_map(|b| ["--persist-bandwidth".to_string(), b.to_string()]))
+        .collect(),
         ..Default::default()
     };
     let heartbeat = opts.heartbeat_interval.clone();
     let mut cluster = LocalCluster::start(tmp.path(), opts).context("starting the cluster's daemons")?;
-    let sockets: Vec<PathBuf> = (0..world).map(|i| cluster.socket(i)).collect();
+    let store = Store::Daemons((0..world).map(|i| cluster.socket(i)).collect());
     let ui = Ui { json };
     let hidden = ProgressBar::hidden();
     let pids: Vec<String> = (0..world)
@@ -1861,19 +2061,22 @@ pub fn run(args: &DemoArgs, json: bool) -> Result<()> {
             "tierckpt demo: a local cluster of {world} nodes, a job of {world} ranks (one per node)\n  \
              Adam over {:.1}M parameters ({} of weights, exp_avg and exp_avg_sq, f32, in {LAYERS} layers), \
              sharded as in ZeRO: each rank holds 1/{world} ({} per shard)\n  \
-             {} steps, a checkpoint every {} steps, seed {}\n  \
+             {} steps, a checkpoint every {} steps, seed {}; each step is Adam on the host plus {} ms standing for \
+             the accelerator's forward and backward pass\n  \
              failures: rank {crash_rank}'s trainer crashes after step {crash_step} (the job restarts); \
              node {} is lost after step {loss_step} (daemon and trainer), replaced by an empty node; \
              every node's memory is lost after step {total_step} (every daemon and trainer), replaced by empty nodes\n  \
              daemons: {}; each with a {} memory tier under {}, keeping {} checkpoints, \
              copying each shard to {REPLICATION_FACTOR} peer ({PLACEMENT}), heartbeat {heartbeat}\n  \
-             persistent tier: {persist_url}, shared by every node: {every_nth} uploaded in the background and committed, {} kept\n",
+             persistent tier: {persist_url}, shared by every node: {every_nth} uploaded in the background and committed, {} kept\n  \
+             then a baseline: the same job and failures, checkpointing only to files on that disk, synchronously\n",
             params as f64 / 1e6,
             human_bytes(state_bytes),
             human_bytes(shard_bytes),
             a.steps,
             a.checkpoint_every,
             a.seed,
+            a.compute_ms,
             LocalCluster::node_id(lost),
             pids.join(", "),
             human_bytes(capacity),
@@ -1885,11 +2088,11 @@ pub fn run(args: &DemoArgs, json: bool) -> Result<()> {
 
     // 1. The reference: the same job, never interrupted.
     let ref_ns = "demo-reference";
-    ui.say(&hidden, "[1/2] reference run, uninterrupted");
-    let mut ref_log = RunLog::default();
+    ui.say(&hidden, "[1/3] reference run, uninterrupted");
+    let mut ref_log = RunLog::new("node memory");
     let t_ref = Instant::now();
     let pb = ui.bar(a.steps, "reference");
-    let mut job = Job::spawn(&sockets, ref_ns, a, threads)?;
+    let mut job = Job::spawn(&store, ref_ns, a, threads)?;
     let ref_hashes = match drive(&mut job, a.steps, &ui, &pb, &mut ref_log, None)?.1 {
         Outcome::Done { hashes } => hashes,
         Outcome::Stopped => unreachable!("no stop was asked for"),
@@ -1917,17 +2120,17 @@ pub fn run(args: &DemoArgs, json: bool) -> Result<()> {
     ui.say(
         &hidden,
         format!(
-            "[2/2] training, with a trainer crash after step {crash_step}, the loss of node {} after step {loss_step} \
+            "[2/3] training, with a trainer crash after step {crash_step}, the loss of node {} after step {loss_step} \
              and the loss of every node's memory after step {total_step}",
             LocalCluster::node_id(lost)
         ),
     );
-    let mut log = RunLog::default();
+    let mut log = RunLog::new("node memory");
     let t_main = Instant::now();
     let pb = ui.bar(a.steps, "training");
 
     // Failure 1: a trainer crash.
-    let mut job = Job::spawn(&sockets, ns, a, threads)?;
+    let mut job = Job::spawn(&store, ns, a, threads)?;
     let (_, out) = drive(&mut job, a.steps, &ui, &pb, &mut log, Some(crash_step))?;
     ensure!(matches!(out, Outcome::Stopped), "the job finished before the crash");
     let last_ckpt = log.last_checkpoint();
@@ -1947,7 +2150,7 @@ pub fn run(args: &DemoArgs, json: bool) -> Result<()> {
             last_ckpt.map_or("none".into(), |s| s.to_string())
         ),
     );
-    let mut job = Job::spawn(&sockets, ns, a, threads)?;
+    let mut job = Job::spawn(&store, ns, a, threads)?;
     let (inc1, out) = drive(&mut job, a.steps, &ui, &pb, &mut log, Some(loss_step))?;
     ensure!(matches!(out, Outcome::Stopped), "the job finished before the node loss");
     let crash = failure_json(
@@ -1999,7 +2202,7 @@ pub fn run(args: &DemoArgs, json: bool) -> Result<()> {
             fmt_s(replace_s)
         ),
     );
-    let mut job = Job::spawn(&sockets, ns, a, threads)?;
+    let mut job = Job::spawn(&store, ns, a, threads)?;
     let (inc2, out) = drive(&mut job, a.steps, &ui, &pb, &mut log, Some(total_step))?;
     ensure!(matches!(out, Outcome::Stopped), "the job finished before the total memory loss");
     let node_loss = failure_json(
@@ -2060,7 +2263,7 @@ pub fn run(args: &DemoArgs, json: bool) -> Result<()> {
             fmt_s(total_replace_s)
         ),
     );
-    let mut job = Job::spawn(&sockets, ns, a, threads)?;
+    let mut job = Job::spawn(&store, ns, a, threads)?;
     let (inc3, out) = drive(&mut job, a.steps, &ui, &pb, &mut log, None)?;
     let hashes = match out {
         Outcome::Done { hashes } => hashes,
@@ -2106,6 +2309,34 @@ pub fn run(args: &DemoArgs, json: bool) -> Result<()> {
     drop(cluster);
     tmp.close().context("removing the demo's memory tiers")?;
 
+    // 3. The baseline: the same job and failures, checkpointing to files only.
+    ui.say(
+        &hidden,
+        format!(
+            "[3/3] baseline: the same job and failures, checkpointing only to files on disk ({}), written and fsynced by the trainers",
+            baseline_dir.display()
+        ),
+    );
+    let plan = [
+        Failure { kind: "trainer_crash", step: crash_step, ranks: vec![crash_rank] },
+        Failure { kind: "node_loss", step: loss_step, ranks: vec![lost] },
+        Failure { kind: "total_memory_loss", step: total_step, ranks: (0..world).collect() },
+    ];
+    let base = run_baseline(a, &baseline_dir, world, threads, &ui, &plan)?;
+    let base_hash = combined_hash(&base.hashes);
+    ui.say(&hidden, format!("    done in {:.1} s, final state xxh3-128 {base_hash}\n", base.wall_s));
+    ptmp.close().context("removing the demo's persistent tier and baseline files")?;
+    let base_stalls: Vec<f64> = base.log.checkpoints.iter().map(|c| c.stall_s).collect();
+
+    // Goodput: the training time an uninterrupted run without checkpoints
+    // needs, over each run's wall time. The demo's own waits (for a copy on
+    // a peer, for a commit) before a failure are not the job's.
+    let useful_s = ref_log.useful_s().context("the reference run took no step")?;
+    let demo_waits_s = replication_wait_s.unwrap_or(0.0) + persist_wait_s;
+    let run_s = main_wall_s - demo_waits_s;
+    let goodput = useful_s / run_s;
+    let baseline_goodput = useful_s / base.wall_s;
+
     let identical = final_hash == ref_hash;
     let stalls: Vec<f64> = log.checkpoints.iter().map(|c| c.stall_s).collect();
     let shard_stalls: Vec<f64> = log.checkpoints.iter().flat_map(|c| c.shard_stalls.clone()).collect();
@@ -2128,6 +2359,24 @@ pub fn run(args: &DemoArgs, json: bool) -> Result<()> {
                 "steps_committed": persisted_steps,
                 "last_committed": persisted_steps.last(),
                 "final_wait_s": final_persist_wait_s,
+            },
+        });
+        let goodput_json = json!({
+            "compute_ms": a.compute_ms,
+            "useful_s": useful_s,
+            "run_s": run_s,
+            "demo_waits_s": demo_waits_s,
+            "goodput": goodput,
+            "baseline_goodput": baseline_goodput,
+            "baseline": {
+                "storage": "files, written and fsynced by each trainer",
+                "bitwise_identical": base_hash == ref_hash,
+                "state_hash": base_hash,
+                "checkpoints": base.log.checkpoints.len(),
+                "stall_s": base_stalls,
+                "stall_s_median": median(&base_stalls),
+                "failures": base.failures,
+                "wall_s": base.wall_s,
             },
         });
         let mut report = json!({
@@ -2172,8 +2421,10 @@ pub fn run(args: &DemoArgs, json: bool) -> Result<()> {
             },
             "wall_s": wall_s,
         });
-        if let (Some(r), Value::Object(t)) = (report.as_object_mut(), tiers) {
-            r.extend(t);
+        for part in [tiers, goodput_json] {
+            if let (Some(r), Value::Object(t)) = (report.as_object_mut(), part) {
+                r.extend(t);
+            }
         }
         print_json(&report);
     } else {
@@ -2315,12 +2566,29 @@ pub fn run(args: &DemoArgs, json: bool) -> Result<()> {
                 "DIFFERS from the uninterrupted run".to_string()
             },
         ]);
+        t.add_row(vec![
+            "goodput".to_string(),
+            format!(
+                "{goodput:.2} with tierckpt, {baseline_goodput:.2} with the baseline: {useful_s:.1} s of training over {run_s:.1} s and {:.1} s",
+                base.wall_s
+            ),
+        ]);
+        if let Some(m) = median(&base_stalls) {
+            t.add_row(vec![
+                "baseline: paused per checkpoint".to_string(),
+                format!("{} median (files written and fsynced); final state {}", fmt_s(m), if base_hash == ref_hash { "bitwise identical" } else { "DIFFERS" }),
+            ]);
+        }
         t.add_row(vec!["wall time".to_string(), format!("{wall_s:.1} s")]);
         println!("{t}");
     }
     ensure!(
         identical,
         "the final state after the failures ({final_hash}) differs from the uninterrupted run's ({ref_hash})"
+    );
+    ensure!(
+        base_hash == ref_hash,
+        "the baseline's final state ({base_hash}) differs from the uninterrupted run's ({ref_hash})"
     );
     Ok(())
 }

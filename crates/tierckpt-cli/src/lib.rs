@@ -1,10 +1,13 @@
 //! The `tierckpt` command-line tool as a library: inspection commands, the
-//! demo (the main job), benchmarks, and helpers to run a daemon process.
+//! demo (the main job), benchmarks, the supervisor (`tierckpt run`), and
+//! helpers to run a daemon process.
 
+pub mod baseline;
 pub mod bench;
 pub mod bench_persist;
 pub mod commands;
 pub mod daemon_proc;
 pub mod demo;
 pub mod output;
+pub mod supervise;
 pub mod testkit;
