@@ -5,6 +5,8 @@ import time
 
 import pytest
 
+from conftest import wait_until
+
 from tierckpt.adaptive import daly_interval, interval_steps, mtbf_from_records
 
 
@@ -123,3 +125,51 @@ def test_recorded_failures_shorten_the_interval(daemon):
     assert stormy["memory"] < calm["memory"]
     kinds = [r["kind"] for r in cl.failures("flaky")]
     assert kinds == ["start", "signal", "signal", "signal"]
+
+
+def test_persistent_tier_gets_its_own_longer_interval(tmpdir_shm):
+    import json as _json
+    import subprocess
+
+    from conftest import binary
+    proc = subprocess.Popen([binary("tierckptd"), "--memory-dir", f"{tmpdir_shm}/mem", "--memory-tier-size", "64MiB",
+                             "--http-addr", "127.0.0.1:0", "--persistent-path", f"file://{tmpdir_shm}/persist"],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        ready = _json.loads(proc.stdout.readline())
+        c = adaptive({"socket": ready["socket"]}, "persist", min_interval=2, mtbf_s=3600.0, persist_mtbf_s=36000.0)
+        assert c.client.status()["persistent"]["url"].startswith("file://")
+        tiers = {s: c.should_save(s) for s in range(1, 5)}
+        assert tiers[2] == {"memory", "persistent"} and tiers[1] == set()
+        c._cost.value, c._step_time.value = 1.0, 0.01
+        iv = c.intervals()
+        assert iv["persistent"] > iv["memory"] >= 2
+        assert iv["persistent"] == round(daly_interval(1.0, 36000.0) / 0.01)
+        c.save(4, {"w": torch.ones(8)}, tiers={"memory", "persistent"})
+        c.wait()
+        wait_until(lambda: any(ns.get("last_committed") == 4 for ns in
+                               c.client.status()["persistent"]["namespaces"]), what="step 4 committed")
+        c._status_cache = (float("-inf"), None)
+        c._persistent_status()
+        assert c._persist_cost.count == 1 and c._persist_cost.value > 0
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_ranks_of_a_torchrun_job_choose_the_same_adaptive_steps(daemon, tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import EXAMPLES, free_port, py_env
+    out = tmp_path / "adaptive.txt"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
+                        "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}",
+                        str(EXAMPLES / "torch_train.py"), "--steps", "80", "--every", "adaptive",
+                        "--out", str(out), "--namespace", "adapt"],
+                       capture_output=True, text=True, timeout=300, env=py_env(TIERCKPT_SOCKET=daemon["socket"]))
+    assert r.returncode == 0, r.stdout + r.stderr
+    steps = Client(daemon["socket"]).list_steps("adapt")
+    assert steps, "nothing was saved"
+    assert all(s["complete"] and s["ranks"] == [0, 1] for s in steps), steps
+    assert (out.parent / "adaptive.txt.rank0").read_text() == (out.parent / "adaptive.txt.rank1").read_text()

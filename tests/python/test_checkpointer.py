@@ -254,3 +254,61 @@ def test_sigkill_mid_save_leaves_nothing_visible(daemon, tmp_path):
     assert [s["step"] for s in c.client.list_steps("crash")] == [1]
     assert torch.equal(c.load()["w"], torch.full((1000,), 1.0))
     c.save(2, {"w": torch.full((1000,), 3.0)})  # the step is free again
+
+
+def test_heartbeat_file_is_touched_by_should_save_and_save(daemon, tmp_path, monkeypatch):
+    hb = tmp_path / "heartbeat"
+    monkeypatch.setenv("TIERCKPT_HEARTBEAT_FILE", str(hb))
+    c = ckpt(daemon, ns="hb")
+    c.should_save(1)
+    assert hb.read_text().strip() == "1"
+    os.utime(hb, (0, 0))
+    c._hb_last = 0.0
+    c.save(7, {"w": torch.ones(1)})
+    assert hb.read_text().strip() == "7" and hb.stat().st_mtime > 0
+    os.utime(hb, (0, 0))
+    c.should_save(8)   # within 100 ms of the last beat: rate-limited
+    assert hb.stat().st_mtime == 0
+    c._hb_last -= 1.0
+    c.should_save(9)
+    assert hb.stat().st_mtime > 0 and hb.read_text().strip() == "9"
+
+
+def test_checkpointer_starts_a_daemon_when_none_answers(tmpdir_shm, monkeypatch):
+    from conftest import binary
+    sock = tmpdir_shm / "mem" / "daemon.sock"
+    monkeypatch.setenv("TIERCKPT_DAEMON_BIN", binary("tierckptd"))
+    monkeypatch.setenv("TIERCKPT_HTTP_ADDR", "127.0.0.1:0")
+    c = Checkpointer({"socket": str(sock), "namespace": "auto", "memory_tier_size": "64MiB", "keep_last": 2,
+                      "checkpoint_frequency": 1}, rank=0, world_size=1)
+    st = c.client.status()
+    try:
+        assert st["memory"]["capacity"] == 64 << 20 and st["memory"]["keep_last"] == 2
+        assert st["socket"] == str(sock)
+        c.save(1, {"w": torch.arange(4)})
+        assert torch.equal(c.load()["w"], torch.arange(4))
+    finally:
+        c.close()
+        os.kill(st["pid"], signal.SIGKILL)
+    wait_until(lambda: not os.path.exists(f"/proc/{st['pid']}") or
+               open(f"/proc/{st['pid']}/stat").read().split()[2] == "Z", what="daemon gone")
+
+
+def test_no_daemon_and_no_binary_says_how_to_start_one(tmp_path, monkeypatch):
+    monkeypatch.delenv("TIERCKPT_DAEMON_BIN", raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(UnavailableError) as e:
+        Checkpointer({"socket": str(tmp_path / "d.sock")}, rank=0, world_size=1)
+    assert str(tmp_path / "d.sock") in str(e.value) and "tierckptd" in str(e.value)
+
+
+def test_rank_and_world_size_from_the_environment(daemon, monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    c = Checkpointer({"socket": daemon["socket"], "namespace": "envrank"})
+    assert (c.rank, c.world_size) == (1, 2)
+    c.save(3, {"w": torch.ones(1)})
+    c.wait()
+    (s,) = c.client.list_steps("envrank")
+    assert s["ranks"] == [1] and s["world_size"] == 2 and not s["complete"]
+    assert c.latest_step() is None   # rank 0 is missing: not complete
