@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Runs every test: first a Python virtual environment with what the tests
-# need (pytest, safetensors, moto_server for a real S3-protocol server), then
+# need (pytest, safetensors, moto_server for a real S3-protocol server, torch
+# (CPU is enough; the first install downloads ~2 GB), xxhash and the
+# `tierckpt` package from ./python), then
 # the Rust workspace (unit, property, and integration tests with real daemon
 # processes on 127.0.0.1 and tmpfs), then the Python tests.
 # Needs cargo and python3 >= 3.10.
@@ -22,4 +24,5 @@ echo "== cargo test"
 cargo test --workspace --locked
 
 echo "== python tests"
-"$VENV/bin/python" -m pytest -q tests/python
+# Real daemons, real torch on CPU, 2-rank gloo jobs under torchrun.
+OMP_NUM_THREADS=1 "$VENV/bin/python" -m pytest -q tests/python
