@@ -202,23 +202,21 @@ class Checkpointer:
         finally:
             log.close()
         deadline = time.monotonic() + 30
+        exited_at = None
         while time.monotonic() < deadline:
             try:
                 Client(self.socket).close()
                 return
             except UnavailableError:
-                if proc.poll() is not None:
-                    # another rank of this node may have won the daemon's lock: its daemon will answer
-                    time.sleep(0.1)
-                    try:
-                        Client(self.socket).close()
-                        return
-                    except UnavailableError:
-                        if time.monotonic() > deadline - 25:
-                            raise UnavailableError(
-                                f"started {' '.join(args)} but it exited with status {proc.returncode}; "
-                                f"see {os.path.join(sock_dir, 'tierckptd.log')}") from None
-                time.sleep(0.05)
+                pass
+            if exited_at is None and proc.poll() is not None:
+                exited_at = time.monotonic()
+            # it may have lost the directory lock to another rank's daemon: give that one 5 s
+            if exited_at is not None and time.monotonic() - exited_at > 5:
+                raise UnavailableError(
+                    f"started {' '.join(args)} but it exited with status {proc.returncode} and nothing "
+                    f"answers on {self.socket}; see {os.path.join(sock_dir, 'tierckptd.log')}")
+            time.sleep(0.05)
         raise UnavailableError(f"started tierckptd but nothing answers on {self.socket} after 30 s")
 
     @property
