@@ -61,6 +61,10 @@ pub struct ConfigLayer {
     pub persistent_options: Option<std::collections::BTreeMap<String, String>>,
     /// Testing aid: inject faults into the store ("fail=0.3,delay=5ms,seed=1").
     pub persistent_faults: Option<String>,
+    /// Nice value (0-19) of the threads doing background work (replication,
+    /// drain, checksums, the HTTP API), so that they yield to training
+    /// processes; the local API keeps normal priority. Default 10.
+    pub background_nice: Option<i32>,
 }
 
 /// A member of the cluster.
@@ -148,6 +152,11 @@ impl ConfigLayer {
                 "TIERCKPT_PERSIST_BANDWIDTH" => l.persist_bandwidth = Some(v),
                 "TIERCKPT_PERSISTENT_OPTIONS" => l.persistent_options = Some(parse_options(&v)?),
                 "TIERCKPT_PERSISTENT_FAULTS" => l.persistent_faults = Some(v),
+                "TIERCKPT_BACKGROUND_NICE" => {
+                    l.background_nice = Some(v.parse().map_err(|_| {
+                        DaemonError::Config(format!("TIERCKPT_BACKGROUND_NICE={v:?} is not a whole number"))
+                    })?)
+                }
                 _ => {}
             }
         }
@@ -163,7 +172,7 @@ impl ConfigLayer {
             memory_dir, memory_tier_size, keep_last, socket, http_addr, token_file, token, node_id,
             nodes, replication_factor, placement, heartbeat_interval, heartbeat_timeout,
             replication_bandwidth, persistent_path, persist_every, persist_interval, persist_keep_last,
-            persist_keep_every, persist_bandwidth, persistent_options, persistent_faults
+            persist_keep_every, persist_bandwidth, persistent_options, persistent_faults, background_nice
         );
         self
     }
@@ -181,6 +190,8 @@ pub struct DaemonConfig {
     pub token: Option<String>,
     pub cluster: Option<ClusterConfig>,
     pub persist: Option<PersistConfig>,
+    /// See [`ConfigLayer::background_nice`].
+    pub background_nice: i32,
 }
 
 /// Settings of the drain to the persistent tier.
@@ -328,6 +339,12 @@ impl DaemonConfig {
             return Err(DaemonError::Config("keep_last must be at least 1".into()));
         }
         let capacity = parse_capacity(&memory_tier_size, &memory_dir)?;
+        let background_nice = layer.background_nice.unwrap_or(10);
+        if !(0..=19).contains(&background_nice) {
+            return Err(DaemonError::Config(format!(
+                "background_nice {background_nice} is outside 0..=19 (0: background work at normal priority)"
+            )));
+        }
         let socket = layer.socket.unwrap_or_else(|| memory_dir.join("daemon.sock"));
         let default_http = cluster.as_ref().map(|c| c.my_addr().to_string());
         let http_addr: Option<SocketAddr> = match layer.http_addr.as_deref().or(default_http.as_deref()).unwrap_or(DEFAULT_HTTP_ADDR) {
@@ -378,6 +395,7 @@ impl DaemonConfig {
             token,
             cluster,
             persist,
+            background_nice,
         })
     }
 }

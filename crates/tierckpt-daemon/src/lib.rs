@@ -14,7 +14,7 @@ mod service;
 mod uds;
 
 pub use config::{ConfigLayer, DaemonConfig};
-pub use service::{Connection, Daemon, RunningDaemon};
+pub use service::{background_runtime, Connection, Daemon, RunningDaemon};
 
 use tierckpt_tiers::TierError;
 

@@ -32,6 +32,9 @@ pub struct Daemon {
     pub drainer: Option<Arc<crate::drain::Drainer>>,
     pub metrics: Arc<Metrics>,
     pub failures: crate::failures::FailureLog,
+    /// Runtime of the background work (replication, drain, checksums, the
+    /// HTTP API), at a lower CPU priority than the local API.
+    background: tokio::runtime::Handle,
     started: Instant,
     http_addr: Option<SocketAddr>,
 }
@@ -72,8 +75,19 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'sta
 }
 
 impl Daemon {
-    /// Opens the memory tier and binds both APIs.
+    /// Opens the memory tier and binds both APIs; everything runs on the
+    /// current runtime.
     pub async fn start(cfg: DaemonConfig) -> std::result::Result<RunningDaemon, DaemonError> {
+        Self::start_with_background(cfg, tokio::runtime::Handle::current()).await
+    }
+
+    /// As [`Daemon::start`], with the background work (replication, drain,
+    /// seal checksums, the HTTP API) on `background` (see
+    /// [`background_runtime`]).
+    pub async fn start_with_background(
+        cfg: DaemonConfig,
+        background: tokio::runtime::Handle,
+    ) -> std::result::Result<RunningDaemon, DaemonError> {
         let mut tcfg = MemoryTierConfig::new(&cfg.memory_dir, cfg.capacity);
         tcfg.keep_last = cfg.keep_last;
         let tier = Arc::new(blocking(move || MemoryTier::open(tcfg)).await?);
@@ -90,18 +104,23 @@ impl Daemon {
         let socket = cfg.socket.clone();
         let (stop, stopped) = watch::channel(false);
         let metrics = Arc::new(Metrics::default());
-        let cluster = cfg
-            .cluster
-            .clone()
-            .map(|c| Cluster::start(c, tier.clone(), cfg.token.clone(), metrics.clone(), stopped.clone()));
-        let node = cfg.cluster.as_ref().map_or("node".to_string(), |c| c.node_id.clone());
-        let drainer = match cfg.persist.clone() {
-            Some(p) => Some(crate::drain::Drainer::start(p, &node, tier.clone(), cluster.clone(), stopped.clone())?),
-            None => None,
+        let (cluster, drainer) = {
+            let _bg = background.enter();
+            let cluster = cfg
+                .cluster
+                .clone()
+                .map(|c| Cluster::start(c, tier.clone(), cfg.token.clone(), metrics.clone(), stopped.clone()));
+            let node = cfg.cluster.as_ref().map_or("node".to_string(), |c| c.node_id.clone());
+            let drainer = match cfg.persist.clone() {
+                Some(p) => Some(crate::drain::Drainer::start(p, &node, tier.clone(), cluster.clone(), stopped.clone())?),
+                None => None,
+            };
+            (cluster, drainer)
         };
         let failures = crate::failures::FailureLog::new(&cfg.memory_dir);
         let daemon = Arc::new(Daemon {
             failures,
+            background: background.clone(),
             tier,
             cfg,
             cluster,
@@ -112,7 +131,7 @@ impl Daemon {
         });
         let mut tasks = vec![tokio::spawn(crate::uds::serve(daemon.clone(), listener, stopped.clone()))];
         if let Some(l) = http {
-            tasks.push(tokio::spawn(crate::http::serve(daemon.clone(), l, stopped)));
+            tasks.push(background.spawn(crate::http::serve(daemon.clone(), l, stopped)));
         }
         tracing::info!(socket = %socket.display(), http = ?http_addr, capacity = daemon.cfg.capacity, "daemon ready");
         Ok(RunningDaemon {
@@ -146,7 +165,7 @@ impl Daemon {
     pub async fn seal(&self, id: u64, wait: bool) -> Result<()> {
         let job = self.tier.begin_seal(id)?;
         let tier = self.tier.clone();
-        let work = tokio::task::spawn_blocking(move || tier.finish_seal(job));
+        let work = self.background.spawn_blocking(move || tier.finish_seal(job));
         let (cluster, metrics, drainer) = (self.cluster.clone(), self.metrics.clone(), self.drainer.clone());
         let done = async move {
             let m = work
@@ -164,7 +183,7 @@ impl Daemon {
         if wait {
             done.await
         } else {
-            tokio::spawn(done);
+            self.background.spawn(done);
             Ok(())
         }
     }
@@ -376,4 +395,24 @@ impl Daemon {
             Request::Failures { namespace } => Reply::Failures { records: self.failures.read(&namespace)? },
         })
     }
+}
+
+/// A runtime for a daemon's background work whose threads run at nice
+/// `nice` (on Linux, nice is per thread): replication, drain and checksums
+/// then take the cores training leaves idle. `nice` 0 leaves them as they are.
+pub fn background_runtime(nice: i32) -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("tierckpt-bg")
+        .on_thread_start(move || {
+            if nice > 0 {
+                // SAFETY: gettid and setpriority on the calling thread only.
+                unsafe {
+                    let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+                    libc::setpriority(libc::PRIO_PROCESS, tid, nice);
+                }
+            }
+        })
+        .enable_all()
+        .build()
 }

@@ -76,6 +76,9 @@ struct Args {
     /// Testing aid: inject store faults, e.g. "fail=0.3,delay=5ms,seed=1".
     #[arg(long, hide = true)]
     persistent_faults: Option<String>,
+    /// Nice value (0-19) of the background work (replication, drain, checksums, HTTP) so it yields to training [default: 10].
+    #[arg(long)]
+    background_nice: Option<i32>,
 }
 
 fn config(args: Args) -> anyhow::Result<DaemonConfig> {
@@ -107,6 +110,7 @@ fn config(args: Args) -> anyhow::Result<DaemonConfig> {
         persist_bandwidth: args.persist_bandwidth,
         persistent_options: args.persistent_options.as_deref().map(tierckpt_daemon::config::parse_options).transpose()?,
         persistent_faults: args.persistent_faults,
+        background_nice: args.background_nice,
     };
     Ok(DaemonConfig::resolve(file.merge(env).merge(flags))?)
 }
@@ -135,8 +139,10 @@ fn run() -> anyhow::Result<()> {
         .worker_threads(2)
         .enable_all()
         .build()?;
-    rt.block_on(async move {
-        let running = Daemon::start(cfg).await?;
+    let background = tierckpt_daemon::background_runtime(cfg.background_nice)?;
+    let bg = background.handle().clone();
+    let result = rt.block_on(async move {
+        let running = Daemon::start_with_background(cfg, bg).await?;
         println!(
             "{}",
             serde_json::json!({
@@ -155,5 +161,7 @@ fn run() -> anyhow::Result<()> {
         tracing::info!("stopping");
         running.shutdown().await;
         anyhow::Ok(())
-    })
+    });
+    background.shutdown_background();
+    result
 }
