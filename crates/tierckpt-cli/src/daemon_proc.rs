@@ -91,8 +91,9 @@ pub struct DaemonProcess {
 }
 
 impl DaemonProcess {
-    /// Starts the daemon and waits (up to 30 s) for its ready line.
-    pub fn spawn(opts: DaemonOptions) -> Result<Self> {
+    /// Starts the daemon; [`Starting::wait_ready`] waits for its ready line.
+    /// The child dies with the thread that calls this.
+    pub fn launch(opts: DaemonOptions) -> Result<Starting> {
         let socket = opts.memory_dir.join("daemon.sock");
         let mut cmd = Command::new(daemon_binary());
         cmd.arg("--memory-dir")
@@ -137,6 +138,26 @@ impl DaemonProcess {
             let _ = tx.send(first);
             for _ in lines {}
         });
+        Ok(Starting { child, socket, opts, ready: rx })
+    }
+
+    /// Starts the daemon and waits (up to 30 s) for its ready line.
+    pub fn spawn(opts: DaemonOptions) -> Result<Self> {
+        Self::launch(opts)?.wait_ready()
+    }
+}
+
+/// A daemon child started, its ready line not yet read.
+pub struct Starting {
+    child: Child,
+    socket: PathBuf,
+    opts: DaemonOptions,
+    ready: mpsc::Receiver<Option<std::io::Result<String>>>,
+}
+
+impl Starting {
+    pub fn wait_ready(self) -> Result<DaemonProcess> {
+        let Starting { mut child, socket, opts, ready: rx } = self;
         let line = match rx.recv_timeout(Duration::from_secs(30)) {
             Ok(Some(Ok(l))) => l,
             Ok(_) => {
@@ -153,14 +174,16 @@ impl DaemonProcess {
         if ready["event"] != "ready" {
             bail!("tierckptd said {line:?} instead of its ready line");
         }
-        Ok(Self {
+        Ok(DaemonProcess {
             child,
             socket,
             http_addr: ready["http_addr"].as_str().map(String::from),
             opts,
         })
     }
+}
 
+impl DaemonProcess {
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
@@ -369,6 +392,23 @@ impl LocalCluster {
             std::fs::remove_dir_all(dir).with_context(|| format!("wiping {}", dir.display()))?;
         }
         self.nodes[i] = Some(DaemonProcess::spawn(self.node_opts[i].clone())?);
+        Ok(())
+    }
+
+    /// Replaces every node by an empty one, starting them all at once (as
+    /// replacement machines boot in parallel).
+    pub fn replace_all_empty(&mut self) -> Result<()> {
+        for i in 0..self.nodes.len() {
+            self.kill(i)?;
+            let dir = &self.node_opts[i].memory_dir;
+            if dir.exists() {
+                std::fs::remove_dir_all(dir).with_context(|| format!("wiping {}", dir.display()))?;
+            }
+        }
+        let starting = self.node_opts.iter().map(|o| DaemonProcess::launch(o.clone())).collect::<Result<Vec<_>>>()?;
+        for (i, s) in starting.into_iter().enumerate() {
+            self.nodes[i] = Some(s.wait_ready().with_context(|| format!("starting an empty node in place of node {i}"))?);
+        }
         Ok(())
     }
 }

@@ -2243,8 +2243,8 @@ pub fn run(args: &DemoArgs, json: bool) -> Result<()> {
     drop(job);
     log.killed_at = Some(killed_at);
     let t = Instant::now();
+    cluster.replace_all_empty()?;
     for i in 0..world {
-        cluster.replace_empty(i).with_context(|| format!("starting an empty node in place of node {i}"))?;
         meter.replaced(i);
     }
     let total_replace_s = t.elapsed().as_secs_f64();
