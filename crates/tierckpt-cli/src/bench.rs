@@ -87,6 +87,22 @@ pub struct MemoryArgs {
     /// `huge=within_size` shows what huge pages do (docs/BENCHMARKS.md).
     #[arg(long, default_value = "/dev/shm")]
     pub dir: PathBuf,
+    /// Have the daemon mount a tmpfs with huge pages for its memory tier
+    /// (`--mount-huge-tmpfs`; needs root), unmounted at the end.
+    #[arg(long)]
+    pub huge_pages: bool,
+}
+
+/// Unmounts a directory when dropped (lazily: a mapping may still be open).
+struct Unmount(PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        if let Ok(p) = std::ffi::CString::new(self.0.display().to_string()) {
+            // SAFETY: a valid NUL-terminated path.
+            unsafe { libc::umount2(p.as_ptr(), libc::MNT_DETACH) };
+        }
+    }
 }
 
 #[derive(Args, Debug, Clone)]
@@ -166,6 +182,8 @@ pub struct MemoryReport {
     /// Bytes of the shard file (tensor bytes plus the safetensors header).
     pub file_bytes: u64,
     pub tensors: usize,
+    /// The memory tier's tmpfs gave huge pages.
+    pub huge_pages: bool,
     pub dtype: &'static str,
     pub iters: usize,
     pub warmup: usize,
@@ -378,12 +396,18 @@ pub fn memory(a: &MemoryArgs) -> Result<MemoryReport> {
         .prefix("tierckpt-bench-")
         .tempdir_in(&a.dir)
         .with_context(|| format!("creating a directory under {}", a.dir.display()))?;
-    let mut opts = DaemonOptions::new(dir.path());
+    let tier_dir = dir.path().join("tier");
+    let mut opts = DaemonOptions::new(&tier_dir);
     opts.memory_tier_size = ((a.keep_last as u64 + 2) * file_bytes).to_string();
     opts.keep_last = a.keep_last;
     opts.http_addr = "off".into();
+    if a.huge_pages {
+        opts.extra_args.push("--mount-huge-tmpfs".into());
+    }
+    let unmount = a.huge_pages.then(|| Unmount(tier_dir.clone()));
     let mut daemon = DaemonProcess::spawn(opts)?;
     let mut client = Client::connect(&daemon.socket)?;
+    let huge_pages = client.status()?.huge_pages;
 
     // Saves: successive steps of one namespace, like a training loop.
     let ns = "bench-memory";
@@ -435,6 +459,7 @@ pub fn memory(a: &MemoryArgs) -> Result<MemoryReport> {
     drop(client);
     daemon.kill()?;
     drop(daemon);
+    drop(unmount);
     dir.close().context("removing the benchmark's memory tier")?;
 
     let threads = if bytes < 4 << 20 { 1 } else { cores().clamp(1, 8) };
@@ -443,6 +468,7 @@ pub fn memory(a: &MemoryArgs) -> Result<MemoryReport> {
     let restore_ratio = restore_s / memcpy_floor_s;
     Ok(MemoryReport {
         benchmark: "memory",
+        huge_pages,
         bytes,
         file_bytes,
         tensors: lens.len(),
@@ -484,14 +510,15 @@ pub fn memory(a: &MemoryArgs) -> Result<MemoryReport> {
 
 fn print_memory(r: &MemoryReport) {
     println!(
-        "bench memory: {} in {} {} tensors; {} warm-up saves, then medians of {} saves and {} restores; keep_last {}",
+        "bench memory: {} in {} {} tensors; {} warm-up saves, then medians of {} saves and {} restores; keep_last {}; memory tier on {}",
         output::human_bytes(r.bytes),
         r.tensors,
         r.dtype.to_lowercase(),
         r.warmup,
         r.iters,
         r.iters,
-        r.keep_last
+        r.keep_last,
+        if r.huge_pages { "huge pages" } else { "4 KiB pages" }
     );
     let mut t = output::table(&["operation", "threads", "seconds", "GiB/s", "ratio to floor"]);
     let row = |t: &mut comfy_table::Table, op: &str, threads: String, s: f64, ratio: bool| {

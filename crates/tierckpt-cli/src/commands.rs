@@ -18,7 +18,11 @@ pub fn status(c: &mut Client, as_json: bool) -> Result<()> {
     }
     let m = &s.memory;
     println!("tierckptd {} (pid {}), up {:.0} s", s.version, s.pid, s.uptime_s);
-    println!("  memory tier  {}", s.root);
+    println!(
+        "  memory tier  {} ({})",
+        s.root,
+        if s.huge_pages { "huge pages" } else { "4 KiB pages: restores build page tables; see mount_huge_tmpfs" }
+    );
     println!("  socket       {}", s.socket);
     println!("  http         {}", s.http_addr.as_deref().unwrap_or("off"));
     println!(

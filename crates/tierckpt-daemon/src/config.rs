@@ -65,6 +65,9 @@ pub struct ConfigLayer {
     /// drain, checksums, the HTTP API), so that they yield to training
     /// processes; the local API keeps normal priority. Default 10.
     pub background_nice: Option<i32>,
+    /// Mount a tmpfs with huge pages on `memory_dir` unless it is on one
+    /// (needs root); restores then skip most page-table work.
+    pub mount_huge_tmpfs: Option<bool>,
 }
 
 /// A member of the cluster.
@@ -152,6 +155,13 @@ impl ConfigLayer {
                 "TIERCKPT_PERSIST_BANDWIDTH" => l.persist_bandwidth = Some(v),
                 "TIERCKPT_PERSISTENT_OPTIONS" => l.persistent_options = Some(parse_options(&v)?),
                 "TIERCKPT_PERSISTENT_FAULTS" => l.persistent_faults = Some(v),
+                "TIERCKPT_MOUNT_HUGE_TMPFS" => {
+                    l.mount_huge_tmpfs = Some(match v.as_str() {
+                        "1" | "true" | "yes" => true,
+                        "0" | "false" | "no" => false,
+                        _ => return Err(DaemonError::Config(format!("TIERCKPT_MOUNT_HUGE_TMPFS={v:?} is not true or false"))),
+                    })
+                }
                 "TIERCKPT_BACKGROUND_NICE" => {
                     l.background_nice = Some(v.parse().map_err(|_| {
                         DaemonError::Config(format!("TIERCKPT_BACKGROUND_NICE={v:?} is not a whole number"))
@@ -172,7 +182,8 @@ impl ConfigLayer {
             memory_dir, memory_tier_size, keep_last, socket, http_addr, token_file, token, node_id,
             nodes, replication_factor, placement, heartbeat_interval, heartbeat_timeout,
             replication_bandwidth, persistent_path, persist_every, persist_interval, persist_keep_last,
-            persist_keep_every, persist_bandwidth, persistent_options, persistent_faults, background_nice
+            persist_keep_every, persist_bandwidth, persistent_options, persistent_faults, background_nice,
+            mount_huge_tmpfs
         );
         self
     }
@@ -192,6 +203,8 @@ pub struct DaemonConfig {
     pub persist: Option<PersistConfig>,
     /// See [`ConfigLayer::background_nice`].
     pub background_nice: i32,
+    /// See [`ConfigLayer::mount_huge_tmpfs`].
+    pub mount_huge_tmpfs: bool,
 }
 
 /// Settings of the drain to the persistent tier.
@@ -396,6 +409,7 @@ impl DaemonConfig {
             cluster,
             persist,
             background_nice,
+            mount_huge_tmpfs: layer.mount_huge_tmpfs.unwrap_or(false),
         })
     }
 }

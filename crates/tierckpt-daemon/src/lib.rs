@@ -7,6 +7,7 @@ pub mod cluster;
 pub mod config;
 pub mod drain;
 pub mod failures;
+pub mod hugepages;
 mod http;
 pub mod metrics;
 pub mod peer;

@@ -32,6 +32,8 @@ pub struct Daemon {
     pub drainer: Option<Arc<crate::drain::Drainer>>,
     pub metrics: Arc<Metrics>,
     pub failures: crate::failures::FailureLog,
+    /// Whether the memory directory's tmpfs gives huge pages.
+    pub huge_pages: bool,
     /// Runtime of the background work (replication, drain, checksums, the
     /// HTTP API), at a lower CPU priority than the local API.
     background: tokio::runtime::Handle,
@@ -88,6 +90,19 @@ impl Daemon {
         cfg: DaemonConfig,
         background: tokio::runtime::Handle,
     ) -> std::result::Result<RunningDaemon, DaemonError> {
+        let pages = if cfg.mount_huge_tmpfs {
+            Some(crate::hugepages::ensure_huge_tmpfs(&cfg.memory_dir, cfg.capacity + (256 << 20))?)
+        } else {
+            crate::hugepages::inspect(&cfg.memory_dir)
+        };
+        let huge_pages = pages.as_ref().is_some_and(crate::hugepages::PageInfo::huge_pages);
+        if !huge_pages {
+            tracing::info!(
+                dir = %cfg.memory_dir.display(),
+                "the memory tier is on 4 KiB pages: each restore builds ~30 ms/GiB of page tables; \
+                 put memory_dir on a tmpfs mounted with huge=within_size (or set mount_huge_tmpfs as root)"
+            );
+        }
         let mut tcfg = MemoryTierConfig::new(&cfg.memory_dir, cfg.capacity);
         tcfg.keep_last = cfg.keep_last;
         let tier = Arc::new(blocking(move || MemoryTier::open(tcfg)).await?);
@@ -120,6 +135,7 @@ impl Daemon {
         let failures = crate::failures::FailureLog::new(&cfg.memory_dir);
         let daemon = Arc::new(Daemon {
             failures,
+            huge_pages,
             background: background.clone(),
             tier,
             cfg,
@@ -156,6 +172,7 @@ impl Daemon {
             cluster: self.cluster.as_ref().map(|c| c.status()),
             persistent: self.drainer.as_ref().map(|d| serde_json::to_value(d.status()).unwrap_or_default()),
             failures: self.failures.recent(STATUS_FAILURES),
+            huge_pages: self.huge_pages,
         }
     }
 

@@ -147,6 +147,9 @@ pub struct DaemonStatus {
     /// The newest recorded events of each namespace (see `FailureRecord`).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub failures: BTreeMap<String, Vec<FailureRecord>>,
+    /// The memory tier's tmpfs gives huge pages (see `mount_huge_tmpfs`).
+    #[serde(default)]
+    pub huge_pages: bool,
 }
 
 /// What one node holds in memory: visible shards per namespace and step.

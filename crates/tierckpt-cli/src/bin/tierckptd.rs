@@ -79,6 +79,9 @@ struct Args {
     /// Nice value (0-19) of the background work (replication, drain, checksums, HTTP) so it yields to training [default: 10].
     #[arg(long)]
     background_nice: Option<i32>,
+    /// Mount a tmpfs with huge pages (huge=within_size) on the memory directory unless it is on one; needs root.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    mount_huge_tmpfs: Option<bool>,
 }
 
 fn config(args: Args) -> anyhow::Result<DaemonConfig> {
@@ -111,6 +114,7 @@ fn config(args: Args) -> anyhow::Result<DaemonConfig> {
         persistent_options: args.persistent_options.as_deref().map(tierckpt_daemon::config::parse_options).transpose()?,
         persistent_faults: args.persistent_faults,
         background_nice: args.background_nice,
+        mount_huge_tmpfs: args.mount_huge_tmpfs,
     };
     Ok(DaemonConfig::resolve(file.merge(env).merge(flags))?)
 }
