@@ -128,14 +128,6 @@ def test_torchrun_two_ranks_worker_killed_restarts_and_resumes_bitwise(daemon, t
     assert [digest(f"{out}.rank{r}") for r in (0, 1)] == reference_2rank
 
 
-def supervisor_available() -> bool:
-    r = subprocess.run([binary("tierckpt"), "run", "--help"], capture_output=True, text=True)
-    return r.returncode == 0
-
-
-needs_supervisor = pytest.mark.skipif(not supervisor_available(), reason="`tierckpt run` is not built yet")
-
-
 def supervise(daemon, ns, cmd, max_restarts=2):
     return subprocess.Popen([binary("tierckpt"), "run", "--max-restarts", str(max_restarts), "--backoff", "100ms",
                              "--hang-timeout", "60s", "--namespace", ns, "--socket", daemon["socket"], "--", *cmd],
@@ -143,7 +135,6 @@ def supervise(daemon, ns, cmd, max_restarts=2):
                             env=py_env())
 
 
-@needs_supervisor
 def test_supervisor_restarts_a_killed_trainer_to_bitwise_identical(daemon, tmp_path, reference):
     out = tmp_path / "sup.txt"
     proc = supervise(daemon, "sup", [sys.executable, SCRIPT, "--steps", str(STEPS), "--every", "5",
@@ -161,7 +152,6 @@ def test_supervisor_restarts_a_killed_trainer_to_bitwise_identical(daemon, tmp_p
     assert kinds.count("start") >= 1 and "signal" in kinds, kinds
 
 
-@needs_supervisor
 def test_supervisor_wrapping_torchrun_restarts_to_bitwise_identical(daemon, tmp_path, reference_2rank):
     out = tmp_path / "supddp.txt"
     proc = supervise(daemon, "supddp", torchrun_cmd(out, "supddp", "--step-sleep", "0.05"))

@@ -59,7 +59,6 @@ use std::io::{BufRead, BufReader, Write};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -987,25 +986,8 @@ fn run_file_trainer(a: &TrainerArgs, mut state: TrainState, files: FileCheckpoin
 // ---------------------------------------------------------------------------
 // The demo
 
-static INTERRUPTED: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_interrupt(_: libc::c_int) {
-    INTERRUPTED.store(true, Ordering::SeqCst);
-}
-
-/// Ctrl-C or SIGTERM end the demo through its normal error path, so the
-/// children are killed and the memory tiers removed.
-fn catch_interrupts() {
-    let handler = on_interrupt as extern "C" fn(libc::c_int) as libc::sighandler_t;
-    // SAFETY: the handler only stores to an atomic.
-    unsafe {
-        libc::signal(libc::SIGINT, handler);
-        libc::signal(libc::SIGTERM, handler);
-    }
-}
-
 fn check_interrupt() -> Result<()> {
-    if INTERRUPTED.load(Ordering::SeqCst) {
+    if crate::signals::received() != 0 {
         bail!("interrupted");
     }
     Ok(())
@@ -2006,7 +1988,9 @@ pub fn run(args: &DemoArgs, json: bool) -> Result<()> {
     // Per node: its own rank's shards and a peer's replicas, each for the
     // steps kept, one being written and one more (a fetched or re-replicated copy).
     let capacity = 2 * (a.keep_last as u64 + 3) * (shard_bytes + (1 << 20));
-    catch_interrupts();
+    // Ctrl-C or SIGTERM end the demo through its normal error path, so the
+    // children are killed and the memory tiers removed.
+    crate::signals::catch_int_term();
 
     let tmp_dir = std::path::absolute(&a.tmp_dir).with_context(|| format!("resolving {}", a.tmp_dir.display()))?;
     let tmp = tempfile::Builder::new()

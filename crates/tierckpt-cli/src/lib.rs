@@ -9,5 +9,6 @@ pub mod commands;
 pub mod daemon_proc;
 pub mod demo;
 pub mod output;
+pub mod signals;
 pub mod supervise;
 pub mod testkit;

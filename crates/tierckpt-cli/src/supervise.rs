@@ -9,7 +9,6 @@
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicI32, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
@@ -44,21 +43,6 @@ pub struct RunArgs {
     /// The training command and its arguments.
     #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true, value_name = "CMD")]
     pub command: Vec<String>,
-}
-
-static SIGNALLED: AtomicI32 = AtomicI32::new(0);
-
-extern "C" fn on_signal(sig: libc::c_int) {
-    SIGNALLED.store(sig, Ordering::SeqCst);
-}
-
-fn catch_signals() {
-    let handler = on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
-    // SAFETY: the handler only stores to an atomic.
-    unsafe {
-        libc::signal(libc::SIGINT, handler);
-        libc::signal(libc::SIGTERM, handler);
-    }
 }
 
 /// The socket a job on this node uses: the flag, `$TIERCKPT_SOCKET`,
@@ -222,7 +206,7 @@ impl Job<'_> {
             if let Some(status) = child.try_wait()? {
                 return Ok(Outcome::Exited(status));
             }
-            let sig = SIGNALLED.swap(0, Ordering::SeqCst);
+            let sig = crate::signals::take();
             if sig != 0 {
                 let status = stop_group(child, sig)?;
                 return Ok(Outcome::Stopped(sig, status));
@@ -276,7 +260,7 @@ fn kill_group(pgid: i32) {
 pub fn run(args: &RunArgs, socket_flag: Option<&Path>) -> Result<ExitCode> {
     tierckpt_format::names::validate_namespace(&args.namespace)
         .with_context(|| format!("--namespace {:?}", args.namespace))?;
-    catch_signals();
+    crate::signals::catch_int_term();
     let socket = resolve_socket(socket_flag);
     ensure_daemon(&socket)?;
     let beat_dir = tempfile::Builder::new().prefix("tierckpt-run-").tempdir().context("creating a heartbeat directory")?;
@@ -324,7 +308,7 @@ pub fn run(args: &RunArgs, socket_flag: Option<&Path>) -> Result<ExitCode> {
         eprintln!("tierckpt run: restarting in {backoff:?} ({restart} of {})", args.max_restarts);
         let until = Instant::now() + backoff;
         while Instant::now() < until {
-            let sig = SIGNALLED.load(Ordering::SeqCst);
+            let sig = crate::signals::received();
             if sig != 0 {
                 eprintln!("tierckpt run: {} received while waiting to restart; stopping", signal_name(sig));
                 return Ok(ExitCode::from((128 + sig) as u8));
