@@ -11,11 +11,16 @@ mod error;
 mod layout;
 mod manifest;
 pub mod names;
+mod reduce;
 
 pub use checksum::{chunk_checksums, copy_verified, verify_chunks, Checksum, CopyTarget, StreamVerifier};
 pub use error::FormatError;
 pub use layout::{parse_shard, ShardLayout, ShardView, TensorEntry, TensorSpec};
 pub use manifest::{Manifest, ShardKey, DEFAULT_CHUNK_SIZE, FORMAT_VERSION};
+pub use reduce::{
+    base_of, decode_into, encode, manifest_identity, BaseRef, Compression, ReduceOptions, ReduceStats, BLOB_VERSION,
+    DEFAULT_ZSTD_LEVEL,
+};
 pub use safetensors::Dtype;
 
 /// Byte length of `numel` elements of `dtype`, or an error if it is not a whole
