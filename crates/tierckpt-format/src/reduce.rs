@@ -14,8 +14,8 @@
 //! - `Same`: with delta, the base's chunk has the same length and checksum:
 //!   no payload, the base's bytes are taken;
 //! - `Xor`+lz4/zstd: with delta and compression, the XOR against the base's
-//!   chunk of the same length, compressed;
-//! - lz4/zstd: the chunk compressed;
+//!   chunk of the same length, split into byte planes, compressed;
+//! - lz4/zstd: the chunk split into byte planes, compressed;
 //! - `Raw`: the chunk as is, whenever nothing else is smaller.
 //!
 //! With [`Compression::Off`], delta gives only `Same` and `Raw`.
@@ -216,24 +216,66 @@ fn worker_count(chunks: usize) -> usize {
     cores.min(8).min(chunks).max(1)
 }
 
-fn xor_into(dst: &mut Vec<u8>, a: &[u8], b: &[u8]) {
+/// Width of the byte planes: compressed kinds compress the chunk (or its
+/// XOR against the base) split into 4 planes, byte k of every 4-byte word in
+/// plane k. Tensor data starts 64-byte aligned and chunks are 4-MiB aligned,
+/// so for fp32 the sign and exponent bytes, and for bf16 the high bytes, land
+/// in planes of their own, which compress far better than interleaved with
+/// random mantissa bytes (and XOR deltas of small updates are zero there).
+const PLANES: usize = 4;
+
+/// `dst` = the planes of `a` (XOR `b` where given); a tail of fewer than
+/// [`PLANES`] bytes is appended as is.
+fn to_planes(dst: &mut Vec<u8>, a: &[u8], b: Option<&[u8]>) {
+    let q = a.len() / PLANES;
     dst.clear();
     dst.resize(a.len(), 0);
-    xor_in_place_from(dst, a);
-    xor_in_place_from(dst, b);
+    let (body, tail) = dst.split_at_mut(q * PLANES);
+    let (p0, rest) = body.split_at_mut(q);
+    let (p1, rest) = rest.split_at_mut(q);
+    let (p2, p3) = rest.split_at_mut(q);
+    match b {
+        None => {
+            for (i, w) in a.chunks_exact(PLANES).enumerate() {
+                (p0[i], p1[i], p2[i], p3[i]) = (w[0], w[1], w[2], w[3]);
+            }
+            tail.copy_from_slice(&a[q * PLANES..]);
+        }
+        Some(b) => {
+            for (i, (w, v)) in a.chunks_exact(PLANES).zip(b.chunks_exact(PLANES)).enumerate() {
+                (p0[i], p1[i], p2[i], p3[i]) = (w[0] ^ v[0], w[1] ^ v[1], w[2] ^ v[2], w[3] ^ v[3]);
+            }
+            for ((t, x), y) in tail.iter_mut().zip(&a[q * PLANES..]).zip(&b[q * PLANES..]) {
+                *t = x ^ y;
+            }
+        }
+    }
 }
 
-/// `dst ^= src`, word by word.
-fn xor_in_place_from(dst: &mut [u8], src: &[u8]) {
+/// Inverse of [`to_planes`]: `dst` from the planes in `src` (XOR `b`).
+fn from_planes(dst: &mut [u8], src: &[u8], b: Option<&[u8]>) {
     debug_assert_eq!(dst.len(), src.len());
-    let mut d = dst.chunks_exact_mut(8);
-    let mut s = src.chunks_exact(8);
-    for (x, y) in (&mut d).zip(&mut s) {
-        let v = u64::from_ne_bytes(x[..].try_into().unwrap()) ^ u64::from_ne_bytes(y.try_into().unwrap());
-        x.copy_from_slice(&v.to_ne_bytes());
-    }
-    for (x, y) in d.into_remainder().iter_mut().zip(s.remainder()) {
-        *x ^= y;
+    let q = src.len() / PLANES;
+    let (p0, rest) = src.split_at(q);
+    let (p1, rest) = rest.split_at(q);
+    let (p2, rest) = rest.split_at(q);
+    let (p3, tail) = rest.split_at(q);
+    let (body, dtail) = dst.split_at_mut(q * PLANES);
+    match b {
+        None => {
+            for (i, w) in body.chunks_exact_mut(PLANES).enumerate() {
+                w.copy_from_slice(&[p0[i], p1[i], p2[i], p3[i]]);
+            }
+            dtail.copy_from_slice(tail);
+        }
+        Some(b) => {
+            for (i, (w, v)) in body.chunks_exact_mut(PLANES).zip(b.chunks_exact(PLANES)).enumerate() {
+                w.copy_from_slice(&[p0[i] ^ v[0], p1[i] ^ v[1], p2[i] ^ v[2], p3[i] ^ v[3]]);
+            }
+            for ((d, x), y) in dtail.iter_mut().zip(tail).zip(&b[q * PLANES..]) {
+                *d = x ^ y;
+            }
+        }
     }
 }
 
@@ -241,7 +283,7 @@ fn xor_in_place_from(dst: &mut [u8], src: &[u8]) {
 struct Encoder {
     compression: Compression,
     zstd: Option<zstd::bulk::Compressor<'static>>,
-    xor: Vec<u8>,
+    planes: Vec<u8>,
     out_a: Vec<u8>,
     out_b: Vec<u8>,
 }
@@ -254,7 +296,7 @@ impl Encoder {
             })?),
             _ => None,
         };
-        Ok(Self { compression, zstd, xor: Vec::new(), out_a: Vec::new(), out_b: Vec::new() })
+        Ok(Self { compression, zstd, planes: Vec::new(), out_a: Vec::new(), out_b: Vec::new() })
     }
 
     /// Compresses `src` into `dst` (grown as needed); the compressed length.
@@ -293,8 +335,8 @@ impl Encoder {
         };
         let mut best: Option<(Kind, usize, bool)> = None; // (kind, len, in out_a)
         if let Some((b, _)) = base {
-            xor_into(&mut self.xor, chunk, b);
-            if let Some(n) = Self::compress(self.compression, &mut self.zstd, &self.xor, &mut self.out_a) {
+            to_planes(&mut self.planes, chunk, Some(b));
+            if let Some(n) = Self::compress(self.compression, &mut self.zstd, &self.planes, &mut self.out_a) {
                 if n < chunk.len() {
                     best = Some((xor_kind, n, true));
                 }
@@ -302,7 +344,8 @@ impl Encoder {
         }
         let good_enough = matches!(best, Some((_, n, _)) if n <= chunk.len() / XOR_GOOD_ENOUGH_DIV);
         if !good_enough {
-            if let Some(n) = Self::compress(self.compression, &mut self.zstd, chunk, &mut self.out_b) {
+            to_planes(&mut self.planes, chunk, None);
+            if let Some(n) = Self::compress(self.compression, &mut self.zstd, &self.planes, &mut self.out_b) {
                 if n < best.map_or(chunk.len(), |b| b.1) {
                     best = Some((plain_kind, n, false));
                 }
@@ -569,13 +612,14 @@ pub fn decode_into(blob: &[u8], m: &Manifest, base: Option<&[u8]>, out: &mut [u8
             .map(|_| {
                 s.spawn(|| {
                     let mut zstd: Option<zstd::bulk::Decompressor<'static>> = None;
+                    let mut planes = Vec::new();
                     let mut first: Option<FormatError> = None;
                     while !stop.load(Ordering::Relaxed) {
                         let Some((i, dst)) = work.lock().unwrap().next() else { break };
                         let ChunkRec(kind, len) = h.chunks[i];
                         let src = &payload[offsets[i]..offsets[i] + len as usize];
                         let base_chunk = base.filter(|_| kind.uses_base()).map(|b| &b[i * cs..i * cs + dst.len()]);
-                        let decoded = match decode_chunk(kind, src, base_chunk, dst, &mut zstd, file) {
+                        let decoded = match decode_chunk(kind, src, base_chunk, dst, &mut planes, &mut zstd, file) {
                             Ok(d) => d,
                             Err(e) => {
                                 first.get_or_insert(e);
@@ -612,29 +656,36 @@ pub fn decode_into(blob: &[u8], m: &Manifest, base: Option<&[u8]>, out: &mut [u8
     }
 }
 
-/// Fills `dst` from one chunk's payload; false when the payload does not
-/// decompress to exactly `dst.len()` bytes (the caller reports the chunk as a
-/// checksum mismatch, with the checksum of whatever `dst` then holds).
+/// Fills `dst` from one chunk's payload (`planes` is scratch); false when
+/// the payload does not decompress to exactly `dst.len()` bytes (the caller
+/// reports the chunk as a checksum mismatch, with the checksum of whatever
+/// `dst` then holds).
 fn decode_chunk(
     kind: Kind,
     src: &[u8],
     base: Option<&[u8]>,
     dst: &mut [u8],
+    planes: &mut Vec<u8>,
     zstd: &mut Option<zstd::bulk::Decompressor<'static>>,
     file: &str,
 ) -> Result<bool, FormatError> {
     let base_chunk = || base.expect("parse checked that chunks using the base have one");
-    let ok = match kind {
+    match kind {
         Kind::Raw => {
             dst.copy_from_slice(src);
-            true
+            return Ok(true);
         }
         Kind::Same => {
             dst.copy_from_slice(base_chunk());
-            true
+            return Ok(true);
         }
-        Kind::Lz4 | Kind::XorLz4 => matches!(lz4_flex::block::decompress_into(src, dst), Ok(n) if n == dst.len()),
-        Kind::Zstd | Kind::XorZstd => {
+        _ => {}
+    }
+    planes.clear();
+    planes.resize(dst.len(), 0);
+    let ok = match kind {
+        Kind::Lz4 | Kind::XorLz4 => matches!(lz4_flex::block::decompress_into(src, planes), Ok(n) if n == dst.len()),
+        _ => {
             if zstd.is_none() {
                 *zstd = Some(
                     zstd::bulk::Decompressor::new()
@@ -642,11 +693,12 @@ fn decode_chunk(
                 );
             }
             let z = zstd.as_mut().unwrap();
-            matches!(z.decompress_to_buffer(src, dst), Ok(n) if n == dst.len())
+            matches!(z.decompress_to_buffer(src, &mut planes[..]), Ok(n) if n == dst.len())
         }
     };
-    if ok && matches!(kind, Kind::XorLz4 | Kind::XorZstd) {
-        xor_in_place_from(dst, base_chunk());
+    if ok {
+        let b = matches!(kind, Kind::XorLz4 | Kind::XorZstd).then(base_chunk);
+        from_planes(dst, planes, b);
     }
     Ok(ok)
 }
@@ -782,6 +834,24 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn planes_round_trip() {
+        for n in 0..20 {
+            let a = random(n, 1 + n as u64);
+            let b = random(n, 100 + n as u64);
+            for base in [None, Some(&b[..])] {
+                let mut p = Vec::new();
+                to_planes(&mut p, &a, base);
+                let mut back = vec![0u8; n];
+                from_planes(&mut back, &p, base);
+                assert_eq!(back, a, "{n}");
+            }
+        }
+        let mut p = Vec::new();
+        to_planes(&mut p, &[1, 2, 3, 4, 5, 6, 7, 8, 9], None);
+        assert_eq!(p, [1, 5, 2, 6, 3, 7, 4, 8, 9]);
     }
 
     #[test]
