@@ -10,7 +10,9 @@
 //! identity, the base it needs if any, one `[kind, payload length]` record per
 //! chunk), then the chunks' payloads back to back.
 //!
-//! Per chunk the smallest of these is stored:
+//! Per chunk the smallest of these is stored (for chunks of 1 MiB and more,
+//! the smallest as samples of the chunk predict, which saves compressing a
+//! chunk twice, or at all when it does not shrink):
 //! - `Same`: with delta, the base's chunk has the same length and checksum:
 //!   no payload, the base's bytes are taken;
 //! - `Xor`+lz4/zstd: with delta and compression, the XOR against the base's
@@ -41,9 +43,6 @@ const PREFIX_LEN: usize = 7 + 1 + 8;
 /// exponent bytes) at about twice the speed.
 pub const DEFAULT_ZSTD_LEVEL: i32 = 1;
 const MAX_ZSTD_LEVEL: i32 = 19;
-/// An XOR delta at most this fraction of the chunk is not compared with the
-/// plain compression of the chunk (which would not be smaller in practice).
-const XOR_GOOD_ENOUGH_DIV: usize = 8;
 
 /// How chunks are compressed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -279,6 +278,17 @@ fn from_planes(dst: &mut [u8], src: &[u8], b: Option<&[u8]>) {
     }
 }
 
+/// Chunks of at least this many bytes are encoded after sampling (see
+/// [`Encoder::sample`]); smaller ones are compressed every way and the
+/// smallest kept.
+const SAMPLED_CHUNK: usize = 1 << 20;
+/// Samples: this many slices of `SAMPLE_LEN` bytes spread over the chunk.
+const SAMPLES: usize = 4;
+const SAMPLE_LEN: usize = 64 << 10;
+/// Samples that compress to more than this fraction of their size: the chunk
+/// is stored raw without compressing it whole.
+const INCOMPRESSIBLE: f64 = 0.97;
+
 /// Per-worker compression state.
 struct Encoder {
     compression: Compression,
@@ -320,6 +330,19 @@ impl Encoder {
         }
     }
 
+    /// Compressed size of samples of `chunk` (XOR `base`), and their size.
+    fn sample(&mut self, chunk: &[u8], base: Option<&[u8]>) -> (usize, usize) {
+        let (mut n, mut of) = (0, 0);
+        for k in 0..SAMPLES {
+            let a = (chunk.len() - SAMPLE_LEN) * k / (SAMPLES - 1) / PLANES * PLANES;
+            let r = a..a + SAMPLE_LEN;
+            to_planes(&mut self.planes, &chunk[r.clone()], base.map(|b| &b[r]));
+            n += Self::compress(self.compression, &mut self.zstd, &self.planes, &mut self.out_b).unwrap_or(SAMPLE_LEN);
+            of += SAMPLE_LEN;
+        }
+        (n, of)
+    }
+
     /// The smallest encoding of `chunk` given the base's chunk of the same
     /// length, if any, and whether the two have the same checksum.
     fn encode_chunk(&mut self, chunk: &[u8], base: Option<(&[u8], bool)>) -> (Kind, Option<Vec<u8>>) {
@@ -334,16 +357,33 @@ impl Encoder {
             _ => (Kind::Zstd, Kind::XorZstd),
         };
         let mut best: Option<(Kind, usize, bool)> = None; // (kind, len, in out_a)
-        if let Some((b, _)) = base {
-            to_planes(&mut self.planes, chunk, Some(b));
+        if chunk.len() >= SAMPLED_CHUNK {
+            // Compress samples both ways; compress the whole chunk only the
+            // way that wins, and not at all when nothing shrinks.
+            let plain = self.sample(chunk, None);
+            let xor = base.map(|(b, _)| self.sample(chunk, Some(b)));
+            let (use_xor, (n, of)) = match xor {
+                Some(x) if x.0 <= plain.0 => (true, x),
+                _ => (false, plain),
+            };
+            if n as f64 >= of as f64 * INCOMPRESSIBLE {
+                return (Kind::Raw, None);
+            }
+            to_planes(&mut self.planes, chunk, base.filter(|_| use_xor).map(|b| b.0));
             if let Some(n) = Self::compress(self.compression, &mut self.zstd, &self.planes, &mut self.out_a) {
                 if n < chunk.len() {
-                    best = Some((xor_kind, n, true));
+                    best = Some((if use_xor { xor_kind } else { plain_kind }, n, true));
                 }
             }
-        }
-        let good_enough = matches!(best, Some((_, n, _)) if n <= chunk.len() / XOR_GOOD_ENOUGH_DIV);
-        if !good_enough {
+        } else {
+            if let Some((b, _)) = base {
+                to_planes(&mut self.planes, chunk, Some(b));
+                if let Some(n) = Self::compress(self.compression, &mut self.zstd, &self.planes, &mut self.out_a) {
+                    if n < chunk.len() {
+                        best = Some((xor_kind, n, true));
+                    }
+                }
+            }
             to_planes(&mut self.planes, chunk, None);
             if let Some(n) = Self::compress(self.compression, &mut self.zstd, &self.planes, &mut self.out_b) {
                 if n < best.map_or(chunk.len(), |b| b.1) {
@@ -852,6 +892,31 @@ mod tests {
         let mut p = Vec::new();
         to_planes(&mut p, &[1, 2, 3, 4, 5, 6, 7, 8, 9], None);
         assert_eq!(p, [1, 5, 2, 6, 3, 7, 4, 8, 9]);
+    }
+
+    #[test]
+    fn large_chunks_are_sampled_and_round_trip() {
+        let cs = 1u64 << 20;
+        let base = weights(5 * cs as usize + 1001, 41);
+        let mb = man(&base, 1, cs);
+        let mut data = base.clone();
+        for i in (0..data.len()).step_by(4096) {
+            data[i] ^= 1; // every chunk changes a little: XOR wins
+        }
+        data[2 * cs as usize..3 * cs as usize].copy_from_slice(&random(cs as usize, 3)); // raw
+        data[3 * cs as usize..4 * cs as usize].copy_from_slice(&weights(cs as usize, 77)); // plain wins
+        let m = man(&data, 2, cs);
+        for c in [Compression::Lz4, Compression::Zstd(1)] {
+            let s = round_trip(&data, &m, Some((&base, &mb)), &opts(c, true));
+            assert_eq!(s.raw_chunks, 1, "{c}: {s:?}");
+            assert_eq!(s.xor_chunks, 4, "{c}: {s:?}");
+            // The new weights (a fifth) stay about their size, the rest shrinks.
+            assert!(s.encoded_bytes < s.raw_bytes / 2, "{c}: {s:?}");
+            let s = round_trip(&data, &m, None, &opts(c, false));
+            assert_eq!(s.raw_chunks, 1, "{c}: {s:?}");
+        }
+        let s = round_trip(&data, &m, Some((&base, &mb)), &opts(Compression::Zstd(1), true));
+        assert_eq!(s.compressed_chunks, 1, "{s:?}");
     }
 
     #[test]
