@@ -72,18 +72,27 @@ fn print_failures(f: &std::collections::BTreeMap<String, Vec<tierckpt_tiers::pro
 
 fn print_persistent(p: &serde_json::Value) {
     println!(
-        "persistent tier: {} (every {} complete checkpoint(s), keep {})",
+        "persistent tier: {} (every {} complete checkpoint(s), keep {}; compression {}, deltas {})",
         p["url"].as_str().unwrap_or("?"),
         p["persist_every"],
-        p["keep_last"]
+        p["keep_last"],
+        p["compression"].as_str().unwrap_or("off"),
+        if p["delta"].as_bool().unwrap_or(false) { "on" } else { "off" }
     );
-    let mut t = table(&["namespace", "last committed", "uploading", "uploaded", "skipped", "failures", "last error"]);
+    let mut t = table(&["namespace", "last committed", "uploading", "uploaded", "stored", "skipped", "failures", "last error"]);
     for n in p["namespaces"].as_array().into_iter().flatten() {
+        let (raw, stored) = (n["uploaded_bytes"].as_u64().unwrap_or(0), n["stored_bytes"].as_u64().unwrap_or(0));
         t.add_row(vec![
             n["namespace"].as_str().unwrap_or("").to_string(),
             n["last_committed"].as_u64().map_or("-".into(), |s| s.to_string()),
             n["uploading"].as_str().unwrap_or("-").to_string(),
-            format!("{} shards, {}", n["uploaded_shards"], human_bytes(n["uploaded_bytes"].as_u64().unwrap_or(0))),
+            format!("{} shards, {}", n["uploaded_shards"], human_bytes(raw)),
+            format!(
+                "{} ({:.2} of it; {} deltas)",
+                human_bytes(stored),
+                if raw > 0 { stored as f64 / raw as f64 } else { 1.0 },
+                n["delta_shards"]
+            ),
             n["skipped"].to_string(),
             n["failures"].to_string(),
             n["last_error"].as_str().unwrap_or("-").chars().take(80).collect(),

@@ -72,7 +72,7 @@ fn committed_steps(dir: &Path, ns: &str) -> Vec<u64> {
 fn drains_in_the_background_and_restores_after_all_memory_is_lost() {
     let store = shm_dir();
     let url = format!("file://{}", store.path().display());
-    let mut d = daemon(&url, &["--persist-keep-last", "2"]);
+    let mut d = daemon(&url, &["--persist-keep-last", "2", "--persist-delta", "false"]);
     let n = 3 << 20;
     let mut c = d.client();
     let mut last = Vec::new();
@@ -172,7 +172,8 @@ fn a_full_file_system_is_a_clear_error_and_memory_keeps_working() {
     }
     let _guard = Unmount(target.clone());
     let url = format!("file://{}", target.display());
-    let d = daemon(&url, &[]);
+    // Stored whole: the payload would compress into the 2 MiB otherwise.
+    let d = daemon(&url, &["--persist-compression", "off", "--persist-delta", "false"]);
     let mut c = d.client();
     let data = save(&mut c, "full", 1, 4 << 20);
     wait_for("the failure to be reported", || drain_status(&mut c, "full")["failures"].as_u64().unwrap_or(0) > 0);
@@ -190,7 +191,7 @@ fn a_full_file_system_is_a_clear_error_and_memory_keeps_working() {
 fn corrupted_persisted_bytes_are_detected_not_served() {
     let store = shm_dir();
     let url = format!("file://{}", store.path().display());
-    let mut d = daemon(&url, &[]);
+    let mut d = daemon(&url, &["--persist-compression", "off"]);
     let mut c = d.client();
     save(&mut c, "rot", 1, 5 << 20);
     drop(c);
@@ -227,4 +228,98 @@ fn drains_to_and_restores_from_a_real_s3_server() {
     let mut c = d.client();
     assert_eq!(c.latest("s3job").unwrap(), Some(5));
     assert!(load(&mut c, "s3job", 5, n).unwrap() == data, "restored bitwise from S3");
+}
+
+/// Step `step` of a 12 MiB shard (3 checksum chunks) of which only chunk
+/// `step % 3` changes from one step to the next.
+fn save_partly_changed(c: &mut Client, ns: &str, step: u64) -> Vec<u8> {
+    let chunk = 4 << 20;
+    let mut data = payload(0, 3 * chunk);
+    for s in 1..=step {
+        let i = (s % 3) as usize;
+        for (j, b) in data[i * chunk..(i + 1) * chunk].iter_mut().enumerate() {
+            *b = b.wrapping_add((s as u8).wrapping_mul(13)).wrapping_add((j % 251) as u8);
+        }
+    }
+    let t = [TensorData { name: "w", dtype: Dtype::U8, shape: &[data.len()], data: &data }];
+    c.save(&ShardKey::new(ns, step, 0), 1, &t, &BTreeMap::new(), true).unwrap();
+    data
+}
+
+fn rank_record(store: &Path, ns: &str, step: u64) -> serde_json::Value {
+    let p = store.join(ns).join(format!("{step:020}")).join("ranks").join("rank-00000-of-00001.json");
+    serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap()
+}
+
+fn data_file(store: &Path, ns: &str, step: u64) -> std::path::PathBuf {
+    let r = rank_record(store, ns, step);
+    store.join(r["data"].as_str().unwrap())
+}
+
+#[test]
+fn deltas_restore_bitwise_and_retention_keeps_their_bases() {
+    let store = shm_dir();
+    let url = format!("file://{}", store.path().display());
+    let mut d = daemon(&url, &["--persist-keep-last", "1", "--persist-full-every", "3"]);
+    let mut c = d.client();
+    let mut last = Vec::new();
+    for step in 1..=5 {
+        last = save_partly_changed(&mut c, "delta", step);
+        wait_for("the step committed", || drain_status(&mut c, "delta")["last_committed"] == step);
+    }
+    let s = drain_status(&mut c, "delta");
+    let (raw, stored) = (s["uploaded_bytes"].as_u64().unwrap(), s["stored_bytes"].as_u64().unwrap());
+    assert!(s["delta_shards"].as_u64().unwrap() >= 3 && stored < raw / 2, "{s}");
+    // Chains are at most 3 long: 1 <- 2 <- 3, then 4 whole, 5 on 4.
+    let bases: Vec<Option<u64>> = [4, 5].iter().map(|&st| rank_record(store.path(), "delta", st)["reduced"]["base_step"].as_u64()).collect();
+    assert_eq!(bases, [None, Some(4)]);
+    assert_eq!(rank_record(store.path(), "delta", 5)["reduced"]["stats"]["same_chunks"], 2);
+    // keep_last 1 keeps step 5 and the base it needs, nothing else.
+    wait_for("retention", || committed_steps(store.path(), "delta") == [4, 5]);
+    // Every memory copy gone: step 5 is rebuilt from 4's blob and its own.
+    d.proc.kill().unwrap();
+    std::fs::remove_dir_all(d.proc.memory_dir()).unwrap();
+    d.proc.restart().unwrap();
+    let mut c = d.client();
+    let mut back = vec![0u8; last.len()];
+    c.load_into(&ShardKey::new("delta", 5, 0), &mut [("w", &mut back[..])]).unwrap();
+    assert!(back == last, "restored bitwise through the delta");
+    let (ok, out, _) = common::cli(&d.proc.socket, &["status"]);
+    assert!(ok && out.contains("zstd"), "{out}");
+}
+
+#[test]
+fn a_corrupt_compressed_chunk_or_a_missing_base_is_detected_never_served() {
+    let store = shm_dir();
+    let url = format!("file://{}", store.path().display());
+    let mut d = daemon(&url, &["--persist-keep-last", "5"]);
+    let mut c = d.client();
+    for step in 1..=2 {
+        save_partly_changed(&mut c, "rotz", step);
+        wait_for("the step committed", || drain_status(&mut c, "rotz")["last_committed"] == step);
+    }
+    assert_eq!(rank_record(store.path(), "rotz", 2)["reduced"]["base_step"], 1);
+    d.proc.kill().unwrap();
+    std::fs::remove_dir_all(d.proc.memory_dir()).unwrap();
+    d.proc.restart().unwrap();
+    let mut c = d.client();
+    let n = 12 << 20;
+    // A flipped byte inside the base's compressed payload.
+    let base = data_file(store.path(), "rotz", 1);
+    let good = std::fs::read(&base).unwrap();
+    let mut bad = good.clone();
+    let at = bad.len() - 100;
+    bad[at] ^= 0x40;
+    std::fs::write(&base, &bad).unwrap();
+    let e = load(&mut c, "rotz", 2, n).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Corrupt, "{e}");
+    assert!(c.steps("rotz").unwrap().is_empty(), "nothing corrupt entered memory");
+    // The base gone altogether.
+    std::fs::remove_file(&base).unwrap();
+    let e = load(&mut c, "rotz", 2, n).unwrap_err();
+    assert!(e.to_string().contains("rotz/step 1"), "{e}");
+    assert!(c.steps("rotz").unwrap().is_empty());
+    // Put back, it restores.
+    std::fs::write(&base, &good).unwrap();
+    assert_eq!(load(&mut c, "rotz", 2, n).unwrap().len(), n);
 }

@@ -10,6 +10,8 @@ use crate::DaemonError;
 
 pub const DEFAULT_MEMORY_DIR: &str = "/dev/shm/tierckpt";
 pub const DEFAULT_HTTP_ADDR: &str = "127.0.0.1:7750";
+/// Compression of persisted shards unless configured (see docs/BENCHMARKS.md, bench reduce).
+pub const DEFAULT_PERSIST_COMPRESSION: &str = "zstd";
 /// Share of available RAM that `memory_tier_size = "auto"` takes.
 const AUTO_SHARE: f64 = 0.5;
 
@@ -57,6 +59,13 @@ pub struct ConfigLayer {
     pub persist_keep_every: Option<u64>,
     /// Cap on upload bytes per second ("500MB"); none by default.
     pub persist_bandwidth: Option<String>,
+    /// Compression of what is persisted: "off", "lz4", "zstd", "zstd:N" (default "zstd").
+    pub persist_compression: Option<String>,
+    /// Persist only the chunks that changed since the rank's previous
+    /// persisted step (default true).
+    pub persist_delta: Option<bool>,
+    /// Every N-th persisted shard of a rank is stored whole (default 8).
+    pub persist_full_every: Option<u32>,
     /// Store options (for S3: endpoint, allow_http, region, ...).
     pub persistent_options: Option<std::collections::BTreeMap<String, String>>,
     /// Testing aid: inject faults into the store ("fail=0.3,delay=5ms,seed=1").
@@ -76,6 +85,14 @@ pub struct ConfigLayer {
 pub struct NodeSpec {
     pub id: String,
     pub addr: String,
+}
+
+fn parse_bool(key: &str, v: &str) -> Result<bool, DaemonError> {
+    match v {
+        "1" | "true" | "yes" => Ok(true),
+        "0" | "false" | "no" => Ok(false),
+        _ => Err(DaemonError::Config(format!("{key}={v:?} is not true or false"))),
+    }
 }
 
 /// Parses "endpoint=http://127.0.0.1:9000,allow_http=true".
@@ -153,15 +170,16 @@ impl ConfigLayer {
                 }
                 "TIERCKPT_PERSIST_INTERVAL" => l.persist_interval = Some(v),
                 "TIERCKPT_PERSIST_BANDWIDTH" => l.persist_bandwidth = Some(v),
+                "TIERCKPT_PERSIST_COMPRESSION" => l.persist_compression = Some(v),
+                "TIERCKPT_PERSIST_DELTA" => l.persist_delta = Some(parse_bool("TIERCKPT_PERSIST_DELTA", &v)?),
+                "TIERCKPT_PERSIST_FULL_EVERY" => {
+                    l.persist_full_every = Some(v.parse().map_err(|_| {
+                        DaemonError::Config(format!("TIERCKPT_PERSIST_FULL_EVERY={v:?} is not a whole number"))
+                    })?)
+                }
                 "TIERCKPT_PERSISTENT_OPTIONS" => l.persistent_options = Some(parse_options(&v)?),
                 "TIERCKPT_PERSISTENT_FAULTS" => l.persistent_faults = Some(v),
-                "TIERCKPT_MOUNT_HUGE_TMPFS" => {
-                    l.mount_huge_tmpfs = Some(match v.as_str() {
-                        "1" | "true" | "yes" => true,
-                        "0" | "false" | "no" => false,
-                        _ => return Err(DaemonError::Config(format!("TIERCKPT_MOUNT_HUGE_TMPFS={v:?} is not true or false"))),
-                    })
-                }
+                "TIERCKPT_MOUNT_HUGE_TMPFS" => l.mount_huge_tmpfs = Some(parse_bool("TIERCKPT_MOUNT_HUGE_TMPFS", &v)?),
                 "TIERCKPT_BACKGROUND_NICE" => {
                     l.background_nice = Some(v.parse().map_err(|_| {
                         DaemonError::Config(format!("TIERCKPT_BACKGROUND_NICE={v:?} is not a whole number"))
@@ -182,7 +200,7 @@ impl ConfigLayer {
             memory_dir, memory_tier_size, keep_last, socket, http_addr, token_file, token, node_id,
             nodes, replication_factor, placement, heartbeat_interval, heartbeat_timeout,
             replication_bandwidth, persistent_path, persist_every, persist_interval, persist_keep_last,
-            persist_keep_every, persist_bandwidth, persistent_options, persistent_faults, background_nice,
+            persist_keep_every, persist_bandwidth, persist_compression, persist_delta, persist_full_every, persistent_options, persistent_faults, background_nice,
             mount_huge_tmpfs
         );
         self
@@ -216,6 +234,8 @@ pub struct PersistConfig {
     pub keep_last: usize,
     pub keep_every: u64,
     pub bandwidth: Option<u64>,
+    pub reduce: tierckpt_format::ReduceOptions,
+    pub full_every: u32,
     pub options: Vec<(String, String)>,
     pub faults: Option<String>,
 }
@@ -230,6 +250,16 @@ fn resolve_persist(layer: &ConfigLayer) -> Result<Option<PersistConfig>, DaemonE
     }
     let interval = layer.persist_interval.as_deref().map(|s| parse_duration("persist_interval", s)).transpose()?;
     let bandwidth = parse_rate("persist_bandwidth", layer.persist_bandwidth.as_deref())?;
+    let compression = layer
+        .persist_compression
+        .as_deref()
+        .unwrap_or(DEFAULT_PERSIST_COMPRESSION)
+        .parse()
+        .map_err(|e| DaemonError::Config(format!("persist_compression: {e}")))?;
+    let full_every = layer.persist_full_every.unwrap_or(8);
+    if full_every == 0 {
+        return Err(DaemonError::Config("persist_full_every must be at least 1 (1: every shard stored whole)".into()));
+    }
     Ok(Some(PersistConfig {
         url,
         every,
@@ -237,6 +267,8 @@ fn resolve_persist(layer: &ConfigLayer) -> Result<Option<PersistConfig>, DaemonE
         keep_last: layer.persist_keep_last.unwrap_or(3).max(1),
         keep_every: layer.persist_keep_every.unwrap_or(0),
         bandwidth,
+        reduce: tierckpt_format::ReduceOptions { compression, delta: layer.persist_delta.unwrap_or(true) },
+        full_every,
         options: layer.persistent_options.clone().unwrap_or_default().into_iter().collect(),
         faults: layer.persistent_faults.clone(),
     }))

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use tierckpt_format::ShardKey;
 use tierckpt_tiers::faults::{FaultSpec, FaultyStore};
+use tierckpt_tiers::persistent::{DeltaBase, RankRecord};
 use tierckpt_tiers::{ErrorKind, MemoryTier, PersistOptions, PersistentTier, TierError};
 use tokio::sync::{watch, Notify};
 
@@ -30,7 +31,14 @@ pub struct NamespaceDrain {
     /// What is being uploaded now ("step 40 rank 1, 1.0 GiB").
     pub uploading: Option<String>,
     pub uploaded_shards: u64,
+    /// Shard bytes uploaded, before compression and delta.
     pub uploaded_bytes: u64,
+    /// What they took in the store, after compression and delta.
+    #[serde(default)]
+    pub stored_bytes: u64,
+    /// Shards stored as deltas against an earlier step.
+    #[serde(default)]
+    pub delta_shards: u64,
     pub failures: u64,
     pub last_error: Option<String>,
 }
@@ -40,6 +48,11 @@ pub struct PersistStatus {
     pub url: String,
     pub persist_every: u64,
     pub keep_last: usize,
+    /// "zstd:1", "lz4" or "off".
+    #[serde(default)]
+    pub compression: String,
+    #[serde(default)]
+    pub delta: bool,
     pub namespaces: Vec<NamespaceDrain>,
 }
 
@@ -73,7 +86,12 @@ impl Drainer {
         cluster: Option<Arc<Cluster>>,
         stop: watch::Receiver<bool>,
     ) -> Result<Arc<Self>, TierError> {
-        let opts = PersistOptions { bandwidth: cfg.bandwidth, ..Default::default() };
+        let opts = PersistOptions {
+            bandwidth: cfg.bandwidth,
+            reduce: cfg.reduce,
+            full_every: cfg.full_every,
+            ..Default::default()
+        };
         let mut store = PersistentTier::open_with(&cfg.url, node, opts.clone(), &cfg.options)?;
         if let Some(spec) = &cfg.faults {
             let faulty = Arc::new(FaultyStore::new(store.store(), FaultSpec::parse(spec)?));
@@ -103,6 +121,8 @@ impl Drainer {
             url: self.cfg.url.clone(),
             persist_every: self.cfg.every,
             keep_last: self.cfg.keep_last,
+            compression: self.cfg.reduce.compression.to_string(),
+            delta: self.cfg.reduce.delta,
             namespaces: lock(&self.state).values().map(|s| s.shown.clone()).collect(),
         }
     }
@@ -186,6 +206,15 @@ impl Drainer {
                 return Ok(());
             }
         }
+        // The newest committed step before this one: a delta base for the
+        // ranks whose shard of it this node still holds in memory.
+        let base_commit = match self.cfg.reduce.delta {
+            true => match self.store.steps(ns).await?.iter().rev().find(|s| s.committed && s.step < step) {
+                Some(s) => self.store.commit_record(ns, s.step).await.ok(),
+                None => None,
+            },
+            false => None,
+        };
         for rank in mine {
             let key = ShardKey::new(ns, step, rank);
             let t = self.tier.clone();
@@ -201,13 +230,28 @@ impl Drainer {
             };
             self.set_uploading(ns, Some(format!("step {step} rank {rank}, {} bytes", m.file_len)));
             let t0 = Instant::now();
-            match self.store.upload(&m, bytes::Bytes::from_owner(map)).await {
-                Ok(()) => {
-                    tracing::info!(shard = %key, bytes = m.file_len, secs = t0.elapsed().as_secs_f64(), "uploaded");
+            let base_record = base_commit.as_ref().and_then(|c| c.shards.iter().find(|r| r.manifest.key.rank == rank));
+            let base_map = match base_record {
+                Some(r) => self.base_in_memory(r).await,
+                None => None,
+            };
+            let base = base_record.zip(base_map).map(|(record, map)| DeltaBase { record, bytes: bytes::Bytes::from_owner(map) });
+            match self.store.upload_with_base(&m, bytes::Bytes::from_owner(map), base).await {
+                Ok(up) => {
+                    tracing::info!(
+                        shard = %key,
+                        bytes = m.file_len,
+                        stored = up.stored_bytes,
+                        base = ?up.base_step,
+                        secs = t0.elapsed().as_secs_f64(),
+                        "uploaded"
+                    );
                     let mut st = lock(&self.state);
                     let s = st.entry(ns.to_string()).or_default();
                     s.shown.uploaded_shards += 1;
                     s.shown.uploaded_bytes += m.file_len;
+                    s.shown.stored_bytes += up.stored_bytes;
+                    s.shown.delta_shards += u64::from(up.base_step.is_some());
                 }
                 Err(e) if e.kind() == ErrorKind::AlreadyExists => {}
                 Err(e) => return Err(e),
@@ -232,6 +276,14 @@ impl Drainer {
             }
         }
         Ok(())
+    }
+
+    /// This node's copy of the shard `r` describes, if it holds exactly
+    /// those bytes (same manifest), mapped under a lease.
+    async fn base_in_memory(&self, r: &RankRecord) -> Option<tierckpt_tiers::LeasedMap> {
+        let (t, k) = (self.tier.clone(), r.manifest.key.clone());
+        let (m, map) = tokio::task::spawn_blocking(move || t.map_leased(&k)).await.ok()?.ok()?;
+        (m.chunks == r.manifest.chunks && m.file_len == r.manifest.file_len).then_some(map)
     }
 
     fn set_uploading(&self, ns: &str, what: Option<String>) {

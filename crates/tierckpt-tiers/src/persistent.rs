@@ -7,6 +7,13 @@
 //! <ns>/<step:020>/ranks/rank-RRRRR-of-WWWWW.json                   rank record (create-only)
 //! <ns>/<step:020>/COMMIT                                           commit record (create-only)
 //! ```
+//! With compression or delta (`PersistOptions::reduce`), the shard bytes are
+//! stored as a reduced blob (`tierckpt_format::reduce`, `.tcz`): chunks
+//! compressed, or referencing (or XORed against) the same rank's shard of an
+//! earlier committed step, its *base*, named in the rank record. A chain of
+//! deltas is at most `full_every` long; retention keeps every base a kept
+//! step needs.
+//!
 //! A shard is uploaded to a path unique to its writer, then claimed by a rank
 //! record written with create-only semantics: of two writers of one rank,
 //! exactly one wins and the other deletes its upload. Once every rank has a
@@ -25,6 +32,7 @@ use object_store::path::Path as ObjPath;
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
 use serde::{Deserialize, Serialize};
 use tierckpt_format::names::validate_namespace;
+use tierckpt_format::{self as reduce, BaseRef, ReduceOptions, ReduceStats};
 use tierckpt_format::{verify_chunks, Manifest, ShardKey, StreamVerifier};
 
 use crate::{now_unix_ms, ErrorKind, Result, ShardBytes, StepSummary, Tier, TierError};
@@ -41,6 +49,11 @@ pub struct PersistOptions {
     pub bandwidth: Option<u64>,
     /// Attempts per request (or per multipart upload) on transient errors.
     pub attempts: u32,
+    /// Compression, and whether to store deltas against a base.
+    pub reduce: ReduceOptions,
+    /// Every `full_every`-th shard of a rank is stored without a base (a
+    /// chain of deltas is at most `full_every - 1` long).
+    pub full_every: u32,
 }
 
 impl Default for PersistOptions {
@@ -51,6 +64,8 @@ impl Default for PersistOptions {
             concurrency: 4,
             bandwidth: None,
             attempts: 6,
+            reduce: ReduceOptions::default(),
+            full_every: 8,
         }
     }
 }
@@ -61,6 +76,44 @@ pub struct RankRecord {
     pub manifest: Manifest,
     /// Object path of the shard bytes, relative to the tier's prefix.
     pub data: String,
+    /// Present when `data` is a reduced blob rather than the shard bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reduced: Option<ReducedRecord>,
+}
+
+/// How a rank's stored object encodes its shard.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReducedRecord {
+    /// Bytes of the stored blob.
+    pub stored_bytes: u64,
+    /// The same rank's step the blob is a delta against.
+    pub base_step: Option<u64>,
+    /// Deltas between this shard and the nearest full one (0: full).
+    pub chain: u32,
+    pub stats: ReduceStats,
+}
+
+impl RankRecord {
+    /// Bytes this rank occupies in the store.
+    pub fn stored_bytes(&self) -> u64 {
+        self.reduced.as_ref().map_or(self.manifest.file_len, |r| r.stored_bytes)
+    }
+}
+
+/// A shard given to [`PersistentTier::upload_with_base`] as the base of a
+/// delta: its record in this tier and its bytes (from memory, identical to
+/// what the record describes).
+pub struct DeltaBase<'a> {
+    pub record: &'a RankRecord,
+    pub bytes: Bytes,
+}
+
+/// What one upload stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Uploaded {
+    pub raw_bytes: u64,
+    pub stored_bytes: u64,
+    pub base_step: Option<u64>,
 }
 
 /// The commit point of a step.
@@ -340,31 +393,72 @@ impl PersistentTier {
     /// Uploads one verified shard and claims its rank; `AlreadyExists` if
     /// another writer claimed it first (its upload wins, ours is deleted).
     pub async fn upload(&self, m: &Manifest, data: Bytes) -> Result<()> {
+        self.upload_with_base(m, data, None).await.map(|_| ())
+    }
+
+    /// Like [`Self::upload`], compressed as `PersistOptions::reduce` says
+    /// and, with delta and a `base` whose chain is short enough, as a delta
+    /// against it.
+    pub async fn upload_with_base(&self, m: &Manifest, data: Bytes, base: Option<DeltaBase<'_>>) -> Result<Uploaded> {
         let k = &m.key;
         let rpath = self.record_path(&k.namespace, k.step, k.rank, m.world_size);
         if self.exists(&rpath, "checking a rank record").await? {
             return Err(TierError::AlreadyExists(format!("shard {k} in {}", self.url)));
         }
         verify_chunks(&data, m, &format!("{k} before upload"))?;
+        let opts = self.opts.reduce;
+        let base = base.filter(|b| {
+            opts.delta
+                && b.record.manifest.key.namespace == k.namespace
+                && b.record.manifest.key.rank == k.rank
+                && b.record.manifest.key.step < k.step
+                && b.record.reduced.as_ref().map_or(0, |r| r.chain) + 1 < self.opts.full_every
+        });
+        let reduced = if opts.compression == reduce::Compression::Off && base.is_none() {
+            None
+        } else {
+            let chain = base.as_ref().map_or(0, |b| b.record.reduced.as_ref().map_or(0, |r| r.chain) + 1);
+            let base_step = base.as_ref().map(|b| b.record.manifest.key.step);
+            let base = base.map(|b| (b.bytes, b.record.manifest.clone()));
+            let (m2, d2) = (m.clone(), data.clone());
+            let (blob, stats) = tokio::task::spawn_blocking(move || {
+                reduce::encode(&d2, &m2, base.as_ref().map(|(b, bm)| (&b[..], bm)), &opts)
+            })
+            .await
+            .map_err(|e| TierError::Unavailable(format!("encoding worker failed: {e}")))??;
+            let base_step = if stats.same_chunks + stats.xor_chunks > 0 { base_step } else { None };
+            let chain = if base_step.is_some() { chain } else { 0 };
+            Some((Bytes::from(blob), ReducedRecord { stored_bytes: stats.encoded_bytes, base_step, chain, stats }))
+        };
         // Unique per upload, so no upload ever overwrites a claimed one.
+        let ext = if reduced.is_some() { "tcz" } else { "safetensors" };
         let data_path = self.child(&[
             &k.namespace,
             &step_name(k.step),
             "data",
             &format!("{}-{}", self.writer, &random_hex()[..8]),
-            &format!("{}.safetensors", rank_stem(k.rank, m.world_size)),
+            &format!("{}.{ext}", rank_stem(k.rank, m.world_size)),
         ]);
+        let (body, reduced) = match reduced {
+            Some((blob, r)) => (blob, Some(r)),
+            None => (data, None),
+        };
+        let uploaded = Uploaded {
+            raw_bytes: m.file_len,
+            stored_bytes: body.len() as u64,
+            base_step: reduced.as_ref().and_then(|r| r.base_step),
+        };
         let what = format!("shard {k}");
-        if data.len() >= self.opts.multipart_threshold {
-            self.put_multipart(&data_path, &data, &what).await?;
+        if body.len() >= self.opts.multipart_threshold {
+            self.put_multipart(&data_path, &body, &what).await?;
         } else {
-            self.put_small(&data_path, data, PutMode::Overwrite, &what).await?;
+            self.put_small(&data_path, body, PutMode::Overwrite, &what).await?;
         }
         self.sync_local(&data_path)?;
-        let record = RankRecord { manifest: m.clone(), data: data_path.as_ref().to_string() };
+        let record = RankRecord { manifest: m.clone(), data: data_path.as_ref().to_string(), reduced };
         let body = Bytes::from(serde_json::to_vec(&record).expect("record serializes"));
         match self.put_small(&rpath, body, PutMode::Create, &format!("rank record of {k}")).await {
-            Ok(()) => self.sync_local(&rpath),
+            Ok(()) => self.sync_local(&rpath).map(|()| uploaded),
             Err(e) => {
                 let _ = self.remove(&data_path).await;
                 Err(e)
@@ -505,7 +599,7 @@ impl PersistentTier {
     }
 
     /// The committed record of one rank, or `NotFound`.
-    async fn committed_rank(&self, key: &ShardKey) -> Result<RankRecord> {
+    pub async fn committed_rank(&self, key: &ShardKey) -> Result<RankRecord> {
         let c = match self.commit_record(&key.namespace, key.step).await {
             Err(e) if e.kind() == ErrorKind::NotFound => {
                 return Err(TierError::NotFound(format!("{}/step {} is not committed in {}", key.namespace, key.step, self.url)))
@@ -522,6 +616,10 @@ impl PersistentTier {
     /// verifies them as they arrive, e.g. with `StreamVerifier`).
     pub async fn fetch(&self, key: &ShardKey) -> Result<(Manifest, futures_util::stream::BoxStream<'static, Result<Bytes>>)> {
         let r = self.committed_rank(key).await?;
+        if r.reduced.is_some() {
+            let bytes = self.rebuild(r.clone()).await?;
+            return Ok((r.manifest, futures_util::stream::once(async move { Ok(bytes) }).boxed()));
+        }
         let path = ObjPath::from(r.data.as_str());
         let what = format!("shard {key}");
         if let Some(root) = &self.local_root {
@@ -561,6 +659,71 @@ impl PersistentTier {
         Ok((r.manifest, stream.boxed()))
     }
 
+    async fn get_bytes(&self, path: &ObjPath, what: &str) -> Result<Bytes> {
+        self.retry(what, || async {
+            let r = self.store.get(path).await.map_err(|e| store_err(&self.url, what, e))?;
+            r.bytes().await.map_err(|e| store_err(&self.url, what, e))
+        })
+        .await
+    }
+
+    /// The shard bytes of a reduced rank record: its blob decoded on the
+    /// bytes of its base, rebuilt the same way, down to a full one. Every
+    /// chunk of every step is verified against its manifest on the way.
+    async fn rebuild(&self, top: RankRecord) -> Result<Bytes> {
+        let mut chain = vec![top];
+        while let Some(b) = chain.last().and_then(|r| r.reduced.as_ref()?.base_step) {
+            if chain.len() > 1024 {
+                return Err(TierError::InvalidArgument(format!("delta chain of {} is longer than 1024", chain[0].manifest.key)));
+            }
+            let below = &chain[chain.len() - 1].manifest.key;
+            let key = ShardKey::new(below.namespace.clone(), b, below.rank);
+            let base = self.committed_rank(&key).await.map_err(|e| match e.kind() {
+                ErrorKind::NotFound => TierError::NotFound(format!(
+                    "the delta base of {below} (step {b}) is missing from {}: {e}",
+                    self.url
+                )),
+                _ => e,
+            })?;
+            chain.push(base);
+        }
+        let mut below: Option<(Bytes, Manifest)> = None;
+        for r in chain.into_iter().rev() {
+            let path = ObjPath::from(r.data.as_str());
+            let label = format!("{}/{}", self.url, r.data);
+            let stored = self.get_bytes(&path, &format!("shard {}", r.manifest.key)).await?;
+            let m = r.manifest.clone();
+            let bytes = match r.reduced {
+                None => {
+                    verify_chunks(&stored, &m, &label)?;
+                    stored
+                }
+                Some(_) => {
+                    if let (Some(want), Some((_, bm))) = (reduce::base_of(&stored)?, below.as_ref()) {
+                        if !want.matches(bm) {
+                            return Err(TierError::Corrupt(tierckpt_format::FormatError::InvalidArgument(format!(
+                                "{label} is a delta against step {} other than the stored one ({:?} vs {:?})",
+                                want.step,
+                                want,
+                                BaseRef::of(bm)
+                            ))));
+                        }
+                    }
+                    let base = below.take().map(|(b, _)| b);
+                    tokio::task::spawn_blocking(move || -> Result<Bytes> {
+                        let mut out = vec![0u8; m.file_len as usize];
+                        reduce::decode_into(&stored, &m, base.as_deref(), &mut out, &label)?;
+                        Ok(Bytes::from(out))
+                    })
+                    .await
+                    .map_err(|e| TierError::Unavailable(format!("decoding worker failed: {e}")))??
+                }
+            };
+            below = Some((bytes, r.manifest));
+        }
+        Ok(below.expect("the chain holds the requested shard").0)
+    }
+
     /// Deletes a step: its COMMIT first (so readers stop seeing it), then
     /// everything under it.
     pub async fn delete(&self, ns: &str, step: u64) -> Result<u64> {
@@ -590,15 +753,29 @@ impl PersistentTier {
     }
 
     /// Keeps the newest `keep_last` committed steps (and, with `keep_every`
-    /// > 0, every step that is a multiple of it); deletes older committed
-    /// steps and uncommitted leftovers older than the newest commit. Never
-    /// deletes the newest committed step. Returns the steps deleted.
+    /// > 0, every step that is a multiple of it), and every step one of
+    /// those needs as a delta base; deletes older committed steps and
+    /// uncommitted leftovers older than the newest commit. Never deletes the
+    /// newest committed step. Returns the steps deleted.
     pub async fn retain(&self, ns: &str, keep_last: usize, keep_every: u64) -> Result<Vec<u64>> {
         let steps = self.steps(ns).await?;
         let committed: Vec<u64> = steps.iter().filter(|s| s.committed).map(|s| s.step).collect();
         let Some(&newest) = committed.last() else { return Ok(vec![]) };
         let keep_from = committed.len().saturating_sub(keep_last.max(1));
-        let kept: Vec<u64> = committed[keep_from..].to_vec();
+        let mut kept: Vec<u64> = committed[keep_from..].to_vec();
+        kept.extend(committed.iter().filter(|&&s| keep_every > 0 && s % keep_every == 0));
+        // A kept step's delta bases, and theirs, are kept too.
+        let mut todo = kept.clone();
+        while let Some(s) = todo.pop() {
+            for r in self.commit_record(ns, s).await?.shards {
+                if let Some(b) = r.reduced.and_then(|x| x.base_step) {
+                    if !kept.contains(&b) {
+                        kept.push(b);
+                        todo.push(b);
+                    }
+                }
+            }
+        }
         let mut deleted = Vec::new();
         for s in &steps {
             let keep = kept.contains(&s.step)

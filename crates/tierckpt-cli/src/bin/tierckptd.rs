@@ -70,6 +70,15 @@ struct Args {
     /// Cap on upload bytes per second, e.g. "500MB" [default: none].
     #[arg(long)]
     persist_bandwidth: Option<String>,
+    /// Compression of persisted shards: off, lz4, zstd, zstd:N [default: zstd].
+    #[arg(long)]
+    persist_compression: Option<String>,
+    /// Persist only what changed since the rank's previous persisted step [default: true].
+    #[arg(long)]
+    persist_delta: Option<bool>,
+    /// Store every N-th persisted shard of a rank whole [default: 8].
+    #[arg(long)]
+    persist_full_every: Option<u32>,
     /// Store options, e.g. "endpoint=http://127.0.0.1:9000,allow_http=true".
     #[arg(long)]
     persistent_options: Option<String>,
@@ -111,6 +120,9 @@ fn config(args: Args) -> anyhow::Result<DaemonConfig> {
         persist_keep_last: args.persist_keep_last,
         persist_keep_every: args.persist_keep_every,
         persist_bandwidth: args.persist_bandwidth,
+        persist_compression: args.persist_compression,
+        persist_delta: args.persist_delta,
+        persist_full_every: args.persist_full_every,
         persistent_options: args.persistent_options.as_deref().map(tierckpt_daemon::config::parse_options).transpose()?,
         persistent_faults: args.persistent_faults,
         background_nice: args.background_nice,
