@@ -233,16 +233,17 @@ fn to_planes(dst: &mut Vec<u8>, a: &[u8], b: Option<&[u8]>) {
     let (p0, rest) = body.split_at_mut(q);
     let (p1, rest) = rest.split_at_mut(q);
     let (p2, p3) = rest.split_at_mut(q);
+    let planes = p0.iter_mut().zip(p1.iter_mut()).zip(p2.iter_mut()).zip(p3.iter_mut());
     match b {
         None => {
-            for (i, w) in a.chunks_exact(PLANES).enumerate() {
-                (p0[i], p1[i], p2[i], p3[i]) = (w[0], w[1], w[2], w[3]);
+            for ((((x0, x1), x2), x3), w) in planes.zip(a.chunks_exact(PLANES)) {
+                (*x0, *x1, *x2, *x3) = (w[0], w[1], w[2], w[3]);
             }
             tail.copy_from_slice(&a[q * PLANES..]);
         }
         Some(b) => {
-            for (i, (w, v)) in a.chunks_exact(PLANES).zip(b.chunks_exact(PLANES)).enumerate() {
-                (p0[i], p1[i], p2[i], p3[i]) = (w[0] ^ v[0], w[1] ^ v[1], w[2] ^ v[2], w[3] ^ v[3]);
+            for ((((x0, x1), x2), x3), (w, v)) in planes.zip(a.chunks_exact(PLANES).zip(b.chunks_exact(PLANES))) {
+                (*x0, *x1, *x2, *x3) = (w[0] ^ v[0], w[1] ^ v[1], w[2] ^ v[2], w[3] ^ v[3]);
             }
             for ((t, x), y) in tail.iter_mut().zip(&a[q * PLANES..]).zip(&b[q * PLANES..]) {
                 *t = x ^ y;
@@ -260,16 +261,17 @@ fn from_planes(dst: &mut [u8], src: &[u8], b: Option<&[u8]>) {
     let (p2, rest) = rest.split_at(q);
     let (p3, tail) = rest.split_at(q);
     let (body, dtail) = dst.split_at_mut(q * PLANES);
+    let planes = p0.iter().zip(p1).zip(p2).zip(p3);
     match b {
         None => {
-            for (i, w) in body.chunks_exact_mut(PLANES).enumerate() {
-                w.copy_from_slice(&[p0[i], p1[i], p2[i], p3[i]]);
+            for ((((x0, x1), x2), x3), w) in planes.zip(body.chunks_exact_mut(PLANES)) {
+                w.copy_from_slice(&[*x0, *x1, *x2, *x3]);
             }
             dtail.copy_from_slice(tail);
         }
         Some(b) => {
-            for (i, (w, v)) in body.chunks_exact_mut(PLANES).zip(b.chunks_exact(PLANES)).enumerate() {
-                w.copy_from_slice(&[p0[i] ^ v[0], p1[i] ^ v[1], p2[i] ^ v[2], p3[i] ^ v[3]]);
+            for ((((x0, x1), x2), x3), (w, v)) in planes.zip(body.chunks_exact_mut(PLANES).zip(b.chunks_exact(PLANES))) {
+                w.copy_from_slice(&[x0 ^ v[0], x1 ^ v[1], x2 ^ v[2], x3 ^ v[3]]);
             }
             for ((d, x), y) in dtail.iter_mut().zip(tail).zip(&b[q * PLANES..]) {
                 *d = x ^ y;

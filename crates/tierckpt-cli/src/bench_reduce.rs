@@ -1,0 +1,517 @@
+//! `tierckpt bench reduce`: what compression and delta checkpoints save on
+//! realistic training state, and what they cost against a memcpy of the same
+//! bytes measured in the same run (the floor).
+//!
+//! Three workloads are generated in the run, deterministically, each as a
+//! sequence of `--steps` checkpoints (safetensors shards with manifests):
+//! - `finetune-frozen`: bf16 weights of which 90% (of the parameters) are
+//!   frozen; the trainable 10% have fp32 Adam moments and take a real Adam
+//!   step on synthetic gradients between checkpoints;
+//! - `full-adam`: bf16 weights with fp32 exp_avg and exp_avg_sq, every
+//!   parameter takes a real Adam step between checkpoints;
+//! - `embedding`: an fp32 embedding table of which 5% of the rows (random
+//!   ones) take a small update between checkpoints;
+//!
+//! plus `random`: incompressible bytes, new at every step, to show the cost
+//! where nothing shrinks. Each checkpoint after the first is encoded without
+//! a base (compression only) and against the previous one (delta), decoded
+//! (every chunk verified), and compared with the original.
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use serde::Serialize;
+use tierckpt_format::{
+    decode_into, encode, Compression, Dtype, Manifest, ReduceOptions, ReduceStats, ShardKey, ShardLayout, TensorSpec,
+};
+
+use crate::bench::{gibps, median, parse_bytes};
+use crate::output;
+
+/// Delta+compression size that the issue aims for, as a fraction of the full
+/// size, in the frozen fine-tuning case.
+pub const FROZEN_TARGET_RATIO: f64 = 0.15;
+/// The same for the embedding case.
+pub const EMBEDDING_TARGET_RATIO: f64 = 0.10;
+
+/// Compression and delta checkpoints on generated training state.
+#[derive(Args, Debug, Clone)]
+pub struct ReduceArgs {
+    /// Bytes of each checkpoint of each workload.
+    #[arg(long, default_value = "256MiB", value_parser = parse_bytes)]
+    pub size: u64,
+    /// Checkpoints per workload; each one after the first is encoded against
+    /// the one before.
+    #[arg(long, default_value_t = 4)]
+    pub steps: usize,
+    /// off, lz4, zstd, zstd:N (1..=19); a comma-separated list compares several.
+    #[arg(long, default_value = "zstd:1")]
+    pub compression: String,
+}
+
+/// One workload under one compression. Ratios of bytes are encoded over raw
+/// (the whole blob, header included); time ratios are a time over the memcpy
+/// floor of the same bytes; throughputs are GiB/s of raw bytes. Figures are
+/// medians over the checkpoints after the first.
+#[derive(Debug, Clone, Serialize)]
+pub struct ReduceRow {
+    pub workload: &'static str,
+    pub compression: String,
+    pub file_bytes: u64,
+    pub steps_measured: usize,
+    pub compress_bytes_ratio: f64,
+    pub delta_bytes_ratio: f64,
+    pub compress_encode_gibps: f64,
+    pub compress_encode_ratio: f64,
+    pub compress_decode_gibps: f64,
+    pub compress_decode_ratio: f64,
+    pub delta_encode_gibps: f64,
+    pub delta_encode_ratio: f64,
+    pub delta_decode_gibps: f64,
+    pub delta_decode_ratio: f64,
+    pub memcpy_floor_gibps: f64,
+    /// Chunk kinds of the last delta encode.
+    pub delta_stats: ReduceStats,
+    pub compress_stats: ReduceStats,
+    /// The issue's target for this workload (delta bytes ratio), if any.
+    pub target_ratio: Option<f64>,
+    pub meets_target: Option<bool>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ReduceReport {
+    pub benchmark: &'static str,
+    pub size: u64,
+    pub steps: usize,
+    /// Threads of encode and decode (all cores, at most 8).
+    pub codec_threads: usize,
+    /// Threads of the floor (one).
+    pub floor_threads: usize,
+    pub rows: Vec<ReduceRow>,
+    /// Every decoded checkpoint was compared with the original.
+    pub decoded_identical: bool,
+}
+
+pub fn run(args: &ReduceArgs, json: bool) -> Result<()> {
+    let report = measure(args)?;
+    if json {
+        output::print_json(&report);
+    } else {
+        print(&report);
+    }
+    Ok(())
+}
+
+fn measure(a: &ReduceArgs) -> Result<ReduceReport> {
+    if a.steps < 2 {
+        bail!("--steps must be at least 2 (the first checkpoint is the base of the second)");
+    }
+    if a.size < 1 << 20 {
+        bail!("--size must be at least 1MiB");
+    }
+    let compressions: Vec<Compression> = a
+        .compression
+        .split(',')
+        .map(|s| s.trim().parse::<Compression>())
+        .collect::<Result<_, _>>()
+        .context("--compression")?;
+    let mut rows = Vec::new();
+    for kind in [Workload::FinetuneFrozen, Workload::FullAdam, Workload::Embedding, Workload::Random] {
+        let mut gen = Generator::new(kind, a.size)?;
+        let shards: Vec<(Vec<u8>, Manifest)> = (0..a.steps as u64)
+            .map(|step| {
+                if step > 0 {
+                    gen.step();
+                }
+                let bytes = gen.shard_bytes();
+                let m = Manifest::compute(ShardKey::new(kind.name(), step, 0), 1, &bytes, 0);
+                (bytes, m)
+            })
+            .collect();
+        for &c in &compressions {
+            rows.push(measure_workload(kind, c, &shards)?);
+        }
+    }
+    Ok(ReduceReport {
+        benchmark: "reduce",
+        size: a.size,
+        steps: a.steps,
+        codec_threads: std::thread::available_parallelism().map_or(1, |n| n.get()).min(8),
+        floor_threads: 1,
+        rows,
+        decoded_identical: true,
+    })
+}
+
+fn measure_workload(kind: Workload, c: Compression, shards: &[(Vec<u8>, Manifest)]) -> Result<ReduceRow> {
+    let len = shards[0].0.len();
+    let mut out = vec![0x5Au8; len];
+    let (mut floor, mut ce, mut cd, mut de, mut dd) = (vec![], vec![], vec![], vec![], vec![]);
+    let (mut cr, mut dr) = (vec![], vec![]);
+    let (mut cstats, mut dstats) = (ReduceStats::default(), ReduceStats::default());
+    for w in shards.windows(2) {
+        let ((base, bm), (data, m)) = (&w[0], &w[1]);
+        let file = m.key.to_string();
+        if out.len() != data.len() {
+            out = vec![0x5Au8; data.len()];
+        }
+        let t = Instant::now();
+        out.copy_from_slice(data);
+        std::hint::black_box(&mut out);
+        floor.push(t.elapsed().as_secs_f64());
+        out.fill(0);
+
+        for delta in [false, true] {
+            let opts = ReduceOptions { compression: c, delta };
+            let b = delta.then_some((&base[..], bm));
+            let t = Instant::now();
+            let (blob, stats) = encode(data, m, b, &opts)?;
+            let enc = t.elapsed().as_secs_f64();
+            let t = Instant::now();
+            decode_into(&blob, m, delta.then_some(&base[..]), &mut out, &file)?;
+            let dec = t.elapsed().as_secs_f64();
+            if out != *data {
+                bail!("{file}: decoded bytes differ from the original ({c}, delta {delta})");
+            }
+            out.fill(0);
+            let ratio = stats.encoded_bytes as f64 / stats.raw_bytes as f64;
+            let (e, d, r, s) = if delta { (&mut de, &mut dd, &mut dr, &mut dstats) } else { (&mut ce, &mut cd, &mut cr, &mut cstats) };
+            e.push(enc);
+            d.push(dec);
+            r.push(ratio);
+            *s = stats;
+        }
+    }
+    let bytes = len as u64;
+    let fl = median(&floor);
+    let target = match kind {
+        Workload::FinetuneFrozen => Some(FROZEN_TARGET_RATIO),
+        Workload::Embedding => Some(EMBEDDING_TARGET_RATIO),
+        _ => None,
+    };
+    let delta_ratio = median(&dr);
+    Ok(ReduceRow {
+        workload: kind.name(),
+        compression: c.to_string(),
+        file_bytes: bytes,
+        steps_measured: floor.len(),
+        compress_bytes_ratio: median(&cr),
+        delta_bytes_ratio: delta_ratio,
+        compress_encode_gibps: gibps(bytes, median(&ce)),
+        compress_encode_ratio: median(&ce) / fl,
+        compress_decode_gibps: gibps(bytes, median(&cd)),
+        compress_decode_ratio: median(&cd) / fl,
+        delta_encode_gibps: gibps(bytes, median(&de)),
+        delta_encode_ratio: median(&de) / fl,
+        delta_decode_gibps: gibps(bytes, median(&dd)),
+        delta_decode_ratio: median(&dd) / fl,
+        memcpy_floor_gibps: gibps(bytes, fl),
+        delta_stats: dstats,
+        compress_stats: cstats,
+        target_ratio: target,
+        meets_target: target.map(|t| delta_ratio <= t),
+    })
+}
+
+fn print(r: &ReduceReport) {
+    println!(
+        "bench reduce: {} per checkpoint, {} checkpoints per workload; medians over the {} deltas; codec on {} threads, floor a {}-thread memcpy",
+        output::human_bytes(r.size),
+        r.steps,
+        r.steps - 1,
+        r.codec_threads,
+        r.floor_threads
+    );
+    let mut t = output::table(&[
+        "workload",
+        "compression",
+        "bytes: compressed",
+        "bytes: delta",
+        "encode GiB/s (x floor)",
+        "decode GiB/s (x floor)",
+        "delta encode GiB/s (x floor)",
+        "delta decode GiB/s (x floor)",
+        "floor GiB/s",
+        "delta chunks same/xor/comp/raw",
+    ]);
+    for x in &r.rows {
+        let s = &x.delta_stats;
+        t.add_row(vec![
+            x.workload.to_string(),
+            x.compression.clone(),
+            format!("{:.3}", x.compress_bytes_ratio),
+            format!("{:.3}", x.delta_bytes_ratio),
+            format!("{:.2} ({:.1})", x.compress_encode_gibps, x.compress_encode_ratio),
+            format!("{:.2} ({:.1})", x.compress_decode_gibps, x.compress_decode_ratio),
+            format!("{:.2} ({:.1})", x.delta_encode_gibps, x.delta_encode_ratio),
+            format!("{:.2} ({:.1})", x.delta_decode_gibps, x.delta_decode_ratio),
+            format!("{:.2}", x.memcpy_floor_gibps),
+            format!("{}/{}/{}/{}", s.same_chunks, s.xor_chunks, s.compressed_chunks, s.raw_chunks),
+        ]);
+    }
+    println!("{t}");
+    println!("bytes are encoded/raw, the blob's header included; (x floor) is the time over a memcpy of the same bytes");
+    for x in &r.rows {
+        if let (Some(target), Some(ok)) = (x.target_ratio, x.meets_target) {
+            println!(
+                "target: {} with {}: delta at most {target} of the full size -- {:.3} ({})",
+                x.workload,
+                x.compression,
+                x.delta_bytes_ratio,
+                if ok { "met" } else { "missed" }
+            );
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Workload {
+    FinetuneFrozen,
+    FullAdam,
+    Embedding,
+    Random,
+}
+
+impl Workload {
+    fn name(self) -> &'static str {
+        match self {
+            Workload::FinetuneFrozen => "finetune-frozen",
+            Workload::FullAdam => "full-adam",
+            Workload::Embedding => "embedding",
+            Workload::Random => "random",
+        }
+    }
+}
+
+/// splitmix64: deterministic and fast.
+struct Rng(u64);
+
+impl Rng {
+    fn new(seed: u64) -> Self {
+        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xD1B5_4A32_D192_ED03)
+    }
+
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in [0, 1).
+    fn uniform(&mut self) -> f32 {
+        (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32
+    }
+
+    /// Approximately standard normal (Irwin-Hall of four 16-bit uniforms).
+    fn normal(&mut self) -> f32 {
+        let x = self.next_u64();
+        let s = (x & 0xffff) + ((x >> 16) & 0xffff) + ((x >> 32) & 0xffff) + (x >> 48);
+        (s as f32 / 65536.0 - 2.0) * 1.732_050_8
+    }
+}
+
+fn bf16_from_f32(x: f32) -> u16 {
+    let b = x.to_bits();
+    // Round to nearest even (no NaN in this data).
+    ((b + 0x7fff + ((b >> 16) & 1)) >> 16) as u16
+}
+
+fn f32_from_bf16(x: u16) -> f32 {
+    f32::from_bits((x as u32) << 16)
+}
+
+/// A tensor of the generated state.
+enum Data {
+    Bf16(Vec<u16>),
+    F32(Vec<f32>),
+    Bytes(Vec<u8>),
+}
+
+/// Adam state of one trainable tensor: indices of its weights, exp_avg and
+/// exp_avg_sq in `Generator::tensors`, and its gradient's scale.
+struct AdamGroup {
+    w: usize,
+    m: usize,
+    v: usize,
+    grad_scale: f32,
+}
+
+const BETA1: f32 = 0.9;
+const BETA2: f32 = 0.999;
+const EPS: f32 = 1e-8;
+/// Adam steps taken before the first checkpoint (bias correction ~ 1).
+const STEP0: i32 = 1000;
+const EMBED_DIM: usize = 128;
+
+struct Generator {
+    kind: Workload,
+    specs: Vec<TensorSpec>,
+    tensors: Vec<Data>,
+    groups: Vec<AdamGroup>,
+    lr: f32,
+    t: i32,
+    rng: Rng,
+}
+
+impl Generator {
+    fn new(kind: Workload, size: u64) -> Result<Self> {
+        let mut g = Generator { kind, specs: vec![], tensors: vec![], groups: vec![], lr: 0.0, t: STEP0, rng: Rng::new(7) };
+        let weights = |g: &mut Generator, name: String, n: usize, trainable: bool| {
+            let std = 0.02 * (0.5 + g.rng.uniform());
+            let w: Vec<u16> = (0..n).map(|_| bf16_from_f32(std * g.rng.normal())).collect();
+            g.specs.push(TensorSpec { name: format!("{name}.weight"), dtype: Dtype::BF16, shape: vec![n] });
+            g.tensors.push(Data::Bf16(w));
+            if trainable {
+                // Gradient scales differ by layer; moments start in a steady state.
+                let grad_scale = 10f32.powf(-4.0 + 2.0 * g.rng.uniform());
+                let m: Vec<f32> = (0..n).map(|_| 0.3 * grad_scale * g.rng.normal()).collect();
+                let v: Vec<f32> = (0..n).map(|_| grad_scale * grad_scale * (0.5 + g.rng.uniform())).collect();
+                let wi = g.tensors.len() - 1;
+                for (suffix, d) in [("exp_avg", m), ("exp_avg_sq", v)] {
+                    g.specs.push(TensorSpec { name: format!("optim.{name}.{suffix}"), dtype: Dtype::F32, shape: vec![n] });
+                    g.tensors.push(Data::F32(d));
+                }
+                g.groups.push(AdamGroup { w: wi, m: wi + 1, v: wi + 2, grad_scale });
+            }
+        };
+        match kind {
+            Workload::FinetuneFrozen => {
+                // 100 equal bf16 tensors, every tenth trainable with two fp32
+                // moments: 100 * 2p + 10 * 8p bytes.
+                g.lr = 1e-4;
+                let p = (size / 280).max(1) as usize;
+                for i in 0..100 {
+                    weights(&mut g, format!("layers.{i}"), p, i % 10 == 0);
+                }
+            }
+            Workload::FullAdam => {
+                // 32 tensors of 10 bytes per parameter.
+                g.lr = 3e-4;
+                let p = (size / 320).max(1) as usize;
+                for i in 0..32 {
+                    weights(&mut g, format!("layers.{i}"), p, true);
+                }
+            }
+            Workload::Embedding => {
+                g.lr = 1e-3;
+                let rows = (size as usize / (4 * EMBED_DIM)).max(1);
+                let t: Vec<f32> = (0..rows * EMBED_DIM).map(|_| g.rng.normal()).collect();
+                g.specs.push(TensorSpec { name: "embedding.weight".into(), dtype: Dtype::F32, shape: vec![rows, EMBED_DIM] });
+                g.tensors.push(Data::F32(t));
+            }
+            Workload::Random => {
+                let mut b = vec![0u8; size as usize];
+                fill(&mut g.rng, &mut b);
+                g.specs.push(TensorSpec { name: "random".into(), dtype: Dtype::U8, shape: vec![size as usize] });
+                g.tensors.push(Data::Bytes(b));
+            }
+        }
+        Ok(g)
+    }
+
+    /// One training step between checkpoints.
+    fn step(&mut self) {
+        self.t += 1;
+        match self.kind {
+            Workload::FinetuneFrozen | Workload::FullAdam => {
+                let (bc1, bc2) = (1.0 - BETA1.powi(self.t), 1.0 - BETA2.powi(self.t));
+                let groups = std::mem::take(&mut self.groups);
+                for gr in &groups {
+                    let mut w = std::mem::replace(&mut self.tensors[gr.w], Data::Bytes(vec![]));
+                    let mut m = std::mem::replace(&mut self.tensors[gr.m], Data::Bytes(vec![]));
+                    let mut v = std::mem::replace(&mut self.tensors[gr.v], Data::Bytes(vec![]));
+                    if let (Data::Bf16(w), Data::F32(m), Data::F32(v)) = (&mut w, &mut m, &mut v) {
+                        for ((w, m), v) in w.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()) {
+                            // A persistent part (sign of the moment) plus noise.
+                            let g = gr.grad_scale * (0.3 * m.signum() + self.rng.normal());
+                            *m = BETA1 * *m + (1.0 - BETA1) * g;
+                            *v = BETA2 * *v + (1.0 - BETA2) * g * g;
+                            let upd = self.lr * (*m / bc1) / ((*v / bc2).sqrt() + EPS);
+                            *w = bf16_from_f32(f32_from_bf16(*w) - upd);
+                        }
+                    }
+                    self.tensors[gr.w] = w;
+                    self.tensors[gr.m] = m;
+                    self.tensors[gr.v] = v;
+                }
+                self.groups = groups;
+            }
+            Workload::Embedding => {
+                let lr = self.lr;
+                if let Data::F32(t) = &mut self.tensors[0] {
+                    let rows = t.len() / EMBED_DIM;
+                    for r in 0..rows {
+                        if self.rng.uniform() < 0.05 {
+                            for x in &mut t[r * EMBED_DIM..(r + 1) * EMBED_DIM] {
+                                *x -= lr * self.rng.normal();
+                            }
+                        }
+                    }
+                }
+            }
+            Workload::Random => {
+                if let Data::Bytes(b) = &mut self.tensors[0] {
+                    fill(&mut self.rng, b);
+                }
+            }
+        }
+    }
+
+    /// The safetensors file of the current state.
+    fn shard_bytes(&self) -> Vec<u8> {
+        let meta = BTreeMap::from([("workload".to_string(), self.kind.name().to_string())]);
+        let layout = ShardLayout::new(&self.specs, &meta).expect("generated layout is valid");
+        let mut f = vec![0u8; layout.file_len as usize];
+        f[..layout.header.len()].copy_from_slice(&layout.header);
+        for (e, d) in layout.entries.iter().zip(&self.tensors) {
+            let dst = &mut f[e.range()];
+            match d {
+                Data::Bf16(v) => dst.chunks_exact_mut(2).zip(v).for_each(|(o, x)| o.copy_from_slice(&x.to_le_bytes())),
+                Data::F32(v) => dst.chunks_exact_mut(4).zip(v).for_each(|(o, x)| o.copy_from_slice(&x.to_le_bytes())),
+                Data::Bytes(v) => dst.copy_from_slice(v),
+            }
+        }
+        f
+    }
+}
+
+fn fill(rng: &mut Rng, b: &mut [u8]) {
+    let mut it = b.chunks_exact_mut(8);
+    for c in &mut it {
+        c.copy_from_slice(&rng.next_u64().to_le_bytes());
+    }
+    for x in it.into_remainder() {
+        *x = rng.next_u64() as u8;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn small_run_round_trips_and_reports() {
+        let a = ReduceArgs { size: 2 << 20, steps: 2, compression: "off,zstd:1".into() };
+        let r = measure(&a).unwrap();
+        assert_eq!(r.rows.len(), 8);
+        for x in &r.rows {
+            assert!(x.delta_bytes_ratio <= x.compress_bytes_ratio + 0.01, "{x:?}");
+            if x.workload == "random" {
+                assert!(x.compress_bytes_ratio < 1.01, "{x:?}");
+            }
+        }
+        serde_json::to_string(&r).unwrap();
+    }
+
+    #[test]
+    fn bf16_rounding() {
+        assert_eq!(bf16_from_f32(1.0), 0x3f80);
+        assert_eq!(f32_from_bf16(bf16_from_f32(0.5)), 0.5);
+        assert_eq!(bf16_from_f32(f32::from_bits(0x3f80_8000)), 0x3f80); // tie to even
+        assert_eq!(bf16_from_f32(f32::from_bits(0x3f81_8000)), 0x3f82);
+    }
+}
