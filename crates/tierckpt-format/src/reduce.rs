@@ -500,21 +500,38 @@ pub fn encode(
         chunks: recs,
     };
     let json = serde_json::to_vec(&header).expect("reduce header serializes");
-    let mut blob = Vec::with_capacity(PREFIX_LEN + json.len() + payload_len as usize);
-    blob.extend_from_slice(MAGIC);
-    blob.push(BLOB_VERSION);
-    blob.extend_from_slice(&(json.len() as u64).to_le_bytes());
-    blob.extend_from_slice(&json);
+    let head_len = PREFIX_LEN + json.len();
+    // Zeroed memory comes untouched from the allocator, so the copies below
+    // fault its pages in on all workers instead of one.
+    let mut blob = vec![0u8; head_len + payload_len as usize];
+    let (head, mut rest) = blob.split_at_mut(head_len);
+    head[..7].copy_from_slice(MAGIC);
+    head[7] = BLOB_VERSION;
+    head[8..PREFIX_LEN].copy_from_slice(&(json.len() as u64).to_le_bytes());
+    head[PREFIX_LEN..].copy_from_slice(&json);
+    let mut copies: Vec<(&mut [u8], &[u8])> = Vec::with_capacity(n);
     for (i, kind, payload) in &results {
-        match (kind, payload) {
-            (Kind::Same, _) => {}
-            (_, Some(p)) => blob.extend_from_slice(p),
+        let src: &[u8] = match (kind, payload) {
+            (Kind::Same, _) => continue,
+            (_, Some(p)) => p,
             (_, None) => {
                 let (a, b) = m.chunk_range(*i);
-                blob.extend_from_slice(&data[a as usize..b as usize]);
+                &data[a as usize..b as usize]
             }
-        }
+        };
+        let (dst, tail) = std::mem::take(&mut rest).split_at_mut(src.len());
+        copies.push((dst, src));
+        rest = tail;
     }
+    let copies = Mutex::new(copies.into_iter());
+    std::thread::scope(|s| {
+        for _ in 0..worker_count(n) {
+            s.spawn(|| loop {
+                let Some((dst, src)) = copies.lock().unwrap().next() else { break };
+                dst.copy_from_slice(src);
+            });
+        }
+    });
     stats.encoded_bytes = blob.len() as u64;
     Ok((blob, stats))
 }
