@@ -265,3 +265,70 @@ fn a_corrupt_local_copy_falls_through_to_a_peer() {
     std::fs::write(&path, &bytes).unwrap();
     assert!(load(&c, 0, "fall", 3, 0, n).unwrap() == data, "restored from n1 after the local copy failed");
 }
+
+/// A 12 MiB shard (3 checksum chunks) of which only chunk `step % 3`
+/// changes from one step to the next.
+fn save_partly_changed(c: &LocalCluster, node: usize, ns: &str, step: u64) -> Vec<u8> {
+    let chunk = 4 << 20;
+    let mut data = payload(0, 0, 3 * chunk);
+    for s in 1..=step {
+        let i = (s % 3) as usize;
+        for (j, b) in data[i * chunk..(i + 1) * chunk].iter_mut().enumerate() {
+            *b = b.wrapping_add((s as u8).wrapping_mul(13)).wrapping_add((j % 251) as u8);
+        }
+    }
+    let t = [TensorData { name: "state", dtype: Dtype::U8, shape: &[data.len()], data: &data }];
+    let mut client = Client::connect(c.socket(node)).unwrap();
+    client.save(&ShardKey::new(ns, step, 0), 1, &t, &BTreeMap::new(), true).unwrap();
+    data
+}
+
+#[test]
+fn replicas_go_as_compressed_deltas_and_restore_bitwise() {
+    let (_d, mut c) = start(2, 1, |o| o.extra_args = vec!["--replication-compression".into(), "zstd".into()]);
+    let mut last = Vec::new();
+    for step in 1..=4 {
+        last = save_partly_changed(&c, 0, "wire", step);
+        wait_for(LIMIT, "the replica", || holders(&c, 0, "wire", step, 0).len() == 2);
+    }
+    let r = cluster_status(&c, 0).replication;
+    assert_eq!(r.shards_sent, 4, "{r:?}");
+    assert!(r.delta_shards_sent >= 2, "{r:?}");
+    assert!(r.wire_bytes_sent < r.bytes_sent / 2, "{r:?}");
+    // The replica decoded on n1's own copy of the base is the shard, bit for bit.
+    let mut client = Client::connect(c.socket(1)).unwrap();
+    assert!(client.open(&ShardKey::new("wire", 4, 0)).unwrap().tensor("state").unwrap() == &last[..]);
+    // n0 comes back empty and restores step 4 from n1.
+    c.replace_empty(0).unwrap();
+    assert!(load(&c, 0, "wire", 4, 0, last.len()).unwrap() == last);
+}
+
+#[test]
+fn a_delta_whose_base_the_peer_dropped_is_sent_whole() {
+    let (_d, c) = start(2, 1, |o| {
+        o.heartbeat_interval = "5s".into();
+        o.heartbeat_timeout = "60s".into();
+    });
+    save_partly_changed(&c, 0, "gone", 1);
+    wait_for(LIMIT, "the first replica", || {
+        Client::connect(c.socket(1)).unwrap().steps("gone").unwrap().iter().any(|s| s.step == 1)
+    });
+    wait_for(LIMIT, "n0 to see it", || holders(&c, 0, "gone", 1, 0).len() == 2);
+    // n1 drops step 1 alone; n0's view (heartbeats every 5 s) still has it there.
+    let (status, _) = common::http(
+        c.node(1).http_addr.as_deref().unwrap(),
+        "DELETE",
+        "/v1/namespaces/gone/steps/1?scope=node",
+        &[],
+        b"",
+    );
+    assert_eq!(status, 200);
+    let data = save_partly_changed(&c, 0, "gone", 2);
+    wait_for(LIMIT, "the second replica", || {
+        Client::connect(c.socket(1)).unwrap().steps("gone").unwrap().iter().any(|s| s.step == 2)
+    });
+    let r = cluster_status(&c, 0).replication;
+    assert_eq!((r.shards_sent, r.delta_shards_sent, r.deltas_refused), (2, 0, 1), "{r:?}");
+    let mut client = Client::connect(c.socket(1)).unwrap();
+    assert!(client.open(&ShardKey::new("gone", 2, 0)).unwrap().tensor("state").unwrap() == &data[..]);
+}

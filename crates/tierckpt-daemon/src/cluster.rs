@@ -353,19 +353,33 @@ impl Cluster {
             .map_err(|e| TierError::Unavailable(e.to_string()))??;
         let data = Bytes::from_owner(map);
         let pace = self.cfg.replication_bandwidth.map(|b| Pace { bytes_per_s: b });
+        let mut reduced = self.reduce_for(t, &m, &data).await;
         let mut delay = Duration::from_millis(100);
         for attempt in 0.. {
-            match self.peers.put_replica(self.addr(t), &m, data.clone(), pace).await {
+            let (body, is_reduced) = match &reduced {
+                Some((blob, _)) => (blob.clone(), true),
+                None => (data.clone(), false),
+            };
+            match self.peers.put_replica(self.addr(t), &m, body.clone(), is_reduced, pace).await {
                 Ok(()) => {
+                    let delta = reduced.as_ref().is_some_and(|(_, b)| b.is_some());
                     self.stats_update(|s| {
                         s.shards_sent += 1;
                         s.bytes_sent += m.file_len;
+                        s.wire_bytes_sent += body.len() as u64;
+                        s.delta_shards_sent += u64::from(delta);
                     });
                     self.metrics.replicated(m.file_len);
-                    tracing::debug!(shard = %key, to = self.id(t), bytes = m.file_len, "replicated");
+                    tracing::debug!(shard = %key, to = self.id(t), bytes = m.file_len, wire = body.len(), delta, "replicated");
                     return Ok(());
                 }
                 Err(e) if e.kind() == ErrorKind::AlreadyExists => return Ok(()),
+                // The peer no longer holds the base: send the shard whole.
+                Err(e) if is_reduced && e.kind() == ErrorKind::NotFound => {
+                    tracing::debug!(shard = %key, to = self.id(t), error = %e, "delta refused; sending whole");
+                    self.stats_update(|s| s.deltas_refused += 1);
+                    reduced = None;
+                }
                 Err(e) if e.is_retryable() && attempt < 3 => {
                     let jitter = random_u64() % (delay.as_millis() as u64 / 2 + 1);
                     tokio::time::sleep(delay + Duration::from_millis(jitter)).await;
@@ -379,6 +393,62 @@ impl Cluster {
             }
         }
         unreachable!("the loop returns")
+    }
+
+    /// The newest step before `key`'s of which this node and node `t` hold
+    /// the same rank: the base of a delta to `t`. Mapped here under a lease.
+    async fn shared_base(&self, t: usize, key: &ShardKey) -> Option<(Manifest, tierckpt_tiers::LeasedMap)> {
+        let target = self.id(t).to_string();
+        let me = self.cfg.node_id.clone();
+        let step = self
+            .view()
+            .remove(&key.namespace)?
+            .into_iter()
+            .filter(|s| s.step < key.step)
+            .filter(|s| s.holders.get(&key.rank).is_some_and(|h| h.contains(&target) && h.contains(&me)))
+            .map(|s| s.step)
+            .max()?;
+        let (tier, k) = (self.tier.clone(), ShardKey::new(key.namespace.clone(), step, key.rank));
+        let (m, map) = tokio::task::spawn_blocking(move || tier.map_leased(&k)).await.ok()?.ok()?;
+        Some((m, map))
+    }
+
+    /// The replica of `m` to send to node `t` as a reduced blob (and the
+    /// step it is a delta against), or None to send the shard as it is:
+    /// when reduction is off or would not make it smaller.
+    async fn reduce_for(&self, t: usize, m: &Manifest, data: &Bytes) -> Option<(Bytes, Option<u64>)> {
+        let opts = self.cfg.replication_reduce;
+        if opts.compression == tierckpt_format::Compression::Off && !opts.delta {
+            return None;
+        }
+        let base = match opts.delta {
+            true => self.shared_base(t, &m.key).await,
+            false => None,
+        };
+        if opts.compression == tierckpt_format::Compression::Off {
+            // Only unchanged chunks can be left out; not worth a blob without any.
+            let (bm, _) = base.as_ref()?;
+            let same = m.chunks.iter().zip(&bm.chunks).filter(|(a, b)| a == b).count();
+            if same == 0 || bm.chunk_size != m.chunk_size {
+                return None;
+            }
+        }
+        let (m2, d2) = (m.clone(), data.clone());
+        let base = base.map(|(bm, map)| (bm, Bytes::from_owner(map)));
+        let (blob, stats) = tokio::task::spawn_blocking(move || {
+            tierckpt_format::encode(&d2, &m2, base.as_ref().map(|(bm, b)| (&b[..], bm)), &opts)
+                .map(|(blob, stats)| (blob, stats, base.map(|(bm, _)| bm.key.step)))
+        })
+        .await
+        .ok()?
+        .map(|(blob, stats, base_step)| (blob, (stats, base_step)))
+        .ok()?;
+        let (stats, base_step) = stats;
+        if blob.len() as u64 >= m.file_len {
+            return None;
+        }
+        let base_step = base_step.filter(|_| stats.same_chunks + stats.xor_chunks > 0);
+        Some((Bytes::from(blob), base_step))
     }
 
     /// Fetches `key` from a live peer into local memory, verifying it; tries

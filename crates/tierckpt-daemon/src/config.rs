@@ -47,6 +47,10 @@ pub struct ConfigLayer {
     pub heartbeat_timeout: Option<String>,
     /// Cap on replication traffic per second ("1GB"); none by default.
     pub replication_bandwidth: Option<String>,
+    /// Compression of replicas on the wire: "off" (default), "lz4", "zstd", "zstd:N".
+    pub replication_compression: Option<String>,
+    /// Send only the chunks that changed since a step the peer holds (default true).
+    pub replication_delta: Option<bool>,
     /// Where checkpoints are drained to: file:///dir, s3://bucket/prefix, gs://..., az://...
     pub persistent_path: Option<String>,
     /// Persist every N-th complete checkpoint (default 1: all).
@@ -162,6 +166,8 @@ impl ConfigLayer {
                 "TIERCKPT_HEARTBEAT_INTERVAL" => l.heartbeat_interval = Some(v),
                 "TIERCKPT_HEARTBEAT_TIMEOUT" => l.heartbeat_timeout = Some(v),
                 "TIERCKPT_REPLICATION_BANDWIDTH" => l.replication_bandwidth = Some(v),
+                "TIERCKPT_REPLICATION_COMPRESSION" => l.replication_compression = Some(v),
+                "TIERCKPT_REPLICATION_DELTA" => l.replication_delta = Some(parse_bool("TIERCKPT_REPLICATION_DELTA", &v)?),
                 "TIERCKPT_PERSISTENT_PATH" => l.persistent_path = Some(v),
                 "TIERCKPT_PERSIST_EVERY" => {
                     l.persist_every = Some(v.parse().map_err(|_| {
@@ -199,7 +205,7 @@ impl ConfigLayer {
         take!(
             memory_dir, memory_tier_size, keep_last, socket, http_addr, token_file, token, node_id,
             nodes, replication_factor, placement, heartbeat_interval, heartbeat_timeout,
-            replication_bandwidth, persistent_path, persist_every, persist_interval, persist_keep_last,
+            replication_bandwidth, replication_compression, replication_delta, persistent_path, persist_every, persist_interval, persist_keep_last,
             persist_keep_every, persist_bandwidth, persist_compression, persist_delta, persist_full_every, persistent_options, persistent_faults, background_nice,
             mount_huge_tmpfs
         );
@@ -294,6 +300,8 @@ pub struct ClusterConfig {
     pub heartbeat_interval: std::time::Duration,
     pub heartbeat_timeout: std::time::Duration,
     pub replication_bandwidth: Option<u64>,
+    /// Compression and deltas of replicas on the wire.
+    pub replication_reduce: tierckpt_format::ReduceOptions,
 }
 
 impl ClusterConfig {
@@ -362,6 +370,15 @@ fn resolve_cluster(layer: &ConfigLayer) -> Result<Option<ClusterConfig>, DaemonE
         )));
     }
     let replication_bandwidth = parse_rate("replication_bandwidth", layer.replication_bandwidth.as_deref())?;
+    let replication_reduce = tierckpt_format::ReduceOptions {
+        compression: layer
+            .replication_compression
+            .as_deref()
+            .unwrap_or("off")
+            .parse()
+            .map_err(|e| DaemonError::Config(format!("replication_compression: {e}")))?,
+        delta: layer.replication_delta.unwrap_or(true),
+    };
     Ok(Some(ClusterConfig {
         node_id,
         nodes: parsed,
@@ -370,6 +387,7 @@ fn resolve_cluster(layer: &ConfigLayer) -> Result<Option<ClusterConfig>, DaemonE
         heartbeat_interval,
         heartbeat_timeout,
         replication_bandwidth,
+        replication_reduce,
     }))
 }
 

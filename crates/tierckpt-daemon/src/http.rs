@@ -202,8 +202,61 @@ async fn put_replica(
     let stream = body
         .into_data_stream()
         .map(|r| r.map_err(|e| TierError::Unavailable(format!("reading the replica body: {e}"))));
+    if headers.get(crate::peer::REDUCED_HEADER).is_some() {
+        let bytes = decode_replica(&d, &m, stream).await?;
+        let stored = crate::cluster::receive(&d.tier, &m, "a peer", futures_util::stream::once(async { Ok(bytes) })).await?;
+        return Ok((StatusCode::CREATED, Json(json!({ "stored": stored }))).into_response());
+    }
     let stored = crate::cluster::receive(&d.tier, &m, "a peer", stream).await?;
     Ok((StatusCode::CREATED, Json(json!({ "stored": stored }))).into_response())
+}
+
+/// Reads a reduced replica (`REDUCED_HEADER`) and decodes it on this node's
+/// copy of its base, every chunk verified against `m`. A base this node no
+/// longer holds is `NotFound`, and the sender sends the shard whole.
+async fn decode_replica(
+    d: &Daemon,
+    m: &tierckpt_format::Manifest,
+    stream: impl futures_util::Stream<Item = Result<bytes::Bytes, TierError>>,
+) -> Result<bytes::Bytes, TierError> {
+    let limit = m.file_len + (64 << 20);
+    let mut blob = Vec::new();
+    let mut stream = std::pin::pin!(stream);
+    while let Some(piece) = stream.next().await {
+        let piece = piece?;
+        if (blob.len() + piece.len()) as u64 > limit {
+            return Err(TierError::InvalidArgument(format!("a reduced replica of {} is larger than {limit} bytes", m.key)));
+        }
+        blob.extend_from_slice(&piece);
+    }
+    let base = match tierckpt_format::base_of(&blob)? {
+        None => None,
+        Some(b) => {
+            let key = ShardKey::new(m.key.namespace.clone(), b.step, m.key.rank);
+            let t = d.tier.clone();
+            let k = key.clone();
+            let held = tokio::task::spawn_blocking(move || t.map_leased(&k))
+                .await
+                .map_err(|e| TierError::Unavailable(e.to_string()))?;
+            match held {
+                Ok((bm, map)) if b.matches(&bm) => Some(map),
+                Ok(_) => return Err(TierError::NotFound(format!("the delta base {key} held here is another copy"))),
+                Err(e) if e.kind() == ErrorKind::NotFound => {
+                    return Err(TierError::NotFound(format!("the delta base {key} is not held here")))
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    };
+    let m = m.clone();
+    tokio::task::spawn_blocking(move || -> Result<bytes::Bytes, TierError> {
+        let mut out = vec![0u8; m.file_len as usize];
+        let label = format!("replica of {}", m.key);
+        tierckpt_format::decode_into(&blob, &m, base.as_deref(), &mut out, &label)?;
+        Ok(bytes::Bytes::from(out))
+    })
+    .await
+    .map_err(|e| TierError::Unavailable(e.to_string()))?
 }
 
 /// Deletes across the cluster, or on this node alone with `?scope=node`.

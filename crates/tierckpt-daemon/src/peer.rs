@@ -19,6 +19,9 @@ use tierckpt_tiers::{TierError, WireError};
 
 /// Header carrying a shard's manifest (compact JSON) with its bytes.
 pub const MANIFEST_HEADER: &str = "x-tierckpt-manifest";
+/// Present (value "1") when a replica's body is a reduced blob
+/// (`tierckpt_format::encode`), not the shard bytes.
+pub const REDUCED_HEADER: &str = "x-tierckpt-reduced";
 
 /// Pieces a shard body is cut into when streamed out.
 const SEND_PIECE: usize = 4 << 20;
@@ -134,20 +137,25 @@ impl PeerClient {
         Ok((v["deleted_shards"].as_u64().unwrap_or(0), v["deleted_bytes"].as_u64().unwrap_or(0)))
     }
 
-    /// Streams a shard to a peer, which verifies it before it becomes visible.
+    /// Streams a shard (or, with `reduced`, its reduced blob) to a peer,
+    /// which verifies it before it becomes visible.
     pub async fn put_replica(
         &self,
         addr: SocketAddr,
         manifest: &Manifest,
         data: Bytes,
+        reduced: bool,
         pace: Option<Pace>,
     ) -> Result<(), TierError> {
         let k = &manifest.key;
         let path = format!("/v1/replicas/{}/{}/{}", k.namespace, k.step, k.rank);
-        let headers = [
+        let mut headers = vec![
             (MANIFEST_HEADER, serde_json::to_string(manifest).expect("manifest serializes")),
             ("content-length", data.len().to_string()),
         ];
+        if reduced {
+            headers.push((REDUCED_HEADER, "1".to_string()));
+        }
         let body = BodyExt::boxed(StreamBody::new(paced_pieces(data, pace).map(|b| Ok(Frame::data(b)))));
         self.send(addr, Method::PUT, &path, &headers, body, None).await?;
         Ok(())

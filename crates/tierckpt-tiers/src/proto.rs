@@ -204,7 +204,17 @@ pub struct ClusterStep {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReplicationStats {
     pub shards_sent: u64,
+    /// Shard bytes replicated, before compression and delta.
     pub bytes_sent: u64,
+    /// What went over the wire for them.
+    #[serde(default)]
+    pub wire_bytes_sent: u64,
+    /// Shards sent as deltas against a step the peer held.
+    #[serde(default)]
+    pub delta_shards_sent: u64,
+    /// Deltas a peer refused (it no longer held the base); sent whole instead.
+    #[serde(default)]
+    pub deltas_refused: u64,
     pub failures: u64,
     pub queued: u64,
     pub shards_fetched: u64,

@@ -52,6 +52,12 @@ struct Args {
     /// Cap on replication traffic per second, e.g. "1GB" [default: none].
     #[arg(long)]
     replication_bandwidth: Option<String>,
+    /// Compression of replicas on the wire: off, lz4, zstd, zstd:N [default: off].
+    #[arg(long)]
+    replication_compression: Option<String>,
+    /// Send only the chunks that changed since a step the peer holds [default: true].
+    #[arg(long)]
+    replication_delta: Option<bool>,
     /// Drain checkpoints to file:///dir, s3://bucket/prefix, gs://... or az://...
     #[arg(long)]
     persistent_path: Option<String>,
@@ -114,6 +120,8 @@ fn config(args: Args) -> anyhow::Result<DaemonConfig> {
         heartbeat_interval: args.heartbeat_interval,
         heartbeat_timeout: args.heartbeat_timeout,
         replication_bandwidth: args.replication_bandwidth,
+        replication_compression: args.replication_compression,
+        replication_delta: args.replication_delta,
         persistent_path: args.persistent_path,
         persist_every: args.persist_every,
         persist_interval: args.persist_interval,
