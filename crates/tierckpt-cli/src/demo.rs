@@ -1732,8 +1732,12 @@ fn shard_file_len(a: &DemoArgs, rows: &[usize], world: usize) -> Result<u64> {
 #[derive(Debug, Default, Clone, Copy)]
 struct Traffic {
     replicated: u64,
+    /// What the replicas took on the wire, after deltas and compression.
+    replicated_wire: u64,
     fetched: u64,
     persisted: u64,
+    /// What the persisted shards took in the store, after deltas and compression.
+    persisted_stored: u64,
     persisted_shards: u64,
 }
 
@@ -1747,8 +1751,10 @@ fn traffic(cluster: &LocalCluster, i: usize, ns: &str) -> Result<Traffic> {
     let get = |k: &str| drain.as_ref().and_then(|d| d[k].as_u64()).unwrap_or(0);
     Ok(Traffic {
         replicated: r.bytes_sent,
+        replicated_wire: r.wire_bytes_sent,
         fetched: r.shards_fetched,
         persisted: get("uploaded_bytes"),
+        persisted_stored: get("stored_bytes"),
         persisted_shards: get("uploaded_shards"),
     })
 }
@@ -1774,6 +1780,8 @@ impl Meter {
         let now = traffic(cluster, i, &self.ns).with_context(|| format!("asking node {i} for its counters"))?;
         let was = std::mem::replace(&mut self.seen[i], now);
         self.total.replicated += now.replicated.saturating_sub(was.replicated);
+        self.total.replicated_wire += now.replicated_wire.saturating_sub(was.replicated_wire);
+        self.total.persisted_stored += now.persisted_stored.saturating_sub(was.persisted_stored);
         self.total.fetched += now.fetched.saturating_sub(was.fetched);
         self.total.persisted += now.persisted.saturating_sub(was.persisted);
         self.total.persisted_shards += now.persisted_shards.saturating_sub(was.persisted_shards);
@@ -2333,7 +2341,9 @@ pub fn run(args: &DemoArgs, json: bool) -> Result<()> {
         let tiers = json!({
             "restore_s_persistent": inc3.restore_s(Some("persistent")),
             "bytes_replicated": traffic.replicated,
+            "bytes_replicated_wire": traffic.replicated_wire,
             "bytes_persisted": traffic.persisted,
+            "bytes_persisted_stored": traffic.persisted_stored,
             "shards_persisted": traffic.persisted_shards,
             "persistent_last_committed": persisted_steps.last(),
             "persistent": {
@@ -2452,10 +2462,12 @@ pub fn run(args: &DemoArgs, json: bool) -> Result<()> {
         t.add_row(vec![
             "copied in the background".to_string(),
             format!(
-                "{} to peers; {} ({} shards) to the persistent tier, newest committed step {}",
+                "{} to peers ({} on the wire after deltas); {} ({} shards) to the persistent tier ({} stored after compression and deltas), newest committed step {}",
                 human_bytes(traffic.replicated),
+                human_bytes(traffic.replicated_wire),
                 human_bytes(traffic.persisted),
                 traffic.persisted_shards,
+                human_bytes(traffic.persisted_stored),
                 persisted_steps.last().map_or("none".to_string(), u64::to_string)
             ),
         ]);

@@ -136,6 +136,11 @@ fn demo_survives_a_crash_a_node_loss_and_a_total_memory_loss_bitwise_identical()
     assert!(v["bytes_replicated"].as_u64().is_some_and(|b| b >= checkpoint_bytes), "{v:#}");
     assert!(v["bytes_persisted"].as_u64().is_some_and(|b| b >= checkpoint_bytes), "{v:#}");
     assert!(v["shards_persisted"].as_u64().is_some_and(|n| n >= 4), "{v:#}");
+    // Before and after deltas and compression, per tier.
+    let (rep, wire) = (v["bytes_replicated"].as_u64().unwrap(), v["bytes_replicated_wire"].as_u64().unwrap());
+    assert!(wire > 0 && wire <= rep, "{v:#}");
+    let (per, stored) = (v["bytes_persisted"].as_u64().unwrap(), v["bytes_persisted_stored"].as_u64().unwrap());
+    assert!(stored > 0 && stored <= per, "{v:#}");
     assert_eq!(v["persistent_last_committed"], 30, "the last checkpoint is committed too: {v:#}");
     assert!(
         v["persistent"]["url"].as_str().is_some_and(|u| u.starts_with("file://")),

@@ -428,7 +428,9 @@ impl PersistentTier {
             .map_err(|e| TierError::Unavailable(format!("encoding worker failed: {e}")))??;
             let base_step = if stats.same_chunks + stats.xor_chunks > 0 { base_step } else { None };
             let chain = if base_step.is_some() { chain } else { 0 };
-            Some((Bytes::from(blob), ReducedRecord { stored_bytes: stats.encoded_bytes, base_step, chain, stats }))
+            // Nothing shrank: the shard is stored as it is.
+            (blob.len() < data.len())
+                .then(|| (Bytes::from(blob), ReducedRecord { stored_bytes: stats.encoded_bytes, base_step, chain, stats }))
         };
         // Unique per upload, so no upload ever overwrites a claimed one.
         let ext = if reduced.is_some() { "tcz" } else { "safetensors" };
