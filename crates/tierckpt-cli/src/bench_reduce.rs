@@ -155,6 +155,12 @@ fn measure_workload(kind: Workload, c: Compression, shards: &[(Vec<u8>, Manifest
     let (mut floor, mut ce, mut cd, mut de, mut dd) = (vec![], vec![], vec![], vec![], vec![]);
     let (mut cr, mut dr) = (vec![], vec![]);
     let (mut cstats, mut dstats) = (ReduceStats::default(), ReduceStats::default());
+    // One unmeasured round (threads, codec contexts, allocator).
+    {
+        let (data, m) = &shards[1];
+        let (blob, _) = encode(data, m, None, &ReduceOptions { compression: c, delta: false })?;
+        decode_into(&blob, m, None, &mut out, "warm-up")?;
+    }
     for w in shards.windows(2) {
         let ((base, bm), (data, m)) = (&w[0], &w[1]);
         let file = m.key.to_string();
