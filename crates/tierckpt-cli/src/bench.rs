@@ -51,6 +51,10 @@ pub enum BenchCmd {
     /// Drain of a shard to the persistent tier (file:// or s3://), against
     /// a raw write + fsync or a boto3 upload of the same bytes.
     Persist(crate::bench_persist::PersistArgs),
+    /// Bytes replicated and persisted with compression and deltas, on three
+    /// workloads made in the run, against the full size; codec speed against
+    /// a memcpy of the same bytes.
+    Reduce(crate::bench_reduce::ReduceArgs),
     /// The receiving end of `bench replicate`'s TCP floor.
     #[command(hide = true)]
     TcpSink(TcpSinkArgs),
@@ -149,6 +153,7 @@ pub(crate) fn parse_bytes(s: &str) -> Result<u64, String> {
 
 pub fn run(args: &BenchArgs, json: bool) -> Result<()> {
     match &args.cmd {
+        BenchCmd::Reduce(a) => crate::bench_reduce::run(a, json),
         BenchCmd::Memory(a) => {
             let report = memory(a)?;
             if json {

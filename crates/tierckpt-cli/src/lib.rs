@@ -5,6 +5,7 @@
 pub mod baseline;
 pub mod bench;
 pub mod bench_persist;
+pub mod bench_reduce;
 pub mod commands;
 pub mod daemon_proc;
 pub mod demo;
