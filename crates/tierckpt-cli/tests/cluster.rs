@@ -332,3 +332,28 @@ fn a_delta_whose_base_the_peer_dropped_is_sent_whole() {
     let mut client = Client::connect(c.socket(1)).unwrap();
     assert!(client.open(&ShardKey::new("gone", 2, 0)).unwrap().tensor("state").unwrap() == &data[..]);
 }
+
+#[test]
+fn every_compression_with_and_without_deltas_restores_bitwise_from_a_peer() {
+    for compression in ["off", "lz4", "zstd:3"] {
+        for delta in ["true", "false"] {
+            let (_d, mut c) = start(2, 1, |o| {
+                o.extra_args = vec![
+                    "--replication-compression".into(),
+                    compression.into(),
+                    "--replication-delta".into(),
+                    delta.into(),
+                ]
+            });
+            let mut last = Vec::new();
+            for step in 1..=3 {
+                last = save_partly_changed(&c, 0, "combo", step);
+                wait_for(LIMIT, "the replica", || holders(&c, 0, "combo", step, 0).len() == 2);
+            }
+            let r = cluster_status(&c, 0).replication;
+            assert_eq!(r.delta_shards_sent > 0, delta == "true", "{compression} delta={delta}: {r:?}");
+            c.replace_empty(0).unwrap();
+            assert!(load(&c, 0, "combo", 3, 0, last.len()).unwrap() == last, "{compression} delta={delta}");
+        }
+    }
+}

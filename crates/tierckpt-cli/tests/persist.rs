@@ -323,3 +323,31 @@ fn a_corrupt_compressed_chunk_or_a_missing_base_is_detected_never_served() {
     std::fs::write(&base, &good).unwrap();
     assert_eq!(load(&mut c, "rotz", 2, n).unwrap().len(), n);
 }
+
+#[test]
+fn every_compression_with_and_without_deltas_restores_bitwise_from_the_persistent_tier() {
+    for compression in ["off", "lz4", "zstd:3"] {
+        for delta in ["true", "false"] {
+            let store = shm_dir();
+            let url = format!("file://{}", store.path().display());
+            let ns = "combo";
+            let mut d = daemon(&url, &["--persist-compression", compression, "--persist-delta", delta, "--persist-keep-last", "1"]);
+            let mut c = d.client();
+            let mut last = Vec::new();
+            for step in 1..=3 {
+                last = save_partly_changed(&mut c, ns, step);
+                wait_for("the step committed", || drain_status(&mut c, ns)["last_committed"] == step);
+            }
+            let s = drain_status(&mut c, ns);
+            let deltas = s["delta_shards"].as_u64().unwrap();
+            assert_eq!(deltas > 0, delta == "true", "{compression} delta={delta}: {s}");
+            d.proc.kill().unwrap();
+            std::fs::remove_dir_all(d.proc.memory_dir()).unwrap();
+            d.proc.restart().unwrap();
+            let mut c = d.client();
+            let mut back = vec![0u8; last.len()];
+            c.load_into(&ShardKey::new(ns, 3, 0), &mut [("w", &mut back[..])]).unwrap();
+            assert!(back == last, "{compression} delta={delta}: restored bitwise");
+        }
+    }
+}
