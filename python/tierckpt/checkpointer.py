@@ -72,8 +72,10 @@ def validate_config(config: dict, nodes: int = 1) -> dict:
         raise _bad("checkpoint_frequency", f, 'a whole number of steps >= 1 or "adaptive"')
     if not (isinstance(c["memory_tier_size"], str) and _SIZE_RE.match(c["memory_tier_size"])):
         raise _bad("memory_tier_size", c["memory_tier_size"], 'a size such as "32GB", "512MiB" or "auto"')
-    if c["compression"] not in (None, "off"):
-        raise _bad("compression", c["compression"], '"off" or None (compression is not supported yet)')
+    comp = c["compression"]
+    if not (comp is None or comp in ("off", "lz4", "zstd")
+            or (isinstance(comp, str) and re.fullmatch(r"zstd:([1-9]|1[0-9])", comp))):
+        raise _bad("compression", comp, 'None (the daemon\'s default, zstd), "off", "lz4", "zstd" or "zstd:N" with N in 1..19')
     pp = c["persistent_path"]
     if pp is not None and not (isinstance(pp, str) and re.match(r"^(file|s3|gs|az)://.+", pp)):
         raise _bad("persistent_path", pp, "None or a URL: file:///dir, s3://bucket/prefix, gs://..., az://...")
@@ -192,6 +194,8 @@ class Checkpointer:
             args += ["--memory-dir", sock_dir]
         if c["persistent_path"]:
             args += ["--persistent-path", c["persistent_path"], "--persist-every", str(c["persist_every"])]
+            if c["compression"] is not None:
+                args += ["--persist-compression", c["compression"]]
         if os.environ.get("TIERCKPT_NODES"):
             args += ["--replication-factor", str(c["replication_factor"])]
         os.makedirs(sock_dir, exist_ok=True)

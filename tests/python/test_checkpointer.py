@@ -148,7 +148,8 @@ def test_shard_is_readable_by_the_safetensors_package(daemon):
     ({"checkpoint_frequency": 0}, "checkpoint_frequency"),
     ({"checkpoint_frequency": "often"}, "checkpoint_frequency"),
     ({"memory_tier_size": "lots"}, "memory_tier_size"),
-    ({"compression": "zstd"}, "compression"),
+    ({"compression": "gzip"}, "compression"),
+    ({"compression": "zstd:99"}, "compression"),
     ({"async_save": "yes"}, "async_save"),
     ({"persistent_path": "/no/scheme"}, "persistent_path"),
     ({"keep_last": 0}, "keep_last"),
@@ -279,12 +280,15 @@ def test_checkpointer_starts_a_daemon_when_none_answers(tmpdir_shm, monkeypatch)
     sock = tmpdir_shm / "mem" / "daemon.sock"
     monkeypatch.setenv("TIERCKPT_DAEMON_BIN", binary("tierckptd"))
     monkeypatch.setenv("TIERCKPT_HTTP_ADDR", "127.0.0.1:0")
+    store = tmpdir_shm / "persistent"
     c = Checkpointer({"socket": str(sock), "namespace": "auto", "memory_tier_size": "64MiB", "keep_last": 2,
-                      "checkpoint_frequency": 1}, rank=0, world_size=1)
+                      "checkpoint_frequency": 1, "persistent_path": f"file://{store}", "compression": "lz4"},
+                     rank=0, world_size=1)
     st = c.client.status()
     try:
         assert st["memory"]["capacity"] == 64 << 20 and st["memory"]["keep_last"] == 2
         assert st["socket"] == str(sock)
+        assert st["persistent"]["url"] == f"file://{store}" and st["persistent"]["compression"] == "lz4"
         c.save(1, {"w": torch.arange(4)})
         assert torch.equal(c.load()["w"], torch.arange(4))
     finally:
