@@ -337,7 +337,7 @@ impl Floor<'_> {
 }
 
 /// The drain state of `ns` in the daemon's status.
-fn drain_state(client: &mut Client, ns: &str) -> Result<serde_json::Value> {
+pub(crate) fn drain_state(client: &mut Client, ns: &str) -> Result<serde_json::Value> {
     let s = client.status()?;
     let p = s.persistent.context("the daemon does not drain to a persistent tier")?;
     Ok(p["namespaces"]

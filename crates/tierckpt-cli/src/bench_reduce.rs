@@ -16,18 +16,52 @@
 //! where nothing shrinks. Each checkpoint after the first is encoded without
 //! a base (compression only) and against the previous one (delta), decoded
 //! (every chunk verified), and compared with the original.
+//!
+//! End to end (unless `--no-end-to-end`): each workload's checkpoints are
+//! saved, as rank 0 of world 1, into node 0 of a real two-node cluster of
+//! daemon children (k = 1, ring, memory tiers in a fresh directory under
+//! `--dir`, a `file://` persistent tier in a fresh directory under
+//! `--tmp-dir`, both removed at the end), twice, each time on a fresh
+//! cluster:
+//! - the uncompressed path: `--replication-delta false
+//!   --replication-compression off --persist-delta false
+//!   --persist-compression off`;
+//! - the reduced path: `--replication-delta true --persist-delta true
+//!   --persist-compression C --replication-compression R`, where C is the
+//!   first of `--compression` and R is `--replication-compression` (default
+//!   C as well). The daemon's own default for R is `off`; with `off` a delta
+//!   only drops chunks that did not change at all (whole 1 MiB chunks), which
+//!   on the embedding workload (5% of rows, spread everywhere) is none, so
+//!   the default here compresses replicas too. Pass
+//!   `--replication-compression off` to measure the daemon's default.
+//!
+//! After each save returns (visible on node 0) the bench polls, every 2 ms,
+//! node 1's steps until it holds the shard (replication time) and node 0's
+//! drain status until the step is committed (persistence time), and waits
+//! for both before the next save, and (untimed) until node 0's view of the
+//! cluster, refreshed by heartbeats every 50 ms, has node 1 holding the step:
+//! node 0 takes the base of a replication delta from that view, and in
+//! training checkpoints are much further apart than heartbeats. Times are medians over the checkpoints
+//! after the first (the first has no base); bytes come from the daemons'
+//! counters over the same checkpoints. Throughput ratios are the
+//! uncompressed path's time over the reduced path's (above 1: the reduced
+//! path is faster).
 
 use std::collections::BTreeMap;
-use std::time::Instant;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use serde::Serialize;
+use tierckpt_client::{Client, TensorData};
 use tierckpt_format::{
     decode_into, encode, Compression, Dtype, Manifest, ReduceOptions, ReduceStats, ShardKey, ShardLayout, TensorSpec,
 };
 
 use crate::bench::{gibps, median, parse_bytes};
+use crate::bench_persist::drain_state;
+use crate::daemon_proc::{LocalCluster, LocalClusterOptions};
 use crate::output;
 
 /// memcpy repetitions before each checkpoint's measurements (the median of
@@ -39,6 +73,11 @@ const FLOOR_REPS: usize = 3;
 pub const FROZEN_TARGET_RATIO: f64 = 0.15;
 /// The same for the embedding case.
 pub const EMBEDDING_TARGET_RATIO: f64 = 0.10;
+/// End to end, where nothing shrinks (`random`): the reduced path's
+/// throughput at least this fraction of the uncompressed path's, for
+/// replication and for persistence ("no loss of throughput", with room for
+/// the noise of one run).
+pub const NO_LOSS_TARGET_RATIO: f64 = 0.9;
 
 /// Compression and delta checkpoints on generated training state.
 #[derive(Args, Debug, Clone)]
@@ -53,6 +92,22 @@ pub struct ReduceArgs {
     /// off, lz4, zstd, zstd:N (1..=19); a comma-separated list compares several.
     #[arg(long, default_value = "zstd:1")]
     pub compression: String,
+    /// Skip the end-to-end part (real daemons replicating and persisting).
+    #[arg(long)]
+    pub no_end_to_end: bool,
+    /// Compression of replicas on the reduced path end to end [default: the
+    /// first of --compression]; `off` is the daemon's default.
+    #[arg(long)]
+    pub replication_compression: Option<String>,
+    /// Directory (a tmpfs) for the nodes' memory tiers end to end, in a fresh
+    /// subdirectory removed at the end.
+    #[arg(long, default_value = "/dev/shm")]
+    pub dir: PathBuf,
+    /// Directory (on disk) for the `file://` persistent tier end to end, in
+    /// a fresh subdirectory removed at the end [default: the system's
+    /// temporary directory].
+    #[arg(long)]
+    pub tmp_dir: Option<PathBuf>,
 }
 
 /// One workload under one compression. Ratios of bytes are encoded over raw
@@ -96,6 +151,62 @@ pub struct ReduceReport {
     pub rows: Vec<ReduceRow>,
     /// Every decoded checkpoint was compared with the original.
     pub decoded_identical: bool,
+    /// Daemon flags of the two paths end to end (empty when skipped).
+    pub end_to_end_uncompressed_flags: String,
+    pub end_to_end_reduced_flags: String,
+    /// One row per workload; empty with `--no-end-to-end`.
+    pub end_to_end: Vec<EndToEndRow>,
+    /// The "no loss of throughput where nothing shrinks", on `random`.
+    pub no_loss_check: Option<NoLossCheck>,
+}
+
+/// One path end to end on one workload. Times are medians over the
+/// checkpoints after the first, from the save's return on node 0; bytes are
+/// the daemons' counters over the same checkpoints.
+#[derive(Debug, Clone, Serialize)]
+pub struct EndToEndPath {
+    /// Until node 1 holds the shard.
+    pub replicate_s: f64,
+    pub replicate_gibps: f64,
+    /// Until node 0's drain reports the step committed.
+    pub persist_s: f64,
+    pub persist_gibps: f64,
+    /// Shard bytes replicated (before delta and compression) and what went
+    /// over the wire; ratio wire / sent.
+    pub bytes_sent: u64,
+    pub wire_bytes_sent: u64,
+    pub replication_bytes_ratio: f64,
+    pub delta_shards_sent: u64,
+    pub shards_sent: u64,
+    /// Shard bytes uploaded (before delta and compression) and what the store
+    /// holds for them; ratio stored / uploaded.
+    pub uploaded_bytes: u64,
+    pub stored_bytes: u64,
+    pub persistence_bytes_ratio: f64,
+    pub delta_shards: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct EndToEndRow {
+    pub workload: &'static str,
+    pub file_bytes: u64,
+    pub steps_measured: usize,
+    pub persist_compression: String,
+    pub replication_compression: String,
+    pub uncompressed: EndToEndPath,
+    pub reduced: EndToEndPath,
+    /// Uncompressed time over reduced time: above 1, the reduced path is faster.
+    pub replicate_throughput_ratio: f64,
+    pub persist_throughput_ratio: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct NoLossCheck {
+    pub workload: &'static str,
+    pub replicate_throughput_ratio: f64,
+    pub persist_throughput_ratio: f64,
+    pub target_ratio: f64,
+    pub met: bool,
 }
 
 pub fn run(args: &ReduceArgs, json: bool) -> Result<()> {
@@ -121,6 +232,29 @@ fn measure(a: &ReduceArgs) -> Result<ReduceReport> {
         .map(|s| s.trim().parse::<Compression>())
         .collect::<Result<_, _>>()
         .context("--compression")?;
+    let persist_c = compressions[0];
+    let replication_c: Compression = match &a.replication_compression {
+        Some(s) => s.trim().parse().context("--replication-compression")?,
+        None => persist_c,
+    };
+    let uncompressed_flags = vec![
+        "--replication-delta", "false", "--replication-compression", "off",
+        "--persist-delta", "false", "--persist-compression", "off",
+    ]
+    .into_iter()
+    .map(String::from)
+    .collect::<Vec<_>>();
+    let reduced_flags = vec![
+        "--replication-delta".to_string(),
+        "true".into(),
+        "--replication-compression".into(),
+        replication_c.to_string(),
+        "--persist-delta".into(),
+        "true".into(),
+        "--persist-compression".into(),
+        persist_c.to_string(),
+    ];
+    let mut e2e = Vec::new();
     let mut rows = Vec::new();
     for kind in [Workload::FinetuneFrozen, Workload::FullAdam, Workload::Embedding, Workload::Random] {
         let mut gen = Generator::new(kind, a.size)?;
@@ -137,7 +271,37 @@ fn measure(a: &ReduceArgs) -> Result<ReduceReport> {
         for &c in &compressions {
             rows.push(measure_workload(kind, c, &shards)?);
         }
+        if !a.no_end_to_end {
+            let (specs, meta) = (gen.specs.clone(), gen.metadata());
+            let un = end_to_end(a, kind, &specs, &meta, &shards, &uncompressed_flags)
+                .with_context(|| format!("{}: end to end, uncompressed path", kind.name()))?;
+            let re = end_to_end(a, kind, &specs, &meta, &shards, &reduced_flags)
+                .with_context(|| format!("{}: end to end, reduced path", kind.name()))?;
+            e2e.push(EndToEndRow {
+                workload: kind.name(),
+                file_bytes: shards[0].0.len() as u64,
+                steps_measured: shards.len() - 1,
+                persist_compression: persist_c.to_string(),
+                replication_compression: replication_c.to_string(),
+                replicate_throughput_ratio: un.replicate_s / re.replicate_s,
+                persist_throughput_ratio: un.persist_s / re.persist_s,
+                uncompressed: un,
+                reduced: re,
+            });
+        }
     }
+    let no_loss_check = e2e.iter().find(|r| r.workload == Workload::Random.name()).map(|r| NoLossCheck {
+        workload: r.workload,
+        replicate_throughput_ratio: r.replicate_throughput_ratio,
+        persist_throughput_ratio: r.persist_throughput_ratio,
+        target_ratio: NO_LOSS_TARGET_RATIO,
+        met: r.replicate_throughput_ratio >= NO_LOSS_TARGET_RATIO && r.persist_throughput_ratio >= NO_LOSS_TARGET_RATIO,
+    });
+    let (end_to_end_uncompressed_flags, end_to_end_reduced_flags) = if a.no_end_to_end {
+        (String::new(), String::new())
+    } else {
+        (uncompressed_flags.join(" "), reduced_flags.join(" "))
+    };
     Ok(ReduceReport {
         benchmark: "reduce",
         size: a.size,
@@ -146,6 +310,161 @@ fn measure(a: &ReduceArgs) -> Result<ReduceReport> {
         floor_threads: 1,
         rows,
         decoded_identical: true,
+        end_to_end_uncompressed_flags,
+        end_to_end_reduced_flags,
+        end_to_end: e2e,
+        no_loss_check,
+    })
+}
+
+/// Replication counters of node 0, the drain state of `ns` there, and
+/// whether node 0's view of the cluster has node 1 holding `step`.
+fn counters(c: &mut Client, ns: &str, step: u64) -> Result<(tierckpt_tiers::proto::ReplicationStats, serde_json::Value, bool)> {
+    let cl = c.status()?.cluster.context("node 0 is not clustered")?;
+    let seen = cl
+        .namespaces
+        .get(ns)
+        .and_then(|steps| steps.iter().find(|s| s.step == step))
+        .and_then(|s| s.holders.get(&0))
+        .is_some_and(|h| h.iter().any(|n| *n == LocalCluster::node_id(1)));
+    let drain = drain_state(c, ns)?;
+    Ok((cl.replication, drain, seen))
+}
+
+/// Runs the checkpoints through a fresh two-node cluster started with
+/// `flags` (see the module's documentation).
+fn end_to_end(
+    a: &ReduceArgs,
+    kind: Workload,
+    specs: &[TensorSpec],
+    meta: &BTreeMap<String, String>,
+    shards: &[(Vec<u8>, Manifest)],
+    flags: &[String],
+) -> Result<EndToEndPath> {
+    let file_bytes = shards[0].0.len() as u64;
+    let layout = ShardLayout::new(specs, meta)?;
+    if layout.file_len != file_bytes {
+        bail!("the layout of {} does not match its generated shards", kind.name());
+    }
+    let mem_dir = tempfile::Builder::new()
+        .prefix("tierckpt-bench-reduce-")
+        .tempdir_in(&a.dir)
+        .with_context(|| format!("creating a directory under {}", a.dir.display()))?;
+    let tmp = a.tmp_dir.clone().unwrap_or_else(std::env::temp_dir);
+    let store_dir = tempfile::Builder::new()
+        .prefix("tierckpt-bench-reduce-")
+        .tempdir_in(&tmp)
+        .with_context(|| format!("creating a directory under {}", tmp.display()))?;
+    let keep_last = 3;
+    let mut extra = vec!["--persistent-path".to_string(), format!("file://{}", store_dir.path().display())];
+    extra.extend(flags.iter().cloned());
+    // Each node holds keep_last steps, a step being received or saved, and
+    // the base a delta is decoded against.
+    let opts = LocalClusterOptions {
+        nodes: 2,
+        memory_tier_size: ((keep_last as u64 + 3) * file_bytes).max(64 << 20).to_string(),
+        keep_last,
+        replication_factor: 1,
+        placement: "ring".into(),
+        // Frequent heartbeats (the view of what the peer holds); a long
+        // timeout keeps re-replication out.
+        heartbeat_interval: "50ms".into(),
+        heartbeat_timeout: "60s".into(),
+        extra_args: extra,
+        ..Default::default()
+    };
+    let cluster = LocalCluster::start(mem_dir.path(), opts)?;
+    let mut c0 = Client::connect(cluster.socket(0))?;
+    let mut s0 = Client::connect(cluster.socket(0))?;
+    let mut c1 = Client::connect(cluster.socket(1))?;
+    let ns = format!("bench-reduce-{}", kind.name());
+    let timeout = Duration::from_secs(600);
+    let (mut reps, mut pers) = (Vec::new(), Vec::new());
+    let mut first = None;
+    for (step, (bytes, _)) in shards.iter().enumerate() {
+        let step = step as u64;
+        let shapes: Vec<&[usize]> = specs.iter().map(|t| &t.shape[..]).collect();
+        let tensors: Vec<TensorData<'_>> = specs
+            .iter()
+            .zip(&layout.entries)
+            .zip(&shapes)
+            .map(|((t, e), shape)| TensorData { name: &t.name, dtype: t.dtype, shape, data: &bytes[e.range()] })
+            .collect();
+        let key = ShardKey::new(&ns, step, 0);
+        c0.save(&key, 1, &tensors, meta, true).with_context(|| format!("saving step {step} on node 0"))?;
+        let t0 = Instant::now();
+        let (mut rep, mut per) = (None, None);
+        while rep.is_none() || per.is_none() {
+            if rep.is_none() {
+                let steps = c1.steps(&ns)?;
+                if steps.iter().any(|s| s.step == step && s.ranks.contains(&0)) {
+                    rep = Some(t0.elapsed().as_secs_f64());
+                }
+            }
+            if per.is_none() {
+                let d = drain_state(&mut s0, &ns)?;
+                if d["last_committed"].as_u64().is_some_and(|s| s >= step) {
+                    per = Some(t0.elapsed().as_secs_f64());
+                }
+            }
+            if t0.elapsed() > timeout {
+                bail!("step {step}: not replicated and committed within {timeout:?}");
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        // Untimed: the sender counts a replica once node 1 answered, so wait
+        // for that, so that the counters cover whole steps; and node 0 picks
+        // the base of a delta from its view of what node 1 holds, refreshed
+        // by heartbeats, so wait until that view has this step (in training,
+        // checkpoints are much further apart than heartbeats).
+        let deadline = Instant::now() + timeout;
+        let now = loop {
+            let c = counters(&mut s0, &ns, step)?;
+            if c.0.shards_sent > step && c.2 {
+                break c;
+            }
+            if Instant::now() >= deadline {
+                bail!("node 0 did not count the replica of step {step}");
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        };
+        if now.0.failures > 0 {
+            bail!("replication failures on node 0: {:?}", now.0);
+        }
+        if step == 0 {
+            first = Some(now);
+        } else {
+            reps.push(rep.unwrap_or_default());
+            pers.push(per.unwrap_or_default());
+        }
+    }
+    let (r0, d0, _) = first.context("no checkpoints")?;
+    let (r1, d1, _) = counters(&mut s0, &ns, 0)?;
+    drop((c0, s0, c1));
+    drop(cluster);
+    mem_dir.close().context("removing the benchmark's memory tiers")?;
+    store_dir.close().context("removing the benchmark's persistent tier")?;
+    let n = |v: &serde_json::Value, f: &str| v[f].as_u64().unwrap_or(0);
+    let ratio = |a: u64, b: u64| if b == 0 { f64::NAN } else { a as f64 / b as f64 };
+    let bytes_sent = r1.bytes_sent - r0.bytes_sent;
+    let wire_bytes_sent = r1.wire_bytes_sent - r0.wire_bytes_sent;
+    let uploaded_bytes = n(&d1, "uploaded_bytes") - n(&d0, "uploaded_bytes");
+    let stored_bytes = n(&d1, "stored_bytes") - n(&d0, "stored_bytes");
+    let (replicate_s, persist_s) = (median(&reps), median(&pers));
+    Ok(EndToEndPath {
+        replicate_s,
+        replicate_gibps: gibps(file_bytes, replicate_s),
+        persist_s,
+        persist_gibps: gibps(file_bytes, persist_s),
+        bytes_sent,
+        wire_bytes_sent,
+        replication_bytes_ratio: ratio(wire_bytes_sent, bytes_sent),
+        delta_shards_sent: r1.delta_shards_sent - r0.delta_shards_sent,
+        shards_sent: r1.shards_sent - r0.shards_sent,
+        uploaded_bytes,
+        stored_bytes,
+        persistence_bytes_ratio: ratio(stored_bytes, uploaded_bytes),
+        delta_shards: n(&d1, "delta_shards") - n(&d0, "delta_shards"),
     })
 }
 
@@ -275,6 +594,61 @@ fn print(r: &ReduceReport) {
                 if ok { "met" } else { "missed" }
             );
         }
+    }
+    if r.end_to_end.is_empty() {
+        return;
+    }
+    println!();
+    println!(
+        "end to end: 2 nodes, k=1, ring, file:// persistent tier; medians over the {} checkpoints after the first",
+        r.steps - 1
+    );
+    println!("  uncompressed path: {}", r.end_to_end_uncompressed_flags);
+    println!("  reduced path:      {}", r.end_to_end_reduced_flags);
+    let mut t = output::table(&[
+        "workload",
+        "path",
+        "replicate s (GiB/s)",
+        "wire/sent bytes",
+        "delta shards sent",
+        "persist s (GiB/s)",
+        "stored/uploaded bytes",
+        "delta shards stored",
+    ]);
+    for x in &r.end_to_end {
+        for (name, p) in [("uncompressed", &x.uncompressed), ("reduced", &x.reduced)] {
+            t.add_row(vec![
+                x.workload.to_string(),
+                name.to_string(),
+                format!("{:.4} ({:.2})", p.replicate_s, p.replicate_gibps),
+                format!("{:.3}", p.replication_bytes_ratio),
+                format!("{}/{}", p.delta_shards_sent, p.shards_sent),
+                format!("{:.4} ({:.2})", p.persist_s, p.persist_gibps),
+                format!("{:.3}", p.persistence_bytes_ratio),
+                p.delta_shards.to_string(),
+            ]);
+        }
+    }
+    println!("{t}");
+    let mut t = output::table(&["workload", "replicate throughput, reduced/uncompressed", "persist throughput, reduced/uncompressed"]);
+    for x in &r.end_to_end {
+        t.add_row(vec![
+            x.workload.to_string(),
+            format!("{:.2}", x.replicate_throughput_ratio),
+            format!("{:.2}", x.persist_throughput_ratio),
+        ]);
+    }
+    println!("{t}");
+    println!("throughput ratios are the uncompressed path's time over the reduced path's: above 1, the reduced path is faster");
+    if let Some(c) = &r.no_loss_check {
+        println!(
+            "target: no loss of throughput where nothing shrinks ({}): reduced at least {} of uncompressed -- replicate {:.2}, persist {:.2} ({})",
+            c.workload,
+            c.target_ratio,
+            c.replicate_throughput_ratio,
+            c.persist_throughput_ratio,
+            if c.met { "met" } else { "missed" }
+        );
     }
 }
 
@@ -473,9 +847,13 @@ impl Generator {
         }
     }
 
+    fn metadata(&self) -> BTreeMap<String, String> {
+        BTreeMap::from([("workload".to_string(), self.kind.name().to_string())])
+    }
+
     /// The safetensors file of the current state.
     fn shard_bytes(&self) -> Vec<u8> {
-        let meta = BTreeMap::from([("workload".to_string(), self.kind.name().to_string())]);
+        let meta = self.metadata();
         let layout = ShardLayout::new(&self.specs, &meta).expect("generated layout is valid");
         let mut f = vec![0u8; layout.file_len as usize];
         f[..layout.header.len()].copy_from_slice(&layout.header);
@@ -507,7 +885,15 @@ mod tests {
 
     #[test]
     fn small_run_round_trips_and_reports() {
-        let a = ReduceArgs { size: 2 << 20, steps: 2, compression: "off,zstd:1".into() };
+        let a = ReduceArgs {
+            size: 2 << 20,
+            steps: 2,
+            compression: "off,zstd:1".into(),
+            no_end_to_end: true,
+            replication_compression: None,
+            dir: "/dev/shm".into(),
+            tmp_dir: None,
+        };
         let r = measure(&a).unwrap();
         assert_eq!(r.rows.len(), 8);
         for x in &r.rows {
