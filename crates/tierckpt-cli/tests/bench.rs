@@ -251,3 +251,111 @@ fn persist_to_s3_reports_a_ratio_against_boto3() {
     assert_eq!(v["target"], "s3://bench-bucket/p");
     assert!(v["floor_tool"].as_str().unwrap().contains("boto3"));
 }
+
+fn ratio(v: &Value, field: &str) -> f64 {
+    let x = v[field].as_f64().unwrap_or_else(|| panic!("{field} missing or not a number in {v}"));
+    assert!(x.is_finite() && x > 0.0, "{field} = {x} should be positive and finite in {v}");
+    x
+}
+
+fn count(v: &Value, field: &str) -> u64 {
+    v[field].as_u64().unwrap_or_else(|| panic!("{field} missing or not a count in {v}"))
+}
+
+#[test]
+fn reduce_reports_codec_rows_and_end_to_end_paths() {
+    let v = bench_json("reduce", &["--size", "8MiB", "--steps", "3", "--json"]);
+    assert_eq!(v["benchmark"], "reduce");
+    assert_eq!(v["size"].as_u64(), Some(8 << 20));
+    assert_eq!(v["steps"].as_u64(), Some(3));
+    assert_eq!(v["decoded_identical"], true);
+    let workloads = ["finetune-frozen", "full-adam", "embedding", "random"];
+
+    // The codec part: one row per workload (one compression, zstd:1).
+    let rows = v["rows"].as_array().expect("rows");
+    assert_eq!(rows.len(), 4);
+    for (r, w) in rows.iter().zip(workloads) {
+        assert_eq!(r["workload"], w);
+        assert_eq!(r["compression"], "zstd:1");
+        assert_eq!(r["steps_measured"].as_u64(), Some(2));
+        assert!(count(r, "file_bytes") > 7 << 20, "{r}");
+        for f in ["compress_bytes_ratio", "delta_bytes_ratio", "compress_encode_gibps", "delta_decode_gibps", "memcpy_floor_gibps"] {
+            ratio(r, f);
+        }
+    }
+    assert!(ratio(&rows[2], "delta_bytes_ratio") < 0.1, "embedding delta: {}", rows[2]);
+    assert!(ratio(&rows[3], "delta_bytes_ratio") >= 0.99, "random delta: {}", rows[3]);
+    assert!(ratio(&rows[3], "compress_bytes_ratio") >= 0.99, "random compressed: {}", rows[3]);
+
+    // End to end: the flags of both paths, one row per workload.
+    let un = v["end_to_end_uncompressed_flags"].as_str().unwrap();
+    assert!(un.contains("--replication-delta false") && un.contains("--persist-compression off"), "{un}");
+    let re = v["end_to_end_reduced_flags"].as_str().unwrap();
+    assert!(re.contains("--persist-delta true") && re.contains("--persist-compression zstd:1"), "{re}");
+    let e2e = v["end_to_end"].as_array().expect("end_to_end");
+    assert_eq!(e2e.len(), 4);
+    for (r, w) in e2e.iter().zip(workloads) {
+        assert_eq!(r["workload"], w);
+        assert_eq!(r["steps_measured"].as_u64(), Some(2));
+        assert_eq!(r["persist_compression"], "zstd:1");
+        assert_eq!(r["replication_compression"], "zstd:1");
+        let file_bytes = count(r, "file_bytes");
+        for path in ["uncompressed", "reduced"] {
+            let p = &r[path];
+            for f in ["replicate_s", "replicate_gibps", "persist_s", "persist_gibps", "replication_bytes_ratio", "persistence_bytes_ratio"] {
+                ratio(p, f);
+            }
+            // Counters over the 2 checkpoints after the first.
+            assert_eq!(count(p, "shards_sent"), 2, "{w} {path}: {p}");
+            assert_eq!(count(p, "bytes_sent"), 2 * file_bytes, "{w} {path}: {p}");
+            assert_eq!(count(p, "uploaded_bytes"), 2 * file_bytes, "{w} {path}: {p}");
+            let (sent, wire) = (count(p, "bytes_sent"), count(p, "wire_bytes_sent"));
+            let (up, stored) = (count(p, "uploaded_bytes"), count(p, "stored_bytes"));
+            assert!(close(ratio(p, "replication_bytes_ratio"), wire as f64 / sent as f64), "{p}");
+            assert!(close(ratio(p, "persistence_bytes_ratio"), stored as f64 / up as f64), "{p}");
+        }
+        // The uncompressed path sends and stores the shards as they are.
+        let u = &r["uncompressed"];
+        assert_eq!(count(u, "delta_shards_sent"), 0);
+        assert_eq!(count(u, "delta_shards"), 0);
+        assert!(ratio(u, "replication_bytes_ratio") >= 0.99 && ratio(u, "replication_bytes_ratio") <= 1.01, "{w}: {u}");
+        assert!(ratio(u, "persistence_bytes_ratio") >= 0.99 && ratio(u, "persistence_bytes_ratio") <= 1.01, "{w}: {u}");
+        let red = &r["reduced"];
+        assert!(close(
+            ratio(r, "replicate_throughput_ratio"),
+            ratio(u, "replicate_s") / ratio(red, "replicate_s")
+        ));
+        assert!(close(ratio(r, "persist_throughput_ratio"), ratio(u, "persist_s") / ratio(red, "persist_s")));
+    }
+    // The embedding shrinks end to end, replicated as deltas and stored as
+    // deltas; random bytes go as they are.
+    let emb = &e2e[2]["reduced"];
+    assert_eq!(count(emb, "delta_shards_sent"), 2, "{emb}");
+    assert_eq!(count(emb, "delta_shards"), 2, "{emb}");
+    assert!(ratio(emb, "replication_bytes_ratio") < 0.1, "{emb}");
+    assert!(ratio(emb, "persistence_bytes_ratio") < 0.1, "{emb}");
+    let rnd = &e2e[3]["reduced"];
+    assert!(ratio(rnd, "replication_bytes_ratio") >= 0.99 && ratio(rnd, "replication_bytes_ratio") <= 1.01, "{rnd}");
+    assert!(ratio(rnd, "persistence_bytes_ratio") >= 0.99 && ratio(rnd, "persistence_bytes_ratio") <= 1.01, "{rnd}");
+
+    // The no-loss check is on random; its verdict follows its figures.
+    let c = &v["no_loss_check"];
+    assert_eq!(c["workload"], "random");
+    assert_eq!(c["target_ratio"].as_f64(), Some(0.9));
+    let (rr, pr) = (ratio(c, "replicate_throughput_ratio"), ratio(c, "persist_throughput_ratio"));
+    assert!(close(rr, ratio(&e2e[3], "replicate_throughput_ratio")));
+    assert_eq!(c["met"].as_bool(), Some(rr >= 0.9 && pr >= 0.9));
+}
+
+#[test]
+fn reduce_without_end_to_end_prints_the_codec_table_only() {
+    let out = Command::new(env!("CARGO_BIN_EXE_tierckpt"))
+        .args(["bench", "reduce", "--size", "1MiB", "--steps", "2", "--no-end-to-end"])
+        .output()
+        .expect("running tierckpt");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("bytes: delta"), "{text}");
+    assert!(!text.contains("end to end"), "{text}");
+    assert!(!text.contains("no loss of throughput"), "{text}");
+}
