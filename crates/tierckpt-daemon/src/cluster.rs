@@ -69,6 +69,9 @@ pub struct Cluster {
     started: Instant,
     rereplicating: AtomicBool,
     metrics: Arc<Metrics>,
+    /// The newest step of each (target, namespace, rank) this node sent, so
+    /// that a delta can use it before the next heartbeat shows it there.
+    sent: Mutex<BTreeMap<(usize, String, u32), u64>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -176,6 +179,7 @@ impl Cluster {
             started: Instant::now(),
             rereplicating: AtomicBool::new(false),
             metrics,
+            sent: Mutex::new(BTreeMap::new()),
         });
         tokio::spawn(c.clone().heartbeat_loop(stop.clone()));
         tokio::spawn(c.clone().replicate_loop(rx, stop));
@@ -362,6 +366,10 @@ impl Cluster {
             };
             match self.peers.put_replica(self.addr(t), &m, body.clone(), is_reduced, pace).await {
                 Ok(()) => {
+                    let mut sent = lock(&self.sent);
+                    let last = sent.entry((t, key.namespace.clone(), key.rank)).or_insert(key.step);
+                    *last = (*last).max(key.step);
+                    drop(sent);
                     let delta = reduced.as_ref().is_some_and(|(_, b)| b.is_some());
                     self.stats_update(|s| {
                         s.shards_sent += 1;
@@ -400,17 +408,27 @@ impl Cluster {
     async fn shared_base(&self, t: usize, key: &ShardKey) -> Option<(Manifest, tierckpt_tiers::LeasedMap)> {
         let target = self.id(t).to_string();
         let me = self.cfg.node_id.clone();
-        let step = self
+        let seen = self
             .view()
-            .remove(&key.namespace)?
+            .remove(&key.namespace)
+            .unwrap_or_default()
             .into_iter()
             .filter(|s| s.step < key.step)
             .filter(|s| s.holders.get(&key.rank).is_some_and(|h| h.contains(&target) && h.contains(&me)))
             .map(|s| s.step)
-            .max()?;
-        let (tier, k) = (self.tier.clone(), ShardKey::new(key.namespace.clone(), step, key.rank));
-        let (m, map) = tokio::task::spawn_blocking(move || tier.map_leased(&k)).await.ok()?.ok()?;
-        Some((m, map))
+            .max();
+        // What this node sent there lately, which the view may not show yet.
+        let sent = lock(&self.sent).get(&(t, key.namespace.clone(), key.rank)).copied().filter(|&s| s < key.step);
+        let mut candidates: Vec<u64> = [sent, seen].into_iter().flatten().collect();
+        candidates.sort_unstable_by(|a, b| b.cmp(a));
+        candidates.dedup();
+        for step in candidates {
+            let (tier, k) = (self.tier.clone(), ShardKey::new(key.namespace.clone(), step, key.rank));
+            if let Ok(Ok(held)) = tokio::task::spawn_blocking(move || tier.map_leased(&k)).await {
+                return Some(held);
+            }
+        }
+        None
     }
 
     /// The replica of `m` to send to node `t` as a reduced blob (and the
@@ -435,15 +453,17 @@ impl Cluster {
         }
         let (m2, d2) = (m.clone(), data.clone());
         let base = base.map(|(bm, map)| (bm, Bytes::from_owner(map)));
-        let (blob, stats) = tokio::task::spawn_blocking(move || {
-            tierckpt_format::encode(&d2, &m2, base.as_ref().map(|(bm, b)| (&b[..], bm)), &opts)
-                .map(|(blob, stats)| (blob, stats, base.map(|(bm, _)| bm.key.step)))
+        let (blob, stats, base_step) = tokio::task::spawn_blocking(move || {
+            let b = base.as_ref().map(|(bm, b)| (&b[..], bm));
+            // What would not shrink is not encoded at all.
+            if !tierckpt_format::worth_encoding(&d2, &m2, b, &opts) {
+                return None;
+            }
+            let (blob, stats) = tierckpt_format::encode(&d2, &m2, b, &opts).ok()?;
+            Some((blob, stats, base.map(|(bm, _)| bm.key.step)))
         })
         .await
-        .ok()?
-        .map(|(blob, stats, base_step)| (blob, (stats, base_step)))
-        .ok()?;
-        let (stats, base_step) = stats;
+        .ok()??;
         if blob.len() as u64 >= m.file_len {
             return None;
         }

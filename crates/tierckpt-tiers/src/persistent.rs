@@ -421,17 +421,35 @@ impl PersistentTier {
             let base_step = base.as_ref().map(|b| b.record.manifest.key.step);
             let base = base.map(|b| (b.bytes, b.record.manifest.clone()));
             let (m2, d2) = (m.clone(), data.clone());
-            let (blob, stats) = tokio::task::spawn_blocking(move || {
-                reduce::encode(&d2, &m2, base.as_ref().map(|(b, bm)| (&b[..], bm)), &opts)
+            let encoded = tokio::task::spawn_blocking(move || {
+                let base = base.as_ref().map(|(b, bm)| (&b[..], bm));
+                // What would not shrink is not encoded at all.
+                match reduce::worth_encoding(&d2, &m2, base, &opts) {
+                    true => reduce::encode(&d2, &m2, base, &opts).map(Some),
+                    false => Ok(None),
+                }
             })
             .await
             .map_err(|e| TierError::Unavailable(format!("encoding worker failed: {e}")))??;
+            let Some((blob, stats)) = encoded else {
+                return self.store_shard(m, data, None, rpath).await;
+            };
             let base_step = if stats.same_chunks + stats.xor_chunks > 0 { base_step } else { None };
             let chain = if base_step.is_some() { chain } else { 0 };
             // Nothing shrank: the shard is stored as it is.
             (blob.len() < data.len())
                 .then(|| (Bytes::from(blob), ReducedRecord { stored_bytes: stats.encoded_bytes, base_step, chain, stats }))
         };
+        match reduced {
+            Some((blob, r)) => self.store_shard(m, blob, Some(r), rpath).await,
+            None => self.store_shard(m, data, None, rpath).await,
+        }
+    }
+
+    /// Uploads `body` (the shard, or its blob described by `reduced`) and
+    /// claims the rank with a create-only record at `rpath`.
+    async fn store_shard(&self, m: &Manifest, body: Bytes, reduced: Option<ReducedRecord>, rpath: ObjPath) -> Result<Uploaded> {
+        let k = &m.key;
         // Unique per upload, so no upload ever overwrites a claimed one.
         let ext = if reduced.is_some() { "tcz" } else { "safetensors" };
         let data_path = self.child(&[
@@ -441,10 +459,6 @@ impl PersistentTier {
             &format!("{}-{}", self.writer, &random_hex()[..8]),
             &format!("{}.{ext}", rank_stem(k.rank, m.world_size)),
         ]);
-        let (body, reduced) = match reduced {
-            Some((blob, r)) => (blob, Some(r)),
-            None => (data, None),
-        };
         let uploaded = Uploaded {
             raw_bytes: m.file_len,
             stored_bytes: body.len() as u64,
