@@ -29,11 +29,10 @@
 //! - the reduced path: `--replication-delta true --persist-delta true
 //!   --persist-compression C --replication-compression R`, where C is the
 //!   first of `--compression` and R is `--replication-compression` (default
-//!   C as well). The daemon's own default for R is `off`; with `off` a delta
-//!   only drops chunks that did not change at all (whole 1 MiB chunks), which
-//!   on the embedding workload (5% of rows, spread everywhere) is none, so
-//!   the default here compresses replicas too. Pass
-//!   `--replication-compression off` to measure the daemon's default.
+//!   `off`, the daemon's default: a delta then only drops the 4 MiB chunks
+//!   that did not change at all, which on the embedding workload (5% of rows,
+//!   spread everywhere) is none). Pass `--replication-compression zstd:1` to
+//!   see what compressed replicas send.
 //!
 //! After each save returns (visible on node 0) the bench polls, every 2 ms,
 //! node 1's steps until it holds the shard (replication time) and node 0's
@@ -95,10 +94,10 @@ pub struct ReduceArgs {
     /// Skip the end-to-end part (real daemons replicating and persisting).
     #[arg(long)]
     pub no_end_to_end: bool,
-    /// Compression of replicas on the reduced path end to end [default: the
-    /// first of --compression]; `off` is the daemon's default.
-    #[arg(long)]
-    pub replication_compression: Option<String>,
+    /// Compression of replicas on the reduced path end to end (the daemon's
+    /// default is off).
+    #[arg(long, default_value = "off")]
+    pub replication_compression: String,
     /// Directory (a tmpfs) for the nodes' memory tiers end to end, in a fresh
     /// subdirectory removed at the end.
     #[arg(long, default_value = "/dev/shm")]
@@ -233,10 +232,7 @@ fn measure(a: &ReduceArgs) -> Result<ReduceReport> {
         .collect::<Result<_, _>>()
         .context("--compression")?;
     let persist_c = compressions[0];
-    let replication_c: Compression = match &a.replication_compression {
-        Some(s) => s.trim().parse().context("--replication-compression")?,
-        None => persist_c,
-    };
+    let replication_c: Compression = a.replication_compression.trim().parse().context("--replication-compression")?;
     let uncompressed_flags = vec![
         "--replication-delta", "false", "--replication-compression", "off",
         "--persist-delta", "false", "--persist-compression", "off",
@@ -890,7 +886,7 @@ mod tests {
             steps: 2,
             compression: "off,zstd:1".into(),
             no_end_to_end: true,
-            replication_compression: None,
+            replication_compression: "off".into(),
             dir: "/dev/shm".into(),
             tmp_dir: None,
         };

@@ -264,7 +264,7 @@ fn count(v: &Value, field: &str) -> u64 {
 
 #[test]
 fn reduce_reports_codec_rows_and_end_to_end_paths() {
-    let v = bench_json("reduce", &["--size", "8MiB", "--steps", "3", "--json"]);
+    let v = bench_json("reduce", &["--size", "8MiB", "--steps", "3", "--replication-compression", "zstd:1", "--json"]);
     assert_eq!(v["benchmark"], "reduce");
     assert_eq!(v["size"].as_u64(), Some(8 << 20));
     assert_eq!(v["steps"].as_u64(), Some(3));
