@@ -57,6 +57,10 @@ struct Member {
     holdings: Option<Holdings>,
 }
 
+/// Replicas are encoded only if expected to shrink below this share of
+/// their size (`tierckpt_format::estimate`).
+const REPLICA_ENCODE_BELOW: f64 = 0.5;
+
 /// A clustered daemon's view of its peers, and the work it does with them.
 pub struct Cluster {
     pub cfg: ClusterConfig,
@@ -455,8 +459,9 @@ impl Cluster {
         let base = base.map(|(bm, map)| (bm, Bytes::from_owner(map)));
         let (blob, stats, base_step) = tokio::task::spawn_blocking(move || {
             let b = base.as_ref().map(|(bm, b)| (&b[..], bm));
-            // What would not shrink is not encoded at all.
-            if !tierckpt_format::worth_encoding(&d2, &m2, b, &opts) {
+            // Encoding and decoding a replica cost about what sending it
+            // costs on a fast network: only a large saving pays.
+            if tierckpt_format::estimate(&d2, &m2, b, &opts) >= REPLICA_ENCODE_BELOW {
                 return None;
             }
             let (blob, stats) = tierckpt_format::encode(&d2, &m2, b, &opts).ok()?;

@@ -18,7 +18,7 @@ pub use error::FormatError;
 pub use layout::{parse_shard, ShardLayout, ShardView, TensorEntry, TensorSpec};
 pub use manifest::{Manifest, ShardKey, DEFAULT_CHUNK_SIZE, FORMAT_VERSION};
 pub use reduce::{
-    base_of, decode_into, encode, estimate, manifest_identity, worth_encoding, BaseRef, Compression, ReduceOptions, ReduceStats, BLOB_VERSION,
+    base_of, decode_into, encode, estimate, manifest_identity, BaseRef, Compression, ReduceOptions, ReduceStats, BLOB_VERSION,
     DEFAULT_ZSTD_LEVEL,
 };
 pub use safetensors::Dtype;

@@ -411,50 +411,52 @@ impl Encoder {
 /// Chunks sampled by [`estimate`], evenly spread over the shard.
 const ESTIMATE_CHUNKS: usize = 8;
 
-/// A cheap guess of `encode`'s size over the raw size, from a few 64 KiB
-/// samples of a few chunks (chunks the base has unchanged count as free):
-/// a caller skips encoding where it would not pay, so that data that does not
-/// shrink costs almost nothing. About a hundredth of the work of `encode`.
+/// A cheap guess of `encode`'s size over the raw size: chunks the base holds
+/// unchanged (same checksum) count as free, exactly; the others as what 64 KiB
+/// samples of up to 8 of them compress to. A caller skips encoding where it
+/// would not pay, so that data that does not shrink costs almost nothing.
+/// About a hundredth of the work of `encode`.
 pub fn estimate(data: &[u8], m: &Manifest, base: Option<(&[u8], &Manifest)>, opts: &ReduceOptions) -> f64 {
     if m.check_len(data.len()).is_err() || m.chunks.is_empty() {
         return 1.0;
     }
     let base = base.filter(|(b, bm)| opts.delta && bm.chunk_size == m.chunk_size && bm.check_len(b.len()).is_ok());
+    let chunk = |i: usize| {
+        let (a, b) = m.chunk_range(i);
+        &data[a as usize..b as usize]
+    };
+    // The base's chunk of the same length, and whether it is unchanged.
+    let base_chunk = |i: usize| {
+        let (bd, bm) = base?;
+        let (ba, bb) = bm.chunk_range(i);
+        (i < bm.chunks.len() && (bb - ba) as usize == chunk(i).len())
+            .then(|| (&bd[ba as usize..bb as usize], bm.chunks[i] == m.chunks[i]))
+    };
+    let changed: Vec<usize> = (0..m.chunks.len()).filter(|&i| !base_chunk(i).is_some_and(|(_, same)| same)).collect();
+    let changed_bytes: usize = changed.iter().map(|&i| chunk(i).len()).sum();
+    let total = data.len().max(1) as f64;
+    if changed.is_empty() || opts.compression == Compression::Off {
+        return changed_bytes as f64 / total;
+    }
     let Ok(mut enc) = Encoder::new(opts.compression) else { return 1.0 };
-    let n = m.chunks.len();
-    let picks = ESTIMATE_CHUNKS.min(n);
+    let picks = ESTIMATE_CHUNKS.min(changed.len());
     let (mut est, mut of) = (0.0f64, 0.0f64);
     for k in 0..picks {
-        let i = if picks == 1 { 0 } else { k * (n - 1) / (picks - 1) };
-        let (a, b) = m.chunk_range(i);
-        let chunk = &data[a as usize..b as usize];
-        let base_chunk = base.and_then(|(bd, bm)| {
-            let (ba, bb) = bm.chunk_range(i);
-            (i < bm.chunks.len() && bb - ba == b - a).then(|| (&bd[ba as usize..bb as usize], bm.chunks[i] == m.chunks[i]))
-        });
-        let len = chunk.len() as f64;
-        of += len;
-        if let Some((_, true)) = base_chunk {
+        let i = changed[if picks == 1 { 0 } else { k * (changed.len() - 1) / (picks - 1) }];
+        let c = chunk(i);
+        of += c.len() as f64;
+        if c.len() < SAMPLE_LEN {
+            est += c.len() as f64;
             continue;
         }
-        if opts.compression == Compression::Off || chunk.len() < SAMPLE_LEN {
-            est += len;
-            continue;
-        }
-        let (plain, size) = enc.sample(chunk, None);
-        let mut best = plain;
-        if let Some((bc, _)) = base_chunk {
-            best = best.min(enc.sample(chunk, Some(bc)).0);
-        }
-        est += len * (best as f64 / size as f64).min(1.0);
+        let (plain, size) = enc.sample(c, None);
+        let best = match base_chunk(i) {
+            Some((bc, _)) => plain.min(enc.sample(c, Some(bc)).0),
+            None => plain,
+        };
+        est += c.len() as f64 * (best as f64 / size as f64).min(1.0);
     }
-    if of == 0.0 { 1.0 } else { est / of }
-}
-
-/// Whether encoding is expected to save at least 5% of the bytes (see
-/// [`estimate`]); below that the codec's time is not paid back.
-pub fn worth_encoding(data: &[u8], m: &Manifest, base: Option<(&[u8], &Manifest)>, opts: &ReduceOptions) -> bool {
-    estimate(data, m, base, opts) < 0.95
+    changed_bytes as f64 * (est / of.max(1.0)) / total
 }
 
 /// Encodes `data` (described by `m`) into a self-describing blob, against

@@ -37,6 +37,10 @@ use tierckpt_format::{verify_chunks, Manifest, ShardKey, StreamVerifier};
 
 use crate::{now_unix_ms, ErrorKind, Result, ShardBytes, StepSummary, Tier, TierError};
 
+/// Shards are encoded only if expected to shrink below this share of their
+/// size (`tierckpt_format::estimate`): storage is slow, so 5% pays already.
+const PERSIST_ENCODE_BELOW: f64 = 0.95;
+
 /// How uploads are made.
 #[derive(Debug, Clone)]
 pub struct PersistOptions {
@@ -423,8 +427,8 @@ impl PersistentTier {
             let (m2, d2) = (m.clone(), data.clone());
             let encoded = tokio::task::spawn_blocking(move || {
                 let base = base.as_ref().map(|(b, bm)| (&b[..], bm));
-                // What would not shrink is not encoded at all.
-                match reduce::worth_encoding(&d2, &m2, base, &opts) {
+                // What would not shrink by 5% is not encoded at all.
+                match reduce::estimate(&d2, &m2, base, &opts) < PERSIST_ENCODE_BELOW {
                     true => reduce::encode(&d2, &m2, base, &opts).map(Some),
                     false => Ok(None),
                 }
