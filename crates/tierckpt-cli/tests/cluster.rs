@@ -266,14 +266,15 @@ fn a_corrupt_local_copy_falls_through_to_a_peer() {
     assert!(load(&c, 0, "fall", 3, 0, n).unwrap() == data, "restored from n1 after the local copy failed");
 }
 
-/// A 12 MiB shard (3 checksum chunks) of which only chunk `step % 3`
-/// changes from one step to the next.
+/// A 20 MiB shard (6 checksum chunks with the header) of which only 1 MiB
+/// inside chunk `step % 5` changes from one step to the next (a delta then
+/// leaves out 5/6, enough for a replica to be sent as one).
 fn save_partly_changed(c: &LocalCluster, node: usize, ns: &str, step: u64) -> Vec<u8> {
     let chunk = 4 << 20;
-    let mut data = payload(0, 0, 3 * chunk);
+    let mut data = payload(0, 0, 5 * chunk);
     for s in 1..=step {
-        let i = (s % 3) as usize;
-        for (j, b) in data[i * chunk..(i + 1) * chunk].iter_mut().enumerate() {
+        let at = (s % 5) as usize * chunk + chunk / 4;
+        for (j, b) in data[at..at + chunk / 4].iter_mut().enumerate() {
             *b = b.wrapping_add((s as u8).wrapping_mul(13)).wrapping_add((j % 251) as u8);
         }
     }

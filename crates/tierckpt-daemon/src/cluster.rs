@@ -59,7 +59,7 @@ struct Member {
 
 /// Replicas are encoded only if expected to shrink below this share of
 /// their size (`tierckpt_format::estimate`).
-const REPLICA_ENCODE_BELOW: f64 = 0.5;
+const REPLICA_ENCODE_BELOW: f64 = 0.25;
 
 /// A clustered daemon's view of its peers, and the work it does with them.
 pub struct Cluster {
