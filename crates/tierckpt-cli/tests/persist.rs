@@ -260,7 +260,7 @@ fn data_file(store: &Path, ns: &str, step: u64) -> std::path::PathBuf {
 fn deltas_restore_bitwise_and_retention_keeps_their_bases() {
     let store = shm_dir();
     let url = format!("file://{}", store.path().display());
-    let mut d = daemon(&url, &["--persist-keep-last", "1", "--persist-full-every", "3"]);
+    let mut d = daemon(&url, &["--persist-keep-last", "1", "--persist-full-every", "3", "--persist-compression", "zstd"]);
     let mut c = d.client();
     let mut last = Vec::new();
     for step in 1..=5 {
@@ -292,7 +292,7 @@ fn deltas_restore_bitwise_and_retention_keeps_their_bases() {
 fn a_corrupt_compressed_chunk_or_a_missing_base_is_detected_never_served() {
     let store = shm_dir();
     let url = format!("file://{}", store.path().display());
-    let mut d = daemon(&url, &["--persist-keep-last", "5"]);
+    let mut d = daemon(&url, &["--persist-keep-last", "5", "--persist-compression", "zstd"]);
     let mut c = d.client();
     for step in 1..=2 {
         save_partly_changed(&mut c, "rotz", step);

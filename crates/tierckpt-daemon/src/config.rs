@@ -10,8 +10,24 @@ use crate::DaemonError;
 
 pub const DEFAULT_MEMORY_DIR: &str = "/dev/shm/tierckpt";
 pub const DEFAULT_HTTP_ADDR: &str = "127.0.0.1:7750";
-/// Compression of persisted shards unless configured (see docs/BENCHMARKS.md, bench reduce).
-pub const DEFAULT_PERSIST_COMPRESSION: &str = "zstd";
+/// Compression of persisted shards unless configured: "auto" is zstd (level
+/// 1) on a node with at least `AUTO_COMPRESSION_CORES` cores, else off
+/// (docs/BENCHMARKS.md, bench reduce and the demo's goodput).
+pub const DEFAULT_PERSIST_COMPRESSION: &str = "auto";
+/// Below this many cores the codec would take cycles from training.
+pub const AUTO_COMPRESSION_CORES: usize = 8;
+
+/// "auto" resolved for this node; anything else as written.
+fn resolve_compression(key: &str, s: &str) -> Result<tierckpt_format::Compression, DaemonError> {
+    let s = match s {
+        "auto" => {
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+            if cores >= AUTO_COMPRESSION_CORES { "zstd" } else { "off" }
+        }
+        s => s,
+    };
+    s.parse().map_err(|e| DaemonError::Config(format!("{key}: {e}; or \"auto\"")))
+}
 /// Share of available RAM that `memory_tier_size = "auto"` takes.
 const AUTO_SHARE: f64 = 0.5;
 
@@ -63,7 +79,8 @@ pub struct ConfigLayer {
     pub persist_keep_every: Option<u64>,
     /// Cap on upload bytes per second ("500MB"); none by default.
     pub persist_bandwidth: Option<String>,
-    /// Compression of what is persisted: "off", "lz4", "zstd", "zstd:N" (default "zstd").
+    /// Compression of what is persisted: "auto" (default: zstd on 8 cores or
+    /// more, else off), "off", "lz4", "zstd", "zstd:N".
     pub persist_compression: Option<String>,
     /// Persist only the chunks that changed since the rank's previous
     /// persisted step (default true).
@@ -256,12 +273,8 @@ fn resolve_persist(layer: &ConfigLayer) -> Result<Option<PersistConfig>, DaemonE
     }
     let interval = layer.persist_interval.as_deref().map(|s| parse_duration("persist_interval", s)).transpose()?;
     let bandwidth = parse_rate("persist_bandwidth", layer.persist_bandwidth.as_deref())?;
-    let compression = layer
-        .persist_compression
-        .as_deref()
-        .unwrap_or(DEFAULT_PERSIST_COMPRESSION)
-        .parse()
-        .map_err(|e| DaemonError::Config(format!("persist_compression: {e}")))?;
+    let compression =
+        resolve_compression("persist_compression", layer.persist_compression.as_deref().unwrap_or(DEFAULT_PERSIST_COMPRESSION))?;
     let full_every = layer.persist_full_every.unwrap_or(8);
     if full_every == 0 {
         return Err(DaemonError::Config("persist_full_every must be at least 1 (1: every shard stored whole)".into()));
@@ -371,12 +384,7 @@ fn resolve_cluster(layer: &ConfigLayer) -> Result<Option<ClusterConfig>, DaemonE
     }
     let replication_bandwidth = parse_rate("replication_bandwidth", layer.replication_bandwidth.as_deref())?;
     let replication_reduce = tierckpt_format::ReduceOptions {
-        compression: layer
-            .replication_compression
-            .as_deref()
-            .unwrap_or("off")
-            .parse()
-            .map_err(|e| DaemonError::Config(format!("replication_compression: {e}")))?,
+        compression: resolve_compression("replication_compression", layer.replication_compression.as_deref().unwrap_or("off"))?,
         delta: layer.replication_delta.unwrap_or(true),
     };
     Ok(Some(ClusterConfig {
@@ -505,6 +513,23 @@ fn auto_capacity(dir: &Path) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn compression_settings() {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let auto = resolve_compression("persist_compression", "auto").unwrap();
+        let expected = if cores >= AUTO_COMPRESSION_CORES { tierckpt_format::Compression::Zstd(1) } else { tierckpt_format::Compression::Off };
+        assert_eq!(auto, expected);
+        assert_eq!(resolve_compression("k", "zstd:3").unwrap(), tierckpt_format::Compression::Zstd(3));
+        let e = resolve_compression("persist_compression", "gzip").unwrap_err().to_string();
+        assert!(e.contains("persist_compression") && e.contains("gzip") && e.contains("auto"), "{e}");
+        let layer = ConfigLayer {
+            persistent_path: Some("file:///tmp/x".into()),
+            persist_full_every: Some(0),
+            ..Default::default()
+        };
+        assert!(resolve_persist(&layer).unwrap_err().to_string().contains("persist_full_every"));
+    }
 
     #[test]
     fn layers_override_in_order() {

@@ -76,7 +76,7 @@ struct Args {
     /// Cap on upload bytes per second, e.g. "500MB" [default: none].
     #[arg(long)]
     persist_bandwidth: Option<String>,
-    /// Compression of persisted shards: off, lz4, zstd, zstd:N [default: zstd].
+    /// Compression of persisted shards: auto (zstd on 8+ cores, else off), off, lz4, zstd, zstd:N [default: auto].
     #[arg(long)]
     persist_compression: Option<String>,
     /// Persist only what changed since the rank's previous persisted step [default: true].
