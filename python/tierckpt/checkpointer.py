@@ -73,9 +73,11 @@ def validate_config(config: dict, nodes: int = 1) -> dict:
     if not (isinstance(c["memory_tier_size"], str) and _SIZE_RE.match(c["memory_tier_size"])):
         raise _bad("memory_tier_size", c["memory_tier_size"], 'a size such as "32GB", "512MiB" or "auto"')
     comp = c["compression"]
-    if not (comp is None or comp in ("off", "lz4", "zstd")
+    if not (comp is None or comp in ("auto", "off", "lz4", "zstd")
             or (isinstance(comp, str) and re.fullmatch(r"zstd:([1-9]|1[0-9])", comp))):
-        raise _bad("compression", comp, 'None (the daemon\'s default, zstd), "off", "lz4", "zstd" or "zstd:N" with N in 1..19')
+        raise _bad("compression", comp,
+                   'None or "auto" (the daemon\'s default: zstd on 8 cores or more, else off), "off", "lz4", "zstd" '
+                   'or "zstd:N" with N in 1..19')
     pp = c["persistent_path"]
     if pp is not None and not (isinstance(pp, str) and re.match(r"^(file|s3|gs|az)://.+", pp)):
         raise _bad("persistent_path", pp, "None or a URL: file:///dir, s3://bucket/prefix, gs://..., az://...")
