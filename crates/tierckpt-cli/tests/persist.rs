@@ -351,3 +351,24 @@ fn every_compression_with_and_without_deltas_restores_bitwise_from_the_persisten
         }
     }
 }
+
+#[test]
+fn the_trainers_choice_of_tiers_decides_what_is_persisted() {
+    let store = shm_dir();
+    let url = format!("file://{}", store.path().display());
+    let d = daemon(&url, &["--persist-every", "1", "--persist-keep-last", "10"]);
+    let mut c = d.client();
+    let data = payload(0, 1000);
+    let t = [TensorData { name: "w", dtype: Dtype::U8, shape: &[1000], data: &data }];
+    // As the Python Checkpointer marks them; step 4 says nothing (persist_every decides).
+    for (step, tiers) in [(1, Some("memory")), (2, Some("memory,persistent")), (3, Some("memory")), (4, None)] {
+        let meta: BTreeMap<String, String> = tiers.map(|t| ("tiers".to_string(), t.to_string())).into_iter().collect();
+        c.save(&ShardKey::new("chosen", step, 0), 1, &t, &meta, true).unwrap();
+        wait_for("the drainer to decide", || {
+            let s = drain_status(&mut c, "chosen");
+            s["last_committed"] == step || s["skipped"].as_u64().unwrap_or(0) + committed_steps(store.path(), "chosen").len() as u64 >= step
+        });
+    }
+    assert_eq!(committed_steps(store.path(), "chosen"), [2, 4]);
+    assert_eq!(drain_status(&mut c, "chosen")["skipped"], 2);
+}

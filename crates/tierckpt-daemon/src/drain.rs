@@ -179,8 +179,31 @@ impl Drainer {
         }
     }
 
+    /// Whether the trainer asked for `step` to be persisted: the `tiers`
+    /// metadata of its shards held here ("memory" or "memory,persistent", as
+    /// the Python `Checkpointer` writes it); None when they do not say.
+    async fn requested(&self, ns: &str, step: u64) -> Option<bool> {
+        let tier = self.tier.clone();
+        let ns = ns.to_string();
+        tokio::task::spawn_blocking(move || {
+            let s = tier.steps(&ns).ok()?.into_iter().find(|s| s.step == step)?;
+            let rank = *s.ranks.first()?;
+            let (_, map) = tier.map_leased(&ShardKey::new(ns.clone(), step, rank)).ok()?;
+            let view = tierckpt_format::parse_shard(&map, "a shard being drained").ok()?;
+            let tiers = view.metadata.get("tiers")?;
+            Some(tiers.split(',').any(|t| t.trim() == "persistent"))
+        })
+        .await
+        .ok()
+        .flatten()
+    }
+
     async fn drain_namespace(&self, ns: &str) -> Result<(), TierError> {
         let Some((step, world, mine)) = self.work(ns).pop() else { return Ok(()) };
+        if lock(&self.state).get(ns).is_some_and(|s| s.decided.is_some_and(|d| d >= step)) {
+            return Ok(());
+        }
+        let requested = self.requested(ns, step).await;
         let due = {
             let mut st = lock(&self.state);
             let s = st.entry(ns.to_string()).or_default();
@@ -190,7 +213,8 @@ impl Drainer {
             }
             let due_by_count = s.since_last + 1 >= self.cfg.every || s.last_time.is_none();
             let due_by_time = self.cfg.interval.zip(s.last_time).is_some_and(|(i, t)| t.elapsed() >= i);
-            due_by_count || due_by_time
+            // The trainer's own choice (adaptive intervals) wins over the count.
+            requested.unwrap_or(due_by_count || due_by_time)
         };
         if !due {
             // Another node already started persisting this step: join in,
