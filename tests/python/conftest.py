@@ -20,13 +20,13 @@ def binary(name: str) -> str:
     return str(path)
 
 
-@pytest.fixture
-def daemon():
+def run_daemon(*extra: str):
+    """A real tierckptd on a fresh tmpfs directory (more flags in `extra`); yields its socket, HTTP address, dir."""
     base = "/dev/shm" if os.path.isdir("/dev/shm") else None
     tmp = tempfile.mkdtemp(prefix="tierckpt-py-", dir=base)
     proc = subprocess.Popen(
         [binary("tierckptd"), "--memory-dir", f"{tmp}/mem", "--memory-tier-size", "256MiB",
-         "--http-addr", "127.0.0.1:0"],
+         "--http-addr", "127.0.0.1:0", *[a.replace("{dir}", tmp) for a in extra]],
         stdout=subprocess.PIPE, text=True, env={**os.environ, "TIERCKPT_LOG": "warn"},
     )
     try:
@@ -37,6 +37,17 @@ def daemon():
         proc.kill()
         proc.wait()
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.fixture
+def daemon():
+    yield from run_daemon()
+
+
+@pytest.fixture
+def draining_daemon():
+    """A daemon that drains every complete checkpoint to `file://<dir>/store`, unless a shard says otherwise."""
+    yield from run_daemon("--persistent-path", "file://{dir}/store", "--persist-every", "1", "--persist-keep-last", "20")
 
 
 def tierckpt(socket: str, *args: str) -> subprocess.CompletedProcess:

@@ -316,3 +316,29 @@ def test_rank_and_world_size_from_the_environment(daemon, monkeypatch):
     (s,) = c.client.list_steps("envrank")
     assert s["ranks"] == [1] and s["world_size"] == 2 and not s["complete"]
     assert c.latest_step() is None   # rank 0 is missing: not complete
+
+
+def test_the_daemon_persists_the_steps_should_save_chose(draining_daemon):
+    c = Checkpointer({"socket": draining_daemon["socket"], "namespace": "tiers", "checkpoint_frequency": 1,
+                      "persist_every": 3, "keep_last": 10}, rank=0, world_size=1)
+    store = pathlib.Path(draining_daemon["dir"]) / "store" / "tiers"
+
+    def drained(step):
+        st = c.client.status()["persistent"]
+        ns = next((n for n in st["namespaces"] if n["namespace"] == "tiers"), {})
+        return ns.get("last_committed") == step or ns.get("skipped", 0) + len(committed()) >= step
+
+    def committed():
+        return sorted(int(p.name) for p in store.glob("*") if (p / "COMMIT").exists()) if store.exists() else []
+
+    chosen = []
+    for step in range(1, 7):
+        tiers = c.should_save(step)
+        assert "memory" in tiers
+        if "persistent" in tiers:
+            chosen.append(step)
+        c.save(step, {"w": torch.full((4,), float(step))}, tiers)
+        c.wait()
+        wait_until(lambda: drained(step), what=f"the drainer to decide step {step}")
+    assert chosen == [3, 6]
+    assert committed() == chosen
