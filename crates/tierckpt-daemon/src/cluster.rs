@@ -153,6 +153,44 @@ where
     }
 }
 
+/// Like [`receive`], for a reduced blob (`tierckpt_format::encode`): decodes
+/// it on `base` straight into the reserved segment, every chunk verified
+/// against `m`, then publishes it. Blocking.
+pub fn receive_decoded(tier: &MemoryTier, m: &Manifest, source: &str, blob: &[u8], base: Option<&[u8]>) -> Result<bool, TierError> {
+    let r = match tier.reserve(&m.key, m.world_size, m.file_len) {
+        Ok(r) => r,
+        Err(e) if e.kind() == ErrorKind::AlreadyExists => {
+            return match tier.locate(&m.key) {
+                Ok((_, have)) if have.chunks == m.chunks => Ok(false),
+                _ => Err(e),
+            };
+        }
+        Err(e) => return Err(e),
+    };
+    let decode = || -> Result<(), TierError> {
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&r.path)
+            .map_err(|e| TierError::io(format!("opening {}", r.path.display()), e))?;
+        let label = format!("{} from {source}", m.key);
+        if m.file_len == 0 {
+            return Ok(tierckpt_format::decode_into(blob, m, base, &mut [], &label)?);
+        }
+        // SAFETY: a reserved segment is written by its reserver alone until sealed.
+        let mut map = unsafe { memmap2::MmapMut::map_mut(&f) }
+            .map_err(|e| TierError::io(format!("mapping {}", r.path.display()), e))?;
+        Ok(tierckpt_format::decode_into(blob, m, base, &mut map[..], &label)?)
+    };
+    match decode() {
+        Ok(()) => tier.seal_verified(r.id, m).map(|()| true),
+        Err(e) => {
+            let _ = tier.abort(r.id);
+            Err(e)
+        }
+    }
+}
+
 impl Cluster {
     /// Starts the heartbeat loop and the replicator.
     pub fn start(

@@ -203,8 +203,7 @@ async fn put_replica(
         .into_data_stream()
         .map(|r| r.map_err(|e| TierError::Unavailable(format!("reading the replica body: {e}"))));
     if headers.get(crate::peer::REDUCED_HEADER).is_some() {
-        let bytes = decode_replica(&d, &m, stream).await?;
-        let stored = crate::cluster::receive(&d.tier, &m, "a peer", futures_util::stream::once(async { Ok(bytes) })).await?;
+        let stored = receive_reduced(&d, &m, stream).await?;
         return Ok((StatusCode::CREATED, Json(json!({ "stored": stored }))).into_response());
     }
     let stored = crate::cluster::receive(&d.tier, &m, "a peer", stream).await?;
@@ -212,13 +211,14 @@ async fn put_replica(
 }
 
 /// Reads a reduced replica (`REDUCED_HEADER`) and decodes it on this node's
-/// copy of its base, every chunk verified against `m`. A base this node no
-/// longer holds is `NotFound`, and the sender sends the shard whole.
-async fn decode_replica(
+/// copy of its base into memory, every chunk verified against `m`. A base
+/// this node no longer holds is `NotFound`, and the sender sends the shard
+/// whole. Returns false if an identical copy was already held.
+async fn receive_reduced(
     d: &Daemon,
     m: &tierckpt_format::Manifest,
     stream: impl futures_util::Stream<Item = Result<bytes::Bytes, TierError>>,
-) -> Result<bytes::Bytes, TierError> {
+) -> Result<bool, TierError> {
     let limit = m.file_len + (64 << 20);
     let mut blob = Vec::new();
     let mut stream = std::pin::pin!(stream);
@@ -248,15 +248,10 @@ async fn decode_replica(
             }
         }
     };
-    let m = m.clone();
-    tokio::task::spawn_blocking(move || -> Result<bytes::Bytes, TierError> {
-        let mut out = vec![0u8; m.file_len as usize];
-        let label = format!("replica of {}", m.key);
-        tierckpt_format::decode_into(&blob, &m, base.as_deref(), &mut out, &label)?;
-        Ok(bytes::Bytes::from(out))
-    })
-    .await
-    .map_err(|e| TierError::Unavailable(e.to_string()))?
+    let (m, tier) = (m.clone(), d.tier.clone());
+    tokio::task::spawn_blocking(move || crate::cluster::receive_decoded(&tier, &m, "a peer", &blob, base.as_deref()))
+        .await
+        .map_err(|e| TierError::Unavailable(e.to_string()))?
 }
 
 /// Deletes across the cluster, or on this node alone with `?scope=node`.
