@@ -100,6 +100,19 @@ pub fn holdings_of(tier: &MemoryTier, node_id: &str) -> Holdings {
     h
 }
 
+/// Reserves a segment for a copy of the shard `m` describes; None if an
+/// identical copy is already held here.
+fn reserve_for_copy(tier: &MemoryTier, m: &Manifest) -> Result<Option<tierckpt_tiers::Reservation>, TierError> {
+    match tier.reserve(&m.key, m.world_size, m.file_len) {
+        Ok(r) => Ok(Some(r)),
+        Err(e) if e.kind() == ErrorKind::AlreadyExists => match tier.locate(&m.key) {
+            Ok((_, have)) if have.chunks == m.chunks => Ok(None),
+            _ => Err(e),
+        },
+        Err(e) => Err(e),
+    }
+}
+
 /// Streams a shard into the memory tier, verifying every chunk before it is
 /// written; publishes it only if all of it matched `m`. Returns false if an
 /// identical copy was already held.
@@ -107,16 +120,7 @@ pub async fn receive<S>(tier: &Arc<MemoryTier>, m: &Manifest, source: &str, stre
 where
     S: Stream<Item = Result<Bytes, TierError>>,
 {
-    let r = match tier.reserve(&m.key, m.world_size, m.file_len) {
-        Ok(r) => r,
-        Err(e) if e.kind() == ErrorKind::AlreadyExists => {
-            return match tier.locate(&m.key) {
-                Ok((_, have)) if have.chunks == m.chunks => Ok(false),
-                _ => Err(e),
-            };
-        }
-        Err(e) => return Err(e),
-    };
+    let Some(r) = reserve_for_copy(tier, m)? else { return Ok(false) };
     let result = async {
         let mut file = std::fs::OpenOptions::new()
             .write(true)
@@ -157,16 +161,7 @@ where
 /// it on `base` straight into the reserved segment, every chunk verified
 /// against `m`, then publishes it. Blocking.
 pub fn receive_decoded(tier: &MemoryTier, m: &Manifest, source: &str, blob: &[u8], base: Option<&[u8]>) -> Result<bool, TierError> {
-    let r = match tier.reserve(&m.key, m.world_size, m.file_len) {
-        Ok(r) => r,
-        Err(e) if e.kind() == ErrorKind::AlreadyExists => {
-            return match tier.locate(&m.key) {
-                Ok((_, have)) if have.chunks == m.chunks => Ok(false),
-                _ => Err(e),
-            };
-        }
-        Err(e) => return Err(e),
-    };
+    let Some(r) = reserve_for_copy(tier, m)? else { return Ok(false) };
     let decode = || -> Result<(), TierError> {
         let f = std::fs::OpenOptions::new()
             .read(true)
