@@ -168,7 +168,7 @@ mod tests {
         let m = ranks[1].load_into(15, &mut [("w", &mut buf[..])]).unwrap();
         assert_eq!(buf, data(15, 1));
         assert_eq!(m["k"], "v");
-        let mut short = vec![0u8; 10];
+        let mut short = [0u8; 10];
         assert!(ranks[1].load_into(15, &mut [("w", &mut short[..])]).is_err());
         assert!(ranks[1].load_into(15, &mut [("nope", &mut buf[..])]).is_err());
         // A truncated file is refused, not loaded.

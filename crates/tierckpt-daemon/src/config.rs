@@ -10,9 +10,9 @@ use crate::DaemonError;
 
 pub const DEFAULT_MEMORY_DIR: &str = "/dev/shm/tierckpt";
 pub const DEFAULT_HTTP_ADDR: &str = "127.0.0.1:7750";
-/// Compression of persisted shards unless configured: "auto" is zstd (level
-/// 1) on a node with at least `AUTO_COMPRESSION_CORES` cores, else off
-/// (docs/BENCHMARKS.md, bench reduce and the demo's goodput).
+/// Compression of persisted shards unless configured: "auto" is zstd at
+/// level 1 on a node with at least `AUTO_COMPRESSION_CORES` cores, else off;
+/// see docs/BENCHMARKS.md (bench reduce, and the demo's goodput).
 pub const DEFAULT_PERSIST_COMPRESSION: &str = "auto";
 /// Below this many cores the codec would take cycles from training.
 pub const AUTO_COMPRESSION_CORES: usize = 8;

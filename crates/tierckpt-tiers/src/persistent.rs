@@ -772,9 +772,9 @@ impl PersistentTier {
         Ok(n)
     }
 
-    /// Keeps the newest `keep_last` committed steps (and, with `keep_every`
-    /// > 0, every step that is a multiple of it), and every step one of
-    /// those needs as a delta base; deletes older committed steps and
+    /// Keeps the newest `keep_last` committed steps (and, with a nonzero
+    /// `keep_every`, every step that is a multiple of it), and every step one
+    /// of those needs as a delta base; deletes older committed steps and
     /// uncommitted leftovers older than the newest commit. Never deletes the
     /// newest committed step. Returns the steps deleted.
     pub async fn retain(&self, ns: &str, keep_last: usize, keep_every: u64) -> Result<Vec<u64>> {
