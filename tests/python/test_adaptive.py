@@ -98,17 +98,7 @@ def test_real_saves_measure_cost_and_step_time(daemon):
     assert c.latest_step() == saved[-1]
 
 
-def _supports_failures(daemon) -> bool:
-    try:
-        Client(daemon["socket"]).failures("probe")
-        return True
-    except Exception:
-        return False
-
-
 def test_recorded_failures_shorten_the_interval(daemon):
-    if not _supports_failures(daemon):
-        pytest.skip("the daemon has no failure records yet (the supervisor change)")
     c = adaptive(daemon, "flaky")
     cl = Client(daemon["socket"])
     now_ms = int(time.time() * 1000)
