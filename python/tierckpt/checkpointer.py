@@ -369,20 +369,11 @@ class Checkpointer:
             return out
         raise AssertionError("unreachable")
 
-    def _agreed_latest(self, settle_s: float = 30.0):
-        """The newest complete step, once no shard of the namespace is still sealing (a
-        dead incarnation's seal may be finishing), and the same on every rank."""
+    def _agreed_latest(self):
+        """The newest complete step, the same on every rank. The daemon's `latest` waits for
+        seals in flight (a dead incarnation's may be finishing) before it answers."""
         d = _dist()
         if d is None or self.world_size == 1 or self.rank == 0:
-            deadline = time.monotonic() + settle_s
-            while time.monotonic() < deadline:
-                try:
-                    steps = self._client.list_steps(self.namespace)
-                except NotFoundError:
-                    steps = []
-                if not any(s.get("in_progress") for s in steps):
-                    break
-                time.sleep(0.05)
             step = self.latest_step()
         else:
             step = None
