@@ -102,10 +102,7 @@ struct Unmount(PathBuf);
 
 impl Drop for Unmount {
     fn drop(&mut self) {
-        if let Ok(p) = std::ffi::CString::new(self.0.display().to_string()) {
-            // SAFETY: a valid NUL-terminated path.
-            unsafe { libc::umount2(p.as_ptr(), libc::MNT_DETACH) };
-        }
+        tierckpt_daemon::hugepages::unmount_lazily(&self.0);
     }
 }
 

@@ -169,9 +169,11 @@ struct Job<'a> {
 
 impl Job<'_> {
     fn record(&self, kind: FailureKind, detail: String, restart: u32) {
-        let step = Client::connect(&self.socket).and_then(|mut c| c.latest(&self.args.namespace)).ok().flatten();
+        let ns = &self.args.namespace;
+        let mut client = Client::connect(&self.socket);
+        let step = client.as_mut().ok().and_then(|c| c.latest(ns).ok()).flatten();
         let rec = FailureRecord { unix_ms: now_ms(), kind, detail: detail.clone(), step, restart };
-        if let Err(e) = Client::connect(&self.socket).and_then(|mut c| c.record_failure(&self.args.namespace, rec)) {
+        if let Err(e) = client.and_then(|mut c| c.record_failure(ns, rec)) {
             eprintln!("tierckpt run: could not record {kind:?} in namespace {}: {e}", self.args.namespace);
         }
         if kind.is_failure() {

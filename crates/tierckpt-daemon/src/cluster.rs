@@ -480,14 +480,6 @@ impl Cluster {
             true => self.shared_base(t, &m.key).await,
             false => None,
         };
-        if opts.compression == tierckpt_format::Compression::Off {
-            // Only unchanged chunks can be left out; not worth a blob without any.
-            let (bm, _) = base.as_ref()?;
-            let same = m.chunks.iter().zip(&bm.chunks).filter(|(a, b)| a == b).count();
-            if same == 0 || bm.chunk_size != m.chunk_size {
-                return None;
-            }
-        }
         let (m2, d2) = (m.clone(), data.clone());
         let base = base.map(|(bm, map)| (bm, Bytes::from_owner(map)));
         let (blob, stats, base_step) = tokio::task::spawn_blocking(move || {

@@ -230,14 +230,12 @@ impl Drainer {
                 return Ok(());
             }
         }
-        // The newest committed step before this one: a delta base for the
+        // The step this drainer saw committed last: a delta base for the
         // ranks whose shard of it this node still holds in memory.
-        let base_commit = match self.cfg.reduce.delta {
-            true => match self.store.steps(ns).await?.iter().rev().find(|s| s.committed && s.step < step) {
-                Some(s) => self.store.commit_record(ns, s.step).await.ok(),
-                None => None,
-            },
-            false => None,
+        let last = lock(&self.state).get(ns).and_then(|s| s.shown.last_committed).filter(|&s| s < step);
+        let base_commit = match last {
+            Some(s) if self.cfg.reduce.delta => self.store.commit_record(ns, s).await.ok(),
+            _ => None,
         };
         for rank in mine {
             let key = ShardKey::new(ns, step, rank);

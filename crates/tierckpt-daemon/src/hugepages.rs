@@ -111,6 +111,15 @@ pub fn ensure_huge_tmpfs(dir: &Path, size: u64) -> Result<PageInfo, DaemonError>
     inspect(dir).ok_or_else(|| DaemonError::Config(format!("{} is not listed in /proc/self/mountinfo", dir.display())))
 }
 
+/// Unmounts `dir` lazily (a mapping of it may still be open); for tests and
+/// benchmarks that mounted a tier of their own. Errors are ignored.
+pub fn unmount_lazily(dir: &Path) {
+    if let Ok(p) = std::ffi::CString::new(dir.display().to_string()) {
+        // SAFETY: a valid NUL-terminated path.
+        unsafe { libc::umount2(p.as_ptr(), libc::MNT_DETACH) };
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
