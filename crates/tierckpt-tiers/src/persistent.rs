@@ -435,14 +435,12 @@ impl PersistentTier {
             })
             .await
             .map_err(|e| TierError::Unavailable(format!("encoding worker failed: {e}")))??;
-            let Some((blob, stats)) = encoded else {
-                return self.store_shard(m, data, None, rpath).await;
-            };
-            let base_step = if stats.same_chunks + stats.xor_chunks > 0 { base_step } else { None };
-            let chain = if base_step.is_some() { chain } else { 0 };
-            // Nothing shrank: the shard is stored as it is.
-            (blob.len() < data.len())
-                .then(|| (Bytes::from(blob), ReducedRecord { stored_bytes: stats.encoded_bytes, base_step, chain, stats }))
+            // A blob that did not shrink is not stored: the shard is, as it is.
+            encoded.filter(|(blob, _)| blob.len() < data.len()).map(|(blob, stats)| {
+                let base_step = base_step.filter(|_| stats.same_chunks + stats.xor_chunks > 0);
+                let chain = if base_step.is_some() { chain } else { 0 };
+                (Bytes::from(blob), ReducedRecord { stored_bytes: stats.encoded_bytes, base_step, chain, stats })
+            })
         };
         match reduced {
             Some((blob, r)) => self.store_shard(m, blob, Some(r), rpath).await,
