@@ -1490,7 +1490,7 @@ fn drive(
                         format!(
                             "    checkpoint  step {step:>4}  {w} shards, {} into {}, training paused {}",
                             human_bytes(c.bytes),
-                            if log.into.is_empty() { "node memory" } else { log.into },
+                            log.into,
                             fmt_s(c.stall_s)
                         ),
                     );
