@@ -328,6 +328,8 @@ fn a_delta_whose_base_the_peer_dropped_is_sent_whole() {
     wait_for(LIMIT, "the second replica", || {
         Client::connect(c.socket(1)).unwrap().steps("gone").unwrap().iter().any(|s| s.step == 2)
     });
+    // n1 publishes before it answers n0, which then counts the replica.
+    wait_for(LIMIT, "n0 to count it", || cluster_status(&c, 0).replication.shards_sent == 2);
     let r = cluster_status(&c, 0).replication;
     assert_eq!((r.shards_sent, r.delta_shards_sent, r.deltas_refused), (2, 0, 1), "{r:?}");
     let mut client = Client::connect(c.socket(1)).unwrap();
@@ -357,4 +359,92 @@ fn every_compression_with_and_without_deltas_restores_bitwise_from_a_peer() {
             assert!(load(&c, 0, "combo", 3, 0, last.len()).unwrap() == last, "{compression} delta={delta}");
         }
     }
+}
+
+#[test]
+fn unchanged_chunks_are_not_sent_again_and_restore_bitwise() {
+    // Defaults: replicas are not compressed, but deltas are on.
+    let (_d, mut c) = start(2, 1, |_| {});
+    let mut last = Vec::new();
+    for step in 1..=3 {
+        last = save_partly_changed(&c, 0, "sparse", step);
+        wait_for(LIMIT, "the replica", || holders(&c, 0, "sparse", step, 0).len() == 2);
+    }
+    wait_for(LIMIT, "n0 to count them", || cluster_status(&c, 0).replication.shards_sent == 3);
+    let r = cluster_status(&c, 0).replication;
+    assert_eq!((r.shards_sent, r.delta_shards_sent), (3, 2), "{r:?}");
+    // Step 1 whole; steps 2 and 3 at most the two chunks their change touches.
+    let shard = r.bytes_sent / 3;
+    assert!(r.wire_bytes_sent <= shard + 2 * (8 << 20), "{r:?}");
+    let mut client = Client::connect(c.socket(1)).unwrap();
+    assert!(client.open(&ShardKey::new("sparse", 3, 0)).unwrap().tensor("state").unwrap() == &last[..]);
+    c.replace_empty(0).unwrap();
+    assert!(load(&c, 0, "sparse", 3, 0, last.len()).unwrap() == last);
+}
+
+#[test]
+fn malformed_sparse_replicas_are_refused_and_store_nothing() {
+    use tierckpt_format::{BaseRef, Manifest};
+    let (_d, c) = start(2, 1, |_| {});
+    let mut steps = Vec::new();
+    for step in 1..=2 {
+        steps.push(save_partly_changed(&c, 0, "bad", step));
+        wait_for(LIMIT, "the replica", || holders(&c, 0, "bad", step, 0).len() == 2);
+    }
+    let (n0, n1) = (c.options(0).http_addr.clone(), c.options(1).http_addr.clone());
+    let manifest = |step: u64| {
+        let (st, body) = common::http(&n0, "GET", &format!("/v1/shards/bad/{step}/0/manifest"), &[], b"");
+        assert_eq!(st, 200);
+        Manifest::from_json(&body, "manifest").unwrap()
+    };
+    let (m1, m2) = (manifest(1), manifest(2));
+    // Step 2's bytes as step 9 (a shard n1 does not hold), as a delta on step 1.
+    let mut m9 = m2.clone();
+    m9.key = ShardKey::new("bad", 9, 0);
+    let mjson = serde_json::to_string(&m9).unwrap();
+    let (st, file) = common::http(&n0, "GET", "/v1/shards/bad/2/0", &[], b"");
+    assert_eq!(st, 200);
+    let changed: Vec<u8> = (0..m9.chunks.len())
+        .filter(|&i| m1.chunks[i] != m9.chunks[i])
+        .flat_map(|i| {
+            let (a, b) = m9.chunk_range(i);
+            file[a as usize..b as usize].to_vec()
+        })
+        .collect();
+    assert!(!changed.is_empty() && changed.len() < file.len());
+    let base = serde_json::to_string(&BaseRef::of(&m1)).unwrap();
+    let put = |base: &str, body: &[u8]| {
+        let (st, resp) = common::http(
+            &n1,
+            "PUT",
+            "/v1/replicas/bad/9/0",
+            &[("x-tierckpt-manifest", &mjson), ("x-tierckpt-sparse-base", base)],
+            body,
+        );
+        (st, String::from_utf8_lossy(&resp).into_owned())
+    };
+    let (st, msg) = put("not json", &changed);
+    assert_eq!(st, 400, "{msg}");
+    assert!(msg.contains("x-tierckpt-sparse-base"), "{msg}");
+    let mut elsewhere = BaseRef::of(&m1);
+    elsewhere.step = 7;
+    let (st, msg) = put(&serde_json::to_string(&elsewhere).unwrap(), &changed);
+    assert_eq!(st, 404, "{msg}");
+    assert!(msg.contains("not held here"), "{msg}");
+    let mut extra = changed.clone();
+    extra.extend_from_slice(b"more");
+    let (st, msg) = put(&base, &extra);
+    assert!(st >= 400, "{st} {msg}");
+    let mut flipped = changed.clone();
+    flipped[changed.len() / 2] ^= 1;
+    let (st, msg) = put(&base, &flipped);
+    assert!(st >= 400 && msg.contains("checksum"), "{st} {msg}");
+    let (st, msg) = put(&base, &changed[..changed.len() - 1]);
+    assert!(st >= 400, "{st} {msg}");
+    let mut client = Client::connect(c.socket(1)).unwrap();
+    assert!(client.steps("bad").unwrap().iter().all(|s| s.step != 9));
+    // The well-formed one is taken, and is step 2's bytes.
+    let (st, msg) = put(&base, &changed);
+    assert_eq!(st, 201, "{msg}");
+    assert!(client.open(&ShardKey::new("bad", 9, 0)).unwrap().tensor("state").unwrap() == &steps[1][..]);
 }

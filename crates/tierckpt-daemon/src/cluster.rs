@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
-use tierckpt_format::{Manifest, ShardKey, StreamVerifier};
+use tierckpt_format::{BaseRef, Manifest, ShardKey, StreamVerifier};
 use tierckpt_tiers::proto::{
     ClusterStatus, ClusterStep, HeldStep, Holdings, NodeState, NodeStatus, ReplicationStats,
 };
@@ -24,7 +24,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::config::{ClusterConfig, Placement};
 use crate::metrics::Metrics;
-use crate::peer::{Pace, PeerClient};
+use crate::peer::{Pace, PeerClient, ReplicaBody};
 
 /// Indices of the nodes that receive copies of `owner`'s shards.
 pub fn replica_targets(placement: Placement, n: usize, owner: usize, k: usize) -> Vec<usize> {
@@ -57,9 +57,11 @@ struct Member {
     holdings: Option<Holdings>,
 }
 
-/// Replicas are encoded only if expected to shrink below this share of
-/// their size (`tierckpt_format::estimate`).
-const REPLICA_ENCODE_BELOW: f64 = 0.25;
+/// With `replication_compression` on, replicas are encoded only if expected
+/// to shrink below this share of their size (`tierckpt_format::estimate`).
+/// Compression is for links slower than the codec (see `tierckpt bench
+/// reduce`); where it is on, the bytes are what is scarce.
+const REPLICA_ENCODE_BELOW: f64 = 0.9;
 
 /// A clustered daemon's view of its peers, and the work it does with them.
 pub struct Cluster {
@@ -113,10 +115,19 @@ fn reserve_for_copy(tier: &MemoryTier, m: &Manifest) -> Result<Option<tierckpt_t
     }
 }
 
+/// True when chunk `i` of `m` is unchanged in `base` (same length and
+/// checksum): a sparse replica leaves it out, and the receiver copies it
+/// from its own copy of the base.
+pub fn unchanged_chunk(base: &Manifest, m: &Manifest, i: usize) -> bool {
+    i < base.chunks.len() && base.chunk_size == m.chunk_size && base.chunk_range(i) == m.chunk_range(i) && base.chunks[i] == m.chunks[i]
+}
+
 /// Streams a shard into the memory tier, verifying every chunk before it is
-/// written; publishes it only if all of it matched `m`. Returns false if an
-/// identical copy was already held.
-pub async fn receive<S>(tier: &Arc<MemoryTier>, m: &Manifest, source: &str, stream: S) -> Result<bool, TierError>
+/// written; publishes it only if all of it matched `m`. With `base` (its
+/// manifest and bytes), the stream is sparse: it carries only the chunks
+/// that differ from the base, and the others are copied from it (verified
+/// as well). Returns false if an identical copy was already held.
+pub async fn receive<S>(tier: &Arc<MemoryTier>, m: &Manifest, source: &str, stream: S, base: Option<(&Manifest, &[u8])>) -> Result<bool, TierError>
 where
     S: Stream<Item = Result<Bytes, TierError>>,
 {
@@ -127,17 +138,44 @@ where
             .open(&r.path)
             .map_err(|e| TierError::io(format!("opening {}", r.path.display()), e))?;
         let mut v = StreamVerifier::new(m, format!("{} from {source}", m.key));
+        let mut write = |bytes: &[u8]| -> Result<(), TierError> {
+            v.feed(bytes)?;
+            file.write_all(bytes).map_err(|e| TierError::io(format!("writing {}", r.path.display()), e))
+        };
+        // The next chunk and how much of it was written.
+        let (mut chunk, mut in_chunk) = (0usize, 0u64);
+        let copy_unchanged = |chunk: &mut usize, write: &mut dyn FnMut(&[u8]) -> Result<(), TierError>| {
+            let Some((bm, bytes)) = base else { return Ok(()) };
+            while *chunk < m.chunks.len() && unchanged_chunk(bm, m, *chunk) {
+                let (a, b) = m.chunk_range(*chunk);
+                write(&bytes[a as usize..b as usize])?;
+                *chunk += 1;
+            }
+            Ok::<(), TierError>(())
+        };
+        copy_unchanged(&mut chunk, &mut write)?;
         let mut stream = std::pin::pin!(stream);
         loop {
             let next = tokio::time::timeout(Duration::from_secs(60), stream.next())
                 .await
                 .map_err(|_| TierError::Unavailable(format!("{source} sent nothing for 60 s")))?;
             let Some(piece) = next else { break };
-            let piece = piece?;
-            v.feed(&piece)?;
-            file.write_all(&piece)
-                .map_err(|e| TierError::io(format!("writing {}", r.path.display()), e))?;
+            let mut piece = &piece?[..];
+            while !piece.is_empty() {
+                if chunk >= m.chunks.len() {
+                    return Err(TierError::InvalidArgument(format!("{source} sent more than the {} bytes of {}", m.file_len, m.key)));
+                }
+                let (a, b) = m.chunk_range(chunk);
+                let take = ((b - a - in_chunk) as usize).min(piece.len());
+                write(&piece[..take])?;
+                (in_chunk, piece) = (in_chunk + take as u64, &piece[take..]);
+                if in_chunk == b - a {
+                    (chunk, in_chunk) = (chunk + 1, 0);
+                    copy_unchanged(&mut chunk, &mut write)?;
+                }
+            }
         }
+        drop(write);
         v.finish()?;
         Ok::<(), TierError>(())
     }
@@ -394,36 +432,34 @@ impl Cluster {
             .map_err(|e| TierError::Unavailable(e.to_string()))??;
         let data = Bytes::from_owner(map);
         let pace = self.cfg.replication_bandwidth.map(|b| Pace { bytes_per_s: b });
-        let mut reduced = self.reduce_for(t, &m, &data).await;
+        // The body and whether it is a delta.
+        let mut body = self.replica_body(t, &m, &data).await;
         let mut delay = Duration::from_millis(100);
         for attempt in 0.. {
-            let (body, is_reduced) = match &reduced {
-                Some((blob, _)) => (blob.clone(), true),
-                None => (data.clone(), false),
-            };
-            match self.peers.put_replica(self.addr(t), &m, body.clone(), is_reduced, pace).await {
+            let delta = body.1;
+            match self.peers.put_replica(self.addr(t), &m, &body.0, pace).await {
                 Ok(()) => {
                     let mut sent = lock(&self.sent);
                     let last = sent.entry((t, key.namespace.clone(), key.rank)).or_insert(key.step);
                     *last = (*last).max(key.step);
                     drop(sent);
-                    let delta = reduced.as_ref().is_some_and(|(_, b)| b.is_some());
+                    let wire = body.0.wire_len();
                     self.stats_update(|s| {
                         s.shards_sent += 1;
                         s.bytes_sent += m.file_len;
-                        s.wire_bytes_sent += body.len() as u64;
+                        s.wire_bytes_sent += wire;
                         s.delta_shards_sent += u64::from(delta);
                     });
                     self.metrics.replicated(m.file_len);
-                    tracing::debug!(shard = %key, to = self.id(t), bytes = m.file_len, wire = body.len(), delta, "replicated");
+                    tracing::debug!(shard = %key, to = self.id(t), bytes = m.file_len, wire, delta, "replicated");
                     return Ok(());
                 }
                 Err(e) if e.kind() == ErrorKind::AlreadyExists => return Ok(()),
                 // The peer no longer holds the base: send the shard whole.
-                Err(e) if is_reduced && e.kind() == ErrorKind::NotFound => {
+                Err(e) if delta && e.kind() == ErrorKind::NotFound => {
                     tracing::debug!(shard = %key, to = self.id(t), error = %e, "delta refused; sending whole");
                     self.stats_update(|s| s.deltas_refused += 1);
-                    reduced = None;
+                    body = (ReplicaBody::Whole(data.clone()), false);
                 }
                 Err(e) if e.is_retryable() && attempt < 3 => {
                     let jitter = random_u64() % (delay.as_millis() as u64 / 2 + 1);
@@ -468,37 +504,49 @@ impl Cluster {
         None
     }
 
-    /// The replica of `m` to send to node `t` as a reduced blob (and the
-    /// step it is a delta against), or None to send the shard as it is:
-    /// when reduction is off or would not make it smaller.
-    async fn reduce_for(&self, t: usize, m: &Manifest, data: &Bytes) -> Option<(Bytes, Option<u64>)> {
+    /// What to send node `t` for `m`, and whether it is a delta:
+    /// - a reduced blob (`tierckpt_format::encode`), with compression on and
+    ///   when it is expected to shrink below [`REPLICA_ENCODE_BELOW`];
+    /// - else, with delta on, the chunks that differ from a base both nodes
+    ///   hold (sparse: no encoding, no copy);
+    /// - else the shard whole.
+    async fn replica_body(&self, t: usize, m: &Manifest, data: &Bytes) -> (ReplicaBody, bool) {
+        let whole = (ReplicaBody::Whole(data.clone()), false);
         let opts = self.cfg.replication_reduce;
-        if opts.compression == tierckpt_format::Compression::Off && !opts.delta {
-            return None;
-        }
         let base = match opts.delta {
             true => self.shared_base(t, &m.key).await,
             false => None,
         };
-        let (m2, d2) = (m.clone(), data.clone());
         let base = base.map(|(bm, map)| (bm, Bytes::from_owner(map)));
-        let (blob, stats, base_step) = tokio::task::spawn_blocking(move || {
-            let b = base.as_ref().map(|(bm, b)| (&b[..], bm));
-            // Encoding and decoding a replica cost about what sending it
-            // costs on a fast network: only a large saving pays.
-            if tierckpt_format::estimate(&d2, &m2, b, &opts) >= REPLICA_ENCODE_BELOW {
-                return None;
+        if opts.compression != tierckpt_format::Compression::Off {
+            let (m2, d2, b2) = (m.clone(), data.clone(), base.clone());
+            let encoded = tokio::task::spawn_blocking(move || {
+                let b = b2.as_ref().map(|(bm, b)| (&b[..], bm));
+                if tierckpt_format::estimate(&d2, &m2, b, &opts) >= REPLICA_ENCODE_BELOW {
+                    return None;
+                }
+                tierckpt_format::encode(&d2, &m2, b, &opts).ok()
+            })
+            .await
+            .ok()
+            .flatten();
+            if let Some((blob, stats)) = encoded.filter(|(blob, _)| (blob.len() as u64) < m.file_len) {
+                return (ReplicaBody::Reduced(Bytes::from(blob)), stats.same_chunks + stats.xor_chunks > 0);
             }
-            let (blob, stats) = tierckpt_format::encode(&d2, &m2, b, &opts).ok()?;
-            Some((blob, stats, base.map(|(bm, _)| bm.key.step)))
-        })
-        .await
-        .ok()??;
-        if blob.len() as u64 >= m.file_len {
-            return None;
         }
-        let base_step = base_step.filter(|_| stats.same_chunks + stats.xor_chunks > 0);
-        Some((Bytes::from(blob), base_step))
+        let Some((bm, _)) = base else { return whole };
+        let changed: Vec<usize> = (0..m.chunks.len()).filter(|&i| !unchanged_chunk(&bm, m, i)).collect();
+        if changed.len() == m.chunks.len() {
+            return whole;
+        }
+        let pieces = changed
+            .into_iter()
+            .map(|i| {
+                let (a, b) = m.chunk_range(i);
+                data.slice(a as usize..b as usize)
+            })
+            .collect();
+        (ReplicaBody::Sparse { base: BaseRef::of(&bm), pieces }, true)
     }
 
     /// Fetches `key` from a live peer into local memory, verifying it; tries
@@ -533,7 +581,7 @@ impl Cluster {
                 if m.key != *key {
                     return Err(TierError::InvalidArgument(format!("node {id} sent {} for {key}", m.key)));
                 }
-                receive(&self.tier, &m, &format!("node {id}"), stream).await?;
+                receive(&self.tier, &m, &format!("node {id}"), stream, None).await?;
                 Ok::<u64, TierError>(m.file_len)
             };
             match attempt.await {

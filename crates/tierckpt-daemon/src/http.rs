@@ -206,8 +206,41 @@ async fn put_replica(
         let stored = receive_reduced(&d, &m, stream).await?;
         return Ok((StatusCode::CREATED, Json(json!({ "stored": stored }))).into_response());
     }
-    let stored = crate::cluster::receive(&d.tier, &m, "a peer", stream).await?;
+    let base = match headers.get(crate::peer::SPARSE_BASE_HEADER) {
+        None => None,
+        Some(v) => {
+            let b: tierckpt_format::BaseRef = v
+                .to_str()
+                .ok()
+                .and_then(|v| serde_json::from_str(v).ok())
+                .ok_or_else(|| bad(format!("header {} is not a base reference", crate::peer::SPARSE_BASE_HEADER)))?;
+            Some(held_base(&d, &m, &b).await?)
+        }
+    };
+    let base = base.as_ref().map(|(bm, map)| (bm, &map[..]));
+    let stored = crate::cluster::receive(&d.tier, &m, "a peer", stream, base).await?;
     Ok((StatusCode::CREATED, Json(json!({ "stored": stored }))).into_response())
+}
+
+/// This node's copy of the delta base `b` of a replica of `m`, mapped under
+/// a lease; `NotFound` when it does not hold that exact copy, so that the
+/// sender sends the shard whole.
+async fn held_base(
+    d: &Daemon,
+    m: &tierckpt_format::Manifest,
+    b: &tierckpt_format::BaseRef,
+) -> Result<(tierckpt_format::Manifest, tierckpt_tiers::LeasedMap), TierError> {
+    let key = ShardKey::new(m.key.namespace.clone(), b.step, m.key.rank);
+    let (t, k) = (d.tier.clone(), key.clone());
+    let held = tokio::task::spawn_blocking(move || t.map_leased(&k))
+        .await
+        .map_err(|e| TierError::Unavailable(e.to_string()))?;
+    match held {
+        Ok((bm, map)) if b.matches(&bm) => Ok((bm, map)),
+        Ok(_) => Err(TierError::NotFound(format!("the delta base {key} held here is another copy"))),
+        Err(e) if e.kind() == ErrorKind::NotFound => Err(TierError::NotFound(format!("the delta base {key} is not held here"))),
+        Err(e) => Err(e),
+    }
 }
 
 /// Reads a reduced replica (`REDUCED_HEADER`) and decodes it on this node's
@@ -231,22 +264,7 @@ async fn receive_reduced(
     }
     let base = match tierckpt_format::base_of(&blob)? {
         None => None,
-        Some(b) => {
-            let key = ShardKey::new(m.key.namespace.clone(), b.step, m.key.rank);
-            let t = d.tier.clone();
-            let k = key.clone();
-            let held = tokio::task::spawn_blocking(move || t.map_leased(&k))
-                .await
-                .map_err(|e| TierError::Unavailable(e.to_string()))?;
-            match held {
-                Ok((bm, map)) if b.matches(&bm) => Some(map),
-                Ok(_) => return Err(TierError::NotFound(format!("the delta base {key} held here is another copy"))),
-                Err(e) if e.kind() == ErrorKind::NotFound => {
-                    return Err(TierError::NotFound(format!("the delta base {key} is not held here")))
-                }
-                Err(e) => return Err(e),
-            }
-        }
+        Some(b) => Some(held_base(d, m, &b).await?.1),
     };
     let (m, tier) = (m.clone(), d.tier.clone());
     tokio::task::spawn_blocking(move || crate::cluster::receive_decoded(&tier, &m, "a peer", &blob, base.as_deref()))

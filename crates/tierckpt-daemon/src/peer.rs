@@ -13,7 +13,7 @@ use hyper::body::{Frame, Incoming};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioExecutor;
-use tierckpt_format::{Manifest, ShardKey};
+use tierckpt_format::{BaseRef, Manifest, ShardKey};
 use tierckpt_tiers::proto::Holdings;
 use tierckpt_tiers::{TierError, WireError};
 
@@ -22,6 +22,11 @@ pub const MANIFEST_HEADER: &str = "x-tierckpt-manifest";
 /// Present (value "1") when a replica's body is a reduced blob
 /// (`tierckpt_format::encode`), not the shard bytes.
 pub const REDUCED_HEADER: &str = "x-tierckpt-reduced";
+/// Present on a sparse replica: the base (a `tierckpt_format::BaseRef` as
+/// JSON) whose unchanged chunks the body leaves out. The body is the other
+/// chunks back to back, in order; the receiver takes the rest from its copy
+/// of the base (see `cluster::unchanged_chunk`).
+pub const SPARSE_BASE_HEADER: &str = "x-tierckpt-sparse-base";
 
 /// Pieces a shard body is cut into when streamed out.
 const SEND_PIECE: usize = 4 << 20;
@@ -137,26 +142,27 @@ impl PeerClient {
         Ok((v["deleted_shards"].as_u64().unwrap_or(0), v["deleted_bytes"].as_u64().unwrap_or(0)))
     }
 
-    /// Streams a shard (or, with `reduced`, its reduced blob) to a peer,
-    /// which verifies it before it becomes visible.
-    pub async fn put_replica(
-        &self,
-        addr: SocketAddr,
-        manifest: &Manifest,
-        data: Bytes,
-        reduced: bool,
-        pace: Option<Pace>,
-    ) -> Result<(), TierError> {
+    /// Streams a replica to a peer, which verifies it before it becomes
+    /// visible.
+    pub async fn put_replica(&self, addr: SocketAddr, manifest: &Manifest, body: &ReplicaBody, pace: Option<Pace>) -> Result<(), TierError> {
         let k = &manifest.key;
         let path = format!("/v1/replicas/{}/{}/{}", k.namespace, k.step, k.rank);
         let mut headers = vec![
             (MANIFEST_HEADER, serde_json::to_string(manifest).expect("manifest serializes")),
-            ("content-length", data.len().to_string()),
+            ("content-length", body.wire_len().to_string()),
         ];
-        if reduced {
-            headers.push((REDUCED_HEADER, "1".to_string()));
-        }
-        let body = BodyExt::boxed(StreamBody::new(paced_pieces(data, pace).map(|b| Ok(Frame::data(b)))));
+        let pieces = match body {
+            ReplicaBody::Whole(d) => vec![d.clone()],
+            ReplicaBody::Reduced(blob) => {
+                headers.push((REDUCED_HEADER, "1".to_string()));
+                vec![blob.clone()]
+            }
+            ReplicaBody::Sparse { base, pieces } => {
+                headers.push((SPARSE_BASE_HEADER, serde_json::to_string(base).expect("base serializes")));
+                pieces.clone()
+            }
+        };
+        let body = BodyExt::boxed(StreamBody::new(paced_pieces(pieces, pace).map(|b| Ok(Frame::data(b)))));
         self.send(addr, Method::PUT, &path, &headers, body, None).await?;
         Ok(())
     }
@@ -185,13 +191,35 @@ impl PeerClient {
     }
 }
 
-/// Cuts `data` into pieces, pacing them if asked.
-fn paced_pieces(data: Bytes, pace: Option<Pace>) -> impl Stream<Item = Bytes> {
-    let start = Instant::now();
-    futures_util::stream::unfold((data, 0u64), move |(mut rest, sent)| async move {
-        if rest.is_empty() {
-            return None;
+/// What a replica's body carries.
+#[derive(Debug, Clone)]
+pub enum ReplicaBody {
+    /// The shard's bytes.
+    Whole(Bytes),
+    /// A reduced blob (`tierckpt_format::encode`).
+    Reduced(Bytes),
+    /// The chunks that differ from `base`, in order (slices of the shard).
+    Sparse { base: BaseRef, pieces: Vec<Bytes> },
+}
+
+impl ReplicaBody {
+    /// Bytes on the wire.
+    pub fn wire_len(&self) -> u64 {
+        match self {
+            ReplicaBody::Whole(b) | ReplicaBody::Reduced(b) => b.len() as u64,
+            ReplicaBody::Sparse { pieces, .. } => pieces.iter().map(|p| p.len() as u64).sum(),
         }
+    }
+}
+
+/// Cuts `pieces` into pieces of at most [`SEND_PIECE`] bytes, pacing them if
+/// asked.
+fn paced_pieces(pieces: Vec<Bytes>, pace: Option<Pace>) -> impl Stream<Item = Bytes> {
+    let start = Instant::now();
+    let mut pieces = std::collections::VecDeque::from(pieces);
+    pieces.retain(|p| !p.is_empty());
+    futures_util::stream::unfold((pieces, 0u64), move |(mut rest, sent)| async move {
+        let head = rest.front_mut()?;
         if let Some(p) = pace {
             let due = Duration::from_secs_f64(sent as f64 / p.bytes_per_s.max(1) as f64);
             let elapsed = start.elapsed();
@@ -199,7 +227,10 @@ fn paced_pieces(data: Bytes, pace: Option<Pace>) -> impl Stream<Item = Bytes> {
                 tokio::time::sleep(due - elapsed).await;
             }
         }
-        let piece = rest.split_to(rest.len().min(SEND_PIECE));
+        let piece = head.split_to(head.len().min(SEND_PIECE));
+        if head.is_empty() {
+            rest.pop_front();
+        }
         let n = piece.len() as u64;
         Some((piece, (rest, sent + n)))
     })

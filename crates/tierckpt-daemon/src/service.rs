@@ -300,7 +300,7 @@ impl Daemon {
 
     async fn fetch_persisted(&self, d: &crate::drain::Drainer, key: &ShardKey) -> Result<()> {
         let (m, stream) = d.store.fetch(key).await?;
-        crate::cluster::receive(&self.tier, &m, d.store.url(), stream).await?;
+        crate::cluster::receive(&self.tier, &m, d.store.url(), stream, None).await?;
         tracing::info!(shard = %key, url = d.store.url(), "restored a shard from the persistent tier");
         Ok(())
     }
