@@ -28,11 +28,11 @@
 //!   --persist-compression off`;
 //! - the reduced path: `--replication-delta true --persist-delta true
 //!   --persist-compression C --replication-compression R`, where C is the
-//!   first of `--compression` and R is `--replication-compression` (default
-//!   `off`, the daemon's default: a delta then only drops the 4 MiB chunks
-//!   that did not change at all, which on the embedding workload (5% of rows,
-//!   spread everywhere) is none). Pass `--replication-compression zstd:1` to
-//!   see what compressed replicas send.
+//!   first of `--compression` and R is `--replication-compression` (default:
+//!   C). The daemon's own default for replicas is `off`: a delta replica then
+//!   leaves out only the 4 MiB chunks that did not change at all (sparse),
+//!   which on the embedding workload (5% of rows, spread everywhere) is none.
+//!   Pass `--replication-compression off` to measure that.
 //!
 //! After each save returns (visible on node 0) the bench polls, every 2 ms,
 //! node 1's steps until it holds the shard (replication time) and node 0's
@@ -94,10 +94,10 @@ pub struct ReduceArgs {
     /// Skip the end-to-end part (real daemons replicating and persisting).
     #[arg(long)]
     pub no_end_to_end: bool,
-    /// Compression of replicas on the reduced path end to end (the daemon's
-    /// default is off).
-    #[arg(long, default_value = "off")]
-    pub replication_compression: String,
+    /// Compression of replicas on the reduced path end to end [default: the
+    /// first of --compression] (the daemon's default is off).
+    #[arg(long)]
+    pub replication_compression: Option<String>,
     /// Directory (a tmpfs) for the nodes' memory tiers end to end, in a fresh
     /// subdirectory removed at the end.
     #[arg(long, default_value = "/dev/shm")]
@@ -197,6 +197,9 @@ pub struct EndToEndRow {
     /// Uncompressed time over reduced time: above 1, the reduced path is faster.
     pub replicate_throughput_ratio: f64,
     pub persist_throughput_ratio: f64,
+    /// The target for this workload, for bytes sent and stored alike.
+    pub target_ratio: Option<f64>,
+    pub meets_target: Option<bool>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -232,7 +235,10 @@ fn measure(a: &ReduceArgs) -> Result<ReduceReport> {
         .collect::<Result<_, _>>()
         .context("--compression")?;
     let persist_c = compressions[0];
-    let replication_c: Compression = a.replication_compression.trim().parse().context("--replication-compression")?;
+    let replication_c: Compression = match &a.replication_compression {
+        Some(c) => c.trim().parse().context("--replication-compression")?,
+        None => persist_c,
+    };
     let uncompressed_flags = vec![
         "--replication-delta", "false", "--replication-compression", "off",
         "--persist-delta", "false", "--persist-compression", "off",
@@ -273,8 +279,11 @@ fn measure(a: &ReduceArgs) -> Result<ReduceReport> {
                 .with_context(|| format!("{}: end to end, uncompressed path", kind.name()))?;
             let re = end_to_end(a, kind, &specs, &meta, &shards, &reduced_flags)
                 .with_context(|| format!("{}: end to end, reduced path", kind.name()))?;
+            let target = kind.target_ratio();
             e2e.push(EndToEndRow {
                 workload: kind.name(),
+                target_ratio: target,
+                meets_target: target.map(|t| re.replication_bytes_ratio <= t && re.persistence_bytes_ratio <= t),
                 file_bytes: shards[0].0.len() as u64,
                 steps_measured: shards.len() - 1,
                 persist_compression: persist_c.to_string(),
@@ -513,11 +522,7 @@ fn measure_workload(kind: Workload, c: Compression, shards: &[(Vec<u8>, Manifest
     }
     let bytes = len as u64;
     let fl = median(&floor);
-    let target = match kind {
-        Workload::FinetuneFrozen => Some(FROZEN_TARGET_RATIO),
-        Workload::Embedding => Some(EMBEDDING_TARGET_RATIO),
-        _ => None,
-    };
+    let target = kind.target_ratio();
     let delta_ratio = median(&dr);
     Ok(ReduceRow {
         workload: kind.name(),
@@ -636,6 +641,17 @@ fn print(r: &ReduceReport) {
     }
     println!("{t}");
     println!("throughput ratios are the uncompressed path's time over the reduced path's: above 1, the reduced path is faster");
+    for x in &r.end_to_end {
+        if let (Some(target), Some(ok)) = (x.target_ratio, x.meets_target) {
+            println!(
+                "target: {} end to end: sent and stored at most {target} of the full size -- sent {:.3}, stored {:.3} ({})",
+                x.workload,
+                x.reduced.replication_bytes_ratio,
+                x.reduced.persistence_bytes_ratio,
+                if ok { "met" } else { "missed" }
+            );
+        }
+    }
     if let Some(c) = &r.no_loss_check {
         println!(
             "target: no loss of throughput where nothing shrinks ({}): reduced at least {} of uncompressed -- replicate {:.2}, persist {:.2} ({})",
@@ -657,6 +673,15 @@ enum Workload {
 }
 
 impl Workload {
+    /// The target for the delta's bytes over the full size, if any.
+    fn target_ratio(self) -> Option<f64> {
+        match self {
+            Workload::FinetuneFrozen => Some(FROZEN_TARGET_RATIO),
+            Workload::Embedding => Some(EMBEDDING_TARGET_RATIO),
+            _ => None,
+        }
+    }
+
     fn name(self) -> &'static str {
         match self {
             Workload::FinetuneFrozen => "finetune-frozen",
@@ -886,7 +911,7 @@ mod tests {
             steps: 2,
             compression: "off,zstd:1".into(),
             no_end_to_end: true,
-            replication_compression: "off".into(),
+            replication_compression: None,
             dir: "/dev/shm".into(),
             tmp_dir: None,
         };

@@ -264,7 +264,7 @@ fn count(v: &Value, field: &str) -> u64 {
 
 #[test]
 fn reduce_reports_codec_rows_and_end_to_end_paths() {
-    let v = bench_json("reduce", &["--size", "8MiB", "--steps", "3", "--replication-compression", "zstd:1", "--json"]);
+    let v = bench_json("reduce", &["--size", "8MiB", "--steps", "3", "--json"]);
     assert_eq!(v["benchmark"], "reduce");
     assert_eq!(v["size"].as_u64(), Some(8 << 20));
     assert_eq!(v["steps"].as_u64(), Some(3));
@@ -337,6 +337,15 @@ fn reduce_reports_codec_rows_and_end_to_end_paths() {
     let rnd = &e2e[3]["reduced"];
     assert!(ratio(rnd, "replication_bytes_ratio") >= 0.99 && ratio(rnd, "replication_bytes_ratio") <= 1.01, "{rnd}");
     assert!(ratio(rnd, "persistence_bytes_ratio") >= 0.99 && ratio(rnd, "persistence_bytes_ratio") <= 1.01, "{rnd}");
+
+    // The byte targets end to end: their verdicts follow the figures.
+    for (i, target) in [(0, 0.15), (2, 0.1)] {
+        let (r, red) = (&e2e[i], &e2e[i]["reduced"]);
+        assert_eq!(r["target_ratio"].as_f64(), Some(target), "{r}");
+        let met = ratio(red, "replication_bytes_ratio") <= target && ratio(red, "persistence_bytes_ratio") <= target;
+        assert_eq!(r["meets_target"].as_bool(), Some(met), "{r}");
+    }
+    assert!(e2e[1]["target_ratio"].is_null() && e2e[3]["meets_target"].is_null());
 
     // The no-loss check is on random; its verdict follows its figures.
     let c = &v["no_loss_check"];
