@@ -10,6 +10,7 @@ mod checksum;
 mod error;
 mod layout;
 mod manifest;
+mod predict;
 pub mod names;
 mod reduce;
 

@@ -10,7 +10,9 @@
 //! to back (in the order the encoder's workers finished them, so that each
 //! is written once, straight into the blob), then the JSON header (target
 //! identity, the base it needs if any, one `[kind, payload offset, payload
-//! length]` record per chunk) at the end.
+//! length]` record per chunk, the predicted pairs if any: `{"m": [start,
+//! end], "v": start, "b1": bits, "b2": bits}`, file offsets and the betas'
+//! f64 bit patterns) at the end.
 //!
 //! Per chunk the smallest of these is stored (for chunks of 1 MiB and more,
 //! the smallest as samples of the chunk predict, which saves compressing a
@@ -18,11 +20,30 @@
 //! - `Same`: with delta, the base's chunk has the same length and checksum:
 //!   no payload, the base's bytes are taken;
 //! - `Xor`+lz4/zstd: with delta and compression, the XOR against the base's
-//!   chunk of the same length, split into byte planes, compressed;
+//!   chunk of the same length (predicted in places, see below), split into
+//!   byte planes, compressed;
 //! - lz4/zstd: the chunk split into byte planes, compressed;
 //! - `Raw`: the chunk as is, whenever nothing else is smaller.
 //!
 //! With [`Compression::Off`], delta gives only `Same` and `Raw`.
+//!
+//! Adam's second moment is predicted: with delta and compression, where both
+//! shards are safetensors holding F32 tensors `P + "exp_avg"` (m) and `P +
+//! "exp_avg_sq"` (v) at the same offsets, and sampling finds betas (from a
+//! small grid) for which one Adam step from the base's m and v to the new m
+//! reproduces the new v to about an ulp, `Xor` chunks XOR v's bytes against
+//! that prediction instead of the base's (see `predict`). Lossless whatever
+//! the prediction (the residual is stored exactly); mostly zero bits when it
+//! is right (exp_avg_sq shrinks about 7-fold). The header lists each pair's
+//! ranges and exact betas. The decoder leaves the residual in place, and
+//! once every chunk is decoded (m is never predicted, so its bytes are
+//! final), XORs in the same prediction, computed from the decoded m and the
+//! base, identically on every platform; only then does it verify those
+//! chunks, so a wrong prediction can only fail a checksum. Blobs of version
+//! 1 have no predictions.
+
+// `u64::is_multiple_of` needs Rust 1.87; the workspace supports 1.85.
+#![allow(clippy::manual_is_multiple_of)]
 
 use std::fmt;
 use std::str::FromStr;
@@ -33,11 +54,13 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use xxhash_rust::xxh3::xxh3_128;
 
 use crate::error::Hex;
+use crate::predict::{self, Pair};
 use crate::{Checksum, FormatError, Manifest};
 
 const MAGIC: &[u8; 7] = b"TCKPRED";
-/// Version byte written after the magic; readers refuse any other.
-pub const BLOB_VERSION: u8 = 1;
+/// Version byte written after the magic; readers accept it and 1 (version
+/// 1: without predictions), and refuse any other.
+pub const BLOB_VERSION: u8 = 2;
 /// Magic, version byte and header length.
 const PREFIX_LEN: usize = 7 + 1 + 8;
 /// Zstd level used by `"zstd"` without a level. Measured by `tierckpt bench
@@ -128,6 +151,9 @@ pub struct ReduceStats {
     pub xor_chunks: u64,
     pub compressed_chunks: u64,
     pub raw_chunks: u64,
+    /// Adam `exp_avg_sq` tensors XORed against their prediction.
+    #[serde(default)]
+    pub predicted_pairs: u64,
 }
 
 /// The checkpoint a delta blob needs to be decoded: its step and identity.
@@ -183,6 +209,10 @@ impl Kind {
     fn uses_base(self) -> bool {
         matches!(self, Kind::Same | Kind::XorLz4 | Kind::XorZstd)
     }
+
+    fn is_xor(self) -> bool {
+        matches!(self, Kind::XorLz4 | Kind::XorZstd)
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -199,6 +229,19 @@ struct Header {
     identity: Checksum,
     base: Option<BaseRef>,
     chunks: Vec<ChunkRec>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    predict: Vec<PredRec>,
+}
+
+/// A predicted pair in file byte offsets: `exp_avg` at `m.0..m.1`,
+/// `exp_avg_sq` at `v..v + m.1 - m.0`, and the betas' f64 bit patterns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PredRec {
+    m: (u64, u64),
+    v: u64,
+    b1: u64,
+    b2: u64,
 }
 
 fn check_shape(m: &Manifest, what: &str) -> Result<(), FormatError> {
@@ -297,6 +340,32 @@ const SAMPLE_LEN: usize = 64 << 10;
 /// is stored raw without compressing it whole.
 const INCOMPRESSIBLE: f64 = 0.97;
 
+/// Sample `k` of a chunk of `len` (at least `SAMPLE_LEN`) bytes: a multiple
+/// of [`PLANES`] bytes into the chunk.
+fn sample_range(len: usize, k: usize) -> std::ops::Range<usize> {
+    let a = (len - SAMPLE_LEN) * k / (SAMPLES - 1) / PLANES * PLANES;
+    a..a + SAMPLE_LEN
+}
+
+/// Overwrites `dst`, which holds the base's bytes at file offsets `a..a +
+/// dst.len()`, with the predictions of the `pairs`' v positions there, from
+/// the new m in `data` and the base's m and v.
+fn predict_base(pairs: &[Pair], data: &[u8], base: &[u8], a: usize, dst: &mut [u8]) {
+    for (p, x, y) in predict::pieces(pairs, a, a + dst.len()) {
+        let m = p.m + (x - p.v)..p.m + (y - p.v);
+        predict::apply(&mut dst[x - a..y - a], &data[m.clone()], &base[m], &base[x..y], p.b1, p.b2, false);
+    }
+}
+
+/// Pairs to predict in `data` against `base`, if any: only with compression
+/// and chunks of whole f32 words.
+fn pairs_for(data: &[u8], m: &Manifest, base: Option<&[u8]>, compression: Compression) -> Vec<Pair> {
+    match base {
+        Some(b) if compression != Compression::Off && m.chunk_size % 4 == 0 => predict::find_pairs(data, b),
+        _ => Vec::new(),
+    }
+}
+
 /// Per-worker compression state.
 struct Encoder {
     compression: Compression,
@@ -342,8 +411,7 @@ impl Encoder {
     fn sample(&mut self, chunk: &[u8], base: Option<&[u8]>) -> (usize, usize) {
         let (mut n, mut of) = (0, 0);
         for k in 0..SAMPLES {
-            let a = (chunk.len() - SAMPLE_LEN) * k / (SAMPLES - 1) / PLANES * PLANES;
-            let r = a..a + SAMPLE_LEN;
+            let r = sample_range(chunk.len(), k);
             to_planes(&mut self.planes, &chunk[r.clone()], base.map(|b| &b[r]));
             n += Self::compress(self.compression, &mut self.zstd, &self.planes, &mut self.out_b).unwrap_or(SAMPLE_LEN);
             of += SAMPLE_LEN;
@@ -352,7 +420,8 @@ impl Encoder {
     }
 
     /// The smallest encoding of `chunk` given the base's chunk of the same
-    /// length, if any, and whether the two have the same checksum.
+    /// length (with predictions where any), if any, and whether the two have
+    /// the same checksum.
     /// The kind and, for compressed kinds, where the bytes are (`out_a` or
     /// `out_b`, and their length).
     fn encode_chunk(&mut self, chunk: &[u8], base: Option<(&[u8], bool)>) -> (Kind, Option<(bool, usize)>) {
@@ -439,6 +508,8 @@ pub fn estimate(data: &[u8], m: &Manifest, base: Option<(&[u8], &Manifest)>, opt
         return changed_bytes as f64 / total;
     }
     let Ok(mut enc) = Encoder::new(opts.compression) else { return 1.0 };
+    let pairs = pairs_for(data, m, base.map(|b| b.0), opts.compression);
+    let mut pbase = Vec::new();
     let picks = ESTIMATE_CHUNKS.min(changed.len());
     let (mut est, mut of) = (0.0f64, 0.0f64);
     for k in 0..picks {
@@ -450,9 +521,24 @@ pub fn estimate(data: &[u8], m: &Manifest, base: Option<(&[u8], &Manifest)>, opt
             continue;
         }
         let (plain, size) = enc.sample(c, None);
-        let best = match base_chunk(i) {
-            Some((bc, _)) => plain.min(enc.sample(c, Some(bc)).0),
-            None => plain,
+        let best = match (base_chunk(i), base) {
+            (Some((bc, _)), Some((bd, _))) => {
+                let a = m.chunk_range(i).0 as usize;
+                let bc = if predict::pieces(&pairs, a, a + c.len()).next().is_some() {
+                    // The base as encode XORs against, in the sampled ranges.
+                    pbase.resize(c.len(), 0);
+                    for k in 0..SAMPLES {
+                        let r = sample_range(c.len(), k);
+                        pbase[r.clone()].copy_from_slice(&bc[r.clone()]);
+                        predict_base(&pairs, data, bd, a + r.start, &mut pbase[r]);
+                    }
+                    &pbase[..]
+                } else {
+                    bc
+                };
+                plain.min(enc.sample(c, Some(bc)).0)
+            }
+            _ => plain,
         };
         est += c.len() as f64 * (best as f64 / size as f64).min(1.0);
     }
@@ -484,12 +570,13 @@ pub fn encode(
         _ => None,
     };
     let n = m.chunks.len();
+    let pairs = pairs_for(data, m, base.map(|b| b.0), opts.compression);
     let next = AtomicUsize::new(0);
     let failed: Mutex<Option<FormatError>> = Mutex::new(None);
     // The blob: prefix, payloads in the order workers finish them, header.
     // Zeroed memory comes untouched from the allocator: only the pages the
     // payloads take are faulted in, by the workers that write them.
-    let header_room = 1024 + 64 * n;
+    let header_room = 1024 + 64 * n + 128 * pairs.len();
     let mut blob = vec![0u8; PREFIX_LEN + data.len() + header_room];
     let (prefix, space) = blob.split_at_mut(PREFIX_LEN);
     let space_len = space.len();
@@ -499,6 +586,7 @@ pub fn encode(
             .map(|_| {
                 s.spawn(|| {
                     let mut out = Vec::new();
+                    let mut pred = Vec::new(); // the predicted base's chunk
                     let mut enc = match Encoder::new(opts.compression) {
                         Ok(e) => e,
                         Err(e) => {
@@ -520,6 +608,16 @@ pub fn encode(
                             let (ba, bb) = bm.chunk_range(i);
                             (bb - ba == b - a).then(|| (&bd[ba as usize..bb as usize], bm.chunks[i] == m.chunks[i]))
                         });
+                        let (a, b) = (a as usize, b as usize);
+                        let base_chunk = match (base_chunk, base) {
+                            (Some((bc, false)), Some((bd, _))) if predict::pieces(&pairs, a, b).next().is_some() => {
+                                pred.clear();
+                                pred.extend_from_slice(bc);
+                                predict_base(&pairs, data, bd, a, &mut pred);
+                                Some((&pred[..], false))
+                            }
+                            (other, _) => other,
+                        };
                         let (kind, at) = enc.encode_chunk(chunk, base_chunk);
                         let src: &[u8] = match (kind, at) {
                             (Kind::Same, _) => &[],
@@ -562,6 +660,14 @@ pub fn encode(
     }
     let recs: Vec<ChunkRec> = results.into_iter().map(|r| r.1).collect();
     let needs_base = recs.iter().any(|r| r.0.uses_base());
+    // The pairs some Xor chunk was predicted with.
+    let cs = m.chunk_size as usize;
+    let predict: Vec<PredRec> = pairs
+        .iter()
+        .filter(|p| recs[p.v / cs..=(p.v + p.len - 1) / cs].iter().any(|r| r.0.is_xor()))
+        .map(|p| PredRec { m: (p.m as u64, (p.m + p.len) as u64), v: p.v as u64, b1: p.b1.to_bits(), b2: p.b2.to_bits() })
+        .collect();
+    stats.predicted_pairs = predict.len() as u64;
     let header = Header {
         step: m.key.step,
         file_len: m.file_len,
@@ -569,6 +675,7 @@ pub fn encode(
         identity: manifest_identity(m),
         base: base.filter(|_| needs_base).map(|(_, bm)| BaseRef::of(bm)),
         chunks: recs,
+        predict,
     };
     let json = serde_json::to_vec(&header).expect("reduce header serializes");
     prefix[..7].copy_from_slice(MAGIC);
@@ -585,15 +692,63 @@ fn bad_header(file: &str, reason: impl Into<String>) -> FormatError {
     FormatError::InvalidHeader { file: file.to_string(), reason: reason.into() }
 }
 
-/// Splits a blob into its header and payload; never panics.
-fn parse<'a>(blob: &'a [u8], file: &str) -> Result<(Header, &'a [u8]), FormatError> {
+/// Checks the header's predictions (`version`: the blob's); the pairs,
+/// sorted by `v`.
+fn check_predict(h: &Header, version: u8) -> Result<Vec<Pair>, String> {
+    if h.predict.is_empty() {
+        return Ok(Vec::new());
+    }
+    if version < 2 {
+        return Err(format!("a version {version} blob lists predictions"));
+    }
+    let Some(base) = &h.base else { return Err("predictions without a base".into()) };
+    if h.chunk_size % 4 != 0 {
+        return Err(format!("predictions in chunks of {} bytes, not a multiple of 4", h.chunk_size));
+    }
+    let mut pairs = Vec::with_capacity(h.predict.len());
+    let mut ranges = Vec::with_capacity(2 * h.predict.len());
+    for (k, &PredRec { m: (ms, me), v, b1, b2 }) in h.predict.iter().enumerate() {
+        let what = |reason: &str| format!("prediction {k} (m {ms}..{me}, v at {v}): {reason}");
+        if ms >= me {
+            return Err(what("empty m range"));
+        }
+        if (ms | me | v) % 4 != 0 {
+            return Err(what("not 4-byte aligned"));
+        }
+        let len = me - ms;
+        let Some(ve) = v.checked_add(len).filter(|&ve| me.max(ve) <= h.file_len.min(base.file_len)) else {
+            return Err(what(&format!("outside the shard's {} bytes or the base's {}", h.file_len, base.file_len)));
+        };
+        if ms < ve && v < me {
+            return Err(what("m and v ranges overlap"));
+        }
+        let (b1, b2) = (f64::from_bits(b1), f64::from_bits(b2));
+        if !(b1 > 0.0 && b1 < 1.0 && b2 > 0.0 && b2 < 1.0) {
+            return Err(what(&format!("betas {b1} and {b2} are not both in (0, 1)")));
+        }
+        let size = |x: u64| usize::try_from(x).map_err(|_| what("offsets do not fit in memory"));
+        pairs.push(Pair { m: size(ms)?, v: size(v)?, len: size(len)?, b1, b2 });
+        ranges.extend([(ms, me, k), (v, ve, k)]);
+    }
+    ranges.sort_unstable();
+    if let Some(w) = ranges.windows(2).find(|w| w[1].0 < w[0].1) {
+        let (a, b) = (w[0].2.min(w[1].2), w[0].2.max(w[1].2));
+        return Err(format!("the ranges of predictions {a} and {b} overlap"));
+    }
+    pairs.sort_unstable_by_key(|p| p.v);
+    Ok(pairs)
+}
+
+/// Splits a blob into its header, validated predictions and payload; never
+/// panics.
+fn parse<'a>(blob: &'a [u8], file: &str) -> Result<(Header, Vec<Pair>, &'a [u8]), FormatError> {
     if blob.len() < PREFIX_LEN {
         return Err(FormatError::Truncated { file: file.to_string(), expected: PREFIX_LEN as u64, found: blob.len() as u64 });
     }
     if &blob[..7] != MAGIC {
         return Err(bad_header(file, "not a tierckpt reduced blob (bad magic)"));
     }
-    if blob[7] != BLOB_VERSION {
+    if blob[7] != 1 && blob[7] != BLOB_VERSION {
         return Err(FormatError::UnsupportedVersion {
             file: file.to_string(),
             found: format!("reduced blob {}", blob[7]),
@@ -662,7 +817,8 @@ fn parse<'a>(blob: &'a [u8], file: &str) -> Result<(Header, &'a [u8]), FormatErr
     if end != payload.len() as u64 {
         return Err(bad_header(file, format!("reduced blob header: payloads cover {end} of the {} payload bytes", payload.len())));
     }
-    Ok((h, payload))
+    let pairs = check_predict(&h, blob[7]).map_err(|r| bad_header(file, format!("reduced blob header: {r}")))?;
+    Ok((h, pairs, payload))
 }
 
 /// The checkpoint `blob` needs as its base, if any.
@@ -676,7 +832,7 @@ pub fn base_of(blob: &[u8]) -> Result<Option<BaseRef>, FormatError> {
 /// errors. On error `out` holds unspecified bytes.
 pub fn decode_into(blob: &[u8], m: &Manifest, base: Option<&[u8]>, out: &mut [u8], file: &str) -> Result<(), FormatError> {
     check_shape(m, "decode")?;
-    let (h, payload) = parse(blob, file)?;
+    let (h, pairs, payload) = parse(blob, file)?;
     if h.file_len != m.file_len || h.chunk_size != m.chunk_size || h.identity != manifest_identity(m) {
         return Err(bad_header(
             file,
@@ -717,15 +873,18 @@ pub fn decode_into(blob: &[u8], m: &Manifest, base: Option<&[u8]>, out: &mut [u8
         return Ok(());
     }
     let cs = m.chunk_size as usize;
+    // Phase 1: every chunk. Xor chunks holding predicted v keep the residual
+    // there, and are verified in phase 2.
     let work = Mutex::new(out.chunks_mut(cs).enumerate());
     let stop = AtomicBool::new(false);
-    let errors: Vec<FormatError> = std::thread::scope(|s| {
+    let (errors, deferred): (Vec<Option<FormatError>>, Vec<Vec<usize>>) = std::thread::scope(|s| {
         let handles: Vec<_> = (0..worker_count(n))
             .map(|_| {
                 s.spawn(|| {
                     let mut zstd: Option<zstd::bulk::Decompressor<'static>> = None;
                     let mut planes = Vec::new();
                     let mut first: Option<FormatError> = None;
+                    let mut deferred = Vec::new();
                     while !stop.load(Ordering::Relaxed) {
                         let Some((i, dst)) = work.lock().unwrap().next() else { break };
                         let ChunkRec(kind, offset, len) = h.chunks[i];
@@ -739,33 +898,138 @@ pub fn decode_into(blob: &[u8], m: &Manifest, base: Option<&[u8]>, out: &mut [u8
                                 break;
                             }
                         };
+                        let a = i * cs;
+                        let predicted = decoded && kind.is_xor() && predict::pieces(&pairs, a, a + dst.len()).next().is_some();
+                        if let Some(b) = base.filter(|_| predicted) {
+                            // Undo the XOR with the base: the residual against the prediction.
+                            for (_, x, y) in predict::pieces(&pairs, a, a + dst.len()) {
+                                dst[x - a..y - a].iter_mut().zip(&b[x..y]).for_each(|(d, b)| *d ^= b);
+                            }
+                            deferred.push(i);
+                            continue;
+                        }
                         let found = xxh3_128(dst);
                         if !decoded || found != m.chunks[i].0 {
-                            let (offset, end) = m.chunk_range(i);
-                            first.get_or_insert(FormatError::ChecksumMismatch {
-                                file: file.to_string(),
-                                chunk: i,
-                                offset,
-                                end,
-                                expected: Hex(m.chunks[i].0),
-                                found: Hex(found),
-                            });
+                            first.get_or_insert(mismatch(m, file, i, found));
                             stop.store(true, Ordering::Relaxed);
                         }
                     }
-                    first
+                    (first, deferred)
                 })
             })
             .collect();
-        handles.into_iter().filter_map(|h| h.join().expect("decode worker")).collect()
+        handles.into_iter().map(|h| h.join().expect("decode worker")).unzip()
     });
-    match errors.into_iter().min_by_key(|e| match e {
+    let first = errors.into_iter().flatten().min_by_key(|e| match e {
         FormatError::ChecksumMismatch { chunk, .. } => *chunk,
         _ => 0,
-    }) {
-        None => Ok(()),
-        Some(e) => Err(e),
+    });
+    // Phase 2, below the first bad chunk (every chunk below it is decoded).
+    let limit = match &first {
+        None => n,
+        Some(FormatError::ChecksumMismatch { chunk, .. }) => *chunk,
+        Some(_) => 0,
+    };
+    let deferred: Vec<usize> = deferred.into_iter().flatten().filter(|&i| i < limit).collect();
+    if let (false, Some(b)) = (deferred.is_empty(), base) {
+        if let Some(e) = finish_predicted(out, b, &pairs, m, deferred, limit, file)? {
+            return Err(e);
+        }
     }
+    first.map_or(Ok(()), Err)
+}
+
+fn mismatch(m: &Manifest, file: &str, i: usize, found: u128) -> FormatError {
+    let (offset, end) = m.chunk_range(i);
+    FormatError::ChecksumMismatch { file: file.to_string(), chunk: i, offset, end, expected: Hex(m.chunks[i].0), found: Hex(found) }
+}
+
+/// Phase 2 of [`decode_into`]: XORs the predictions into the v pieces of the
+/// `deferred` chunks, from the decoded m (which must lie below chunk `limit`,
+/// all decoded; chunks whose m does not are skipped) and the base, then
+/// verifies those chunks; the lowest mismatch.
+fn finish_predicted(
+    out: &mut [u8],
+    base: &[u8],
+    pairs: &[Pair],
+    m: &Manifest,
+    mut deferred: Vec<usize>,
+    limit: usize,
+    file: &str,
+) -> Result<Option<FormatError>, FormatError> {
+    let cs = m.chunk_size as usize;
+    let len = out.len();
+    let decoded_end = limit.saturating_mul(cs).min(len);
+    let range = |i: usize| i * cs..((i + 1) * cs).min(len);
+    let pieces = |i: usize| predict::pieces(pairs, range(i).start, range(i).end);
+    deferred.retain(|&i| pieces(i).all(|(p, _, y)| p.m + (y - p.v) <= decoded_end));
+    deferred.sort_unstable();
+    // Each piece: its v (to XOR) and m (to read) in `out`, all disjoint
+    // (checked by parse), split off `out` in file order.
+    let mut items = Vec::new(); // (v offset, m offset, length, b1, b2)
+    let mut segs = Vec::new(); // (start, end, index in `parts`: 2 * item, + 1 for m)
+    for &i in &deferred {
+        for (p, x, y) in pieces(i) {
+            let mx = p.m + (x - p.v);
+            segs.extend([(x, y, 2 * items.len()), (mx, mx + (y - x), 2 * items.len() + 1)]);
+            items.push((x, mx, y - x, p.b1, p.b2));
+        }
+    }
+    segs.sort_unstable();
+    {
+        let mut parts: Vec<Option<&mut [u8]>> = (0..segs.len()).map(|_| None).collect();
+        let (mut rest, mut pos) = (&mut *out, 0);
+        for (a, b, k) in segs {
+            if a < pos || b - pos > rest.len() {
+                return Err(bad_header(file, "reduced blob header: predicted ranges overlap"));
+            }
+            let (seg, tail) = std::mem::take(&mut rest)[a - pos..].split_at_mut(b - a);
+            (rest, pos) = (tail, b);
+            parts[k] = Some(seg);
+        }
+        let mut parts = parts.into_iter();
+        let mut tasks = Vec::with_capacity(items.len());
+        for &(x, mx, len, b1, b2) in &items {
+            let (Some(Some(v)), Some(Some(m_new))) = (parts.next(), parts.next()) else {
+                return Err(bad_header(file, "reduced blob header: predicted ranges overlap"));
+            };
+            tasks.push((v, &*m_new, &base[mx..mx + len], &base[x..x + len], b1, b2));
+        }
+        let work = Mutex::new(tasks.into_iter());
+        std::thread::scope(|s| {
+            for _ in 0..worker_count(items.len()) {
+                s.spawn(|| loop {
+                    let Some((v, m_new, m_old, v_old, b1, b2)) = work.lock().unwrap().next() else { break };
+                    predict::apply(v, m_new, m_old, v_old, b1, b2, true);
+                });
+            }
+        });
+    }
+    let out: &[u8] = out;
+    let next = AtomicUsize::new(0);
+    let stop = AtomicBool::new(false);
+    let bad = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..worker_count(deferred.len()))
+            .map(|_| {
+                s.spawn(|| {
+                    while !stop.load(Ordering::Relaxed) {
+                        let Some(&i) = deferred.get(next.fetch_add(1, Ordering::Relaxed)) else { break };
+                        let found = xxh3_128(&out[range(i)]);
+                        if found != m.chunks[i].0 {
+                            stop.store(true, Ordering::Relaxed);
+                            return Some(mismatch(m, file, i, found));
+                        }
+                    }
+                    None
+                })
+            })
+            .collect();
+        handles.into_iter().filter_map(|h| h.join().expect("verify worker")).collect::<Vec<_>>()
+    });
+    Ok(bad.into_iter().min_by_key(|e| match e {
+        FormatError::ChecksumMismatch { chunk, .. } => *chunk,
+        _ => 0,
+    }))
 }
 
 /// Fills `dst` from one chunk's payload (`planes` is scratch); false when
@@ -818,7 +1082,7 @@ fn decode_chunk(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{chunk_checksums, ShardKey, FORMAT_VERSION};
+    use crate::{chunk_checksums, parse_shard, Dtype, ShardKey, ShardLayout, TensorSpec, DEFAULT_CHUNK_SIZE, FORMAT_VERSION};
     use proptest::prelude::*;
 
     const CS: u64 = 4096;
@@ -1038,7 +1302,7 @@ mod tests {
 
     /// Byte offset in the blob of chunk `i`'s payload.
     fn payload_offset(blob: &[u8], i: usize) -> usize {
-        let (h, _) = parse(blob, "t").unwrap();
+        let (h, _, _) = parse(blob, "t").unwrap();
         PREFIX_LEN + h.chunks[i].1 as usize
     }
 
@@ -1101,10 +1365,12 @@ mod tests {
         let m = man(&data, 1, CS);
         let (blob, _) = encode(&data, &m, None, &opts(Compression::Lz4, false)).unwrap();
         let mut out = vec![0u8; data.len()];
-        let mut v2 = blob.clone();
-        v2[7] = 2;
-        let e = decode_into(&v2, &m, None, &mut out, "f").unwrap_err();
-        assert!(matches!(e, FormatError::UnsupportedVersion { .. }), "{e}");
+        for v in [0u8, 3, 255] {
+            let mut other = blob.clone();
+            other[7] = v;
+            let e = decode_into(&other, &m, None, &mut out, "f").unwrap_err();
+            assert!(matches!(e, FormatError::UnsupportedVersion { .. }), "{e}");
+        }
         let mut magic = blob.clone();
         magic[0] = b'X';
         assert!(matches!(base_of(&magic), Err(FormatError::InvalidHeader { .. })));
@@ -1137,6 +1403,378 @@ mod tests {
         assert!(encode(&data, &m, None, &opts(Compression::Zstd(40), false)).is_err());
     }
 
+    /// A small training state, stepped like PyTorch's Adam in f32: a frozen
+    /// bf16 tensor and three trainable bf16 tensors of `n` parameters with
+    /// fp32 moments `optim.layers.{i}.exp_avg` and `.exp_avg_sq` (betas 0.9
+    /// and 0.999, the last 0.9 and 0.95).
+    struct Train {
+        frozen: Vec<u16>,
+        layers: Vec<Layer>,
+        rng: Rng,
+    }
+
+    struct Layer {
+        w: Vec<u16>,
+        m: Vec<f32>,
+        v: Vec<f32>,
+        b1: f32,
+        b2: f32,
+        scale: f32,
+    }
+
+    fn bf16(x: f32) -> u16 {
+        let b = x.to_bits();
+        ((b + 0x7fff + ((b >> 16) & 1)) >> 16) as u16
+    }
+
+    impl Rng {
+        fn uniform(&mut self) -> f32 {
+            (self.next() >> 40) as f32 / (1u64 << 24) as f32
+        }
+
+        fn normal(&mut self) -> f32 {
+            let x = self.next();
+            let s = (x & 0xffff) + ((x >> 16) & 0xffff) + ((x >> 32) & 0xffff) + (x >> 48);
+            (s as f32 / 65536.0 - 2.0) * 1.732_050_8
+        }
+    }
+
+    impl Train {
+        fn new(n: usize, frozen: usize, seed: u64) -> Self {
+            let mut rng = Rng(seed | 1);
+            let frozen = (0..frozen).map(|_| bf16(0.02 * rng.normal())).collect();
+            let layers = [(0.9, 0.999, 1e-3), (0.9, 0.999, 3e-5), (0.9, 0.95, 1e-2)]
+                .into_iter()
+                .map(|(b1, b2, scale): (f32, f32, f32)| Layer {
+                    w: (0..n).map(|_| bf16(0.02 * rng.normal())).collect(),
+                    m: (0..n).map(|_| 0.3 * scale * rng.normal()).collect(),
+                    v: (0..n).map(|_| scale * scale * (0.5 + rng.uniform())).collect(),
+                    b1,
+                    b2,
+                    scale,
+                })
+                .collect();
+            Train { frozen, layers, rng }
+        }
+
+        fn step(&mut self) {
+            for l in &mut self.layers {
+                for ((w, m), v) in l.w.iter_mut().zip(&mut l.m).zip(&mut l.v) {
+                    let g = l.scale * (0.3 * m.signum() + self.rng.normal());
+                    *m = l.b1 * *m + (1.0 - l.b1) * g;
+                    *v = l.b2 * *v + (1.0 - l.b2) * g * g;
+                    *w = bf16(f32::from_bits((*w as u32) << 16) - 1e-4 * *m / (v.sqrt() + 1e-8));
+                }
+            }
+        }
+
+        /// The safetensors bytes; with `hide`, `exp_avg_sq` is spelled
+        /// `exp_avg_sQ` (same layout, nothing to predict).
+        fn bytes(&self, hide: bool) -> Vec<u8> {
+            let sq = if hide { "exp_avg_sQ" } else { "exp_avg_sq" };
+            let spec = |name: String, dtype, n| TensorSpec { name, dtype, shape: vec![n] };
+            // 3 bytes at the end: the last chunk ends in a tail of under 4 bytes.
+            let mut specs = vec![spec("frozen.weight".into(), Dtype::BF16, self.frozen.len()), spec("odd".into(), Dtype::U8, 3)];
+            let mut tensors: Vec<Vec<u8>> = vec![self.frozen.iter().flat_map(|x| x.to_le_bytes()).collect(), vec![1, 2, 3]];
+            for (i, l) in self.layers.iter().enumerate() {
+                specs.push(spec(format!("layers.{i}.weight"), Dtype::BF16, l.w.len()));
+                tensors.push(l.w.iter().flat_map(|x| x.to_le_bytes()).collect());
+                specs.push(spec(format!("optim.layers.{i}.exp_avg"), Dtype::F32, l.m.len()));
+                tensors.push(l.m.iter().flat_map(|x| x.to_le_bytes()).collect());
+                specs.push(spec(format!("optim.layers.{i}.{sq}"), Dtype::F32, l.v.len()));
+                tensors.push(l.v.iter().flat_map(|x| x.to_le_bytes()).collect());
+            }
+            let layout = ShardLayout::new(&specs, &Default::default()).unwrap();
+            let mut f = vec![0u8; layout.file_len as usize];
+            f[..layout.header.len()].copy_from_slice(&layout.header);
+            for (e, t) in layout.entries.iter().zip(&tensors) {
+                f[e.range()].copy_from_slice(t);
+            }
+            f
+        }
+    }
+
+    /// Base and new shard `steps` Adam steps apart, with their manifests in
+    /// chunks of `cs`; with `hide`, nothing is recognised as Adam.
+    fn adam_pair(t: &mut Train, steps: usize, cs: u64, hide: bool) -> (Vec<u8>, Manifest, Vec<u8>, Manifest) {
+        let base = t.bytes(hide);
+        for _ in 0..steps {
+            t.step();
+        }
+        let data = t.bytes(hide);
+        let (mb, m) = (man(&base, 10, cs), man(&data, 11, cs));
+        (base, mb, data, m)
+    }
+
+    #[test]
+    fn adam_second_moments_are_predicted_and_round_trip() {
+        for cs in [64 << 10, 1 << 20, DEFAULT_CHUNK_SIZE] {
+            for c in [Compression::Lz4, Compression::Zstd(1)] {
+                let (base, mb, data, m) = adam_pair(&mut Train::new(300_000, 2_000_000, 1), 1, cs, false);
+                let s = round_trip(&data, &m, Some((&base, &mb)), &opts(c, true));
+                let (hbase, hmb, hdata, hm) = adam_pair(&mut Train::new(300_000, 2_000_000, 1), 1, cs, true);
+                assert_eq!(hdata.len(), data.len());
+                let plain = round_trip(&hdata, &hm, Some((&hbase, &hmb)), &opts(c, true));
+                eprintln!(
+                    "chunks of {cs}, {c}: {:.3} of the raw size predicted, {:.3} not ({} and {} bytes)",
+                    s.encoded_bytes as f64 / s.raw_bytes as f64,
+                    plain.encoded_bytes as f64 / plain.raw_bytes as f64,
+                    s.encoded_bytes,
+                    plain.encoded_bytes
+                );
+                assert_eq!(s.predicted_pairs, 3, "{cs} {c}: {s:?}");
+                assert_eq!(plain.predicted_pairs, 0);
+                // The second moments, 2/7 of the bytes, nearly vanish.
+                assert!(s.encoded_bytes * 10 < plain.encoded_bytes * 7, "{cs} {c}: {s:?} against {plain:?}");
+                // Estimates see it too.
+                let z = opts(c, true);
+                let (est, hest) = (estimate(&data, &m, Some((&base, &mb)), &z), estimate(&hdata, &hm, Some((&hbase, &hmb)), &z));
+                assert!(est < hest * 0.85, "{cs} {c}: {est} against {hest}");
+                // Without delta or compression, nothing is predicted.
+                for o in [opts(c, false), opts(Compression::Off, true)] {
+                    assert_eq!(round_trip(&data, &m, Some((&base, &mb)), &o).predicted_pairs, 0);
+                }
+            }
+        }
+        // The header lists each pair with its exact betas.
+        let (base, mb, data, m) = adam_pair(&mut Train::new(10_000, 100, 2), 1, 4096, false);
+        let (blob, _) = encode(&data, &m, Some((&base, &mb)), &opts(Compression::Zstd(1), true)).unwrap();
+        let (h, pairs, _) = parse(&blob, "t").unwrap();
+        let betas: Vec<(f64, f64)> = h.predict.iter().map(|p| (f64::from_bits(p.b1), f64::from_bits(p.b2))).collect();
+        assert_eq!(betas, [(0.9, 0.999), (0.9, 0.999), (0.9, 0.95)]);
+        assert_eq!(pairs.len(), 3);
+        let view = parse_shard(&data, "t").unwrap();
+        for (p, i) in h.predict.iter().zip(0..) {
+            let (em, ev) = (view.entry(&format!("optim.layers.{i}.exp_avg")).unwrap(), view.entry(&format!("optim.layers.{i}.exp_avg_sq")).unwrap());
+            assert_eq!((p.m, p.v), ((em.offset, em.offset + em.len), ev.offset));
+        }
+    }
+
+    #[test]
+    fn adam_steps_apart_stay_exact_and_do_not_grow() {
+        for steps in [0, 3, 20] {
+            for c in [Compression::Lz4, Compression::Zstd(1)] {
+                let (base, mb, data, m) = adam_pair(&mut Train::new(100_000, 10_000, 3), steps, 64 << 10, false);
+                let s = round_trip(&data, &m, Some((&base, &mb)), &opts(c, true));
+                let (hbase, hmb, hdata, hm) = adam_pair(&mut Train::new(100_000, 10_000, 3), steps, 64 << 10, true);
+                let plain = round_trip(&hdata, &hm, Some((&hbase, &hmb)), &opts(c, true));
+                assert_eq!(s.predicted_pairs, 0, "{steps} {c}: {s:?}");
+                assert!(s.encoded_bytes <= plain.encoded_bytes + plain.encoded_bytes / 100, "{steps} {c}: {s:?} against {plain:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn non_finite_moments_round_trip() {
+        let mut t = Train::new(50_000, 1000, 4);
+        t.step();
+        let specials = [f32::NAN, -f32::NAN, f32::from_bits(0x7fa0_0001), f32::INFINITY, f32::NEG_INFINITY, f32::MAX, f32::from_bits(1), 0.0, -0.0];
+        for (k, x) in specials.into_iter().enumerate() {
+            for l in &mut t.layers {
+                l.m[100 * k] = x; // in base and new
+                l.v[100 * k + 7] = x;
+                l.v[100 * k + 50] = x;
+            }
+        }
+        let (base, mb, mut data, m) = {
+            let base = t.bytes(false);
+            t.step();
+            for (k, x) in specials.into_iter().enumerate() {
+                for l in &mut t.layers {
+                    l.m[100 * k + 50] = x; // in new only
+                    l.v[100 * k + 7] = x;
+                    l.m[100 * k + 9] = f32::from_bits(x.to_bits() ^ 1);
+                }
+            }
+            let data = t.bytes(false);
+            (base.clone(), man(&base, 1, 4096), data.clone(), man(&data, 2, 4096))
+        };
+        for c in [Compression::Lz4, Compression::Zstd(1)] {
+            let s = round_trip(&data, &m, Some((&base, &mb)), &opts(c, true));
+            assert_eq!(s.predicted_pairs, 3, "{c}: {s:?}");
+            // One chunk: v and the 3-byte tail in the same Xor chunk.
+            let (mb1, m1) = (man(&base, 1, 2 << 20), man(&data, 2, 2 << 20));
+            assert_eq!((m1.chunks.len(), data.len() % 4), (1, 3));
+            let s = round_trip(&data, &m1, Some((&base, &mb1)), &opts(c, true));
+            assert_eq!((s.predicted_pairs, s.xor_chunks), (3, 1), "{c}: {s:?}");
+        }
+        // Chunks that are not whole words: no prediction.
+        let (mb, m) = (man(&base, 1, 4098), man(&data, 2, 4098));
+        let s = round_trip(&data, &m, Some((&base, &mb)), &opts(Compression::Zstd(1), true));
+        assert_eq!(s.predicted_pairs, 0, "{s:?}");
+        // Not safetensors any more: no prediction.
+        data.truncate(data.len() - 3);
+        let (mb, m) = (man(&base, 1, 4096), man(&data, 2, 4096));
+        let s = round_trip(&data, &m, Some((&base, &mb)), &opts(Compression::Zstd(1), true));
+        assert_eq!(s.predicted_pairs, 0, "{s:?}");
+    }
+
+    /// A predicted blob of a small state, with its shard, base and manifests.
+    fn predicted_sample() -> (Vec<u8>, Manifest, Vec<u8>, Vec<u8>) {
+        let (base, mb, data, m) = adam_pair(&mut Train::new(3000, 100, 5), 1, 4096, false);
+        let (blob, s) = encode(&data, &m, Some((&base, &mb)), &opts(Compression::Zstd(1), true)).unwrap();
+        assert_eq!(s.predicted_pairs, 3);
+        (data, m, base, blob)
+    }
+
+    /// `blob` with its header replaced by `h` and its version byte by `version`.
+    fn with_header(blob: &[u8], h: &Header, version: u8) -> Vec<u8> {
+        let (_, _, payload) = parse(blob, "t").unwrap();
+        let json = serde_json::to_vec(h).unwrap();
+        let mut b = b"TCKPRED".to_vec();
+        b.push(version);
+        b.extend_from_slice(&(json.len() as u64).to_le_bytes());
+        b.extend_from_slice(payload);
+        b.extend_from_slice(&json);
+        b
+    }
+
+    #[test]
+    fn tampered_predictions_are_refused() {
+        let (data, m, base, blob) = predicted_sample();
+        let mut out = vec![0u8; data.len()];
+        decode_into(&with_header(&blob, &parse(&blob, "t").unwrap().0, 2), &m, Some(&base), &mut out, "f").unwrap();
+        assert!(out == data);
+        let h = || parse(&blob, "t").unwrap().0;
+        let p0 = h().predict[0];
+        let file_len = data.len() as u64 & !3; // whole words
+        type Tamper = (&'static str, Box<dyn Fn(&mut Header)>);
+        let invalid: Vec<Tamper> = vec![
+            ("betas", Box::new(|h| h.predict[0].b2 = 1.0f64.to_bits())),
+            ("betas", Box::new(|h| h.predict[1].b1 = f64::NAN.to_bits())),
+            ("betas", Box::new(|h| h.predict[2].b1 = 0)),
+            ("aligned", Box::new(move |h| h.predict[0].v = p0.v + 2)),
+            ("aligned", Box::new(move |h| h.predict[0].m = (p0.m.0 + 1, p0.m.1 + 1))),
+            ("empty", Box::new(move |h| h.predict[0].m = (p0.m.1, p0.m.1))),
+            ("empty", Box::new(move |h| h.predict[0].m = (p0.m.1, p0.m.0))),
+            ("outside", Box::new(move |h| h.predict[0].v = file_len - 4)),
+            ("outside", Box::new(move |h| h.predict[0].v = u64::MAX - 3)),
+            ("outside", Box::new(move |h| h.predict[0].m = (file_len, file_len + p0.m.1 - p0.m.0))),
+            ("m and v ranges overlap", Box::new(move |h| h.predict[0].v = p0.m.0 + 4)),
+            ("predictions 0 and 1 overlap", Box::new(|h| h.predict[1].m = h.predict[0].m)),
+            ("predictions 0 and 1 overlap", Box::new(|h| h.predict[0].v = h.predict[1].v - 8)),
+            ("overlap", Box::new(|h| h.predict[2].v = h.predict[1].m.0)),
+            ("overlap", Box::new(|h| {
+                let p = h.predict[0];
+                h.predict.push(p);
+            })),
+            ("base", Box::new(|h| h.base = None)),
+        ];
+        for (what, f) in &invalid {
+            let mut t = h();
+            f(&mut t);
+            let e = decode_into(&with_header(&blob, &t, 2), &m, Some(&base), &mut out, "f").unwrap_err();
+            assert!(matches!(e, FormatError::InvalidHeader { .. }) && e.to_string().contains(what), "{what}: {e}");
+        }
+        // Version 1 has no predictions.
+        let e = decode_into(&with_header(&blob, &h(), 1), &m, Some(&base), &mut out, "f").unwrap_err();
+        assert!(e.to_string().contains("version 1 blob lists predictions"), "{e}");
+        // Valid but wrong: the checksums catch it.
+        let wrong: Vec<Tamper> = vec![
+            ("other betas", Box::new(|h| h.predict[0].b1 = 0.95f64.to_bits())),
+            ("dropped", Box::new(|h| {
+                h.predict.remove(1);
+            })),
+            ("swapped v", Box::new(|h| {
+                let v = h.predict[0].v;
+                h.predict[0].v = h.predict[1].v;
+                h.predict[1].v = v;
+            })),
+            ("shorter", Box::new(|h| h.predict[1].m.1 -= 4)),
+        ];
+        for (what, f) in &wrong {
+            let mut t = h();
+            f(&mut t);
+            let e = decode_into(&with_header(&blob, &t, 2), &m, Some(&base), &mut out, "f").unwrap_err();
+            assert!(matches!(e, FormatError::ChecksumMismatch { .. }), "{what}: {e}");
+        }
+        // Betas one f64 ulp off predict the same f32 almost always: exact or a mismatch.
+        let mut t = h();
+        t.predict[2].b2 ^= 1;
+        out.fill(0);
+        match decode_into(&with_header(&blob, &t, 2), &m, Some(&base), &mut out, "f") {
+            Ok(()) => assert!(out == data),
+            Err(e) => assert!(matches!(e, FormatError::ChecksumMismatch { .. }), "{e}"),
+        }
+        // Straight to the check: predictions of a header that names no base.
+        let mut t = h();
+        t.base = None;
+        assert!(check_predict(&t, 2).unwrap_err().contains("without a base"));
+        t.chunk_size = 4098;
+        t.base = h().base;
+        assert!(check_predict(&t, 2).unwrap_err().contains("multiple of 4"));
+    }
+
+    #[test]
+    fn a_damaged_predicted_chunk_is_named() {
+        let (base, mb, data, m) = adam_pair(&mut Train::new(20_000, 100, 6), 1, 4096, false);
+        let (blob, _) = encode(&data, &m, Some((&base, &mb)), &opts(Compression::Zstd(1), true)).unwrap();
+        let (h, pairs, _) = parse(&blob, "t").unwrap();
+        // A chunk inside a predicted v range, and one of m.
+        let cs = 4096;
+        let v_chunk = (pairs[1].v + pairs[1].len / 2) / cs;
+        let m_chunk = (pairs[1].m + pairs[1].len / 2) / cs;
+        for i in [v_chunk, m_chunk] {
+            assert_eq!(h.chunks[i].0, Kind::XorZstd);
+            let mut bad = blob.clone();
+            let at = payload_offset(&bad, i) + h.chunks[i].2 as usize / 2;
+            bad[at] ^= 0x10;
+            let mut out = vec![0u8; data.len()];
+            let e = decode_into(&bad, &m, Some(&base), &mut out, "f").unwrap_err();
+            assert!(matches!(e, FormatError::ChecksumMismatch { chunk, .. } if chunk == i), "{i}: {e}");
+        }
+        // The wrong base: no silent success.
+        let mut other = base.clone();
+        let r = pairs[0].m..pairs[0].m + 400;
+        other[r.clone()].iter_mut().for_each(|b| *b ^= 0x01);
+        let mut out = vec![0u8; data.len()];
+        assert!(decode_into(&blob, &m, Some(&other), &mut out, "f").is_err());
+    }
+
+    #[test]
+    fn stats_of_older_builds_parse() {
+        let old = r#"{"raw_bytes":10,"encoded_bytes":5,"chunks":1,"same_chunks":0,"xor_chunks":1,"compressed_chunks":0,"raw_chunks":0}"#;
+        let s: ReduceStats = serde_json::from_str(old).unwrap();
+        assert_eq!((s.encoded_bytes, s.predicted_pairs), (5, 0));
+        let s = ReduceStats { predicted_pairs: 2, ..s };
+        assert_eq!(serde_json::from_str::<ReduceStats>(&serde_json::to_string(&s).unwrap()).unwrap(), s);
+    }
+
+    #[test]
+    fn version_1_blobs_still_decode() {
+        let base = weights(6 * CS as usize, 51);
+        let mb = man(&base, 1, CS);
+        let mut data = base.clone();
+        data[CS as usize + 5] ^= 7;
+        let m = man(&data, 2, CS);
+        for c in [Compression::Off, Compression::Lz4, Compression::Zstd(1)] {
+            let (mut blob, _) = encode(&data, &m, Some((&base, &mb)), &opts(c, true)).unwrap();
+            assert_eq!(blob[7], 2);
+            assert!(!String::from_utf8_lossy(&blob).contains("predict"));
+            blob[7] = 1;
+            let mut out = vec![0u8; data.len()];
+            decode_into(&blob, &m, Some(&base), &mut out, "f").unwrap();
+            assert!(out == data);
+        }
+        // A version 1 blob as written by the previous build.
+        let v1 = {
+            let data = b"0123456789abcdefghij".to_vec();
+            let m = man(&data, 1, 8);
+            let json = format!(
+                r#"{{"step":1,"file_len":20,"chunk_size":8,"identity":"{}","base":null,"chunks":[["raw",0,8],["raw",8,8],["raw",16,4]]}}"#,
+                serde_json::to_value(manifest_identity(&m)).unwrap().as_str().unwrap()
+            );
+            let mut b = b"TCKPRED\x01".to_vec();
+            b.extend_from_slice(&(json.len() as u64).to_le_bytes());
+            b.extend_from_slice(&data);
+            b.extend_from_slice(json.as_bytes());
+            (b, m, data)
+        };
+        let mut out = vec![0u8; 20];
+        decode_into(&v1.0, &v1.1, None, &mut out, "f").unwrap();
+        assert_eq!(out, v1.2);
+    }
+
     fn sample() -> (Vec<u8>, Manifest, Vec<u8>, Manifest, Vec<u8>) {
         let base = weights(5 * 512 + 100, 31);
         let mb = man(&base, 1, 512);
@@ -1148,15 +1786,19 @@ mod tests {
         (data, m, base, mb, blob)
     }
 
+    thread_local! {
+        static PREDICTED: (Vec<u8>, Manifest, Vec<u8>, Vec<u8>) = predicted_sample();
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(400))]
 
         #[test]
-        fn garbage_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..2000), prefix in any::<bool>()) {
+        fn garbage_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..2000), prefix in any::<bool>(), v2 in any::<bool>()) {
             let (data, m, base, _, _) = sample();
             let mut blob = bytes;
             if prefix {
-                let mut b = b"TCKPRED\x01".to_vec();
+                let mut b = if v2 { b"TCKPRED\x02".to_vec() } else { b"TCKPRED\x01".to_vec() };
                 b.extend_from_slice(&(blob.len() as u64 / 2).to_le_bytes());
                 b.extend_from_slice(&blob);
                 blob = b;
@@ -1180,16 +1822,48 @@ mod tests {
         }
 
         #[test]
+        fn damaged_predicted_blobs_fail_or_decode_exactly(at in any::<prop::sample::Index>(), xor in 1u8..=255, cut in any::<bool>(), in_header in any::<bool>()) {
+            let (data, m, base, blob) = PREDICTED.with(|p| p.clone());
+            let mut bad = blob.clone();
+            // Half the time in the JSON header (the last 2 KiB or so).
+            let i = if in_header { bad.len() - 1 - at.index(2048.min(bad.len())) } else { at.index(bad.len()) };
+            if cut { bad.truncate(i) } else { bad[i] ^= xor }
+            let mut out = vec![0u8; data.len()];
+            if decode_into(&bad, &m, Some(&base), &mut out, "f").is_ok() {
+                prop_assert!(out == data);
+            }
+        }
+
+        #[test]
+        fn prediction_tampering_never_panics(k in 0usize..3, field in 0usize..5, x in any::<u64>(), small in any::<bool>()) {
+            let (data, m, base, blob) = PREDICTED.with(|p| p.clone());
+            let (mut h, _, _) = parse(&blob, "t").unwrap();
+            let x = if small { x % (2 * data.len() as u64) } else { x };
+            let p = &mut h.predict[k];
+            match field {
+                0 => p.m.0 = x,
+                1 => p.m.1 = x,
+                2 => p.v = x,
+                3 => p.b1 = if small { p.b1 ^ (x & 0xffff) } else { x },
+                _ => p.b2 = if small { p.b2 ^ (x & 0xffff) } else { x },
+            }
+            let mut out = vec![0u8; data.len()];
+            if decode_into(&with_header(&blob, &h, 2), &m, Some(&base), &mut out, "f").is_ok() {
+                prop_assert!(out == data);
+            }
+        }
+
+        #[test]
         fn header_tampering_never_panics(step in any::<u64>(), len in any::<u64>(), kind in 0usize..6) {
             let (data, m, base, _, blob) = sample();
-            let (mut h, payload) = parse(&blob, "t").unwrap();
+            let (mut h, _, payload) = parse(&blob, "t").unwrap();
             let kinds = [Kind::Raw, Kind::Same, Kind::Lz4, Kind::Zstd, Kind::XorLz4, Kind::XorZstd];
             let k = (step % h.chunks.len() as u64) as usize;
             let offset = if len % 2 == 0 { h.chunks[k].1 } else { (len >> 8) % 8192 };
             h.chunks[k] = ChunkRec(kinds[kind], offset, len % 4096);
             if let Some(b) = h.base.as_mut() { if len % 3 == 0 { b.file_len = len; } }
             let json = serde_json::to_vec(&h).unwrap();
-            let mut b = b"TCKPRED\x01".to_vec();
+            let mut b = b"TCKPRED\x02".to_vec();
             b.extend_from_slice(&(json.len() as u64).to_le_bytes());
             b.extend_from_slice(payload);
             b.extend_from_slice(&json);
