@@ -21,8 +21,9 @@
 //! saved, as rank 0 of world 1, into node 0 of a real two-node cluster of
 //! daemon children (k = 1, ring, memory tiers in a fresh directory under
 //! `--dir`, a `file://` persistent tier in a fresh directory under
-//! `--tmp-dir`, both removed at the end), twice, each time on a fresh
-//! cluster:
+//! `--tmp-dir`, both removed at the end), on two such clusters at once, one
+//! per path, taking turns checkpoint by checkpoint (alternating which goes
+//! first), so that both paths see the same moments of a noisy disk:
 //! - the uncompressed path: `--replication-delta false
 //!   --replication-compression off --persist-delta false
 //!   --persist-compression off`;
@@ -275,10 +276,7 @@ fn measure(a: &ReduceArgs) -> Result<ReduceReport> {
         }
         if !a.no_end_to_end {
             let (specs, meta) = (gen.specs.clone(), gen.metadata());
-            let un = end_to_end(a, kind, &specs, &meta, &shards, &uncompressed_flags)
-                .with_context(|| format!("{}: end to end, uncompressed path", kind.name()))?;
-            let re = end_to_end(a, kind, &specs, &meta, &shards, &reduced_flags)
-                .with_context(|| format!("{}: end to end, reduced path", kind.name()))?;
+            let [un, re] = end_to_end(a, kind, &specs, &meta, &shards, [&uncompressed_flags, &reduced_flags])?;
             let target = kind.target_ratio();
             e2e.push(EndToEndRow {
                 workload: kind.name(),
@@ -336,78 +334,85 @@ fn counters(c: &mut Client, ns: &str, step: u64) -> Result<(tierckpt_tiers::prot
     Ok((cl.replication, drain, seen))
 }
 
-/// Runs the checkpoints through a fresh two-node cluster started with
-/// `flags` (see the module's documentation).
-fn end_to_end(
-    a: &ReduceArgs,
-    kind: Workload,
-    specs: &[TensorSpec],
-    meta: &BTreeMap<String, String>,
-    shards: &[(Vec<u8>, Manifest)],
-    flags: &[String],
-) -> Result<EndToEndPath> {
-    let file_bytes = shards[0].0.len() as u64;
-    let layout = ShardLayout::new(specs, meta)?;
-    if layout.file_len != file_bytes {
-        bail!("the layout of {} does not match its generated shards", kind.name());
+/// One path end to end: a fresh two-node cluster started with `flags` (see
+/// the module's documentation), fed one checkpoint at a time.
+struct PathRun {
+    file_bytes: u64,
+    ns: String,
+    c0: Client,
+    s0: Client,
+    c1: Client,
+    cluster: LocalCluster,
+    mem_dir: tempfile::TempDir,
+    store_dir: tempfile::TempDir,
+    reps: Vec<f64>,
+    pers: Vec<f64>,
+    first: Option<(tierckpt_tiers::proto::ReplicationStats, serde_json::Value, bool)>,
+}
+
+impl PathRun {
+    fn start(a: &ReduceArgs, kind: Workload, file_bytes: u64, flags: &[String]) -> Result<Self> {
+        let mem_dir = tempfile::Builder::new()
+            .prefix("tierckpt-bench-reduce-")
+            .tempdir_in(&a.dir)
+            .with_context(|| format!("creating a directory under {}", a.dir.display()))?;
+        let tmp = a.tmp_dir.clone().unwrap_or_else(std::env::temp_dir);
+        let store_dir = tempfile::Builder::new()
+            .prefix("tierckpt-bench-reduce-")
+            .tempdir_in(&tmp)
+            .with_context(|| format!("creating a directory under {}", tmp.display()))?;
+        let keep_last = 3;
+        let mut extra = vec!["--persistent-path".to_string(), format!("file://{}", store_dir.path().display())];
+        extra.extend(flags.iter().cloned());
+        // Each node holds keep_last steps, a step being received or saved, and
+        // the base a delta is decoded against.
+        let opts = LocalClusterOptions {
+            nodes: 2,
+            memory_tier_size: ((keep_last as u64 + 3) * file_bytes).max(64 << 20).to_string(),
+            keep_last,
+            replication_factor: 1,
+            placement: "ring".into(),
+            // Frequent heartbeats (the view of what the peer holds); a long
+            // timeout keeps re-replication out.
+            heartbeat_interval: "50ms".into(),
+            heartbeat_timeout: "60s".into(),
+            extra_args: extra,
+            ..Default::default()
+        };
+        let cluster = LocalCluster::start(mem_dir.path(), opts)?;
+        Ok(PathRun {
+            file_bytes,
+            ns: format!("bench-reduce-{}", kind.name()),
+            c0: Client::connect(cluster.socket(0))?,
+            s0: Client::connect(cluster.socket(0))?,
+            c1: Client::connect(cluster.socket(1))?,
+            cluster,
+            mem_dir,
+            store_dir,
+            reps: vec![],
+            pers: vec![],
+            first: None,
+        })
     }
-    let mem_dir = tempfile::Builder::new()
-        .prefix("tierckpt-bench-reduce-")
-        .tempdir_in(&a.dir)
-        .with_context(|| format!("creating a directory under {}", a.dir.display()))?;
-    let tmp = a.tmp_dir.clone().unwrap_or_else(std::env::temp_dir);
-    let store_dir = tempfile::Builder::new()
-        .prefix("tierckpt-bench-reduce-")
-        .tempdir_in(&tmp)
-        .with_context(|| format!("creating a directory under {}", tmp.display()))?;
-    let keep_last = 3;
-    let mut extra = vec!["--persistent-path".to_string(), format!("file://{}", store_dir.path().display())];
-    extra.extend(flags.iter().cloned());
-    // Each node holds keep_last steps, a step being received or saved, and
-    // the base a delta is decoded against.
-    let opts = LocalClusterOptions {
-        nodes: 2,
-        memory_tier_size: ((keep_last as u64 + 3) * file_bytes).max(64 << 20).to_string(),
-        keep_last,
-        replication_factor: 1,
-        placement: "ring".into(),
-        // Frequent heartbeats (the view of what the peer holds); a long
-        // timeout keeps re-replication out.
-        heartbeat_interval: "50ms".into(),
-        heartbeat_timeout: "60s".into(),
-        extra_args: extra,
-        ..Default::default()
-    };
-    let cluster = LocalCluster::start(mem_dir.path(), opts)?;
-    let mut c0 = Client::connect(cluster.socket(0))?;
-    let mut s0 = Client::connect(cluster.socket(0))?;
-    let mut c1 = Client::connect(cluster.socket(1))?;
-    let ns = format!("bench-reduce-{}", kind.name());
-    let timeout = Duration::from_secs(600);
-    let (mut reps, mut pers) = (Vec::new(), Vec::new());
-    let mut first = None;
-    for (step, (bytes, _)) in shards.iter().enumerate() {
-        let step = step as u64;
-        let shapes: Vec<&[usize]> = specs.iter().map(|t| &t.shape[..]).collect();
-        let tensors: Vec<TensorData<'_>> = specs
-            .iter()
-            .zip(&layout.entries)
-            .zip(&shapes)
-            .map(|((t, e), shape)| TensorData { name: &t.name, dtype: t.dtype, shape, data: &bytes[e.range()] })
-            .collect();
+
+    /// Saves `tensors` as `step` on node 0 and times its replication and
+    /// persistence.
+    fn checkpoint(&mut self, step: u64, tensors: &[TensorData<'_>], meta: &BTreeMap<String, String>) -> Result<()> {
+        let ns = self.ns.clone();
         let key = ShardKey::new(&ns, step, 0);
-        c0.save(&key, 1, &tensors, meta, true).with_context(|| format!("saving step {step} on node 0"))?;
+        self.c0.save(&key, 1, tensors, meta, true).with_context(|| format!("saving step {step} on node 0"))?;
+        let timeout = Duration::from_secs(600);
         let t0 = Instant::now();
         let (mut rep, mut per) = (None, None);
         while rep.is_none() || per.is_none() {
             if rep.is_none() {
-                let steps = c1.steps(&ns)?;
+                let steps = self.c1.steps(&ns)?;
                 if steps.iter().any(|s| s.step == step && s.ranks.contains(&0)) {
                     rep = Some(t0.elapsed().as_secs_f64());
                 }
             }
             if per.is_none() {
-                let d = drain_state(&mut s0, &ns)?;
+                let d = drain_state(&mut self.s0, &ns)?;
                 if d["last_committed"].as_u64().is_some_and(|s| s >= step) {
                     per = Some(t0.elapsed().as_secs_f64());
                 }
@@ -424,7 +429,7 @@ fn end_to_end(
         // checkpoints are much further apart than heartbeats).
         let deadline = Instant::now() + timeout;
         let now = loop {
-            let c = counters(&mut s0, &ns, step)?;
+            let c = counters(&mut self.s0, &ns, step)?;
             if c.0.shards_sent > step && c.2 {
                 break c;
             }
@@ -437,40 +442,81 @@ fn end_to_end(
             bail!("replication failures on node 0: {:?}", now.0);
         }
         if step == 0 {
-            first = Some(now);
+            self.first = Some(now);
         } else {
-            reps.push(rep.unwrap_or_default());
-            pers.push(per.unwrap_or_default());
+            self.reps.push(rep.unwrap_or_default());
+            self.pers.push(per.unwrap_or_default());
+        }
+        Ok(())
+    }
+
+    /// Stops the cluster, removes its directories, and sums up.
+    fn finish(mut self) -> Result<EndToEndPath> {
+        let (r0, d0, _) = self.first.take().context("no checkpoints")?;
+        let (r1, d1, _) = counters(&mut self.s0, &self.ns, 0)?;
+        let PathRun { file_bytes, c0, s0, c1, cluster, mem_dir, store_dir, reps, pers, .. } = self;
+        drop((c0, s0, c1));
+        drop(cluster);
+        mem_dir.close().context("removing the benchmark's memory tiers")?;
+        store_dir.close().context("removing the benchmark's persistent tier")?;
+        let n = |v: &serde_json::Value, f: &str| v[f].as_u64().unwrap_or(0);
+        let ratio = |a: u64, b: u64| if b == 0 { f64::NAN } else { a as f64 / b as f64 };
+        let bytes_sent = r1.bytes_sent - r0.bytes_sent;
+        let wire_bytes_sent = r1.wire_bytes_sent - r0.wire_bytes_sent;
+        let uploaded_bytes = n(&d1, "uploaded_bytes") - n(&d0, "uploaded_bytes");
+        let stored_bytes = n(&d1, "stored_bytes") - n(&d0, "stored_bytes");
+        let (replicate_s, persist_s) = (median(&reps), median(&pers));
+        Ok(EndToEndPath {
+            replicate_s,
+            replicate_gibps: gibps(file_bytes, replicate_s),
+            persist_s,
+            persist_gibps: gibps(file_bytes, persist_s),
+            bytes_sent,
+            wire_bytes_sent,
+            replication_bytes_ratio: ratio(wire_bytes_sent, bytes_sent),
+            delta_shards_sent: r1.delta_shards_sent - r0.delta_shards_sent,
+            shards_sent: r1.shards_sent - r0.shards_sent,
+            uploaded_bytes,
+            stored_bytes,
+            persistence_bytes_ratio: ratio(stored_bytes, uploaded_bytes),
+            delta_shards: n(&d1, "delta_shards") - n(&d0, "delta_shards"),
+        })
+    }
+}
+
+/// Runs the checkpoints through both paths, each on its own cluster, taking
+/// turns checkpoint by checkpoint (and which goes first), so that both see
+/// the same moments of a noisy disk or machine.
+fn end_to_end(
+    a: &ReduceArgs,
+    kind: Workload,
+    specs: &[TensorSpec],
+    meta: &BTreeMap<String, String>,
+    shards: &[(Vec<u8>, Manifest)],
+    flags: [&[String]; 2],
+) -> Result<[EndToEndPath; 2]> {
+    let file_bytes = shards[0].0.len() as u64;
+    let layout = ShardLayout::new(specs, meta)?;
+    if layout.file_len != file_bytes {
+        bail!("the layout of {} does not match its generated shards", kind.name());
+    }
+    let mut runs = [PathRun::start(a, kind, file_bytes, flags[0])?, PathRun::start(a, kind, file_bytes, flags[1])?];
+    let shapes: Vec<&[usize]> = specs.iter().map(|t| &t.shape[..]).collect();
+    for (step, (bytes, _)) in shards.iter().enumerate() {
+        let tensors: Vec<TensorData<'_>> = specs
+            .iter()
+            .zip(&layout.entries)
+            .zip(&shapes)
+            .map(|((t, e), shape)| TensorData { name: &t.name, dtype: t.dtype, shape, data: &bytes[e.range()] })
+            .collect();
+        for i in [step % 2, 1 - step % 2] {
+            runs[i]
+                .checkpoint(step as u64, &tensors, meta)
+                .with_context(|| format!("{}: end to end, {} path", kind.name(), ["uncompressed", "reduced"][i]))?;
         }
     }
-    let (r0, d0, _) = first.context("no checkpoints")?;
-    let (r1, d1, _) = counters(&mut s0, &ns, 0)?;
-    drop((c0, s0, c1));
-    drop(cluster);
-    mem_dir.close().context("removing the benchmark's memory tiers")?;
-    store_dir.close().context("removing the benchmark's persistent tier")?;
-    let n = |v: &serde_json::Value, f: &str| v[f].as_u64().unwrap_or(0);
-    let ratio = |a: u64, b: u64| if b == 0 { f64::NAN } else { a as f64 / b as f64 };
-    let bytes_sent = r1.bytes_sent - r0.bytes_sent;
-    let wire_bytes_sent = r1.wire_bytes_sent - r0.wire_bytes_sent;
-    let uploaded_bytes = n(&d1, "uploaded_bytes") - n(&d0, "uploaded_bytes");
-    let stored_bytes = n(&d1, "stored_bytes") - n(&d0, "stored_bytes");
-    let (replicate_s, persist_s) = (median(&reps), median(&pers));
-    Ok(EndToEndPath {
-        replicate_s,
-        replicate_gibps: gibps(file_bytes, replicate_s),
-        persist_s,
-        persist_gibps: gibps(file_bytes, persist_s),
-        bytes_sent,
-        wire_bytes_sent,
-        replication_bytes_ratio: ratio(wire_bytes_sent, bytes_sent),
-        delta_shards_sent: r1.delta_shards_sent - r0.delta_shards_sent,
-        shards_sent: r1.shards_sent - r0.shards_sent,
-        uploaded_bytes,
-        stored_bytes,
-        persistence_bytes_ratio: ratio(stored_bytes, uploaded_bytes),
-        delta_shards: n(&d1, "delta_shards") - n(&d0, "delta_shards"),
-    })
+    let [u, r] = runs;
+    Ok([u.finish()?, r.finish()?])
 }
 
 fn measure_workload(kind: Workload, c: Compression, shards: &[(Vec<u8>, Manifest)]) -> Result<ReduceRow> {
