@@ -679,7 +679,8 @@ pub fn encode(
     };
     let json = serde_json::to_vec(&header).expect("reduce header serializes");
     prefix[..7].copy_from_slice(MAGIC);
-    prefix[7] = BLOB_VERSION;
+    // Without predictions the blob is one that version 1 readers decode.
+    prefix[7] = if header.predict.is_empty() { 1 } else { BLOB_VERSION };
     prefix[8..PREFIX_LEN].copy_from_slice(&(json.len() as u64).to_le_bytes());
     blob.truncate(PREFIX_LEN + payload_len);
     blob.extend_from_slice(&json);
@@ -1748,10 +1749,10 @@ mod tests {
         data[CS as usize + 5] ^= 7;
         let m = man(&data, 2, CS);
         for c in [Compression::Off, Compression::Lz4, Compression::Zstd(1)] {
-            let (mut blob, _) = encode(&data, &m, Some((&base, &mb)), &opts(c, true)).unwrap();
-            assert_eq!(blob[7], 2);
+            // Without predictions the encoder writes version 1.
+            let (blob, _) = encode(&data, &m, Some((&base, &mb)), &opts(c, true)).unwrap();
+            assert_eq!(blob[7], 1);
             assert!(!String::from_utf8_lossy(&blob).contains("predict"));
-            blob[7] = 1;
             let mut out = vec![0u8; data.len()];
             decode_into(&blob, &m, Some(&base), &mut out, "f").unwrap();
             assert!(out == data);
