@@ -99,6 +99,11 @@ pub struct ReduceArgs {
     /// first of --compression] (the daemon's default is off).
     #[arg(long)]
     pub replication_compression: Option<String>,
+    /// Cap on replication bytes per second on both paths end to end (the
+    /// daemon's `--replication-bandwidth`, e.g. `200MB`), to see a link
+    /// slower than loopback [default: none].
+    #[arg(long)]
+    pub replication_bandwidth: Option<String>,
     /// Directory (a tmpfs) for the nodes' memory tiers end to end, in a fresh
     /// subdirectory removed at the end.
     #[arg(long, default_value = "/dev/shm")]
@@ -257,6 +262,12 @@ fn measure(a: &ReduceArgs) -> Result<ReduceReport> {
         "--persist-compression".into(),
         persist_c.to_string(),
     ];
+    let (mut uncompressed_flags, mut reduced_flags) = (uncompressed_flags, reduced_flags);
+    if let Some(b) = &a.replication_bandwidth {
+        for f in [&mut uncompressed_flags, &mut reduced_flags] {
+            f.extend(["--replication-bandwidth".to_string(), b.clone()]);
+        }
+    }
     let mut e2e = Vec::new();
     let mut rows = Vec::new();
     for kind in [Workload::FinetuneFrozen, Workload::FullAdam, Workload::Embedding, Workload::Random] {
@@ -958,6 +969,7 @@ mod tests {
             compression: "off,zstd:1".into(),
             no_end_to_end: true,
             replication_compression: None,
+            replication_bandwidth: None,
             dir: "/dev/shm".into(),
             tmp_dir: None,
         };
