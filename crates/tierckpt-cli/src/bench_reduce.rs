@@ -182,6 +182,8 @@ pub struct EndToEndPath {
     pub wire_bytes_sent: u64,
     pub replication_bytes_ratio: f64,
     pub delta_shards_sent: u64,
+    /// Replicas the daemon sent compressed (where it measured that it pays).
+    pub encoded_shards_sent: u64,
     pub shards_sent: u64,
     /// Shard bytes uploaded (before delta and compression) and what the store
     /// holds for them; ratio stored / uploaded.
@@ -486,6 +488,7 @@ impl PathRun {
             wire_bytes_sent,
             replication_bytes_ratio: ratio(wire_bytes_sent, bytes_sent),
             delta_shards_sent: r1.delta_shards_sent - r0.delta_shards_sent,
+            encoded_shards_sent: r1.encoded_shards_sent - r0.encoded_shards_sent,
             shards_sent: r1.shards_sent - r0.shards_sent,
             uploaded_bytes,
             stored_bytes,
@@ -668,7 +671,7 @@ fn print(r: &ReduceReport) {
         "path",
         "replicate s (GiB/s)",
         "wire/sent bytes",
-        "delta shards sent",
+        "shards sent: delta/compressed/all",
         "persist s (GiB/s)",
         "stored/uploaded bytes",
         "delta shards stored",
@@ -680,7 +683,7 @@ fn print(r: &ReduceReport) {
                 name.to_string(),
                 format!("{:.4} ({:.2})", p.replicate_s, p.replicate_gibps),
                 format!("{:.3}", p.replication_bytes_ratio),
-                format!("{}/{}", p.delta_shards_sent, p.shards_sent),
+                format!("{}/{}/{}", p.delta_shards_sent, p.encoded_shards_sent, p.shards_sent),
                 format!("{:.4} ({:.2})", p.persist_s, p.persist_gibps),
                 format!("{:.3}", p.persistence_bytes_ratio),
                 p.delta_shards.to_string(),
@@ -707,6 +710,13 @@ fn print(r: &ReduceReport) {
                 x.reduced.persistence_bytes_ratio,
                 if ok { "met" } else { "missed" }
             );
+            let p = &x.reduced;
+            if p.replication_bytes_ratio > target && p.encoded_shards_sent < p.shards_sent {
+                println!(
+                    "  replicas went compressed {} times of {}: the daemon measured that on this link ({:.2} GiB/s uncompressed) compressing is slower than sending; --replication-bandwidth emulates a slower one",
+                    p.encoded_shards_sent, p.shards_sent, x.uncompressed.replicate_gibps
+                );
+            }
         }
     }
     if let Some(c) = &r.no_loss_check {

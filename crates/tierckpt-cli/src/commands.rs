@@ -104,7 +104,7 @@ fn print_persistent(p: &serde_json::Value) {
 fn print_cluster(c: &tierckpt_tiers::proto::ClusterStatus) {
     let r = &c.replication;
     println!(
-        "cluster: node {}, replication factor {} ({} placement); sent {} shards ({}, {} on the wire, {} as deltas), fetched {} ({}), re-replicated {}, {} failures, {} queued",
+        "cluster: node {}, replication factor {} ({} placement); sent {} shards ({}, {} on the wire, {} as deltas, {} compressed), fetched {} ({}), re-replicated {}, {} failures, {} queued",
         c.node_id,
         c.replication_factor,
         c.placement,
@@ -112,6 +112,7 @@ fn print_cluster(c: &tierckpt_tiers::proto::ClusterStatus) {
         human_bytes(r.bytes_sent),
         human_bytes(r.wire_bytes_sent),
         r.delta_shards_sent,
+        r.encoded_shards_sent,
         r.shards_fetched,
         human_bytes(r.bytes_fetched),
         r.rereplicated,

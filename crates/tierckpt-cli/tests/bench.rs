@@ -264,7 +264,8 @@ fn count(v: &Value, field: &str) -> u64 {
 
 #[test]
 fn reduce_reports_codec_rows_and_end_to_end_paths() {
-    let v = bench_json("reduce", &["--size", "8MiB", "--steps", "3", "--json"]);
+    // A 40 MB/s link: the daemon measures that compressing replicas pays.
+    let v = bench_json("reduce", &["--size", "8MiB", "--steps", "3", "--replication-bandwidth", "40MB", "--json"]);
     assert_eq!(v["benchmark"], "reduce");
     assert_eq!(v["size"].as_u64(), Some(8 << 20));
     assert_eq!(v["steps"].as_u64(), Some(3));
@@ -292,6 +293,7 @@ fn reduce_reports_codec_rows_and_end_to_end_paths() {
     assert!(un.contains("--replication-delta false") && un.contains("--persist-compression off"), "{un}");
     let re = v["end_to_end_reduced_flags"].as_str().unwrap();
     assert!(re.contains("--persist-delta true") && re.contains("--persist-compression zstd:1"), "{re}");
+    assert!(un.contains("--replication-bandwidth 40MB") && re.contains("--replication-bandwidth 40MB"), "{re}");
     let e2e = v["end_to_end"].as_array().expect("end_to_end");
     assert_eq!(e2e.len(), 4);
     for (r, w) in e2e.iter().zip(workloads) {

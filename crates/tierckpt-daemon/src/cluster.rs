@@ -57,11 +57,56 @@ struct Member {
     holdings: Option<Holdings>,
 }
 
-/// With `replication_compression` on, replicas are encoded only if expected
-/// to shrink below this share of their size (`tierckpt_format::estimate`).
-/// Compression is for links slower than the codec (see `tierckpt bench
-/// reduce`); where it is on, the bytes are what is scarce.
-const REPLICA_ENCODE_BELOW: f64 = 0.9;
+/// What pushing replicas has cost so far, to decide whether encoding one
+/// pays: compressing saves wire time and costs codec time (encoding here,
+/// decoding on the peer), so it pays on a slow or capped link and not on a
+/// fast one. Both costs are moving averages of what pushes measured.
+#[derive(Debug, Default, Clone, Copy)]
+struct ReplicaCosts {
+    /// Seconds per byte on the wire, from pushes the peer does not decode
+    /// (whole or sparse).
+    wire_s_per_byte: Option<f64>,
+    /// Seconds per shard byte that encoding and decoding add.
+    codec_s_per_byte: Option<f64>,
+}
+
+/// Weight of the newest measurement in [`ReplicaCosts`].
+const COST_WEIGHT: f64 = 0.3;
+/// Until both costs are measured, a replica is encoded if expected to take
+/// at most this share of the bytes it would send otherwise.
+const ENCODE_UNMEASURED_BELOW: f64 = 0.5;
+
+impl ReplicaCosts {
+    fn blend(old: Option<f64>, new: f64) -> Option<f64> {
+        Some(old.map_or(new, |o| o + COST_WEIGHT * (new - o)))
+    }
+
+    /// A push of `wire` bytes the peer took as they are, in `secs`.
+    fn observe_plain(&mut self, wire: u64, secs: f64) {
+        if wire >= 1 << 20 {
+            self.wire_s_per_byte = Self::blend(self.wire_s_per_byte, secs / wire as f64);
+        }
+    }
+
+    /// An encoded push of a `raw`-byte shard as `wire` bytes, `secs` from
+    /// the start of encoding to the peer's answer (after decoding).
+    fn observe_encoded(&mut self, raw: u64, wire: u64, secs: f64) {
+        if raw >= 1 << 20 {
+            let on_wire = self.wire_s_per_byte.unwrap_or(0.0) * wire as f64;
+            self.codec_s_per_byte = Self::blend(self.codec_s_per_byte, (secs - on_wire).max(0.0) / raw as f64);
+        }
+    }
+
+    /// Whether sending a `raw`-byte shard encoded, expected at `ratio` of
+    /// `raw`, should beat sending `plain` bytes as they are.
+    fn encode_pays(&self, raw: u64, plain: u64, ratio: f64) -> bool {
+        let encoded = ratio * raw as f64;
+        match (self.wire_s_per_byte, self.codec_s_per_byte) {
+            (Some(w), Some(c)) => c * raw as f64 + w * encoded < w * plain as f64,
+            _ => encoded < ENCODE_UNMEASURED_BELOW * plain as f64,
+        }
+    }
+}
 
 /// A clustered daemon's view of its peers, and the work it does with them.
 pub struct Cluster {
@@ -78,6 +123,7 @@ pub struct Cluster {
     /// The newest step of each (target, namespace, rank) this node sent, so
     /// that a delta can use it before the next heartbeat shows it there.
     sent: Mutex<BTreeMap<(usize, String, u32), u64>>,
+    costs: Mutex<ReplicaCosts>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -255,6 +301,7 @@ impl Cluster {
             rereplicating: AtomicBool::new(false),
             metrics,
             sent: Mutex::new(BTreeMap::new()),
+            costs: Mutex::new(ReplicaCosts::default()),
         });
         tokio::spawn(c.clone().heartbeat_loop(stop.clone()));
         tokio::spawn(c.clone().replicate_loop(rx, stop));
@@ -433,7 +480,9 @@ impl Cluster {
         let data = Bytes::from_owner(map);
         let pace = self.cfg.replication_bandwidth.map(|b| Pace { bytes_per_s: b });
         // The body and whether it is a delta.
+        let started = Instant::now();
         let mut body = self.replica_body(t, &m, &data).await;
+        let prepared = started.elapsed();
         let mut delay = Duration::from_millis(100);
         for attempt in 0.. {
             let delta = body.1;
@@ -444,14 +493,30 @@ impl Cluster {
                     *last = (*last).max(key.step);
                     drop(sent);
                     let wire = body.0.wire_len();
+                    let secs = started.elapsed().as_secs_f64();
+                    let encoded = matches!(body.0, ReplicaBody::Reduced(_));
+                    match encoded {
+                        true => lock(&self.costs).observe_encoded(m.file_len, wire, secs),
+                        false => lock(&self.costs).observe_plain(wire, secs - prepared.as_secs_f64()),
+                    }
                     self.stats_update(|s| {
+                        s.encoded_shards_sent += u64::from(encoded);
                         s.shards_sent += 1;
                         s.bytes_sent += m.file_len;
                         s.wire_bytes_sent += wire;
                         s.delta_shards_sent += u64::from(delta);
                     });
                     self.metrics.replicated(m.file_len);
-                    tracing::debug!(shard = %key, to = self.id(t), bytes = m.file_len, wire, delta, "replicated");
+                    tracing::debug!(
+                        shard = %key,
+                        to = self.id(t),
+                        bytes = m.file_len,
+                        wire,
+                        delta,
+                        prepare_ms = prepared.as_millis() as u64,
+                        total_ms = started.elapsed().as_millis() as u64,
+                        "replicated"
+                    );
                     return Ok(());
                 }
                 Err(e) if e.kind() == ErrorKind::AlreadyExists => return Ok(()),
@@ -505,48 +570,58 @@ impl Cluster {
     }
 
     /// What to send node `t` for `m`, and whether it is a delta:
-    /// - a reduced blob (`tierckpt_format::encode`), with compression on and
-    ///   when it is expected to shrink below [`REPLICA_ENCODE_BELOW`];
-    /// - else, with delta on, the chunks that differ from a base both nodes
-    ///   hold (sparse: no encoding, no copy);
-    /// - else the shard whole.
+    /// - with delta on, the chunks that differ from a base both nodes hold
+    ///   (sparse: no encoding, no copy), else the shard whole;
+    /// - unless, with compression on, the reduced blob
+    ///   (`tierckpt_format::encode`) is expected to be faster to send, as
+    ///   [`ReplicaCosts`] measured.
     async fn replica_body(&self, t: usize, m: &Manifest, data: &Bytes) -> (ReplicaBody, bool) {
-        let whole = (ReplicaBody::Whole(data.clone()), false);
         let opts = self.cfg.replication_reduce;
         let base = match opts.delta {
             true => self.shared_base(t, &m.key).await,
             false => None,
         };
         let base = base.map(|(bm, map)| (bm, Bytes::from_owner(map)));
-        if opts.compression != tierckpt_format::Compression::Off {
-            let (m2, d2, b2) = (m.clone(), data.clone(), base.clone());
-            let encoded = tokio::task::spawn_blocking(move || {
-                let b = b2.as_ref().map(|(bm, b)| (&b[..], bm));
-                if tierckpt_format::estimate(&d2, &m2, b, &opts) >= REPLICA_ENCODE_BELOW {
-                    return None;
+        let plain = match &base {
+            None => (ReplicaBody::Whole(data.clone()), false),
+            Some((bm, _)) => {
+                let changed: Vec<usize> = (0..m.chunks.len()).filter(|&i| !unchanged_chunk(bm, m, i)).collect();
+                match changed.len() == m.chunks.len() {
+                    true => (ReplicaBody::Whole(data.clone()), false),
+                    false => {
+                        let pieces = changed
+                            .into_iter()
+                            .map(|i| {
+                                let (a, b) = m.chunk_range(i);
+                                data.slice(a as usize..b as usize)
+                            })
+                            .collect();
+                        (ReplicaBody::Sparse { base: BaseRef::of(bm), pieces }, true)
+                    }
                 }
-                tierckpt_format::encode(&d2, &m2, b, &opts).ok()
-            })
-            .await
-            .ok()
-            .flatten();
-            if let Some((blob, stats)) = encoded.filter(|(blob, _)| (blob.len() as u64) < m.file_len) {
-                return (ReplicaBody::Reduced(Bytes::from(blob)), stats.same_chunks + stats.xor_chunks > 0);
             }
+        };
+        if opts.compression == tierckpt_format::Compression::Off {
+            return plain;
         }
-        let Some((bm, _)) = base else { return whole };
-        let changed: Vec<usize> = (0..m.chunks.len()).filter(|&i| !unchanged_chunk(&bm, m, i)).collect();
-        if changed.len() == m.chunks.len() {
-            return whole;
+        let (m2, d2, plain_len, costs) = (m.clone(), data.clone(), plain.0.wire_len(), *lock(&self.costs));
+        let encoded = tokio::task::spawn_blocking(move || {
+            let b = base.as_ref().map(|(bm, b)| (&b[..], bm));
+            let ratio = tierckpt_format::estimate(&d2, &m2, b, &opts);
+            if !costs.encode_pays(m2.file_len, plain_len, ratio) {
+                return None;
+            }
+            tierckpt_format::encode(&d2, &m2, b, &opts).ok()
+        })
+        .await
+        .ok()
+        .flatten();
+        match encoded {
+            Some((blob, stats)) if (blob.len() as u64) < plain_len => {
+                (ReplicaBody::Reduced(Bytes::from(blob)), stats.same_chunks + stats.xor_chunks > 0)
+            }
+            _ => plain,
         }
-        let pieces = changed
-            .into_iter()
-            .map(|i| {
-                let (a, b) = m.chunk_range(i);
-                data.slice(a as usize..b as usize)
-            })
-            .collect();
-        (ReplicaBody::Sparse { base: BaseRef::of(&bm), pieces }, true)
     }
 
     /// Fetches `key` from a live peer into local memory, verifying it; tries
@@ -719,5 +794,42 @@ mod tests {
         assert_eq!(replica_targets(Placement::Group, 5, 4, 1), [2, 3]);
         // 6 nodes, k=2: groups {0,1,2} {3,4,5}.
         assert_eq!(replica_targets(Placement::Group, 6, 4, 2), [3, 5]);
+    }
+
+    const GIB: u64 = 1 << 30;
+
+    #[test]
+    fn encoding_replicas_pays_on_slow_links_only() {
+        // Unmeasured: only a large saving is tried.
+        let fresh = ReplicaCosts::default();
+        assert!(fresh.encode_pays(GIB, GIB, 0.3));
+        assert!(!fresh.encode_pays(GIB, GIB / 2, 0.3));
+        // A 1.25 GiB/s link (0.8 s/GiB) and a codec adding 0.6 s/GiB.
+        let mut fast = ReplicaCosts::default();
+        fast.observe_plain(GIB, 0.8);
+        fast.observe_encoded(GIB, GIB / 10, 0.68);
+        assert!((fast.codec_s_per_byte.unwrap() * GIB as f64 - 0.6).abs() < 1e-9, "{fast:?}");
+        // A 0.14 delta against a sparse 0.6: 0.6 + 0.11 s against 0.48 s.
+        assert!(!fast.encode_pays(GIB, GIB * 6 / 10, 0.14));
+        // A 0.03 delta against the whole shard: 0.62 s against 0.8 s.
+        assert!(fast.encode_pays(GIB, GIB, 0.03));
+        // The same on a 200 MB/s link (5 s/GiB): the 0.14 delta pays too.
+        let mut slow = fast;
+        for _ in 0..20 {
+            slow.observe_plain(GIB, 5.0);
+        }
+        assert!(slow.encode_pays(GIB, GIB * 6 / 10, 0.14));
+        assert!(!slow.encode_pays(GIB, GIB, 0.95));
+    }
+
+    #[test]
+    fn small_pushes_do_not_move_the_costs() {
+        let mut c = ReplicaCosts::default();
+        c.observe_plain(1000, 5.0);
+        c.observe_encoded(1000, 10, 5.0);
+        assert!(c.wire_s_per_byte.is_none() && c.codec_s_per_byte.is_none());
+        c.observe_plain(GIB, 1.0);
+        c.observe_plain(GIB, 2.0);
+        assert!((c.wire_s_per_byte.unwrap() * GIB as f64 - 1.3).abs() < 1e-9);
     }
 }

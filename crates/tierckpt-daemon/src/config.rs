@@ -63,7 +63,9 @@ pub struct ConfigLayer {
     pub heartbeat_timeout: Option<String>,
     /// Cap on replication traffic per second ("1GB"); none by default.
     pub replication_bandwidth: Option<String>,
-    /// Compression of replicas on the wire: "off" (default), "lz4", "zstd", "zstd:N".
+    /// Compression of replicas on the wire, used where the link is measured
+    /// to be slower than the codec: "auto" (default: zstd level 1 on a node
+    /// with 8 cores or more, else off), "off", "lz4", "zstd", "zstd:N".
     pub replication_compression: Option<String>,
     /// Send only the chunks that changed since a step the peer holds (default true).
     pub replication_delta: Option<bool>,
@@ -384,7 +386,7 @@ fn resolve_cluster(layer: &ConfigLayer) -> Result<Option<ClusterConfig>, DaemonE
     }
     let replication_bandwidth = parse_rate("replication_bandwidth", layer.replication_bandwidth.as_deref())?;
     let replication_reduce = tierckpt_format::ReduceOptions {
-        compression: resolve_compression("replication_compression", layer.replication_compression.as_deref().unwrap_or("off"))?,
+        compression: resolve_compression("replication_compression", layer.replication_compression.as_deref().unwrap_or("auto"))?,
         delta: layer.replication_delta.unwrap_or(true),
     };
     Ok(Some(ClusterConfig {

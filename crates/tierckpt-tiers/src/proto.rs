@@ -212,6 +212,10 @@ pub struct ReplicationStats {
     /// Shards sent as deltas against a step the peer held.
     #[serde(default)]
     pub delta_shards_sent: u64,
+    /// Shards sent encoded (compressed, and a delta where counted above),
+    /// where the measured link made that faster.
+    #[serde(default)]
+    pub encoded_shards_sent: u64,
     /// Deltas a peer refused (it no longer held the base); sent whole instead.
     #[serde(default)]
     pub deltas_refused: u64,

@@ -52,7 +52,9 @@ struct Args {
     /// Cap on replication traffic per second, e.g. "1GB" [default: none].
     #[arg(long)]
     replication_bandwidth: Option<String>,
-    /// Compression of replicas on the wire: off, lz4, zstd, zstd:N [default: off].
+    /// Compression of replicas on the wire, used where the link is measured to
+    /// be slower than the codec: auto, off, lz4, zstd, zstd:N [default: auto:
+    /// zstd:1 on 8 cores or more, else off].
     #[arg(long)]
     replication_compression: Option<String>,
     /// Send only the chunks that changed since a step the peer holds [default: true].
