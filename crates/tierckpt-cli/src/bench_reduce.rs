@@ -21,19 +21,22 @@
 //! saved, as rank 0 of world 1, into node 0 of a real two-node cluster of
 //! daemon children (k = 1, ring, memory tiers in a fresh directory under
 //! `--dir`, a `file://` persistent tier in a fresh directory under
-//! `--tmp-dir`, both removed at the end), on two such clusters at once, one
-//! per path, taking turns checkpoint by checkpoint (alternating which goes
-//! first), so that both paths see the same moments of a noisy disk:
+//! `--tmp-dir` (default: `--dir`), both removed at the end), on two such
+//! clusters at once, one per path, taking turns checkpoint by checkpoint
+//! (alternating which goes first; with the default 5 steps each goes first
+//! as often), after an untimed pause of 200 ms:
 //! - the uncompressed path: `--replication-delta false
 //!   --replication-compression off --persist-delta false
 //!   --persist-compression off`;
 //! - the reduced path: `--replication-delta true --persist-delta true
 //!   --persist-compression C --replication-compression R`, where C is the
 //!   first of `--compression` and R is `--replication-compression` (default:
-//!   C). The daemon's own default for replicas is `off`: a delta replica then
-//!   leaves out only the 4 MiB chunks that did not change at all (sparse),
-//!   which on the embedding workload (5% of rows, spread everywhere) is none.
-//!   Pass `--replication-compression off` to measure that.
+//!   C). The daemon compresses a replica only where it measured that this is
+//!   faster than sending it as it is (see `cluster::ReplicaCosts`); otherwise
+//!   a delta replica leaves out the 4 MiB chunks that did not change at all.
+//!
+//! `--replication-bandwidth` and `--persist-bandwidth` cap both paths' link
+//! and store (loopback and tmpfs are faster than most networks and stores).
 //!
 //! After each save returns (visible on node 0) the bench polls, every 2 ms,
 //! node 1's steps until it holds the shard (replication time) and node 0's
@@ -41,9 +44,11 @@
 //! for both before the next save, and (untimed) until node 0's view of the
 //! cluster, refreshed by heartbeats every 50 ms, has node 1 holding the step:
 //! node 0 takes the base of a replication delta from that view, and in
-//! training checkpoints are much further apart than heartbeats. Times are medians over the checkpoints
-//! after the first (the first has no base); bytes come from the daemons'
-//! counters over the same checkpoints. Throughput ratios are the
+//! training checkpoints are much further apart than heartbeats. Times are
+//! the best over the checkpoints after the first (the first has no base):
+//! on a shared machine, interference only ever adds time, and one stall of
+//! a few hundred ms would swing a median of four; bytes come from the
+//! daemons' counters over the same checkpoints. Throughput ratios are the
 //! uncompressed path's time over the reduced path's (above 1: the reduced
 //! path is faster).
 
@@ -63,6 +68,11 @@ use crate::bench::{gibps, median, parse_bytes};
 use crate::bench_persist::drain_state;
 use crate::daemon_proc::{LocalCluster, LocalClusterOptions};
 use crate::output;
+
+/// Pause before each checkpoint end to end, untimed: the background work
+/// of the one before (retention, heartbeats, the page cache) settles, as it
+/// does in training, where checkpoints are seconds apart.
+const SETTLE: Duration = Duration::from_millis(200);
 
 /// memcpy repetitions before each checkpoint's measurements (the median of
 /// all is the floor).
@@ -87,16 +97,20 @@ pub struct ReduceArgs {
     pub size: u64,
     /// Checkpoints per workload; each one after the first is encoded against
     /// the one before.
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 5)]
     pub steps: usize,
     /// off, lz4, zstd, zstd:N (1..=19); a comma-separated list compares several.
     #[arg(long, default_value = "zstd:1")]
     pub compression: String,
+    /// Workloads to run, comma-separated (finetune-frozen, full-adam,
+    /// embedding, random) [default: all].
+    #[arg(long)]
+    pub workloads: Option<String>,
     /// Skip the end-to-end part (real daemons replicating and persisting).
     #[arg(long)]
     pub no_end_to_end: bool,
     /// Compression of replicas on the reduced path end to end [default: the
-    /// first of --compression] (the daemon's default is off).
+    /// first of --compression] (the daemon's default is auto).
     #[arg(long)]
     pub replication_compression: Option<String>,
     /// Cap on replication bytes per second on both paths end to end (the
@@ -108,11 +122,17 @@ pub struct ReduceArgs {
     /// subdirectory removed at the end.
     #[arg(long, default_value = "/dev/shm")]
     pub dir: PathBuf,
-    /// Directory (on disk) for the `file://` persistent tier end to end, in
-    /// a fresh subdirectory removed at the end [default: the system's
-    /// temporary directory].
+    /// Directory for the `file://` persistent tier end to end, in a fresh
+    /// subdirectory removed at the end [default: --dir, a tmpfs, which keeps
+    /// the noise of a shared disk out of the comparison; pass a directory on
+    /// disk to include a disk].
     #[arg(long)]
     pub tmp_dir: Option<PathBuf>,
+    /// Cap on upload bytes per second on both paths end to end (the daemon's
+    /// `--persist-bandwidth`, e.g. `500MB`), to see a store slower than
+    /// memory [default: none].
+    #[arg(long)]
+    pub persist_bandwidth: Option<String>,
 }
 
 /// One workload under one compression. Ratios of bytes are encoded over raw
@@ -165,7 +185,7 @@ pub struct ReduceReport {
     pub no_loss_check: Option<NoLossCheck>,
 }
 
-/// One path end to end on one workload. Times are medians over the
+/// One path end to end on one workload. Times are the best of the
 /// checkpoints after the first, from the save's return on node 0; bytes are
 /// the daemons' counters over the same checkpoints.
 #[derive(Debug, Clone, Serialize)]
@@ -265,14 +285,16 @@ fn measure(a: &ReduceArgs) -> Result<ReduceReport> {
         persist_c.to_string(),
     ];
     let (mut uncompressed_flags, mut reduced_flags) = (uncompressed_flags, reduced_flags);
-    if let Some(b) = &a.replication_bandwidth {
-        for f in [&mut uncompressed_flags, &mut reduced_flags] {
-            f.extend(["--replication-bandwidth".to_string(), b.clone()]);
+    for (flag, value) in [("--replication-bandwidth", &a.replication_bandwidth), ("--persist-bandwidth", &a.persist_bandwidth)] {
+        if let Some(v) = value {
+            for f in [&mut uncompressed_flags, &mut reduced_flags] {
+                f.extend([flag.to_string(), v.clone()]);
+            }
         }
     }
     let mut e2e = Vec::new();
     let mut rows = Vec::new();
-    for kind in [Workload::FinetuneFrozen, Workload::FullAdam, Workload::Embedding, Workload::Random] {
+    for kind in Workload::selected(a.workloads.as_deref())? {
         let mut gen = Generator::new(kind, a.size)?;
         let shards: Vec<(Vec<u8>, Manifest)> = (0..a.steps as u64)
             .map(|step| {
@@ -369,7 +391,7 @@ impl PathRun {
             .prefix("tierckpt-bench-reduce-")
             .tempdir_in(&a.dir)
             .with_context(|| format!("creating a directory under {}", a.dir.display()))?;
-        let tmp = a.tmp_dir.clone().unwrap_or_else(std::env::temp_dir);
+        let tmp = a.tmp_dir.clone().unwrap_or_else(|| a.dir.clone());
         let store_dir = tempfile::Builder::new()
             .prefix("tierckpt-bench-reduce-")
             .tempdir_in(&tmp)
@@ -478,7 +500,8 @@ impl PathRun {
         let wire_bytes_sent = r1.wire_bytes_sent - r0.wire_bytes_sent;
         let uploaded_bytes = n(&d1, "uploaded_bytes") - n(&d0, "uploaded_bytes");
         let stored_bytes = n(&d1, "stored_bytes") - n(&d0, "stored_bytes");
-        let (replicate_s, persist_s) = (median(&reps), median(&pers));
+        let best = |v: &[f64]| v.iter().copied().fold(f64::INFINITY, f64::min);
+        let (replicate_s, persist_s) = (best(&reps), best(&pers));
         Ok(EndToEndPath {
             replicate_s,
             replicate_gibps: gibps(file_bytes, replicate_s),
@@ -524,6 +547,8 @@ fn end_to_end(
             .map(|((t, e), shape)| TensorData { name: &t.name, dtype: t.dtype, shape, data: &bytes[e.range()] })
             .collect();
         for i in [step % 2, 1 - step % 2] {
+            // Untimed: the other cluster's last checkpoint has settled.
+            std::thread::sleep(SETTLE);
             runs[i]
                 .checkpoint(step as u64, &tensors, meta)
                 .with_context(|| format!("{}: end to end, {} path", kind.name(), ["uncompressed", "reduced"][i]))?;
@@ -661,7 +686,7 @@ fn print(r: &ReduceReport) {
     }
     println!();
     println!(
-        "end to end: 2 nodes, k=1, ring, file:// persistent tier; medians over the {} checkpoints after the first",
+        "end to end: 2 nodes, k=1, ring, file:// persistent tier; times are the best of the {} checkpoints after the first",
         r.steps - 1
     );
     println!("  uncompressed path: {}", r.end_to_end_uncompressed_flags);
@@ -747,6 +772,19 @@ impl Workload {
             Workload::Embedding => Some(EMBEDDING_TARGET_RATIO),
             _ => None,
         }
+    }
+
+    const ALL: [Workload; 4] = [Workload::FinetuneFrozen, Workload::FullAdam, Workload::Embedding, Workload::Random];
+
+    /// The workloads a `--workloads` list names, in the usual order.
+    fn selected(list: Option<&str>) -> Result<Vec<Workload>> {
+        let Some(list) = list else { return Ok(Self::ALL.to_vec()) };
+        let names: Vec<&str> = list.split(',').map(str::trim).collect();
+        if let Some(bad) = names.iter().find(|n| !Self::ALL.iter().any(|w| w.name() == **n)) {
+            let known: Vec<&str> = Self::ALL.iter().map(|w| w.name()).collect();
+            bail!("--workloads: unknown workload {bad:?}; known: {}", known.join(", "));
+        }
+        Ok(Self::ALL.into_iter().filter(|w| names.contains(&w.name())).collect())
     }
 
     fn name(self) -> &'static str {
@@ -980,8 +1018,10 @@ mod tests {
             no_end_to_end: true,
             replication_compression: None,
             replication_bandwidth: None,
+            workloads: None,
             dir: "/dev/shm".into(),
             tmp_dir: None,
+            persist_bandwidth: None,
         };
         let r = measure(&a).unwrap();
         assert_eq!(r.rows.len(), 8);
