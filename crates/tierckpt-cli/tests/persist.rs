@@ -55,6 +55,13 @@ fn daemon(target: &str, extra: &[&str]) -> TestDaemon {
     TestDaemon::start_with("256MiB", |o| o.extra_args = args)
 }
 
+/// SIGKILLs the daemon, deletes its memory tier, and starts it again.
+fn lose_all_memory(d: &mut TestDaemon) {
+    d.proc.kill().unwrap();
+    std::fs::remove_dir_all(d.proc.memory_dir()).unwrap();
+    d.proc.restart().unwrap();
+}
+
 fn committed_steps(dir: &Path, ns: &str) -> Vec<u64> {
     let mut v: Vec<u64> = std::fs::read_dir(dir.join(ns))
         .map(|rd| {
@@ -85,9 +92,7 @@ fn drains_in_the_background_and_restores_after_all_memory_is_lost() {
     assert!(ok && out.contains("persistent tier") && out.contains(&url), "{out}");
     assert_eq!(committed_steps(store.path(), "job"), [20, 30], "persistent retention keeps 2");
     // Total memory loss: the daemon dies and its tmpfs directory is wiped.
-    d.proc.kill().unwrap();
-    std::fs::remove_dir_all(d.proc.memory_dir()).unwrap();
-    d.proc.restart().unwrap();
+    lose_all_memory(&mut d);
     let mut c = d.client();
     assert!(c.steps("job").unwrap().is_empty(), "memory is empty");
     assert_eq!(c.latest("job").unwrap(), Some(30), "latest comes from the persistent tier");
@@ -134,9 +139,7 @@ fn killed_mid_upload_leaves_no_committed_partial_step_and_finishes_after_restart
     // Only the committed upload is left under the step.
     let data_dir = store.path().join("mid").join(format!("{:020}", 7)).join("data");
     wait_for("leftovers cleaned", || std::fs::read_dir(&data_dir).map(|r| r.count()).unwrap_or(0) == 1);
-    d.proc.kill().unwrap();
-    std::fs::remove_dir_all(d.proc.memory_dir()).unwrap();
-    d.proc.restart().unwrap();
+    lose_all_memory(&mut d);
     let mut c2 = d.client();
     assert!(load(&mut c2, "mid", 7, n).unwrap() == data);
     drop(c);
@@ -203,9 +206,7 @@ fn corrupted_persisted_bytes_are_detected_not_served() {
     let mut b = std::fs::read(&file).unwrap();
     b[4 << 20] ^= 1;
     std::fs::write(&file, b).unwrap();
-    d.proc.kill().unwrap();
-    std::fs::remove_dir_all(d.proc.memory_dir()).unwrap();
-    d.proc.restart().unwrap();
+    lose_all_memory(&mut d);
     let mut c = d.client();
     let e = load(&mut c, "rot", 1, 5 << 20).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Corrupt, "{e}");
@@ -223,9 +224,7 @@ fn drains_to_and_restores_from_a_real_s3_server() {
     let n = 20 << 20;
     let data = save(&mut c, "s3job", 5, n);
     wait_for("committed to S3", || drain_status(&mut c, "s3job")["last_committed"] == 5);
-    d.proc.kill().unwrap();
-    std::fs::remove_dir_all(d.proc.memory_dir()).unwrap();
-    d.proc.restart().unwrap();
+    lose_all_memory(&mut d);
     let mut c = d.client();
     assert_eq!(c.latest("s3job").unwrap(), Some(5));
     assert!(load(&mut c, "s3job", 5, n).unwrap() == data, "restored bitwise from S3");
@@ -278,9 +277,7 @@ fn deltas_restore_bitwise_and_retention_keeps_their_bases() {
     // keep_last 1 keeps step 5 and the base it needs, nothing else.
     wait_for("retention", || committed_steps(store.path(), "delta") == [4, 5]);
     // Every memory copy gone: step 5 is rebuilt from 4's blob and its own.
-    d.proc.kill().unwrap();
-    std::fs::remove_dir_all(d.proc.memory_dir()).unwrap();
-    d.proc.restart().unwrap();
+    lose_all_memory(&mut d);
     let mut c = d.client();
     let mut back = vec![0u8; last.len()];
     c.load_into(&ShardKey::new("delta", 5, 0), &mut [("w", &mut back[..])]).unwrap();
@@ -300,9 +297,7 @@ fn a_corrupt_compressed_chunk_or_a_missing_base_is_detected_never_served() {
         wait_for("the step committed", || drain_status(&mut c, "rotz")["last_committed"] == step);
     }
     assert_eq!(rank_record(store.path(), "rotz", 2)["reduced"]["base_step"], 1);
-    d.proc.kill().unwrap();
-    std::fs::remove_dir_all(d.proc.memory_dir()).unwrap();
-    d.proc.restart().unwrap();
+    lose_all_memory(&mut d);
     let mut c = d.client();
     let n = 12 << 20;
     // A flipped byte inside the base's compressed payload.
@@ -342,9 +337,7 @@ fn every_compression_with_and_without_deltas_restores_bitwise_from_the_persisten
             let s = drain_status(&mut c, ns);
             let deltas = s["delta_shards"].as_u64().unwrap();
             assert_eq!(deltas > 0, delta == "true", "{compression} delta={delta}: {s}");
-            d.proc.kill().unwrap();
-            std::fs::remove_dir_all(d.proc.memory_dir()).unwrap();
-            d.proc.restart().unwrap();
+            lose_all_memory(&mut d);
             let mut c = d.client();
             let mut back = vec![0u8; last.len()];
             c.load_into(&ShardKey::new(ns, 3, 0), &mut [("w", &mut back[..])]).unwrap();
@@ -421,9 +414,7 @@ fn adam_moments_are_predicted_and_restore_bitwise_from_the_persistent_tier() {
     let stored = r["reduced"]["stored_bytes"].as_u64().unwrap();
     assert!(stored < (8 * n as u64) * 7 / 10, "{r}");
     // Every memory copy gone: rebuilt from the persisted chain, bit for bit.
-    d.proc.kill().unwrap();
-    std::fs::remove_dir_all(d.proc.memory_dir()).unwrap();
-    d.proc.restart().unwrap();
+    lose_all_memory(&mut d);
     let mut c = d.client();
     let (mut m, mut v) = (vec![0u8; 4 * n], vec![0u8; 4 * n]);
     c.load_into(&ShardKey::new("adam", 3, 0), &mut [("optim.w.exp_avg", &mut m[..]), ("optim.w.exp_avg_sq", &mut v[..])]).unwrap();
