@@ -62,6 +62,13 @@ fn lose_all_memory(d: &mut TestDaemon) {
     d.proc.restart().unwrap();
 }
 
+/// A daemon draining to a `file://` store in a fresh tmpfs directory.
+fn file_daemon(extra: &[&str]) -> (tempfile::TempDir, TestDaemon) {
+    let store = shm_dir();
+    let d = daemon(&format!("file://{}", store.path().display()), extra);
+    (store, d)
+}
+
 fn committed_steps(dir: &Path, ns: &str) -> Vec<u64> {
     let mut v: Vec<u64> = std::fs::read_dir(dir.join(ns))
         .map(|rd| {
@@ -77,9 +84,7 @@ fn committed_steps(dir: &Path, ns: &str) -> Vec<u64> {
 
 #[test]
 fn drains_in_the_background_and_restores_after_all_memory_is_lost() {
-    let store = shm_dir();
-    let url = format!("file://{}", store.path().display());
-    let mut d = daemon(&url, &["--persist-keep-last", "2", "--persist-delta", "false"]);
+    let (store, mut d) = file_daemon(&["--persist-keep-last", "2", "--persist-delta", "false"]);
     let n = 3 << 20;
     let mut c = d.client();
     let mut last = Vec::new();
@@ -89,7 +94,7 @@ fn drains_in_the_background_and_restores_after_all_memory_is_lost() {
         wait_for("the step committed", || drain_status(&mut c, "job")["last_committed"] == step);
     }
     let (ok, out, _) = common::cli(&d.proc.socket, &["status"]);
-    assert!(ok && out.contains("persistent tier") && out.contains(&url), "{out}");
+    assert!(ok && out.contains("persistent tier") && out.contains(&format!("file://{}", store.path().display())), "{out}");
     assert_eq!(committed_steps(store.path(), "job"), [20, 30], "persistent retention keeps 2");
     // Total memory loss: the daemon dies and its tmpfs directory is wiped.
     lose_all_memory(&mut d);
@@ -103,9 +108,7 @@ fn drains_in_the_background_and_restores_after_all_memory_is_lost() {
 
 #[test]
 fn persist_every_skips_checkpoints_between() {
-    let store = shm_dir();
-    let url = format!("file://{}", store.path().display());
-    let d = daemon(&url, &["--persist-every", "2", "--persist-keep-last", "10"]);
+    let (store, d) = file_daemon(&["--persist-every", "2", "--persist-keep-last", "10"]);
     let mut c = d.client();
     for step in 1..=4 {
         save(&mut c, "every", step, 1000);
@@ -147,9 +150,7 @@ fn killed_mid_upload_leaves_no_committed_partial_step_and_finishes_after_restart
 
 #[test]
 fn a_store_failing_30_percent_of_requests_still_commits() {
-    let store = shm_dir();
-    let url = format!("file://{}", store.path().display());
-    let d = daemon(&url, &["--persistent-faults", "fail=0.3,seed=3"]);
+    let (store, d) = file_daemon(&["--persistent-faults", "fail=0.3,seed=3"]);
     let mut c = d.client();
     for step in 1..=3 {
         save(&mut c, "flaky", step, 200_000);
@@ -193,9 +194,7 @@ fn a_full_file_system_is_a_clear_error_and_memory_keeps_working() {
 
 #[test]
 fn corrupted_persisted_bytes_are_detected_not_served() {
-    let store = shm_dir();
-    let url = format!("file://{}", store.path().display());
-    let mut d = daemon(&url, &["--persist-compression", "off"]);
+    let (store, mut d) = file_daemon(&["--persist-compression", "off"]);
     let mut c = d.client();
     save(&mut c, "rot", 1, 5 << 20);
     drop(c);
@@ -258,9 +257,7 @@ fn data_file(store: &Path, ns: &str, step: u64) -> std::path::PathBuf {
 
 #[test]
 fn deltas_restore_bitwise_and_retention_keeps_their_bases() {
-    let store = shm_dir();
-    let url = format!("file://{}", store.path().display());
-    let mut d = daemon(&url, &["--persist-keep-last", "1", "--persist-full-every", "3", "--persist-compression", "zstd"]);
+    let (store, mut d) = file_daemon(&["--persist-keep-last", "1", "--persist-full-every", "3", "--persist-compression", "zstd"]);
     let mut c = d.client();
     let mut last = Vec::new();
     for step in 1..=5 {
@@ -288,9 +285,7 @@ fn deltas_restore_bitwise_and_retention_keeps_their_bases() {
 
 #[test]
 fn a_corrupt_compressed_chunk_or_a_missing_base_is_detected_never_served() {
-    let store = shm_dir();
-    let url = format!("file://{}", store.path().display());
-    let mut d = daemon(&url, &["--persist-keep-last", "5", "--persist-compression", "zstd"]);
+    let (store, mut d) = file_daemon(&["--persist-keep-last", "5", "--persist-compression", "zstd"]);
     let mut c = d.client();
     for step in 1..=2 {
         save_partly_changed(&mut c, "rotz", step);
@@ -324,10 +319,8 @@ fn a_corrupt_compressed_chunk_or_a_missing_base_is_detected_never_served() {
 fn every_compression_with_and_without_deltas_restores_bitwise_from_the_persistent_tier() {
     for compression in ["off", "lz4", "zstd:3"] {
         for delta in ["true", "false"] {
-            let store = shm_dir();
-            let url = format!("file://{}", store.path().display());
             let ns = "combo";
-            let mut d = daemon(&url, &["--persist-compression", compression, "--persist-delta", delta, "--persist-keep-last", "1"]);
+            let (_store, mut d) = file_daemon(&["--persist-compression", compression, "--persist-delta", delta, "--persist-keep-last", "1"]);
             let mut c = d.client();
             let mut last = Vec::new();
             for step in 1..=3 {
@@ -348,9 +341,7 @@ fn every_compression_with_and_without_deltas_restores_bitwise_from_the_persisten
 
 #[test]
 fn the_trainers_choice_of_tiers_decides_what_is_persisted() {
-    let store = shm_dir();
-    let url = format!("file://{}", store.path().display());
-    let d = daemon(&url, &["--persist-every", "1", "--persist-keep-last", "10"]);
+    let (store, d) = file_daemon(&["--persist-every", "1", "--persist-keep-last", "10"]);
     let mut c = d.client();
     let data = payload(0, 1000);
     let t = [TensorData { name: "w", dtype: Dtype::U8, shape: &[1000], data: &data }];
@@ -390,9 +381,7 @@ fn adam_state(step: u64, n: usize) -> (Vec<f32>, Vec<f32>) {
 
 #[test]
 fn adam_moments_are_predicted_and_restore_bitwise_from_the_persistent_tier() {
-    let store = shm_dir();
-    let url = format!("file://{}", store.path().display());
-    let mut d = daemon(&url, &["--persist-compression", "zstd", "--persist-keep-last", "3"]);
+    let (store, mut d) = file_daemon(&["--persist-compression", "zstd", "--persist-keep-last", "3"]);
     let mut c = d.client();
     let n = 1 << 20;
     let bytes = |x: &[f32]| x.iter().flat_map(|f| f.to_le_bytes()).collect::<Vec<u8>>();
