@@ -479,22 +479,21 @@ impl Cluster {
             .map_err(|e| TierError::Unavailable(e.to_string()))??;
         let data = Bytes::from_owner(map);
         let pace = self.cfg.replication_bandwidth.map(|b| Pace { bytes_per_s: b });
-        // The body and whether it is a delta.
         let started = Instant::now();
         let mut body = self.replica_body(t, &m, &data).await;
         let prepared = started.elapsed();
         let mut delay = Duration::from_millis(100);
         for attempt in 0.. {
-            let delta = body.1;
-            match self.peers.put_replica(self.addr(t), &m, &body.0, pace).await {
+            let delta = body.is_delta();
+            match self.peers.put_replica(self.addr(t), &m, &body, pace).await {
                 Ok(()) => {
                     let mut sent = lock(&self.sent);
                     let last = sent.entry((t, key.namespace.clone(), key.rank)).or_insert(key.step);
                     *last = (*last).max(key.step);
                     drop(sent);
-                    let wire = body.0.wire_len();
+                    let wire = body.wire_len();
                     let secs = started.elapsed().as_secs_f64();
-                    let encoded = matches!(body.0, ReplicaBody::Reduced(_));
+                    let encoded = matches!(body, ReplicaBody::Reduced { .. });
                     match encoded {
                         true => lock(&self.costs).observe_encoded(m.file_len, wire, secs),
                         false => lock(&self.costs).observe_plain(wire, secs - prepared.as_secs_f64()),
@@ -524,7 +523,7 @@ impl Cluster {
                 Err(e) if delta && e.kind() == ErrorKind::NotFound => {
                     tracing::debug!(shard = %key, to = self.id(t), error = %e, "delta refused; sending whole");
                     self.stats_update(|s| s.deltas_refused += 1);
-                    body = (ReplicaBody::Whole(data.clone()), false);
+                    body = ReplicaBody::Whole(data.clone());
                 }
                 Err(e) if e.is_retryable() && attempt < 3 => {
                     let jitter = random_u64() % (delay.as_millis() as u64 / 2 + 1);
@@ -569,42 +568,32 @@ impl Cluster {
         None
     }
 
-    /// What to send node `t` for `m`, and whether it is a delta:
+    /// What to send node `t` for `m`:
     /// - with delta on, the chunks that differ from a base both nodes hold
     ///   (sparse: no encoding, no copy), else the shard whole;
     /// - unless, with compression on, the reduced blob
     ///   (`tierckpt_format::encode`) is expected to be faster to send, as
     ///   [`ReplicaCosts`] measured.
-    async fn replica_body(&self, t: usize, m: &Manifest, data: &Bytes) -> (ReplicaBody, bool) {
+    async fn replica_body(&self, t: usize, m: &Manifest, data: &Bytes) -> ReplicaBody {
         let opts = self.cfg.replication_reduce;
         let base = match opts.delta {
             true => self.shared_base(t, &m.key).await,
             false => None,
         };
         let base = base.map(|(bm, map)| (bm, Bytes::from_owner(map)));
-        let plain = match &base {
-            None => (ReplicaBody::Whole(data.clone()), false),
-            Some((bm, _)) => {
-                let changed: Vec<usize> = (0..m.chunks.len()).filter(|&i| !unchanged_chunk(bm, m, i)).collect();
-                match changed.len() == m.chunks.len() {
-                    true => (ReplicaBody::Whole(data.clone()), false),
-                    false => {
-                        let pieces = changed
-                            .into_iter()
-                            .map(|i| {
-                                let (a, b) = m.chunk_range(i);
-                                data.slice(a as usize..b as usize)
-                            })
-                            .collect();
-                        (ReplicaBody::Sparse { base: BaseRef::of(bm), pieces }, true)
-                    }
-                }
-            }
-        };
+        let sparse = base.as_ref().and_then(|(bm, _)| {
+            let changed: Vec<usize> = (0..m.chunks.len()).filter(|&i| !unchanged_chunk(bm, m, i)).collect();
+            let pieces = changed.iter().map(|&i| {
+                let (a, b) = m.chunk_range(i);
+                data.slice(a as usize..b as usize)
+            });
+            (changed.len() < m.chunks.len()).then(|| ReplicaBody::Sparse { base: BaseRef::of(bm), pieces: pieces.collect() })
+        });
+        let plain = sparse.unwrap_or_else(|| ReplicaBody::Whole(data.clone()));
         if opts.compression == tierckpt_format::Compression::Off {
             return plain;
         }
-        let (m2, d2, plain_len, costs) = (m.clone(), data.clone(), plain.0.wire_len(), *lock(&self.costs));
+        let (m2, d2, plain_len, costs) = (m.clone(), data.clone(), plain.wire_len(), *lock(&self.costs));
         let encoded = tokio::task::spawn_blocking(move || {
             let b = base.as_ref().map(|(bm, b)| (&b[..], bm));
             let ratio = tierckpt_format::estimate(&d2, &m2, b, &opts);
@@ -618,7 +607,7 @@ impl Cluster {
         .flatten();
         match encoded {
             Some((blob, stats)) if (blob.len() as u64) < plain_len => {
-                (ReplicaBody::Reduced(Bytes::from(blob)), stats.same_chunks + stats.xor_chunks > 0)
+                ReplicaBody::Reduced { blob: Bytes::from(blob), delta: stats.same_chunks + stats.xor_chunks > 0 }
             }
             _ => plain,
         }

@@ -153,7 +153,7 @@ impl PeerClient {
         ];
         let pieces = match body {
             ReplicaBody::Whole(d) => vec![d.clone()],
-            ReplicaBody::Reduced(blob) => {
+            ReplicaBody::Reduced { blob, .. } => {
                 headers.push((REDUCED_HEADER, "1".to_string()));
                 vec![blob.clone()]
             }
@@ -196,8 +196,9 @@ impl PeerClient {
 pub enum ReplicaBody {
     /// The shard's bytes.
     Whole(Bytes),
-    /// A reduced blob (`tierckpt_format::encode`).
-    Reduced(Bytes),
+    /// A reduced blob (`tierckpt_format::encode`), and whether it refers to
+    /// a base.
+    Reduced { blob: Bytes, delta: bool },
     /// The chunks that differ from `base`, in order (slices of the shard).
     Sparse { base: BaseRef, pieces: Vec<Bytes> },
 }
@@ -206,8 +207,17 @@ impl ReplicaBody {
     /// Bytes on the wire.
     pub fn wire_len(&self) -> u64 {
         match self {
-            ReplicaBody::Whole(b) | ReplicaBody::Reduced(b) => b.len() as u64,
+            ReplicaBody::Whole(b) | ReplicaBody::Reduced { blob: b, .. } => b.len() as u64,
             ReplicaBody::Sparse { pieces, .. } => pieces.iter().map(|p| p.len() as u64).sum(),
+        }
+    }
+
+    /// True when the peer needs a base to rebuild the shard.
+    pub fn is_delta(&self) -> bool {
+        match self {
+            ReplicaBody::Whole(_) => false,
+            ReplicaBody::Reduced { delta, .. } => *delta,
+            ReplicaBody::Sparse { .. } => true,
         }
     }
 }
