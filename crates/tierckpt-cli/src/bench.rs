@@ -150,28 +150,13 @@ pub(crate) fn parse_bytes(s: &str) -> Result<u64, String> {
 
 pub fn run(args: &BenchArgs, json: bool) -> Result<()> {
     match &args.cmd {
-        BenchCmd::Reduce(a) => crate::bench_reduce::run(a, json),
-        BenchCmd::Memory(a) => {
-            let report = memory(a)?;
-            if json {
-                output::print_json(&report);
-            } else {
-                print_memory(&report);
-            }
-            Ok(())
-        }
-        BenchCmd::Replicate(a) => {
-            let report = replicate(a)?;
-            if json {
-                output::print_json(&report);
-            } else {
-                print_replicate(&report);
-            }
-            Ok(())
-        }
-        BenchCmd::Persist(a) => crate::bench_persist::run(a, json),
-        BenchCmd::TcpSink(a) => tcp_sink(a),
+        BenchCmd::Reduce(a) => output::emit(&crate::bench_reduce::measure(a)?, json, crate::bench_reduce::print),
+        BenchCmd::Memory(a) => output::emit(&memory(a)?, json, print_memory),
+        BenchCmd::Replicate(a) => output::emit(&replicate(a)?, json, print_replicate),
+        BenchCmd::Persist(a) => output::emit(&crate::bench_persist::persist(a)?, json, crate::bench_persist::print_persist),
+        BenchCmd::TcpSink(a) => tcp_sink(a)?,
     }
+    Ok(())
 }
 
 /// What `bench memory` measured. Times are seconds; ratios are a time over

@@ -586,12 +586,3 @@ pub fn print_persist(r: &PersistReport) {
     );
 }
 
-pub fn run(a: &PersistArgs, json: bool) -> Result<()> {
-    let report = persist(a)?;
-    if json {
-        output::print_json(&report);
-    } else {
-        print_persist(&report);
-    }
-    Ok(())
-}

@@ -239,17 +239,7 @@ pub struct NoLossCheck {
     pub met: bool,
 }
 
-pub fn run(args: &ReduceArgs, json: bool) -> Result<()> {
-    let report = measure(args)?;
-    if json {
-        output::print_json(&report);
-    } else {
-        print(&report);
-    }
-    Ok(())
-}
-
-fn measure(a: &ReduceArgs) -> Result<ReduceReport> {
+pub fn measure(a: &ReduceArgs) -> Result<ReduceReport> {
     if a.steps < 2 {
         bail!("--steps must be at least 2 (the first checkpoint is the base of the second)");
     }
@@ -632,7 +622,7 @@ fn measure_workload(kind: Workload, c: Compression, shards: &[(Vec<u8>, Manifest
     })
 }
 
-fn print(r: &ReduceReport) {
+pub fn print(r: &ReduceReport) {
     println!(
         "bench reduce: {} per checkpoint, {} checkpoints per workload; medians over the {} deltas; codec on {} threads, floor a {}-thread memcpy",
         output::human_bytes(r.size),

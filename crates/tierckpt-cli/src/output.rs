@@ -30,6 +30,15 @@ pub fn print_json(v: &impl serde::Serialize) {
     println!("{}", serde_json::to_string(v).expect("serializable"));
 }
 
+/// Prints a report as one JSON object with `json`, else with `print`.
+pub fn emit<T: serde::Serialize>(report: &T, json: bool, print: fn(&T)) {
+    if json {
+        print_json(report);
+    } else {
+        print(report);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
