@@ -3,11 +3,12 @@
 import http.client
 import json
 import pathlib
+import subprocess
 
 import numpy as np
 from safetensors.numpy import load, load_file, save
 
-from conftest import tierckpt
+from conftest import binary, tierckpt
 
 
 def request(addr, method, path, body=None):
@@ -20,8 +21,8 @@ def request(addr, method, path, body=None):
 
 def test_rust_client_shard_is_read_by_python_safetensors(daemon):
     n = 3_000_001
-    wrote = tierckpt(daemon["socket"], "debug-writer", "--namespace", "py", "--step", "4",
-                     "--bytes", str(n), "--seed", "9")
+    wrote = subprocess.run([binary("tierckpt-test-writer"), "--socket", daemon["socket"], "--namespace", "py",
+                            "--step", "4", "--bytes", str(n), "--seed", "9"], capture_output=True, text=True, check=False)
     assert wrote.returncode == 0, wrote.stderr
     out = pathlib.Path(daemon["dir"]) / "export"
     exported = tierckpt(daemon["socket"], "export", "py", "--format", "safetensors", str(out), "--json")

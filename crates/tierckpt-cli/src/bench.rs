@@ -23,7 +23,7 @@ use serde::Serialize;
 use tierckpt_client::{Client, TensorData};
 use tierckpt_format::{Dtype, ShardKey, ShardLayout, TensorSpec};
 
-use crate::daemon_proc::{DaemonOptions, DaemonProcess, LocalCluster, LocalClusterOptions};
+use tierckpt_harness::daemon::{DaemonOptions, DaemonProcess, LocalCluster, LocalClusterOptions};
 use crate::output;
 
 /// Ratio to the floor that `bench memory` aims for, for saves and restores.
@@ -652,7 +652,7 @@ impl TcpFloor {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
-        crate::daemon_proc::die_with_parent(&mut cmd);
+        tierckpt_harness::daemon::die_with_parent(&mut cmd);
         let mut child = cmd.spawn().with_context(|| format!("starting {} bench tcp-sink", exe.display()))?;
         let mut line = String::new();
         BufReader::new(child.stdout.take().expect("piped stdout")).read_line(&mut line)?;

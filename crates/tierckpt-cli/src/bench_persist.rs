@@ -33,7 +33,7 @@ use tierckpt_client::{Client, TensorData};
 use crate::bench::{fill_random, gibps, median, parse_bytes, tensor_lens};
 use tierckpt_format::{Dtype, ShardKey, ShardLayout, TensorSpec};
 
-use crate::daemon_proc::{DaemonOptions, DaemonProcess};
+use tierckpt_harness::daemon::{DaemonOptions, DaemonProcess};
 use crate::output;
 
 /// Rate that `bench persist` aims for, as a fraction of the floor's, for a
@@ -179,7 +179,7 @@ impl Moto {
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(Stdio::null());
-            crate::daemon_proc::die_with_parent(&mut cmd);
+            tierckpt_harness::daemon::die_with_parent(&mut cmd);
             let child = cmd.spawn().with_context(|| {
                 format!(
                     "starting {} (pip install 'moto[server]' and set TIERCKPT_MOTO_SERVER, or run ./scripts/test.sh)",
@@ -270,7 +270,7 @@ impl Boto3Floor {
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
-        crate::daemon_proc::die_with_parent(&mut cmd);
+        tierckpt_harness::daemon::die_with_parent(&mut cmd);
         let mut child = cmd
             .spawn()
             .with_context(|| format!("starting {} for the boto3 floor (set TIERCKPT_PYTHON to a Python with boto3)", py.display()))?;

@@ -66,7 +66,7 @@ use tierckpt_format::{
 
 use crate::bench::{gibps, median, parse_bytes};
 use crate::bench_persist::drain_state;
-use crate::daemon_proc::{LocalCluster, LocalClusterOptions};
+use tierckpt_harness::daemon::{LocalCluster, LocalClusterOptions};
 use crate::output;
 
 /// Pause before each checkpoint end to end, untimed: the background work
@@ -347,7 +347,7 @@ pub fn measure(a: &ReduceArgs) -> Result<ReduceReport> {
 
 /// Replication counters of node 0, the drain state of `ns` there, and
 /// whether node 0's view of the cluster has node 1 holding `step`.
-fn counters(c: &mut Client, ns: &str, step: u64) -> Result<(tierckpt_tiers::proto::ReplicationStats, serde_json::Value, bool)> {
+fn counters(c: &mut Client, ns: &str, step: u64) -> Result<(tierckpt_proto::ReplicationStats, serde_json::Value, bool)> {
     let cl = c.status()?.cluster.context("node 0 is not clustered")?;
     let seen = cl
         .namespaces
@@ -372,7 +372,7 @@ struct PathRun {
     store_dir: tempfile::TempDir,
     reps: Vec<f64>,
     pers: Vec<f64>,
-    first: Option<(tierckpt_tiers::proto::ReplicationStats, serde_json::Value, bool)>,
+    first: Option<(tierckpt_proto::ReplicationStats, serde_json::Value, bool)>,
 }
 
 impl PathRun {

@@ -49,7 +49,7 @@ pub fn status(c: &mut Client, as_json: bool) -> Result<()> {
 }
 
 /// The jobs' starts and failures recorded by `tierckpt run` (newest few).
-fn print_failures(f: &std::collections::BTreeMap<String, Vec<tierckpt_tiers::proto::FailureRecord>>) {
+fn print_failures(f: &std::collections::BTreeMap<String, Vec<tierckpt_proto::FailureRecord>>) {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64);
@@ -101,7 +101,7 @@ fn print_persistent(p: &serde_json::Value) {
     println!("{t}");
 }
 
-fn print_cluster(c: &tierckpt_tiers::proto::ClusterStatus) {
+fn print_cluster(c: &tierckpt_proto::ClusterStatus) {
     let r = &c.replication;
     println!(
         "cluster: node {}, replication factor {} ({} placement); sent {} shards ({}, {} on the wire, {} as deltas, {} compressed), fetched {} ({}), re-replicated {}, {} failures, {} queued",
@@ -149,7 +149,7 @@ fn print_cluster(c: &tierckpt_tiers::proto::ClusterStatus) {
     }
 }
 
-fn print_namespaces(ns: &[tierckpt_tiers::proto::NamespaceSummary]) {
+fn print_namespaces(ns: &[tierckpt_proto::NamespaceSummary]) {
     if ns.is_empty() {
         println!("no checkpoints");
         return;

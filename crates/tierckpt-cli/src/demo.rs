@@ -70,7 +70,7 @@ use tierckpt_client::{Client, ErrorKind, TensorData};
 use tierckpt_format::{Dtype, ShardKey, ShardLayout, TensorSpec};
 
 use crate::baseline::FileCheckpoints;
-use crate::daemon_proc::{LocalCluster, LocalClusterOptions};
+use tierckpt_harness::daemon::{LocalCluster, LocalClusterOptions};
 use crate::output::{human_bytes, print_json};
 
 // Tensors are saved as their in-memory bytes: safetensors is little-endian.
@@ -1043,7 +1043,7 @@ impl Trainer {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         // The trainer dies with the demo.
-        crate::daemon_proc::die_with_parent(&mut cmd);
+        tierckpt_harness::daemon::die_with_parent(&mut cmd);
         let mut child = cmd
             .spawn()
             .with_context(|| format!("starting {} demo-trainer --rank {rank}", exe.display()))?;

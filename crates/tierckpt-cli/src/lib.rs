@@ -1,15 +1,12 @@
 //! The `tierckpt` command-line tool as a library: inspection commands, the
-//! demo (the main job), benchmarks, the supervisor (`tierckpt run`), and
-//! helpers to run a daemon process.
+//! demo (the main job), benchmarks, and the supervisor (`tierckpt run`).
 
 pub mod baseline;
 pub mod bench;
 pub mod bench_persist;
 pub mod bench_reduce;
 pub mod commands;
-pub mod daemon_proc;
 pub mod demo;
 pub mod output;
 pub mod signals;
 pub mod supervise;
-pub mod testkit;

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand, ValueEnum};
-use tierckpt_cli::{bench, commands, demo, supervise, testkit};
+use tierckpt_cli::{bench, commands, demo, supervise};
 use tierckpt_client::Client;
 
 #[derive(Parser, Debug)]
@@ -71,9 +71,6 @@ enum Cmd {
     /// The demo's training process (started by `tierckpt demo`).
     #[command(hide = true)]
     DemoTrainer(demo::TrainerArgs),
-    /// Writes one shard, pausing at a phase (for crash tests).
-    #[command(hide = true)]
-    DebugWriter(testkit::WriterArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -113,7 +110,6 @@ fn run(cli: &Cli) -> Result<()> {
         Cmd::Demo(a) => demo::run(a, j),
         Cmd::Bench(a) => bench::run(a, j),
         Cmd::DemoTrainer(a) => demo::run_trainer(a),
-        Cmd::DebugWriter(a) => testkit::run_writer(a, connect()?),
         Cmd::Run(_) => unreachable!("handled in main"),
     }
 }

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
 use tierckpt_client::Client;
-use tierckpt_tiers::proto::{FailureKind, FailureRecord};
+use tierckpt_proto::{FailureKind, FailureRecord};
 
 /// Longest wait between restarts; the backoff doubles up to it.
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
@@ -82,7 +82,7 @@ pub fn ensure_daemon(socket: &Path) -> Result<bool> {
         .append(true)
         .open(&log_path)
         .with_context(|| format!("opening the daemon log {}", log_path.display()))?;
-    let mut cmd = Command::new(crate::daemon_proc::daemon_binary());
+    let mut cmd = Command::new(tierckpt_harness::daemon::daemon_binary());
     cmd.arg("--socket").arg(socket).stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
     // SAFETY: setsid is async-signal-safe.
     unsafe {
@@ -92,7 +92,7 @@ pub fn ensure_daemon(socket: &Path) -> Result<bool> {
         });
     }
     let mut child = cmd.spawn().with_context(|| {
-        format!("starting {} (set TIERCKPTD_BIN or put it on PATH)", crate::daemon_proc::daemon_binary().display())
+        format!("starting {} (set TIERCKPT_DAEMON_BIN or put it on PATH)", tierckpt_harness::daemon::daemon_binary().display())
     })?;
     let started = Instant::now();
     while started.elapsed() < DAEMON_START_TIMEOUT {

@@ -11,7 +11,7 @@ fn bench_memory_json(args: &[&str]) -> Value {
 }
 
 fn bench_json(which: &str, args: &[&str]) -> Value {
-    let out = Command::new(env!("CARGO_BIN_EXE_tierckpt"))
+    let out = tierckpt_harness::testing::tierckpt()
         .args(["bench", which])
         .args(args)
         .output()
@@ -95,7 +95,7 @@ fn memory_reports_ratios_against_the_floor() {
 
 #[test]
 fn memory_prints_a_table_without_json() {
-    let out = Command::new(env!("CARGO_BIN_EXE_tierckpt"))
+    let out = tierckpt_harness::testing::tierckpt()
         .args(["bench", "memory", "--size", "1MiB", "--tensors", "4", "--iters", "2", "--warmup", "1"])
         .args(["--buffer-offset", "16"])
         .output()
@@ -109,7 +109,7 @@ fn memory_prints_a_table_without_json() {
 
 #[test]
 fn memory_rejects_a_bad_size() {
-    let out = Command::new(env!("CARGO_BIN_EXE_tierckpt"))
+    let out = tierckpt_harness::testing::tierckpt()
         .args(["bench", "memory", "--size", "lots", "--json"])
         .output()
         .expect("running tierckpt");
@@ -192,7 +192,7 @@ fn replicate_reports_rates_against_the_tcp_floor() {
 
 #[test]
 fn replicate_prints_a_table_without_json() {
-    let out = Command::new(env!("CARGO_BIN_EXE_tierckpt"))
+    let out = tierckpt_harness::testing::tierckpt()
         .args(["bench", "replicate", "--size", "1MiB", "--tensors", "4", "--iters", "1", "--warmup", "1"])
         .args(["--floor-reps", "1"])
         .output()
@@ -206,7 +206,7 @@ fn replicate_prints_a_table_without_json() {
 
 #[test]
 fn the_tcp_sink_is_hidden() {
-    let out = Command::new(env!("CARGO_BIN_EXE_tierckpt"))
+    let out = tierckpt_harness::testing::tierckpt()
         .args(["bench", "--help"])
         .output()
         .expect("running tierckpt");
@@ -360,7 +360,7 @@ fn reduce_reports_codec_rows_and_end_to_end_paths() {
 
 #[test]
 fn reduce_without_end_to_end_prints_the_codec_table_only() {
-    let out = Command::new(env!("CARGO_BIN_EXE_tierckpt"))
+    let out = tierckpt_harness::testing::tierckpt()
         .args(["bench", "reduce", "--size", "1MiB", "--steps", "2", "--no-end-to-end"])
         .output()
         .expect("running tierckpt");

@@ -1,11 +1,10 @@
 //! The `tierckpt` inspection commands against a real daemon: tables for
 //! people, JSON for programs, exports readable by safetensors.
 
-mod common;
 
 use std::collections::BTreeMap;
 
-use common::{cli, TestDaemon};
+use tierckpt_harness::testing::{cli, TestDaemon};
 use serde_json::Value;
 use tierckpt_client::TensorData;
 use tierckpt_format::{Dtype, ShardKey};
@@ -58,7 +57,7 @@ fn status_ls_inspect_in_json_and_tables() {
 fn export_writes_safetensors_files_any_reader_opens() {
     let d = TestDaemon::start("64MiB");
     let w = seed(&d);
-    let out = common::shm_dir();
+    let out = tierckpt_harness::testing::shm_dir();
     let dir = out.path().to_str().unwrap();
     let e = run_json(&d, &["export", "job", "--format", "safetensors", dir]);
     assert_eq!(e["step"], 20);

@@ -20,7 +20,7 @@ fn run_demo(extra: &[&str]) -> (std::process::Output, String, String) {
 
 fn run_demo_with(base: &[&str], extra: &[&str]) -> (std::process::Output, String, String) {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
-    let out = Command::new(env!("CARGO_BIN_EXE_tierckpt"))
+    let out = tierckpt_harness::testing::tierckpt()
         .arg("demo")
         .args(base)
         .arg("--json")
@@ -252,7 +252,7 @@ fn demo_refuses_what_it_cannot_run() {
         (&["--persist-every", "0"][..], "--persist-every"),
         (&["--storage-bandwidth", "fast"][..], "--storage-bandwidth"),
     ] {
-        let out = Command::new(env!("CARGO_BIN_EXE_tierckpt"))
+        let out = tierckpt_harness::testing::tierckpt()
             .args(["demo", "--size", "16MB", "--json"])
             .args(args)
             .output()

@@ -1,14 +1,13 @@
 //! `tierckpt run`: restarts, their limit, hangs, signals, and the failure
 //! record, with a real daemon and real child processes.
 
-mod common;
 
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{shm_dir, tierckpt, TestDaemon};
-use tierckpt_tiers::proto::{FailureKind, FailureRecord};
+use tierckpt_harness::testing::{shm_dir, tierckpt, TestDaemon};
+use tierckpt_proto::{FailureKind, FailureRecord};
 
 fn supervise(d: &TestDaemon, ns: &str, extra: &[&str], script: &str) -> Command {
     let mut c = tierckpt();
@@ -71,9 +70,9 @@ fn restarts_stop_at_the_limit_and_every_failure_is_recorded() {
     assert!(recs[1].detail.contains("exit code 3"), "{:?}", recs[1]);
     assert!(stderr(&o).contains("giving up after 2 restart(s)"), "{}", stderr(&o));
 
-    let (ok, out, _) = common::cli(&d.proc.socket, &["status"]);
+    let (ok, out, _) = tierckpt_harness::testing::cli(&d.proc.socket, &["status"]);
     assert!(ok && out.contains("exit code 3") && out.contains("limit"), "{out}");
-    let (ok, out, _) = common::cli(&d.proc.socket, &["--json", "status"]);
+    let (ok, out, _) = tierckpt_harness::testing::cli(&d.proc.socket, &["--json", "status"]);
     let v: serde_json::Value = serde_json::from_str(&out).expect("json");
     assert!(ok);
     assert_eq!(v["failures"]["limit"].as_array().map(Vec::len), Some(4), "{v}");

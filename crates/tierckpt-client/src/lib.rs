@@ -9,6 +9,7 @@
 //! verified mapping itself.
 
 mod copy;
+mod error;
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
@@ -22,8 +23,9 @@ use tierckpt_format::{
     copy_verified, parse_shard, verify_chunks, CopyTarget, Dtype, Manifest, ShardKey, ShardLayout,
     ShardView, TensorSpec,
 };
-use tierckpt_tiers::proto::{self, DaemonStatus, FailureRecord, NamespaceSummary, Reply, Request, WireResult};
-pub use tierckpt_tiers::{ErrorKind, StepSummary, TierError as Error};
+use tierckpt_proto::{DaemonStatus, FailureRecord, NamespaceSummary, Reply, Request, WireResult};
+pub use error::Error;
+pub use tierckpt_proto::{ErrorKind, StepSummary};
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -109,10 +111,7 @@ pub struct Client {
 }
 
 fn unexpected(r: Reply) -> Error {
-    Error::Remote {
-        kind: ErrorKind::Internal,
-        message: format!("unexpected reply from the daemon: {r:?}"),
-    }
+    Error::remote(ErrorKind::Internal, format!("unexpected reply from the daemon: {r:?}"))
 }
 
 impl Client {
@@ -145,14 +144,12 @@ impl Client {
         let lost = |e: std::io::Error| {
             Error::Unavailable(format!("lost the daemon at {}: {e}", self.socket.display()))
         };
-        proto::write_frame(&mut self.stream, req).map_err(lost)?;
-        let frame = proto::read_frame(&mut self.stream)
+        tierckpt_proto::write_frame(&mut self.stream, req).map_err(lost)?;
+        let frame = tierckpt_proto::read_frame(&mut self.stream)
             .map_err(lost)?
             .ok_or_else(|| lost(std::io::ErrorKind::UnexpectedEof.into()))?;
-        let r: WireResult = serde_json::from_slice(&frame).map_err(|e| Error::Remote {
-            kind: ErrorKind::Internal,
-            message: format!("unreadable reply from the daemon: {e}"),
-        })?;
+        let r: WireResult = serde_json::from_slice(&frame)
+            .map_err(|e| Error::remote(ErrorKind::Internal, format!("unreadable reply from the daemon: {e}")))?;
         r.map_err(Error::from)
     }
 
@@ -302,10 +299,7 @@ impl Client {
             Err(e) if e.kind() == ErrorKind::Corrupt => {
                 self.done(&Request::ReportCorrupt { namespace: key.namespace.clone(), step: key.step, rank: key.rank })?;
                 self.load_once(key, targets).map_err(|again| match again.kind() {
-                    ErrorKind::NotFound => Error::Remote {
-                        kind: ErrorKind::Corrupt,
-                        message: format!("{e}; and no other copy: {again}"),
-                    },
+                    ErrorKind::NotFound => Error::remote(ErrorKind::Corrupt, format!("{e}; and no other copy: {again}")),
                     _ => again,
                 })
             }

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
 use tierckpt_format::{BaseRef, Manifest, ShardKey, StreamVerifier};
-use tierckpt_tiers::proto::{
+use tierckpt_proto::{
     ClusterStatus, ClusterStep, HeldStep, Holdings, NodeState, NodeStatus, ReplicationStats,
 };
 use tierckpt_tiers::{ErrorKind, MemoryTier, TierError};

@@ -10,7 +10,7 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Mutex;
 
-use tierckpt_tiers::proto::FailureRecord;
+use tierckpt_proto::FailureRecord;
 use tierckpt_tiers::{Result, TierError};
 
 /// Longest `detail` accepted, in bytes.

@@ -159,7 +159,7 @@ async fn metrics(State(d): D) -> Response {
 }
 
 /// What this node holds (the heartbeat between peers).
-async fn holdings(State(d): D) -> Json<tierckpt_tiers::proto::Holdings> {
+async fn holdings(State(d): D) -> Json<tierckpt_proto::Holdings> {
     let id = d.cluster.as_ref().map(|c| c.node_id().to_string()).unwrap_or_default();
     Json(crate::cluster::holdings_of(&d.tier, &id))
 }

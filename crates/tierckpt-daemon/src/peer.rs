@@ -14,7 +14,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioExecutor;
 use tierckpt_format::{BaseRef, Manifest, ShardKey};
-use tierckpt_tiers::proto::Holdings;
+use tierckpt_proto::Holdings;
 use tierckpt_tiers::{TierError, WireError};
 
 /// Header carrying a shard's manifest (compact JSON) with its bytes.

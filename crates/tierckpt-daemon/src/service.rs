@@ -11,7 +11,7 @@ use tierckpt_tiers::ErrorKind;
 
 use crate::cluster::Cluster;
 use crate::metrics::Metrics;
-use tierckpt_tiers::proto::{DaemonStatus, Reply, Request, WireResult};
+use tierckpt_proto::{DaemonStatus, Reply, Request, WireResult};
 use tierckpt_tiers::{MemoryTier, MemoryTierConfig, Result, TierError};
 use tokio::sync::watch;
 

@@ -1,11 +1,11 @@
 //! The local API on a Unix socket: framed JSON requests (see
-//! `tierckpt_tiers::proto`), peer credentials checked, reservations reclaimed
+//! `tierckpt_proto`), peer credentials checked, reservations reclaimed
 //! when their connection goes away.
 
 use std::path::Path;
 use std::sync::Arc;
 
-use tierckpt_tiers::proto::{check_frame_len, Request, WireResult};
+use tierckpt_proto::{check_frame_len, Request, WireResult};
 use tierckpt_tiers::{ErrorKind, WireError};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};

@@ -1,27 +1,7 @@
-use serde::{Deserialize, Serialize};
+//! The error type of every tier.
+
 use tierckpt_format::FormatError;
-
-/// Semantic error kinds, shared by every tier and carried over the wire.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ErrorKind {
-    NotFound,
-    AlreadyExists,
-    Corrupt,
-    CapacityExceeded,
-    InvalidArgument,
-    Unavailable,
-    Unauthorized,
-    Io,
-    Cancelled,
-    Internal,
-}
-
-impl ErrorKind {
-    pub fn is_retryable(self) -> bool {
-        matches!(self, ErrorKind::Unavailable | ErrorKind::Io)
-    }
-}
+pub use tierckpt_proto::{ErrorKind, WireError};
 
 /// Errors of a tier. Messages say what was asked, what was found, and what to do.
 #[derive(Debug, thiserror::Error)]
@@ -92,13 +72,6 @@ impl TierError {
             message: self.to_string(),
         }
     }
-}
-
-/// An error as carried in a protocol reply or an HTTP body.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct WireError {
-    pub kind: ErrorKind,
-    pub message: String,
 }
 
 impl From<WireError> for TierError {

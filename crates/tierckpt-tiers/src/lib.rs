@@ -1,5 +1,5 @@
-//! Tiers of tierckpt: one [`Tier`] trait, the memory tier on tmpfs, the local
-//! wire protocol shared by the daemon and its clients, and the conformance
+//! Tiers of tierckpt: one [`Tier`] trait, the memory tier on tmpfs, the
+//! persistent tier, the fault-injecting store adapter, and the conformance
 //! suite that every tier passes.
 
 pub mod conformance;
@@ -7,13 +7,13 @@ mod error;
 pub mod faults;
 pub mod memory;
 pub mod persistent;
-pub mod proto;
 mod tier;
 
 pub use error::{ErrorKind, TierError, WireError};
 pub use memory::{LeasedMap, MemoryTier, MemoryTierConfig, Reservation};
 pub use persistent::{PersistOptions, PersistentTier};
-pub use tier::{ShardBytes, StepSummary, Tier};
+pub use tier::{ShardBytes, Tier};
+pub use tierckpt_proto::StepSummary;
 
 pub type Result<T, E = TierError> = std::result::Result<T, E>;
 

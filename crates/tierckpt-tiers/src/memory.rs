@@ -27,7 +27,7 @@ use async_trait::async_trait;
 use tierckpt_format::names::{validate_namespace, validate_rank};
 use tierckpt_format::{parse_shard, verify_chunks, Manifest, ShardKey};
 
-use crate::proto::{MemoryUsage, NamespaceSummary};
+use tierckpt_proto::{MemoryUsage, NamespaceSummary};
 use crate::{now_unix_ms, Result, ShardBytes, StepSummary, Tier, TierError};
 
 /// Settings of a memory tier.

@@ -1,24 +1,9 @@
 use async_trait::async_trait;
-use serde::{Deserialize, Serialize};
 use std::ops::Deref;
 use tierckpt_format::{Manifest, ShardKey};
+use tierckpt_proto::StepSummary;
 
 use crate::Result;
-
-/// One step of one namespace as a tier sees it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct StepSummary {
-    pub step: u64,
-    pub world_size: u32,
-    /// Ranks whose shard is visible (sealed and checksummed).
-    pub ranks: Vec<u32>,
-    /// Ranks reserved or sealing but not yet visible.
-    pub in_progress: Vec<u32>,
-    /// Every rank of `world_size` is visible.
-    pub complete: bool,
-    pub bytes: u64,
-    pub created_unix_ms: u64,
-}
 
 /// Bytes of a shard: mapped from the tier or owned.
 pub enum ShardBytes {

@@ -1,7 +1,7 @@
 //! The persistent tier against a real S3-protocol server (moto_server on
 //! 127.0.0.1), plain and behind the fault-injecting adapter.
 
-#[path = "support/moto.rs"]
+#[path = "../../tierckpt-harness/src/moto.rs"]
 mod moto;
 
 use std::sync::Arc;

@@ -3,16 +3,14 @@
 //! a flaky store, a full file system, corrupted persisted bytes, and a real
 //! S3-protocol server.
 
-mod common;
 
-#[path = "../../tierckpt-tiers/tests/support/moto.rs"]
-mod moto;
+use tierckpt_harness::moto;
 
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{shm_dir, TestDaemon};
+use tierckpt_harness::testing::{shm_dir, TestDaemon};
 use tierckpt_client::{Client, ErrorKind, TensorData};
 use tierckpt_format::{Dtype, ShardKey};
 
@@ -93,7 +91,7 @@ fn drains_in_the_background_and_restores_after_all_memory_is_lost() {
         // One at a time: the drainer persists the newest complete step it sees.
         wait_for("the step committed", || drain_status(&mut c, "job")["last_committed"] == step);
     }
-    let (ok, out, _) = common::cli(&d.proc.socket, &["status"]);
+    let (ok, out, _) = tierckpt_harness::testing::cli(&d.proc.socket, &["status"]);
     assert!(ok && out.contains("persistent tier") && out.contains(&format!("file://{}", store.path().display())), "{out}");
     assert_eq!(committed_steps(store.path(), "job"), [20, 30], "persistent retention keeps 2");
     // Total memory loss: the daemon dies and its tmpfs directory is wiped.
@@ -279,7 +277,7 @@ fn deltas_restore_bitwise_and_retention_keeps_their_bases() {
     let mut back = vec![0u8; last.len()];
     c.load_into(&ShardKey::new("delta", 5, 0), &mut [("w", &mut back[..])]).unwrap();
     assert!(back == last, "restored bitwise through the delta");
-    let (ok, out, _) = common::cli(&d.proc.socket, &["status"]);
+    let (ok, out, _) = tierckpt_harness::testing::cli(&d.proc.socket, &["status"]);
     assert!(ok && out.contains("zstd"), "{out}");
 }
 

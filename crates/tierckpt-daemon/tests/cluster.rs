@@ -2,16 +2,15 @@
 //! replication, restore of an empty replacement from peers, corrupt replicas,
 //! node loss before, during and after replication, tokens, re-replication.
 
-mod common;
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use common::shm_dir;
-use tierckpt_cli::daemon_proc::{LocalCluster, LocalClusterOptions};
+use tierckpt_harness::testing::shm_dir;
+use tierckpt_harness::daemon::{LocalCluster, LocalClusterOptions};
 use tierckpt_client::{Client, ErrorKind, TensorData};
 use tierckpt_format::{Dtype, ShardKey};
-use tierckpt_tiers::proto::ClusterStatus;
+use tierckpt_proto::ClusterStatus;
 
 fn payload(rank: u32, step: u64, n: usize) -> Vec<u8> {
     (0..n).map(|i| (i as u64 * 7 + rank as u64 * 13 + step) as u8).collect()
@@ -79,7 +78,7 @@ fn every_shard_is_copied_to_k_ring_peers_bitwise() {
     assert!(s.tensor("state").unwrap() == &data[..]);
     let st = cluster_status(&c, 1);
     assert_eq!(st.replication.shards_sent, 2);
-    let (code, text) = common::http(&c.options(1).http_addr, "GET", "/metrics", &[], b"");
+    let (code, text) = tierckpt_harness::testing::http(&c.options(1).http_addr, "GET", "/metrics", &[], b"");
     let text = String::from_utf8_lossy(&text);
     assert_eq!(code, 200);
     let sent = text
@@ -89,7 +88,7 @@ fn every_shard_is_copied_to_k_ring_peers_bitwise() {
     assert_eq!(sent, Some(st.replication.bytes_sent as f64), "{text}");
     assert!(st.replication.bytes_sent > 2 * data.len() as u64, "two copies of the shard and its header");
     wait_for(LIMIT, "every node alive in n1's view", || {
-        cluster_status(&c, 1).nodes.iter().all(|n| n.state == tierckpt_tiers::proto::NodeState::Alive)
+        cluster_status(&c, 1).nodes.iter().all(|n| n.state == tierckpt_proto::NodeState::Alive)
     });
 }
 
@@ -204,12 +203,12 @@ fn dead_node_triggers_re_replication_to_k_plus_1_live_copies() {
         })
     });
     let st = cluster_status(&c, 0);
-    assert_eq!(st.nodes[2].state, tierckpt_tiers::proto::NodeState::Dead);
+    assert_eq!(st.nodes[2].state, tierckpt_proto::NodeState::Dead);
     // People see the same in `tierckpt status`; programs get it with --json.
-    let (ok, out, err) = common::cli(&c.socket(0), &["status"]);
+    let (ok, out, err) = tierckpt_harness::testing::cli(&c.socket(0), &["status"]);
     assert!(ok, "{err}");
     assert!(out.contains("n2") && out.contains("dead") && out.contains("rr"), "{out}");
-    let (ok, out, _) = common::cli(&c.socket(0), &["status", "--json"]);
+    let (ok, out, _) = tierckpt_harness::testing::cli(&c.socket(0), &["status", "--json"]);
     let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     assert!(ok && v["cluster"]["nodes"][2]["state"] == "dead", "{v}");
     assert_eq!(v["cluster"]["namespaces"]["rr"][0]["complete"], true);
@@ -223,14 +222,14 @@ fn peers_with_a_wrong_token_are_refused() {
     save(&c, 0, "tok", 1, 0, 1, 1000);
     // n1 cannot prove itself to n0, nor n0 to n1: no copy crosses.
     wait_for(LIMIT, "n1 to be seen as dead by n0", || {
-        cluster_status(&c, 0).nodes[1].state == tierckpt_tiers::proto::NodeState::Dead
+        cluster_status(&c, 0).nodes[1].state == tierckpt_proto::NodeState::Dead
     });
     let mut client = Client::connect(c.socket(1)).unwrap();
     assert!(client.steps("tok").unwrap().is_empty());
     let addr = c.options(0).http_addr.clone();
-    let (st, _) = common::http(&addr, "GET", "/v1/peer/holdings", &[("Authorization", "Bearer wrong-token")], b"");
+    let (st, _) = tierckpt_harness::testing::http(&addr, "GET", "/v1/peer/holdings", &[("Authorization", "Bearer wrong-token")], b"");
     assert_eq!(st, 401);
-    let (st, _) = common::http(&addr, "GET", "/v1/peer/holdings", &[], b"");
+    let (st, _) = tierckpt_harness::testing::http(&addr, "GET", "/v1/peer/holdings", &[], b"");
     assert_eq!(st, 401);
 }
 
@@ -240,7 +239,7 @@ fn rm_deletes_every_copy_across_the_cluster() {
     save(&c, 0, "del", 1, 0, 1, 1000);
     save(&c, 0, "del", 2, 0, 1, 1000);
     wait_for(LIMIT, "2 copies", || holders(&c, 2, "del", 2, 0).len() == 2);
-    let (ok, out, err) = common::cli(&c.socket(2), &["rm", "del", "--step", "2", "--json"]);
+    let (ok, out, err) = tierckpt_harness::testing::cli(&c.socket(2), &["rm", "del", "--step", "2", "--json"]);
     assert!(ok, "{err}");
     let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     assert_eq!(v["deleted_shards"], 2, "the shard on n0 and its replica on n1, asked from n2");
@@ -248,7 +247,7 @@ fn rm_deletes_every_copy_across_the_cluster() {
         let steps: Vec<u64> = Client::connect(c.socket(node)).unwrap().steps("del").unwrap().iter().map(|s| s.step).collect();
         assert!(!steps.contains(&2), "n{node} still holds step 2");
     }
-    let (ok, _, err) = common::cli(&c.socket(2), &["rm", "del", "--step", "2"]);
+    let (ok, _, err) = tierckpt_harness::testing::cli(&c.socket(2), &["rm", "del", "--step", "2"]);
     assert!(!ok && err.contains("any reachable node"), "{err}");
 }
 
@@ -316,7 +315,7 @@ fn a_delta_whose_base_the_peer_dropped_is_sent_whole() {
     });
     wait_for(LIMIT, "n0 to see it", || holders(&c, 0, "gone", 1, 0).len() == 2);
     // n1 drops step 1 alone; n0's view (heartbeats every 5 s) still has it there.
-    let (status, _) = common::http(
+    let (status, _) = tierckpt_harness::testing::http(
         c.node(1).http_addr.as_deref().unwrap(),
         "DELETE",
         "/v1/namespaces/gone/steps/1?scope=node",
@@ -393,7 +392,7 @@ fn malformed_sparse_replicas_are_refused_and_store_nothing() {
     }
     let (n0, n1) = (c.options(0).http_addr.clone(), c.options(1).http_addr.clone());
     let manifest = |step: u64| {
-        let (st, body) = common::http(&n0, "GET", &format!("/v1/shards/bad/{step}/0/manifest"), &[], b"");
+        let (st, body) = tierckpt_harness::testing::http(&n0, "GET", &format!("/v1/shards/bad/{step}/0/manifest"), &[], b"");
         assert_eq!(st, 200);
         Manifest::from_json(&body, "manifest").unwrap()
     };
@@ -402,7 +401,7 @@ fn malformed_sparse_replicas_are_refused_and_store_nothing() {
     let mut m9 = m2.clone();
     m9.key = ShardKey::new("bad", 9, 0);
     let mjson = serde_json::to_string(&m9).unwrap();
-    let (st, file) = common::http(&n0, "GET", "/v1/shards/bad/2/0", &[], b"");
+    let (st, file) = tierckpt_harness::testing::http(&n0, "GET", "/v1/shards/bad/2/0", &[], b"");
     assert_eq!(st, 200);
     let changed: Vec<u8> = (0..m9.chunks.len())
         .filter(|&i| m1.chunks[i] != m9.chunks[i])
@@ -414,7 +413,7 @@ fn malformed_sparse_replicas_are_refused_and_store_nothing() {
     assert!(!changed.is_empty() && changed.len() < file.len());
     let base = serde_json::to_string(&BaseRef::of(&m1)).unwrap();
     let put = |base: &str, body: &[u8]| {
-        let (st, resp) = common::http(
+        let (st, resp) = tierckpt_harness::testing::http(
             &n1,
             "PUT",
             "/v1/replicas/bad/9/0",

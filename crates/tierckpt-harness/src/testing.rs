@@ -1,11 +1,11 @@
-//! Helpers shared by the integration tests: real daemon processes on tmpfs.
-#![allow(dead_code)]
+//! Helpers shared by the integration tests: real daemon processes on tmpfs,
+//! a crash-test writer, raw HTTP exchanges.
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 
-use tierckpt_cli::daemon_proc::{DaemonOptions, DaemonProcess};
+use crate::daemon::{binary, DaemonOptions, DaemonProcess};
 
 /// A fresh directory on tmpfs, removed on drop.
 pub fn shm_dir() -> tempfile::TempDir {
@@ -43,16 +43,12 @@ impl TestDaemon {
     }
 }
 
-pub fn tierckpt() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_tierckpt"))
-}
-
-/// Starts `tierckpt debug-writer` and waits for it to announce `phase`.
+/// Starts `tierckpt-test-writer` and waits for it to announce `phase`.
 pub fn writer_paused_at(socket: &Path, ns: &str, step: u64, bytes: usize, phase: &str) -> Child {
-    let mut child = tierckpt()
+    let mut child = Command::new(binary("tierckpt-test-writer"))
         .arg("--socket")
         .arg(socket)
-        .args(["debug-writer", "--namespace", ns, "--step", &step.to_string()])
+        .args(["--namespace", ns, "--step", &step.to_string()])
         .args(["--bytes", &bytes.to_string(), "--pause-at", phase])
         .stdout(Stdio::piped())
         .spawn()
@@ -63,6 +59,11 @@ pub fn writer_paused_at(socket: &Path, ns: &str, step: u64, bytes: usize, phase:
         .expect("writer announces its phase");
     assert!(line.contains("phase"), "writer said {line:?}");
     child
+}
+
+/// The `tierckpt` command-line tool of this workspace.
+pub fn tierckpt() -> Command {
+    Command::new(binary("tierckpt"))
 }
 
 /// Runs the CLI against a daemon and returns (success, stdout, stderr).

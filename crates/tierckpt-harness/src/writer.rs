@@ -1,6 +1,6 @@
-//! `tierckpt debug-writer`: writes one shard through the zero-copy path and
+//! A client that writes one shard through the zero-copy path and
 //! can pause at any phase, so that crash tests can SIGKILL a real client
-//! process at that moment. Hidden from help; a testing aid only.
+//! process at that moment (the `tierckpt-test-writer` binary).
 
 use std::collections::BTreeMap;
 use std::io::Write;

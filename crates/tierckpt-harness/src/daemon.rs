@@ -10,21 +10,30 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 
-/// Locates the `tierckptd` binary: `$TIERCKPTD_BIN`, beside this executable
-/// (or one directory up, for test binaries in `deps/`), then `$PATH`.
+/// The variable that names the `tierckptd` binary to run, here and in the
+/// Python package.
+pub const DAEMON_BIN_VAR: &str = "TIERCKPT_DAEMON_BIN";
+
+/// Locates the `tierckptd` binary: `$TIERCKPT_DAEMON_BIN`, then as [`binary`].
 pub fn daemon_binary() -> PathBuf {
-    if let Some(p) = std::env::var_os("TIERCKPTD_BIN") {
-        return p.into();
+    match std::env::var_os(DAEMON_BIN_VAR) {
+        Some(p) => p.into(),
+        None => binary("tierckptd"),
     }
+}
+
+/// Locates a binary of this workspace: beside this executable (or one
+/// directory up, for test binaries in `deps/`), then on `$PATH`.
+pub fn binary(name: &str) -> PathBuf {
     if let Ok(exe) = std::env::current_exe() {
         for dir in exe.ancestors().skip(1).take(2) {
-            let p = dir.join("tierckptd");
+            let p = dir.join(name);
             if p.is_file() {
                 return p;
             }
         }
     }
-    "tierckptd".into()
+    name.into()
 }
 
 /// Cluster membership of a daemon child.

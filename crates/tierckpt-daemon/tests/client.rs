@@ -1,12 +1,11 @@
 //! The Rust client against a real daemon process: round trips, crashes of
 //! the client and of the daemon, corruption, capacity, racing writers.
 
-mod common;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use common::{shm_dir, writer_paused_at, TestDaemon};
+use tierckpt_harness::testing::{shm_dir, writer_paused_at, TestDaemon};
 use tierckpt_client::{Client, ErrorKind, TensorData};
 use tierckpt_format::{byte_len, Dtype, ShardKey};
 
@@ -122,7 +121,7 @@ fn client_killed_right_after_seal_still_publishes_a_verified_shard() {
     let mut c = d.client();
     c.wait_visible(&ShardKey::new("sealed", 5, 0), Duration::from_secs(30)).unwrap();
     let s = c.open(&ShardKey::new("sealed", 5, 0)).unwrap();
-    assert!(s.tensor("payload").unwrap() == &tierckpt_cli::testkit::payload(5 << 20, 1)[..]);
+    assert!(s.tensor("payload").unwrap() == &tierckpt_harness::writer::payload(5 << 20, 1)[..]);
 }
 
 #[test]
@@ -167,7 +166,7 @@ fn flipped_byte_is_detected_on_load_and_by_verify() {
     std::fs::write(&path, &bytes).unwrap();
 
     assert_eq!(c.open(&key).err().map(|e| e.kind()), Some(ErrorKind::Corrupt));
-    let (ok, out, _) = common::cli(&d.proc.socket, &["verify", "flip", "--json"]);
+    let (ok, out, _) = tierckpt_harness::testing::cli(&d.proc.socket, &["verify", "flip", "--json"]);
     assert!(!ok, "verify must fail on a corrupt shard");
     let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     assert_eq!(v["corrupt"], 1);
@@ -224,10 +223,10 @@ fn concurrent_writer_processes_of_one_key_exactly_one_wins() {
     let d = TestDaemon::start("64MiB");
     let children: Vec<_> = (0..6)
         .map(|_| {
-            common::tierckpt()
+            std::process::Command::new(tierckpt_harness::daemon::binary("tierckpt-test-writer"))
                 .arg("--socket")
                 .arg(&d.proc.socket)
-                .args(["debug-writer", "--namespace", "race", "--step", "1", "--bytes", "100000"])
+                .args(["--namespace", "race", "--step", "1", "--bytes", "100000"])
                 .stdout(std::process::Stdio::null())
                 .stderr(std::process::Stdio::piped())
                 .spawn()

@@ -1,9 +1,8 @@
 //! The HTTP API against a real daemon process: round trips, bad input,
 //! tokens, and fuzzed requests that must never bring the daemon down.
 
-mod common;
 
-use common::{http, TestDaemon};
+use tierckpt_harness::testing::{http, TestDaemon};
 use proptest::prelude::*;
 use serde_json::Value;
 use tierckpt_tiers::conformance::sample_shard;
@@ -84,7 +83,7 @@ fn bad_requests_get_clear_errors_and_lose_nothing() {
         }
         panic!("timed out waiting for {what}");
     };
-    let half_sent = common::http_abandon(&a, "PUT", "/v1/shards/ok/3/0?world_size=1", 5000, &good[..100]);
+    let half_sent = tierckpt_harness::testing::http_abandon(&a, "PUT", "/v1/shards/ok/3/0?world_size=1", 5000, &good[..100]);
     wait_reservations(1, "the upload's reservation");
     drop(half_sent);
     wait_reservations(0, "the abandoned upload's reservation to be reclaimed");
@@ -113,10 +112,10 @@ fn token_is_required_when_configured() {
 
 #[test]
 fn daemon_refuses_a_public_address_without_token() {
-    let dir = common::shm_dir();
-    let mut o = tierckpt_cli::daemon_proc::DaemonOptions::new(dir.path().join("m"));
+    let dir = tierckpt_harness::testing::shm_dir();
+    let mut o = tierckpt_harness::daemon::DaemonOptions::new(dir.path().join("m"));
     o.http_addr = "0.0.0.0:0".into();
-    let e = tierckpt_cli::daemon_proc::DaemonProcess::spawn(o).err().expect("refused");
+    let e = tierckpt_harness::daemon::DaemonProcess::spawn(o).err().expect("refused");
     assert!(e.to_string().contains("exited before it was ready"), "{e}");
 }
 

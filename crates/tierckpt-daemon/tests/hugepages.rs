@@ -1,13 +1,12 @@
 //! `mount_huge_tmpfs`: the daemon mounts a huge-page tmpfs for its memory
 //! tier, once, keeps it across its own restarts, and never hides files.
 
-mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::shm_dir;
-use tierckpt_cli::daemon_proc::{daemon_binary, DaemonOptions, DaemonProcess};
+use tierckpt_harness::testing::shm_dir;
+use tierckpt_harness::daemon::{daemon_binary, DaemonOptions, DaemonProcess};
 use tierckpt_client::{Client, TensorData};
 use tierckpt_format::{Dtype, ShardKey};
 
@@ -99,9 +98,9 @@ fn a_directory_holding_files_is_refused_not_hidden() {
 
 #[test]
 fn status_tells_whether_the_tier_has_huge_pages() {
-    let d = common::TestDaemon::start("16MiB");
+    let d = tierckpt_harness::testing::TestDaemon::start("16MiB");
     let expected = tierckpt_daemon::hugepages::inspect(&d.proc.opts.memory_dir).is_some_and(|p| p.huge_pages());
     assert_eq!(d.client().status().unwrap().huge_pages, expected);
-    let (ok, out, _) = common::cli(&d.proc.socket, &["status"]);
+    let (ok, out, _) = tierckpt_harness::testing::cli(&d.proc.socket, &["status"]);
     assert!(ok && out.contains(if expected { "huge pages" } else { "4 KiB pages" }), "{out}");
 }

@@ -1,0 +1,13 @@
+//! Real `tierckptd` processes on one machine, for tests, the demo and the
+//! benchmarks: a daemon child on a tmpfs directory and a 127.0.0.1 port
+//! ([`daemon`]), a cluster of them ([`daemon::LocalCluster`]), a client
+//! process that pauses at any phase of a save so that tests can SIGKILL it
+//! there ([`writer`]), a real S3-protocol server ([`moto`]), and the small
+//! helpers every test and benchmark shares ([`testing`]).
+//!
+//! Not published: nothing here is part of tierckpt's interface.
+
+pub mod daemon;
+pub mod moto;
+pub mod testing;
+pub mod writer;
