@@ -36,9 +36,7 @@ fn rank_file_name(rank: u32) -> String {
 }
 
 fn fsync_dir(dir: &Path) -> Result<()> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .with_context(|| format!("fsync of directory {}", dir.display()))
+    File::open(dir).and_then(|d| d.sync_all()).with_context(|| format!("fsync of directory {}", dir.display()))
 }
 
 impl FileCheckpoints {

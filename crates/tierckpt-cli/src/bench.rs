@@ -23,8 +23,8 @@ use serde::Serialize;
 use tierckpt_client::{Client, TensorData};
 use tierckpt_format::{Dtype, ShardKey, ShardLayout, TensorSpec};
 
-use tierckpt_harness::daemon::{DaemonOptions, DaemonProcess, LocalCluster, LocalClusterOptions};
 use crate::output;
+use tierckpt_harness::daemon::{DaemonOptions, DaemonProcess, LocalCluster, LocalClusterOptions};
 
 /// Ratio to the floor that `bench memory` aims for, for saves and restores.
 pub const MEMORY_TARGET_RATIO: f64 = 1.2;
@@ -153,7 +153,9 @@ pub fn run(args: &BenchArgs, json: bool) -> Result<()> {
         BenchCmd::Reduce(a) => output::emit(&crate::bench_reduce::measure(a)?, json, crate::bench_reduce::print),
         BenchCmd::Memory(a) => output::emit(&memory(a)?, json, print_memory),
         BenchCmd::Replicate(a) => output::emit(&replicate(a)?, json, print_replicate),
-        BenchCmd::Persist(a) => output::emit(&crate::bench_persist::persist(a)?, json, crate::bench_persist::print_persist),
+        BenchCmd::Persist(a) => {
+            output::emit(&crate::bench_persist::persist(a)?, json, crate::bench_persist::print_persist)
+        }
         BenchCmd::TcpSink(a) => tcp_sink(a)?,
     }
     Ok(())
@@ -404,9 +406,7 @@ pub fn memory(a: &MemoryArgs) -> Result<MemoryReport> {
             floor_rep(&mut targets);
         }
         let key = ShardKey::new(ns, step, 0);
-        let t = client
-            .save(&key, 1, &tensors, &metadata, false)
-            .with_context(|| format!("saving step {step}"))?;
+        let t = client.save(&key, 1, &tensors, &metadata, false).with_context(|| format!("saving step {step}"))?;
         // Outside the timed region: the daemon checksums before the next save.
         client.wait_visible(&key, Duration::from_secs(600))?;
         saves.push(t);
@@ -827,8 +827,7 @@ pub fn replicate(a: &ReplicateArgs) -> Result<ReplicateReport> {
         }
         let key = ShardKey::new(ns, step, 0);
         let t0 = Instant::now();
-        c0.save(&key, 1, &tensors, &metadata, true)
-            .with_context(|| format!("saving step {step} on node 0"))?;
+        c0.save(&key, 1, &tensors, &metadata, true).with_context(|| format!("saving step {step} on node 0"))?;
         let t1 = Instant::now();
         wait_replica(&mut c1, &key, timeout)?;
         let dt = t1.elapsed().as_secs_f64();

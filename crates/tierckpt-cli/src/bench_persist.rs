@@ -33,8 +33,8 @@ use tierckpt_client::{Client, TensorData};
 use crate::bench::{fill_random, gibps, median, parse_bytes, tensor_lens};
 use tierckpt_format::{Dtype, ShardKey, ShardLayout, TensorSpec};
 
-use tierckpt_harness::daemon::{DaemonOptions, DaemonProcess};
 use crate::output;
+use tierckpt_harness::daemon::{DaemonOptions, DaemonProcess};
 
 /// Rate that `bench persist` aims for, as a fraction of the floor's, for a
 /// `file://` target (a raw write + fsync).
@@ -130,7 +130,6 @@ pub struct PersistReport {
     pub meets_target: bool,
 }
 
-
 /// Looks up an executable: `$env`, then candidates that exist, then `fallback` (from `$PATH`).
 fn find_tool(env: &str, candidates: &[PathBuf], fallback: &str) -> PathBuf {
     if let Some(p) = std::env::var_os(env) {
@@ -210,7 +209,11 @@ impl Moto {
     /// Creates a bucket (moto accepts unsigned requests).
     fn create_bucket(&self, name: &str) -> Result<()> {
         let mut s = TcpStream::connect(("127.0.0.1", self.port))?;
-        write!(s, "PUT /{name} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n", self.port)?;
+        write!(
+            s,
+            "PUT /{name} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+            self.port
+        )?;
         let mut resp = String::new();
         s.read_to_string(&mut resp)?;
         if !resp.starts_with("HTTP/1.1 200") {
@@ -261,7 +264,8 @@ struct Boto3Floor {
 impl Boto3Floor {
     fn start(a: &PersistArgs, endpoint: &str, bucket: &str, prefix: &str, data_path: &Path) -> Result<Self> {
         let py = python_binary();
-        let floor_prefix = format!("{}bench-floor/", if prefix.is_empty() { String::new() } else { format!("{prefix}/") });
+        let floor_prefix =
+            format!("{}bench-floor/", if prefix.is_empty() { String::new() } else { format!("{prefix}/") });
         let mut cmd = Command::new(&py);
         cmd.arg("-c")
             .arg(BOTO3_FLOOR)
@@ -271,9 +275,9 @@ impl Boto3Floor {
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
         tierckpt_harness::daemon::die_with_parent(&mut cmd);
-        let mut child = cmd
-            .spawn()
-            .with_context(|| format!("starting {} for the boto3 floor (set TIERCKPT_PYTHON to a Python with boto3)", py.display()))?;
+        let mut child = cmd.spawn().with_context(|| {
+            format!("starting {} for the boto3 floor (set TIERCKPT_PYTHON to a Python with boto3)", py.display())
+        })?;
         let stdin = child.stdin.take().expect("piped stdin");
         let mut stdout = BufReader::new(child.stdout.take().expect("piped stdout"));
         let mut line = String::new();
@@ -330,7 +334,9 @@ impl Floor<'_> {
 
     fn tool(&self) -> String {
         match self {
-            Floor::File { .. } => "one write() of the whole file, then fsync, to a fresh file in the target directory".into(),
+            Floor::File { .. } => {
+                "one write() of the whole file, then fsync, to a fresh file in the target directory".into()
+            }
             Floor::Boto3(b) => b.tool.clone(),
         }
     }
@@ -340,10 +346,7 @@ impl Floor<'_> {
 pub(crate) fn drain_state(client: &mut Client, ns: &str) -> Result<serde_json::Value> {
     let s = client.status()?;
     let p = s.persistent.context("the daemon does not drain to a persistent tier")?;
-    Ok(p["namespaces"]
-        .as_array()
-        .and_then(|a| a.iter().find(|n| n["namespace"] == ns).cloned())
-        .unwrap_or_default())
+    Ok(p["namespaces"].as_array().and_then(|a| a.iter().find(|n| n["namespace"] == ns).cloned()).unwrap_or_default())
 }
 
 /// Polls the daemon's status until `step` of `ns` is committed.
@@ -490,9 +493,7 @@ pub fn persist(a: &PersistArgs) -> Result<PersistReport> {
             floor_s.push(floor.rep()?);
         }
         let key = ShardKey::new(ns, step, 0);
-        client
-            .save(&key, 1, &tensors, &metadata, false)
-            .with_context(|| format!("saving step {step}"))?;
+        client.save(&key, 1, &tensors, &metadata, false).with_context(|| format!("saving step {step}"))?;
         let t0 = Instant::now();
         client.wait_visible(&key, timeout)?;
         let t1 = Instant::now();
@@ -585,4 +586,3 @@ pub fn print_persist(r: &PersistReport) {
         if r.meets_target { "met" } else { "missed" }
     );
 }
-

@@ -66,8 +66,8 @@ use tierckpt_format::{
 
 use crate::bench::{gibps, median, parse_bytes};
 use crate::bench_persist::drain_state;
-use tierckpt_harness::daemon::{LocalCluster, LocalClusterOptions};
 use crate::output;
+use tierckpt_harness::daemon::{LocalCluster, LocalClusterOptions};
 
 /// Pause before each checkpoint end to end, untimed: the background work
 /// of the one before (retention, heartbeats, the page cache) settles, as it
@@ -258,8 +258,14 @@ pub fn measure(a: &ReduceArgs) -> Result<ReduceReport> {
         None => persist_c,
     };
     let uncompressed_flags = vec![
-        "--replication-delta", "false", "--replication-compression", "off",
-        "--persist-delta", "false", "--persist-compression", "off",
+        "--replication-delta",
+        "false",
+        "--replication-compression",
+        "off",
+        "--persist-delta",
+        "false",
+        "--persist-compression",
+        "off",
     ]
     .into_iter()
     .map(String::from)
@@ -275,7 +281,9 @@ pub fn measure(a: &ReduceArgs) -> Result<ReduceReport> {
         persist_c.to_string(),
     ];
     let (mut uncompressed_flags, mut reduced_flags) = (uncompressed_flags, reduced_flags);
-    for (flag, value) in [("--replication-bandwidth", &a.replication_bandwidth), ("--persist-bandwidth", &a.persist_bandwidth)] {
+    for (flag, value) in
+        [("--replication-bandwidth", &a.replication_bandwidth), ("--persist-bandwidth", &a.persist_bandwidth)]
+    {
         if let Some(v) = value {
             for f in [&mut uncompressed_flags, &mut reduced_flags] {
                 f.extend([flag.to_string(), v.clone()]);
@@ -347,7 +355,11 @@ pub fn measure(a: &ReduceArgs) -> Result<ReduceReport> {
 
 /// Replication counters of node 0, the drain state of `ns` there, and
 /// whether node 0's view of the cluster has node 1 holding `step`.
-fn counters(c: &mut Client, ns: &str, step: u64) -> Result<(tierckpt_proto::ReplicationStats, serde_json::Value, bool)> {
+fn counters(
+    c: &mut Client,
+    ns: &str,
+    step: u64,
+) -> Result<(tierckpt_proto::ReplicationStats, serde_json::Value, bool)> {
     let cl = c.status()?.cluster.context("node 0 is not clustered")?;
     let seen = cl
         .namespaces
@@ -588,7 +600,8 @@ fn measure_workload(kind: Workload, c: Compression, shards: &[(Vec<u8>, Manifest
             }
             out.fill(0);
             let ratio = stats.encoded_bytes as f64 / stats.raw_bytes as f64;
-            let (e, d, r, s) = if delta { (&mut de, &mut dd, &mut dr, &mut dstats) } else { (&mut ce, &mut cd, &mut cr, &mut cstats) };
+            let (e, d, r, s) =
+                if delta { (&mut de, &mut dd, &mut dr, &mut dstats) } else { (&mut ce, &mut cd, &mut cr, &mut cstats) };
             e.push(enc);
             d.push(dec);
             r.push(ratio);
@@ -659,7 +672,9 @@ pub fn print(r: &ReduceReport) {
         ]);
     }
     println!("{t}");
-    println!("bytes are encoded/raw, the blob's header included; (x floor) is the time over a memcpy of the same bytes");
+    println!(
+        "bytes are encoded/raw, the blob's header included; (x floor) is the time over a memcpy of the same bytes"
+    );
     for x in &r.rows {
         if let (Some(target), Some(ok)) = (x.target_ratio, x.meets_target) {
             println!(
@@ -706,7 +721,11 @@ pub fn print(r: &ReduceReport) {
         }
     }
     println!("{t}");
-    let mut t = output::table(&["workload", "replicate throughput, reduced/uncompressed", "persist throughput, reduced/uncompressed"]);
+    let mut t = output::table(&[
+        "workload",
+        "replicate throughput, reduced/uncompressed",
+        "persist throughput, reduced/uncompressed",
+    ]);
     for x in &r.end_to_end {
         t.add_row(vec![
             x.workload.to_string(),
@@ -861,7 +880,8 @@ struct Generator {
 
 impl Generator {
     fn new(kind: Workload, size: u64) -> Result<Self> {
-        let mut g = Generator { kind, specs: vec![], tensors: vec![], groups: vec![], lr: 0.0, t: STEP0, rng: Rng::new(7) };
+        let mut g =
+            Generator { kind, specs: vec![], tensors: vec![], groups: vec![], lr: 0.0, t: STEP0, rng: Rng::new(7) };
         let weights = |g: &mut Generator, name: String, n: usize, trainable: bool| {
             let std = 0.02 * (0.5 + g.rng.uniform());
             let w: Vec<u16> = (0..n).map(|_| bf16_from_f32(std * g.rng.normal())).collect();
@@ -874,7 +894,11 @@ impl Generator {
                 let v: Vec<f32> = (0..n).map(|_| grad_scale * grad_scale * (0.5 + g.rng.uniform())).collect();
                 let wi = g.tensors.len() - 1;
                 for (suffix, d) in [("exp_avg", m), ("exp_avg_sq", v)] {
-                    g.specs.push(TensorSpec { name: format!("optim.{name}.{suffix}"), dtype: Dtype::F32, shape: vec![n] });
+                    g.specs.push(TensorSpec {
+                        name: format!("optim.{name}.{suffix}"),
+                        dtype: Dtype::F32,
+                        shape: vec![n],
+                    });
                     g.tensors.push(Data::F32(d));
                 }
                 g.groups.push(AdamGroup { w: wi, m: wi + 1, v: wi + 2, grad_scale });
@@ -902,7 +926,11 @@ impl Generator {
                 g.lr = 1e-3;
                 let rows = (size as usize / (4 * EMBED_DIM)).max(1);
                 let t: Vec<f32> = (0..rows * EMBED_DIM).map(|_| g.rng.normal()).collect();
-                g.specs.push(TensorSpec { name: "embedding.weight".into(), dtype: Dtype::F32, shape: vec![rows, EMBED_DIM] });
+                g.specs.push(TensorSpec {
+                    name: "embedding.weight".into(),
+                    dtype: Dtype::F32,
+                    shape: vec![rows, EMBED_DIM],
+                });
                 g.tensors.push(Data::F32(t));
             }
             Workload::Random => {

@@ -50,9 +50,7 @@ pub fn status(c: &mut Client, as_json: bool) -> Result<()> {
 
 /// The jobs' starts and failures recorded by `tierckpt run` (newest few).
 fn print_failures(f: &std::collections::BTreeMap<String, Vec<tierckpt_proto::FailureRecord>>) {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64);
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
     println!("recent job events (tierckpt run):");
     let mut t = table(&["namespace", "when", "event", "detail", "newest complete step", "run"]);
     for (ns, recs) in f {
@@ -79,7 +77,8 @@ fn print_persistent(p: &serde_json::Value) {
         p["compression"].as_str().unwrap_or("off"),
         if p["delta"].as_bool().unwrap_or(false) { "on" } else { "off" }
     );
-    let mut t = table(&["namespace", "last committed", "uploading", "uploaded", "stored", "skipped", "failures", "last error"]);
+    let mut t =
+        table(&["namespace", "last committed", "uploading", "uploaded", "stored", "skipped", "failures", "last error"]);
     for n in p["namespaces"].as_array().into_iter().flatten() {
         let (raw, stored) = (n["uploaded_bytes"].as_u64().unwrap_or(0), n["stored_bytes"].as_u64().unwrap_or(0));
         t.add_row(vec![
@@ -204,18 +203,12 @@ pub fn ls(c: &mut Client, namespace: Option<&str>, as_json: bool) -> Result<()> 
 fn pick_step(c: &mut Client, ns: &str, step: Option<u64>) -> Result<u64> {
     match step {
         Some(s) => Ok(s),
-        None => c
-            .latest(ns)?
-            .with_context(|| format!("namespace {ns} has no complete step; name one with --step")),
+        None => c.latest(ns)?.with_context(|| format!("namespace {ns} has no complete step; name one with --step")),
     }
 }
 
 fn ranks_of(c: &mut Client, ns: &str, step: u64) -> Result<(u32, Vec<u32>)> {
-    let s = c
-        .steps(ns)?
-        .into_iter()
-        .find(|s| s.step == step)
-        .with_context(|| format!("{ns} has no step {step}"))?;
+    let s = c.steps(ns)?.into_iter().find(|s| s.step == step).with_context(|| format!("{ns} has no step {step}"))?;
     Ok((s.world_size, s.ranks))
 }
 
@@ -270,7 +263,11 @@ pub fn inspect(c: &mut Client, ns: &str, step: Option<u64>, rank: Option<u32>, a
             human_bytes(s["bytes"].as_u64().unwrap_or(0)),
             s["chunks"],
             s["format_version"].as_str().unwrap_or("?"),
-            if s["verified"] == true { "checksums ok".to_string() } else { format!("CORRUPT: {}", s["error"].as_str().unwrap_or("")) }
+            if s["verified"] == true {
+                "checksums ok".to_string()
+            } else {
+                format!("CORRUPT: {}", s["error"].as_str().unwrap_or(""))
+            }
         );
         println!("  {}", s["path"].as_str().unwrap_or(""));
         if let Some(m) = s["metadata"].as_object().filter(|m| !m.is_empty()) {

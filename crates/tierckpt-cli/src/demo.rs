@@ -70,14 +70,11 @@ use tierckpt_client::{Client, ErrorKind, TensorData};
 use tierckpt_format::{Dtype, ShardKey, ShardLayout, TensorSpec};
 
 use crate::baseline::FileCheckpoints;
-use tierckpt_harness::daemon::{LocalCluster, LocalClusterOptions};
 use crate::output::{human_bytes, print_json};
+use tierckpt_harness::daemon::{LocalCluster, LocalClusterOptions};
 
 // Tensors are saved as their in-memory bytes: safetensors is little-endian.
-const _: () = assert!(
-    cfg!(target_endian = "little"),
-    "the demo trainer assumes a little-endian host"
-);
+const _: () = assert!(cfg!(target_endian = "little"), "the demo trainer assumes a little-endian host");
 
 /// Copies of each shard on peers.
 const REPLICATION_FACTOR: usize = 1;
@@ -244,9 +241,7 @@ pub fn model_rows(state_bytes: u64) -> Result<Vec<usize>> {
         "a training state of {state_bytes} bytes is too small: use at least {} bytes (--size)",
         12 * HIDDEN * LAYERS
     );
-    Ok((0..LAYERS)
-        .map(|l| rows / LAYERS + usize::from(l < rows % LAYERS))
-        .collect())
+    Ok((0..LAYERS).map(|l| rows / LAYERS + usize::from(l < rows % LAYERS)).collect())
 }
 
 /// splitmix64's finalizer.
@@ -353,10 +348,7 @@ impl Shard {
     /// Rank `rank`'s share of a model with these layer rows: rows
     /// [R r / W, R (r+1) / W) of the R rows of all layers in order.
     pub fn of(rows: &[usize], rank: u32, world_size: u32) -> Result<Self> {
-        ensure!(
-            rank < world_size,
-            "rank {rank} is not below the world size {world_size}"
-        );
+        ensure!(rank < world_size, "rank {rank} is not below the world size {world_size}");
         let total: usize = rows.iter().sum();
         let w = world_size as usize;
         ensure!(
@@ -373,12 +365,7 @@ impl Shard {
             }
             off += n;
         }
-        Ok(Self {
-            rank,
-            world_size,
-            base: lo * HIDDEN,
-            pieces,
-        })
+        Ok(Self { rank, world_size, base: lo * HIDDEN, pieces })
     }
 
     /// The whole model, on one rank.
@@ -401,11 +388,7 @@ impl Shard {
 
     /// "layer:first_row+rows,...", kept in the checkpoint's metadata.
     fn describe(&self) -> String {
-        self.pieces
-            .iter()
-            .map(|(l, a, n)| format!("{l}:{a}+{n}"))
-            .collect::<Vec<_>>()
-            .join(",")
+        self.pieces.iter().map(|(l, a, n)| format!("{l}:{a}+{n}")).collect::<Vec<_>>().join(",")
     }
 }
 
@@ -508,23 +491,11 @@ pub fn checkpoint_specs(shard: &Shard) -> Vec<TensorSpec> {
     let mut specs = Vec::with_capacity(3 * shard.pieces.len() + 2);
     for &(l, _, r) in &shard.pieces {
         for name in layer_names(l) {
-            specs.push(TensorSpec {
-                name,
-                dtype: Dtype::F32,
-                shape: vec![r, HIDDEN],
-            });
+            specs.push(TensorSpec { name, dtype: Dtype::F32, shape: vec![r, HIDDEN] });
         }
     }
-    specs.push(TensorSpec {
-        name: STEP_TENSOR.into(),
-        dtype: Dtype::I64,
-        shape: vec![1],
-    });
-    specs.push(TensorSpec {
-        name: RNG_TENSOR.into(),
-        dtype: Dtype::U8,
-        shape: vec![32],
-    });
+    specs.push(TensorSpec { name: STEP_TENSOR.into(), dtype: Dtype::I64, shape: vec![1] });
+    specs.push(TensorSpec { name: RNG_TENSOR.into(), dtype: Dtype::U8, shape: vec![32] });
     specs
 }
 
@@ -545,20 +516,13 @@ impl TrainState {
         let mut blocks = vec![0f64; n.div_ceil(BLOCK)];
         let init_seed = mix(seed ^ 0x1417);
         let base = shard.base;
-        parallel_blocks(
-            threads,
-            &mut params,
-            &mut exp_avg,
-            &mut exp_avg_sq,
-            &mut blocks,
-            |at, p, m, v, _| {
-                for (j, x) in p.iter_mut().enumerate() {
-                    *x = 0.5 * unit(mix(init_seed ^ ((base + at + j) as u64).wrapping_mul(GOLDEN)));
-                }
-                m.fill(0.0);
-                v.fill(0.0);
-            },
-        );
+        parallel_blocks(threads, &mut params, &mut exp_avg, &mut exp_avg_sq, &mut blocks, |at, p, m, v, _| {
+            for (j, x) in p.iter_mut().enumerate() {
+                *x = 0.5 * unit(mix(init_seed ^ ((base + at + j) as u64).wrapping_mul(GOLDEN)));
+            }
+            m.fill(0.0);
+            v.fill(0.0);
+        });
         Self {
             seed,
             step: 0,
@@ -638,10 +602,7 @@ impl TrainState {
             ("world_size".to_string(), self.shard.world_size.to_string()),
             ("shard.base".to_string(), self.shard.base.to_string()),
             ("shard.rows".to_string(), self.shard.describe()),
-            (
-                "optimizer".to_string(),
-                format!("adam lr={LR} betas=({BETA1},{BETA2}) eps={EPS}"),
-            ),
+            ("optimizer".to_string(), format!("adam lr={LR} betas=({BETA1},{BETA2}) eps={EPS}")),
             ("data.epoch".to_string(), self.loader.epoch.to_string()),
             ("data.position".to_string(), self.loader.position.to_string()),
             ("data.order".to_string(), order.join(",")),
@@ -668,12 +629,7 @@ impl TrainState {
         let tensors: Vec<TensorData<'_>> = specs
             .iter()
             .zip(data)
-            .map(|(s, d)| TensorData {
-                name: &s.name,
-                dtype: s.dtype,
-                shape: &s.shape,
-                data: d,
-            })
+            .map(|(s, d)| TensorData { name: &s.name, dtype: s.dtype, shape: &s.shape, data: d })
             .collect();
         f(&tensors, &self.metadata())
     }
@@ -701,10 +657,7 @@ impl TrainState {
             let mut targets: Vec<(&str, &mut [u8])> = specs.iter().map(|s| s.name.as_str()).zip(bufs).collect();
             load(&mut targets)?
         };
-        let get = |k: &str| {
-            meta.get(k)
-                .ok_or_else(|| anyhow!("the checkpoint has no metadata {k:?}"))
-        };
+        let get = |k: &str| meta.get(k).ok_or_else(|| anyhow!("the checkpoint has no metadata {k:?}"));
         let num = |k: &str| -> Result<u64> { get(k)?.parse().with_context(|| format!("metadata {k:?}")) };
         let step = num("step")?;
         ensure!(
@@ -731,17 +684,9 @@ impl TrainState {
         let order: Vec<u32> = if order.is_empty() {
             Vec::new()
         } else {
-            order
-                .split(',')
-                .map(str::parse)
-                .collect::<Result<_, _>>()
-                .context("metadata \"data.order\"")?
+            order.split(',').map(str::parse).collect::<Result<_, _>>().context("metadata \"data.order\"")?
         };
-        self.loader = Loader {
-            epoch: num("data.epoch")?,
-            position: num("data.position")? as usize,
-            order,
-        };
+        self.loader = Loader { epoch: num("data.epoch")?, position: num("data.position")? as usize, order };
         self.rng = Rng::from_bytes(&sc.rng);
         self.step = step;
         Ok(())
@@ -769,9 +714,7 @@ fn default_threads(ranks: usize) -> usize {
 /// One JSON object per line on stdout, flushed.
 fn emit(v: Value) -> Result<()> {
     let mut out = std::io::stdout().lock();
-    writeln!(out, "{v}")
-        .and_then(|()| out.flush())
-        .context("writing to the demo")
+    writeln!(out, "{v}").and_then(|()| out.flush()).context("writing to the demo")
 }
 
 /// Tries of a restore from a peer before giving up.
@@ -867,11 +810,7 @@ pub fn run_trainer(a: &TrainerArgs) -> Result<()> {
         let tier = if local {
             "memory"
         } else {
-            let fetched_after = client
-                .status()
-                .ok()
-                .and_then(|s| s.cluster)
-                .map(|c| c.replication.shards_fetched);
+            let fetched_after = client.status().ok().and_then(|s| s.cluster).map(|c| c.replication.shards_fetched);
             match (fetched_before, fetched_after) {
                 (Some(b), Some(a)) if a > b => "peer",
                 (Some(_), Some(_)) => "persistent",
@@ -890,9 +829,7 @@ pub fn run_trainer(a: &TrainerArgs) -> Result<()> {
             "attempts": attempts,
         }))?;
     }
-    client
-        .discard_incomplete_after(ns, state.step())
-        .context("discarding leftovers of a crashed run")?;
+    client.discard_incomplete_after(ns, state.step()).context("discarding leftovers of a crashed run")?;
     emit(json!({ "event": "ready", "step": state.step() }))?;
     train(a, &mut state, threads, &mut order, |state, step| {
         let key = ShardKey::new(ns, step, rank);
@@ -1044,9 +981,8 @@ impl Trainer {
             .stderr(Stdio::piped());
         // The trainer dies with the demo.
         tierckpt_harness::daemon::die_with_parent(&mut cmd);
-        let mut child = cmd
-            .spawn()
-            .with_context(|| format!("starting {} demo-trainer --rank {rank}", exe.display()))?;
+        let mut child =
+            cmd.spawn().with_context(|| format!("starting {} demo-trainer --rank {rank}", exe.display()))?;
         let stdout = child.stdout.take().expect("piped stdout");
         let stderr = child.stderr.take().expect("piped stderr");
         std::thread::spawn(move || {
@@ -1071,11 +1007,7 @@ impl Trainer {
                 q.push_back(line);
             }
         });
-        Ok(Self {
-            stdin: child.stdin.take(),
-            child,
-            stderr: tail,
-        })
+        Ok(Self { stdin: child.stdin.take(), child, stderr: tail })
     }
 
     fn stderr_tail(&self) -> String {
@@ -1261,11 +1193,7 @@ impl Incarnation {
 
     /// The slowest restore from `tier`.
     fn restore_s(&self, tier: Option<&str>) -> Option<f64> {
-        self.ranks
-            .iter()
-            .filter(|r| tier.is_none_or(|t| r.tier == t))
-            .map(|r| r.restore_s)
-            .reduce(f64::max)
+        self.ranks.iter().filter(|r| tier.is_none_or(|t| r.tier == t)).map(|r| r.restore_s).reduce(f64::max)
     }
 
     /// The slowest tier any rank restored from.
@@ -1283,7 +1211,9 @@ impl Incarnation {
 }
 
 enum Outcome {
-    Done { hashes: Vec<String> },
+    Done {
+        hashes: Vec<String>,
+    },
     /// Every rank finished the step asked for and waits for the next `go`.
     Stopped,
 }
@@ -1333,8 +1263,7 @@ fn list(ranks: &[usize]) -> String {
 }
 
 fn num(v: &Value, k: &str) -> Result<f64> {
-    v[k].as_f64()
-        .ok_or_else(|| anyhow!("a trainer sent {v} without a number {k:?}"))
+    v[k].as_f64().ok_or_else(|| anyhow!("a trainer sent {v} without a number {k:?}"))
 }
 
 /// A step's reports, as they come in from the ranks.
@@ -1358,10 +1287,7 @@ fn drive(
     stop_at: Option<u64>,
 ) -> Result<(Incarnation, Outcome)> {
     let w = job.trainers.len();
-    let mut inc = Incarnation {
-        latest_seen: vec![None; w],
-        ..Default::default()
-    };
+    let mut inc = Incarnation { latest_seen: vec![None; w], ..Default::default() };
     let (mut latest_n, mut ready_n) = (0, 0);
     let mut by_step: BTreeMap<u64, StepIn> = BTreeMap::new();
     let mut hashes: Vec<Option<String>> = vec![None; w];
@@ -1407,14 +1333,21 @@ fn drive(
                         if ranks.is_empty() {
                             continue;
                         }
-                        let bytes: u64 = inc.ranks.iter().filter(|r| r.tier == tier).map(|r| r.bytes).max().unwrap_or(0);
+                        let bytes: u64 =
+                            inc.ranks.iter().filter(|r| r.tier == tier).map(|r| r.bytes).max().unwrap_or(0);
                         let s = inc.restore_s(Some(tier)).unwrap_or(0.0);
                         let from = if tier == "peer" {
-                            let mut p: Vec<String> = inc.ranks.iter().filter(|r| r.tier == tier).flat_map(|r| r.peers.clone()).collect();
+                            let mut p: Vec<String> =
+                                inc.ranks.iter().filter(|r| r.tier == tier).flat_map(|r| r.peers.clone()).collect();
                             p.dedup();
-                            let tries = inc.ranks.iter().filter(|r| r.tier == tier).map(|r| r.attempts).max().unwrap_or(1);
+                            let tries =
+                                inc.ranks.iter().filter(|r| r.tier == tier).map(|r| r.attempts).max().unwrap_or(1);
                             let tries = if tries > 1 { format!(", {tries} tries") } else { String::new() };
-                            if p.is_empty() { tries } else { format!(" (held by {}{tries})", p.join(", ")) }
+                            if p.is_empty() {
+                                tries
+                            } else {
+                                format!(" (held by {}{tries})", p.join(", "))
+                            }
                         } else {
                             String::new()
                         };
@@ -1426,9 +1359,9 @@ fn drive(
                             gib_s(bytes, s)
                         ));
                     }
-                    let since_kill = log.killed_at.map_or(String::new(), |k| {
-                        format!("; {} after the kill", fmt_s((now - k).as_secs_f64()))
-                    });
+                    let since_kill = log
+                        .killed_at
+                        .map_or(String::new(), |k| format!("; {} after the kill", fmt_s((now - k).as_secs_f64())));
                     ui.say(
                         pb,
                         format!(
@@ -1504,9 +1437,7 @@ fn drive(
                 }
             }
             "done" => {
-                let hash = ev["state_hash"]
-                    .as_str()
-                    .ok_or_else(|| anyhow!("rank {rank} sent {ev} without a hash"))?;
+                let hash = ev["state_hash"].as_str().ok_or_else(|| anyhow!("rank {rank} sent {ev} without a hash"))?;
                 hashes[rank] = Some(hash.to_string());
                 if hashes.iter().all(Option::is_some) {
                     for (r, t) in job.trainers.iter_mut().enumerate() {
@@ -1648,9 +1579,7 @@ fn copies(cluster: &LocalCluster, from: usize, ns: &str, step: u64, world: usize
     let st = Client::connect(cluster.socket(from))?.status()?;
     let c = st.cluster.ok_or_else(|| anyhow!("node {from} is not in a cluster"))?;
     let s = c.namespaces.get(ns).and_then(|steps| steps.iter().find(|s| s.step == step));
-    Ok((0..world as u32)
-        .map(|r| s.and_then(|s| s.holders.get(&r)).map_or(0, Vec::len))
-        .collect())
+    Ok((0..world as u32).map(|r| s.and_then(|s| s.holders.get(&r)).map_or(0, Vec::len)).collect())
 }
 
 /// Waits until every shard of `step` has `want` live copies (replication is
@@ -1711,11 +1640,7 @@ fn shard_file_len(a: &DemoArgs, rows: &[usize], world: usize) -> Result<u64> {
             seed: a.seed,
             step: a.steps,
             rng: Rng::seeded(0),
-            loader: Loader {
-                epoch: a.steps,
-                position: 0,
-                order: (0..BATCHES).collect(),
-            },
+            loader: Loader { epoch: a.steps, position: 0, order: (0..BATCHES).collect() },
             shard: shard.clone(),
             params: Vec::new(),
             exp_avg: Vec::new(),
@@ -1744,10 +1669,8 @@ struct Traffic {
 fn traffic(cluster: &LocalCluster, i: usize, ns: &str) -> Result<Traffic> {
     let st = Client::connect(cluster.socket(i))?.status()?;
     let r = st.cluster.map(|c| c.replication).unwrap_or_default();
-    let drain = st
-        .persistent
-        .as_ref()
-        .and_then(|p| p["namespaces"].as_array()?.iter().find(|n| n["namespace"] == ns).cloned());
+    let drain =
+        st.persistent.as_ref().and_then(|p| p["namespaces"].as_array()?.iter().find(|n| n["namespace"] == ns).cloned());
     let get = |k: &str| drain.as_ref().and_then(|d| d[k].as_u64()).unwrap_or(0);
     Ok(Traffic {
         replicated: r.bytes_sent,
@@ -1932,7 +1855,14 @@ struct BaselineRun {
 /// The baseline: the same job and the same failures, checkpointing only to
 /// files on the persistent tier's disk, synchronously (write + fsync); every
 /// restart reads the newest complete step's files.
-fn run_baseline(a: &DemoArgs, dir: &Path, world: usize, threads: usize, ui: &Ui, failures: &[Failure]) -> Result<BaselineRun> {
+fn run_baseline(
+    a: &DemoArgs,
+    dir: &Path,
+    world: usize,
+    threads: usize,
+    ui: &Ui,
+    failures: &[Failure],
+) -> Result<BaselineRun> {
     let store = Store::Files(dir.to_path_buf(), world);
     let ns = "demo-baseline";
     let mut log = RunLog::new("files (write + fsync)");
@@ -1973,10 +1903,7 @@ pub fn run(args: &DemoArgs, json: bool) -> Result<()> {
     ensure!(a.checkpoint_every > 0, "--checkpoint-every must be at least 1");
     ensure!(a.keep_last > 0, "--keep-last must be at least 1");
     ensure!(a.persist_every > 0, "--persist-every must be at least 1");
-    ensure!(
-        a.nodes >= 2,
-        "--nodes must be at least 2: each shard is copied to {REPLICATION_FACTOR} peer"
-    );
+    ensure!(a.nodes >= 2, "--nodes must be at least 2: each shard is copied to {REPLICATION_FACTOR} peer");
     ensure!(a.nodes <= 64, "--nodes must be at most 64 on one machine");
     let world = a.nodes;
     let rows = model_rows(a.size)?;
@@ -2040,9 +1967,8 @@ pub fn run(args: &DemoArgs, json: bool) -> Result<()> {
     let store = Store::Daemons((0..world).map(|i| cluster.socket(i)).collect());
     let ui = Ui { json };
     let hidden = ProgressBar::hidden();
-    let pids: Vec<String> = (0..world)
-        .map(|i| format!("{} (pid {})", LocalCluster::node_id(i), cluster.node(i).pid()))
-        .collect();
+    let pids: Vec<String> =
+        (0..world).map(|i| format!("{} (pid {})", LocalCluster::node_id(i), cluster.node(i).pid())).collect();
     let every_nth = match a.persist_every {
         1 => "every checkpoint".to_string(),
         n => format!("one checkpoint in {n}"),
@@ -2093,10 +2019,7 @@ pub fn run(args: &DemoArgs, json: bool) -> Result<()> {
     let ref_hash = combined_hash(&ref_hashes);
     let ref_wall_s = t_ref.elapsed().as_secs_f64();
     pb.finish_and_clear();
-    ui.say(
-        &hidden,
-        format!("    done in {ref_wall_s:.1} s, final state xxh3-128 {ref_hash}\n"),
-    );
+    ui.say(&hidden, format!("    done in {ref_wall_s:.1} s, final state xxh3-128 {ref_hash}\n"));
     // Its segments go back to the daemons' pools, for the next run to
     // reuse; first let replication finish, so no copy lands after the delete.
     // (What the reference left in the persistent tier stays there, under
@@ -2282,10 +2205,7 @@ pub fn run(args: &DemoArgs, json: bool) -> Result<()> {
     let final_hash = combined_hash(&hashes);
     let main_wall_s = t_main.elapsed().as_secs_f64();
     pb.finish_and_clear();
-    ui.say(
-        &hidden,
-        format!("    done in {main_wall_s:.1} s, final state xxh3-128 {final_hash}\n"),
-    );
+    ui.say(&hidden, format!("    done in {main_wall_s:.1} s, final state xxh3-128 {final_hash}\n"));
     // The last checkpoint drains too; wait for it (bounded) so that the
     // counts below include it.
     let final_persist_wait_s = match log.last_checkpoint() {
@@ -2471,55 +2391,50 @@ pub fn run(args: &DemoArgs, json: bool) -> Result<()> {
                 persisted_steps.last().map_or("none".to_string(), u64::to_string)
             ),
         ]);
-        let rows_for = |t: &mut comfy_table::Table, f: &Value, inc: &Incarnation, what: String, before: Option<String>| {
-            t.add_row(vec!["failure".to_string(), what]);
-            if let Some(b) = before {
-                t.add_row(vec!["before the kill".to_string(), b]);
-            }
-            let Some(step) = inc.resume else {
-                t.add_row(vec!["recovered from".to_string(), "nothing: started over".to_string()]);
-                return;
-            };
-            let mut from = Vec::new();
-            let mut restore = Vec::new();
-            for (tier, name) in [
-                ("persistent", "the persistent tier"),
-                ("peer", "a peer's memory"),
-                ("memory", "local memory"),
-            ] {
-                let ranks = inc.ranks_from(tier);
-                if ranks.is_empty() {
-                    continue;
+        let rows_for =
+            |t: &mut comfy_table::Table, f: &Value, inc: &Incarnation, what: String, before: Option<String>| {
+                t.add_row(vec!["failure".to_string(), what]);
+                if let Some(b) = before {
+                    t.add_row(vec!["before the kill".to_string(), b]);
                 }
-                let s = inc.restore_s(Some(tier)).unwrap_or(0.0);
-                let bytes = inc.ranks.iter().filter(|r| r.tier == tier).map(|r| r.bytes).max().unwrap_or(0);
-                let plural = if ranks.len() > 1 { "s" } else { "" };
-                from.push(format!("rank{plural} {} from {name}", list(&ranks)));
-                restore.push(format!(
-                    "{} from {tier} ({:.2} GiB/s per rank)",
-                    fmt_s(s),
-                    gib_s(bytes, s)
-                ));
-            }
-            t.add_row(vec!["recovered from".to_string(), format!("step {step}: {}", from.join("; "))]);
-            t.add_row(vec!["restore, checksums verified".to_string(), restore.join(", ")]);
-            if let Some(rec) = f["recovery_s"].as_f64() {
-                let init = inc.init_s.map_or(String::new(), |i| format!(", model init {}", fmt_s(i)));
-                let nodes = f["nodes_killed"].as_array().map_or(1, Vec::len);
-                let replace = f["replace_s"].as_f64().map_or(String::new(), |r| {
-                    if nodes > 1 {
-                        format!("{nodes} empty nodes started in {}, ", fmt_s(r))
-                    } else {
-                        format!("empty node started in {}, ", fmt_s(r))
+                let Some(step) = inc.resume else {
+                    t.add_row(vec!["recovered from".to_string(), "nothing: started over".to_string()]);
+                    return;
+                };
+                let mut from = Vec::new();
+                let mut restore = Vec::new();
+                for (tier, name) in
+                    [("persistent", "the persistent tier"), ("peer", "a peer's memory"), ("memory", "local memory")]
+                {
+                    let ranks = inc.ranks_from(tier);
+                    if ranks.is_empty() {
+                        continue;
                     }
-                });
-                t.add_row(vec![
-                    "recovery, kill to resumed".to_string(),
-                    format!("{} ({replace}new processes{init})", fmt_s(rec)),
-                ]);
-            }
-            t.add_row(vec!["steps recomputed".to_string(), f["steps_recomputed"].to_string()]);
-        };
+                    let s = inc.restore_s(Some(tier)).unwrap_or(0.0);
+                    let bytes = inc.ranks.iter().filter(|r| r.tier == tier).map(|r| r.bytes).max().unwrap_or(0);
+                    let plural = if ranks.len() > 1 { "s" } else { "" };
+                    from.push(format!("rank{plural} {} from {name}", list(&ranks)));
+                    restore.push(format!("{} from {tier} ({:.2} GiB/s per rank)", fmt_s(s), gib_s(bytes, s)));
+                }
+                t.add_row(vec!["recovered from".to_string(), format!("step {step}: {}", from.join("; "))]);
+                t.add_row(vec!["restore, checksums verified".to_string(), restore.join(", ")]);
+                if let Some(rec) = f["recovery_s"].as_f64() {
+                    let init = inc.init_s.map_or(String::new(), |i| format!(", model init {}", fmt_s(i)));
+                    let nodes = f["nodes_killed"].as_array().map_or(1, Vec::len);
+                    let replace = f["replace_s"].as_f64().map_or(String::new(), |r| {
+                        if nodes > 1 {
+                            format!("{nodes} empty nodes started in {}, ", fmt_s(r))
+                        } else {
+                            format!("empty node started in {}, ", fmt_s(r))
+                        }
+                    });
+                    t.add_row(vec![
+                        "recovery, kill to resumed".to_string(),
+                        format!("{} ({replace}new processes{init})", fmt_s(rec)),
+                    ]);
+                }
+                t.add_row(vec!["steps recomputed".to_string(), f["steps_recomputed"].to_string()]);
+            };
         rows_for(
             &mut t,
             &failures[0],
@@ -2572,7 +2487,11 @@ pub fn run(args: &DemoArgs, json: bool) -> Result<()> {
         if let Some(m) = median(&base_stalls) {
             t.add_row(vec![
                 "baseline: paused per checkpoint".to_string(),
-                format!("{} median (files written and fsynced); final state {}", fmt_s(m), if base_hash == ref_hash { "bitwise identical" } else { "DIFFERS" }),
+                format!(
+                    "{} median (files written and fsynced); final state {}",
+                    fmt_s(m),
+                    if base_hash == ref_hash { "bitwise identical" } else { "DIFFERS" }
+                ),
             ]);
         }
         t.add_row(vec!["wall time".to_string(), format!("{wall_s:.1} s")]);
@@ -2596,10 +2515,7 @@ mod tests {
     /// An in-memory checkpoint: what `with_checkpoint` hands to a save.
     fn snapshot(s: &TrainState) -> (BTreeMap<String, Vec<u8>>, BTreeMap<String, String>) {
         s.with_checkpoint(|tensors, meta| {
-            (
-                tensors.iter().map(|t| (t.name.to_string(), t.data.to_vec())).collect(),
-                meta.clone(),
-            )
+            (tensors.iter().map(|t| (t.name.to_string(), t.data.to_vec())).collect(), meta.clone())
         })
     }
 
@@ -2675,9 +2591,8 @@ mod tests {
             m.extend_from_slice(&s.exp_avg_sq);
         }
         assert!(params == one.params && m == one.exp_avg_sq);
-        let hashes: Vec<String> = (0..4)
-            .map(|r| trained_shard(7, &Shard::of(&rows, r, 4).unwrap(), 12, 1).state_hash())
-            .collect();
+        let hashes: Vec<String> =
+            (0..4).map(|r| trained_shard(7, &Shard::of(&rows, r, 4).unwrap(), 12, 1).state_hash()).collect();
         assert_eq!(combined_hash(&hashes), combined_hash(&hashes.clone()));
         let mut swapped = hashes.clone();
         swapped.swap(0, 1);
@@ -2729,10 +2644,7 @@ mod tests {
             assert!(layout.file_len > s.state_bytes());
             let (tensors, meta) = snapshot(&s);
             assert_eq!(tensors.len(), specs.len());
-            assert_eq!(
-                tensors.values().map(|t| t.len() as u64).sum::<u64>(),
-                s.state_bytes() + 40
-            );
+            assert_eq!(tensors.values().map(|t| t.len() as u64).sum::<u64>(), s.state_bytes() + 40);
             assert_eq!(meta["step"], "3");
             assert_eq!(meta["rank"], shard.rank.to_string());
         }
@@ -2754,7 +2666,8 @@ mod tests {
             assert!(pick_crash_rank(4, seed) < 4);
         }
         assert_eq!(pick(30, 5, 3, free).unwrap(), pick(30, 5, 3, free).unwrap());
-        let spread: std::collections::BTreeSet<[u64; 3]> = (0..50).map(|seed| pick(60, 10, seed, free).unwrap()).collect();
+        let spread: std::collections::BTreeSet<[u64; 3]> =
+            (0..50).map(|seed| pick(60, 10, seed, free).unwrap()).collect();
         assert!(spread.len() > 5, "the seed picks the steps: {spread:?}");
         // Chosen steps are kept; the others are fitted around them.
         assert_eq!(pick(30, 5, 0, [Some(19), Some(24), Some(28)]).unwrap(), [19, 24, 28]);
@@ -2802,9 +2715,6 @@ mod tests {
         assert!(parse_size("lots").is_err());
         assert!(parse_size("3 parsecs").is_err());
         assert!(model_rows(1000).is_err());
-        assert_eq!(
-            model_rows(300_000_000).unwrap().iter().sum::<usize>(),
-            300_000_000 / 12 / HIDDEN
-        );
+        assert_eq!(model_rows(300_000_000).unwrap().iter().sum::<usize>(), 300_000_000 / 12 / HIDDEN);
     }
 }

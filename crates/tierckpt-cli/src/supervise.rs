@@ -92,7 +92,10 @@ pub fn ensure_daemon(socket: &Path) -> Result<bool> {
         });
     }
     let mut child = cmd.spawn().with_context(|| {
-        format!("starting {} (set TIERCKPT_DAEMON_BIN or put it on PATH)", tierckpt_harness::daemon::daemon_binary().display())
+        format!(
+            "starting {} (set TIERCKPT_DAEMON_BIN or put it on PATH)",
+            tierckpt_harness::daemon::daemon_binary().display()
+        )
     })?;
     let started = Instant::now();
     while started.elapsed() < DAEMON_START_TIMEOUT {
@@ -117,7 +120,11 @@ pub fn ensure_daemon(socket: &Path) -> Result<bool> {
         std::thread::sleep(WATCH_EVERY);
     }
     let _ = child.kill();
-    bail!("the node daemon did not answer on {} within {DAEMON_START_TIMEOUT:?}; see {}", socket.display(), log_path.display())
+    bail!(
+        "the node daemon did not answer on {} within {DAEMON_START_TIMEOUT:?}; see {}",
+        socket.display(),
+        log_path.display()
+    )
 }
 
 fn tail(path: &Path) -> String {
@@ -265,14 +272,19 @@ pub fn run(args: &RunArgs, socket_flag: Option<&Path>) -> Result<ExitCode> {
     crate::signals::catch_int_term();
     let socket = resolve_socket(socket_flag);
     ensure_daemon(&socket)?;
-    let beat_dir = tempfile::Builder::new().prefix("tierckpt-run-").tempdir().context("creating a heartbeat directory")?;
+    let beat_dir =
+        tempfile::Builder::new().prefix("tierckpt-run-").tempdir().context("creating a heartbeat directory")?;
     let job = Job { args, socket: socket.clone(), heartbeat: beat_dir.path().join("heartbeat") };
     job.record(FailureKind::Start, args.command.join(" "), 0);
     let mut backoff = args.backoff;
     let mut restart = 0u32;
     loop {
         if ensure_daemon(&socket)? {
-            job.record(FailureKind::DaemonLost, format!("no daemon answered on {}; started a new one", socket.display()), restart);
+            job.record(
+                FailureKind::DaemonLost,
+                format!("no daemon answered on {}; started a new one", socket.display()),
+                restart,
+            );
         }
         let mut child = job.spawn(restart)?;
         eprintln!("tierckpt run: started {:?} (pid {}, restart {restart})", args.command[0], child.id());
@@ -280,7 +292,10 @@ pub fn run(args: &RunArgs, socket_flag: Option<&Path>) -> Result<ExitCode> {
         let pgid = child.id() as i32;
         let (kind, detail, code) = match outcome {
             Outcome::Stopped(sig, status) => {
-                eprintln!("tierckpt run: {} received; stopped the command ({status}), not restarting", signal_name(sig));
+                eprintln!(
+                    "tierckpt run: {} received; stopped the command ({status}), not restarting",
+                    signal_name(sig)
+                );
                 return Ok(ExitCode::from((128 + sig) as u8));
             }
             Outcome::Exited(status) if status.success() => {
@@ -291,13 +306,19 @@ pub fn run(args: &RunArgs, socket_flag: Option<&Path>) -> Result<ExitCode> {
                 kill_group(pgid);
                 match status.signal() {
                     Some(sig) => (FailureKind::Signal, signal_name(sig), exit_code(status)),
-                    None => (FailureKind::Exit, format!("exit code {}", status.code().unwrap_or(-1)), exit_code(status)),
+                    None => {
+                        (FailureKind::Exit, format!("exit code {}", status.code().unwrap_or(-1)), exit_code(status))
+                    }
                 }
             }
             Outcome::Hung(quiet) => {
                 kill_group(pgid);
                 let status = child.wait()?;
-                let detail = format!("no heartbeat for {:.1} s (hang timeout {:?}); killed", quiet.as_secs_f64(), args.hang_timeout.unwrap_or_default());
+                let detail = format!(
+                    "no heartbeat for {:.1} s (hang timeout {:?}); killed",
+                    quiet.as_secs_f64(),
+                    args.hang_timeout.unwrap_or_default()
+                );
                 (FailureKind::Hang, detail, exit_code(status))
             }
         };

@@ -11,11 +11,8 @@ fn bench_memory_json(args: &[&str]) -> Value {
 }
 
 fn bench_json(which: &str, args: &[&str]) -> Value {
-    let out = tierckpt_harness::testing::tierckpt()
-        .args(["bench", which])
-        .args(args)
-        .output()
-        .expect("running tierckpt");
+    let out =
+        tierckpt_harness::testing::tierckpt().args(["bench", which]).args(args).output().expect("running tierckpt");
     assert!(
         out.status.success(),
         "tierckpt bench {which} failed: {}\nstdout: {}",
@@ -83,7 +80,10 @@ fn memory_reports_ratios_against_the_floor() {
     let save = positive(&v, "save_stall_s");
     let restore = positive(&v, "restore_s");
     assert!(close(positive(&v, "save_ratio"), save / floor), "save_ratio is not save_stall_s / memcpy_floor_s: {v}");
-    assert!(close(positive(&v, "restore_ratio"), restore / floor), "restore_ratio is not restore_s / memcpy_floor_s: {v}");
+    assert!(
+        close(positive(&v, "restore_ratio"), restore / floor),
+        "restore_ratio is not restore_s / memcpy_floor_s: {v}"
+    );
     assert!(close(positive(&v, "save_first_ratio"), positive(&v, "save_stall_first_s") / floor));
     assert!(close(positive(&v, "target_ratio"), 1.2));
     let gib = (8u64 << 20) as f64 / (1u64 << 30) as f64;
@@ -206,10 +206,7 @@ fn replicate_prints_a_table_without_json() {
 
 #[test]
 fn the_tcp_sink_is_hidden() {
-    let out = tierckpt_harness::testing::tierckpt()
-        .args(["bench", "--help"])
-        .output()
-        .expect("running tierckpt");
+    let out = tierckpt_harness::testing::tierckpt().args(["bench", "--help"]).output().expect("running tierckpt");
     assert!(out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("replicate"), "{text}");
@@ -224,7 +221,8 @@ fn check_persist(v: &Value, scheme: &str, target_ratio: f64) {
     assert_eq!(v["iters"].as_u64(), Some(2));
     assert!(v["file_bytes"].as_u64().unwrap() > 8 << 20);
     assert!(!v["floor_tool"].as_str().unwrap().is_empty());
-    for f in ["persist_s", "persist_gibps", "floor_s", "floor_gibps", "ratio", "drain_s", "drain_gibps", "drain_ratio"] {
+    for f in ["persist_s", "persist_gibps", "floor_s", "floor_gibps", "ratio", "drain_s", "drain_gibps", "drain_ratio"]
+    {
         positive(v, f);
     }
     let (p, f, r) = (positive(v, "persist_gibps"), positive(v, "floor_gibps"), positive(v, "ratio"));
@@ -280,7 +278,13 @@ fn reduce_reports_codec_rows_and_end_to_end_paths() {
         assert_eq!(r["compression"], "zstd:1");
         assert_eq!(r["steps_measured"].as_u64(), Some(2));
         assert!(count(r, "file_bytes") > 7 << 20, "{r}");
-        for f in ["compress_bytes_ratio", "delta_bytes_ratio", "compress_encode_gibps", "delta_decode_gibps", "memcpy_floor_gibps"] {
+        for f in [
+            "compress_bytes_ratio",
+            "delta_bytes_ratio",
+            "compress_encode_gibps",
+            "delta_decode_gibps",
+            "memcpy_floor_gibps",
+        ] {
             ratio(r, f);
         }
     }
@@ -304,7 +308,14 @@ fn reduce_reports_codec_rows_and_end_to_end_paths() {
         let file_bytes = count(r, "file_bytes");
         for path in ["uncompressed", "reduced"] {
             let p = &r[path];
-            for f in ["replicate_s", "replicate_gibps", "persist_s", "persist_gibps", "replication_bytes_ratio", "persistence_bytes_ratio"] {
+            for f in [
+                "replicate_s",
+                "replicate_gibps",
+                "persist_s",
+                "persist_gibps",
+                "replication_bytes_ratio",
+                "persistence_bytes_ratio",
+            ] {
                 ratio(p, f);
             }
             // Counters over the 2 checkpoints after the first.
@@ -323,10 +334,7 @@ fn reduce_reports_codec_rows_and_end_to_end_paths() {
         assert!(ratio(u, "replication_bytes_ratio") >= 0.99 && ratio(u, "replication_bytes_ratio") <= 1.01, "{w}: {u}");
         assert!(ratio(u, "persistence_bytes_ratio") >= 0.99 && ratio(u, "persistence_bytes_ratio") <= 1.01, "{w}: {u}");
         let red = &r["reduced"];
-        assert!(close(
-            ratio(r, "replicate_throughput_ratio"),
-            ratio(u, "replicate_s") / ratio(red, "replicate_s")
-        ));
+        assert!(close(ratio(r, "replicate_throughput_ratio"), ratio(u, "replicate_s") / ratio(red, "replicate_s")));
         assert!(close(ratio(r, "persist_throughput_ratio"), ratio(u, "persist_s") / ratio(red, "persist_s")));
     }
     // The embedding shrinks end to end, replicated as deltas and stored as

@@ -1,13 +1,12 @@
 //! The `tierckpt` inspection commands against a real daemon: tables for
 //! people, JSON for programs, exports readable by safetensors.
 
-
 use std::collections::BTreeMap;
 
-use tierckpt_harness::testing::{cli, TestDaemon};
 use serde_json::Value;
 use tierckpt_client::TensorData;
 use tierckpt_format::{Dtype, ShardKey};
+use tierckpt_harness::testing::{cli, TestDaemon};
 
 fn seed(d: &TestDaemon) -> Vec<u8> {
     let mut c = d.client();

@@ -34,20 +34,12 @@ fn run_demo_with(base: &[&str], extra: &[&str]) -> (std::process::Output, String
 
 fn parse(stdout: &str, stderr: &str) -> Value {
     let lines: Vec<&str> = stdout.lines().filter(|l| !l.trim().is_empty()).collect();
-    assert_eq!(
-        lines.len(),
-        1,
-        "expected one JSON object on stdout, got:\n{stdout}\nstderr:\n{stderr}"
-    );
+    assert_eq!(lines.len(), 1, "expected one JSON object on stdout, got:\n{stdout}\nstderr:\n{stderr}");
     serde_json::from_str(lines[0]).unwrap_or_else(|e| panic!("stdout is not JSON ({e}):\n{stdout}"))
 }
 
 fn ranks(v: &Value) -> Vec<u64> {
-    v.as_array()
-        .unwrap_or_else(|| panic!("{v} is not a list"))
-        .iter()
-        .map(|r| r.as_u64().expect("a rank"))
-        .collect()
+    v.as_array().unwrap_or_else(|| panic!("{v} is not a list")).iter().map(|r| r.as_u64().expect("a rank")).collect()
 }
 
 /// Checks one failure's record; returns (step_killed, step_resumed).
@@ -72,11 +64,7 @@ fn check_failure(f: &Value, kind: &str, from: &str, every: u64, steps: u64) -> (
 #[test]
 fn demo_survives_a_crash_a_node_loss_and_a_total_memory_loss_bitwise_identical() {
     let (out, stdout, stderr) = run_demo(&[]);
-    assert!(
-        out.status.success(),
-        "tierckpt demo failed ({}):\n{stderr}\n{stdout}",
-        out.status
-    );
+    assert!(out.status.success(), "tierckpt demo failed ({}):\n{stderr}\n{stdout}", out.status);
     let v = parse(&stdout, &stderr);
 
     assert_eq!(v["bitwise_identical"], true, "{v:#}");
@@ -142,20 +130,13 @@ fn demo_survives_a_crash_a_node_loss_and_a_total_memory_loss_bitwise_identical()
     let (per, stored) = (v["bytes_persisted"].as_u64().unwrap(), v["bytes_persisted_stored"].as_u64().unwrap());
     assert!(stored > 0 && stored <= per, "{v:#}");
     assert_eq!(v["persistent_last_committed"], 30, "the last checkpoint is committed too: {v:#}");
-    assert!(
-        v["persistent"]["url"].as_str().is_some_and(|u| u.starts_with("file://")),
-        "{v:#}"
-    );
+    assert!(v["persistent"]["url"].as_str().is_some_and(|u| u.starts_with("file://")), "{v:#}");
 
     let checkpoints = v["checkpoints"].as_u64().expect("checkpoints");
     assert!(checkpoints > 0, "{v:#}");
     let median = v["stall_s_median"].as_f64().expect("stall_s_median is a number");
     assert!(median > 0.0, "{v:#}");
-    assert_eq!(
-        v["state_bytes"].as_u64(),
-        Some(12 * v["params"].as_u64().unwrap()),
-        "{v:#}"
-    );
+    assert_eq!(v["state_bytes"].as_u64(), Some(12 * v["params"].as_u64().unwrap()), "{v:#}");
     // The baseline went through the same failures to the same final state.
     let b = &v["baseline"];
     assert_eq!(b["bitwise_identical"], true, "{b:#}");
@@ -173,12 +154,8 @@ fn demo_survives_a_crash_a_node_loss_and_a_total_memory_loss_bitwise_identical()
         assert!(v[k].as_f64().is_some_and(|g| g > 0.0 && g <= 1.0), "{k}: {v:#}");
     }
 
-    let shards: u64 = v["shard_state_bytes"]
-        .as_array()
-        .expect("shard_state_bytes")
-        .iter()
-        .map(|b| b.as_u64().unwrap())
-        .sum();
+    let shards: u64 =
+        v["shard_state_bytes"].as_array().expect("shard_state_bytes").iter().map(|b| b.as_u64().unwrap()).sum();
     assert_eq!(Some(shards), v["state_bytes"].as_u64(), "the shards partition the state: {v:#}");
 }
 
@@ -199,11 +176,7 @@ fn demo_with_chosen_failure_steps_on_three_nodes() {
         "--keep-last",
         "1",
     ]);
-    assert!(
-        out.status.success(),
-        "tierckpt demo failed ({}):\n{stderr}\n{stdout}",
-        out.status
-    );
+    assert!(out.status.success(), "tierckpt demo failed ({}):\n{stderr}\n{stdout}", out.status);
     let v = parse(&stdout, &stderr);
     assert_eq!(v["bitwise_identical"], true, "{v:#}");
     assert_eq!(v["seed"], 3);
@@ -235,8 +208,12 @@ fn demo_goodput_beats_the_baseline_that_checkpoints_to_storage_only() {
     assert_eq!(v["baseline"]["bitwise_identical"], true, "{v:#}");
     let (g, b) = (v["goodput"].as_f64().unwrap(), v["baseline_goodput"].as_f64().unwrap());
     assert!(g > b, "goodput {g} with tierckpt, {b} with the baseline: {v:#}");
-    let (stall, base_stall) = (v["stall_s_median"].as_f64().unwrap(), v["baseline"]["stall_s_median"].as_f64().unwrap());
-    assert!(stall < base_stall, "pause per checkpoint {stall} s with tierckpt, {base_stall} s with the baseline: {v:#}");
+    let (stall, base_stall) =
+        (v["stall_s_median"].as_f64().unwrap(), v["baseline"]["stall_s_median"].as_f64().unwrap());
+    assert!(
+        stall < base_stall,
+        "pause per checkpoint {stall} s with tierckpt, {base_stall} s with the baseline: {v:#}"
+    );
 }
 
 #[test]

@@ -1,7 +1,6 @@
 //! `tierckpt run`: restarts, their limit, hangs, signals, and the failure
 //! record, with a real daemon and real child processes.
 
-
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -209,7 +208,12 @@ fn bad_input_gets_a_clear_error() {
         .unwrap();
     assert!(!o.status.success());
     assert!(stderr(&o).contains("cannot start \"/nonexistent/train\""), "{}", stderr(&o));
-    let o = tierckpt().arg("--socket").arg(&d.proc.socket).args(["run", "--hang-timeout", "soon", "--", "true"]).output().unwrap();
+    let o = tierckpt()
+        .arg("--socket")
+        .arg(&d.proc.socket)
+        .args(["run", "--hang-timeout", "soon", "--", "true"])
+        .output()
+        .unwrap();
     assert!(!o.status.success());
     assert!(stderr(&o).contains("--hang-timeout"), "{}", stderr(&o));
 }

@@ -20,8 +20,8 @@ pub(crate) fn populate(base: *const u8, range: Range<usize>, write: bool) {
         return;
     }
     let advice = if write { 23 } else { 22 }; // MADV_POPULATE_WRITE / _READ (Linux 5.14+)
-    // SAFETY: the range lies inside a live mapping; on older kernels the call
-    // fails with EINVAL and pages fault in on first touch instead.
+                                              // SAFETY: the range lies inside a live mapping; on older kernels the call
+                                              // fails with EINVAL and pages fault in on first touch instead.
     unsafe {
         libc::madvise(base.add(start) as *mut libc::c_void, range.end - start, advice);
     }

@@ -18,13 +18,13 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+pub use error::Error;
 use memmap2::{Mmap, MmapMut, MmapOptions};
 use tierckpt_format::{
-    copy_verified, parse_shard, verify_chunks, CopyTarget, Dtype, Manifest, ShardKey, ShardLayout,
-    ShardView, TensorSpec,
+    copy_verified, parse_shard, verify_chunks, CopyTarget, Dtype, Manifest, ShardKey, ShardLayout, ShardView,
+    TensorSpec,
 };
 use tierckpt_proto::{DaemonStatus, FailureRecord, NamespaceSummary, Reply, Request, WireResult};
-pub use error::Error;
 pub use tierckpt_proto::{ErrorKind, StepSummary};
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -124,11 +124,7 @@ impl Client {
                 socket.display()
             ))
         })?;
-        Ok(Self {
-            stream,
-            socket,
-            cache: SegmentCache { entries: Vec::new(), max: 16 },
-        })
+        Ok(Self { stream, socket, cache: SegmentCache { entries: Vec::new(), max: 16 } })
     }
 
     /// Connects to [`default_socket`].
@@ -141,9 +137,7 @@ impl Client {
     }
 
     fn call(&mut self, req: &Request) -> Result<Reply> {
-        let lost = |e: std::io::Error| {
-            Error::Unavailable(format!("lost the daemon at {}: {e}", self.socket.display()))
-        };
+        let lost = |e: std::io::Error| Error::Unavailable(format!("lost the daemon at {}: {e}", self.socket.display()));
         tierckpt_proto::write_frame(&mut self.stream, req).map_err(lost)?;
         let frame = tierckpt_proto::read_frame(&mut self.stream)
             .map_err(lost)?
@@ -195,13 +189,7 @@ impl Client {
             }
         };
         seg.map[..layout.header.len()].copy_from_slice(&layout.header);
-        Ok(PendingShard {
-            client: self,
-            id,
-            layout,
-            seg: Some(seg),
-            fresh,
-        })
+        Ok(PendingShard { client: self, id, layout, seg: Some(seg), fresh })
     }
 
     /// Saves tensors and metadata as the shard `key`. Returns once the bytes
@@ -297,9 +285,15 @@ impl Client {
             // This node's copy is bad: the daemon drops it, and the next try
             // gets another copy (a peer's, or the persistent tier's).
             Err(e) if e.kind() == ErrorKind::Corrupt => {
-                self.done(&Request::ReportCorrupt { namespace: key.namespace.clone(), step: key.step, rank: key.rank })?;
+                self.done(&Request::ReportCorrupt {
+                    namespace: key.namespace.clone(),
+                    step: key.step,
+                    rank: key.rank,
+                })?;
                 self.load_once(key, targets).map_err(|again| match again.kind() {
-                    ErrorKind::NotFound => Error::remote(ErrorKind::Corrupt, format!("{e}; and no other copy: {again}")),
+                    ErrorKind::NotFound => {
+                        Error::remote(ErrorKind::Corrupt, format!("{e}; and no other copy: {again}"))
+                    }
                     _ => again,
                 })
             }
@@ -331,9 +325,9 @@ impl Client {
         let view = parse_shard(map, &label)?;
         let mut copies = Vec::with_capacity(targets.len());
         for (name, buf) in targets.iter_mut() {
-            let e = view.entry(name).ok_or_else(|| {
-                Error::InvalidArgument(format!("shard {key} has no tensor {name:?}"))
-            })?;
+            let e = view
+                .entry(name)
+                .ok_or_else(|| Error::InvalidArgument(format!("shard {key} has no tensor {name:?}")))?;
             if e.len != buf.len() as u64 {
                 return Err(Error::InvalidArgument(format!(
                     "tensor {name:?} of shard {key} has {} bytes ({} {:?}); the buffer has {}",
@@ -438,9 +432,10 @@ impl PendingShard<'_> {
     pub fn write_tensors(&mut self, tensors: &[TensorData<'_>]) -> Result<()> {
         let mut pieces = Vec::with_capacity(tensors.len());
         for t in tensors {
-            let e = self.layout.entries.iter().find(|e| e.name == t.name).ok_or_else(|| {
-                Error::InvalidArgument(format!("tensor {:?} is not in this shard's layout", t.name))
-            })?;
+            let e =
+                self.layout.entries.iter().find(|e| e.name == t.name).ok_or_else(|| {
+                    Error::InvalidArgument(format!("tensor {:?} is not in this shard's layout", t.name))
+                })?;
             if e.len != t.data.len() as u64 || e.dtype != t.dtype || e.shape != t.shape {
                 return Err(Error::InvalidArgument(format!(
                     "tensor {:?} is {} {:?} with {} bytes; expected {} {:?} with {} bytes",

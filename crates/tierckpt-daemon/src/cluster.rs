@@ -16,9 +16,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
 use tierckpt_format::{BaseRef, Manifest, ShardKey, StreamVerifier};
-use tierckpt_proto::{
-    ClusterStatus, ClusterStep, HeldStep, Holdings, NodeState, NodeStatus, ReplicationStats,
-};
+use tierckpt_proto::{ClusterStatus, ClusterStep, HeldStep, Holdings, NodeState, NodeStatus, ReplicationStats};
 use tierckpt_tiers::{ErrorKind, MemoryTier, TierError};
 use tokio::sync::{mpsc, watch};
 
@@ -139,7 +137,12 @@ pub fn holdings_of(tier: &MemoryTier, node_id: &str) -> Holdings {
             .unwrap_or_default()
             .into_iter()
             .filter(|s| !s.ranks.is_empty())
-            .map(|s| HeldStep { step: s.step, world_size: s.world_size, ranks: s.ranks, created_unix_ms: s.created_unix_ms })
+            .map(|s| HeldStep {
+                step: s.step,
+                world_size: s.world_size,
+                ranks: s.ranks,
+                created_unix_ms: s.created_unix_ms,
+            })
             .collect();
         if !steps.is_empty() {
             h.namespaces.insert(ns.namespace, steps);
@@ -165,7 +168,10 @@ fn reserve_for_copy(tier: &MemoryTier, m: &Manifest) -> Result<Option<tierckpt_t
 /// checksum): a sparse replica leaves it out, and the receiver copies it
 /// from its own copy of the base.
 pub fn unchanged_chunk(base: &Manifest, m: &Manifest, i: usize) -> bool {
-    i < base.chunks.len() && base.chunk_size == m.chunk_size && base.chunk_range(i) == m.chunk_range(i) && base.chunks[i] == m.chunks[i]
+    i < base.chunks.len()
+        && base.chunk_size == m.chunk_size
+        && base.chunk_range(i) == m.chunk_range(i)
+        && base.chunks[i] == m.chunks[i]
 }
 
 /// Streams a shard into the memory tier, verifying every chunk before it is
@@ -173,7 +179,13 @@ pub fn unchanged_chunk(base: &Manifest, m: &Manifest, i: usize) -> bool {
 /// manifest and bytes), the stream is sparse: it carries only the chunks
 /// that differ from the base, and the others are copied from it (verified
 /// as well). Returns false if an identical copy was already held.
-pub async fn receive<S>(tier: &Arc<MemoryTier>, m: &Manifest, source: &str, stream: S, base: Option<(&Manifest, &[u8])>) -> Result<bool, TierError>
+pub async fn receive<S>(
+    tier: &Arc<MemoryTier>,
+    m: &Manifest,
+    source: &str,
+    stream: S,
+    base: Option<(&Manifest, &[u8])>,
+) -> Result<bool, TierError>
 where
     S: Stream<Item = Result<Bytes, TierError>>,
 {
@@ -209,7 +221,10 @@ where
             let mut piece = &piece?[..];
             while !piece.is_empty() {
                 if chunk >= m.chunks.len() {
-                    return Err(TierError::InvalidArgument(format!("{source} sent more than the {} bytes of {}", m.file_len, m.key)));
+                    return Err(TierError::InvalidArgument(format!(
+                        "{source} sent more than the {} bytes of {}",
+                        m.file_len, m.key
+                    )));
                 }
                 let (a, b) = m.chunk_range(chunk);
                 let take = ((b - a - in_chunk) as usize).min(piece.len());
@@ -244,7 +259,13 @@ where
 /// Like [`receive`], for a reduced blob (`tierckpt_format::encode`): decodes
 /// it on `base` straight into the reserved segment, every chunk verified
 /// against `m`, then publishes it. Blocking.
-pub fn receive_decoded(tier: &MemoryTier, m: &Manifest, source: &str, blob: &[u8], base: Option<&[u8]>) -> Result<bool, TierError> {
+pub fn receive_decoded(
+    tier: &MemoryTier,
+    m: &Manifest,
+    source: &str,
+    blob: &[u8],
+    base: Option<&[u8]>,
+) -> Result<bool, TierError> {
     let Some(r) = reserve_for_copy(tier, m)? else { return Ok(false) };
     let decode = || -> Result<(), TierError> {
         let f = std::fs::OpenOptions::new()
@@ -449,14 +470,19 @@ impl Cluster {
         f(&mut lock(&self.stats));
     }
 
-    async fn replicate_loop(self: Arc<Self>, mut rx: mpsc::UnboundedReceiver<ShardKey>, mut stop: watch::Receiver<bool>) {
+    async fn replicate_loop(
+        self: Arc<Self>,
+        mut rx: mpsc::UnboundedReceiver<ShardKey>,
+        mut stop: watch::Receiver<bool>,
+    ) {
         loop {
             let key = tokio::select! {
                 _ = stop.changed() => return,
                 k = rx.recv() => match k { Some(k) => k, None => return },
             };
             self.stats_update(|s| s.queued = s.queued.saturating_sub(1));
-            let targets = replica_targets(self.cfg.placement, self.cfg.nodes.len(), self.me, self.cfg.replication_factor);
+            let targets =
+                replica_targets(self.cfg.placement, self.cfg.nodes.len(), self.me, self.cfg.replication_factor);
             let pushes = targets.into_iter().map(|t| self.push(&key, t));
             for r in futures_util::future::join_all(pushes).await {
                 if let Err(e) = r {
@@ -587,7 +613,8 @@ impl Cluster {
                 let (a, b) = m.chunk_range(i);
                 data.slice(a as usize..b as usize)
             });
-            (changed.len() < m.chunks.len()).then(|| ReplicaBody::Sparse { base: BaseRef::of(bm), pieces: pieces.collect() })
+            (changed.len() < m.chunks.len())
+                .then(|| ReplicaBody::Sparse { base: BaseRef::of(bm), pieces: pieces.collect() })
         });
         let plain = sparse.unwrap_or_else(|| ReplicaBody::Whole(data.clone()));
         if opts.compression == tierckpt_format::Compression::Off {
@@ -747,7 +774,11 @@ impl Cluster {
                     id: self.id(i).to_string(),
                     addr: self.addr(i).to_string(),
                     state: m.state,
-                    last_seen_ms_ago: if i == self.me { Some(0) } else { m.last_ok.map(|t| (now - t).as_millis() as u64) },
+                    last_seen_ms_ago: if i == self.me {
+                        Some(0)
+                    } else {
+                        m.last_ok.map(|t| (now - t).as_millis() as u64)
+                    },
                     this_node: i == self.me,
                 })
                 .collect()

@@ -22,7 +22,11 @@ fn resolve_compression(key: &str, s: &str) -> Result<tierckpt_format::Compressio
     let s = match s {
         "auto" => {
             let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-            if cores >= AUTO_COMPRESSION_CORES { "zstd" } else { "off" }
+            if cores >= AUTO_COMPRESSION_CORES {
+                "zstd"
+            } else {
+                "off"
+            }
         }
         s => s,
     };
@@ -135,9 +139,10 @@ pub fn parse_nodes(s: &str) -> Result<Vec<NodeSpec>, DaemonError> {
     s.split(',')
         .filter(|p| !p.trim().is_empty())
         .map(|p| {
-            let (id, addr) = p.trim().split_once('=').ok_or_else(|| {
-                DaemonError::Config(format!("node {p:?} is not id=host:port"))
-            })?;
+            let (id, addr) = p
+                .trim()
+                .split_once('=')
+                .ok_or_else(|| DaemonError::Config(format!("node {p:?} is not id=host:port")))?;
             Ok(NodeSpec { id: id.to_string(), addr: addr.to_string() })
         })
         .collect()
@@ -145,9 +150,7 @@ pub fn parse_nodes(s: &str) -> Result<Vec<NodeSpec>, DaemonError> {
 
 impl ConfigLayer {
     pub fn from_toml(text: &str, origin: &Path) -> Result<Self, DaemonError> {
-        toml::from_str(text).map_err(|e| {
-            DaemonError::Config(format!("{}: {}", origin.display(), e.message()))
-        })
+        toml::from_str(text).map_err(|e| DaemonError::Config(format!("{}: {}", origin.display(), e.message())))
     }
 
     pub fn from_file(path: &Path) -> Result<Self, DaemonError> {
@@ -166,9 +169,10 @@ impl ConfigLayer {
                 "TIERCKPT_MEMORY_DIR" => l.memory_dir = Some(v.into()),
                 "TIERCKPT_MEMORY_TIER_SIZE" => l.memory_tier_size = Some(v),
                 "TIERCKPT_KEEP_LAST" => {
-                    l.keep_last = Some(v.parse().map_err(|_| {
-                        DaemonError::Config(format!("TIERCKPT_KEEP_LAST={v:?} is not a whole number"))
-                    })?)
+                    l.keep_last =
+                        Some(v.parse().map_err(|_| {
+                            DaemonError::Config(format!("TIERCKPT_KEEP_LAST={v:?} is not a whole number"))
+                        })?)
                 }
                 "TIERCKPT_SOCKET" => l.socket = Some(v.into()),
                 "TIERCKPT_HTTP_ADDR" => l.http_addr = Some(v),
@@ -186,7 +190,9 @@ impl ConfigLayer {
                 "TIERCKPT_HEARTBEAT_TIMEOUT" => l.heartbeat_timeout = Some(v),
                 "TIERCKPT_REPLICATION_BANDWIDTH" => l.replication_bandwidth = Some(v),
                 "TIERCKPT_REPLICATION_COMPRESSION" => l.replication_compression = Some(v),
-                "TIERCKPT_REPLICATION_DELTA" => l.replication_delta = Some(parse_bool("TIERCKPT_REPLICATION_DELTA", &v)?),
+                "TIERCKPT_REPLICATION_DELTA" => {
+                    l.replication_delta = Some(parse_bool("TIERCKPT_REPLICATION_DELTA", &v)?)
+                }
                 "TIERCKPT_PERSISTENT_PATH" => l.persistent_path = Some(v),
                 "TIERCKPT_PERSIST_EVERY" => {
                     l.persist_every = Some(v.parse().map_err(|_| {
@@ -222,10 +228,34 @@ impl ConfigLayer {
             ($($f:ident),*) => { $( if other.$f.is_some() { self.$f = other.$f; } )* };
         }
         take!(
-            memory_dir, memory_tier_size, keep_last, socket, http_addr, token_file, token, node_id,
-            nodes, replication_factor, placement, heartbeat_interval, heartbeat_timeout,
-            replication_bandwidth, replication_compression, replication_delta, persistent_path, persist_every, persist_interval, persist_keep_last,
-            persist_keep_every, persist_bandwidth, persist_compression, persist_delta, persist_full_every, persistent_options, persistent_faults, background_nice,
+            memory_dir,
+            memory_tier_size,
+            keep_last,
+            socket,
+            http_addr,
+            token_file,
+            token,
+            node_id,
+            nodes,
+            replication_factor,
+            placement,
+            heartbeat_interval,
+            heartbeat_timeout,
+            replication_bandwidth,
+            replication_compression,
+            replication_delta,
+            persistent_path,
+            persist_every,
+            persist_interval,
+            persist_keep_last,
+            persist_keep_every,
+            persist_bandwidth,
+            persist_compression,
+            persist_delta,
+            persist_full_every,
+            persistent_options,
+            persistent_faults,
+            background_nice,
             mount_huge_tmpfs
         );
         self
@@ -275,8 +305,10 @@ fn resolve_persist(layer: &ConfigLayer) -> Result<Option<PersistConfig>, DaemonE
     }
     let interval = layer.persist_interval.as_deref().map(|s| parse_duration("persist_interval", s)).transpose()?;
     let bandwidth = parse_rate("persist_bandwidth", layer.persist_bandwidth.as_deref())?;
-    let compression =
-        resolve_compression("persist_compression", layer.persist_compression.as_deref().unwrap_or(DEFAULT_PERSIST_COMPRESSION))?;
+    let compression = resolve_compression(
+        "persist_compression",
+        layer.persist_compression.as_deref().unwrap_or(DEFAULT_PERSIST_COMPRESSION),
+    )?;
     let full_every = layer.persist_full_every.unwrap_or(8);
     if full_every == 0 {
         return Err(DaemonError::Config("persist_full_every must be at least 1 (1: every shard stored whole)".into()));
@@ -338,15 +370,20 @@ fn parse_rate(key: &str, s: Option<&str>) -> Result<Option<u64>, DaemonError> {
 }
 
 fn parse_duration(key: &str, s: &str) -> Result<std::time::Duration, DaemonError> {
-    humantime::parse_duration(s)
-        .map_err(|e| DaemonError::Config(format!("{key} {s:?} is not a duration ({e}); write it like \"500ms\" or \"3s\"")))
+    humantime::parse_duration(s).map_err(|e| {
+        DaemonError::Config(format!("{key} {s:?} is not a duration ({e}); write it like \"500ms\" or \"3s\""))
+    })
 }
 
 fn resolve_cluster(layer: &ConfigLayer) -> Result<Option<ClusterConfig>, DaemonError> {
     let (node_id, nodes) = match (&layer.node_id, &layer.nodes) {
         (None, None) => return Ok(None),
-        (Some(_), None) => return Err(DaemonError::Config("node_id is set but nodes is not: list every node of the cluster".into())),
-        (None, Some(_)) => return Err(DaemonError::Config("nodes is set but node_id is not: say which node this is".into())),
+        (Some(_), None) => {
+            return Err(DaemonError::Config("node_id is set but nodes is not: list every node of the cluster".into()))
+        }
+        (None, Some(_)) => {
+            return Err(DaemonError::Config("nodes is set but node_id is not: say which node this is".into()))
+        }
         (Some(i), Some(n)) => (i.clone(), n.clone()),
     };
     let mut parsed = Vec::with_capacity(nodes.len());
@@ -356,9 +393,10 @@ fn resolve_cluster(layer: &ConfigLayer) -> Result<Option<ClusterConfig>, DaemonE
         if parsed.iter().any(|(id, _): &(String, SocketAddr)| *id == n.id) {
             return Err(DaemonError::Config(format!("node id {:?} appears twice in nodes", n.id)));
         }
-        let addr: SocketAddr = n.addr.parse().map_err(|_| {
-            DaemonError::Config(format!("node {} has address {:?}; expected host:port", n.id, n.addr))
-        })?;
+        let addr: SocketAddr = n
+            .addr
+            .parse()
+            .map_err(|_| DaemonError::Config(format!("node {} has address {:?}; expected host:port", n.id, n.addr)))?;
         parsed.push((n.id.clone(), addr));
     }
     if !parsed.iter().any(|(id, _)| *id == node_id) {
@@ -377,7 +415,8 @@ fn resolve_cluster(layer: &ConfigLayer) -> Result<Option<ClusterConfig>, DaemonE
         "group" => Placement::Group,
         p => return Err(DaemonError::Config(format!("placement {p:?} is not \"ring\" or \"group\""))),
     };
-    let heartbeat_interval = parse_duration("heartbeat_interval", layer.heartbeat_interval.as_deref().unwrap_or("500ms"))?;
+    let heartbeat_interval =
+        parse_duration("heartbeat_interval", layer.heartbeat_interval.as_deref().unwrap_or("500ms"))?;
     let heartbeat_timeout = parse_duration("heartbeat_timeout", layer.heartbeat_timeout.as_deref().unwrap_or("3s"))?;
     if heartbeat_timeout <= heartbeat_interval {
         return Err(DaemonError::Config(format!(
@@ -386,7 +425,10 @@ fn resolve_cluster(layer: &ConfigLayer) -> Result<Option<ClusterConfig>, DaemonE
     }
     let replication_bandwidth = parse_rate("replication_bandwidth", layer.replication_bandwidth.as_deref())?;
     let replication_reduce = tierckpt_format::ReduceOptions {
-        compression: resolve_compression("replication_compression", layer.replication_compression.as_deref().unwrap_or("auto"))?,
+        compression: resolve_compression(
+            "replication_compression",
+            layer.replication_compression.as_deref().unwrap_or("auto"),
+        )?,
         delta: layer.replication_delta.unwrap_or(true),
     };
     Ok(Some(ClusterConfig {
@@ -420,12 +462,15 @@ impl DaemonConfig {
         }
         let socket = layer.socket.unwrap_or_else(|| memory_dir.join("daemon.sock"));
         let default_http = cluster.as_ref().map(|c| c.my_addr().to_string());
-        let http_addr: Option<SocketAddr> = match layer.http_addr.as_deref().or(default_http.as_deref()).unwrap_or(DEFAULT_HTTP_ADDR) {
-            "off" | "" => None,
-            a => Some(a.parse().map_err(|_| {
-                DaemonError::Config(format!("http_addr {a:?} is not host:port (for example 127.0.0.1:7750) or \"off\""))
-            })?),
-        };
+        let http_addr: Option<SocketAddr> =
+            match layer.http_addr.as_deref().or(default_http.as_deref()).unwrap_or(DEFAULT_HTTP_ADDR) {
+                "off" | "" => None,
+                a => Some(a.parse().map_err(|_| {
+                    DaemonError::Config(format!(
+                        "http_addr {a:?} is not host:port (for example 127.0.0.1:7750) or \"off\""
+                    ))
+                })?),
+            };
         let token = match (layer.token, layer.token_file) {
             (Some(t), _) => Some(t),
             (None, Some(f)) => Some(
@@ -520,7 +565,11 @@ mod tests {
     fn compression_settings() {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         let auto = resolve_compression("persist_compression", "auto").unwrap();
-        let expected = if cores >= AUTO_COMPRESSION_CORES { tierckpt_format::Compression::Zstd(1) } else { tierckpt_format::Compression::Off };
+        let expected = if cores >= AUTO_COMPRESSION_CORES {
+            tierckpt_format::Compression::Zstd(1)
+        } else {
+            tierckpt_format::Compression::Off
+        };
         assert_eq!(auto, expected);
         assert_eq!(resolve_compression("k", "zstd:3").unwrap(), tierckpt_format::Compression::Zstd(3));
         let e = resolve_compression("persist_compression", "gzip").unwrap_err().to_string();
@@ -586,7 +635,11 @@ mod tests {
 
     #[test]
     fn public_address_needs_a_token() {
-        let l = ConfigLayer { http_addr: Some("0.0.0.0:7750".into()), memory_tier_size: Some("1MB".into()), ..Default::default() };
+        let l = ConfigLayer {
+            http_addr: Some("0.0.0.0:7750".into()),
+            memory_tier_size: Some("1MB".into()),
+            ..Default::default()
+        };
         let e = DaemonConfig::resolve(l.clone()).unwrap_err().to_string();
         assert!(e.contains("token"), "{e}");
         let ok = l.merge(ConfigLayer { token: Some("s3cret".into()), ..Default::default() });

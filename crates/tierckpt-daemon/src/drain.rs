@@ -96,7 +96,8 @@ impl Drainer {
         if let Some(spec) = &cfg.faults {
             let faulty = Arc::new(FaultyStore::new(store.store(), FaultSpec::parse(spec)?));
             let prefix = cfg.url.split_once("://").map_or("", |(_, r)| r);
-            let prefix = if cfg.url.starts_with("file://") { "" } else { prefix.split_once('/').map_or("", |(_, p)| p) };
+            let prefix =
+                if cfg.url.starts_with("file://") { "" } else { prefix.split_once('/').map_or("", |(_, p)| p) };
             store = PersistentTier::with_store(faulty, prefix, &cfg.url, node, opts)?;
         }
         let d = Arc::new(Self {
@@ -257,7 +258,9 @@ impl Drainer {
                 Some(r) => self.base_in_memory(r).await,
                 None => None,
             };
-            let base = base_record.zip(base_map).map(|(record, map)| DeltaBase { record, bytes: bytes::Bytes::from_owner(map) });
+            let base = base_record
+                .zip(base_map)
+                .map(|(record, map)| DeltaBase { record, bytes: bytes::Bytes::from_owner(map) });
             match self.store.upload_with_base(&m, bytes::Bytes::from_owner(map), base).await {
                 Ok(up) => {
                     tracing::info!(

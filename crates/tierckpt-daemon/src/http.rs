@@ -71,11 +71,7 @@ fn shard_key(ns: &str, step: &str, rank: &str) -> Result<ShardKey, ApiError> {
 }
 
 fn query_param<'a>(uri: &'a Uri, name: &str) -> Option<&'a str> {
-    uri.query()?
-        .split('&')
-        .filter_map(|kv| kv.split_once('='))
-        .find(|(k, _)| *k == name)
-        .map(|(_, v)| v)
+    uri.query()?.split('&').filter_map(|kv| kv.split_once('=')).find(|(k, _)| *k == name).map(|(_, v)| v)
 }
 
 pub(crate) fn router(d: Arc<Daemon>) -> Router {
@@ -92,9 +88,7 @@ pub(crate) fn router(d: Arc<Daemon>) -> Router {
         .route("/v1/replicas/{ns}/{step}/{rank}", get(get_replica).put(put_replica))
         .route("/v1/peer/holdings", get(holdings))
         .route("/metrics", get(metrics))
-        .fallback(|uri: Uri| async move {
-            ApiError(TierError::NotFound(format!("no endpoint {}", uri.path())))
-        })
+        .fallback(|uri: Uri| async move { ApiError(TierError::NotFound(format!("no endpoint {}", uri.path()))) })
         .layer(middleware::from_fn_with_state(d.clone(), auth))
         .with_state(d)
 }
@@ -166,7 +160,10 @@ async fn holdings(State(d): D) -> Json<tierckpt_proto::Holdings> {
 
 /// A peer's copy of a shard, streamed with its manifest and unverified: the
 /// receiver verifies every chunk.
-async fn get_replica(State(d): D, Path((ns, step, rank)): Path<(String, String, String)>) -> Result<Response, ApiError> {
+async fn get_replica(
+    State(d): D,
+    Path((ns, step, rank)): Path<(String, String, String)>,
+) -> Result<Response, ApiError> {
     let key = shard_key(&ns, &step, &rank)?;
     let t = d.tier.clone();
     let (m, bytes) = tokio::task::spawn_blocking(move || t.map_leased(&key))
@@ -209,11 +206,10 @@ async fn put_replica(
     let base = match headers.get(crate::peer::SPARSE_BASE_HEADER) {
         None => None,
         Some(v) => {
-            let b: tierckpt_format::BaseRef = v
-                .to_str()
-                .ok()
-                .and_then(|v| serde_json::from_str(v).ok())
-                .ok_or_else(|| bad(format!("header {} is not a base reference", crate::peer::SPARSE_BASE_HEADER)))?;
+            let b: tierckpt_format::BaseRef =
+                v.to_str().ok().and_then(|v| serde_json::from_str(v).ok()).ok_or_else(|| {
+                    bad(format!("header {} is not a base reference", crate::peer::SPARSE_BASE_HEADER))
+                })?;
             Some(held_base(&d, &m, &b).await?)
         }
     };
@@ -238,7 +234,9 @@ async fn held_base(
     match held {
         Ok((bm, map)) if b.matches(&bm) => Ok((bm, map)),
         Ok(_) => Err(TierError::NotFound(format!("the delta base {key} held here is another copy"))),
-        Err(e) if e.kind() == ErrorKind::NotFound => Err(TierError::NotFound(format!("the delta base {key} is not held here"))),
+        Err(e) if e.kind() == ErrorKind::NotFound => {
+            Err(TierError::NotFound(format!("the delta base {key} is not held here")))
+        }
         Err(e) => Err(e),
     }
 }
@@ -258,7 +256,10 @@ async fn receive_reduced(
     while let Some(piece) = stream.next().await {
         let piece = piece?;
         if (blob.len() + piece.len()) as u64 > limit {
-            return Err(TierError::InvalidArgument(format!("a reduced replica of {} is larger than {limit} bytes", m.key)));
+            return Err(TierError::InvalidArgument(format!(
+                "a reduced replica of {} is larger than {limit} bytes",
+                m.key
+            )));
         }
         blob.extend_from_slice(&piece);
     }
@@ -279,14 +280,21 @@ async fn delete_namespace(State(d): D, Path(ns): Path<String>, uri: Uri) -> Resu
     Ok(Json(json!({ "deleted_shards": shards, "deleted_bytes": bytes })))
 }
 
-async fn delete_step(State(d): D, Path((ns, step)): Path<(String, String)>, uri: Uri) -> Result<Json<serde_json::Value>, ApiError> {
+async fn delete_step(
+    State(d): D,
+    Path((ns, step)): Path<(String, String)>,
+    uri: Uri,
+) -> Result<Json<serde_json::Value>, ApiError> {
     let step = parse_u64("step", &step)?;
     let everywhere = query_param(&uri, "scope") != Some("node");
     let (shards, bytes) = d.delete(&ns, Some(step), everywhere).await?;
     Ok(Json(json!({ "deleted_shards": shards, "deleted_bytes": bytes })))
 }
 
-async fn get_manifest(State(d): D, Path((ns, step, rank)): Path<(String, String, String)>) -> Result<Response, ApiError> {
+async fn get_manifest(
+    State(d): D,
+    Path((ns, step, rank)): Path<(String, String, String)>,
+) -> Result<Response, ApiError> {
     let key = shard_key(&ns, &step, &rank)?;
     let (_, m) = d.locate(&key).await?;
     Ok(Json((*m).clone()).into_response())

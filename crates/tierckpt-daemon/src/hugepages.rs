@@ -81,10 +81,8 @@ pub fn ensure_huge_tmpfs(dir: &Path, size: u64) -> Result<PageInfo, DaemonError>
         return Ok(info);
     }
     std::fs::create_dir_all(dir).map_err(|e| DaemonError::io(format!("creating {}", dir.display()), e))?;
-    let used = std::fs::read_dir(dir)
-        .map_err(|e| DaemonError::io(format!("listing {}", dir.display()), e))?
-        .next()
-        .is_some();
+    let used =
+        std::fs::read_dir(dir).map_err(|e| DaemonError::io(format!("listing {}", dir.display()), e))?.next().is_some();
     if used {
         return Err(DaemonError::Config(format!(
             "mount_huge_tmpfs: {} already holds files on a file system without huge pages; \
@@ -135,7 +133,10 @@ mod tests {
     #[test]
     fn finds_the_mount_and_its_page_size() {
         let m = find_mount(INFO, Path::new("/dev/shm/other/x")).unwrap();
-        assert_eq!((m.mount_point.as_path(), m.fs_type.as_str(), m.huge_pages()), (Path::new("/dev/shm"), "tmpfs", false));
+        assert_eq!(
+            (m.mount_point.as_path(), m.fs_type.as_str(), m.huge_pages()),
+            (Path::new("/dev/shm"), "tmpfs", false)
+        );
         // Stacked mounts: the newest one counts.
         let m = find_mount(INFO, Path::new("/dev/shm/tier/ns")).unwrap();
         assert_eq!(m.mount_point, Path::new("/dev/shm/tier"));

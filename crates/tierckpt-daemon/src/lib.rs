@@ -7,8 +7,8 @@ pub mod cluster;
 pub mod config;
 pub mod drain;
 pub mod failures;
-pub mod hugepages;
 mod http;
+pub mod hugepages;
 pub mod metrics;
 pub mod peer;
 mod service;
@@ -27,17 +27,11 @@ pub enum DaemonError {
     #[error(transparent)]
     Tier(#[from] TierError),
     #[error("{context}: {source}")]
-    Io {
-        context: String,
-        source: std::io::Error,
-    },
+    Io { context: String, source: std::io::Error },
 }
 
 impl DaemonError {
     pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
-        DaemonError::Io {
-            context: context.into(),
-            source,
-        }
+        DaemonError::Io { context: context.into(), source }
     }
 }

@@ -54,7 +54,11 @@ impl Default for Metrics {
         registry.register("sealed_bytes", "Bytes sealed from local writers", m.bytes_sealed.clone());
         registry.register("replicated_shards", "Shards copied to peers", m.replicated_shards.clone());
         registry.register("replicated_bytes", "Bytes copied to peers", m.replicated_bytes.clone());
-        registry.register("replication_failures", "Copies to peers that failed after retries", m.replication_failures.clone());
+        registry.register(
+            "replication_failures",
+            "Copies to peers that failed after retries",
+            m.replication_failures.clone(),
+        );
         registry.register("node_events", "Node state changes seen by this node", m.node_events.clone());
         registry.register("node_state", "Peer state: 0 unknown, 1 alive, 2 suspect, 3 dead", m.node_state.clone());
         registry.register("memory_used_bytes", "Bytes held by the memory tier", m.memory_used.clone());

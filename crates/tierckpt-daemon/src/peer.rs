@@ -55,9 +55,7 @@ impl PeerClient {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(Duration::from_secs(3)));
-        let http = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(30))
-            .build(connector);
+        let http = Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(30)).build(connector);
         Self { http, token }
     }
 
@@ -77,9 +75,8 @@ impl PeerClient {
         for (k, v) in headers {
             req = req.header(*k, v);
         }
-        let req = req
-            .body(body)
-            .map_err(|e| TierError::InvalidArgument(format!("building a request to {addr}: {e}")))?;
+        let req =
+            req.body(body).map_err(|e| TierError::InvalidArgument(format!("building a request to {addr}: {e}")))?;
         let fut = self.http.request(req);
         let resp = match timeout {
             Some(t) => tokio::time::timeout(t, fut)
@@ -94,10 +91,7 @@ impl PeerClient {
         let status = resp.status();
         let body = resp.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
         Err(match serde_json::from_slice::<WireError>(&body) {
-            Ok(w) => TierError::Remote {
-                kind: w.kind,
-                message: format!("peer {addr}: {}", w.message),
-            },
+            Ok(w) => TierError::Remote { kind: w.kind, message: format!("peer {addr}: {}", w.message) },
             Err(_) if status == StatusCode::UNAUTHORIZED => TierError::Remote {
                 kind: tierckpt_tiers::ErrorKind::Unauthorized,
                 message: format!("peer {addr} refused our token"),
@@ -113,9 +107,7 @@ impl PeerClient {
     /// The holdings of the node at `addr` (the heartbeat).
     pub async fn holdings(&self, addr: SocketAddr, timeout: Duration) -> Result<Holdings, TierError> {
         let deadline = Instant::now() + timeout;
-        let resp = self
-            .send(addr, Method::GET, "/v1/peer/holdings", &[], Self::empty(), Some(timeout))
-            .await?;
+        let resp = self.send(addr, Method::GET, "/v1/peer/holdings", &[], Self::empty(), Some(timeout)).await?;
         let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(50));
         let body = tokio::time::timeout(left, resp.into_body().collect())
             .await
@@ -132,7 +124,8 @@ impl PeerClient {
             Some(s) => format!("/v1/namespaces/{ns}/steps/{s}?scope=node"),
             None => format!("/v1/namespaces/{ns}?scope=node"),
         };
-        let resp = match self.send(addr, Method::DELETE, &path, &[], Self::empty(), Some(Duration::from_secs(30))).await {
+        let resp = match self.send(addr, Method::DELETE, &path, &[], Self::empty(), Some(Duration::from_secs(30))).await
+        {
             Ok(r) => r,
             Err(e) if e.kind() == tierckpt_tiers::ErrorKind::NotFound => return Ok((0, 0)),
             Err(e) => return Err(e),
@@ -144,7 +137,13 @@ impl PeerClient {
 
     /// Streams a replica to a peer, which verifies it before it becomes
     /// visible.
-    pub async fn put_replica(&self, addr: SocketAddr, manifest: &Manifest, body: &ReplicaBody, pace: Option<Pace>) -> Result<(), TierError> {
+    pub async fn put_replica(
+        &self,
+        addr: SocketAddr,
+        manifest: &Manifest,
+        body: &ReplicaBody,
+        pace: Option<Pace>,
+    ) -> Result<(), TierError> {
         let k = &manifest.key;
         let path = format!("/v1/replicas/{}/{}/{}", k.namespace, k.step, k.rank);
         let mut headers = vec![
@@ -175,18 +174,19 @@ impl PeerClient {
         key: &ShardKey,
     ) -> Result<(Manifest, impl Stream<Item = Result<Bytes, TierError>> + use<>), TierError> {
         let path = format!("/v1/replicas/{}/{}/{}", key.namespace, key.step, key.rank);
-        let resp = self
-            .send(addr, Method::GET, &path, &[], Self::empty(), Some(Duration::from_secs(10)))
-            .await?;
+        let resp = self.send(addr, Method::GET, &path, &[], Self::empty(), Some(Duration::from_secs(10))).await?;
         let manifest = resp
             .headers()
             .get(MANIFEST_HEADER)
             .and_then(|v| v.to_str().ok())
             .ok_or_else(|| unavailable(addr, &path, "no manifest header"))
-            .and_then(|v| Manifest::from_json(v.as_bytes(), &format!("manifest from {addr}")).map_err(TierError::from))?;
-        let stream = resp.into_body().into_data_stream().map(move |r| {
-            r.map_err(|e| TierError::Unavailable(format!("receiving from {addr}: {e}")))
-        });
+            .and_then(|v| {
+                Manifest::from_json(v.as_bytes(), &format!("manifest from {addr}")).map_err(TierError::from)
+            })?;
+        let stream = resp
+            .into_body()
+            .into_data_stream()
+            .map(move |r| r.map_err(|e| TierError::Unavailable(format!("receiving from {addr}: {e}"))));
         Ok((manifest, stream))
     }
 }

@@ -71,9 +71,7 @@ impl RunningDaemon {
 }
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| TierError::Unavailable(format!("daemon worker failed: {e}")))?
+    tokio::task::spawn_blocking(f).await.map_err(|e| TierError::Unavailable(format!("daemon worker failed: {e}")))?
 }
 
 impl Daemon {
@@ -127,7 +125,9 @@ impl Daemon {
                 .map(|c| Cluster::start(c, tier.clone(), cfg.token.clone(), metrics.clone(), stopped.clone()));
             let node = cfg.cluster.as_ref().map_or("node".to_string(), |c| c.node_id.clone());
             let drainer = match cfg.persist.clone() {
-                Some(p) => Some(crate::drain::Drainer::start(p, &node, tier.clone(), cluster.clone(), stopped.clone())?),
+                Some(p) => {
+                    Some(crate::drain::Drainer::start(p, &node, tier.clone(), cluster.clone(), stopped.clone())?)
+                }
                 None => None,
             };
             (cluster, drainer)
@@ -150,13 +150,7 @@ impl Daemon {
             tasks.push(background.spawn(crate::http::serve(daemon.clone(), l, stopped)));
         }
         tracing::info!(socket = %socket.display(), http = ?http_addr, capacity = daemon.cfg.capacity, "daemon ready");
-        Ok(RunningDaemon {
-            daemon,
-            socket,
-            http_addr,
-            stop,
-            tasks,
-        })
+        Ok(RunningDaemon { daemon, socket, http_addr, stop, tasks })
     }
 
     pub fn status(&self) -> DaemonStatus {
@@ -185,9 +179,7 @@ impl Daemon {
         let work = self.background.spawn_blocking(move || tier.finish_seal(job));
         let (cluster, metrics, drainer) = (self.cluster.clone(), self.metrics.clone(), self.drainer.clone());
         let done = async move {
-            let m = work
-                .await
-                .map_err(|e| TierError::Unavailable(format!("seal worker failed: {e}")))??;
+            let m = work.await.map_err(|e| TierError::Unavailable(format!("seal worker failed: {e}")))??;
             metrics.sealed(m.file_len);
             if let Some(c) = cluster {
                 c.enqueue(m.key.clone());
@@ -315,7 +307,9 @@ impl Daemon {
     pub fn close(&self, conn: Connection) {
         for id in conn.reservations {
             match self.tier.abort(id) {
-                Ok(()) => tracing::info!(reservation = id, "reclaimed the segment of a client that left before sealing"),
+                Ok(()) => {
+                    tracing::info!(reservation = id, "reclaimed the segment of a client that left before sealing")
+                }
                 Err(e) => tracing::debug!(reservation = id, error = %e, "reclaim"),
             }
         }
@@ -331,9 +325,7 @@ impl Daemon {
             if owned.remove(&id) {
                 Ok(())
             } else {
-                Err(TierError::NotFound(format!(
-                    "reservation {id} is not held by this connection"
-                )))
+                Err(TierError::NotFound(format!("reservation {id} is not held by this connection")))
             }
         };
         Ok(match req {
@@ -377,9 +369,11 @@ impl Daemon {
             }
             Request::Release { namespace, step, rank } => {
                 let key = ShardKey::new(namespace, step, rank);
-                let i = conn.leases.iter().position(|k| *k == key).ok_or_else(|| {
-                    TierError::NotFound(format!("this connection holds no lease on {key}"))
-                })?;
+                let i = conn
+                    .leases
+                    .iter()
+                    .position(|k| *k == key)
+                    .ok_or_else(|| TierError::NotFound(format!("this connection holds no lease on {key}")))?;
                 tier.release(&conn.leases.swap_remove(i));
                 Reply::Done
             }

@@ -25,11 +25,9 @@ pub(crate) fn bind(path: &Path) -> Result<UnixListener, DaemonError> {
         let _ = std::fs::remove_file(path);
     }
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| DaemonError::io(format!("creating {}", dir.display()), e))?;
+        std::fs::create_dir_all(dir).map_err(|e| DaemonError::io(format!("creating {}", dir.display()), e))?;
     }
-    let l = UnixListener::bind(path)
-        .map_err(|e| DaemonError::io(format!("binding {}", path.display()), e))?;
+    let l = UnixListener::bind(path).map_err(|e| DaemonError::io(format!("binding {}", path.display()), e))?;
     use std::os::unix::fs::PermissionsExt;
     let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
     Ok(l)
@@ -106,10 +104,7 @@ async fn connection(d: Arc<Daemon>, mut s: UnixStream, mut stop: watch::Receiver
         };
         let reply = match serde_json::from_slice::<Request>(&frame) {
             Ok(req) => d.handle(req, &mut conn).await,
-            Err(e) => Err(WireError {
-                kind: ErrorKind::InvalidArgument,
-                message: format!("malformed request: {e}"),
-            }),
+            Err(e) => Err(WireError { kind: ErrorKind::InvalidArgument, message: format!("malformed request: {e}") }),
         };
         if write_reply(&mut s, &reply).await.is_err() {
             break;

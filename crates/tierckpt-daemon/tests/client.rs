@@ -1,18 +1,35 @@
 //! The Rust client against a real daemon process: round trips, crashes of
 //! the client and of the daemon, corruption, capacity, racing writers.
 
-
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use tierckpt_harness::testing::{shm_dir, writer_paused_at, TestDaemon};
 use tierckpt_client::{Client, ErrorKind, TensorData};
 use tierckpt_format::{byte_len, Dtype, ShardKey};
+use tierckpt_harness::testing::{shm_dir, writer_paused_at, TestDaemon};
 
 const ALL_DTYPES: [Dtype; 22] = [
-    Dtype::BOOL, Dtype::F4, Dtype::F6_E2M3, Dtype::F6_E3M2, Dtype::U8, Dtype::I8, Dtype::F8_E5M2,
-    Dtype::F8_E4M3, Dtype::F8_E8M0, Dtype::F8_E4M3FNUZ, Dtype::F8_E5M2FNUZ, Dtype::I16, Dtype::U16,
-    Dtype::F16, Dtype::BF16, Dtype::I32, Dtype::U32, Dtype::F32, Dtype::C64, Dtype::F64, Dtype::I64,
+    Dtype::BOOL,
+    Dtype::F4,
+    Dtype::F6_E2M3,
+    Dtype::F6_E3M2,
+    Dtype::U8,
+    Dtype::I8,
+    Dtype::F8_E5M2,
+    Dtype::F8_E4M3,
+    Dtype::F8_E8M0,
+    Dtype::F8_E4M3FNUZ,
+    Dtype::F8_E5M2FNUZ,
+    Dtype::I16,
+    Dtype::U16,
+    Dtype::F16,
+    Dtype::BF16,
+    Dtype::I32,
+    Dtype::U32,
+    Dtype::F32,
+    Dtype::C64,
+    Dtype::F64,
+    Dtype::I64,
     Dtype::U64,
 ];
 
@@ -38,10 +55,8 @@ fn round_trip_every_dtype_empty_and_odd_sizes() {
     }
     // A large odd-sized tensor that spans several checksum chunks.
     owned.push(("big".into(), Dtype::U8, vec![(9 << 20) + 3], bytes_for(Dtype::U8, &[(9 << 20) + 3], 99)));
-    let tensors: Vec<TensorData> = owned
-        .iter()
-        .map(|(n, dt, s, b)| TensorData { name: n, dtype: *dt, shape: s, data: b })
-        .collect();
+    let tensors: Vec<TensorData> =
+        owned.iter().map(|(n, dt, s, b)| TensorData { name: n, dtype: *dt, shape: s, data: b }).collect();
     let meta = BTreeMap::from([("rng".to_string(), "[1,2,3]".to_string())]);
     let key = ShardKey::new("rt", 1, 0);
     c.save(&key, 1, &tensors, &meta, true).unwrap();

@@ -2,14 +2,13 @@
 //! replication, restore of an empty replacement from peers, corrupt replicas,
 //! node loss before, during and after replication, tokens, re-replication.
 
-
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use tierckpt_harness::testing::shm_dir;
-use tierckpt_harness::daemon::{LocalCluster, LocalClusterOptions};
 use tierckpt_client::{Client, ErrorKind, TensorData};
 use tierckpt_format::{Dtype, ShardKey};
+use tierckpt_harness::daemon::{LocalCluster, LocalClusterOptions};
+use tierckpt_harness::testing::shm_dir;
 use tierckpt_proto::ClusterStatus;
 
 fn payload(rank: u32, step: u64, n: usize) -> Vec<u8> {
@@ -24,7 +23,14 @@ fn save(c: &LocalCluster, node: usize, ns: &str, step: u64, rank: u32, world: u3
     data
 }
 
-fn load(c: &LocalCluster, node: usize, ns: &str, step: u64, rank: u32, n: usize) -> Result<Vec<u8>, tierckpt_client::Error> {
+fn load(
+    c: &LocalCluster,
+    node: usize,
+    ns: &str,
+    step: u64,
+    rank: u32,
+    n: usize,
+) -> Result<Vec<u8>, tierckpt_client::Error> {
     let mut buf = vec![0u8; n];
     let mut client = Client::connect(c.socket(node)).unwrap();
     client.load_into(&ShardKey::new(ns, step, rank), &mut [("state", &mut buf[..])])?;
@@ -58,7 +64,8 @@ const LIMIT: Duration = Duration::from_secs(30);
 
 fn start(nodes: usize, k: usize, f: impl FnOnce(&mut LocalClusterOptions)) -> (tempfile::TempDir, LocalCluster) {
     let dir = shm_dir();
-    let mut o = LocalClusterOptions { nodes, replication_factor: k, memory_tier_size: "256MiB".into(), ..Default::default() };
+    let mut o =
+        LocalClusterOptions { nodes, replication_factor: k, memory_tier_size: "256MiB".into(), ..Default::default() };
     f(&mut o);
     let c = LocalCluster::start(dir.path(), o).unwrap();
     (dir, c)
@@ -175,9 +182,7 @@ fn node_killed_during_replication_shows_no_partial_copy() {
     let data = save(&c, 0, "mid", 1, 0, 1, n);
     // The copy takes about two seconds at 8 MB/s; kill the receiver mid-way.
     let mut receiver = Client::connect(c.socket(1)).unwrap();
-    wait_for(LIMIT, "the copy to start", || {
-        receiver.status().unwrap().memory.reservations == 1
-    });
+    wait_for(LIMIT, "the copy to start", || receiver.status().unwrap().memory.reservations == 1);
     c.kill(1).unwrap();
     c.restart(1).unwrap();
     let mut receiver = Client::connect(c.socket(1)).unwrap();
@@ -227,7 +232,13 @@ fn peers_with_a_wrong_token_are_refused() {
     let mut client = Client::connect(c.socket(1)).unwrap();
     assert!(client.steps("tok").unwrap().is_empty());
     let addr = c.options(0).http_addr.clone();
-    let (st, _) = tierckpt_harness::testing::http(&addr, "GET", "/v1/peer/holdings", &[("Authorization", "Bearer wrong-token")], b"");
+    let (st, _) = tierckpt_harness::testing::http(
+        &addr,
+        "GET",
+        "/v1/peer/holdings",
+        &[("Authorization", "Bearer wrong-token")],
+        b"",
+    );
     assert_eq!(st, 401);
     let (st, _) = tierckpt_harness::testing::http(&addr, "GET", "/v1/peer/holdings", &[], b"");
     assert_eq!(st, 401);
@@ -244,7 +255,8 @@ fn rm_deletes_every_copy_across_the_cluster() {
     let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     assert_eq!(v["deleted_shards"], 2, "the shard on n0 and its replica on n1, asked from n2");
     for node in 0..3 {
-        let steps: Vec<u64> = Client::connect(c.socket(node)).unwrap().steps("del").unwrap().iter().map(|s| s.step).collect();
+        let steps: Vec<u64> =
+            Client::connect(c.socket(node)).unwrap().steps("del").unwrap().iter().map(|s| s.step).collect();
         assert!(!steps.contains(&2), "n{node} still holds step 2");
     }
     let (ok, _, err) = tierckpt_harness::testing::cli(&c.socket(2), &["rm", "del", "--step", "2"]);
@@ -392,7 +404,8 @@ fn malformed_sparse_replicas_are_refused_and_store_nothing() {
     }
     let (n0, n1) = (c.options(0).http_addr.clone(), c.options(1).http_addr.clone());
     let manifest = |step: u64| {
-        let (st, body) = tierckpt_harness::testing::http(&n0, "GET", &format!("/v1/shards/bad/{step}/0/manifest"), &[], b"");
+        let (st, body) =
+            tierckpt_harness::testing::http(&n0, "GET", &format!("/v1/shards/bad/{step}/0/manifest"), &[], b"");
         assert_eq!(st, 200);
         Manifest::from_json(&body, "manifest").unwrap()
     };

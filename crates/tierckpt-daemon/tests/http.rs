@@ -1,12 +1,11 @@
 //! The HTTP API against a real daemon process: round trips, bad input,
 //! tokens, and fuzzed requests that must never bring the daemon down.
 
-
-use tierckpt_harness::testing::{http, TestDaemon};
 use proptest::prelude::*;
 use serde_json::Value;
-use tierckpt_tiers::conformance::sample_shard;
 use tierckpt_format::ShardKey;
+use tierckpt_harness::testing::{http, TestDaemon};
+use tierckpt_tiers::conformance::sample_shard;
 
 fn json(body: &[u8]) -> Value {
     serde_json::from_slice(body).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(body)))
@@ -59,7 +58,14 @@ fn bad_requests_get_clear_errors_and_lose_nothing() {
         ("PUT", "/v1/shards/ok/2/-1?world_size=1", vec![], good.clone(), 400, "rank"),
         ("PUT", "/v1/shards/ok/2/0", vec![], good.clone(), 400, "world_size"),
         ("PUT", "/v1/shards/ok/2/3?world_size=2", vec![], good.clone(), 400, "rank 3 is not below world_size 2"),
-        ("PUT", "/v1/shards/ok/2/0?world_size=1", vec![], b"not a safetensors file".to_vec(), 422, "invalid safetensors header"),
+        (
+            "PUT",
+            "/v1/shards/ok/2/0?world_size=1",
+            vec![],
+            b"not a safetensors file".to_vec(),
+            422,
+            "invalid safetensors header",
+        ),
         ("PUT", "/v1/shards/ok/2/0?world_size=1", vec![("Content-Length", "999999999999")], vec![], 507, "capacity"),
         ("GET", "/v1/shards/ok/9/0", vec![], vec![], 404, "not found"),
         ("GET", "/v1/nothing", vec![], vec![], 404, "no endpoint"),
@@ -83,7 +89,8 @@ fn bad_requests_get_clear_errors_and_lose_nothing() {
         }
         panic!("timed out waiting for {what}");
     };
-    let half_sent = tierckpt_harness::testing::http_abandon(&a, "PUT", "/v1/shards/ok/3/0?world_size=1", 5000, &good[..100]);
+    let half_sent =
+        tierckpt_harness::testing::http_abandon(&a, "PUT", "/v1/shards/ok/3/0?world_size=1", 5000, &good[..100]);
     wait_reservations(1, "the upload's reservation");
     drop(half_sent);
     wait_reservations(0, "the abandoned upload's reservation to be reclaimed");
@@ -133,15 +140,16 @@ fn arb_path() -> impl Strategy<Value = String> {
         "[0-9]{1,25}",
         "[a-zA-Z0-9_%.-]{0,12}",
     ];
-    (proptest::collection::vec(seg, 0..6), proptest::option::of("[a-z_]{1,10}=[0-9a-z-]{0,20}"))
-        .prop_map(|(segs, q)| {
+    (proptest::collection::vec(seg, 0..6), proptest::option::of("[a-z_]{1,10}=[0-9a-z-]{0,20}")).prop_map(
+        |(segs, q)| {
             let mut p = format!("/{}", segs.join("/"));
             if let Some(q) = q {
                 p.push('?');
                 p.push_str(&q);
             }
             p
-        })
+        },
+    )
 }
 
 #[test]
@@ -175,7 +183,8 @@ fn malformed_local_frames_never_crash_the_daemon() {
     let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig::with_cases(200));
     let frames = prop_oneof![
         proptest::collection::vec(any::<u8>(), 0..64),
-        "\\{\"op\":\"[a-z_]{1,20}\"(,\"[a-z_]{1,12}\":(-?[0-9]{1,22}|\"[^\"]{0,20}\"|null|\\[\\]))*\\}".prop_map(|s| s.into_bytes()),
+        "\\{\"op\":\"[a-z_]{1,20}\"(,\"[a-z_]{1,12}\":(-?[0-9]{1,22}|\"[^\"]{0,20}\"|null|\\[\\]))*\\}"
+            .prop_map(|s| s.into_bytes()),
     ];
     runner
         .run(&frames, |body| {

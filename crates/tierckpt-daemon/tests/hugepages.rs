@@ -1,14 +1,13 @@
 //! `mount_huge_tmpfs`: the daemon mounts a huge-page tmpfs for its memory
 //! tier, once, keeps it across its own restarts, and never hides files.
 
-
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use tierckpt_harness::testing::shm_dir;
-use tierckpt_harness::daemon::{daemon_binary, DaemonOptions, DaemonProcess};
 use tierckpt_client::{Client, TensorData};
 use tierckpt_format::{Dtype, ShardKey};
+use tierckpt_harness::daemon::{daemon_binary, DaemonOptions, DaemonProcess};
+use tierckpt_harness::testing::shm_dir;
 
 /// Unmounts on drop, before the directory above it is removed.
 struct Unmount(PathBuf);

@@ -3,16 +3,15 @@
 //! a flaky store, a full file system, corrupted persisted bytes, and a real
 //! S3-protocol server.
 
-
 use tierckpt_harness::moto;
 
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use tierckpt_harness::testing::{shm_dir, TestDaemon};
 use tierckpt_client::{Client, ErrorKind, TensorData};
 use tierckpt_format::{Dtype, ShardKey};
+use tierckpt_harness::testing::{shm_dir, TestDaemon};
 
 const LIMIT: Duration = Duration::from_secs(60);
 
@@ -92,7 +91,10 @@ fn drains_in_the_background_and_restores_after_all_memory_is_lost() {
         wait_for("the step committed", || drain_status(&mut c, "job")["last_committed"] == step);
     }
     let (ok, out, _) = tierckpt_harness::testing::cli(&d.proc.socket, &["status"]);
-    assert!(ok && out.contains("persistent tier") && out.contains(&format!("file://{}", store.path().display())), "{out}");
+    assert!(
+        ok && out.contains("persistent tier") && out.contains(&format!("file://{}", store.path().display())),
+        "{out}"
+    );
     assert_eq!(committed_steps(store.path(), "job"), [20, 30], "persistent retention keeps 2");
     // Total memory loss: the daemon dies and its tmpfs directory is wiped.
     lose_all_memory(&mut d);
@@ -255,7 +257,8 @@ fn data_file(store: &Path, ns: &str, step: u64) -> std::path::PathBuf {
 
 #[test]
 fn deltas_restore_bitwise_and_retention_keeps_their_bases() {
-    let (store, mut d) = file_daemon(&["--persist-keep-last", "1", "--persist-full-every", "3", "--persist-compression", "zstd"]);
+    let (store, mut d) =
+        file_daemon(&["--persist-keep-last", "1", "--persist-full-every", "3", "--persist-compression", "zstd"]);
     let mut c = d.client();
     let mut last = Vec::new();
     for step in 1..=5 {
@@ -266,7 +269,8 @@ fn deltas_restore_bitwise_and_retention_keeps_their_bases() {
     let (raw, stored) = (s["uploaded_bytes"].as_u64().unwrap(), s["stored_bytes"].as_u64().unwrap());
     assert!(s["delta_shards"].as_u64().unwrap() >= 3 && stored < raw / 2, "{s}");
     // Chains are at most 3 long: 1 <- 2 <- 3, then 4 whole, 5 on 4.
-    let bases: Vec<Option<u64>> = [4, 5].iter().map(|&st| rank_record(store.path(), "delta", st)["reduced"]["base_step"].as_u64()).collect();
+    let bases: Vec<Option<u64>> =
+        [4, 5].iter().map(|&st| rank_record(store.path(), "delta", st)["reduced"]["base_step"].as_u64()).collect();
     assert_eq!(bases, [None, Some(4)]);
     assert_eq!(rank_record(store.path(), "delta", 5)["reduced"]["stats"]["same_chunks"], 2);
     // keep_last 1 keeps step 5 and the base it needs, nothing else.
@@ -318,7 +322,14 @@ fn every_compression_with_and_without_deltas_restores_bitwise_from_the_persisten
     for compression in ["off", "lz4", "zstd:3"] {
         for delta in ["true", "false"] {
             let ns = "combo";
-            let (_store, mut d) = file_daemon(&["--persist-compression", compression, "--persist-delta", delta, "--persist-keep-last", "1"]);
+            let (_store, mut d) = file_daemon(&[
+                "--persist-compression",
+                compression,
+                "--persist-delta",
+                delta,
+                "--persist-keep-last",
+                "1",
+            ]);
             let mut c = d.client();
             let mut last = Vec::new();
             for step in 1..=3 {
@@ -349,7 +360,8 @@ fn the_trainers_choice_of_tiers_decides_what_is_persisted() {
         c.save(&ShardKey::new("chosen", step, 0), 1, &t, &meta, true).unwrap();
         wait_for("the drainer to decide", || {
             let s = drain_status(&mut c, "chosen");
-            s["last_committed"] == step || s["skipped"].as_u64().unwrap_or(0) + committed_steps(store.path(), "chosen").len() as u64 >= step
+            s["last_committed"] == step
+                || s["skipped"].as_u64().unwrap_or(0) + committed_steps(store.path(), "chosen").len() as u64 >= step
         });
     }
     assert_eq!(committed_steps(store.path(), "chosen"), [2, 4]);
@@ -404,6 +416,10 @@ fn adam_moments_are_predicted_and_restore_bitwise_from_the_persistent_tier() {
     lose_all_memory(&mut d);
     let mut c = d.client();
     let (mut m, mut v) = (vec![0u8; 4 * n], vec![0u8; 4 * n]);
-    c.load_into(&ShardKey::new("adam", 3, 0), &mut [("optim.w.exp_avg", &mut m[..]), ("optim.w.exp_avg_sq", &mut v[..])]).unwrap();
+    c.load_into(
+        &ShardKey::new("adam", 3, 0),
+        &mut [("optim.w.exp_avg", &mut m[..]), ("optim.w.exp_avg_sq", &mut v[..])],
+    )
+    .unwrap();
     assert!(m == last.0 && v == last.1, "restored bitwise through the predicted delta");
 }

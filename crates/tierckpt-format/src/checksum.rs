@@ -26,9 +26,7 @@ impl<'de> Deserialize<'de> for Checksum {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
         if s.len() != 32 {
-            return Err(serde::de::Error::custom(format!(
-                "checksum {s:?} is not 32 hex digits"
-            )));
+            return Err(serde::de::Error::custom(format!("checksum {s:?} is not 32 hex digits")));
         }
         u128::from_str_radix(&s, 16)
             .map(Checksum)
@@ -43,9 +41,7 @@ fn worker_count(chunks: usize) -> usize {
 
 /// Splits `0..n` into `parts` contiguous ranges.
 fn split(n: usize, parts: usize) -> Vec<Range<usize>> {
-    (0..parts)
-        .map(|i| (n * i / parts)..(n * (i + 1) / parts))
-        .collect()
+    (0..parts).map(|i| (n * i / parts)..(n * (i + 1) / parts)).collect()
 }
 
 fn chunk_bounds(i: usize, chunk_size: u64, len: usize) -> Range<usize> {
@@ -75,11 +71,7 @@ pub fn chunk_checksums(data: &[u8], chunk_size: u64) -> Vec<Checksum> {
 
 fn check_len(data_len: usize, m: &Manifest, file: &str) -> Result<(), FormatError> {
     if data_len as u64 != m.file_len {
-        return Err(FormatError::Truncated {
-            file: file.to_string(),
-            expected: m.file_len,
-            found: data_len as u64,
-        });
+        return Err(FormatError::Truncated { file: file.to_string(), expected: m.file_len, found: data_len as u64 });
     }
     Ok(())
 }
@@ -130,20 +122,11 @@ unsafe impl Sync for RawTarget {}
 /// destination is never read). `src` must not change during the call (the
 /// memory tier guarantees it: a leased segment is never recycled). On error
 /// the destinations hold unspecified bytes.
-pub fn copy_verified(
-    src: &[u8],
-    targets: &mut [CopyTarget<'_>],
-    m: &Manifest,
-    file: &str,
-) -> Result<(), FormatError> {
+pub fn copy_verified(src: &[u8], targets: &mut [CopyTarget<'_>], m: &Manifest, file: &str) -> Result<(), FormatError> {
     check_len(src.len(), m, file)?;
     let mut raw: Vec<RawTarget> = targets
         .iter_mut()
-        .map(|t| RawTarget {
-            offset: t.file_offset as usize,
-            ptr: t.dst.as_mut_ptr(),
-            len: t.dst.len(),
-        })
+        .map(|t| RawTarget { offset: t.file_offset as usize, ptr: t.dst.as_mut_ptr(), len: t.dst.len() })
         .collect();
     raw.sort_by_key(|t| t.offset);
     let mut end = 0usize;
@@ -161,10 +144,8 @@ pub fn copy_verified(
     let n = m.chunks.len();
     let raw = &raw;
     let results: Vec<Result<(), (usize, u128)>> = std::thread::scope(|s| {
-        let handles: Vec<_> = split(n, worker_count(n))
-            .into_iter()
-            .map(|r| s.spawn(move || copy_hash_chunks(src, raw, m, r)))
-            .collect();
+        let handles: Vec<_> =
+            split(n, worker_count(n)).into_iter().map(|r| s.spawn(move || copy_hash_chunks(src, raw, m, r))).collect();
         handles.into_iter().map(|h| h.join().expect("copy worker")).collect()
     });
     for r in results {
@@ -194,9 +175,7 @@ fn copy_hash_chunks(
                         let q = block_end.min(t.offset + t.len);
                         // SAFETY: [p, q) lies inside this target (checked above) and
                         // inside this worker's chunk range, which no other worker touches.
-                        let dst = unsafe {
-                            std::slice::from_raw_parts_mut(t.ptr.add(p - t.offset), q - p)
-                        };
+                        let dst = unsafe { std::slice::from_raw_parts_mut(t.ptr.add(p - t.offset), q - p) };
                         h.update(&src[p..q]);
                         copy_streaming(dst, &src[p..q]);
                         if q == t.offset + t.len {
@@ -406,10 +385,7 @@ mod tests {
         let d = data(100);
         let m = Manifest::compute(ShardKey::new("n", 1, 0), 1, &d, 0);
         let (mut a, mut b) = (vec![0u8; 10], vec![0u8; 10]);
-        let mut t = [
-            CopyTarget { file_offset: 0, dst: &mut a },
-            CopyTarget { file_offset: 5, dst: &mut b },
-        ];
+        let mut t = [CopyTarget { file_offset: 0, dst: &mut a }, CopyTarget { file_offset: 5, dst: &mut b }];
         assert!(copy_verified(&d, &mut t, &m, "f").is_err());
     }
 }

@@ -4,26 +4,11 @@ use std::fmt;
 #[derive(Debug, thiserror::Error)]
 pub enum FormatError {
     #[error("{file}: format version {found} is not supported (this build reads major version {supported}); upgrade tierckpt to read it")]
-    UnsupportedVersion {
-        file: String,
-        found: String,
-        supported: u32,
-    },
+    UnsupportedVersion { file: String, found: String, supported: u32 },
     #[error("{file}: truncated: expected {expected} bytes, found {found}")]
-    Truncated {
-        file: String,
-        expected: u64,
-        found: u64,
-    },
+    Truncated { file: String, expected: u64, found: u64 },
     #[error("{file}: checksum mismatch in chunk {chunk} (bytes {offset}..{end}): expected {expected}, found {found}")]
-    ChecksumMismatch {
-        file: String,
-        chunk: usize,
-        offset: u64,
-        end: u64,
-        expected: Hex,
-        found: Hex,
-    },
+    ChecksumMismatch { file: String, chunk: usize, offset: u64, end: u64, expected: Hex, found: Hex },
     #[error("{file}: invalid safetensors header: {reason}")]
     InvalidHeader { file: String, reason: String },
     #[error("{file}: invalid manifest: {reason}")]

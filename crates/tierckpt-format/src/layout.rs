@@ -52,19 +52,13 @@ pub struct ShardLayout {
 }
 
 impl ShardLayout {
-    pub fn new(
-        tensors: &[TensorSpec],
-        metadata: &BTreeMap<String, String>,
-    ) -> Result<Self, FormatError> {
+    pub fn new(tensors: &[TensorSpec], metadata: &BTreeMap<String, String>) -> Result<Self, FormatError> {
         let mut seen = HashSet::new();
         let mut lens = Vec::with_capacity(tensors.len());
         for t in tensors {
             validate_tensor_name(&t.name)?;
             if !seen.insert(t.name.as_str()) {
-                return Err(FormatError::InvalidArgument(format!(
-                    "tensor name {:?} appears twice",
-                    t.name
-                )));
+                return Err(FormatError::InvalidArgument(format!("tensor name {:?} appears twice", t.name)));
             }
             lens.push(byte_len(t.dtype, &t.shape)?);
         }
@@ -78,18 +72,13 @@ impl ShardLayout {
             let t = &tensors[i];
             infos.push((
                 t.name.clone(),
-                TensorInfo {
-                    dtype: t.dtype,
-                    shape: t.shape.clone(),
-                    data_offsets: (pos, pos + lens[i]),
-                },
+                TensorInfo { dtype: t.dtype, shape: t.shape.clone(), data_offsets: (pos, pos + lens[i]) },
             ));
             pos += lens[i];
         }
         let meta = (!metadata.is_empty())
             .then(|| metadata.iter().map(|(k, v)| (k.clone(), v.clone())).collect::<HashMap<_, _>>());
-        let md = Metadata::new(meta, infos)
-            .map_err(|e| FormatError::InvalidArgument(format!("tensor layout: {e}")))?;
+        let md = Metadata::new(meta, infos).map_err(|e| FormatError::InvalidArgument(format!("tensor layout: {e}")))?;
         let mut json = serde_json::to_vec(&md).expect("safetensors metadata serializes");
         let padded = (8 + json.len()).next_multiple_of(DATA_ALIGN) - 8;
         json.resize(padded, b' ');
@@ -114,11 +103,7 @@ impl ShardLayout {
                 len: lens[i] as u64,
             })
             .collect();
-        Ok(Self {
-            header,
-            entries,
-            file_len: (data_start + pos) as u64,
-        })
+        Ok(Self { header, entries, file_len: (data_start + pos) as u64 })
     }
 }
 
@@ -138,40 +123,23 @@ impl ShardView {
 
 /// Parses the safetensors header of a whole shard file. `file` names it in errors.
 pub fn parse_shard(bytes: &[u8], file: &str) -> Result<ShardView, FormatError> {
-    let invalid = |reason: String| FormatError::InvalidHeader {
-        file: file.to_string(),
-        reason,
-    };
-    let truncated = |expected: u64| FormatError::Truncated {
-        file: file.to_string(),
-        expected,
-        found: bytes.len() as u64,
-    };
-    let prefix: [u8; 8] = bytes
-        .get(..8)
-        .ok_or_else(|| truncated(8))?
-        .try_into()
-        .expect("8 bytes");
+    let invalid = |reason: String| FormatError::InvalidHeader { file: file.to_string(), reason };
+    let truncated =
+        |expected: u64| FormatError::Truncated { file: file.to_string(), expected, found: bytes.len() as u64 };
+    let prefix: [u8; 8] = bytes.get(..8).ok_or_else(|| truncated(8))?.try_into().expect("8 bytes");
     let n = u64::from_le_bytes(prefix);
     if n > MAX_HEADER_LEN as u64 {
-        return Err(invalid(format!(
-            "header length {n} exceeds the {MAX_HEADER_LEN}-byte limit"
-        )));
+        return Err(invalid(format!("header length {n} exceeds the {MAX_HEADER_LEN}-byte limit")));
     }
     let data_start = 8 + n as usize;
-    let json = bytes
-        .get(8..data_start)
-        .ok_or_else(|| truncated(data_start as u64))?;
+    let json = bytes.get(8..data_start).ok_or_else(|| truncated(data_start as u64))?;
     let md: Metadata = serde_json::from_slice(json).map_err(|e| invalid(e.to_string()))?;
     let expected = (data_start + md.data_len()) as u64;
     if (bytes.len() as u64) < expected {
         return Err(truncated(expected));
     }
     if (bytes.len() as u64) > expected {
-        return Err(invalid(format!(
-            "{} bytes follow the last tensor",
-            bytes.len() as u64 - expected
-        )));
+        return Err(invalid(format!("{} bytes follow the last tensor", bytes.len() as u64 - expected)));
     }
     let infos = md.tensors();
     let mut entries: Vec<TensorEntry> = infos
@@ -185,16 +153,9 @@ pub fn parse_shard(bytes: &[u8], file: &str) -> Result<ShardView, FormatError> {
         })
         .collect();
     entries.sort_by(|a, b| a.offset.cmp(&b.offset).then_with(|| a.name.cmp(&b.name)));
-    let metadata = md
-        .metadata()
-        .as_ref()
-        .map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
-        .unwrap_or_default();
-    Ok(ShardView {
-        entries,
-        metadata,
-        data_start: data_start as u64,
-    })
+    let metadata =
+        md.metadata().as_ref().map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect()).unwrap_or_default();
+    Ok(ShardView { entries, metadata, data_start: data_start as u64 })
 }
 
 #[cfg(test)]

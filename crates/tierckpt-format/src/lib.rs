@@ -10,8 +10,8 @@ mod checksum;
 mod error;
 mod layout;
 mod manifest;
-mod predict;
 pub mod names;
+mod predict;
 mod reduce;
 
 pub use checksum::{chunk_checksums, copy_verified, verify_chunks, Checksum, CopyTarget, StreamVerifier};
@@ -19,8 +19,8 @@ pub use error::FormatError;
 pub use layout::{parse_shard, ShardLayout, ShardView, TensorEntry, TensorSpec};
 pub use manifest::{Manifest, ShardKey, DEFAULT_CHUNK_SIZE, FORMAT_VERSION};
 pub use reduce::{
-    base_of, decode_into, encode, estimate, manifest_identity, BaseRef, Compression, ReduceOptions, ReduceStats, BLOB_VERSION,
-    DEFAULT_ZSTD_LEVEL,
+    base_of, decode_into, encode, estimate, manifest_identity, BaseRef, Compression, ReduceOptions, ReduceStats,
+    BLOB_VERSION, DEFAULT_ZSTD_LEVEL,
 };
 pub use safetensors::Dtype;
 

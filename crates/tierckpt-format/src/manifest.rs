@@ -25,11 +25,7 @@ pub struct ShardKey {
 
 impl ShardKey {
     pub fn new(namespace: impl Into<String>, step: u64, rank: u32) -> Self {
-        Self {
-            namespace: namespace.into(),
-            step,
-            rank,
-        }
+        Self { namespace: namespace.into(), step, rank }
     }
 }
 
@@ -78,7 +74,11 @@ impl Manifest {
     /// `Truncated` unless `len` is the file length this manifest describes.
     pub fn check_len(&self, len: usize) -> Result<(), FormatError> {
         if len as u64 != self.file_len {
-            return Err(FormatError::Truncated { file: self.key.to_string(), expected: self.file_len, found: len as u64 });
+            return Err(FormatError::Truncated {
+                file: self.key.to_string(),
+                expected: self.file_len,
+                found: len as u64,
+            });
         }
         Ok(())
     }
@@ -93,17 +93,9 @@ impl Manifest {
         struct VersionOnly {
             format_version: String,
         }
-        let invalid = |reason: String| FormatError::InvalidManifest {
-            file: file.to_string(),
-            reason,
-        };
-        let v: VersionOnly =
-            serde_json::from_slice(bytes).map_err(|e| invalid(e.to_string()))?;
-        let major = v
-            .format_version
-            .split('.')
-            .next()
-            .and_then(|m| m.parse::<u32>().ok());
+        let invalid = |reason: String| FormatError::InvalidManifest { file: file.to_string(), reason };
+        let v: VersionOnly = serde_json::from_slice(bytes).map_err(|e| invalid(e.to_string()))?;
+        let major = v.format_version.split('.').next().and_then(|m| m.parse::<u32>().ok());
         if major != Some(FORMAT_MAJOR) {
             return Err(FormatError::UnsupportedVersion {
                 file: file.to_string(),

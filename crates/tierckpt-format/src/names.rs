@@ -10,9 +10,7 @@ pub const MAX_NAMESPACE_LEN: usize = 128;
 pub fn validate_namespace(ns: &str) -> Result<(), FormatError> {
     let ok = !ns.is_empty()
         && ns.len() <= MAX_NAMESPACE_LEN
-        && ns
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+        && ns.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
     if ok {
         Ok(())
     } else {
@@ -26,14 +24,10 @@ pub fn validate_namespace(ns: &str) -> Result<(), FormatError> {
 /// `rank` must be below `world_size`, and `world_size` at least 1.
 pub fn validate_rank(rank: u32, world_size: u32) -> Result<(), FormatError> {
     if world_size == 0 {
-        return Err(FormatError::InvalidArgument(
-            "world_size must be at least 1".into(),
-        ));
+        return Err(FormatError::InvalidArgument("world_size must be at least 1".into()));
     }
     if rank >= world_size {
-        return Err(FormatError::InvalidArgument(format!(
-            "rank {rank} is not below world_size {world_size}"
-        )));
+        return Err(FormatError::InvalidArgument(format!("rank {rank} is not below world_size {world_size}")));
     }
     Ok(())
 }
@@ -48,9 +42,7 @@ pub fn validate_tensor_name(name: &str) -> Result<(), FormatError> {
         )));
     }
     if name == "__metadata__" {
-        return Err(FormatError::InvalidArgument(
-            "tensor name \"__metadata__\" is reserved by safetensors".into(),
-        ));
+        return Err(FormatError::InvalidArgument("tensor name \"__metadata__\" is reserved by safetensors".into()));
     }
     Ok(())
 }

@@ -59,8 +59,11 @@ fn word(b: &[u8]) -> u32 {
 /// little-endian f32 words of `m_new`, `m_old` and `v_old`; all four have
 /// the same length, a multiple of 4.
 pub(crate) fn apply(dst: &mut [u8], m_new: &[u8], m_old: &[u8], v_old: &[u8], b1: f64, b2: f64, xor: bool) {
-    debug_assert!(dst.len() % 4 == 0 && m_new.len() == dst.len() && m_old.len() == dst.len() && v_old.len() == dst.len());
-    let words = dst.chunks_exact_mut(4).zip(m_new.chunks_exact(4).zip(m_old.chunks_exact(4)).zip(v_old.chunks_exact(4)));
+    debug_assert!(
+        dst.len() % 4 == 0 && m_new.len() == dst.len() && m_old.len() == dst.len() && v_old.len() == dst.len()
+    );
+    let words =
+        dst.chunks_exact_mut(4).zip(m_new.chunks_exact(4).zip(m_old.chunks_exact(4)).zip(v_old.chunks_exact(4)));
     if xor {
         for (d, ((a, b), c)) in words {
             let p = predict(word(a), word(b), word(c), b1, b2) ^ word(d);
@@ -172,7 +175,9 @@ mod tests {
         // g = (0.19 - 0.9 * 0.1) / 0.1 = 1, v' = 0.999 * 2 + 0.001 * 1.
         let p = f32::from_bits(predict(f(0.19), f(0.1), f(2.0), 0.9, 0.999));
         assert!((p - 1.999).abs() <= 2.0 * f32::EPSILON, "{p}");
-        for (mn, mo, vo) in [(f32::NAN, 0.1, 2.0), (0.1, f32::INFINITY, 2.0), (0.1, 0.1, f32::NAN), (f32::MAX, -f32::MAX, f32::MAX)] {
+        for (mn, mo, vo) in
+            [(f32::NAN, 0.1, 2.0), (0.1, f32::INFINITY, 2.0), (0.1, 0.1, f32::NAN), (f32::MAX, -f32::MAX, f32::MAX)]
+        {
             assert_eq!(predict(f(mn), f(mo), f(vo), 0.9, 0.999), f(vo), "{mn} {mo} {vo}");
         }
         // Betas from a hostile header: still no panic, a finite result or v.

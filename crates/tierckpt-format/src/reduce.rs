@@ -319,7 +319,8 @@ fn from_planes(dst: &mut [u8], src: &[u8], b: Option<&[u8]>) {
             dtail.copy_from_slice(tail);
         }
         Some(b) => {
-            for ((((x0, x1), x2), x3), (w, v)) in planes.zip(body.chunks_exact_mut(PLANES).zip(b.chunks_exact(PLANES))) {
+            for ((((x0, x1), x2), x3), (w, v)) in planes.zip(body.chunks_exact_mut(PLANES).zip(b.chunks_exact(PLANES)))
+            {
                 w.copy_from_slice(&[x0 ^ v[0], x1 ^ v[1], x2 ^ v[2], x3 ^ v[3]]);
             }
             for ((d, x), y) in dtail.iter_mut().zip(tail).zip(&b[q * PLANES..]) {
@@ -378,16 +379,22 @@ struct Encoder {
 impl Encoder {
     fn new(compression: Compression) -> Result<Self, FormatError> {
         let zstd = match compression {
-            Compression::Zstd(level) => Some(zstd::bulk::Compressor::new(level).map_err(|e| {
-                FormatError::InvalidArgument(format!("zstd level {level}: {e}"))
-            })?),
+            Compression::Zstd(level) => Some(
+                zstd::bulk::Compressor::new(level)
+                    .map_err(|e| FormatError::InvalidArgument(format!("zstd level {level}: {e}")))?,
+            ),
             _ => None,
         };
         Ok(Self { compression, zstd, planes: Vec::new(), out_a: Vec::new(), out_b: Vec::new() })
     }
 
     /// Compresses `src` into `dst` (grown as needed); the compressed length.
-    fn compress(compression: Compression, zstd: &mut Option<zstd::bulk::Compressor<'static>>, src: &[u8], dst: &mut Vec<u8>) -> Option<usize> {
+    fn compress(
+        compression: Compression,
+        zstd: &mut Option<zstd::bulk::Compressor<'static>>,
+        src: &[u8],
+        dst: &mut Vec<u8>,
+    ) -> Option<usize> {
         match compression {
             Compression::Off => None,
             Compression::Lz4 => {
@@ -665,7 +672,12 @@ pub fn encode(
     let predict: Vec<PredRec> = pairs
         .iter()
         .filter(|p| recs[p.v / cs..=(p.v + p.len - 1) / cs].iter().any(|r| r.0.is_xor()))
-        .map(|p| PredRec { m: (p.m as u64, (p.m + p.len) as u64), v: p.v as u64, b1: p.b1.to_bits(), b2: p.b2.to_bits() })
+        .map(|p| PredRec {
+            m: (p.m as u64, (p.m + p.len) as u64),
+            v: p.v as u64,
+            b1: p.b1.to_bits(),
+            b2: p.b2.to_bits(),
+        })
         .collect();
     stats.predicted_pairs = predict.len() as u64;
     let header = Header {
@@ -744,7 +756,11 @@ fn check_predict(h: &Header, version: u8) -> Result<Vec<Pair>, String> {
 /// panics.
 fn parse<'a>(blob: &'a [u8], file: &str) -> Result<(Header, Vec<Pair>, &'a [u8]), FormatError> {
     if blob.len() < PREFIX_LEN {
-        return Err(FormatError::Truncated { file: file.to_string(), expected: PREFIX_LEN as u64, found: blob.len() as u64 });
+        return Err(FormatError::Truncated {
+            file: file.to_string(),
+            expected: PREFIX_LEN as u64,
+            found: blob.len() as u64,
+        });
     }
     if &blob[..7] != MAGIC {
         return Err(bad_header(file, "not a tierckpt reduced blob (bad magic)"));
@@ -770,7 +786,12 @@ fn parse<'a>(blob: &'a [u8], file: &str) -> Result<(Header, Vec<Pair>, &'a [u8])
     if h.chunk_size == 0 || h.chunks.len() as u64 != h.file_len.div_ceil(h.chunk_size) {
         return Err(bad_header(
             file,
-            format!("reduced blob header: {} chunks for {} bytes in chunks of {}", h.chunks.len(), h.file_len, h.chunk_size),
+            format!(
+                "reduced blob header: {} chunks for {} bytes in chunks of {}",
+                h.chunks.len(),
+                h.file_len,
+                h.chunk_size
+            ),
         ));
     }
     let mut extents = Vec::with_capacity(h.chunks.len());
@@ -782,15 +803,26 @@ fn parse<'a>(blob: &'a [u8], file: &str) -> Result<(Header, Vec<Pair>, &'a [u8])
             _ => true,
         };
         if !ok {
-            return Err(bad_header(file, format!("reduced blob header: chunk {i} ({kind:?}) of {clen} bytes has a payload of {len}")));
+            return Err(bad_header(
+                file,
+                format!("reduced blob header: chunk {i} ({kind:?}) of {clen} bytes has a payload of {len}"),
+            ));
         }
         if kind.uses_base() {
             match &h.base {
-                None => return Err(bad_header(file, format!("reduced blob header: chunk {i} refers to a base the blob does not name"))),
+                None => {
+                    return Err(bad_header(
+                        file,
+                        format!("reduced blob header: chunk {i} refers to a base the blob does not name"),
+                    ))
+                }
                 Some(b) => {
                     let end = (i as u64).checked_mul(h.chunk_size).and_then(|a| a.checked_add(clen));
                     if b.chunk_size != h.chunk_size || end.is_none_or(|e| e > b.file_len) {
-                        return Err(bad_header(file, format!("reduced blob header: chunk {i} lies outside its base of {} bytes", b.file_len)));
+                        return Err(bad_header(
+                            file,
+                            format!("reduced blob header: chunk {i} lies outside its base of {} bytes", b.file_len),
+                        ));
                     }
                 }
             }
@@ -811,12 +843,18 @@ fn parse<'a>(blob: &'a [u8], file: &str) -> Result<(Header, Vec<Pair>, &'a [u8])
     let mut end = 0u64;
     for (offset, len) in extents {
         if offset != end {
-            return Err(bad_header(file, format!("reduced blob header: payloads leave a gap or overlap at byte {end} of {}", payload.len())));
+            return Err(bad_header(
+                file,
+                format!("reduced blob header: payloads leave a gap or overlap at byte {end} of {}", payload.len()),
+            ));
         }
         end = offset + len;
     }
     if end != payload.len() as u64 {
-        return Err(bad_header(file, format!("reduced blob header: payloads cover {end} of the {} payload bytes", payload.len())));
+        return Err(bad_header(
+            file,
+            format!("reduced blob header: payloads cover {end} of the {} payload bytes", payload.len()),
+        ));
     }
     let pairs = check_predict(&h, blob[7]).map_err(|r| bad_header(file, format!("reduced blob header: {r}")))?;
     Ok((h, pairs, payload))
@@ -831,7 +869,13 @@ pub fn base_of(blob: &[u8]) -> Result<Option<BaseRef>, FormatError> {
 /// `base` (the bytes of the checkpoint [`base_of`] names) where the blob is a
 /// delta. Every chunk is verified against `m`; `file` names the shard in
 /// errors. On error `out` holds unspecified bytes.
-pub fn decode_into(blob: &[u8], m: &Manifest, base: Option<&[u8]>, out: &mut [u8], file: &str) -> Result<(), FormatError> {
+pub fn decode_into(
+    blob: &[u8],
+    m: &Manifest,
+    base: Option<&[u8]>,
+    out: &mut [u8],
+    file: &str,
+) -> Result<(), FormatError> {
     check_shape(m, "decode")?;
     let (h, pairs, payload) = parse(blob, file)?;
     if h.file_len != m.file_len || h.chunk_size != m.chunk_size || h.identity != manifest_identity(m) {
@@ -900,7 +944,8 @@ pub fn decode_into(blob: &[u8], m: &Manifest, base: Option<&[u8]>, out: &mut [u8
                             }
                         };
                         let a = i * cs;
-                        let predicted = decoded && kind.is_xor() && predict::pieces(&pairs, a, a + dst.len()).next().is_some();
+                        let predicted =
+                            decoded && kind.is_xor() && predict::pieces(&pairs, a, a + dst.len()).next().is_some();
                         if let Some(b) = base.filter(|_| predicted) {
                             // Undo the XOR with the base: the residual against the prediction.
                             for (_, x, y) in predict::pieces(&pairs, a, a + dst.len()) {
@@ -942,7 +987,14 @@ pub fn decode_into(blob: &[u8], m: &Manifest, base: Option<&[u8]>, out: &mut [u8
 
 fn mismatch(m: &Manifest, file: &str, i: usize, found: u128) -> FormatError {
     let (offset, end) = m.chunk_range(i);
-    FormatError::ChecksumMismatch { file: file.to_string(), chunk: i, offset, end, expected: Hex(m.chunks[i].0), found: Hex(found) }
+    FormatError::ChecksumMismatch {
+        file: file.to_string(),
+        chunk: i,
+        offset,
+        end,
+        expected: Hex(m.chunks[i].0),
+        found: Hex(found),
+    }
 }
 
 /// Phase 2 of [`decode_into`]: XORs the predictions into the v pieces of the
@@ -1065,8 +1117,7 @@ fn decode_chunk(
         _ => {
             if zstd.is_none() {
                 *zstd = Some(
-                    zstd::bulk::Decompressor::new()
-                        .map_err(|e| bad_header(file, format!("zstd decompressor: {e}")))?,
+                    zstd::bulk::Decompressor::new().map_err(|e| bad_header(file, format!("zstd decompressor: {e}")))?,
                 );
             }
             let z = zstd.as_mut().unwrap();
@@ -1083,7 +1134,9 @@ fn decode_chunk(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{chunk_checksums, parse_shard, Dtype, ShardKey, ShardLayout, TensorSpec, DEFAULT_CHUNK_SIZE, FORMAT_VERSION};
+    use crate::{
+        chunk_checksums, parse_shard, Dtype, ShardKey, ShardLayout, TensorSpec, DEFAULT_CHUNK_SIZE, FORMAT_VERSION,
+    };
     use proptest::prelude::*;
 
     const CS: u64 = 4096;
@@ -1388,14 +1441,23 @@ mod tests {
 
     #[test]
     fn compression_parses_and_displays() {
-        for (s, c) in [("off", Compression::Off), ("lz4", Compression::Lz4), ("zstd", Compression::Zstd(DEFAULT_ZSTD_LEVEL)), ("zstd:1", Compression::Zstd(1)), ("zstd:19", Compression::Zstd(19))] {
+        for (s, c) in [
+            ("off", Compression::Off),
+            ("lz4", Compression::Lz4),
+            ("zstd", Compression::Zstd(DEFAULT_ZSTD_LEVEL)),
+            ("zstd:1", Compression::Zstd(1)),
+            ("zstd:19", Compression::Zstd(19)),
+        ] {
             assert_eq!(s.parse::<Compression>().unwrap(), c);
             assert_eq!(c.to_string().parse::<Compression>().unwrap(), c);
         }
         for bad in ["", "gzip", "zstd:", "zstd:0", "zstd:20", "zstd:-1", "zstd:+3", "ZSTD", "lz4:1", "zstd:1x"] {
             let e = bad.parse::<Compression>().unwrap_err();
             let s = e.to_string();
-            assert!(matches!(e, FormatError::InvalidArgument(_)) && s.contains(&format!("{bad:?}")) && s.contains("zstd:N"), "{s}");
+            assert!(
+                matches!(e, FormatError::InvalidArgument(_)) && s.contains(&format!("{bad:?}")) && s.contains("zstd:N"),
+                "{s}"
+            );
         }
         assert_eq!(serde_json::to_string(&Compression::Zstd(3)).unwrap(), "\"zstd:3\"");
         assert_eq!(serde_json::from_str::<Compression>("\"lz4\"").unwrap(), Compression::Lz4);
@@ -1475,8 +1537,10 @@ mod tests {
             let sq = if hide { "exp_avg_sQ" } else { "exp_avg_sq" };
             let spec = |name: String, dtype, n| TensorSpec { name, dtype, shape: vec![n] };
             // 3 bytes at the end: the last chunk ends in a tail of under 4 bytes.
-            let mut specs = vec![spec("frozen.weight".into(), Dtype::BF16, self.frozen.len()), spec("odd".into(), Dtype::U8, 3)];
-            let mut tensors: Vec<Vec<u8>> = vec![self.frozen.iter().flat_map(|x| x.to_le_bytes()).collect(), vec![1, 2, 3]];
+            let mut specs =
+                vec![spec("frozen.weight".into(), Dtype::BF16, self.frozen.len()), spec("odd".into(), Dtype::U8, 3)];
+            let mut tensors: Vec<Vec<u8>> =
+                vec![self.frozen.iter().flat_map(|x| x.to_le_bytes()).collect(), vec![1, 2, 3]];
             for (i, l) in self.layers.iter().enumerate() {
                 specs.push(spec(format!("layers.{i}.weight"), Dtype::BF16, l.w.len()));
                 tensors.push(l.w.iter().flat_map(|x| x.to_le_bytes()).collect());
@@ -1529,7 +1593,8 @@ mod tests {
                 assert!(s.encoded_bytes * 10 < plain.encoded_bytes * 7, "{cs} {c}: {s:?} against {plain:?}");
                 // Estimates see it too.
                 let z = opts(c, true);
-                let (est, hest) = (estimate(&data, &m, Some((&base, &mb)), &z), estimate(&hdata, &hm, Some((&hbase, &hmb)), &z));
+                let (est, hest) =
+                    (estimate(&data, &m, Some((&base, &mb)), &z), estimate(&hdata, &hm, Some((&hbase, &hmb)), &z));
                 assert!(est < hest * 0.85, "{cs} {c}: {est} against {hest}");
                 // Without delta or compression, nothing is predicted.
                 for o in [opts(c, false), opts(Compression::Off, true)] {
@@ -1546,7 +1611,10 @@ mod tests {
         assert_eq!(pairs.len(), 3);
         let view = parse_shard(&data, "t").unwrap();
         for (p, i) in h.predict.iter().zip(0..) {
-            let (em, ev) = (view.entry(&format!("optim.layers.{i}.exp_avg")).unwrap(), view.entry(&format!("optim.layers.{i}.exp_avg_sq")).unwrap());
+            let (em, ev) = (
+                view.entry(&format!("optim.layers.{i}.exp_avg")).unwrap(),
+                view.entry(&format!("optim.layers.{i}.exp_avg_sq")).unwrap(),
+            );
             assert_eq!((p.m, p.v), ((em.offset, em.offset + em.len), ev.offset));
         }
     }
@@ -1560,7 +1628,10 @@ mod tests {
                 let (hbase, hmb, hdata, hm) = adam_pair(&mut Train::new(100_000, 10_000, 3), steps, 64 << 10, true);
                 let plain = round_trip(&hdata, &hm, Some((&hbase, &hmb)), &opts(c, true));
                 assert_eq!(s.predicted_pairs, 0, "{steps} {c}: {s:?}");
-                assert!(s.encoded_bytes <= plain.encoded_bytes + plain.encoded_bytes / 100, "{steps} {c}: {s:?} against {plain:?}");
+                assert!(
+                    s.encoded_bytes <= plain.encoded_bytes + plain.encoded_bytes / 100,
+                    "{steps} {c}: {s:?} against {plain:?}"
+                );
             }
         }
     }
@@ -1569,7 +1640,17 @@ mod tests {
     fn non_finite_moments_round_trip() {
         let mut t = Train::new(50_000, 1000, 4);
         t.step();
-        let specials = [f32::NAN, -f32::NAN, f32::from_bits(0x7fa0_0001), f32::INFINITY, f32::NEG_INFINITY, f32::MAX, f32::from_bits(1), 0.0, -0.0];
+        let specials = [
+            f32::NAN,
+            -f32::NAN,
+            f32::from_bits(0x7fa0_0001),
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::MAX,
+            f32::from_bits(1),
+            0.0,
+            -0.0,
+        ];
         for (k, x) in specials.into_iter().enumerate() {
             for l in &mut t.layers {
                 l.m[100 * k] = x; // in base and new
@@ -1655,10 +1736,13 @@ mod tests {
             ("predictions 0 and 1 overlap", Box::new(|h| h.predict[1].m = h.predict[0].m)),
             ("predictions 0 and 1 overlap", Box::new(|h| h.predict[0].v = h.predict[1].v - 8)),
             ("overlap", Box::new(|h| h.predict[2].v = h.predict[1].m.0)),
-            ("overlap", Box::new(|h| {
-                let p = h.predict[0];
-                h.predict.push(p);
-            })),
+            (
+                "overlap",
+                Box::new(|h| {
+                    let p = h.predict[0];
+                    h.predict.push(p);
+                }),
+            ),
             ("base", Box::new(|h| h.base = None)),
         ];
         for (what, f) in &invalid {
@@ -1673,14 +1757,20 @@ mod tests {
         // Valid but wrong: the checksums catch it.
         let wrong: Vec<Tamper> = vec![
             ("other betas", Box::new(|h| h.predict[0].b1 = 0.95f64.to_bits())),
-            ("dropped", Box::new(|h| {
-                h.predict.remove(1);
-            })),
-            ("swapped v", Box::new(|h| {
-                let v = h.predict[0].v;
-                h.predict[0].v = h.predict[1].v;
-                h.predict[1].v = v;
-            })),
+            (
+                "dropped",
+                Box::new(|h| {
+                    h.predict.remove(1);
+                }),
+            ),
+            (
+                "swapped v",
+                Box::new(|h| {
+                    let v = h.predict[0].v;
+                    h.predict[0].v = h.predict[1].v;
+                    h.predict[1].v = v;
+                }),
+            ),
             ("shorter", Box::new(|h| h.predict[1].m.1 -= 4)),
         ];
         for (what, f) in &wrong {

@@ -136,9 +136,7 @@ impl DaemonProcess {
         }
         cmd.args(&opts.extra_args);
         die_with_parent(&mut cmd);
-        let mut child = cmd
-            .spawn()
-            .with_context(|| format!("starting {}", daemon_binary().display()))?;
+        let mut child = cmd.spawn().with_context(|| format!("starting {}", daemon_binary().display()))?;
         let stdout = child.stdout.take().expect("piped stdout");
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
@@ -183,12 +181,7 @@ impl Starting {
         if ready["event"] != "ready" {
             bail!("tierckptd said {line:?} instead of its ready line");
         }
-        Ok(DaemonProcess {
-            child,
-            socket,
-            http_addr: ready["http_addr"].as_str().map(String::from),
-            opts,
-        })
+        Ok(DaemonProcess { child, socket, http_addr: ready["http_addr"].as_str().map(String::from), opts })
     }
 }
 
@@ -327,11 +320,8 @@ impl LocalCluster {
 
     fn start_once(base: &Path, opts: LocalClusterOptions) -> Result<Self> {
         let ports = free_ports(opts.nodes)?;
-        let members: Vec<String> = ports
-            .iter()
-            .enumerate()
-            .map(|(i, p)| format!("{}=127.0.0.1:{p}", Self::node_id(i)))
-            .collect();
+        let members: Vec<String> =
+            ports.iter().enumerate().map(|(i, p)| format!("{}=127.0.0.1:{p}", Self::node_id(i))).collect();
         let node_opts: Vec<DaemonOptions> = (0..opts.nodes)
             .map(|i| {
                 let mut o = DaemonOptions::new(base.join(Self::node_id(i)));
@@ -416,7 +406,8 @@ impl LocalCluster {
         }
         let starting = self.node_opts.iter().map(|o| DaemonProcess::launch(o.clone())).collect::<Result<Vec<_>>>()?;
         for (i, s) in starting.into_iter().enumerate() {
-            self.nodes[i] = Some(s.wait_ready().with_context(|| format!("starting an empty node in place of node {i}"))?);
+            self.nodes[i] =
+                Some(s.wait_ready().with_context(|| format!("starting an empty node in place of node {i}"))?);
         }
         Ok(())
     }

@@ -66,7 +66,12 @@ impl Moto {
     /// Creates a bucket (moto accepts unsigned requests).
     pub fn create_bucket(&self, name: &str) {
         let mut s = TcpStream::connect(("127.0.0.1", self.port)).unwrap();
-        write!(s, "PUT /{name} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n", self.port).unwrap();
+        write!(
+            s,
+            "PUT /{name} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+            self.port
+        )
+        .unwrap();
         let mut resp = String::new();
         s.read_to_string(&mut resp).unwrap();
         assert!(resp.starts_with("HTTP/1.1 200"), "creating bucket {name}: {resp}");

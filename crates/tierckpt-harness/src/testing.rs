@@ -9,10 +9,7 @@ use crate::daemon::{binary, DaemonOptions, DaemonProcess};
 
 /// A fresh directory on tmpfs, removed on drop.
 pub fn shm_dir() -> tempfile::TempDir {
-    tempfile::Builder::new()
-        .prefix("tierckpt-it-")
-        .tempdir_in("/dev/shm")
-        .expect("a directory in /dev/shm")
+    tempfile::Builder::new().prefix("tierckpt-it-").tempdir_in("/dev/shm").expect("a directory in /dev/shm")
 }
 
 pub struct TestDaemon {
@@ -54,9 +51,7 @@ pub fn writer_paused_at(socket: &Path, ns: &str, step: u64, bytes: usize, phase:
         .spawn()
         .expect("writer starts");
     let mut line = String::new();
-    BufReader::new(child.stdout.as_mut().expect("stdout"))
-        .read_line(&mut line)
-        .expect("writer announces its phase");
+    BufReader::new(child.stdout.as_mut().expect("stdout")).read_line(&mut line).expect("writer announces its phase");
     assert!(line.contains("phase"), "writer said {line:?}");
     child
 }
@@ -102,7 +97,13 @@ pub fn http(addr: &str, method: &str, path: &str, headers: &[(&str, &str)], body
 }
 
 /// Sends a request head and part of its body; dropping the stream hangs up.
-pub fn http_abandon(addr: &str, method: &str, path: &str, content_length: usize, partial: &[u8]) -> std::net::TcpStream {
+pub fn http_abandon(
+    addr: &str,
+    method: &str,
+    path: &str,
+    content_length: usize,
+    partial: &[u8],
+) -> std::net::TcpStream {
     use std::io::Write;
     let mut s = std::net::TcpStream::connect(addr).expect("connect to the HTTP API");
     let head = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: {content_length}\r\n\r\n");

@@ -18,9 +18,14 @@ pub enum Request {
     },
     /// The segment is written: checksum, index and publish it. With `wait`, the
     /// reply comes once the shard is visible (or failed); otherwise at once.
-    Seal { id: u64, wait: bool },
+    Seal {
+        id: u64,
+        wait: bool,
+    },
     /// Give a reservation back unwritten.
-    Abort { id: u64 },
+    Abort {
+        id: u64,
+    },
     /// Wait until a sealed shard is visible or its seal failed.
     WaitVisible {
         namespace: String,
@@ -32,26 +37,55 @@ pub enum Request {
     /// leased to this connection: never recycled while leased, so what the
     /// client maps stays what it verifies. Leases end with `Release` or when
     /// the connection closes.
-    Open { namespace: String, step: u64, rank: u32 },
-    Release { namespace: String, step: u64, rank: u32 },
+    Open {
+        namespace: String,
+        step: u64,
+        rank: u32,
+    },
+    Release {
+        namespace: String,
+        step: u64,
+        rank: u32,
+    },
     /// The client found this node's copy corrupt: the daemon checks it and,
     /// if it is, drops it, so the next `Open` fetches another copy.
-    ReportCorrupt { namespace: String, step: u64, rank: u32 },
+    ReportCorrupt {
+        namespace: String,
+        step: u64,
+        rank: u32,
+    },
     /// Newest complete step.
-    Latest { namespace: String },
+    Latest {
+        namespace: String,
+    },
     ListNamespaces,
-    ListSteps { namespace: String },
-    DeleteStep { namespace: String, step: u64 },
-    DeleteNamespace { namespace: String },
+    ListSteps {
+        namespace: String,
+    },
+    DeleteStep {
+        namespace: String,
+        step: u64,
+    },
+    DeleteNamespace {
+        namespace: String,
+    },
     /// Drop incomplete steps newer than `step` (left by a run that crashed
     /// before every rank saved); a resumed job calls this before saving again.
-    DiscardIncompleteAfter { namespace: String, step: u64 },
+    DiscardIncompleteAfter {
+        namespace: String,
+        step: u64,
+    },
     Status,
     /// Appends an event of a job's life (a start or a failure), as the
     /// supervisor `tierckpt run` sees it, to the namespace's record.
-    RecordFailure { namespace: String, record: FailureRecord },
+    RecordFailure {
+        namespace: String,
+        record: FailureRecord,
+    },
     /// The namespace's recorded events, oldest first.
-    Failures { namespace: String },
+    Failures {
+        namespace: String,
+    },
 }
 
 /// Externally tagged, so that maps with integer keys inside deserialize.

@@ -13,12 +13,7 @@ pub enum TierError {
     #[error("corrupt: {0}")]
     Corrupt(FormatError),
     #[error("capacity exceeded: asked for {requested} bytes, {free} of {capacity} bytes are free{detail}; raise memory_tier_size, lower keep_last, or delete old steps")]
-    CapacityExceeded {
-        requested: u64,
-        free: u64,
-        capacity: u64,
-        detail: String,
-    },
+    CapacityExceeded { requested: u64, free: u64, capacity: u64, detail: String },
     #[error("storage full: {0}; free space there, lower persist_keep_last, or persist less often")]
     StorageFull(String),
     #[error("invalid argument: {0}")]
@@ -26,10 +21,7 @@ pub enum TierError {
     #[error("unavailable: {0}")]
     Unavailable(String),
     #[error("{context}: {source}")]
-    Io {
-        context: String,
-        source: std::io::Error,
-    },
+    Io { context: String, source: std::io::Error },
     #[error("cancelled")]
     Cancelled,
     #[error("{message}")]
@@ -45,9 +37,7 @@ impl TierError {
             TierError::CapacityExceeded { .. } | TierError::StorageFull(_) => ErrorKind::CapacityExceeded,
             TierError::InvalidArgument(_) => ErrorKind::InvalidArgument,
             TierError::Unavailable(_) => ErrorKind::Unavailable,
-            TierError::Io { source, .. } if source.raw_os_error() == Some(libc::ENOSPC) => {
-                ErrorKind::CapacityExceeded
-            }
+            TierError::Io { source, .. } if source.raw_os_error() == Some(libc::ENOSPC) => ErrorKind::CapacityExceeded,
             TierError::Io { .. } => ErrorKind::Io,
             TierError::Cancelled => ErrorKind::Cancelled,
             TierError::Remote { kind, .. } => *kind,
@@ -59,27 +49,18 @@ impl TierError {
     }
 
     pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
-        TierError::Io {
-            context: context.into(),
-            source,
-        }
+        TierError::Io { context: context.into(), source }
     }
 
     /// The error as sent over the wire.
     pub fn to_wire(&self) -> WireError {
-        WireError {
-            kind: self.kind(),
-            message: self.to_string(),
-        }
+        WireError { kind: self.kind(), message: self.to_string() }
     }
 }
 
 impl From<WireError> for TierError {
     fn from(w: WireError) -> Self {
-        TierError::Remote {
-            kind: w.kind,
-            message: w.message,
-        }
+        TierError::Remote { kind: w.kind, message: w.message }
     }
 }
 

@@ -49,9 +49,7 @@ impl FaultSpec {
 }
 
 fn bad(kv: &str) -> TierError {
-    TierError::InvalidArgument(format!(
-        "fault spec item {kv:?} is not fail=<0..1>, delay=<N>ms or seed=<N>"
-    ))
+    TierError::InvalidArgument(format!("fault spec item {kv:?} is not fail=<0..1>, delay=<N>ms or seed=<N>"))
 }
 
 /// Deterministic coin flips shared by a store and its uploads.
@@ -100,10 +98,7 @@ pub struct FaultyStore {
 
 impl FaultyStore {
     pub fn new(inner: Arc<dyn ObjectStore>, spec: FaultSpec) -> Self {
-        Self {
-            inner,
-            dice: Arc::new(Dice { state: Mutex::new(spec.seed), fail: spec.fail, delay: spec.delay }),
-        }
+        Self { inner, dice: Arc::new(Dice { state: Mutex::new(spec.seed), fail: spec.fail, delay: spec.delay }) }
     }
 }
 
@@ -153,7 +148,12 @@ impl MultipartUpload for FaultyUpload {
 
 #[async_trait]
 impl ObjectStore for FaultyStore {
-    async fn put_opts(&self, location: &Path, payload: PutPayload, opts: PutOptions) -> object_store::Result<PutResult> {
+    async fn put_opts(
+        &self,
+        location: &Path,
+        payload: PutPayload,
+        opts: PutOptions,
+    ) -> object_store::Result<PutResult> {
         self.dice.gate("put").await?;
         self.inner.put_opts(location, payload, opts).await
     }

@@ -19,7 +19,5 @@ pub type Result<T, E = TierError> = std::result::Result<T, E>;
 
 /// Milliseconds since the Unix epoch.
 pub fn now_unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }

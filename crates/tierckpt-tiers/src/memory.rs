@@ -27,8 +27,8 @@ use async_trait::async_trait;
 use tierckpt_format::names::{validate_namespace, validate_rank};
 use tierckpt_format::{parse_shard, verify_chunks, Manifest, ShardKey};
 
-use tierckpt_proto::{MemoryUsage, NamespaceSummary};
 use crate::{now_unix_ms, Result, ShardBytes, StepSummary, Tier, TierError};
+use tierckpt_proto::{MemoryUsage, NamespaceSummary};
 
 /// Settings of a memory tier.
 #[derive(Debug, Clone)]
@@ -44,12 +44,7 @@ pub struct MemoryTierConfig {
 
 impl MemoryTierConfig {
     pub fn new(root: impl Into<PathBuf>, capacity: u64) -> Self {
-        Self {
-            root: root.into(),
-            capacity,
-            keep_last: 3,
-            max_pooled_segments: 32,
-        }
+        Self { root: root.into(), capacity, keep_last: 3, max_pooled_segments: 32 }
     }
 }
 
@@ -218,9 +213,7 @@ impl MemoryTier {
     /// Opens (creating if needed) the tier at `cfg.root` and rebuilds its index.
     pub fn open(cfg: MemoryTierConfig) -> Result<Self> {
         if cfg.keep_last == 0 {
-            return Err(TierError::InvalidArgument(
-                "keep_last must be at least 1".into(),
-            ));
+            return Err(TierError::InvalidArgument("keep_last must be at least 1".into()));
         }
         for d in ["pending", "pool", "ns"] {
             let p = cfg.root.join(d);
@@ -240,12 +233,7 @@ impl MemoryTier {
                 lock_path.display()
             )));
         }
-        let tier = Self {
-            cfg,
-            state: Mutex::new(State::default()),
-            changed: Condvar::new(),
-            _lock: lock,
-        };
+        let tier = Self { cfg, state: Mutex::new(State::default()), changed: Condvar::new(), _lock: lock };
         tier.recover()?;
         Ok(tier)
     }
@@ -263,13 +251,11 @@ impl MemoryTier {
     }
 
     fn data_path(&self, key: &ShardKey, world_size: u32) -> PathBuf {
-        self.step_dir(&key.namespace, key.step)
-            .join(format!("{}.safetensors", shard_file_stem(key.rank, world_size)))
+        self.step_dir(&key.namespace, key.step).join(format!("{}.safetensors", shard_file_stem(key.rank, world_size)))
     }
 
     fn manifest_path(&self, key: &ShardKey, world_size: u32) -> PathBuf {
-        self.step_dir(&key.namespace, key.step)
-            .join(format!("{}.manifest.json", shard_file_stem(key.rank, world_size)))
+        self.step_dir(&key.namespace, key.step).join(format!("{}.manifest.json", shard_file_stem(key.rank, world_size)))
     }
 
     fn recover(&self) -> Result<()> {
@@ -294,16 +280,14 @@ impl MemoryTier {
             }
             for step_entry in fs::read_dir(ns_entry.path()).map_err(io_err("listing", &ns_entry.path()))? {
                 let step_entry = step_entry.map_err(io_err("listing", &ns_root))?;
-                let Some(step) = step_entry.file_name().to_str().and_then(|s| s.parse::<u64>().ok())
-                else {
+                let Some(step) = step_entry.file_name().to_str().and_then(|s| s.parse::<u64>().ok()) else {
                     tracing::warn!(dir = %step_entry.path().display(), "ignoring a directory that is not a step");
                     continue;
                 };
                 self.recover_step(&mut st, &ns, step, &step_entry.path(), &mut reseal, &mut unlinks)?;
             }
         }
-        st.used = st.steps.values().map(Step::bytes).sum::<u64>()
-            + st.pool.iter().map(|p| p.len).sum::<u64>();
+        st.used = st.steps.values().map(Step::bytes).sum::<u64>() + st.pool.iter().map(|p| p.len).sum::<u64>();
         drop(st);
         Unlinks(unlinks).run();
         for job in reseal {
@@ -427,9 +411,10 @@ impl MemoryTier {
                 newest_complete.insert(ns, *step);
             }
         }
-        let evictable = st.steps.iter().filter(|((ns, step), s)| {
-            !s.busy() && newest_complete.get(ns.as_str()).is_some_and(|&n| *step < n)
-        });
+        let evictable = st
+            .steps
+            .iter()
+            .filter(|((ns, step), s)| !s.busy() && newest_complete.get(ns.as_str()).is_some_and(|&n| *step < n));
         let mut best: Option<(bool, u64, &(String, u64))> = None;
         for (k, s) in evictable {
             let rank = (st.settled(&k.0, k.1, s), s.summary(k.1).created_unix_ms, k);
@@ -530,23 +515,14 @@ impl MemoryTier {
                 None => return Err(self.capacity_error(&st, len, "; nothing else may be evicted (the newest complete step of each namespace and steps being written are kept)")),
             }
         }
-        let step = st
-            .steps
-            .entry((key.namespace.clone(), key.step))
-            .or_insert_with(|| Step {
-                world_size,
-                shards: BTreeMap::new(),
-                reserved: BTreeSet::new(),
-            });
+        let step = st.steps.entry((key.namespace.clone(), key.step)).or_insert_with(|| Step {
+            world_size,
+            shards: BTreeMap::new(),
+            reserved: BTreeSet::new(),
+        });
         step.reserved.insert(key.rank);
         st.failed.remove(key);
-        let r = Reservation {
-            id,
-            key: key.clone(),
-            world_size,
-            path,
-            len,
-        };
+        let r = Reservation { id, key: key.clone(), world_size, path, len };
         st.reservations.insert(id, r.clone());
         Ok(r)
     }
@@ -562,7 +538,9 @@ impl MemoryTier {
 
     fn take_reservation(&self, st: &mut State, id: u64) -> Result<Reservation> {
         let r = st.reservations.remove(&id).ok_or_else(|| {
-            TierError::NotFound(format!("reservation {id} (it was sealed, aborted, or belongs to a client that went away)"))
+            TierError::NotFound(format!(
+                "reservation {id} (it was sealed, aborted, or belongs to a client that went away)"
+            ))
         })?;
         if let Some(s) = st.steps.get_mut(&(r.key.namespace.clone(), r.key.step)) {
             s.reserved.remove(&r.key.rank);
@@ -611,17 +589,9 @@ impl MemoryTier {
             Unlinks(unlinks).run();
             return Err(e);
         }
-        let step = st
-            .steps
-            .get_mut(&(r.key.namespace.clone(), r.key.step))
-            .expect("reserved step is indexed");
+        let step = st.steps.get_mut(&(r.key.namespace.clone(), r.key.step)).expect("reserved step is indexed");
         step.shards.insert(r.key.rank, Shard::Sealing { len: r.len });
-        Ok(SealJob {
-            key: r.key,
-            world_size: r.world_size,
-            path,
-            len: r.len,
-        })
+        Ok(SealJob { key: r.key, world_size: r.world_size, path, len: r.len })
     }
 
     /// Second half of a seal: validates the safetensors header, checksums the
@@ -637,9 +607,7 @@ impl MemoryTier {
         let result = manifest.and_then(|m| {
             let mpath = self.manifest_path(&job.key, job.world_size);
             let tmp = mpath.with_extension("json.tmp");
-            fs::write(&tmp, m.to_json())
-                .and_then(|()| fs::rename(&tmp, &mpath))
-                .map_err(io_err("writing", &mpath))?;
+            fs::write(&tmp, m.to_json()).and_then(|()| fs::rename(&tmp, &mpath)).map_err(io_err("writing", &mpath))?;
             Ok(m)
         });
         let mut unlinks = Vec::new();
@@ -678,12 +646,9 @@ impl MemoryTier {
         let file = File::open(&job.path).map_err(io_err("opening", &job.path))?;
         let actual = file.metadata().map_err(io_err("reading", &job.path))?.len();
         if actual != job.len {
-            return Err(tierckpt_format::FormatError::Truncated {
-                file: label,
-                expected: job.len,
-                found: actual,
-            }
-            .into());
+            return Err(
+                tierckpt_format::FormatError::Truncated { file: label, expected: job.len, found: actual }.into()
+            );
         }
         let bytes = map_file(&file, &job.path)?;
         parse_shard(&bytes, &label)?;
@@ -699,7 +664,8 @@ impl MemoryTier {
         let checked = (|| {
             if job.key != manifest.key || job.world_size != manifest.world_size || job.len != manifest.file_len {
                 return Err(TierError::InvalidArgument(format!(
-                    "manifest of {} does not describe reservation {}", manifest.key, job.key
+                    "manifest of {} does not describe reservation {}",
+                    manifest.key, job.key
                 )));
             }
             let file = File::open(&job.path).map_err(io_err("opening", &job.path))?;
@@ -731,11 +697,7 @@ impl MemoryTier {
             if !sealing || now >= deadline {
                 return;
             }
-            st = self
-                .changed
-                .wait_timeout(st, deadline - now)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
+            st = self.changed.wait_timeout(st, deadline - now).unwrap_or_else(|p| p.into_inner()).0;
         }
     }
 
@@ -760,15 +722,9 @@ impl MemoryTier {
             }
             let now = Instant::now();
             if now >= deadline {
-                return Err(TierError::Unavailable(format!(
-                    "shard {key} was not visible within {timeout:?}"
-                )));
+                return Err(TierError::Unavailable(format!("shard {key} was not visible within {timeout:?}")));
             }
-            st = self
-                .changed
-                .wait_timeout(st, deadline - now)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
+            st = self.changed.wait_timeout(st, deadline - now).unwrap_or_else(|p| p.into_inner()).0;
         }
     }
 
@@ -778,9 +734,9 @@ impl MemoryTier {
         let step = st.steps.get(&(key.namespace.clone(), key.step));
         match step.and_then(|s| s.shards.get(&key.rank).map(|sh| (s.world_size, sh))) {
             Some((w, Shard::Sealed { manifest })) => Ok((self.data_path(key, w), manifest.clone())),
-            Some((_, Shard::Sealing { .. })) => Err(TierError::NotFound(format!(
-                "shard {key} is still being sealed; wait for it or read another step"
-            ))),
+            Some((_, Shard::Sealing { .. })) => {
+                Err(TierError::NotFound(format!("shard {key} is still being sealed; wait for it or read another step")))
+            }
             None => Err(TierError::NotFound(format!("shard {key} in the memory tier"))),
         }
     }

@@ -223,9 +223,9 @@ impl PersistentTier {
     /// as `object_store` names them).
     pub fn open_with(url: &str, writer: &str, opts: PersistOptions, options: &[(String, String)]) -> Result<Self> {
         let bad = |m: String| TierError::InvalidArgument(m);
-        let (scheme, rest) = url
-            .split_once("://")
-            .ok_or_else(|| bad(format!("persistent_path {url:?} is not a URL (file:///dir, s3://bucket/prefix, ...)")))?;
+        let (scheme, rest) = url.split_once("://").ok_or_else(|| {
+            bad(format!("persistent_path {url:?} is not a URL (file:///dir, s3://bucket/prefix, ...)"))
+        })?;
         let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
         let (store, prefix, local_root): (Arc<dyn ObjectStore>, &str, _) = match scheme {
             "file" => {
@@ -257,7 +257,9 @@ impl PersistentTier {
                 let b = configure(b, options, "Azure", |b, k, v| b.with_config(k, v))?;
                 (Arc::new(b.build().map_err(|e| store_err(url, "configuring Azure", e))?), prefix, None)
             }
-            other => return Err(bad(format!("persistent_path scheme {other:?} is not supported: use file, s3, gs or az"))),
+            other => {
+                return Err(bad(format!("persistent_path scheme {other:?} is not supported: use file, s3, gs or az")))
+            }
         };
         let mut tier = Self::with_store(store, prefix, url, writer, opts)?;
         tier.local_root = local_root;
@@ -265,7 +267,13 @@ impl PersistentTier {
     }
 
     /// A tier over any store (for adapters such as fault injection).
-    pub fn with_store(store: Arc<dyn ObjectStore>, prefix: &str, url: &str, writer: &str, opts: PersistOptions) -> Result<Self> {
+    pub fn with_store(
+        store: Arc<dyn ObjectStore>,
+        prefix: &str,
+        url: &str,
+        writer: &str,
+        opts: PersistOptions,
+    ) -> Result<Self> {
         let prefix = ObjPath::parse(prefix.trim_matches('/'))
             .map_err(|e| TierError::InvalidArgument(format!("prefix of {url:?}: {e}")))?;
         Ok(Self {
@@ -319,7 +327,8 @@ impl PersistentTier {
             match op().await {
                 Err(e) if e.is_retryable() && attempt < self.opts.attempts => {
                     tracing::debug!(what, attempt, error = %e, "retrying");
-                    let jitter = u64::from_str_radix(&random_hex()[..8], 16).unwrap_or(0) % (delay.as_millis() as u64 + 1);
+                    let jitter =
+                        u64::from_str_radix(&random_hex()[..8], 16).unwrap_or(0) % (delay.as_millis() as u64 + 1);
                     tokio::time::sleep(delay + Duration::from_millis(jitter)).await;
                     delay = (delay * 2).min(Duration::from_secs(5));
                     attempt += 1;
@@ -346,11 +355,7 @@ impl PersistentTier {
 
     async fn put_multipart(&self, path: &ObjPath, data: &Bytes, what: &str) -> Result<()> {
         self.retry(what, || async {
-            let mut up = self
-                .store
-                .put_multipart(path)
-                .await
-                .map_err(|e| store_err(&self.url, what, e))?;
+            let mut up = self.store.put_multipart(path).await.map_err(|e| store_err(&self.url, what, e))?;
             let start = Instant::now();
             let pace = self.opts.bandwidth;
             let part = self.opts.part_size;
@@ -450,7 +455,13 @@ impl PersistentTier {
 
     /// Uploads `body` (the shard, or its blob described by `reduced`) and
     /// claims the rank with a create-only record at `rpath`.
-    async fn store_shard(&self, m: &Manifest, body: Bytes, reduced: Option<ReducedRecord>, rpath: ObjPath) -> Result<Uploaded> {
+    async fn store_shard(
+        &self,
+        m: &Manifest,
+        body: Bytes,
+        reduced: Option<ReducedRecord>,
+        rpath: ObjPath,
+    ) -> Result<Uploaded> {
         let k = &m.key;
         // Unique per upload, so no upload ever overwrites a claimed one.
         let ext = if reduced.is_some() { "tcz" } else { "safetensors" };
@@ -588,7 +599,8 @@ impl PersistentTier {
         let mut out: std::collections::BTreeMap<u64, PersistedStep> = Default::default();
         let ns_dir = self.child(&[ns]);
         for p in self.list_all(&ns_dir).await? {
-            let parts: Vec<_> = p.prefix_match(&ns_dir).map(|i| i.map(|x| x.as_ref().to_string()).collect()).unwrap_or_default();
+            let parts: Vec<_> =
+                p.prefix_match(&ns_dir).map(|i| i.map(|x| x.as_ref().to_string()).collect()).unwrap_or_default();
             let Some(step) = parts.first().and_then(|s| s.parse::<u64>().ok()) else { continue };
             let e = out.entry(step).or_insert(PersistedStep { step, world_size: 0, ranks: vec![], committed: false });
             match (parts.get(1).map(String::as_str), parts.get(2)) {
@@ -620,7 +632,10 @@ impl PersistentTier {
     pub async fn committed_rank(&self, key: &ShardKey) -> Result<RankRecord> {
         let c = match self.commit_record(&key.namespace, key.step).await {
             Err(e) if e.kind() == ErrorKind::NotFound => {
-                return Err(TierError::NotFound(format!("{}/step {} is not committed in {}", key.namespace, key.step, self.url)))
+                return Err(TierError::NotFound(format!(
+                    "{}/step {} is not committed in {}",
+                    key.namespace, key.step, self.url
+                )))
             }
             r => r?,
         };
@@ -632,7 +647,10 @@ impl PersistentTier {
 
     /// A committed shard's manifest and a stream of its bytes (the caller
     /// verifies them as they arrive, e.g. with `StreamVerifier`).
-    pub async fn fetch(&self, key: &ShardKey) -> Result<(Manifest, futures_util::stream::BoxStream<'static, Result<Bytes>>)> {
+    pub async fn fetch(
+        &self,
+        key: &ShardKey,
+    ) -> Result<(Manifest, futures_util::stream::BoxStream<'static, Result<Bytes>>)> {
         let r = self.committed_rank(key).await?;
         if r.reduced.is_some() {
             let bytes = self.rebuild(r.clone()).await?;
@@ -643,12 +661,12 @@ impl PersistentTier {
         if let Some(root) = &self.local_root {
             // object_store reads local files 8 KiB at a time; read 4 MiB pieces.
             let file = root.join(path.as_ref());
-            let f = tokio::fs::File::open(&file)
-                .await
-                .map_err(|e| match e.kind() {
-                    std::io::ErrorKind::NotFound => TierError::NotFound(format!("{what} in {} ({})", self.url, file.display())),
-                    _ => TierError::io(format!("opening {}", file.display()), e),
-                })?;
+            let f = tokio::fs::File::open(&file).await.map_err(|e| match e.kind() {
+                std::io::ErrorKind::NotFound => {
+                    TierError::NotFound(format!("{what} in {} ({})", self.url, file.display()))
+                }
+                _ => TierError::io(format!("opening {}", file.display()), e),
+            })?;
             let stream = futures_util::stream::unfold(Some(f), move |f| async move {
                 use tokio::io::AsyncReadExt;
                 let mut f = f?;
@@ -692,7 +710,10 @@ impl PersistentTier {
         let mut chain = vec![top];
         while let Some(b) = chain.last().and_then(|r| r.reduced.as_ref()?.base_step) {
             if chain.len() > 1024 {
-                return Err(TierError::InvalidArgument(format!("delta chain of {} is longer than 1024", chain[0].manifest.key)));
+                return Err(TierError::InvalidArgument(format!(
+                    "delta chain of {} is longer than 1024",
+                    chain[0].manifest.key
+                )));
             }
             let below = &chain[chain.len() - 1].manifest.key;
             let key = ShardKey::new(below.namespace.clone(), b, below.rank);

@@ -75,7 +75,9 @@ async fn a_store_failing_every_request_gives_a_clear_error() {
     let url = format!("file://{}", dir.path().display());
     let base = PersistentTier::open(&url, "test", PersistOptions::default()).unwrap();
     let faulty = Arc::new(FaultyStore::new(base.store(), FaultSpec::parse("fail=1").unwrap()));
-    let t = PersistentTier::with_store(faulty, "", &url, "faulty", PersistOptions { attempts: 3, ..Default::default() }).unwrap();
+    let t =
+        PersistentTier::with_store(faulty, "", &url, "faulty", PersistOptions { attempts: 3, ..Default::default() })
+            .unwrap();
     let (m, data) = sample_shard(ShardKey::new("down", 1, 0), 1, 100, 1);
     let e = t.put(&m, &data).await.unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Unavailable);

@@ -33,7 +33,8 @@ async fn s3_tier_passes_conformance() {
         std::thread::spawn(move || {
             h.block_on(async {
                 let dir = Path::from(format!("ckpt/{}/{:020}/data", key.namespace, key.step));
-                let objs: Vec<_> = futures_util::TryStreamExt::try_collect::<Vec<_>>(store.list(Some(&dir))).await.unwrap();
+                let objs: Vec<_> =
+                    futures_util::TryStreamExt::try_collect::<Vec<_>>(store.list(Some(&dir))).await.unwrap();
                 let obj = &objs.iter().find(|o| o.location.as_ref().ends_with(".safetensors")).unwrap().location;
                 let mut b = store.get(obj).await.unwrap().bytes().await.unwrap().to_vec();
                 let n = b.len();

@@ -133,7 +133,11 @@ fn config(args: Args) -> anyhow::Result<DaemonConfig> {
         persist_compression: args.persist_compression,
         persist_delta: args.persist_delta,
         persist_full_every: args.persist_full_every,
-        persistent_options: args.persistent_options.as_deref().map(tierckpt_daemon::config::parse_options).transpose()?,
+        persistent_options: args
+            .persistent_options
+            .as_deref()
+            .map(tierckpt_daemon::config::parse_options)
+            .transpose()?,
         persistent_faults: args.persistent_faults,
         background_nice: args.background_nice,
         mount_huge_tmpfs: args.mount_huge_tmpfs,
@@ -153,18 +157,12 @@ fn main() -> std::process::ExitCode {
 
 fn run() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("TIERCKPT_LOG")
-                .unwrap_or_else(|_| "info".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("TIERCKPT_LOG").unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cfg = config(Args::parse())?;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let background = tierckpt_daemon::background_runtime(cfg.background_nice)?;
     let bg = background.handle().clone();
     let result = rt.block_on(async move {
