@@ -1,11 +1,10 @@
-//! Daemon configuration: one struct, from a TOML file, then `TIERCKPT_*`
-//! environment variables, then command-line flags, each layer overriding the
-//! one before. Unknown keys in the file are errors that name the key.
+//! Resolution of a merged [`ConfigLayer`] into the checked settings a
+//! daemon runs with, defaults filled in.
 
-use serde::Deserialize;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
+use super::ConfigLayer;
 use crate::DaemonError;
 
 pub const DEFAULT_MEMORY_DIR: &str = "/dev/shm/tierckpt";
@@ -34,233 +33,6 @@ fn resolve_compression(key: &str, s: &str) -> Result<tierckpt_format::Compressio
 }
 /// Share of available RAM that `memory_tier_size = "auto"` takes.
 const AUTO_SHARE: f64 = 0.5;
-
-/// One layer of settings; every field optional so layers can be merged.
-#[derive(Debug, Default, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ConfigLayer {
-    /// tmpfs directory holding the memory tier.
-    pub memory_dir: Option<PathBuf>,
-    /// "32GB", "512MiB", or "auto".
-    pub memory_tier_size: Option<String>,
-    /// Complete steps kept per namespace.
-    pub keep_last: Option<usize>,
-    /// Unix socket of the local API (default: `<memory_dir>/daemon.sock`).
-    pub socket: Option<PathBuf>,
-    /// "host:port" of the HTTP API, or "off".
-    pub http_addr: Option<String>,
-    /// File holding the bearer token for the HTTP API.
-    pub token_file: Option<PathBuf>,
-    /// The bearer token itself (prefer `token_file`; env `TIERCKPT_TOKEN`).
-    pub token: Option<String>,
-    /// This node's id in `nodes`; set it (and `nodes`) to form a cluster.
-    pub node_id: Option<String>,
-    /// Every node of the cluster, this one included, in a fixed order.
-    pub nodes: Option<Vec<NodeSpec>>,
-    /// Copies of each shard on other nodes (default 1).
-    pub replication_factor: Option<usize>,
-    /// "ring" or "group".
-    pub placement: Option<String>,
-    /// How often peers are probed ("500ms").
-    pub heartbeat_interval: Option<String>,
-    /// A peer silent this long is dead ("3s"); after half of it, suspect.
-    pub heartbeat_timeout: Option<String>,
-    /// Cap on replication traffic per second ("1GB"); none by default.
-    pub replication_bandwidth: Option<String>,
-    /// Compression of replicas on the wire, used where the link is measured
-    /// to be slower than the codec: "auto" (default: zstd level 1 on a node
-    /// with 8 cores or more, else off), "off", "lz4", "zstd", "zstd:N".
-    pub replication_compression: Option<String>,
-    /// Send only the chunks that changed since a step the peer holds (default true).
-    pub replication_delta: Option<bool>,
-    /// Where checkpoints are drained to: file:///dir, s3://bucket/prefix, gs://..., az://...
-    pub persistent_path: Option<String>,
-    /// Persist every N-th complete checkpoint (default 1: all).
-    pub persist_every: Option<u64>,
-    /// Also persist when this long has passed since the last one ("10m").
-    pub persist_interval: Option<String>,
-    /// Committed steps kept in the persistent tier (default 3).
-    pub persist_keep_last: Option<usize>,
-    /// Also keep every step that is a multiple of this (default 0: none).
-    pub persist_keep_every: Option<u64>,
-    /// Cap on upload bytes per second ("500MB"); none by default.
-    pub persist_bandwidth: Option<String>,
-    /// Compression of what is persisted: "auto" (default: zstd on 8 cores or
-    /// more, else off), "off", "lz4", "zstd", "zstd:N".
-    pub persist_compression: Option<String>,
-    /// Persist only the chunks that changed since the rank's previous
-    /// persisted step (default true).
-    pub persist_delta: Option<bool>,
-    /// Every N-th persisted shard of a rank is stored whole (default 8).
-    pub persist_full_every: Option<u32>,
-    /// Store options (for S3: endpoint, allow_http, region, ...).
-    pub persistent_options: Option<std::collections::BTreeMap<String, String>>,
-    /// Testing aid: inject faults into the store ("fail=0.3,delay=5ms,seed=1").
-    pub persistent_faults: Option<String>,
-    /// Nice value (0-19) of the threads doing background work (replication,
-    /// drain, checksums, the HTTP API), so that they yield to training
-    /// processes; the local API keeps normal priority. Default 10.
-    pub background_nice: Option<i32>,
-    /// Mount a tmpfs with huge pages on `memory_dir` unless it is on one
-    /// (needs root); restores then skip most page-table work.
-    pub mount_huge_tmpfs: Option<bool>,
-}
-
-/// A member of the cluster.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize, serde::Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct NodeSpec {
-    pub id: String,
-    pub addr: String,
-}
-
-fn parse_bool(key: &str, v: &str) -> Result<bool, DaemonError> {
-    match v {
-        "1" | "true" | "yes" => Ok(true),
-        "0" | "false" | "no" => Ok(false),
-        _ => Err(DaemonError::Config(format!("{key}={v:?} is not true or false"))),
-    }
-}
-
-/// Parses "endpoint=http://127.0.0.1:9000,allow_http=true".
-pub fn parse_options(s: &str) -> Result<std::collections::BTreeMap<String, String>, DaemonError> {
-    s.split(',')
-        .filter(|p| !p.trim().is_empty())
-        .map(|p| {
-            p.split_once('=')
-                .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
-                .ok_or_else(|| DaemonError::Config(format!("store option {p:?} is not key=value")))
-        })
-        .collect()
-}
-
-/// Parses "n0=127.0.0.1:7750,n1=127.0.0.1:7751".
-pub fn parse_nodes(s: &str) -> Result<Vec<NodeSpec>, DaemonError> {
-    s.split(',')
-        .filter(|p| !p.trim().is_empty())
-        .map(|p| {
-            let (id, addr) = p
-                .trim()
-                .split_once('=')
-                .ok_or_else(|| DaemonError::Config(format!("node {p:?} is not id=host:port")))?;
-            Ok(NodeSpec { id: id.to_string(), addr: addr.to_string() })
-        })
-        .collect()
-}
-
-impl ConfigLayer {
-    pub fn from_toml(text: &str, origin: &Path) -> Result<Self, DaemonError> {
-        toml::from_str(text).map_err(|e| DaemonError::Config(format!("{}: {}", origin.display(), e.message())))
-    }
-
-    pub fn from_file(path: &Path) -> Result<Self, DaemonError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| DaemonError::Config(format!("reading {}: {e}", path.display())))?;
-        Self::from_toml(&text, path)
-    }
-
-    /// Reads `TIERCKPT_MEMORY_DIR`, `TIERCKPT_MEMORY_TIER_SIZE`,
-    /// `TIERCKPT_KEEP_LAST`, `TIERCKPT_SOCKET`, `TIERCKPT_HTTP_ADDR`,
-    /// `TIERCKPT_TOKEN_FILE` and `TIERCKPT_TOKEN` from `vars`.
-    pub fn from_env(vars: impl IntoIterator<Item = (String, String)>) -> Result<Self, DaemonError> {
-        let mut l = Self::default();
-        for (k, v) in vars {
-            match k.as_str() {
-                "TIERCKPT_MEMORY_DIR" => l.memory_dir = Some(v.into()),
-                "TIERCKPT_MEMORY_TIER_SIZE" => l.memory_tier_size = Some(v),
-                "TIERCKPT_KEEP_LAST" => {
-                    l.keep_last =
-                        Some(v.parse().map_err(|_| {
-                            DaemonError::Config(format!("TIERCKPT_KEEP_LAST={v:?} is not a whole number"))
-                        })?)
-                }
-                "TIERCKPT_SOCKET" => l.socket = Some(v.into()),
-                "TIERCKPT_HTTP_ADDR" => l.http_addr = Some(v),
-                "TIERCKPT_TOKEN_FILE" => l.token_file = Some(v.into()),
-                "TIERCKPT_TOKEN" => l.token = Some(v),
-                "TIERCKPT_NODE_ID" => l.node_id = Some(v),
-                "TIERCKPT_NODES" => l.nodes = Some(parse_nodes(&v)?),
-                "TIERCKPT_REPLICATION_FACTOR" => {
-                    l.replication_factor = Some(v.parse().map_err(|_| {
-                        DaemonError::Config(format!("TIERCKPT_REPLICATION_FACTOR={v:?} is not a whole number"))
-                    })?)
-                }
-                "TIERCKPT_PLACEMENT" => l.placement = Some(v),
-                "TIERCKPT_HEARTBEAT_INTERVAL" => l.heartbeat_interval = Some(v),
-                "TIERCKPT_HEARTBEAT_TIMEOUT" => l.heartbeat_timeout = Some(v),
-                "TIERCKPT_REPLICATION_BANDWIDTH" => l.replication_bandwidth = Some(v),
-                "TIERCKPT_REPLICATION_COMPRESSION" => l.replication_compression = Some(v),
-                "TIERCKPT_REPLICATION_DELTA" => {
-                    l.replication_delta = Some(parse_bool("TIERCKPT_REPLICATION_DELTA", &v)?)
-                }
-                "TIERCKPT_PERSISTENT_PATH" => l.persistent_path = Some(v),
-                "TIERCKPT_PERSIST_EVERY" => {
-                    l.persist_every = Some(v.parse().map_err(|_| {
-                        DaemonError::Config(format!("TIERCKPT_PERSIST_EVERY={v:?} is not a whole number"))
-                    })?)
-                }
-                "TIERCKPT_PERSIST_INTERVAL" => l.persist_interval = Some(v),
-                "TIERCKPT_PERSIST_BANDWIDTH" => l.persist_bandwidth = Some(v),
-                "TIERCKPT_PERSIST_COMPRESSION" => l.persist_compression = Some(v),
-                "TIERCKPT_PERSIST_DELTA" => l.persist_delta = Some(parse_bool("TIERCKPT_PERSIST_DELTA", &v)?),
-                "TIERCKPT_PERSIST_FULL_EVERY" => {
-                    l.persist_full_every = Some(v.parse().map_err(|_| {
-                        DaemonError::Config(format!("TIERCKPT_PERSIST_FULL_EVERY={v:?} is not a whole number"))
-                    })?)
-                }
-                "TIERCKPT_PERSISTENT_OPTIONS" => l.persistent_options = Some(parse_options(&v)?),
-                "TIERCKPT_PERSISTENT_FAULTS" => l.persistent_faults = Some(v),
-                "TIERCKPT_MOUNT_HUGE_TMPFS" => l.mount_huge_tmpfs = Some(parse_bool("TIERCKPT_MOUNT_HUGE_TMPFS", &v)?),
-                "TIERCKPT_BACKGROUND_NICE" => {
-                    l.background_nice = Some(v.parse().map_err(|_| {
-                        DaemonError::Config(format!("TIERCKPT_BACKGROUND_NICE={v:?} is not a whole number"))
-                    })?)
-                }
-                _ => {}
-            }
-        }
-        Ok(l)
-    }
-
-    /// `other`'s settings win where present.
-    pub fn merge(mut self, other: ConfigLayer) -> Self {
-        macro_rules! take {
-            ($($f:ident),*) => { $( if other.$f.is_some() { self.$f = other.$f; } )* };
-        }
-        take!(
-            memory_dir,
-            memory_tier_size,
-            keep_last,
-            socket,
-            http_addr,
-            token_file,
-            token,
-            node_id,
-            nodes,
-            replication_factor,
-            placement,
-            heartbeat_interval,
-            heartbeat_timeout,
-            replication_bandwidth,
-            replication_compression,
-            replication_delta,
-            persistent_path,
-            persist_every,
-            persist_interval,
-            persist_keep_last,
-            persist_keep_every,
-            persist_bandwidth,
-            persist_compression,
-            persist_delta,
-            persist_full_every,
-            persistent_options,
-            persistent_faults,
-            background_nice,
-            mount_huge_tmpfs
-        );
-        self
-    }
-}
 
 /// The resolved configuration of a daemon.
 #[derive(Debug, Clone)]
@@ -322,7 +94,7 @@ fn resolve_persist(layer: &ConfigLayer) -> Result<Option<PersistConfig>, DaemonE
         bandwidth,
         reduce: tierckpt_format::ReduceOptions { compression, delta: layer.persist_delta.unwrap_or(true) },
         full_every,
-        options: layer.persistent_options.clone().unwrap_or_default().into_iter().collect(),
+        options: layer.persistent_options.clone().unwrap_or_default().0.into_iter().collect(),
         faults: layer.persistent_faults.clone(),
     }))
 }
@@ -384,7 +156,7 @@ fn resolve_cluster(layer: &ConfigLayer) -> Result<Option<ClusterConfig>, DaemonE
         (None, Some(_)) => {
             return Err(DaemonError::Config("nodes is set but node_id is not: say which node this is".into()))
         }
-        (Some(i), Some(n)) => (i.clone(), n.clone()),
+        (Some(i), Some(n)) => (i.clone(), n.0.clone()),
     };
     let mut parsed = Vec::with_capacity(nodes.len());
     for n in &nodes {
@@ -560,6 +332,17 @@ fn auto_capacity(dir: &Path) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Flags {
+        #[command(flatten)]
+        layer: ConfigLayer,
+    }
+
+    fn flags(args: &[&str]) -> Result<ConfigLayer, clap::Error> {
+        Flags::try_parse_from(std::iter::once("tierckptd").chain(args.iter().copied())).map(|f| f.layer)
+    }
 
     #[test]
     fn compression_settings() {
@@ -585,9 +368,8 @@ mod tests {
     #[test]
     fn layers_override_in_order() {
         let file = ConfigLayer::from_toml("memory_tier_size = \"1GiB\"\nkeep_last = 5\n", Path::new("t.toml")).unwrap();
-        let env = ConfigLayer::from_env([("TIERCKPT_KEEP_LAST".to_string(), "2".to_string())]).unwrap();
-        let flags = ConfigLayer { http_addr: Some("off".into()), ..Default::default() };
-        let c = DaemonConfig::resolve(file.merge(env).merge(flags)).unwrap();
+        let flags = flags(&["--keep-last", "2", "--http-addr", "off"]).unwrap();
+        let c = DaemonConfig::resolve(file.merge(flags)).unwrap();
         assert!(c.cluster.is_none());
         assert_eq!(c.capacity, 1 << 30);
         assert_eq!(c.keep_last, 2);
@@ -602,8 +384,10 @@ mod tests {
         let bad = ConfigLayer { memory_tier_size: Some("lots".into()), ..Default::default() };
         let e = DaemonConfig::resolve(bad).unwrap_err().to_string();
         assert!(e.contains("\"lots\""), "{e}");
-        let e = ConfigLayer::from_env([("TIERCKPT_KEEP_LAST".into(), "x".into())]).unwrap_err().to_string();
-        assert!(e.contains("TIERCKPT_KEEP_LAST"), "{e}");
+        let e = flags(&["--keep-last", "x"]).err().expect("refused").to_string();
+        assert!(e.contains("--keep-last") && e.contains("'x'"), "{e}");
+        let e = flags(&["--nodes", "a=1.2.3.4:1,b"]).err().expect("refused").to_string();
+        assert!(e.contains("\"b\" is not id=host:port"), "{e}");
     }
 
     #[test]
@@ -619,8 +403,8 @@ mod tests {
         assert!(e.contains("replication_factor 2 needs at least 3 nodes"), "{e}");
         let stranger = ConfigLayer { node_id: Some("z".into()), ..Default::default() };
         assert!(DaemonConfig::resolve(l.clone().merge(stranger)).unwrap_err().to_string().contains("\"z\""));
-        let env = ConfigLayer::from_env([("TIERCKPT_NODES".into(), "a=10.0.0.1:1,b=10.0.0.2:1".into())]).unwrap();
-        let e = DaemonConfig::resolve(l.merge(env)).unwrap_err().to_string();
+        let remote = flags(&["--nodes", "a=10.0.0.1:1,b=10.0.0.2:1"]).unwrap();
+        let e = DaemonConfig::resolve(l.merge(remote)).unwrap_err().to_string();
         assert!(e.contains("token"), "{e}");
     }
 

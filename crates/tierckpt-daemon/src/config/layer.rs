@@ -1,0 +1,269 @@
+//! [`ConfigLayer`]: every daemon setting, declared once as a flag, an
+//! environment variable and a TOML key.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use clap::builder::BoolishValueParser;
+use serde::{Deserialize, Serialize};
+
+use crate::DaemonError;
+
+/// One layer of settings; every field optional so that layers merge. The
+/// doc comment of each field is its `--help` text.
+#[derive(Debug, Default, Clone, PartialEq, clap::Args, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigLayer {
+    /// tmpfs directory of the memory tier [default: /dev/shm/tierckpt].
+    #[arg(long, env = "TIERCKPT_MEMORY_DIR")]
+    pub memory_dir: Option<PathBuf>,
+    /// Capacity of the memory tier: "32GB", "512MiB" or "auto" (half the available RAM) [default: auto].
+    #[arg(long, env = "TIERCKPT_MEMORY_TIER_SIZE")]
+    pub memory_tier_size: Option<String>,
+    /// Complete steps kept per namespace [default: 3].
+    #[arg(long, env = "TIERCKPT_KEEP_LAST")]
+    pub keep_last: Option<usize>,
+    /// Unix socket of the local API [default: <memory-dir>/daemon.sock].
+    #[arg(long, env = "TIERCKPT_SOCKET")]
+    pub socket: Option<PathBuf>,
+    /// host:port of the HTTP API, or "off" [default: 127.0.0.1:7750, or this node's address in --nodes].
+    #[arg(long, env = "TIERCKPT_HTTP_ADDR")]
+    pub http_addr: Option<String>,
+    /// File holding the bearer token required by the HTTP API and peers.
+    #[arg(long, env = "TIERCKPT_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
+    /// The bearer token itself (prefer --token-file: a flag shows in the process list).
+    #[arg(long, env = "TIERCKPT_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// This node's id among --nodes; set both to form a cluster.
+    #[arg(long, env = "TIERCKPT_NODE_ID")]
+    pub node_id: Option<String>,
+    /// Every node of the cluster, this one included, in a fixed order: "n0=127.0.0.1:7750,n1=127.0.0.1:7751"
+    /// (in the file: [[nodes]] tables with id and addr).
+    #[arg(long, env = "TIERCKPT_NODES")]
+    pub nodes: Option<NodeList>,
+    /// Copies of each shard on other nodes [default: 1].
+    #[arg(long, env = "TIERCKPT_REPLICATION_FACTOR")]
+    pub replication_factor: Option<usize>,
+    /// Where the copies go: "ring" or "group" [default: ring].
+    #[arg(long, env = "TIERCKPT_PLACEMENT")]
+    pub placement: Option<String>,
+    /// How often peers are probed [default: 500ms].
+    #[arg(long, env = "TIERCKPT_HEARTBEAT_INTERVAL")]
+    pub heartbeat_interval: Option<String>,
+    /// A peer silent this long is dead; after half of it, suspect [default: 3s].
+    #[arg(long, env = "TIERCKPT_HEARTBEAT_TIMEOUT")]
+    pub heartbeat_timeout: Option<String>,
+    /// Cap on replication traffic per second, e.g. "1GB" [default: none].
+    #[arg(long, env = "TIERCKPT_REPLICATION_BANDWIDTH")]
+    pub replication_bandwidth: Option<String>,
+    /// Compression of replicas on the wire, used where the link is measured to be slower than the codec:
+    /// auto, off, lz4, zstd, zstd:N [default: auto: zstd:1 on 8 cores or more, else off].
+    #[arg(long, env = "TIERCKPT_REPLICATION_COMPRESSION")]
+    pub replication_compression: Option<String>,
+    /// Send only the chunks that changed since a step the peer holds [default: true].
+    #[arg(long, env = "TIERCKPT_REPLICATION_DELTA", value_parser = BoolishValueParser::new())]
+    pub replication_delta: Option<bool>,
+    /// Drain checkpoints to file:///dir, s3://bucket/prefix, gs://bucket/prefix or az://container/prefix.
+    #[arg(long, env = "TIERCKPT_PERSISTENT_PATH")]
+    pub persistent_path: Option<String>,
+    /// Persist every N-th complete checkpoint [default: 1].
+    #[arg(long, env = "TIERCKPT_PERSIST_EVERY")]
+    pub persist_every: Option<u64>,
+    /// Also persist when this long has passed since the last one, e.g. "10m".
+    #[arg(long, env = "TIERCKPT_PERSIST_INTERVAL")]
+    pub persist_interval: Option<String>,
+    /// Committed steps kept in the persistent tier [default: 3].
+    #[arg(long, env = "TIERCKPT_PERSIST_KEEP_LAST")]
+    pub persist_keep_last: Option<usize>,
+    /// Also keep every step that is a multiple of this [default: 0, none].
+    #[arg(long, env = "TIERCKPT_PERSIST_KEEP_EVERY")]
+    pub persist_keep_every: Option<u64>,
+    /// Cap on upload bytes per second, e.g. "500MB" [default: none].
+    #[arg(long, env = "TIERCKPT_PERSIST_BANDWIDTH")]
+    pub persist_bandwidth: Option<String>,
+    /// Compression of persisted shards: auto (zstd on 8+ cores, else off), off, lz4, zstd, zstd:N [default: auto].
+    #[arg(long, env = "TIERCKPT_PERSIST_COMPRESSION")]
+    pub persist_compression: Option<String>,
+    /// Persist only what changed since the rank's previous persisted step [default: true].
+    #[arg(long, env = "TIERCKPT_PERSIST_DELTA", value_parser = BoolishValueParser::new())]
+    pub persist_delta: Option<bool>,
+    /// Store every N-th persisted shard of a rank whole [default: 8].
+    #[arg(long, env = "TIERCKPT_PERSIST_FULL_EVERY")]
+    pub persist_full_every: Option<u32>,
+    /// Store options, e.g. "endpoint=http://127.0.0.1:9000,allow_http=true" (in the file: a table).
+    #[arg(long, env = "TIERCKPT_PERSISTENT_OPTIONS")]
+    pub persistent_options: Option<StoreOptions>,
+    /// Testing aid: inject store faults, e.g. "fail=0.3,delay=5ms,seed=1".
+    #[arg(long, env = "TIERCKPT_PERSISTENT_FAULTS", hide = true)]
+    pub persistent_faults: Option<String>,
+    /// Nice value (0-19) of the background work (replication, drain, checksums, HTTP), so that it yields to
+    /// training; the local API keeps normal priority [default: 10].
+    #[arg(long, env = "TIERCKPT_BACKGROUND_NICE")]
+    pub background_nice: Option<i32>,
+    /// Mount a tmpfs with huge pages (huge=within_size) on the memory directory unless it is on one; needs root.
+    #[arg(long, env = "TIERCKPT_MOUNT_HUGE_TMPFS", num_args = 0..=1, default_missing_value = "true",
+          value_parser = BoolishValueParser::new())]
+    pub mount_huge_tmpfs: Option<bool>,
+}
+
+impl ConfigLayer {
+    /// Parses a TOML file's text; `origin` names it in errors.
+    pub fn from_toml(text: &str, origin: &Path) -> Result<Self, DaemonError> {
+        toml::from_str(text).map_err(|e| DaemonError::Config(format!("{}: {}", origin.display(), e.message())))
+    }
+
+    /// Reads and parses a TOML file.
+    pub fn from_file(path: &Path) -> Result<Self, DaemonError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| DaemonError::Config(format!("reading {}: {e}", path.display())))?;
+        Self::from_toml(&text, path)
+    }
+
+    /// This layer with `other`'s settings where `other` has them.
+    pub fn merge(self, other: ConfigLayer) -> Self {
+        let (Ok(serde_json::Value::Object(mut base)), Ok(serde_json::Value::Object(over))) =
+            (serde_json::to_value(self), serde_json::to_value(other))
+        else {
+            unreachable!("a ConfigLayer serializes to an object")
+        };
+        base.extend(over.into_iter().filter(|(_, v)| !v.is_null()));
+        serde_json::from_value(serde_json::Value::Object(base)).expect("merged layers deserialize")
+    }
+
+    /// The `tierckptd` flags that set what this layer sets (the token goes
+    /// by environment instead: it is left out).
+    pub fn to_args(&self) -> Vec<String> {
+        let serde_json::Value::Object(fields) = serde_json::to_value(self).expect("a ConfigLayer serializes") else {
+            unreachable!("a ConfigLayer serializes to an object")
+        };
+        let mut args = Vec::new();
+        for (key, value) in fields {
+            let value = match value {
+                serde_json::Value::Null => continue,
+                _ if key == "token" => continue,
+                serde_json::Value::String(s) => s,
+                v => v.to_string(),
+            };
+            args.push(format!("--{}", key.replace('_', "-")));
+            args.push(value);
+        }
+        args
+    }
+}
+
+/// A member of the cluster.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeSpec {
+    /// The node's id, unique in the cluster.
+    pub id: String,
+    /// host:port of its HTTP API.
+    pub addr: String,
+}
+
+/// The members of a cluster: "n0=127.0.0.1:7750,n1=127.0.0.1:7751" on a
+/// command line, `[[nodes]]` tables in the file.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct NodeList(pub Vec<NodeSpec>);
+
+impl FromStr for NodeList {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        s.split(',')
+            .filter(|p| !p.trim().is_empty())
+            .map(|p| {
+                let (id, addr) = p.trim().split_once('=').ok_or_else(|| format!("node {p:?} is not id=host:port"))?;
+                Ok(NodeSpec { id: id.to_string(), addr: addr.to_string() })
+            })
+            .collect::<Result<_, String>>()
+            .map(NodeList)
+    }
+}
+
+impl std::fmt::Display for NodeList {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let parts: Vec<String> = self.0.iter().map(|n| format!("{}={}", n.id, n.addr)).collect();
+        f.write_str(&parts.join(","))
+    }
+}
+
+impl Serialize for NodeList {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for NodeList {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Form;
+        impl<'de> serde::de::Visitor<'de> for Form {
+            type Value = NodeList;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("\"id=host:port,...\" or a list of {id, addr} tables")
+            }
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<NodeList, E> {
+                s.parse().map_err(E::custom)
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, seq: A) -> Result<NodeList, A::Error> {
+                Vec::deserialize(serde::de::value::SeqAccessDeserializer::new(seq)).map(NodeList)
+            }
+        }
+        d.deserialize_any(Form)
+    }
+}
+
+/// Options of the object store: "endpoint=http://127.0.0.1:9000,allow_http=true"
+/// on a command line, a table in the file.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct StoreOptions(pub BTreeMap<String, String>);
+
+impl FromStr for StoreOptions {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        s.split(',')
+            .filter(|p| !p.trim().is_empty())
+            .map(|p| {
+                p.split_once('=')
+                    .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+                    .ok_or_else(|| format!("store option {p:?} is not key=value"))
+            })
+            .collect::<Result<_, String>>()
+            .map(StoreOptions)
+    }
+}
+
+impl std::fmt::Display for StoreOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let parts: Vec<String> = self.0.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        f.write_str(&parts.join(","))
+    }
+}
+
+impl Serialize for StoreOptions {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for StoreOptions {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Form;
+        impl<'de> serde::de::Visitor<'de> for Form {
+            type Value = StoreOptions;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("\"key=value,...\" or a table of strings")
+            }
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<StoreOptions, E> {
+                s.parse().map_err(E::custom)
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<StoreOptions, A::Error> {
+                BTreeMap::deserialize(serde::de::value::MapAccessDeserializer::new(map)).map(StoreOptions)
+            }
+        }
+        d.deserialize_any(Form)
+    }
+}

@@ -1,0 +1,16 @@
+//! Daemon configuration: every setting is declared once, in [`ConfigLayer`],
+//! which is at the same time the `tierckptd` flags (`--keep-last`), their
+//! environment variables (`TIERCKPT_KEEP_LAST`, shown by `tierckptd
+//! --help`), and the keys of the TOML file (`keep_last`). Layers apply in
+//! order: the file, then the environment, then flags. Unknown keys in the
+//! file are errors that name the key. [`DaemonConfig::resolve`] checks the
+//! merged layer and fills in defaults.
+
+mod layer;
+mod resolve;
+
+pub use layer::{ConfigLayer, NodeList, NodeSpec, StoreOptions};
+pub use resolve::{
+    parse_capacity, ClusterConfig, DaemonConfig, PersistConfig, Placement, AUTO_COMPRESSION_CORES, DEFAULT_HTTP_ADDR,
+    DEFAULT_MEMORY_DIR, DEFAULT_PERSIST_COMPRESSION,
+};
