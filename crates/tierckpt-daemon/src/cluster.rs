@@ -7,15 +7,14 @@
 //! it first. Retention on every node follows cluster-wide completeness.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::Write;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use futures_util::{Stream, StreamExt};
-use tierckpt_format::{BaseRef, Manifest, ShardKey, StreamVerifier};
+
+use tierckpt_format::{BaseRef, Manifest, ShardKey};
 use tierckpt_proto::{ClusterStatus, ClusterStep, HeldStep, Holdings, NodeState, NodeStatus, ReplicationStats};
 use tierckpt_tiers::{ErrorKind, MemoryTier, TierError};
 use tokio::sync::{mpsc, watch};
@@ -23,6 +22,7 @@ use tokio::sync::{mpsc, watch};
 use crate::config::{ClusterConfig, Placement};
 use crate::metrics::Metrics;
 use crate::peer::{Pace, PeerClient, ReplicaBody};
+use tierckpt_tiers::receive::{receive, unchanged_chunk};
 
 /// Indices of the nodes that receive copies of `owner`'s shards.
 pub fn replica_targets(placement: Placement, n: usize, owner: usize, k: usize) -> Vec<usize> {
@@ -151,146 +151,6 @@ pub fn holdings_of(tier: &MemoryTier, node_id: &str) -> Holdings {
     h
 }
 
-/// Reserves a segment for a copy of the shard `m` describes; None if an
-/// identical copy is already held here.
-fn reserve_for_copy(tier: &MemoryTier, m: &Manifest) -> Result<Option<tierckpt_tiers::Reservation>, TierError> {
-    match tier.reserve(&m.key, m.world_size, m.file_len) {
-        Ok(r) => Ok(Some(r)),
-        Err(e) if e.kind() == ErrorKind::AlreadyExists => match tier.locate(&m.key) {
-            Ok((_, have)) if have.chunks == m.chunks => Ok(None),
-            _ => Err(e),
-        },
-        Err(e) => Err(e),
-    }
-}
-
-/// True when chunk `i` of `m` is unchanged in `base` (same length and
-/// checksum): a sparse replica leaves it out, and the receiver copies it
-/// from its own copy of the base.
-pub fn unchanged_chunk(base: &Manifest, m: &Manifest, i: usize) -> bool {
-    i < base.chunks.len()
-        && base.chunk_size == m.chunk_size
-        && base.chunk_range(i) == m.chunk_range(i)
-        && base.chunks[i] == m.chunks[i]
-}
-
-/// Streams a shard into the memory tier, verifying every chunk before it is
-/// written; publishes it only if all of it matched `m`. With `base` (its
-/// manifest and bytes), the stream is sparse: it carries only the chunks
-/// that differ from the base, and the others are copied from it (verified
-/// as well). Returns false if an identical copy was already held.
-pub async fn receive<S>(
-    tier: &Arc<MemoryTier>,
-    m: &Manifest,
-    source: &str,
-    stream: S,
-    base: Option<(&Manifest, &[u8])>,
-) -> Result<bool, TierError>
-where
-    S: Stream<Item = Result<Bytes, TierError>>,
-{
-    let Some(r) = reserve_for_copy(tier, m)? else { return Ok(false) };
-    let result = async {
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .open(&r.path)
-            .map_err(|e| TierError::io(format!("opening {}", r.path.display()), e))?;
-        let mut v = StreamVerifier::new(m, format!("{} from {source}", m.key));
-        let mut write = |bytes: &[u8]| -> Result<(), TierError> {
-            v.feed(bytes)?;
-            file.write_all(bytes).map_err(|e| TierError::io(format!("writing {}", r.path.display()), e))
-        };
-        // The next chunk and how much of it was written.
-        let (mut chunk, mut in_chunk) = (0usize, 0u64);
-        let copy_unchanged = |chunk: &mut usize, write: &mut dyn FnMut(&[u8]) -> Result<(), TierError>| {
-            let Some((bm, bytes)) = base else { return Ok(()) };
-            while *chunk < m.chunks.len() && unchanged_chunk(bm, m, *chunk) {
-                let (a, b) = m.chunk_range(*chunk);
-                write(&bytes[a as usize..b as usize])?;
-                *chunk += 1;
-            }
-            Ok::<(), TierError>(())
-        };
-        copy_unchanged(&mut chunk, &mut write)?;
-        let mut stream = std::pin::pin!(stream);
-        loop {
-            let next = tokio::time::timeout(Duration::from_secs(60), stream.next())
-                .await
-                .map_err(|_| TierError::Unavailable(format!("{source} sent nothing for 60 s")))?;
-            let Some(piece) = next else { break };
-            let mut piece = &piece?[..];
-            while !piece.is_empty() {
-                if chunk >= m.chunks.len() {
-                    return Err(TierError::InvalidArgument(format!(
-                        "{source} sent more than the {} bytes of {}",
-                        m.file_len, m.key
-                    )));
-                }
-                let (a, b) = m.chunk_range(chunk);
-                let take = ((b - a - in_chunk) as usize).min(piece.len());
-                write(&piece[..take])?;
-                (in_chunk, piece) = (in_chunk + take as u64, &piece[take..]);
-                if in_chunk == b - a {
-                    (chunk, in_chunk) = (chunk + 1, 0);
-                    copy_unchanged(&mut chunk, &mut write)?;
-                }
-            }
-        }
-        drop(write);
-        v.finish()?;
-        Ok::<(), TierError>(())
-    }
-    .await;
-    match result {
-        Ok(()) => {
-            let (tier, m) = (tier.clone(), m.clone());
-            tokio::task::spawn_blocking(move || tier.seal_verified(r.id, &m))
-                .await
-                .map_err(|e| TierError::Unavailable(e.to_string()))??;
-            Ok(true)
-        }
-        Err(e) => {
-            let _ = tier.abort(r.id);
-            Err(e)
-        }
-    }
-}
-
-/// Like [`receive`], for a reduced blob (`tierckpt_format::encode`): decodes
-/// it on `base` straight into the reserved segment, every chunk verified
-/// against `m`, then publishes it. Blocking.
-pub fn receive_decoded(
-    tier: &MemoryTier,
-    m: &Manifest,
-    source: &str,
-    blob: &[u8],
-    base: Option<&[u8]>,
-) -> Result<bool, TierError> {
-    let Some(r) = reserve_for_copy(tier, m)? else { return Ok(false) };
-    let decode = || -> Result<(), TierError> {
-        let f = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&r.path)
-            .map_err(|e| TierError::io(format!("opening {}", r.path.display()), e))?;
-        let label = format!("{} from {source}", m.key);
-        if m.file_len == 0 {
-            return Ok(tierckpt_format::decode_into(blob, m, base, &mut [], &label)?);
-        }
-        // SAFETY: a reserved segment is written by its reserver alone until sealed.
-        let mut map = unsafe { memmap2::MmapMut::map_mut(&f) }
-            .map_err(|e| TierError::io(format!("mapping {}", r.path.display()), e))?;
-        Ok(tierckpt_format::decode_into(blob, m, base, &mut map[..], &label)?)
-    };
-    match decode() {
-        Ok(()) => tier.seal_verified(r.id, m).map(|()| true),
-        Err(e) => {
-            let _ = tier.abort(r.id);
-            Err(e)
-        }
-    }
-}
-
 impl Cluster {
     /// Starts the heartbeat loop and the replicator.
     pub fn start(
@@ -331,6 +191,11 @@ impl Cluster {
 
     pub fn node_id(&self) -> &str {
         &self.cfg.node_id
+    }
+
+    /// This node's memory tier, which peers' copies are received into.
+    pub fn memory(&self) -> &Arc<MemoryTier> {
+        &self.tier
     }
 
     fn addr(&self, i: usize) -> SocketAddr {
@@ -640,12 +505,12 @@ impl Cluster {
         }
     }
 
-    /// Fetches `key` from a live peer into local memory, verifying it; tries
-    /// every live holder before giving up.
-    pub async fn fetch_from_peers(&self, key: &ShardKey) -> Result<(), TierError> {
+    /// The live peers holding `key`, in node order, as of a fresh probe;
+    /// `NotFound` naming the dead nodes when there is none.
+    pub(crate) async fn holders(&self, key: &ShardKey) -> Result<Vec<String>, TierError> {
         self.refresh().await;
-        let view = self.view();
-        let holders: Vec<String> = view
+        let holders: Vec<String> = self
+            .view()
             .get(&key.namespace)
             .and_then(|steps| steps.iter().find(|s| s.step == key.step))
             .and_then(|s| s.holders.get(&key.rank))
@@ -663,15 +528,44 @@ impl Cluster {
                 "no live copy of shard {key}: no live node holds it (dead nodes: {dead:?})"
             )));
         }
+        Ok(holders)
+    }
+
+    /// A stream of `key`'s bytes from the live peer `id` (unverified: the
+    /// caller verifies while receiving), with its manifest.
+    pub(crate) async fn fetch_from(
+        &self,
+        id: &str,
+        key: &ShardKey,
+    ) -> Result<(Manifest, impl futures_util::Stream<Item = Result<bytes::Bytes, TierError>> + use<>), TierError> {
+        let i = self.cfg.nodes.iter().position(|(n, _)| n == id).expect("holder is a member");
+        let (m, stream) = self.peers.fetch(self.addr(i), key).await?;
+        if m.key != *key {
+            return Err(TierError::InvalidArgument(format!("node {id} sent {} for {key}", m.key)));
+        }
+        Ok((m, stream))
+    }
+
+    /// Stores a whole copy of a shard on each of this node's placement
+    /// targets (what the replicator does for shards sealed here).
+    pub(crate) async fn put_copies(&self, m: &Manifest, data: Bytes) -> Result<(), TierError> {
+        let n = self.cfg.nodes.len();
+        let body = ReplicaBody::Whole(data);
+        for t in replica_targets(self.cfg.placement, n, self.me, self.cfg.replication_factor) {
+            self.peers.put_replica(self.addr(t), m, &body, None).await?;
+        }
+        Ok(())
+    }
+
+    /// Fetches `key` from a live peer into local memory, verifying it; tries
+    /// every live holder before giving up.
+    pub async fn fetch_from_peers(&self, key: &ShardKey) -> Result<(), TierError> {
+        let holders = self.holders(key).await?;
         let mut errors = Vec::new();
         let (mut all_unreachable, mut any_corrupt) = (true, false);
         for id in holders {
-            let i = self.cfg.nodes.iter().position(|(n, _)| *n == id).expect("holder is a member");
             let attempt = async {
-                let (m, stream) = self.peers.fetch(self.addr(i), key).await?;
-                if m.key != *key {
-                    return Err(TierError::InvalidArgument(format!("node {id} sent {} for {key}", m.key)));
-                }
+                let (m, stream) = self.fetch_from(&id, key).await?;
                 receive(&self.tier, &m, &format!("node {id}"), stream, None).await?;
                 Ok::<u64, TierError>(m.file_len)
             };

@@ -214,7 +214,7 @@ async fn put_replica(
         }
     };
     let base = base.as_ref().map(|(bm, map)| (bm, &map[..]));
-    let stored = crate::cluster::receive(&d.tier, &m, "a peer", stream, base).await?;
+    let stored = tierckpt_tiers::receive::receive(&d.tier, &m, "a peer", stream, base).await?;
     Ok((StatusCode::CREATED, Json(json!({ "stored": stored }))).into_response())
 }
 
@@ -268,9 +268,11 @@ async fn receive_reduced(
         Some(b) => Some(held_base(d, m, &b).await?.1),
     };
     let (m, tier) = (m.clone(), d.tier.clone());
-    tokio::task::spawn_blocking(move || crate::cluster::receive_decoded(&tier, &m, "a peer", &blob, base.as_deref()))
-        .await
-        .map_err(|e| TierError::Unavailable(e.to_string()))?
+    tokio::task::spawn_blocking(move || {
+        tierckpt_tiers::receive::receive_decoded(&tier, &m, "a peer", &blob, base.as_deref())
+    })
+    .await
+    .map_err(|e| TierError::Unavailable(e.to_string()))?
 }
 
 /// Deletes across the cluster, or on this node alone with `?scope=node`.

@@ -11,6 +11,7 @@ mod http;
 pub mod hugepages;
 pub mod metrics;
 pub mod peer;
+pub mod peer_tier;
 mod service;
 mod uds;
 

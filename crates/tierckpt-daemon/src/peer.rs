@@ -25,7 +25,7 @@ pub const REDUCED_HEADER: &str = "x-tierckpt-reduced";
 /// Present on a sparse replica: the base (a `tierckpt_format::BaseRef` as
 /// JSON) whose unchanged chunks the body leaves out. The body is the other
 /// chunks back to back, in order; the receiver takes the rest from its copy
-/// of the base (see `cluster::unchanged_chunk`).
+/// of the base (see `tierckpt_tiers::receive::unchanged_chunk`).
 pub const SPARSE_BASE_HEADER: &str = "x-tierckpt-sparse-base";
 
 /// Pieces a shard body is cut into when streamed out.

@@ -12,7 +12,9 @@ use tierckpt_tiers::ErrorKind;
 use crate::cluster::Cluster;
 use crate::metrics::Metrics;
 use tierckpt_proto::{DaemonStatus, Reply, Request, WireResult};
-use tierckpt_tiers::{MemoryTier, MemoryTierConfig, Result, TierError};
+use tierckpt_tiers::{MemoryTier, MemoryTierConfig, Result, Tier, TierError};
+
+use crate::peer_tier::PeerTier;
 use tokio::sync::watch;
 
 use crate::{DaemonConfig, DaemonError};
@@ -31,6 +33,9 @@ pub struct Daemon {
     pub cluster: Option<Arc<Cluster>>,
     pub drainer: Option<Arc<crate::drain::Drainer>>,
     pub metrics: Arc<Metrics>,
+    /// Where reads look, fastest first: this node's memory, then the peers'
+    /// memory (in a cluster), then the persistent tier (when draining).
+    pub read_path: Vec<Arc<dyn Tier>>,
     pub failures: crate::failures::FailureLog,
     /// Whether the memory directory's tmpfs gives huge pages.
     pub huge_pages: bool,
@@ -132,6 +137,9 @@ impl Daemon {
             };
             (cluster, drainer)
         };
+        let mut read_path: Vec<Arc<dyn Tier>> = vec![tier.clone()];
+        read_path.extend(cluster.iter().map(|c| Arc::new(PeerTier::new(c.clone())) as Arc<dyn Tier>));
+        read_path.extend(drainer.iter().map(|d| d.store.clone() as Arc<dyn Tier>));
         let failures = crate::failures::FailureLog::new(&cfg.memory_dir);
         let daemon = Arc::new(Daemon {
             failures,
@@ -142,6 +150,7 @@ impl Daemon {
             cluster,
             drainer,
             metrics,
+            read_path,
             started: Instant::now(),
             http_addr,
         });
@@ -254,47 +263,30 @@ impl Daemon {
         Ok(total)
     }
 
-    /// Path and manifest of a shard held here, fetching it from a peer first
-    /// if this node lacks it.
-    /// Tiers are tried fastest first: local memory, a peer's memory, then
-    /// the persistent tier; any copy is verified chunk by chunk on the way in.
+    /// Path and manifest of a shard held here, copying it in first from the
+    /// fastest tier that has a verified copy: the read path walks
+    /// [`Daemon::read_path`] (this node's memory, the peers' memory, the
+    /// persistent tier), and every copy is verified chunk by chunk on the way in.
     pub async fn locate(&self, key: &ShardKey) -> Result<(PathBuf, Arc<tierckpt_format::Manifest>)> {
-        let local = self.tier.locate(key);
-        let Err(e) = &local else { return local };
-        if e.kind() != ErrorKind::NotFound {
-            return local;
-        }
-        let mut errors = vec![format!("memory: {e}")];
-        if let Some(c) = &self.cluster {
-            match c.fetch_from_peers(key).await {
+        let mut errors: Vec<(&str, TierError)> = Vec::new();
+        for (i, tier) in self.read_path.iter().enumerate() {
+            match tier.copy_to_memory(key, &self.tier).await {
                 Ok(()) => return self.tier.locate(key),
-                Err(e) => errors.push(format!("peers: {e}")),
-            }
-        }
-        if let Some(d) = &self.drainer {
-            match self.fetch_persisted(d, key).await {
-                Ok(()) => return self.tier.locate(key),
-                Err(e) if e.kind() == ErrorKind::AlreadyExists => return self.tier.locate(key),
-                Err(e) => {
-                    let kind = e.kind();
-                    errors.push(format!("persistent: {e}"));
-                    if kind == ErrorKind::Corrupt {
-                        return Err(TierError::Remote { kind, message: errors.join("; ") });
-                    }
-                }
+                // This node's own copy is there but unusable: say so, do not hide it.
+                Err(e) if i == 0 && e.kind() != ErrorKind::NotFound => return Err(e),
+                Err(e) => errors.push((tier.name(), e)),
             }
         }
         if errors.len() == 1 {
-            return local;
+            return Err(errors.remove(0).1);
         }
-        Err(TierError::NotFound(format!("no tier has a verified copy of shard {key}: {}", errors.join("; "))))
-    }
-
-    async fn fetch_persisted(&self, d: &crate::drain::Drainer, key: &ShardKey) -> Result<()> {
-        let (m, stream) = d.store.fetch(key).await?;
-        crate::cluster::receive(&self.tier, &m, d.store.url(), stream, None).await?;
-        tracing::info!(shard = %key, url = d.store.url(), "restored a shard from the persistent tier");
-        Ok(())
+        let corrupt = errors.last().is_some_and(|(_, e)| e.kind() == ErrorKind::Corrupt);
+        let said: Vec<String> = errors.iter().map(|(name, e)| format!("{name}: {e}")).collect();
+        let message = format!("no tier has a verified copy of shard {key}: {}", said.join("; "));
+        Err(match corrupt {
+            true => TierError::Remote { kind: ErrorKind::Corrupt, message },
+            false => TierError::NotFound(message),
+        })
     }
 
     /// Handles one local request for the connection `conn`.

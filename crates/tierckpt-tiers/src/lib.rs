@@ -7,6 +7,7 @@ mod error;
 pub mod faults;
 pub mod memory;
 pub mod persistent;
+pub mod receive;
 mod tier;
 
 pub use error::{ErrorKind, TierError, WireError};

@@ -35,7 +35,7 @@ use tierckpt_format::names::validate_namespace;
 use tierckpt_format::{self as reduce, BaseRef, ReduceOptions, ReduceStats};
 use tierckpt_format::{verify_chunks, Manifest, ShardKey, StreamVerifier};
 
-use crate::{now_unix_ms, ErrorKind, Result, ShardBytes, StepSummary, Tier, TierError};
+use crate::{now_unix_ms, ErrorKind, MemoryTier, Result, ShardBytes, StepSummary, Tier, TierError};
 
 /// Shards are encoded only if expected to shrink below this share of their
 /// size (`tierckpt_format::estimate`): storage is slow, so 5% pays already.
@@ -850,6 +850,15 @@ impl PersistentTier {
 impl Tier for PersistentTier {
     fn name(&self) -> &str {
         "persistent"
+    }
+
+    /// Streams the shard into memory, each chunk verified on the way in.
+    async fn copy_to_memory(&self, key: &ShardKey, memory: &Arc<MemoryTier>) -> Result<()> {
+        let (m, stream) = self.fetch(key).await?;
+        match crate::receive::receive(memory, &m, self.url(), stream, None).await {
+            Err(e) if e.kind() == ErrorKind::AlreadyExists => Ok(()),
+            r => r.map(|_| ()),
+        }
     }
 
     /// Uploads and claims the shard, then commits its step if complete.

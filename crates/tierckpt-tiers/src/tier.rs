@@ -1,13 +1,19 @@
+//! The [`Tier`] trait every place that holds shards implements, and the
+//! bytes a tier hands out.
+
 use async_trait::async_trait;
 use std::ops::Deref;
+use std::sync::Arc;
 use tierckpt_format::{Manifest, ShardKey};
 use tierckpt_proto::StepSummary;
 
-use crate::Result;
+use crate::{ErrorKind, MemoryTier, Result};
 
 /// Bytes of a shard: mapped from the tier or owned.
 pub enum ShardBytes {
+    /// A read-only mapping of the tier's own file.
     Mapped(memmap2::Mmap),
+    /// Bytes read into memory.
     Owned(Vec<u8>),
 }
 
@@ -36,8 +42,10 @@ pub trait Tier: Send + Sync {
     /// Reads a visible shard and verifies it.
     async fn get(&self, key: &ShardKey) -> Result<(Manifest, ShardBytes)>;
 
+    /// The manifest of a visible shard.
     async fn manifest(&self, key: &ShardKey) -> Result<Manifest>;
 
+    /// Namespaces holding at least one shard.
     async fn list_namespaces(&self) -> Result<Vec<String>>;
 
     /// Steps of a namespace, oldest first.
@@ -50,5 +58,21 @@ pub trait Tier: Send + Sync {
     async fn latest(&self, namespace: &str) -> Result<Option<u64>> {
         let steps = self.list_steps(namespace).await?;
         Ok(steps.iter().rev().find(|s| s.complete).map(|s| s.step))
+    }
+
+    /// Makes a verified copy of `key` present in `memory`, this node's memory
+    /// tier, taking it from this tier; a no-op check when this tier is
+    /// `memory` itself. The daemon reads through an ordered list of tiers,
+    /// fastest first, calling this on each until one succeeds. A copy that
+    /// another request brought in meanwhile counts as success.
+    async fn copy_to_memory(&self, key: &ShardKey, memory: &Arc<MemoryTier>) -> Result<()> {
+        if std::ptr::eq((self as *const Self).cast::<()>(), Arc::as_ptr(memory).cast::<()>()) {
+            return memory.locate(key).map(|_| ());
+        }
+        let (m, bytes) = self.get(key).await?;
+        match memory.put(&m, &bytes).await {
+            Err(e) if e.kind() == ErrorKind::AlreadyExists => Ok(()),
+            r => r,
+        }
     }
 }

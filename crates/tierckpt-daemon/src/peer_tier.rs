@@ -1,0 +1,145 @@
+//! The peer tier: the memory of the cluster's other nodes, seen as one
+//! [`Tier`]. Reads go to a live holder of the shard (the next one on any
+//! error), every chunk verified; writes place whole copies on this node's
+//! placement targets; listings come from the cluster view, refreshed
+//! first; deletes reach every node not known dead.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures_util::StreamExt;
+use tierckpt_format::{Manifest, ShardKey, StreamVerifier};
+use tierckpt_proto::{ClusterStep, StepSummary};
+use tierckpt_tiers::{ErrorKind, MemoryTier, Result, ShardBytes, Tier, TierError};
+
+use crate::cluster::Cluster;
+
+/// The other nodes' memory, through a running [`Cluster`].
+pub struct PeerTier {
+    cluster: Arc<Cluster>,
+}
+
+impl PeerTier {
+    /// The peer tier of `cluster`.
+    pub fn new(cluster: Arc<Cluster>) -> Self {
+        Self { cluster }
+    }
+
+    /// The steps of `namespace` in `view` with, for each rank, only the
+    /// holders that are not this node.
+    fn peer_steps(&self, view: &mut BTreeMap<String, Vec<ClusterStep>>, namespace: &str) -> Vec<ClusterStep> {
+        let me = self.cluster.node_id();
+        let mut steps = view.remove(namespace).unwrap_or_default();
+        for s in &mut steps {
+            s.holders.values_mut().for_each(|h| h.retain(|id| id != me));
+            s.holders.retain(|_, h| !h.is_empty());
+            s.complete = (0..s.world_size).all(|r| s.holders.contains_key(&r));
+        }
+        steps.retain(|s| !s.holders.is_empty());
+        steps
+    }
+
+    /// Reads `key` whole from its first live holder that sends it intact.
+    async fn read(&self, key: &ShardKey) -> Result<(Manifest, Vec<u8>)> {
+        let mut errors = Vec::new();
+        for id in self.cluster.holders(key).await? {
+            let attempt = async {
+                let (m, stream) = self.cluster.fetch_from(&id, key).await?;
+                let mut verifier = StreamVerifier::new(&m, format!("{key} from node {id}"));
+                let mut bytes = Vec::with_capacity(m.file_len as usize);
+                let mut stream = std::pin::pin!(stream);
+                while let Some(piece) = stream.next().await {
+                    let piece = piece?;
+                    verifier.feed(&piece)?;
+                    bytes.extend_from_slice(&piece);
+                }
+                verifier.finish()?;
+                Ok::<_, TierError>((m, bytes))
+            };
+            match attempt.await {
+                Ok(r) => return Ok(r),
+                Err(e) => errors.push((id, e)),
+            }
+        }
+        let kind = match errors.iter().any(|(_, e)| e.kind() == ErrorKind::Corrupt) {
+            true => ErrorKind::Corrupt,
+            false => ErrorKind::Unavailable,
+        };
+        let said: Vec<String> = errors.iter().map(|(id, e)| format!("{id}: {e}")).collect();
+        let message = format!("no peer sent an intact copy of shard {key}: {}", said.join("; "));
+        Err(TierError::Remote { kind, message })
+    }
+}
+
+#[async_trait]
+impl Tier for PeerTier {
+    fn name(&self) -> &str {
+        "peer"
+    }
+
+    async fn put(&self, manifest: &Manifest, data: &[u8]) -> Result<()> {
+        manifest.check_len(data.len())?;
+        tierckpt_format::verify_chunks(data, manifest, &manifest.key.to_string())?;
+        self.cluster.put_copies(manifest, Bytes::copy_from_slice(data)).await
+    }
+
+    async fn get(&self, key: &ShardKey) -> Result<(Manifest, ShardBytes)> {
+        let (m, bytes) = self.read(key).await?;
+        Ok((m, ShardBytes::Owned(bytes)))
+    }
+
+    async fn manifest(&self, key: &ShardKey) -> Result<Manifest> {
+        let mut last = None;
+        for id in self.cluster.holders(key).await? {
+            match self.cluster.fetch_from(&id, key).await {
+                Ok((m, _unread)) => return Ok(m),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| TierError::NotFound(format!("no live copy of shard {key}"))))
+    }
+
+    async fn list_namespaces(&self) -> Result<Vec<String>> {
+        self.cluster.refresh().await;
+        let mut view = self.cluster.view();
+        let names: Vec<String> = view.keys().cloned().collect();
+        Ok(names.into_iter().filter(|ns| !self.peer_steps(&mut view, ns).is_empty()).collect())
+    }
+
+    async fn list_steps(&self, namespace: &str) -> Result<Vec<StepSummary>> {
+        self.cluster.refresh().await;
+        Ok(self
+            .peer_steps(&mut self.cluster.view(), namespace)
+            .into_iter()
+            .map(|s| StepSummary {
+                step: s.step,
+                world_size: s.world_size,
+                ranks: s.holders.keys().copied().collect(),
+                in_progress: Vec::new(),
+                complete: s.complete,
+                bytes: 0,
+                created_unix_ms: 0,
+            })
+            .collect())
+    }
+
+    async fn delete_step(&self, namespace: &str, step: u64) -> Result<()> {
+        let deleted: u64 = self.cluster.delete_on_peers(namespace, Some(step)).await.iter().map(|(s, _)| s).sum();
+        match deleted {
+            0 => Err(TierError::NotFound(format!("{namespace}/step {step} on any reachable peer"))),
+            _ => Ok(()),
+        }
+    }
+
+    /// Streams the shard from a live holder straight into `memory`, every
+    /// chunk verified on the way in, trying each holder in turn.
+    async fn copy_to_memory(&self, key: &ShardKey, memory: &Arc<MemoryTier>) -> Result<()> {
+        debug_assert!(Arc::ptr_eq(memory, self.cluster.memory()), "peers copy into this node's memory");
+        match self.cluster.fetch_from_peers(key).await {
+            Err(e) if e.kind() == ErrorKind::AlreadyExists => Ok(()),
+            r => r,
+        }
+    }
+}
