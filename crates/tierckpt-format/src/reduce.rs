@@ -1877,6 +1877,149 @@ mod tests {
         (data, m, base, mb, blob)
     }
 
+    /// Noise for the frozen fixtures below: xxh3 of a counter, so that their
+    /// bytes never change with a `rand` upgrade or the platform.
+    fn noise(seed: u64, i: usize) -> u64 {
+        xxhash_rust::xxh3::xxh3_64_with_seed(&(i as u64).to_le_bytes(), seed)
+    }
+
+    /// A roughly normal f32 (sum of four uniform 16-bit parts) from `noise`.
+    fn noise_normal(seed: u64, i: usize) -> f32 {
+        let x = noise(seed, i);
+        let s = (x & 0xffff) + ((x >> 16) & 0xffff) + ((x >> 32) & 0xffff) + (x >> 48);
+        (s as f32 / 65536.0 - 2.0) * 1.732_050_8
+    }
+
+    /// A frozen base and new shard for the golden blobs: a frozen bf16 tensor
+    /// (`Same` chunks), random bytes (`Raw`), a tensor of new bf16 weights
+    /// (plain compressed), and two Adam layers one step apart (`Xor`, their
+    /// `exp_avg_sq` predicted).
+    fn golden_pair() -> (Vec<u8>, Vec<u8>) {
+        const N: usize = 200_000;
+        let bf16_noise = |seed: u64, n: usize| -> Vec<u8> {
+            (0..n).flat_map(|i| bf16(0.02 * noise_normal(seed, i)).to_le_bytes()).collect()
+        };
+        let f32s = |v: &[f32]| -> Vec<u8> { v.iter().flat_map(|x| x.to_le_bytes()).collect() };
+        let shard = |layers: &[(Vec<u16>, Vec<f32>, Vec<f32>)], fresh_seed: u64| -> Vec<u8> {
+            let spec = |name: &str, dtype, n| TensorSpec { name: name.into(), dtype, shape: vec![n] };
+            let mut specs = vec![spec("frozen", Dtype::BF16, 300_000), spec("noise", Dtype::U8, 1 << 20)];
+            let mut tensors = vec![
+                bf16_noise(1, 300_000),
+                (0..(1 << 17)).flat_map(|i| noise(2, i).to_le_bytes()).collect::<Vec<u8>>(),
+            ];
+            specs.push(spec("fresh", Dtype::BF16, 600_000));
+            tensors.push(bf16_noise(fresh_seed, 600_000));
+            for (i, (w, m, v)) in layers.iter().enumerate() {
+                specs.push(spec(&format!("l{i}.weight"), Dtype::BF16, N));
+                tensors.push(w.iter().flat_map(|x| x.to_le_bytes()).collect());
+                specs.push(spec(&format!("l{i}.exp_avg"), Dtype::F32, N));
+                tensors.push(f32s(m));
+                specs.push(spec(&format!("l{i}.exp_avg_sq"), Dtype::F32, N));
+                tensors.push(f32s(v));
+            }
+            specs.push(spec("odd", Dtype::U8, 3));
+            tensors.push(vec![1, 2, 3]);
+            let layout = ShardLayout::new(&specs, &Default::default()).unwrap();
+            let mut f = vec![0u8; layout.file_len as usize];
+            f[..layout.header.len()].copy_from_slice(&layout.header);
+            for (e, t) in layout.entries.iter().zip(&tensors) {
+                f[e.range()].copy_from_slice(t);
+            }
+            f
+        };
+        let mut layers: Vec<(Vec<u16>, Vec<f32>, Vec<f32>)> = [(10u64, 1e-3f32), (20, 1e-2)]
+            .iter()
+            .map(|&(seed, scale)| {
+                let w = (0..N).map(|i| bf16(0.02 * noise_normal(seed, i))).collect();
+                let m = (0..N).map(|i| 0.3 * scale * noise_normal(seed + 1, i)).collect();
+                let v = (0..N).map(|i| scale * scale * (0.5 + (noise(seed + 2, i) >> 40) as f32 / (1u64 << 24) as f32));
+                (w, m, v.collect())
+            })
+            .collect();
+        let base = shard(&layers, 3);
+        for (k, ((w, m, v), (b1, b2, scale))) in
+            layers.iter_mut().zip([(0.9f32, 0.999f32, 1e-3f32), (0.9, 0.95, 1e-2)]).enumerate()
+        {
+            for i in 0..N {
+                let g = scale * (0.3 * m[i].signum() + noise_normal(30 + k as u64, i));
+                m[i] = b1 * m[i] + (1.0 - b1) * g;
+                v[i] = b2 * v[i] + (1.0 - b2) * g * g;
+                w[i] = bf16(f32::from_bits((w[i] as u32) << 16) - 1e-4 * m[i] / (v[i].sqrt() + 1e-8));
+            }
+        }
+        (base, shard(&layers, 4))
+    }
+
+    /// `blob` with its payloads in chunk order: encode's workers append them
+    /// in the order they finish, which alone varies between runs.
+    fn canonical(blob: &[u8]) -> Vec<u8> {
+        let (mut h, _, payload) = parse(blob, "t").unwrap();
+        let mut ordered = Vec::with_capacity(payload.len());
+        for c in &mut h.chunks {
+            ordered.extend_from_slice(&payload[c.1 as usize..(c.1 + c.2) as usize]);
+            c.1 = (ordered.len() as u64) - c.2;
+        }
+        let json = serde_json::to_vec(&h).unwrap();
+        let mut b = blob[..8].to_vec();
+        b.extend_from_slice(&(json.len() as u64).to_le_bytes());
+        b.extend_from_slice(&ordered);
+        b.extend_from_slice(&json);
+        b
+    }
+
+    /// The blobs' bytes (in canonical payload order) stay what this build's
+    /// encoder wrote when the test was recorded: a change of the format, or of
+    /// what the encoder picks, fails here. A zstd or lz4_flex upgrade that
+    /// compresses differently would too; then check the decoder still reads
+    /// the old blobs and record the new hashes.
+    #[test]
+    fn golden_blobs_stay_bit_for_bit() {
+        let (base, data) = golden_pair();
+        let mut got = Vec::new();
+        for cs in [64u64 << 10, 1 << 20] {
+            let (mb, m) = (man(&base, 1, cs), man(&data, 2, cs));
+            for c in [Compression::Off, Compression::Lz4, Compression::Zstd(1), Compression::Zstd(3)] {
+                for delta in [false, true] {
+                    let (blob, s) = encode(&data, &m, Some((&base, &mb)), &opts(c, delta)).unwrap();
+                    let canon = canonical(&blob);
+                    let mut out = vec![0u8; data.len()];
+                    decode_into(&canon, &m, Some(&base), &mut out, "f").unwrap();
+                    assert!(out == data);
+                    got.push(format!(
+                        "{cs} {c} {delta}: v{} {} same {} xor {} comp {} raw {} pred {} {:032x}",
+                        blob[7],
+                        canon.len(),
+                        s.same_chunks,
+                        s.xor_chunks,
+                        s.compressed_chunks,
+                        s.raw_chunks,
+                        s.predicted_pairs,
+                        xxh3_128(&canon)
+                    ));
+                }
+            }
+        }
+        let want = [
+            "65536 off false: v1 6851832 same 0 xor 0 comp 0 raw 105 pred 0 f7ddf22f6ef050b77366aed5d873ec32",
+            "65536 off true: v1 5310855 same 24 xor 0 comp 0 raw 81 pred 0 df857e31bec8c0073f67adaf95f08fb7",
+            "65536 lz4 false: v1 6117807 same 0 xor 0 comp 89 raw 16 pred 0 053715870bf56b11872c5361b7abae55",
+            "65536 lz4 true: v2 2971003 same 24 xor 63 comp 18 raw 0 pred 2 b47eec814677ee1571c3264cb774798f",
+            "65536 zstd:1 false: v1 5794975 same 0 xor 0 comp 88 raw 17 pred 0 79578816031d8bd11f9e01618197f0a6",
+            "65536 zstd:1 true: v2 2605932 same 24 xor 63 comp 18 raw 0 pred 2 03286a95a0e831ac05b0fe34e5c840c9",
+            "65536 zstd:3 false: v1 5730804 same 0 xor 0 comp 89 raw 16 pred 0 a4bda61dffc4425f9214c3001fe9cb59",
+            "65536 zstd:3 true: v2 2570568 same 24 xor 63 comp 18 raw 0 pred 2 7bfd93f6cb0d258f0babe370c2abef44",
+            "1048576 off false: v1 6849707 same 0 xor 0 comp 0 raw 7 pred 0 10d7092a8adc410b1d8366f4e99baef1",
+            "1048576 off true: v1 6291840 same 1 xor 0 comp 0 raw 6 pred 0 ea588559ca0caefec31c4a797280ac96",
+            "1048576 lz4 false: v1 6023681 same 0 xor 0 comp 6 raw 1 pred 0 e2ea30db9c1f750e7704b8a0d26bf3bf",
+            "1048576 lz4 true: v2 2998541 same 1 xor 6 comp 0 raw 0 pred 2 b6c69525fbfa3ff6e95462af60c78aac",
+            "1048576 zstd:1 false: v1 5414490 same 0 xor 0 comp 6 raw 1 pred 0 ec124803faf6ce30437d9888dd1a94b5",
+            "1048576 zstd:1 true: v2 2450951 same 1 xor 6 comp 0 raw 0 pred 2 fc78ccbc71b7e449b166514214e219f0",
+            "1048576 zstd:3 false: v1 5483838 same 0 xor 0 comp 6 raw 1 pred 0 f75920ba8959a7eaff8d70100bb61a0f",
+            "1048576 zstd:3 true: v2 2496355 same 1 xor 6 comp 0 raw 0 pred 2 dee75c072064937320cb77f55bae09ea",
+        ];
+        assert_eq!(got, want, "\n{}", got.join("\n"));
+    }
+
     thread_local! {
         static PREDICTED: (Vec<u8>, Manifest, Vec<u8>, Vec<u8>) = predicted_sample();
     }
