@@ -54,7 +54,9 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use xxhash_rust::xxh3::xxh3_128;
 
 use crate::error::Hex;
-use crate::predict::{self, Pair};
+mod predict;
+
+use self::predict::Pair;
 use crate::{Checksum, FormatError, Manifest};
 
 const MAGIC: &[u8; 7] = b"TCKPRED";
