@@ -1,4 +1,6 @@
 use proptest::prelude::*;
+use rand::rngs::SmallRng;
+use rand::{Rng, RngCore, SeedableRng};
 use xxhash_rust::xxh3::xxh3_128;
 
 use super::blob::{check_predict, parse, ChunkRec, Header, Kind, PREFIX_LEN};
@@ -23,22 +25,23 @@ fn man(data: &[u8], step: u64, chunk_size: u64) -> Manifest {
     }
 }
 
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
+/// A roughly normal f32 (sum of the four uniform 16-bit parts of `x`).
+fn normal_of(x: u64) -> f32 {
+    let s = (x & 0xffff) + ((x >> 16) & 0xffff) + ((x >> 32) & 0xffff) + (x >> 48);
+    (s as f32 / 65536.0 - 2.0) * 1.732_050_8
+}
+
+/// A roughly normal f32 from `rng`.
+fn normal(rng: &mut SmallRng) -> f32 {
+    normal_of(rng.random())
 }
 
 /// bf16-like weights: random mantissas, few exponents (compressible).
 fn weights(n_bytes: usize, seed: u64) -> Vec<u8> {
-    let mut r = Rng(seed | 1);
+    let mut r = SmallRng::seed_from_u64(seed);
     let mut v = Vec::with_capacity(n_bytes);
     while v.len() < n_bytes {
-        let x = r.next();
+        let x: u64 = r.random();
         let exp = 0x3c + (x >> 60) as u16 % 3; // |w| ~ 2^-7..2^-5
         let bf = ((x & 1) as u16) << 15 | exp << 7 | ((x >> 8) & 0x7f) as u16;
         v.extend_from_slice(&bf.to_le_bytes());
@@ -47,9 +50,11 @@ fn weights(n_bytes: usize, seed: u64) -> Vec<u8> {
     v
 }
 
+/// `n` uniformly random bytes.
 fn random(n: usize, seed: u64) -> Vec<u8> {
-    let mut r = Rng(seed | 1);
-    (0..n).map(|_| r.next() as u8).collect()
+    let mut v = vec![0u8; n];
+    SmallRng::seed_from_u64(seed).fill_bytes(&mut v);
+    v
 }
 
 fn opts(compression: Compression, delta: bool) -> ReduceOptions {
@@ -343,7 +348,7 @@ fn compression_parses_and_displays() {
 struct Train {
     frozen: Vec<u16>,
     layers: Vec<Layer>,
-    rng: Rng,
+    rng: SmallRng,
 }
 
 struct Layer {
@@ -360,28 +365,16 @@ fn bf16(x: f32) -> u16 {
     ((b + 0x7fff + ((b >> 16) & 1)) >> 16) as u16
 }
 
-impl Rng {
-    fn uniform(&mut self) -> f32 {
-        (self.next() >> 40) as f32 / (1u64 << 24) as f32
-    }
-
-    fn normal(&mut self) -> f32 {
-        let x = self.next();
-        let s = (x & 0xffff) + ((x >> 16) & 0xffff) + ((x >> 32) & 0xffff) + (x >> 48);
-        (s as f32 / 65536.0 - 2.0) * 1.732_050_8
-    }
-}
-
 impl Train {
     fn new(n: usize, frozen: usize, seed: u64) -> Self {
-        let mut rng = Rng(seed | 1);
-        let frozen = (0..frozen).map(|_| bf16(0.02 * rng.normal())).collect();
+        let mut rng = SmallRng::seed_from_u64(seed);
+        let frozen = (0..frozen).map(|_| bf16(0.02 * normal(&mut rng))).collect();
         let layers = [(0.9, 0.999, 1e-3), (0.9, 0.999, 3e-5), (0.9, 0.95, 1e-2)]
             .into_iter()
             .map(|(b1, b2, scale): (f32, f32, f32)| Layer {
-                w: (0..n).map(|_| bf16(0.02 * rng.normal())).collect(),
-                m: (0..n).map(|_| 0.3 * scale * rng.normal()).collect(),
-                v: (0..n).map(|_| scale * scale * (0.5 + rng.uniform())).collect(),
+                w: (0..n).map(|_| bf16(0.02 * normal(&mut rng))).collect(),
+                m: (0..n).map(|_| 0.3 * scale * normal(&mut rng)).collect(),
+                v: (0..n).map(|_| scale * scale * (0.5 + rng.random::<f32>())).collect(),
                 b1,
                 b2,
                 scale,
@@ -393,7 +386,7 @@ impl Train {
     fn step(&mut self) {
         for l in &mut self.layers {
             for ((w, m), v) in l.w.iter_mut().zip(&mut l.m).zip(&mut l.v) {
-                let g = l.scale * (0.3 * m.signum() + self.rng.normal());
+                let g = l.scale * (0.3 * m.signum() + normal(&mut self.rng));
                 *m = l.b1 * *m + (1.0 - l.b1) * g;
                 *v = l.b2 * *v + (1.0 - l.b2) * g * g;
                 *w = bf16(f32::from_bits((*w as u32) << 16) - 1e-4 * *m / (v.sqrt() + 1e-8));
@@ -754,9 +747,7 @@ fn noise(seed: u64, i: usize) -> u64 {
 
 /// A roughly normal f32 (sum of four uniform 16-bit parts) from `noise`.
 fn noise_normal(seed: u64, i: usize) -> f32 {
-    let x = noise(seed, i);
-    let s = (x & 0xffff) + ((x >> 16) & 0xffff) + ((x >> 32) & 0xffff) + (x >> 48);
-    (s as f32 / 65536.0 - 2.0) * 1.732_050_8
+    normal_of(noise(seed, i))
 }
 
 /// A frozen base and new shard for the golden blobs: a frozen bf16 tensor
