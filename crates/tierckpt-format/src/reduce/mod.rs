@@ -62,6 +62,7 @@ pub use encode::{encode, ReduceStats};
 pub use estimate::estimate;
 pub use options::{Compression, ReduceOptions, DEFAULT_ZSTD_LEVEL};
 
+use crate::checksum::worker_count;
 use crate::{FormatError, Manifest};
 
 /// An error unless `m` has one checksum per chunk of a nonzero chunk size
@@ -79,10 +80,4 @@ fn check_shape(m: &Manifest, what: &str) -> Result<(), FormatError> {
         });
     }
     Ok(())
-}
-
-/// Threads to work on `chunks` items: one per core, at most 8, at least 1.
-fn worker_count(chunks: usize) -> usize {
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    cores.min(8).min(chunks).max(1)
 }
