@@ -41,6 +41,11 @@
 //! base, identically on every platform; only then does it verify those
 //! chunks, so a wrong prediction can only fail a checksum. Blobs of version
 //! 1 have no predictions.
+//!
+//! Modules: `options` (what `encode` may use), `blob` (the container:
+//! prefix, header, versions, its checks), `planes` (byte planes), `encoder`
+//! (one chunk's smallest encoding), `encode`, `estimate`, `decode`, and
+//! `predict` (Adam's second moment).
 
 // `u64::is_multiple_of` needs Rust 1.87; the workspace supports 1.85.
 #![allow(clippy::manual_is_multiple_of)]
