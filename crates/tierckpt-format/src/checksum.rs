@@ -34,7 +34,8 @@ impl<'de> Deserialize<'de> for Checksum {
     }
 }
 
-fn worker_count(chunks: usize) -> usize {
+/// Threads to work on `chunks` items: one per core, at most 8, at least 1.
+pub(crate) fn worker_count(chunks: usize) -> usize {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     cores.min(8).min(chunks).max(1)
 }
@@ -44,6 +45,7 @@ fn split(n: usize, parts: usize) -> Vec<Range<usize>> {
     (0..parts).map(|i| (n * i / parts)..(n * (i + 1) / parts)).collect()
 }
 
+/// Byte range of chunk `i` of a `len`-byte file.
 fn chunk_bounds(i: usize, chunk_size: u64, len: usize) -> Range<usize> {
     let a = (i as u64 * chunk_size) as usize;
     a..(a + chunk_size as usize).min(len)
@@ -69,6 +71,7 @@ pub fn chunk_checksums(data: &[u8], chunk_size: u64) -> Vec<Checksum> {
     out
 }
 
+/// `Truncated` unless `data_len` is the manifest's file length.
 fn check_len(data_len: usize, m: &Manifest, file: &str) -> Result<(), FormatError> {
     if data_len as u64 != m.file_len {
         return Err(FormatError::Truncated { file: file.to_string(), expected: m.file_len, found: data_len as u64 });
@@ -76,6 +79,7 @@ fn check_len(data_len: usize, m: &Manifest, file: &str) -> Result<(), FormatErro
     Ok(())
 }
 
+/// The error for chunk `chunk` of `m`, whose bytes hash to `found`.
 fn mismatch(file: &str, m: &Manifest, chunk: usize, found: u128) -> FormatError {
     let (offset, end) = m.chunk_range(chunk);
     FormatError::ChecksumMismatch {
@@ -101,19 +105,28 @@ pub fn verify_chunks(data: &[u8], m: &Manifest, file: &str) -> Result<(), Format
 /// A destination for part of a shard: `dst` receives the file bytes starting
 /// at `file_offset`.
 pub struct CopyTarget<'a> {
+    /// Offset in the file of the first byte `dst` receives.
     pub file_offset: u64,
+    /// Where the bytes go; its length says how many.
     pub dst: &'a mut [u8],
 }
 
+/// A [`CopyTarget`] as the copy workers share it: a raw pointer, so that
+/// each worker can write its own disjoint part.
 #[derive(Clone, Copy)]
 struct RawTarget {
+    /// Offset in the file of the first byte.
     offset: usize,
+    /// The destination's first byte.
     ptr: *mut u8,
+    /// The destination's length.
     len: usize,
 }
 // SAFETY: targets are disjoint and each byte is written by exactly one worker
 // (workers own disjoint chunk ranges, hence disjoint file ranges).
 unsafe impl Send for RawTarget {}
+// SAFETY: shared `&RawTarget`s only read the pointer; the bytes behind it are
+// written through it by one worker each, as for `Send` above.
 unsafe impl Sync for RawTarget {}
 
 /// Copies the parts of `src` that `targets` ask for and verifies every chunk
@@ -156,6 +169,9 @@ pub fn copy_verified(src: &[u8], targets: &mut [CopyTarget<'_>], m: &Manifest, f
     Ok(())
 }
 
+/// One copy worker: hashes `chunks` of `src` and copies their bytes into the
+/// `targets` (sorted by offset) that ask for them; the first bad chunk and
+/// the checksum found.
 fn copy_hash_chunks(
     src: &[u8],
     targets: &[RawTarget],
@@ -241,15 +257,22 @@ fn store_fence() {
 /// Verifies a shard's bytes as they stream in, chunk by chunk, so a receiver
 /// learns of a mismatch as soon as the bad chunk ends.
 pub struct StreamVerifier<'m> {
+    /// The manifest verified against.
     m: &'m Manifest,
+    /// The file's name, for errors.
     file: String,
+    /// The chunk being fed.
     chunk: usize,
+    /// Bytes of it fed so far.
     in_chunk: u64,
+    /// Bytes fed in all.
     total: u64,
+    /// Hash of the chunk's bytes fed so far.
     hasher: Xxh3,
 }
 
 impl<'m> StreamVerifier<'m> {
+    /// A verifier of the bytes `m` describes; `file` names them in errors.
     pub fn new(m: &'m Manifest, file: impl Into<String>) -> Self {
         Self { m, file: file.into(), chunk: 0, in_chunk: 0, total: 0, hasher: Xxh3::new() }
     }

@@ -13,29 +13,39 @@ use safetensors::Dtype;
 use crate::names::validate_tensor_name;
 use crate::{byte_len, FormatError};
 
+/// Tensor data starts at a multiple of this many bytes.
 const DATA_ALIGN: usize = 64;
+/// The largest JSON header written or read.
 const MAX_HEADER_LEN: usize = 100_000_000;
 
 /// A tensor to be written: name, dtype and shape.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TensorSpec {
+    /// The tensor's name (see [`crate::names`]).
     pub name: String,
+    /// Its element type.
     pub dtype: Dtype,
+    /// Its dimensions.
     pub shape: Vec<usize>,
 }
 
 /// Where one tensor's bytes live inside the shard file.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TensorEntry {
+    /// The tensor's name.
     pub name: String,
+    /// Its element type.
     pub dtype: Dtype,
+    /// Its dimensions.
     pub shape: Vec<usize>,
     /// Absolute byte offset in the file.
     pub offset: u64,
+    /// Length of its bytes.
     pub len: u64,
 }
 
 impl TensorEntry {
+    /// The tensor's bytes in the file, as a range to index it with.
     pub fn range(&self) -> std::ops::Range<usize> {
         self.offset as usize..(self.offset + self.len) as usize
     }
@@ -48,10 +58,14 @@ pub struct ShardLayout {
     pub header: Vec<u8>,
     /// In the order given to [`ShardLayout::new`].
     pub entries: Vec<TensorEntry>,
+    /// Length of the whole file.
     pub file_len: u64,
 }
 
 impl ShardLayout {
+    /// Plans the file holding `tensors` and `metadata` (the safetensors
+    /// `__metadata__`); an error for an invalid or repeated tensor name, a
+    /// shape whose bytes overflow or are not whole, or a header too large.
     pub fn new(tensors: &[TensorSpec], metadata: &BTreeMap<String, String>) -> Result<Self, FormatError> {
         let mut seen = HashSet::new();
         let mut lens = Vec::with_capacity(tensors.len());
@@ -110,12 +124,16 @@ impl ShardLayout {
 /// A parsed shard: its tensors (in file order) and metadata.
 #[derive(Debug, Clone)]
 pub struct ShardView {
+    /// The tensors, by offset.
     pub entries: Vec<TensorEntry>,
+    /// The safetensors `__metadata__` map (empty if none).
     pub metadata: BTreeMap<String, String>,
+    /// Offset of the first tensor byte (length prefix and header before it).
     pub data_start: u64,
 }
 
 impl ShardView {
+    /// The tensor named `name`, if any.
     pub fn entry(&self, name: &str) -> Option<&TensorEntry> {
         self.entries.iter().find(|e| e.name == name)
     }

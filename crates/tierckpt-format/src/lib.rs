@@ -11,7 +11,6 @@ mod error;
 mod layout;
 mod manifest;
 pub mod names;
-mod predict;
 mod reduce;
 
 pub use checksum::{chunk_checksums, copy_verified, verify_chunks, Checksum, CopyTarget, StreamVerifier};

@@ -9,6 +9,7 @@ use crate::FormatError;
 /// Format version written by this build. Readers accept any minor version of
 /// the same major version and refuse other majors.
 pub const FORMAT_VERSION: &str = "1.0";
+/// The major version of [`FORMAT_VERSION`].
 const FORMAT_MAJOR: u32 = 1;
 
 /// Chunk size for checksums: large enough that hashing overhead is nil, small
@@ -18,12 +19,16 @@ pub const DEFAULT_CHUNK_SIZE: u64 = 4 << 20;
 /// Identity of a shard: one rank's state at one step of one namespace.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct ShardKey {
+    /// The namespace (one training run or job; see [`crate::names`]).
     pub namespace: String,
+    /// The training step.
     pub step: u64,
+    /// The rank whose state the shard holds.
     pub rank: u32,
 }
 
 impl ShardKey {
+    /// The key of `rank`'s shard at `step` in `namespace`.
     pub fn new(namespace: impl Into<String>, step: u64, rank: u32) -> Self {
         Self { namespace: namespace.into(), step, rank }
     }
@@ -38,15 +43,20 @@ impl fmt::Display for ShardKey {
 /// Manifest stored beside each shard's bytes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Manifest {
+    /// The format version it was written with ([`FORMAT_VERSION`]).
     pub format_version: String,
+    /// Which shard it describes.
     #[serde(flatten)]
     pub key: ShardKey,
+    /// Ranks in the job at this step.
     pub world_size: u32,
     /// Length of the safetensors file in bytes.
     pub file_len: u64,
+    /// Bytes per chunk checksummed.
     pub chunk_size: u64,
     /// xxh3-128 of each `chunk_size` slice of the file, the last one shorter.
     pub chunks: Vec<Checksum>,
+    /// When the manifest was computed, in milliseconds since the Unix epoch.
     pub created_unix_ms: u64,
 }
 
@@ -83,6 +93,7 @@ impl Manifest {
         Ok(())
     }
 
+    /// The manifest as pretty-printed JSON.
     pub fn to_json(&self) -> Vec<u8> {
         serde_json::to_vec_pretty(self).expect("manifest serializes")
     }

@@ -20,6 +20,7 @@ pub enum FailureKind {
 }
 
 impl FailureKind {
+    /// Whether the event is a failure (anything but a start).
     pub fn is_failure(self) -> bool {
         self != FailureKind::Start
     }
@@ -29,7 +30,9 @@ impl FailureKind {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FailureRecord {
+    /// When it happened, in milliseconds since the Unix epoch.
     pub unix_ms: u64,
+    /// What happened.
     pub kind: FailureKind,
     /// Exit code, signal name, or what was waited for.
     #[serde(default)]

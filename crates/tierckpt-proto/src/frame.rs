@@ -30,6 +30,7 @@ pub fn read_frame<R: Read>(r: &mut R) -> std::io::Result<Option<Vec<u8>>> {
     Ok(Some(body))
 }
 
+/// An `InvalidData` error if a frame of `len` bytes exceeds [`MAX_FRAME`].
 pub fn check_frame_len(len: usize) -> std::io::Result<()> {
     if len > MAX_FRAME {
         return Err(std::io::Error::new(

@@ -5,32 +5,45 @@ use tierckpt_format::Manifest;
 
 use crate::{DaemonStatus, FailureRecord, NamespaceSummary, StepSummary, WireError};
 
+/// A request from a client to its node daemon, one per frame.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Request {
     /// Ask for a segment of exactly `len` bytes for one shard.
     Reserve {
+        /// The shard's namespace.
         namespace: String,
+        /// The shard's step.
         step: u64,
+        /// The shard's rank.
         rank: u32,
+        /// Ranks in the job at this step.
         world_size: u32,
+        /// The shard's length in bytes.
         len: u64,
     },
     /// The segment is written: checksum, index and publish it. With `wait`, the
     /// reply comes once the shard is visible (or failed); otherwise at once.
     Seal {
+        /// The reservation, as `Reserved` named it.
         id: u64,
+        /// Reply once the shard is visible (or its seal failed).
         wait: bool,
     },
     /// Give a reservation back unwritten.
     Abort {
+        /// The reservation, as `Reserved` named it.
         id: u64,
     },
     /// Wait until a sealed shard is visible or its seal failed.
     WaitVisible {
+        /// The shard's namespace.
         namespace: String,
+        /// The shard's step.
         step: u64,
+        /// The shard's rank.
         rank: u32,
+        /// How long to wait, in milliseconds.
         timeout_ms: u64,
     },
     /// Where a visible shard's bytes are, and its manifest. The shard is
@@ -38,69 +51,134 @@ pub enum Request {
     /// client maps stays what it verifies. Leases end with `Release` or when
     /// the connection closes.
     Open {
+        /// The shard's namespace.
         namespace: String,
+        /// The shard's step.
         step: u64,
+        /// The shard's rank.
         rank: u32,
     },
+    /// End this connection's lease of a shard it opened.
     Release {
+        /// The shard's namespace.
         namespace: String,
+        /// The shard's step.
         step: u64,
+        /// The shard's rank.
         rank: u32,
     },
     /// The client found this node's copy corrupt: the daemon checks it and,
     /// if it is, drops it, so the next `Open` fetches another copy.
     ReportCorrupt {
+        /// The shard's namespace.
         namespace: String,
+        /// The shard's step.
         step: u64,
+        /// The shard's rank.
         rank: u32,
     },
     /// Newest complete step.
     Latest {
+        /// The namespace.
         namespace: String,
     },
+    /// Every namespace at a glance.
     ListNamespaces,
+    /// The steps of a namespace.
     ListSteps {
+        /// The namespace.
         namespace: String,
     },
+    /// Delete a step, here and on every reachable peer.
     DeleteStep {
+        /// The namespace.
         namespace: String,
+        /// The step.
         step: u64,
     },
+    /// Delete a namespace, here and on every reachable peer.
     DeleteNamespace {
+        /// The namespace.
         namespace: String,
     },
     /// Drop incomplete steps newer than `step` (left by a run that crashed
     /// before every rank saved); a resumed job calls this before saving again.
     DiscardIncompleteAfter {
+        /// The namespace.
         namespace: String,
+        /// Incomplete steps after this one go.
         step: u64,
     },
+    /// The daemon's status.
     Status,
     /// Appends an event of a job's life (a start or a failure), as the
     /// supervisor `tierckpt run` sees it, to the namespace's record.
     RecordFailure {
+        /// The job's namespace.
         namespace: String,
+        /// The event.
         record: FailureRecord,
     },
     /// The namespace's recorded events, oldest first.
     Failures {
+        /// The namespace.
         namespace: String,
     },
 }
 
-/// Externally tagged, so that maps with integer keys inside deserialize.
+/// The daemon's answer to a [`Request`] that succeeded. Externally tagged,
+/// so that maps with integer keys inside deserialize.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Reply {
-    Reserved { id: u64, path: String, len: u64 },
+    /// To `Reserve`: the segment to write the shard into.
+    Reserved {
+        /// The reservation, for `Seal` or `Abort`.
+        id: u64,
+        /// The segment's file, to map and write.
+        path: String,
+        /// Its length in bytes.
+        len: u64,
+    },
+    /// Done, nothing to tell.
     Done,
-    Opened { path: String, manifest: Manifest },
-    Latest { step: Option<u64> },
-    Namespaces { namespaces: Vec<NamespaceSummary> },
-    Steps { steps: Vec<StepSummary> },
-    Deleted { shards: u64, bytes: u64 },
+    /// To `Open`: the leased shard.
+    Opened {
+        /// The shard's file, to map and read.
+        path: String,
+        /// Its manifest, to verify the bytes against.
+        manifest: Manifest,
+    },
+    /// To `Latest`.
+    Latest {
+        /// The newest complete step, if any.
+        step: Option<u64>,
+    },
+    /// To `ListNamespaces`.
+    Namespaces {
+        /// One summary per namespace.
+        namespaces: Vec<NamespaceSummary>,
+    },
+    /// To `ListSteps`.
+    Steps {
+        /// One summary per step.
+        steps: Vec<StepSummary>,
+    },
+    /// To the deletes and `DiscardIncompleteAfter`: what went.
+    Deleted {
+        /// Shards deleted.
+        shards: u64,
+        /// Their bytes.
+        bytes: u64,
+    },
+    /// To `Status`.
     Status(Box<DaemonStatus>),
-    Failures { records: Vec<FailureRecord> },
+    /// To `Failures`.
+    Failures {
+        /// The namespace's recorded events, oldest first.
+        records: Vec<FailureRecord>,
+    },
 }
 
+/// A reply as it travels: the reply, or the error the request met.
 pub type WireResult = Result<Reply, WireError>;

@@ -10,23 +10,36 @@ use crate::FailureRecord;
 /// One namespace at a glance.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NamespaceSummary {
+    /// The namespace.
     pub namespace: String,
+    /// Steps held, complete or not.
     pub steps: u64,
+    /// Steps of which every rank is visible.
     pub complete_steps: u64,
+    /// The newest complete step, if any.
     pub latest_complete: Option<u64>,
+    /// Bytes of its shards, sealed or being sealed.
     pub bytes: u64,
 }
 
 /// What `tierckpt status` shows.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DaemonStatus {
+    /// The daemon's version.
     pub version: String,
+    /// Its process id.
     pub pid: u32,
+    /// The memory tier's directory.
     pub root: String,
+    /// The Unix socket clients connect to.
     pub socket: String,
+    /// The address its HTTP server listens on, if it has one.
     pub http_addr: Option<String>,
+    /// Seconds since it started.
     pub uptime_s: f64,
+    /// The memory tier's byte accounting.
     pub memory: MemoryUsage,
+    /// Every namespace in the memory tier.
     pub namespaces: Vec<NamespaceSummary>,
     /// Present when the daemon is a member of a cluster.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -46,15 +59,22 @@ pub struct DaemonStatus {
 /// What one node holds in memory: visible shards per namespace and step.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Holdings {
+    /// The node.
     pub node_id: String,
+    /// Its steps, by namespace.
     pub namespaces: BTreeMap<String, Vec<HeldStep>>,
 }
 
+/// One step a node holds.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HeldStep {
+    /// The step.
     pub step: u64,
+    /// Ranks in the job at this step.
     pub world_size: u32,
+    /// Ranks whose shard is visible on the node.
     pub ranks: Vec<u32>,
+    /// The newest `created_unix_ms` of those shards' manifests.
     pub created_unix_ms: u64,
 }
 
@@ -64,6 +84,7 @@ pub struct HeldStep {
 pub enum NodeState {
     /// Not heard from yet.
     Unknown,
+    /// Heard from within half the heartbeat timeout.
     Alive,
     /// Silent for more than half the heartbeat timeout.
     Suspect,
@@ -71,29 +92,38 @@ pub enum NodeState {
     Dead,
 }
 
+/// One member of the cluster, as this node sees it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct NodeStatus {
+    /// The node's id.
     pub id: String,
+    /// The address its peers reach it at.
     pub addr: String,
+    /// Its health.
     pub state: NodeState,
     /// Milliseconds since the last answer (none if never heard from).
     pub last_seen_ms_ago: Option<u64>,
+    /// Whether it is the node reporting.
     pub this_node: bool,
 }
 
 /// One step across the cluster: which live nodes hold each rank.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClusterStep {
+    /// The step.
     pub step: u64,
+    /// Ranks in the job at this step.
     pub world_size: u32,
     /// Every rank is held by at least one live node.
     pub complete: bool,
+    /// The ids of the live nodes holding each rank, in the cluster's node order.
     pub holders: BTreeMap<u32, Vec<String>>,
 }
 
 /// Counters of the replicator.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReplicationStats {
+    /// Shard copies sent to peers.
     pub shards_sent: u64,
     /// Shard bytes replicated, before compression and delta.
     pub bytes_sent: u64,
@@ -110,43 +140,64 @@ pub struct ReplicationStats {
     /// Deltas a peer refused (it no longer held the base); sent whole instead.
     #[serde(default)]
     pub deltas_refused: u64,
+    /// Copies to a peer that failed for good (after retries).
     pub failures: u64,
+    /// Sealed shards waiting to be replicated.
     pub queued: u64,
+    /// Shards restored from a peer's copy.
     pub shards_fetched: u64,
+    /// Their bytes.
     pub bytes_fetched: u64,
+    /// Copies made to bring a shard back to its number of live copies (after
+    /// a node died).
     pub rereplicated: u64,
 }
 
+/// A clustered daemon's view of its cluster.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ClusterStatus {
+    /// This node's id.
     pub node_id: String,
+    /// Copies of each shard on other nodes.
     pub replication_factor: usize,
+    /// Where the copies go (`ring` or `group`).
     pub placement: String,
+    /// Every member, this node included.
     pub nodes: Vec<NodeStatus>,
+    /// The steps that live nodes hold, by namespace.
     pub namespaces: BTreeMap<String, Vec<ClusterStep>>,
+    /// The replicator's counters.
     pub replication: ReplicationStats,
 }
 
 /// Byte accounting of the memory tier.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MemoryUsage {
+    /// Bytes the tier may hold, pooled segments included.
     pub capacity: u64,
     /// Everything below counts against capacity.
     pub used: u64,
+    /// Bytes of sealed shards.
     pub sealed: u64,
+    /// Bytes of shards reserved or being sealed.
     pub in_progress: u64,
     /// Recycled segments kept for reuse (their pages stay allocated, so the
     /// next save of the same size does not pay for page faults).
     pub pooled: u64,
+    /// Sealed shards.
     pub shards: u64,
+    /// Open reservations.
     pub reservations: u64,
+    /// Complete steps kept per namespace.
     pub keep_last: usize,
 }
 
 /// One step of one namespace as a tier sees it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StepSummary {
+    /// The step.
     pub step: u64,
+    /// Ranks in the job at this step.
     pub world_size: u32,
     /// Ranks whose shard is visible (sealed and checksummed).
     pub ranks: Vec<u32>,
@@ -154,6 +205,10 @@ pub struct StepSummary {
     pub in_progress: Vec<u32>,
     /// Every rank of `world_size` is visible.
     pub complete: bool,
+    /// Bytes of its shards, sealed or being sealed (0 where the tier does
+    /// not count them).
     pub bytes: u64,
+    /// The newest `created_unix_ms` of its visible shards' manifests (0
+    /// where unknown).
     pub created_unix_ms: u64,
 }
