@@ -27,6 +27,7 @@ use tierckpt_format::{
 use tierckpt_proto::{DaemonStatus, FailureRecord, NamespaceSummary, Reply, Request, WireResult};
 pub use tierckpt_proto::{ErrorKind, StepSummary};
 
+/// The client's result type.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// Where the daemon listens unless told otherwise.
@@ -40,18 +41,26 @@ pub fn default_socket() -> PathBuf {
 /// A tensor to save: its bytes are little-endian, C-contiguous.
 #[derive(Debug, Clone, Copy)]
 pub struct TensorData<'a> {
+    /// The tensor's name in the shard.
     pub name: &'a str,
+    /// Its element type.
     pub dtype: Dtype,
+    /// Its dimensions.
     pub shape: &'a [usize],
+    /// Its bytes: exactly the element count times the element size.
     pub data: &'a [u8],
 }
 
 /// How long each phase of a save took, as the caller saw it.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct SaveTiming {
+    /// Bytes of the shard file.
     pub bytes: u64,
+    /// Seconds to reserve and map the segment.
     pub reserve_s: f64,
+    /// Seconds to copy the tensors into it.
     pub copy_s: f64,
+    /// Seconds to seal it (and, when waited for, until it was visible).
     pub seal_s: f64,
 }
 
@@ -132,6 +141,7 @@ impl Client {
         Self::connect(default_socket())
     }
 
+    /// The daemon's socket this client is connected to.
     pub fn socket(&self) -> &Path {
         &self.socket
     }
@@ -343,6 +353,7 @@ impl Client {
         Ok(view)
     }
 
+    /// Every namespace the daemon holds, at a glance.
     pub fn namespaces(&mut self) -> Result<Vec<NamespaceSummary>> {
         match self.call(&Request::ListNamespaces)? {
             Reply::Namespaces { namespaces } => Ok(namespaces),
@@ -350,6 +361,7 @@ impl Client {
         }
     }
 
+    /// The steps of a namespace, oldest first.
     pub fn steps(&mut self, namespace: &str) -> Result<Vec<StepSummary>> {
         match self.call(&Request::ListSteps { namespace: namespace.into() })? {
             Reply::Steps { steps } => Ok(steps),
@@ -369,6 +381,7 @@ impl Client {
         self.deleted(Request::DeleteStep { namespace: namespace.into(), step })
     }
 
+    /// Deletes a whole namespace; returns (shards, bytes) removed.
     pub fn delete_namespace(&mut self, namespace: &str) -> Result<(u64, u64)> {
         self.deleted(Request::DeleteNamespace { namespace: namespace.into() })
     }
@@ -393,6 +406,7 @@ impl Client {
         }
     }
 
+    /// The daemon's status: memory, namespaces, cluster, persistent tier.
     pub fn status(&mut self) -> Result<DaemonStatus> {
         match self.call(&Request::Status)? {
             Reply::Status(s) => Ok(*s),
@@ -412,6 +426,7 @@ pub struct PendingShard<'c> {
 }
 
 impl PendingShard<'_> {
+    /// Where each tensor goes in the segment.
     pub fn layout(&self) -> &ShardLayout {
         &self.layout
     }
@@ -489,16 +504,20 @@ impl Drop for PendingShard<'_> {
 
 /// A verified shard, mapped read-only.
 pub struct MappedShard {
+    /// The shard's manifest, every chunk of which was verified.
     pub manifest: Manifest,
+    /// Its tensors and metadata.
     pub view: ShardView,
     map: Mmap,
 }
 
 impl MappedShard {
+    /// The bytes of one tensor, if the shard has it.
     pub fn tensor(&self, name: &str) -> Option<&[u8]> {
         self.view.entry(name).map(|e| &self.map[e.range()])
     }
 
+    /// The shard's `__metadata__` map.
     pub fn metadata(&self) -> &BTreeMap<String, String> {
         &self.view.metadata
     }

@@ -108,6 +108,7 @@ impl ReplicaCosts {
 
 /// A clustered daemon's view of its peers, and the work it does with them.
 pub struct Cluster {
+    /// The cluster settings this node runs with.
     pub cfg: ClusterConfig,
     me: usize,
     tier: Arc<MemoryTier>,
@@ -189,6 +190,7 @@ impl Cluster {
         c
     }
 
+    /// This node's id.
     pub fn node_id(&self) -> &str {
         &self.cfg.node_id
     }
@@ -657,6 +659,7 @@ impl Cluster {
         futures_util::future::join_all(calls).await
     }
 
+    /// Members, their states, the cluster view and the replicator's counters.
     pub fn status(&self) -> ClusterStatus {
         let now = Instant::now();
         let nodes = {

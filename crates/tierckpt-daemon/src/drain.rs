@@ -24,12 +24,15 @@ use crate::config::PersistConfig;
 /// Drain state of one namespace, for `tierckpt status`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct NamespaceDrain {
+    /// The namespace.
     pub namespace: String,
+    /// Newest step this drainer saw committed.
     pub last_committed: Option<u64>,
     /// Complete steps not persisted because of `persist_every`.
     pub skipped: u64,
     /// What is being uploaded now ("step 40 rank 1, 1.0 GiB").
     pub uploading: Option<String>,
+    /// Shards uploaded from this node.
     pub uploaded_shards: u64,
     /// Shard bytes uploaded, before compression and delta.
     pub uploaded_bytes: u64,
@@ -39,20 +42,28 @@ pub struct NamespaceDrain {
     /// Shards stored as deltas against an earlier step.
     #[serde(default)]
     pub delta_shards: u64,
+    /// Failed attempts to persist.
     pub failures: u64,
+    /// The last failure, as a person reads it.
     pub last_error: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
+/// What `tierckpt status` shows of the drain to the persistent tier.
 pub struct PersistStatus {
+    /// The store's URL.
     pub url: String,
+    /// Persist every N-th complete checkpoint.
     pub persist_every: u64,
+    /// Committed steps kept.
     pub keep_last: usize,
     /// "zstd:1", "lz4" or "off".
     #[serde(default)]
     pub compression: String,
     #[serde(default)]
+    /// Only changed chunks are stored.
     pub delta: bool,
+    /// Per namespace.
     pub namespaces: Vec<NamespaceDrain>,
 }
 
@@ -65,7 +76,9 @@ struct NsState {
     last_time: Option<Instant>,
 }
 
+/// Drains complete checkpoints from the memory tier to the persistent tier, in the background.
 pub struct Drainer {
+    /// The persistent tier.
     pub store: Arc<PersistentTier>,
     cfg: PersistConfig,
     tier: Arc<MemoryTier>,
@@ -79,6 +92,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Drainer {
+    /// Opens the store and starts the drain loop; it stops when `stop` changes.
     pub fn start(
         cfg: PersistConfig,
         node: &str,
@@ -117,6 +131,7 @@ impl Drainer {
         self.wake.notify_one();
     }
 
+    /// Counters and the last error per namespace.
     pub fn status(&self) -> PersistStatus {
         PersistStatus {
             url: self.cfg.url.clone(),

@@ -16,12 +16,14 @@ use tierckpt_tiers::{Result, TierError};
 /// Longest `detail` accepted, in bytes.
 pub const MAX_DETAIL: usize = 4096;
 
+/// The record of each namespace's starts and failures, one JSON line each.
 pub struct FailureLog {
     dir: PathBuf,
     append: Mutex<()>,
 }
 
 impl FailureLog {
+    /// The record kept under `memory_dir/failures`.
     pub fn new(memory_dir: &std::path::Path) -> Self {
         Self { dir: memory_dir.join("failures"), append: Mutex::new(()) }
     }

@@ -13,7 +13,9 @@ use crate::DaemonError;
 /// The file system holding a directory.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PageInfo {
+    /// The mount point the directory is on.
     pub mount_point: PathBuf,
+    /// Its file system type ("tmpfs").
     pub fs_type: String,
     /// Its `huge=` option, if any ("within_size", "always", ...).
     pub huge: Option<String>,

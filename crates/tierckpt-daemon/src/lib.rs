@@ -24,14 +24,23 @@ use tierckpt_tiers::TierError;
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
     #[error("configuration: {0}")]
+    /// A setting is missing, malformed or contradicts another.
     Config(String),
     #[error(transparent)]
+    /// The memory tier or a store failed.
     Tier(#[from] TierError),
     #[error("{context}: {source}")]
-    Io { context: String, source: std::io::Error },
+    /// A file or socket operation failed.
+    Io {
+        /// What was being done.
+        context: String,
+        /// The operating system's error.
+        source: std::io::Error,
+    },
 }
 
 impl DaemonError {
+    /// An I/O error with what was being done.
     pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
         DaemonError::Io { context: context.into(), source }
     }

@@ -69,20 +69,24 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// A shard was sealed here.
     pub fn sealed(&self, bytes: u64) {
         self.shards_sealed.inc();
         self.bytes_sealed.inc_by(bytes);
     }
 
+    /// A replica was sent to a peer.
     pub fn replicated(&self, bytes: u64) {
         self.replicated_shards.inc();
         self.replicated_bytes.inc_by(bytes);
     }
 
+    /// Sending a replica failed.
     pub fn replication_failed(&self) {
         self.replication_failures.inc();
     }
 
+    /// A peer changed state.
     pub fn node_event(&self, node: &str, state: NodeState) {
         let s = format!("{state:?}").to_lowercase();
         self.node_events.get_or_create(&EventLabels { node: node.into(), state: s }).inc();

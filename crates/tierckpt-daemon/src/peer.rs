@@ -43,6 +43,7 @@ pub struct PeerClient {
 /// Paces a stream to at most `bytes_per_s`.
 #[derive(Clone, Copy, Debug)]
 pub struct Pace {
+    /// Bytes per second.
     pub bytes_per_s: u64,
 }
 
@@ -51,6 +52,7 @@ fn unavailable(addr: SocketAddr, what: &str, e: impl std::fmt::Display) -> TierE
 }
 
 impl PeerClient {
+    /// A client that sends `token` with every request.
     pub fn new(token: Option<String>) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
@@ -198,9 +200,19 @@ pub enum ReplicaBody {
     Whole(Bytes),
     /// A reduced blob (`tierckpt_format::encode`), and whether it refers to
     /// a base.
-    Reduced { blob: Bytes, delta: bool },
+    Reduced {
+        /// The blob.
+        blob: Bytes,
+        /// It holds chunks relative to a base the peer has.
+        delta: bool,
+    },
     /// The chunks that differ from `base`, in order (slices of the shard).
-    Sparse { base: BaseRef, pieces: Vec<Bytes> },
+    Sparse {
+        /// The step the peer holds whose unchanged chunks fill the gaps.
+        base: BaseRef,
+        /// The changed chunks.
+        pieces: Vec<Bytes>,
+    },
 }
 
 impl ReplicaBody {

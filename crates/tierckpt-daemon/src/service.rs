@@ -28,14 +28,20 @@ const STATUS_FAILURES: usize = 20;
 
 /// Shared state of a running daemon.
 pub struct Daemon {
+    /// This node's memory tier.
     pub tier: Arc<MemoryTier>,
+    /// The settings it runs with.
     pub cfg: DaemonConfig,
+    /// Membership and replication, when clustered.
     pub cluster: Option<Arc<Cluster>>,
+    /// The drain to the persistent tier, when configured.
     pub drainer: Option<Arc<crate::drain::Drainer>>,
+    /// Prometheus counters.
     pub metrics: Arc<Metrics>,
     /// Where reads look, fastest first: this node's memory, then the peers'
     /// memory (in a cluster), then the persistent tier (when draining).
     pub read_path: Vec<Arc<dyn Tier>>,
+    /// Starts and failures recorded by supervisors.
     pub failures: crate::failures::FailureLog,
     /// Whether the memory directory's tmpfs gives huge pages.
     pub huge_pages: bool,
@@ -57,8 +63,11 @@ pub struct Connection {
 
 /// Handle on a daemon started with [`Daemon::start`].
 pub struct RunningDaemon {
+    /// The daemon's shared state.
     pub daemon: Arc<Daemon>,
+    /// Where the local API listens.
     pub socket: PathBuf,
+    /// Where the HTTP API listens, if on.
     pub http_addr: Option<SocketAddr>,
     stop: watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
@@ -162,6 +171,7 @@ impl Daemon {
         Ok(RunningDaemon { daemon, socket, http_addr, stop, tasks })
     }
 
+    /// What `tierckpt status` shows.
     pub fn status(&self) -> DaemonStatus {
         DaemonStatus {
             version: env!("CARGO_PKG_VERSION").to_string(),

@@ -90,7 +90,7 @@ fn load_into_refuses_wrong_buffers_by_name() {
     let t = [TensorData { name: "w", dtype: Dtype::F32, shape: &[4], data: &data }];
     let key = ShardKey::new("bad", 1, 0);
     c.save(&key, 1, &t, &BTreeMap::new(), true).unwrap();
-    let mut small = vec![0u8; 8];
+    let mut small = [0u8; 8];
     let e = c.load_into(&key, &mut [("w", &mut small[..])]).unwrap_err();
     assert!(e.to_string().contains("\"w\"") && e.to_string().contains("16 bytes"), "{e}");
     let e = c.load_into(&key, &mut [("nope", &mut small[..])]).unwrap_err();

@@ -52,7 +52,9 @@ fn bad_requests_get_clear_errors_and_lose_nothing() {
     let a = addr(&d);
     let (_, good) = sample_shard(ShardKey::new("ok", 1, 0), 1, 1000, 1);
     assert_eq!(http(&a, "PUT", "/v1/shards/ok/1/0?world_size=1", &[], &good).0, 201);
-    let cases: Vec<(&str, &str, Vec<(&str, &str)>, Vec<u8>, u16, &str)> = vec![
+    // (method, path, headers, body, expected status, a word the error must contain)
+    type Case<'a> = (&'a str, &'a str, Vec<(&'a str, &'a str)>, Vec<u8>, u16, &'a str);
+    let cases: Vec<Case> = vec![
         ("PUT", "/v1/shards/..%2Fetc/1/0?world_size=1", vec![], good.clone(), 400, "namespace"),
         ("PUT", "/v1/shards/ok/x/0?world_size=1", vec![], good.clone(), 400, "whole number"),
         ("PUT", "/v1/shards/ok/2/-1?world_size=1", vec![], good.clone(), 400, "rank"),

@@ -7,7 +7,9 @@ use std::path::{Path, PathBuf};
 use super::ConfigLayer;
 use crate::DaemonError;
 
+/// Where the memory tier lives unless configured.
 pub const DEFAULT_MEMORY_DIR: &str = "/dev/shm/tierckpt";
+/// Where the HTTP API listens unless configured (or clustered).
 pub const DEFAULT_HTTP_ADDR: &str = "127.0.0.1:7750";
 /// Compression of persisted shards unless configured: "auto" is zstd at
 /// level 1 on a node with at least `AUTO_COMPRESSION_CORES` cores, else off;
@@ -37,14 +39,23 @@ const AUTO_SHARE: f64 = 0.5;
 /// The resolved configuration of a daemon.
 #[derive(Debug, Clone)]
 pub struct DaemonConfig {
+    /// tmpfs directory of the memory tier.
     pub memory_dir: PathBuf,
+    /// The capacity as configured ("auto", "32GB").
     pub memory_tier_size: String,
+    /// The capacity in bytes.
     pub capacity: u64,
+    /// Complete steps kept per namespace.
     pub keep_last: usize,
+    /// Unix socket of the local API.
     pub socket: PathBuf,
+    /// Address of the HTTP API; none when off.
     pub http_addr: Option<SocketAddr>,
+    /// Bearer token every HTTP request and peer must carry.
     pub token: Option<String>,
+    /// Membership and replication, when this node is in a cluster.
     pub cluster: Option<ClusterConfig>,
+    /// The drain to a persistent tier, when one is configured.
     pub persist: Option<PersistConfig>,
     /// See [`ConfigLayer::background_nice`].
     pub background_nice: i32,
@@ -55,15 +66,25 @@ pub struct DaemonConfig {
 /// Settings of the drain to the persistent tier.
 #[derive(Debug, Clone)]
 pub struct PersistConfig {
+    /// The store's URL (file://, s3://, gs://, az://).
     pub url: String,
+    /// Persist every N-th complete checkpoint.
     pub every: u64,
+    /// Also persist when this long has passed since the last one.
     pub interval: Option<std::time::Duration>,
+    /// Committed steps kept.
     pub keep_last: usize,
+    /// Also keep every step that is a multiple of this (0: none).
     pub keep_every: u64,
+    /// Cap on upload bytes per second.
     pub bandwidth: Option<u64>,
+    /// Compression and deltas of what is stored.
     pub reduce: tierckpt_format::ReduceOptions,
+    /// Every N-th persisted shard of a rank is stored whole.
     pub full_every: u32,
+    /// Options of the object store.
     pub options: Vec<(String, String)>,
+    /// Faults injected into the store (a testing aid).
     pub faults: Option<String>,
 }
 
@@ -112,21 +133,30 @@ pub enum Placement {
 /// Membership and replication settings of a clustered daemon.
 #[derive(Debug, Clone)]
 pub struct ClusterConfig {
+    /// This node's id.
     pub node_id: String,
+    /// Every member, this node included, in a fixed order.
     pub nodes: Vec<(String, SocketAddr)>,
+    /// Copies of each shard on other nodes (k).
     pub replication_factor: usize,
+    /// Which nodes get the copies.
     pub placement: Placement,
+    /// How often peers are probed.
     pub heartbeat_interval: std::time::Duration,
+    /// A peer silent this long is dead; after half of it, suspect.
     pub heartbeat_timeout: std::time::Duration,
+    /// Cap on replication bytes per second.
     pub replication_bandwidth: Option<u64>,
     /// Compression and deltas of replicas on the wire.
     pub replication_reduce: tierckpt_format::ReduceOptions,
 }
 
 impl ClusterConfig {
+    /// This node's position in `nodes`.
     pub fn my_index(&self) -> usize {
         self.nodes.iter().position(|(id, _)| *id == self.node_id).expect("validated")
     }
+    /// This node's address in `nodes`.
     pub fn my_addr(&self) -> SocketAddr {
         self.nodes[self.my_index()].1
     }
@@ -216,6 +246,7 @@ fn resolve_cluster(layer: &ConfigLayer) -> Result<Option<ClusterConfig>, DaemonE
 }
 
 impl DaemonConfig {
+    /// Checks a merged layer and fills in defaults; errors name the setting.
     pub fn resolve(layer: ConfigLayer) -> Result<Self, DaemonError> {
         let cluster = resolve_cluster(&layer)?;
         let persist = resolve_persist(&layer)?;
@@ -322,6 +353,7 @@ fn auto_capacity(dir: &Path) -> u64 {
     if let Ok(c) = std::ffi::CString::new(probe.as_os_str().as_encoded_bytes()) {
         // SAFETY: statvfs writes into a zeroed struct we own.
         let mut sv: libc::statvfs = unsafe { std::mem::zeroed() };
+        // SAFETY: `c` is a NUL-terminated path and `sv` a struct we own.
         if unsafe { libc::statvfs(c.as_ptr(), &mut sv) } == 0 {
             share = share.min(sv.f_bavail as u64 * sv.f_frsize as u64);
         }
@@ -384,9 +416,9 @@ mod tests {
         let bad = ConfigLayer { memory_tier_size: Some("lots".into()), ..Default::default() };
         let e = DaemonConfig::resolve(bad).unwrap_err().to_string();
         assert!(e.contains("\"lots\""), "{e}");
-        let e = flags(&["--keep-last", "x"]).err().expect("refused").to_string();
+        let e = flags(&["--keep-last", "x"]).expect_err("refused").to_string();
         assert!(e.contains("--keep-last") && e.contains("'x'"), "{e}");
-        let e = flags(&["--nodes", "a=1.2.3.4:1,b"]).err().expect("refused").to_string();
+        let e = flags(&["--nodes", "a=1.2.3.4:1,b"]).expect_err("refused").to_string();
         assert!(e.contains("\"b\" is not id=host:port"), "{e}");
     }
 
