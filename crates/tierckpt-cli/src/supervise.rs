@@ -25,6 +25,7 @@ const DAEMON_START_TIMEOUT: Duration = Duration::from_secs(30);
 const STOP_GRACE: Duration = Duration::from_secs(10);
 
 #[derive(clap::Args, Debug)]
+/// The arguments of `tierckpt run`.
 pub struct RunArgs {
     /// Restarts after failures before giving up (0: never restart).
     #[arg(long, default_value_t = 3)]

@@ -1,0 +1,33 @@
+//! Inspection and maintenance commands, one file each: status, ls, inspect,
+//! verify, export, rm. Each prints a table for people, or one JSON object
+//! with `--json`.
+
+mod export;
+mod inspect;
+mod ls;
+mod rm;
+mod status;
+mod verify;
+
+use anyhow::{Context, Result};
+use tierckpt_client::Client;
+
+pub use export::export;
+pub use inspect::inspect;
+pub use ls::ls;
+pub use rm::rm;
+pub use status::status;
+pub use verify::verify;
+
+/// The step to act on: the one given, or the newest complete.
+fn pick_step(c: &mut Client, ns: &str, step: Option<u64>) -> Result<u64> {
+    match step {
+        Some(s) => Ok(s),
+        None => c.latest(ns)?.with_context(|| format!("namespace {ns} has no complete step; name one with --step")),
+    }
+}
+
+fn ranks_of(c: &mut Client, ns: &str, step: u64) -> Result<(u32, Vec<u32>)> {
+    let s = c.steps(ns)?.into_iter().find(|s| s.step == step).with_context(|| format!("{ns} has no step {step}"))?;
+    Ok((s.world_size, s.ranks))
+}
