@@ -69,9 +69,12 @@ use serde_json::{json, Value};
 use tierckpt_client::{Client, ErrorKind, TensorData};
 use tierckpt_format::{Dtype, ShardKey, ShardLayout, TensorSpec};
 
-use crate::baseline::FileCheckpoints;
 use crate::output::{human_bytes, print_json};
 use tierckpt_harness::daemon::{LocalCluster, LocalClusterOptions};
+
+use self::baseline::FileCheckpoints;
+
+mod baseline;
 
 // Tensors are saved as their in-memory bytes: safetensors is little-endian.
 const _: () = assert!(cfg!(target_endian = "little"), "the demo trainer assumes a little-endian host");
