@@ -1,4 +1,4 @@
-//! The demo's workload: a model of [`LAYERS`] weight matrices trained by
+//! The demo's workload: a model of `LAYERS` weight matrices trained by
 //! Adam on a synthetic regression task, sharded across ranks as in ZeRO, and
 //! the checkpoint of one rank's state (tensors and metadata) with everything
 //! a bitwise-identical resume needs.
