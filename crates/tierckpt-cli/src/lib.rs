@@ -1,7 +1,6 @@
 //! The `tierckpt` command-line tool as a library: inspection commands, the
 //! demo (the main job), benchmarks, and the supervisor (`tierckpt run`).
 
-pub mod baseline;
 pub mod bench;
 pub mod bench_persist;
 pub mod bench_reduce;

@@ -7,8 +7,6 @@
 // `u64::is_multiple_of` needs Rust 1.87; the workspace supports 1.85.
 #![allow(clippy::manual_is_multiple_of)]
 
-use std::process::Command;
-
 use serde_json::Value;
 
 /// The demos run one at a time: the goodput comparison needs the cores.

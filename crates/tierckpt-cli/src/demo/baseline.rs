@@ -1,7 +1,8 @@
-//! The demo's baseline: checkpoints written synchronously to files, as a job
-//! that checkpoints only to a file system does (`torch.save` + fsync). The
-//! training step waits for the write and the fsync; a restart reads the
-//! newest step whose every rank's file is there.
+//! The demo's baseline: the same job and failures, with checkpoints written
+//! synchronously to files, as a job that checkpoints only to a file system
+//! does (`torch.save` + fsync). The training step waits for the write and
+//! the fsync; a restart reads the newest step whose every rank's file is
+//! there.
 //!
 //! Layout: `<dir>/step-<step:020>/rank-<rank:05>.safetensors`, each file
 //! written to a temporary name, fsynced, renamed into place, and its
@@ -13,11 +14,22 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use anyhow::{ensure, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
+use serde_json::{json, Value};
 use tierckpt_client::TensorData;
 use tierckpt_format::{parse_shard, ShardLayout, TensorSpec};
 
-pub struct FileCheckpoints {
+use super::failures::failure_json;
+use super::job::{Job, Store};
+use super::lockstep::{drive, Outcome};
+use super::model::combined_hash;
+use super::plan::{Failure, Plan};
+use super::run_log::RunLog;
+use super::ui::Ui;
+use super::DemoArgs;
+
+/// One rank's checkpoints as files in a directory shared by all ranks.
+pub(super) struct FileCheckpoints {
     dir: PathBuf,
     rank: u32,
     world_size: u32,
@@ -40,7 +52,15 @@ fn fsync_dir(dir: &Path) -> Result<()> {
 }
 
 impl FileCheckpoints {
-    pub fn new(dir: impl Into<PathBuf>, rank: u32, world_size: u32, keep_last: usize, bandwidth: Option<u64>) -> Self {
+    /// Rank `rank`'s checkpoints of a job of `world_size` ranks in `dir`,
+    /// keeping the newest `keep_last` complete steps.
+    pub(super) fn new(
+        dir: impl Into<PathBuf>,
+        rank: u32,
+        world_size: u32,
+        keep_last: usize,
+        bandwidth: Option<u64>,
+    ) -> Self {
         Self { dir: dir.into(), rank, world_size, keep_last: keep_last.max(1), bandwidth }
     }
 
@@ -49,7 +69,7 @@ impl FileCheckpoints {
     }
 
     /// Steps with a file for every rank, oldest first.
-    pub fn complete_steps(&self) -> Result<Vec<u64>> {
+    pub(super) fn complete_steps(&self) -> Result<Vec<u64>> {
         let entries = match fs::read_dir(&self.dir) {
             Ok(e) => e,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
@@ -64,14 +84,15 @@ impl FileCheckpoints {
         Ok(steps)
     }
 
-    pub fn latest(&self) -> Result<Option<u64>> {
+    /// The newest step with a file for every rank.
+    pub(super) fn latest(&self) -> Result<Option<u64>> {
         Ok(self.complete_steps()?.last().copied())
     }
 
     /// Writes this rank's file of `step` and waits for it to be durable;
     /// returns the bytes written. Then drops this rank's files of steps
     /// older than the newest `keep_last` complete ones.
-    pub fn save(&self, step: u64, tensors: &[TensorData<'_>], meta: &BTreeMap<String, String>) -> Result<u64> {
+    pub(super) fn save(&self, step: u64, tensors: &[TensorData<'_>], meta: &BTreeMap<String, String>) -> Result<u64> {
         let specs: Vec<TensorSpec> = tensors
             .iter()
             .map(|t| TensorSpec { name: t.name.to_string(), dtype: t.dtype, shape: t.shape.to_vec() })
@@ -120,7 +141,7 @@ impl FileCheckpoints {
 
     /// Reads this rank's file of `step` into `targets` (one buffer per
     /// tensor name); returns the file's metadata.
-    pub fn load_into(&self, step: u64, targets: &mut [(&str, &mut [u8])]) -> Result<BTreeMap<String, String>> {
+    pub(super) fn load_into(&self, step: u64, targets: &mut [(&str, &mut [u8])]) -> Result<BTreeMap<String, String>> {
         let path = self.file(step, self.rank);
         let bytes = fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
         let view = parse_shard(&bytes, &path.display().to_string())?;
@@ -137,6 +158,62 @@ impl FileCheckpoints {
         }
         Ok(view.metadata)
     }
+}
+
+/// What the baseline run measured.
+pub(super) struct BaselineRun {
+    pub(super) log: RunLog,
+    /// The job's final state hash.
+    pub(super) hash: String,
+    /// Each failure's record in the report.
+    pub(super) failures: Vec<Value>,
+    pub(super) wall_s: f64,
+}
+
+/// The baseline: the same job and the same failures, checkpointing only to
+/// files on the persistent tier's disk (in `dir`), synchronously (write +
+/// fsync); every restart reads the newest complete step's files.
+pub(super) fn run_baseline(a: &DemoArgs, plan: &Plan, dir: &Path, ui: &Ui) -> Result<BaselineRun> {
+    ui.line(format!(
+        "[3/3] baseline: the same job and failures, checkpointing only to files on disk ({}), written and fsynced by the trainers",
+        dir.display()
+    ));
+    let failures = plan.failures();
+    let store = Store::Files(dir.to_path_buf(), plan.world);
+    let ns = "demo-baseline";
+    let mut log = RunLog::new("files (write + fsync)");
+    let pb = ui.bar(a.steps, "baseline");
+    let t = Instant::now();
+    let mut job = Job::spawn(&store, ns, a, plan.threads)?;
+    let mut reports = Vec::new();
+    let mut pending: Option<(&Failure, Instant)> = None;
+    for next in failures.iter().map(Some).chain([None]) {
+        let (inc, out) = drive(&mut job, a.steps, ui, &pb, &mut log, next.map(|f| f.step))?;
+        if let Some((f, killed_at)) = pending.take() {
+            reports.push(failure_json(f.kind, f.step, killed_at, &inc, json!({ "ranks_killed": f.ranks })));
+        }
+        let Some(f) = next else {
+            let Outcome::Done { hashes } = out else { bail!("the baseline stopped without being asked to") };
+            drop(job);
+            pb.finish_and_clear();
+            let wall_s = t.elapsed().as_secs_f64();
+            let run = BaselineRun { log, hash: combined_hash(&hashes), failures: reports, wall_s };
+            ui.line(format!("    done in {:.1} s, final state xxh3-128 {}\n", run.wall_s, run.hash));
+            return Ok(run);
+        };
+        ensure!(matches!(out, Outcome::Stopped), "the baseline finished before its {}", f.kind);
+        let killed_at = Instant::now();
+        for &r in &f.ranks {
+            job.kill(r)?;
+        }
+        job.kill_all()?;
+        drop(job);
+        log.killed_at = Some(killed_at);
+        ui.say(&pb, format!("    {:<11} after step {}: the job restarts and reads its newest files", f.kind, f.step));
+        pending = Some((f, killed_at));
+        job = Job::spawn(&store, ns, a, plan.threads)?;
+    }
+    unreachable!("the loop returns after the last run")
 }
 
 #[cfg(test)]
