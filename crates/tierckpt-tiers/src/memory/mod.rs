@@ -108,7 +108,8 @@ impl MemoryTier {
             .write(true)
             .open(&lock_path)
             .map_err(io_err("opening", &lock_path))?;
-        // SAFETY: flock on an open descriptor.
+        // SAFETY: flock reads no memory of ours; `lock` is an open descriptor
+        // for the whole call (and for the tier's life, which holds the lock).
         if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
             return Err(TierError::Unavailable(format!(
                 "another daemon holds {}; stop it or choose another memory directory",

@@ -171,13 +171,16 @@ impl std::ops::Deref for LeasedMap {
 
 /// Maps a whole file read-only without prefaulting it.
 pub(super) fn map_file_lazy(file: &File, path: &Path) -> Result<memmap2::Mmap> {
-    // SAFETY: as for `map_file`.
+    // SAFETY: the same contract as `map_file`: the file is not written while
+    // mapped; only the page population differs.
     unsafe { memmap2::MmapOptions::new().map(file) }.map_err(io_err("mapping", path))
 }
 
 /// Maps a whole file read-only (an empty file maps to an empty slice).
 pub(super) fn map_file(file: &File, path: &Path) -> Result<memmap2::Mmap> {
-    // SAFETY: shard files are only written through reservations; a sealed file
-    // is not written again, and readers verify checksums over what they read.
+    // SAFETY: the file must not change while mapped. Shard files are written
+    // only while reserved; a sealed file is not written again, a leased one
+    // is unlinked rather than recycled when dropped, and readers verify
+    // checksums over what they read.
     unsafe { memmap2::MmapOptions::new().populate().map(file) }.map_err(io_err("mapping", path))
 }
