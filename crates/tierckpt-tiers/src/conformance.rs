@@ -1,5 +1,6 @@
 //! The conformance suite: every tier must pass it. A tier's test calls
 //! [`run_all`] with the tier and a hook that flips a byte of a stored shard.
+//! Compiled only with the `conformance` feature, for tests.
 
 use std::collections::BTreeMap;
 use tierckpt_format::{Dtype, Manifest, ShardKey, ShardLayout, TensorSpec};

@@ -15,6 +15,8 @@ use object_store::{
     CopyOptions, GetOptions, GetResult, ListResult, MultipartUpload, ObjectMeta, ObjectStore, PutMultipartOptions,
     PutOptions, PutPayload, PutResult, UploadPart,
 };
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
 
 use crate::TierError;
 
@@ -25,6 +27,8 @@ pub struct FaultSpec {
     pub fail: f64,
     /// Added to every request.
     pub delay: Duration,
+    /// Seeds the choice of failing requests: the same seed fails the same
+    /// requests of the same sequence.
     pub seed: u64,
 }
 
@@ -52,24 +56,23 @@ fn bad(kv: &str) -> TierError {
     TierError::InvalidArgument(format!("fault spec item {kv:?} is not fail=<0..1>, delay=<N>ms or seed=<N>"))
 }
 
-/// Deterministic coin flips shared by a store and its uploads.
+/// Coin flips shared by a store and its uploads, the same sequence for the
+/// same seed.
 #[derive(Debug)]
 struct Dice {
-    state: Mutex<u64>,
+    rng: Mutex<SmallRng>,
     fail: f64,
     delay: Duration,
 }
 
 impl Dice {
-    /// splitmix64: true when this request should fail.
+    fn new(spec: FaultSpec) -> Self {
+        Self { rng: Mutex::new(SmallRng::seed_from_u64(spec.seed)), fail: spec.fail, delay: spec.delay }
+    }
+
+    /// True when this request should fail (with probability `fail`).
     fn roll(&self) -> bool {
-        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        *s = s.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = *s;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^= z >> 31;
-        (z >> 11) as f64 / (1u64 << 53) as f64 > 1.0 - self.fail
+        self.rng.lock().unwrap_or_else(|p| p.into_inner()).random::<f64>() < self.fail
     }
 
     async fn gate(&self, op: &str) -> object_store::Result<()> {
@@ -90,15 +93,17 @@ fn injected(op: &str) -> object_store::Error {
     }
 }
 
-/// The adapter.
+/// An object store that fails and slows requests to another as a
+/// [`FaultSpec`] says.
 pub struct FaultyStore {
     inner: Arc<dyn ObjectStore>,
     dice: Arc<Dice>,
 }
 
 impl FaultyStore {
+    /// Wraps `inner`, injecting what `spec` says.
     pub fn new(inner: Arc<dyn ObjectStore>, spec: FaultSpec) -> Self {
-        Self { inner, dice: Arc::new(Dice { state: Mutex::new(spec.seed), fail: spec.fail, delay: spec.delay }) }
+        Self { inner, dice: Arc::new(Dice::new(spec)) }
     }
 }
 

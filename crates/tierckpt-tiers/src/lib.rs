@@ -1,7 +1,11 @@
 //! Tiers of tierckpt: one [`Tier`] trait, the memory tier on tmpfs, the
 //! persistent tier, the fault-injecting store adapter, and the conformance
 //! suite that every tier passes.
+//!
+//! The conformance suite is compiled only with the `conformance` feature,
+//! which tests enable: production builds never carry it.
 
+#[cfg(feature = "conformance")]
 pub mod conformance;
 mod error;
 pub mod faults;
@@ -16,6 +20,7 @@ pub use persistent::{PersistOptions, PersistentTier};
 pub use tier::{ShardBytes, Tier};
 pub use tierckpt_proto::StepSummary;
 
+/// The result of a tier operation.
 pub type Result<T, E = TierError> = std::result::Result<T, E>;
 
 /// Milliseconds since the Unix epoch.

@@ -30,11 +30,29 @@ fn flip_data_byte(root: std::path::PathBuf) -> impl Fn(&ShardKey) + Sync {
     }
 }
 
+/// A tier on the file:// store at `url` whose requests go through a
+/// [`FaultyStore`] configured by `spec`.
+fn behind_faults(url: &str, spec: &str, opts: PersistOptions) -> PersistentTier {
+    let base = PersistentTier::open(url, "test", PersistOptions::default()).unwrap();
+    let faulty = Arc::new(FaultyStore::new(base.store(), FaultSpec::parse(spec).unwrap()));
+    PersistentTier::with_store(faulty, "", url, "faulty", opts).unwrap()
+}
+
 #[tokio::test]
 async fn file_tier_passes_conformance() {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("file://{}", dir.path().display());
     let t = PersistentTier::open(&url, "test", PersistOptions::default()).unwrap();
+    run_all(&t, &flip_data_byte(dir.path().to_path_buf())).await;
+}
+
+#[tokio::test]
+async fn file_tier_behind_a_failing_slow_store_passes_conformance() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("file://{}", dir.path().display());
+    // Single-request uploads: a request fails 12 times in a row once in 2e8.
+    // Multipart uploads under faults: a_store_failing_30_percent_of_requests_still_completes.
+    let t = behind_faults(&url, "fail=0.2,delay=1ms,seed=3", PersistOptions { attempts: 12, ..Default::default() });
     run_all(&t, &flip_data_byte(dir.path().to_path_buf())).await;
 }
 
@@ -55,29 +73,27 @@ async fn multipart_uploads_round_trip() {
 async fn a_store_failing_30_percent_of_requests_still_completes() {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("file://{}", dir.path().display());
-    let base = PersistentTier::open(&url, "test", PersistOptions::default()).unwrap();
-    let faulty = Arc::new(FaultyStore::new(base.store(), FaultSpec::parse("fail=0.3,seed=11").unwrap()));
-    let opts = PersistOptions { multipart_threshold: 1 << 20, part_size: 1 << 20, attempts: 12, ..Default::default() };
-    let t = PersistentTier::with_store(faulty, "", &url, "faulty", opts).unwrap();
+    // A multipart upload is retried whole: of 2 parts (4 requests) it fails
+    // 20 times in a row once in 250.
+    let opts = PersistOptions { multipart_threshold: 1 << 20, part_size: 1 << 20, attempts: 20, ..Default::default() };
+    let t = behind_faults(&url, "fail=0.3,seed=11", opts);
     for step in 1..=3u64 {
         let key = ShardKey::new("flaky", step, 0);
-        let (m, data) = sample_shard(key.clone(), 1, 600_000, step as u8);
+        let (m, data) = sample_shard(key.clone(), 1, 400_000, step as u8);
         t.put(&m, &data).await.unwrap();
         let (_, got) = t.get(&key).await.unwrap();
         assert!(got[..] == data[..]);
     }
     assert_eq!(t.latest("flaky").await.unwrap(), Some(3));
+    let stored = t.commit_record("flaky", 3).await.unwrap().shards[0].stored_bytes();
+    assert!(stored > 1 << 20, "shards went up in parts ({stored} bytes)");
 }
 
 #[tokio::test]
 async fn a_store_failing_every_request_gives_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("file://{}", dir.path().display());
-    let base = PersistentTier::open(&url, "test", PersistOptions::default()).unwrap();
-    let faulty = Arc::new(FaultyStore::new(base.store(), FaultSpec::parse("fail=1").unwrap()));
-    let t =
-        PersistentTier::with_store(faulty, "", &url, "faulty", PersistOptions { attempts: 3, ..Default::default() })
-            .unwrap();
+    let t = behind_faults(&url, "fail=1", PersistOptions { attempts: 3, ..Default::default() });
     let (m, data) = sample_shard(ShardKey::new("down", 1, 0), 1, 100, 1);
     let e = t.put(&m, &data).await.unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Unavailable);

@@ -1,0 +1,116 @@
+//! The index of the memory tier: its steps, their shards, reservations and
+//! leases, all under one mutex.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+
+use tierckpt_format::{Manifest, ShardKey};
+
+use super::pool::Pooled;
+use super::seal::Reservation;
+use crate::StepSummary;
+
+/// A shard of a step: being checksummed, or visible.
+#[derive(Debug)]
+pub(super) enum Shard {
+    Sealing { len: u64 },
+    Sealed { manifest: Arc<Manifest> },
+}
+
+impl Shard {
+    /// Bytes of the shard's file.
+    pub(super) fn len(&self) -> u64 {
+        match self {
+            Shard::Sealing { len } => *len,
+            Shard::Sealed { manifest } => manifest.file_len,
+        }
+    }
+}
+
+/// One step of a namespace.
+#[derive(Debug)]
+pub(super) struct Step {
+    /// Ranks in the step, fixed by its first writer.
+    pub(super) world_size: u32,
+    /// Shards by rank, sealed or being sealed.
+    pub(super) shards: BTreeMap<u32, Shard>,
+    /// Ranks reserved and being written.
+    pub(super) reserved: BTreeSet<u32>,
+}
+
+impl Step {
+    /// The visible shards and their manifests.
+    pub(super) fn sealed(&self) -> impl Iterator<Item = (&u32, &Arc<Manifest>)> {
+        self.shards.iter().filter_map(|(r, s)| match s {
+            Shard::Sealed { manifest } => Some((r, manifest)),
+            Shard::Sealing { .. } => None,
+        })
+    }
+
+    /// Every rank is visible.
+    pub(super) fn complete(&self) -> bool {
+        self.sealed().count() == self.world_size as usize
+    }
+
+    /// A rank is being written or sealed.
+    pub(super) fn busy(&self) -> bool {
+        !self.reserved.is_empty() || self.shards.values().any(|s| matches!(s, Shard::Sealing { .. }))
+    }
+
+    /// Bytes of every shard of the step.
+    pub(super) fn bytes(&self) -> u64 {
+        self.shards.values().map(Shard::len).sum()
+    }
+
+    /// The step as listed to clients.
+    pub(super) fn summary(&self, step: u64) -> StepSummary {
+        let ranks: Vec<u32> = self.sealed().map(|(r, _)| *r).collect();
+        let mut in_progress: Vec<u32> = self
+            .shards
+            .iter()
+            .filter(|(_, s)| matches!(s, Shard::Sealing { .. }))
+            .map(|(r, _)| *r)
+            .chain(self.reserved.iter().copied())
+            .collect();
+        in_progress.sort_unstable();
+        StepSummary {
+            step,
+            world_size: self.world_size,
+            complete: ranks.len() == self.world_size as usize,
+            ranks,
+            in_progress,
+            bytes: self.bytes(),
+            created_unix_ms: self.sealed().map(|(_, m)| m.created_unix_ms).max().unwrap_or(0),
+        }
+    }
+}
+
+/// Everything the tier holds, under [`super::MemoryTier`]'s one mutex.
+#[derive(Debug, Default)]
+pub(super) struct State {
+    /// Steps by namespace and number.
+    pub(super) steps: BTreeMap<(String, u64), Step>,
+    /// Open reservations by id.
+    pub(super) reservations: HashMap<u64, Reservation>,
+    /// Shards whose last seal failed, and why.
+    pub(super) failed: HashMap<ShardKey, String>,
+    /// Recycled segments.
+    pub(super) pool: Vec<Pooled>,
+    /// Next id of a reservation or a pooled file.
+    pub(super) next_id: u64,
+    /// Bytes held: shards, reservations and pooled segments.
+    pub(super) used: u64,
+    /// Steps known to be complete across a cluster (every rank held by some
+    /// live node), though this node holds only some ranks of them.
+    pub(super) known_complete: HashMap<String, BTreeSet<u64>>,
+    /// Shards mapped by readers: when dropped they are unlinked, never
+    /// recycled, so what a reader maps never changes under it.
+    pub(super) leases: HashMap<ShardKey, usize>,
+}
+
+impl State {
+    /// Complete here, or known complete across the cluster.
+    pub(super) fn settled(&self, ns: &str, step: u64, s: &Step) -> bool {
+        s.complete() || self.known_complete.get(ns).is_some_and(|set| set.contains(&step))
+    }
+}

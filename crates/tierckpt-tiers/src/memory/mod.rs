@@ -1,0 +1,148 @@
+//! The memory tier: shards as files in a tmpfs directory, so they outlive the
+//! training process and a restart of the daemon.
+//!
+//! Layout under `root`:
+//! ```text
+//! .lock                                   one daemon per directory (flock)
+//! pending/<id>.seg                        reserved, being written by a client
+//! pool/<n>.seg                            recycled segments, pages kept for reuse
+//! ns/<namespace>/<step:020>/rank-RRRRR-of-WWWWW.safetensors
+//! ns/<namespace>/<step:020>/rank-RRRRR-of-WWWWW.manifest.json   (commit point)
+//! ```
+//! A shard is visible once its manifest exists; the index is rebuilt from the
+//! directory at open. Data files without a manifest were sealed by a client
+//! but not yet checksummed when the daemon stopped: they are sealed again at
+//! open. Pending segments belonged to writers that never sealed: they are
+//! reclaimed.
+//!
+//! The code is split by concern: `index` (what the tier holds), `recover`
+//! (rebuilding the index at open), `seal` (reservations and seals),
+//! `retention` (retention, eviction, deletion), `pool` (recycled segments),
+//! `read` (locating, mapping, leases, summaries) and `tier_impl` (the
+//! [`Tier`] implementation).
+
+mod index;
+mod pool;
+mod read;
+mod recover;
+mod retention;
+mod seal;
+mod tier_impl;
+
+pub use read::LeasedMap;
+pub use seal::{Reservation, SealJob};
+
+use std::fs::{self, File, OpenOptions};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::{Condvar, Mutex, MutexGuard};
+
+use tierckpt_format::ShardKey;
+
+use self::index::State;
+#[cfg(doc)]
+use crate::Tier;
+use crate::{Result, TierError};
+
+/// Settings of a memory tier.
+#[derive(Debug, Clone)]
+pub struct MemoryTierConfig {
+    /// The tmpfs directory that holds the shards.
+    pub root: PathBuf,
+    /// Bytes the tier may hold, pooled segments included.
+    pub capacity: u64,
+    /// Complete steps kept per namespace (at least 1).
+    pub keep_last: usize,
+    /// Recycled segments kept for reuse.
+    pub max_pooled_segments: usize,
+}
+
+impl MemoryTierConfig {
+    /// Settings for a tier at `root` holding up to `capacity` bytes, keeping
+    /// the last 3 complete steps and up to 32 recycled segments.
+    pub fn new(root: impl Into<PathBuf>, capacity: u64) -> Self {
+        Self { root: root.into(), capacity, keep_last: 3, max_pooled_segments: 32 }
+    }
+}
+
+/// The memory tier. Cheap operations take one mutex; checksumming happens in
+/// [`MemoryTier::finish_seal`] without it.
+pub struct MemoryTier {
+    cfg: MemoryTierConfig,
+    state: Mutex<State>,
+    changed: Condvar,
+    _lock: File,
+}
+
+impl std::fmt::Debug for MemoryTier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryTier").field("root", &self.cfg.root).finish()
+    }
+}
+
+/// File name, without extension, of the shard of `rank` in a step of `world_size` ranks.
+fn shard_file_stem(rank: u32, world_size: u32) -> String {
+    format!("rank-{rank:05}-of-{world_size:05}")
+}
+
+/// Maps an I/O error to a [`TierError`] that names the operation and the path.
+fn io_err(context: impl std::fmt::Display, path: &Path) -> impl FnOnce(std::io::Error) -> TierError {
+    let context = format!("{context} {}", path.display());
+    move |e| TierError::io(context, e)
+}
+
+impl MemoryTier {
+    /// Opens (creating if needed) the tier at `cfg.root` and rebuilds its index.
+    pub fn open(cfg: MemoryTierConfig) -> Result<Self> {
+        if cfg.keep_last == 0 {
+            return Err(TierError::InvalidArgument("keep_last must be at least 1".into()));
+        }
+        for d in ["pending", "pool", "ns"] {
+            let p = cfg.root.join(d);
+            fs::create_dir_all(&p).map_err(io_err("creating", &p))?;
+        }
+        let lock_path = cfg.root.join(".lock");
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(io_err("opening", &lock_path))?;
+        // SAFETY: flock reads no memory of ours; `lock` is an open descriptor
+        // for the whole call (and for the tier's life, which holds the lock).
+        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            return Err(TierError::Unavailable(format!(
+                "another daemon holds {}; stop it or choose another memory directory",
+                lock_path.display()
+            )));
+        }
+        let tier = Self { cfg, state: Mutex::new(State::default()), changed: Condvar::new(), _lock: lock };
+        tier.recover()?;
+        Ok(tier)
+    }
+
+    /// The settings the tier was opened with.
+    pub fn config(&self) -> &MemoryTierConfig {
+        &self.cfg
+    }
+
+    /// Locks the index; a panic of another holder does not poison it.
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Directory of a step's shards.
+    fn step_dir(&self, ns: &str, step: u64) -> PathBuf {
+        self.cfg.root.join("ns").join(ns).join(format!("{step:020}"))
+    }
+
+    /// Where the bytes of a shard lie once sealed.
+    fn data_path(&self, key: &ShardKey, world_size: u32) -> PathBuf {
+        self.step_dir(&key.namespace, key.step).join(format!("{}.safetensors", shard_file_stem(key.rank, world_size)))
+    }
+
+    /// Where the manifest of a shard lies once published.
+    fn manifest_path(&self, key: &ShardKey, world_size: u32) -> PathBuf {
+        self.step_dir(&key.namespace, key.step).join(format!("{}.manifest.json", shard_file_stem(key.rank, world_size)))
+    }
+}
