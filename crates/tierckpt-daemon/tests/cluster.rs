@@ -64,8 +64,9 @@ const LIMIT: Duration = Duration::from_secs(30);
 
 fn start(nodes: usize, k: usize, f: impl FnOnce(&mut LocalClusterOptions)) -> (tempfile::TempDir, LocalCluster) {
     let dir = shm_dir();
-    let mut o =
-        LocalClusterOptions { nodes, replication_factor: k, memory_tier_size: "256MiB".into(), ..Default::default() };
+    let mut o = LocalClusterOptions { nodes, ..Default::default() };
+    o.settings.replication_factor = Some(k);
+    o.settings.memory_tier_size = Some("256MiB".into());
     f(&mut o);
     let c = LocalCluster::start(dir.path(), o).unwrap();
     (dir, c)
@@ -85,7 +86,7 @@ fn every_shard_is_copied_to_k_ring_peers_bitwise() {
     assert!(s.tensor("state").unwrap() == &data[..]);
     let st = cluster_status(&c, 1);
     assert_eq!(st.replication.shards_sent, 2);
-    let (code, text) = tierckpt_harness::testing::http(&c.options(1).http_addr, "GET", "/metrics", &[], b"");
+    let (code, text) = tierckpt_harness::testing::http(&c.options(1).http_addr(), "GET", "/metrics", &[], b"");
     let text = String::from_utf8_lossy(&text);
     assert_eq!(code, 200);
     let sent = text
@@ -101,7 +102,7 @@ fn every_shard_is_copied_to_k_ring_peers_bitwise() {
 
 #[test]
 fn group_placement_keeps_copies_inside_the_group() {
-    let (_d, c) = start(4, 1, |o| o.placement = "group".into());
+    let (_d, c) = start(4, 1, |o| o.settings.placement = Some("group".into()));
     save(&c, 2, "grp", 1, 2, 4, 1000);
     wait_for(LIMIT, "2 holders", || holders(&c, 0, "grp", 1, 2).len() == 2);
     let mut h = holders(&c, 0, "grp", 1, 2);
@@ -177,7 +178,7 @@ fn node_down_before_replication_gets_its_copy_when_back() {
 
 #[test]
 fn node_killed_during_replication_shows_no_partial_copy() {
-    let (_d, mut c) = start(2, 1, |o| o.replication_bandwidth = Some("8MB".into()));
+    let (_d, mut c) = start(2, 1, |o| o.settings.replication_bandwidth = Some("8MB".into()));
     let n = 16 << 20;
     let data = save(&c, 0, "mid", 1, 0, 1, n);
     // The copy takes about two seconds at 8 MB/s; kill the receiver mid-way.
@@ -231,7 +232,7 @@ fn peers_with_a_wrong_token_are_refused() {
     });
     let mut client = Client::connect(c.socket(1)).unwrap();
     assert!(client.steps("tok").unwrap().is_empty());
-    let addr = c.options(0).http_addr.clone();
+    let addr = c.options(0).http_addr();
     let (st, _) = tierckpt_harness::testing::http(
         &addr,
         "GET",
@@ -297,7 +298,7 @@ fn save_partly_changed(c: &LocalCluster, node: usize, ns: &str, step: u64) -> Ve
 
 #[test]
 fn replicas_go_as_compressed_deltas_and_restore_bitwise() {
-    let (_d, mut c) = start(2, 1, |o| o.extra_args = vec!["--replication-compression".into(), "zstd".into()]);
+    let (_d, mut c) = start(2, 1, |o| o.settings.replication_compression = Some("zstd".into()));
     let mut last = Vec::new();
     for step in 1..=4 {
         last = save_partly_changed(&c, 0, "wire", step);
@@ -318,8 +319,8 @@ fn replicas_go_as_compressed_deltas_and_restore_bitwise() {
 #[test]
 fn a_delta_whose_base_the_peer_dropped_is_sent_whole() {
     let (_d, c) = start(2, 1, |o| {
-        o.heartbeat_interval = "5s".into();
-        o.heartbeat_timeout = "60s".into();
+        o.settings.heartbeat_interval = Some("5s".into());
+        o.settings.heartbeat_timeout = Some("60s".into());
     });
     save_partly_changed(&c, 0, "gone", 1);
     wait_for(LIMIT, "the first replica", || {
@@ -352,12 +353,7 @@ fn every_compression_with_and_without_deltas_restores_bitwise_from_a_peer() {
     for compression in ["off", "lz4", "zstd:3"] {
         for delta in ["true", "false"] {
             let (_d, mut c) = start(2, 1, |o| {
-                o.extra_args = vec![
-                    "--replication-compression".into(),
-                    compression.into(),
-                    "--replication-delta".into(),
-                    delta.into(),
-                ]
+                o.set_flags(&["--replication-compression", compression, "--replication-delta", delta]).unwrap()
             });
             let mut last = Vec::new();
             for step in 1..=3 {
@@ -402,7 +398,7 @@ fn malformed_sparse_replicas_are_refused_and_store_nothing() {
         steps.push(save_partly_changed(&c, 0, "bad", step));
         wait_for(LIMIT, "the replica", || holders(&c, 0, "bad", step, 0).len() == 2);
     }
-    let (n0, n1) = (c.options(0).http_addr.clone(), c.options(1).http_addr.clone());
+    let (n0, n1) = (c.options(0).http_addr(), c.options(1).http_addr());
     let manifest = |step: u64| {
         let (st, body) =
             tierckpt_harness::testing::http(&n0, "GET", &format!("/v1/shards/bad/{step}/0/manifest"), &[], b"");

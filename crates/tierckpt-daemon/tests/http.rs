@@ -123,7 +123,7 @@ fn token_is_required_when_configured() {
 fn daemon_refuses_a_public_address_without_token() {
     let dir = tierckpt_harness::testing::shm_dir();
     let mut o = tierckpt_harness::daemon::DaemonOptions::new(dir.path().join("m"));
-    o.http_addr = "0.0.0.0:0".into();
+    o.settings.http_addr = Some("0.0.0.0:0".into());
     let e = tierckpt_harness::daemon::DaemonProcess::spawn(o).err().expect("refused");
     assert!(e.to_string().contains("exited before it was ready"), "{e}");
 }

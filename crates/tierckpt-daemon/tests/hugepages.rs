@@ -47,9 +47,9 @@ fn mounted_once_with_huge_pages_and_kept_across_a_daemon_restart() {
     }
     let _unmount = Unmount(mem.clone());
     let mut opts = DaemonOptions::new(&mem);
-    opts.memory_tier_size = "64MiB".into();
-    opts.http_addr = "off".into();
-    opts.extra_args = vec!["--mount-huge-tmpfs".into()];
+    opts.settings.memory_tier_size = Some("64MiB".into());
+    opts.settings.http_addr = Some("off".into());
+    opts.settings.mount_huge_tmpfs = Some(true);
     let data: Vec<u8> = (0..(8u32 << 20)).map(|i| (i % 251) as u8).collect();
     let key = ShardKey::new("huge", 1, 0);
     {
@@ -79,7 +79,7 @@ fn a_directory_holding_files_is_refused_not_hidden() {
     if tierckpt_daemon::hugepages::inspect(&mem).is_some_and(|p| p.huge_pages()) {
         // Already on huge pages: nothing to mount, so nothing to refuse.
         let mut o = DaemonOptions::new(&mem);
-        o.extra_args = vec!["--mount-huge-tmpfs".into()];
+        o.settings.mount_huge_tmpfs = Some(true);
         drop(DaemonProcess::spawn(o).unwrap());
         assert_eq!(std::fs::read(mem.join("keep.txt")).unwrap(), b"precious");
         return;
@@ -98,7 +98,7 @@ fn a_directory_holding_files_is_refused_not_hidden() {
 #[test]
 fn status_tells_whether_the_tier_has_huge_pages() {
     let d = tierckpt_harness::testing::TestDaemon::start("16MiB");
-    let expected = tierckpt_daemon::hugepages::inspect(&d.proc.opts.memory_dir).is_some_and(|p| p.huge_pages());
+    let expected = tierckpt_daemon::hugepages::inspect(d.proc.opts.memory_dir()).is_some_and(|p| p.huge_pages());
     assert_eq!(d.client().status().unwrap().huge_pages, expected);
     let (ok, out, _) = tierckpt_harness::testing::cli(&d.proc.socket, &["status"]);
     assert!(ok && out.contains(if expected { "huge pages" } else { "4 KiB pages" }), "{out}");

@@ -49,7 +49,7 @@ fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
 fn daemon(target: &str, extra: &[&str]) -> TestDaemon {
     let mut args = vec!["--persistent-path".to_string(), target.to_string()];
     args.extend(extra.iter().map(|s| s.to_string()));
-    TestDaemon::start_with("256MiB", |o| o.extra_args = args)
+    TestDaemon::start_with("256MiB", |o| o.set_flags(&args).expect("valid flags"))
 }
 
 /// SIGKILLs the daemon, deletes its memory tier, and starts it again.
@@ -135,7 +135,7 @@ fn killed_mid_upload_leaves_no_committed_partial_step_and_finishes_after_restart
     wait_for("the upload to start", || drain_status(&mut c, "mid")["uploading"].is_string());
     d.proc.kill().unwrap();
     assert!(committed_steps(store.path(), "mid").is_empty(), "nothing committed");
-    d.proc.opts.extra_args = vec!["--persistent-path".into(), url.clone()];
+    d.proc.opts.settings.persistent_path = Some(url.clone());
     d.proc.restart().unwrap();
     let c = d.client();
     wait_for("step 7 committed after restart", || committed_steps(store.path(), "mid") == [7]);

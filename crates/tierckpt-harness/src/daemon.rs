@@ -9,6 +9,7 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
+use tierckpt_daemon::ConfigLayer;
 
 /// The variable that names the `tierckptd` binary to run, here and in the
 /// Python package.
@@ -36,19 +37,6 @@ pub fn binary(name: &str) -> PathBuf {
     name.into()
 }
 
-/// Cluster membership of a daemon child.
-#[derive(Debug, Clone)]
-pub struct ClusterOptions {
-    pub node_id: String,
-    /// "n0=127.0.0.1:7001,n1=127.0.0.1:7002".
-    pub nodes: String,
-    pub replication_factor: usize,
-    pub placement: String,
-    pub heartbeat_interval: String,
-    pub heartbeat_timeout: String,
-    pub replication_bandwidth: Option<String>,
-}
-
 /// Makes a child SIGKILLed when the thread that started it ends, so that
 /// daemons, trainers and helpers never outlive a killed demo, bench or test.
 pub fn die_with_parent(cmd: &mut Command) {
@@ -61,34 +49,66 @@ pub fn die_with_parent(cmd: &mut Command) {
     }
 }
 
-/// Settings for a daemon child.
+/// Settings for a daemon child: the daemon's own settings
+/// ([`ConfigLayer`], passed as flags), and how the harness runs it.
 #[derive(Debug, Clone)]
 pub struct DaemonOptions {
-    pub memory_dir: PathBuf,
-    pub memory_tier_size: String,
-    pub keep_last: usize,
-    /// "127.0.0.1:0" for an ephemeral port, or "off".
-    pub http_addr: String,
+    /// Every daemon setting given to the child; `memory_dir`, `socket` and
+    /// `http_addr` are always set.
+    pub settings: ConfigLayer,
+    /// The bearer token, passed by environment (never on the command line).
     pub token: Option<String>,
+    /// `TIERCKPT_LOG` of the child ("warn", "info", ...).
     pub log: String,
-    pub cluster: Option<ClusterOptions>,
-    /// More `tierckptd` flags (e.g. `--persistent-path file:///...`).
-    pub extra_args: Vec<String>,
 }
 
 impl DaemonOptions {
+    /// A daemon on `memory_dir` with 1 GiB of memory tier, keeping 3
+    /// steps, its HTTP API on an ephemeral port of 127.0.0.1.
     pub fn new(memory_dir: impl Into<PathBuf>) -> Self {
-        Self {
-            memory_dir: memory_dir.into(),
-            memory_tier_size: "1GiB".into(),
-            keep_last: 3,
-            http_addr: "127.0.0.1:0".into(),
-            token: None,
-            log: "warn".into(),
-            cluster: None,
-            extra_args: Vec::new(),
-        }
+        let memory_dir = memory_dir.into();
+        let settings = ConfigLayer {
+            socket: Some(memory_dir.join("daemon.sock")),
+            memory_dir: Some(memory_dir),
+            memory_tier_size: Some("1GiB".into()),
+            keep_last: Some(3),
+            http_addr: Some("127.0.0.1:0".into()),
+            ..Default::default()
+        };
+        Self { settings, token: None, log: "warn".into() }
     }
+
+    /// The memory tier's directory.
+    pub fn memory_dir(&self) -> &Path {
+        self.settings.memory_dir.as_deref().expect("set by DaemonOptions::new")
+    }
+
+    /// The HTTP address asked for ("127.0.0.1:0" until a port is chosen).
+    pub fn http_addr(&self) -> String {
+        self.settings.http_addr.clone().unwrap_or_default()
+    }
+
+    /// Sets what `tierckptd` flags set, parsed as `tierckptd` parses them.
+    pub fn set_flags<S: AsRef<str>>(&mut self, flags: &[S]) -> Result<()> {
+        self.settings = std::mem::take(&mut self.settings).merge(parse_flags(flags)?);
+        Ok(())
+    }
+}
+
+/// `tierckptd` flags as the [`ConfigLayer`] they set.
+pub fn parse_flags<S: AsRef<str>>(flags: &[S]) -> Result<ConfigLayer> {
+    #[derive(clap::Parser)]
+    struct Flags {
+        #[command(flatten)]
+        layer: ConfigLayer,
+    }
+    let argv = std::iter::once("tierckptd").chain(flags.iter().map(AsRef::as_ref));
+    // Only the flags count here, not this process's TIERCKPT_* variables.
+    let cmd = <Flags as clap::CommandFactory>::command();
+    let cmd = cmd.mut_args(|a| a.env(None::<&str>));
+    let matches = cmd.try_get_matches_from(argv).context("tierckptd flags")?;
+    let flags = <Flags as clap::FromArgMatches>::from_arg_matches(&matches).context("tierckptd flags")?;
+    Ok(flags.layer)
 }
 
 /// A running daemon child; killed on drop.
@@ -103,38 +123,20 @@ impl DaemonProcess {
     /// Starts the daemon; [`Starting::wait_ready`] waits for its ready line.
     /// The child dies with the thread that calls this.
     pub fn launch(opts: DaemonOptions) -> Result<Starting> {
-        let socket = opts.memory_dir.join("daemon.sock");
+        let socket = opts.settings.socket.clone().expect("set by DaemonOptions::new");
         let mut cmd = Command::new(daemon_binary());
-        cmd.arg("--memory-dir")
-            .arg(&opts.memory_dir)
-            .arg("--memory-tier-size")
-            .arg(&opts.memory_tier_size)
-            .arg("--keep-last")
-            .arg(opts.keep_last.to_string())
-            .arg("--socket")
-            .arg(&socket)
-            .arg("--http-addr")
-            .arg(&opts.http_addr)
+        // The child's settings are these flags alone, not this process's TIERCKPT_* variables.
+        for (k, _) in std::env::vars_os().filter(|(k, _)| k.to_string_lossy().starts_with("TIERCKPT_")) {
+            cmd.env_remove(k);
+        }
+        cmd.args(opts.settings.to_args())
             .env("TIERCKPT_LOG", &opts.log)
-            .env_remove("TIERCKPT_TOKEN")
-            .env_remove("TIERCKPT_TOKEN_FILE")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
         if let Some(t) = &opts.token {
             cmd.env("TIERCKPT_TOKEN", t);
         }
-        if let Some(c) = &opts.cluster {
-            cmd.args(["--node-id", &c.node_id, "--nodes", &c.nodes])
-                .args(["--replication-factor", &c.replication_factor.to_string()])
-                .args(["--placement", &c.placement])
-                .args(["--heartbeat-interval", &c.heartbeat_interval])
-                .args(["--heartbeat-timeout", &c.heartbeat_timeout]);
-            if let Some(b) = &c.replication_bandwidth {
-                cmd.args(["--replication-bandwidth", b]);
-            }
-        }
-        cmd.args(&opts.extra_args);
         die_with_parent(&mut cmd);
         let mut child = cmd.spawn().with_context(|| format!("starting {}", daemon_binary().display()))?;
         let stdout = child.stdout.take().expect("piped stdout");
@@ -191,7 +193,7 @@ impl DaemonProcess {
     }
 
     pub fn memory_dir(&self) -> &Path {
-        &self.opts.memory_dir
+        self.opts.memory_dir()
     }
 
     /// SIGKILL, then reap.
@@ -259,36 +261,39 @@ pub fn free_ports(n: usize) -> Result<Vec<u16>> {
 /// Settings shared by the nodes of a [`LocalCluster`].
 #[derive(Debug, Clone)]
 pub struct LocalClusterOptions {
+    /// How many nodes.
     pub nodes: usize,
-    pub memory_tier_size: String,
-    pub keep_last: usize,
-    pub replication_factor: usize,
-    pub placement: String,
-    pub heartbeat_interval: String,
-    pub heartbeat_timeout: String,
-    pub replication_bandwidth: Option<String>,
+    /// The daemon settings every node shares; each node's `memory_dir`,
+    /// `socket`, `http_addr`, `node_id` and `nodes` are set by the cluster.
+    pub settings: ConfigLayer,
+    /// The bearer token of every node.
     pub token: Option<String>,
     /// `TIERCKPT_LOG` of every daemon ("warn", "error", ...).
     pub log: String,
-    /// More flags for every daemon (e.g. `--persistent-path`).
-    pub extra_args: Vec<String>,
 }
 
 impl Default for LocalClusterOptions {
+    /// 4 nodes of 1 GiB keeping 3 steps, one copy of each shard on the next
+    /// node, heartbeats every 100 ms and a peer dead after 600 ms.
     fn default() -> Self {
-        Self {
-            nodes: 4,
-            memory_tier_size: "1GiB".into(),
-            keep_last: 3,
-            replication_factor: 1,
-            placement: "ring".into(),
-            heartbeat_interval: "100ms".into(),
-            heartbeat_timeout: "600ms".into(),
-            replication_bandwidth: None,
-            token: None,
-            log: "warn".into(),
-            extra_args: Vec::new(),
-        }
+        let settings = ConfigLayer {
+            memory_tier_size: Some("1GiB".into()),
+            keep_last: Some(3),
+            replication_factor: Some(1),
+            placement: Some("ring".into()),
+            heartbeat_interval: Some("100ms".into()),
+            heartbeat_timeout: Some("600ms".into()),
+            ..Default::default()
+        };
+        Self { nodes: 4, settings, token: None, log: "warn".into() }
+    }
+}
+
+impl LocalClusterOptions {
+    /// Sets what `tierckptd` flags set, for every node.
+    pub fn set_flags<S: AsRef<str>>(&mut self, flags: &[S]) -> Result<()> {
+        self.settings = std::mem::take(&mut self.settings).merge(parse_flags(flags)?);
+        Ok(())
     }
 }
 
@@ -325,21 +330,15 @@ impl LocalCluster {
         let node_opts: Vec<DaemonOptions> = (0..opts.nodes)
             .map(|i| {
                 let mut o = DaemonOptions::new(base.join(Self::node_id(i)));
-                o.memory_tier_size = opts.memory_tier_size.clone();
-                o.keep_last = opts.keep_last;
-                o.http_addr = format!("127.0.0.1:{}", ports[i]);
+                let own = ConfigLayer {
+                    http_addr: Some(format!("127.0.0.1:{}", ports[i])),
+                    node_id: Some(Self::node_id(i)),
+                    nodes: Some(members.join(",").parse().expect("node list")),
+                    ..Default::default()
+                };
+                o.settings = std::mem::take(&mut o.settings).merge(opts.settings.clone()).merge(own);
                 o.token = opts.token.clone();
                 o.log = opts.log.clone();
-                o.extra_args = opts.extra_args.clone();
-                o.cluster = Some(ClusterOptions {
-                    node_id: Self::node_id(i),
-                    nodes: members.join(","),
-                    replication_factor: opts.replication_factor,
-                    placement: opts.placement.clone(),
-                    heartbeat_interval: opts.heartbeat_interval.clone(),
-                    heartbeat_timeout: opts.heartbeat_timeout.clone(),
-                    replication_bandwidth: opts.replication_bandwidth.clone(),
-                });
                 o
             })
             .collect();
@@ -364,7 +363,7 @@ impl LocalCluster {
     }
 
     pub fn socket(&self, i: usize) -> PathBuf {
-        self.node_opts[i].memory_dir.join("daemon.sock")
+        self.node_opts[i].settings.socket.clone().expect("set by DaemonOptions::new")
     }
 
     /// SIGKILLs node `i` (its memory directory stays).
@@ -386,7 +385,7 @@ impl LocalCluster {
     /// (a new machine in the old one's place).
     pub fn replace_empty(&mut self, i: usize) -> Result<()> {
         self.kill(i)?;
-        let dir = &self.node_opts[i].memory_dir;
+        let dir = self.node_opts[i].memory_dir();
         if dir.exists() {
             std::fs::remove_dir_all(dir).with_context(|| format!("wiping {}", dir.display()))?;
         }
@@ -399,7 +398,7 @@ impl LocalCluster {
     pub fn replace_all_empty(&mut self) -> Result<()> {
         for i in 0..self.nodes.len() {
             self.kill(i)?;
-            let dir = &self.node_opts[i].memory_dir;
+            let dir = self.node_opts[i].memory_dir();
             if dir.exists() {
                 std::fs::remove_dir_all(dir).with_context(|| format!("wiping {}", dir.display()))?;
             }

@@ -25,7 +25,7 @@ impl TestDaemon {
     pub fn start_with(size: &str, f: impl FnOnce(&mut DaemonOptions)) -> Self {
         let dir = shm_dir();
         let mut o = DaemonOptions::new(dir.path().join("mem"));
-        o.memory_tier_size = size.into();
+        o.settings.memory_tier_size = Some(size.into());
         f(&mut o);
         let proc = DaemonProcess::spawn(o).expect("daemon starts");
         Self { dir, proc }

@@ -53,25 +53,17 @@ impl Dirs {
 /// The daemons' settings: `capacity` bytes of memory tier each, replicas
 /// on peers, and a drain to the persistent tier at `persist_url`.
 pub(super) fn options(a: &DemoArgs, world: usize, capacity: u64, persist_url: &str) -> LocalClusterOptions {
-    LocalClusterOptions {
-        nodes: world,
-        memory_tier_size: capacity.to_string(),
-        keep_last: a.keep_last,
-        replication_factor: REPLICATION_FACTOR,
-        placement: PLACEMENT.into(),
-        extra_args: vec![
-            "--persistent-path".into(),
-            persist_url.to_string(),
-            "--persist-every".into(),
-            a.persist_every.to_string(),
-            "--persist-keep-last".into(),
-            a.keep_last.to_string(),
-        ]
-        .into_iter()
-        .chain(a.storage_bandwidth.0.iter().flat_map(|b| ["--persist-bandwidth".to_string(), b.to_string()]))
-        .collect(),
-        ..Default::default()
-    }
+    let mut o = LocalClusterOptions { nodes: world, ..Default::default() };
+    let s = &mut o.settings;
+    s.memory_tier_size = Some(capacity.to_string());
+    s.keep_last = Some(a.keep_last);
+    s.replication_factor = Some(REPLICATION_FACTOR);
+    s.placement = Some(PLACEMENT.into());
+    s.persistent_path = Some(persist_url.to_string());
+    s.persist_every = Some(a.persist_every);
+    s.persist_keep_last = Some(a.keep_last);
+    s.persist_bandwidth = a.storage_bandwidth.0.map(|b| b.to_string());
+    o
 }
 
 /// Live copies of every rank's shard of `step`, as node `from` sees them.

@@ -102,7 +102,7 @@ impl Plan {
     /// The demo's first lines: the cluster, the job, the failures, the tiers.
     pub(super) fn describe(&self, a: &DemoArgs, cluster: &LocalCluster, persist_url: &str) -> String {
         let world = self.world;
-        let heartbeat = &cluster.opts.heartbeat_interval;
+        let heartbeat = cluster.opts.settings.heartbeat_interval.as_deref().unwrap_or("500ms");
         let pids: Vec<String> =
             (0..world).map(|i| format!("{} (pid {})", LocalCluster::node_id(i), cluster.node(i).pid())).collect();
         let (crash_rank, crash_step, loss_step, total_step) =
