@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Runs every test: first a Python virtual environment with what the tests
+# Runs every test: first the format and lint gates (cargo fmt --check,
+# cargo clippy -D warnings), then a Python virtual environment with what the tests
 # need (pytest, safetensors, moto_server for a real S3-protocol server, torch
 # (CPU is enough; the first install downloads ~2 GB), xxhash and the
 # `tierckpt` package from ./python), then
@@ -8,6 +9,12 @@
 # Needs cargo and python3 >= 3.10.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+echo "== cargo fmt --check"
+cargo fmt --all --check
+
+echo "== cargo clippy"
+cargo clippy --workspace --all-targets --locked -- -D warnings
 
 echo "== python environment"
 VENV="${TIERCKPT_VENV:-.venv}"

@@ -7,28 +7,58 @@ pub use tierckpt_proto::{ErrorKind, WireError};
 #[derive(Debug, thiserror::Error)]
 pub enum TierError {
     #[error("not found: {0}")]
+    /// Nothing holds what was asked for.
     NotFound(String),
     #[error("already exists: {0}")]
+    /// The key is taken: a shard is written once.
     AlreadyExists(String),
     #[error("corrupt: {0}")]
+    /// Bytes that do not match their manifest, or that do not parse.
     Corrupt(FormatError),
     #[error("capacity exceeded: asked for {requested} bytes, {free} of {capacity} bytes are free{detail}; raise memory_tier_size, lower keep_last, or delete old steps")]
-    CapacityExceeded { requested: u64, free: u64, capacity: u64, detail: String },
+    /// The memory tier cannot fit the shard, even after eviction.
+    CapacityExceeded {
+        /// Bytes asked for.
+        requested: u64,
+        /// Bytes free.
+        free: u64,
+        /// The tier's capacity.
+        capacity: u64,
+        /// What holds the rest, for the message.
+        detail: String,
+    },
     #[error("storage full: {0}; free space there, lower persist_keep_last, or persist less often")]
+    /// The persistent tier's target is full.
     StorageFull(String),
     #[error("invalid argument: {0}")]
+    /// The request itself is wrong.
     InvalidArgument(String),
     #[error("unavailable: {0}")]
+    /// A peer, a store or a worker did not answer; trying again may work.
     Unavailable(String),
     #[error("{context}: {source}")]
-    Io { context: String, source: std::io::Error },
+    /// A file system call failed.
+    Io {
+        /// What was being done.
+        context: String,
+        /// The operating system's error.
+        source: std::io::Error,
+    },
     #[error("cancelled")]
+    /// The operation was cancelled.
     Cancelled,
     #[error("{message}")]
-    Remote { kind: ErrorKind, message: String },
+    /// An error another node or process reported.
+    Remote {
+        /// Its kind.
+        kind: ErrorKind,
+        /// Its message.
+        message: String,
+    },
 }
 
 impl TierError {
+    /// The semantic kind, as carried over the wire.
     pub fn kind(&self) -> ErrorKind {
         match self {
             TierError::NotFound(_) => ErrorKind::NotFound,
@@ -44,10 +74,12 @@ impl TierError {
         }
     }
 
+    /// Whether trying again may succeed.
     pub fn is_retryable(&self) -> bool {
         self.kind().is_retryable()
     }
 
+    /// An I/O error with what was being done.
     pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
         TierError::Io { context: context.into(), source }
     }

@@ -99,7 +99,6 @@ where
                 }
             }
         }
-        drop(write);
         v.finish()?;
         Ok::<(), TierError>(())
     }

@@ -28,7 +28,7 @@ impl Deref for ShardBytes {
 }
 
 /// A place that holds shards. Every tier gives the same guarantees, checked by
-/// [`crate::conformance`]: a shard is visible only once whole and verified,
+/// the conformance suite (`conformance`, a cargo feature): a shard is visible only once whole and verified,
 /// a key is written once, and reads are verified against the manifest.
 #[async_trait]
 pub trait Tier: Send + Sync {

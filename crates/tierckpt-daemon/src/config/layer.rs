@@ -198,20 +198,7 @@ impl Serialize for NodeList {
 
 impl<'de> Deserialize<'de> for NodeList {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct Form;
-        impl<'de> serde::de::Visitor<'de> for Form {
-            type Value = NodeList;
-            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str("\"id=host:port,...\" or a list of {id, addr} tables")
-            }
-            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<NodeList, E> {
-                s.parse().map_err(E::custom)
-            }
-            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, seq: A) -> Result<NodeList, A::Error> {
-                Vec::deserialize(serde::de::value::SeqAccessDeserializer::new(seq)).map(NodeList)
-            }
-        }
-        d.deserialize_any(Form)
+        text_or_structure(d, NodeList)
     }
 }
 
@@ -251,19 +238,22 @@ impl Serialize for StoreOptions {
 
 impl<'de> Deserialize<'de> for StoreOptions {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct Form;
-        impl<'de> serde::de::Visitor<'de> for Form {
-            type Value = StoreOptions;
-            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str("\"key=value,...\" or a table of strings")
-            }
-            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<StoreOptions, E> {
-                s.parse().map_err(E::custom)
-            }
-            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<StoreOptions, A::Error> {
-                BTreeMap::deserialize(serde::de::value::MapAccessDeserializer::new(map)).map(StoreOptions)
-            }
-        }
-        d.deserialize_any(Form)
+        text_or_structure(d, StoreOptions)
+    }
+}
+
+/// A setting written as text on a command line or in a variable, and as
+/// TOML structure (tables, a list of tables) in the file: a string is
+/// parsed, anything else deserialized as `S` and wrapped.
+fn text_or_structure<'de, D, T, S>(d: D, wrap: fn(S) -> T) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: FromStr<Err = String>,
+    S: serde::de::DeserializeOwned,
+{
+    use serde::de::Error;
+    match serde_json::Value::deserialize(d)? {
+        serde_json::Value::String(s) => s.parse().map_err(D::Error::custom),
+        v => serde_json::from_value(v).map(wrap).map_err(D::Error::custom),
     }
 }
