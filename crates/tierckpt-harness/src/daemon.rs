@@ -114,8 +114,11 @@ pub fn parse_flags<S: AsRef<str>>(flags: &[S]) -> Result<ConfigLayer> {
 /// A running daemon child; killed on drop.
 pub struct DaemonProcess {
     child: Child,
+    /// The daemon's local socket.
     pub socket: PathBuf,
+    /// Where its HTTP API listens, as its ready line said.
     pub http_addr: Option<String>,
+    /// What it was started with (changed before a restart, it counts at the restart).
     pub opts: DaemonOptions,
 }
 
@@ -165,6 +168,7 @@ pub struct Starting {
 }
 
 impl Starting {
+    /// Waits (up to 30 s) for the ready line; an error says why the daemon did not start.
     pub fn wait_ready(self) -> Result<DaemonProcess> {
         let Starting { mut child, socket, opts, ready: rx } = self;
         let line = match rx.recv_timeout(Duration::from_secs(30)) {
@@ -188,10 +192,12 @@ impl Starting {
 }
 
 impl DaemonProcess {
+    /// The daemon's process id.
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
 
+    /// Its memory tier's directory.
     pub fn memory_dir(&self) -> &Path {
         self.opts.memory_dir()
     }
@@ -300,13 +306,17 @@ impl LocalClusterOptions {
 /// Several daemons on one machine, each with its own memory directory under
 /// `base` and its own port on 127.0.0.1, forming one cluster.
 pub struct LocalCluster {
+    /// The directory holding every node's memory directory.
     pub base: PathBuf,
+    /// What the cluster was started with.
     pub opts: LocalClusterOptions,
+    /// The running nodes; none where a node was killed.
     pub nodes: Vec<Option<DaemonProcess>>,
     node_opts: Vec<DaemonOptions>,
 }
 
 impl LocalCluster {
+    /// The id of node `i` ("n0", "n1", ...).
     pub fn node_id(i: usize) -> String {
         format!("n{i}")
     }
@@ -349,10 +359,12 @@ impl LocalCluster {
         Ok(Self { base: base.to_path_buf(), opts, nodes, node_opts })
     }
 
+    /// Node `i`, which must be running.
     pub fn node(&self, i: usize) -> &DaemonProcess {
         self.nodes[i].as_ref().expect("node is running")
     }
 
+    /// The options node `i` runs with.
     pub fn options(&self, i: usize) -> &DaemonOptions {
         &self.node_opts[i]
     }
@@ -362,6 +374,7 @@ impl LocalCluster {
         &mut self.node_opts[i]
     }
 
+    /// Node `i`'s local socket.
     pub fn socket(&self, i: usize) -> PathBuf {
         self.node_opts[i].settings.socket.clone().expect("set by DaemonOptions::new")
     }

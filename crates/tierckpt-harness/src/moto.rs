@@ -8,8 +8,10 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// A `moto_server` child on 127.0.0.1; killed on drop.
 pub struct Moto {
     child: Child,
+    /// Its port.
     pub port: u16,
 }
 
@@ -29,6 +31,7 @@ fn free_port() -> u16 {
 }
 
 impl Moto {
+    /// Starts one on a free port and waits until it answers.
     pub fn start() -> Self {
         for _ in 0..3 {
             let port = free_port();
@@ -59,6 +62,7 @@ impl Moto {
         panic!("moto_server did not start on 127.0.0.1");
     }
 
+    /// Its URL.
     pub fn endpoint(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
     }

@@ -12,16 +12,21 @@ pub fn shm_dir() -> tempfile::TempDir {
     tempfile::Builder::new().prefix("tierckpt-it-").tempdir_in("/dev/shm").expect("a directory in /dev/shm")
 }
 
+/// A daemon child on its own tmpfs directory; both go when dropped.
 pub struct TestDaemon {
+    /// The directory (the memory tier is `mem/` below it).
     pub dir: tempfile::TempDir,
+    /// The daemon.
     pub proc: DaemonProcess,
 }
 
 impl TestDaemon {
+    /// A daemon with a memory tier of `size`.
     pub fn start(size: &str) -> Self {
         Self::start_with(size, |_| {})
     }
 
+    /// A daemon with a memory tier of `size` and the options `f` sets.
     pub fn start_with(size: &str, f: impl FnOnce(&mut DaemonOptions)) -> Self {
         let dir = shm_dir();
         let mut o = DaemonOptions::new(dir.path().join("mem"));
@@ -31,10 +36,12 @@ impl TestDaemon {
         Self { dir, proc }
     }
 
+    /// A client connected to it.
     pub fn client(&self) -> tierckpt_client::Client {
         tierckpt_client::Client::connect(&self.proc.socket).expect("client connects")
     }
 
+    /// The base URL of its HTTP API.
     pub fn http(&self) -> String {
         format!("http://{}", self.proc.http_addr.as_deref().expect("http enabled"))
     }

@@ -10,6 +10,7 @@ use tierckpt_client::Client;
 use tierckpt_format::{Dtype, ShardKey, TensorSpec};
 
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+/// Where the writer pauses.
 pub enum Phase {
     /// After the reservation, before writing.
     Reserved,
@@ -24,21 +25,28 @@ pub enum Phase {
 }
 
 #[derive(clap::Args, Debug, Clone)]
+/// What the writer writes, and where it pauses.
 pub struct WriterArgs {
     #[arg(long)]
+    /// Namespace of the shard.
     pub namespace: String,
     #[arg(long)]
+    /// Its step.
     pub step: u64,
     #[arg(long, default_value_t = 0)]
+    /// Its rank.
     pub rank: u32,
     #[arg(long, default_value_t = 1)]
+    /// Ranks of the step.
     pub world_size: u32,
     /// Payload bytes.
     #[arg(long, default_value_t = 1 << 20)]
     pub bytes: usize,
     #[arg(long, default_value_t = 1)]
+    /// Seed of the payload's bytes.
     pub seed: u8,
     #[arg(long, value_enum, default_value = "never")]
+    /// The phase to pause at (forever, until killed).
     pub pause_at: Phase,
 }
 
@@ -61,6 +69,7 @@ fn pause(at: Phase, now: Phase) {
     }
 }
 
+/// Writes the shard through `c`, pausing at `a.pause_at` and announcing each pause on stdout.
 pub fn run_writer(a: &WriterArgs, mut c: Client) -> Result<()> {
     let key = ShardKey::new(&a.namespace, a.step, a.rank);
     let spec = [TensorSpec { name: "payload".into(), dtype: Dtype::U8, shape: vec![a.bytes] }];
