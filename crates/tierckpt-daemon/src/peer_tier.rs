@@ -9,9 +9,9 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use futures_util::StreamExt;
-use tierckpt_format::{Manifest, ShardKey, StreamVerifier};
+use tierckpt_format::{Manifest, ShardKey};
 use tierckpt_proto::{ClusterStep, StepSummary};
+use tierckpt_tiers::receive::collect_verified;
 use tierckpt_tiers::{ErrorKind, MemoryTier, Result, ShardBytes, Tier, TierError};
 
 use crate::cluster::Cluster;
@@ -47,15 +47,7 @@ impl PeerTier {
         for id in self.cluster.holders(key).await? {
             let attempt = async {
                 let (m, stream) = self.cluster.fetch_from(&id, key).await?;
-                let mut verifier = StreamVerifier::new(&m, format!("{key} from node {id}"));
-                let mut bytes = Vec::with_capacity(m.file_len as usize);
-                let mut stream = std::pin::pin!(stream);
-                while let Some(piece) = stream.next().await {
-                    let piece = piece?;
-                    verifier.feed(&piece)?;
-                    bytes.extend_from_slice(&piece);
-                }
-                verifier.finish()?;
+                let bytes = collect_verified(&m, format!("{key} from node {id}"), stream).await?;
                 Ok::<_, TierError>((m, bytes))
             };
             match attempt.await {

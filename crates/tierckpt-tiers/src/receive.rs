@@ -152,3 +152,20 @@ pub fn receive_decoded(
         }
     }
 }
+
+/// Reads a whole stream into memory, verifying every chunk against `m`.
+pub async fn collect_verified<S>(m: &Manifest, label: String, stream: S) -> Result<Vec<u8>, TierError>
+where
+    S: Stream<Item = Result<Bytes, TierError>>,
+{
+    let mut verifier = StreamVerifier::new(m, label);
+    let mut out = Vec::with_capacity(m.file_len as usize);
+    let mut stream = std::pin::pin!(stream);
+    while let Some(piece) = stream.next().await {
+        let piece = piece?;
+        verifier.feed(&piece)?;
+        out.extend_from_slice(&piece);
+    }
+    verifier.finish()?;
+    Ok(out)
+}
