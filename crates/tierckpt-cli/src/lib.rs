@@ -3,8 +3,6 @@
 
 pub mod baseline;
 pub mod bench;
-pub mod bench_persist;
-pub mod bench_reduce;
 pub mod commands;
 pub mod demo;
 pub mod output;
