@@ -2,8 +2,6 @@
 //! demo (the main job), benchmarks, and the supervisor (`tierckpt run`).
 
 pub mod bench;
-pub mod bench_persist;
-pub mod bench_reduce;
 pub mod commands;
 pub mod demo;
 pub mod output;

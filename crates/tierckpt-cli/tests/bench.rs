@@ -1,10 +1,20 @@
-//! `tierckpt bench memory` and `tierckpt bench replicate` end to end: real
-//! daemon children, a small state, and the shape of the JSON reports. Never
-//! asserts on wall-clock values.
-
-use std::process::Command;
+//! `tierckpt bench` end to end: real daemon children, a small state, and
+//! the shape of the JSON reports; with `--changed` the bytes on the wire and
+//! in the store follow the fresh data. Never asserts on wall-clock values.
 
 use serde_json::Value;
+
+/// Chunks of a shard file of `file_bytes` (4 MiB each).
+fn chunks(file_bytes: u64) -> u64 {
+    file_bytes.div_ceil(4 << 20)
+}
+
+/// Runs `tierckpt bench ARGS`, expecting it to fail; returns its stderr.
+fn bench_fails(args: &[&str]) -> String {
+    let out = tierckpt_harness::testing::tierckpt().arg("bench").args(args).output().expect("running tierckpt");
+    assert!(!out.status.success(), "tierckpt bench {args:?} should fail");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
 
 fn bench_memory_json(args: &[&str]) -> Value {
     bench_json("memory", args)
@@ -49,8 +59,16 @@ fn memory_reports_ratios_against_the_floor() {
     assert_eq!(v["buffer_offset"].as_u64(), Some(0));
     assert_eq!(v["restored_identical"], true);
     assert!(v["steady_state"].as_str().unwrap().contains("checksumming"));
+    // Fresh data by default: every chunk rewritten before every save.
+    let file_bytes = v["file_bytes"].as_u64().unwrap();
+    assert_eq!(v["changed_fraction"].as_f64(), Some(1.0));
+    assert_eq!(v["chunk_size"].as_u64(), Some(4 << 20));
+    assert_eq!(v["chunks"].as_u64(), Some(chunks(file_bytes)));
+    assert_eq!(v["changed_chunks_per_step"].as_u64(), Some(chunks(file_bytes)));
+    assert_eq!(v["changed_bytes_per_step"].as_u64(), Some(8 << 20));
 
     for f in [
+        "save_first_gibps",
         "memcpy_floor_s",
         "memcpy_floor_gibps",
         "save_stall_s",
@@ -85,6 +103,10 @@ fn memory_reports_ratios_against_the_floor() {
         "restore_ratio is not restore_s / memcpy_floor_s: {v}"
     );
     assert!(close(positive(&v, "save_first_ratio"), positive(&v, "save_stall_first_s") / floor));
+    assert!(close(
+        positive(&v, "save_first_gibps"),
+        (8u64 << 20) as f64 / (1u64 << 30) as f64 / positive(&v, "save_stall_first_s")
+    ));
     assert!(close(positive(&v, "target_ratio"), 1.2));
     let gib = (8u64 << 20) as f64 / (1u64 << 30) as f64;
     assert!(close(positive(&v, "save_gibps"), gib / save));
@@ -102,7 +124,15 @@ fn memory_prints_a_table_without_json() {
         .expect("running tierckpt");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let text = String::from_utf8_lossy(&out.stdout);
-    for want in ["the floor", "caller blocked", "load_into", "target: ratio at most 1.2", "steady state"] {
+    for want in [
+        "the floor",
+        "caller blocked",
+        "save: first",
+        "load_into",
+        "target: ratio at most 1.2",
+        "steady state",
+        "rewrites",
+    ] {
         assert!(text.contains(want), "{want:?} missing from:\n{text}");
     }
 }
@@ -115,6 +145,17 @@ fn memory_rejects_a_bad_size() {
         .expect("running tierckpt");
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("not a size"));
+}
+
+#[test]
+fn a_changed_fraction_outside_zero_to_one_is_refused_naming_the_flag() {
+    for which in ["memory", "replicate", "persist"] {
+        for bad in ["1.5", "-0.25", "most"] {
+            let err = bench_fails(&[which, "--size", "1MiB", "--changed", bad, "--json"]);
+            assert!(err.contains("--changed"), "bench {which} --changed {bad}: {err}");
+            assert!(err.contains("[0, 1]"), "bench {which} --changed {bad}: {err}");
+        }
+    }
 }
 
 #[test]
@@ -162,7 +203,25 @@ fn replicate_reports_rates_against_the_tcp_floor() {
     }
     assert!(v["meets_target"].is_boolean());
     assert!(v["restore_meets_target"].is_boolean());
-    assert!(close(positive(&v, "target_ratio"), 0.8));
+    assert!(close(positive(&v, "target_ratio"), 0.9));
+    assert!(close(
+        positive(&v, "replicate_first_gibps"),
+        file_bytes as f64 / (1u64 << 30) as f64 / positive(&v, "replicate_first_s")
+    ));
+
+    // Fresh data: every chunk changed before every save, so every replica
+    // goes whole (no chunk of the base is left out), and the first, without
+    // a base, too; a restore from the peer fetches the whole shard.
+    assert_eq!(v["changed_fraction"].as_f64(), Some(1.0));
+    assert_eq!(v["chunks"].as_u64(), Some(chunks(file_bytes)));
+    assert_eq!(v["changed_chunks_per_step"].as_u64(), Some(chunks(file_bytes)));
+    assert_eq!(v["shard_bytes_replicated"].as_u64(), Some(3 * file_bytes));
+    assert!(v["wire_bytes_sent"].as_u64().unwrap() >= 3 * file_bytes, "{v}");
+    assert!(v["wire_bytes_per_replication"].as_u64().unwrap() >= file_bytes, "{v}");
+    assert!(v["wire_ratio"].as_f64().unwrap() >= 1.0, "{v}");
+    assert_eq!(v["delta_shards_sent"].as_u64(), Some(0), "{v}");
+    assert!(v["replicate_first_wire_bytes"].as_u64().unwrap() >= file_bytes, "{v}");
+    assert_eq!(v["restore_peer_fetched_bytes"].as_u64(), Some(file_bytes), "{v}");
 
     let floor = positive(&v, "tcp_floor_gibps");
     assert!(
@@ -199,9 +258,31 @@ fn replicate_prints_a_table_without_json() {
         .expect("running tierckpt");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let text = String::from_utf8_lossy(&out.stdout);
-    for want in ["the floor", "visible on node 1", "restore from peer", "target: rate at least 0.8", "steady state"] {
+    for want in [
+        "the floor",
+        "visible on node 1",
+        "replicate: first",
+        "bytes on the wire",
+        "restore from peer",
+        "target: rate at least 0.9",
+        "steady state",
+    ] {
         assert!(text.contains(want), "{want:?} missing from:\n{text}");
     }
+}
+
+#[test]
+fn replicate_with_nothing_changed_sends_almost_nothing() {
+    // The same bytes at every step: the sparse replicas leave out every
+    // chunk, which is what the benchmark measured before --changed.
+    let v = bench_json("replicate", &["--size", "8MiB", "--iters", "3", "--warmup", "1", "--changed", "0", "--json"]);
+    let file_bytes = v["file_bytes"].as_u64().unwrap();
+    assert_eq!(v["changed_fraction"].as_f64(), Some(0.0));
+    assert_eq!(v["changed_chunks_per_step"].as_u64(), Some(0));
+    assert_eq!(v["shard_bytes_replicated"].as_u64(), Some(3 * file_bytes));
+    assert_eq!(v["delta_shards_sent"].as_u64(), Some(3), "{v}");
+    assert!(v["wire_bytes_sent"].as_u64().unwrap() < file_bytes / 10, "{v}");
+    assert!(v["replicate_first_wire_bytes"].as_u64().unwrap() >= file_bytes, "the first has no base: {v}");
 }
 
 #[test]
@@ -229,14 +310,51 @@ fn check_persist(v: &Value, scheme: &str, target_ratio: f64) {
     assert!(close(r, p / f), "ratio {r} should be persist_gibps / floor_gibps = {}", p / f);
     assert_eq!(v["target_ratio"].as_f64(), Some(target_ratio));
     assert_eq!(v["meets_target"].as_bool(), Some(r >= target_ratio));
+    let file_bytes = v["file_bytes"].as_u64().unwrap();
+    assert_eq!(v["chunks"].as_u64(), Some(chunks(file_bytes)));
+    assert_eq!(v["uploaded_bytes"].as_u64(), Some(2 * file_bytes), "{v}");
+    positive(v, "persist_first_s");
+    positive(v, "persist_first_gibps");
+    // The first step has no base: stored whole.
+    assert!(v["persist_first_stored_bytes"].as_u64().unwrap() >= file_bytes, "{v}");
 }
 
 #[test]
 fn persist_to_a_file_target_reports_a_ratio_against_write_and_fsync() {
     let v = bench_json("persist", &["--size", "8MiB", "--iters", "2", "--json"]);
-    check_persist(&v, "file", 0.8);
+    check_persist(&v, "file", 0.9);
     assert!(v["target"].as_str().unwrap().starts_with("file://"));
     assert!(v["floor_tool"].as_str().unwrap().contains("fsync"));
+    // Fresh data: nothing to take from the step before, every byte stored.
+    let file_bytes = v["file_bytes"].as_u64().unwrap();
+    assert_eq!(v["changed_chunks_per_step"].as_u64(), Some(chunks(file_bytes)));
+    assert!(v["stored_bytes"].as_u64().unwrap() >= 2 * file_bytes, "{v}");
+    assert!(v["stored_bytes_per_step"].as_u64().unwrap() >= file_bytes, "{v}");
+    assert_eq!(v["delta_shards"].as_u64(), Some(0), "{v}");
+}
+
+#[test]
+fn persist_with_nothing_changed_stores_almost_nothing() {
+    let v = bench_json("persist", &["--size", "8MiB", "--iters", "2", "--changed", "0", "--json"]);
+    check_persist(&v, "file", 0.9);
+    let file_bytes = v["file_bytes"].as_u64().unwrap();
+    assert_eq!(v["changed_chunks_per_step"].as_u64(), Some(0));
+    assert_eq!(v["delta_shards"].as_u64(), Some(2), "{v}");
+    assert!(v["stored_bytes"].as_u64().unwrap() < file_bytes / 10, "{v}");
+}
+
+#[test]
+fn persist_prints_a_table_without_json() {
+    let out = tierckpt_harness::testing::tierckpt()
+        .args(["bench", "persist", "--size", "1MiB", "--tensors", "4", "--iters", "1", "--warmup", "1"])
+        .args(["--floor-reps", "1", "--changed", "0.5"])
+        .output()
+        .expect("running tierckpt");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    for want in ["floor", "sealed -> committed", "persist: first", "bytes stored", "target: rate at least 0.9"] {
+        assert!(text.contains(want), "{want:?} missing from:\n{text}");
+    }
 }
 
 #[test]

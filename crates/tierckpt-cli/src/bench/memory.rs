@@ -1,0 +1,424 @@
+//! `tierckpt bench memory`: saves a state into the local memory tier of a
+//! real daemon child and restores it, against a one-thread memcpy of the
+//! same bytes. Before every save but the first, a training step rewrites
+//! `--changed` of the shard's chunks (outside the timed region).
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use serde::Serialize;
+use tierckpt_client::{Client, SaveTiming};
+use tierckpt_format::ShardKey;
+use tierckpt_harness::daemon::{DaemonOptions, DaemonProcess};
+use tierckpt_harness::size::parse_size;
+use tierckpt_harness::stats::{gibps, median, min};
+
+use super::floor;
+use super::state::{cores, parse_changed, restore_targets, Buf, Change, State};
+use crate::output;
+
+/// Ratio to the floor that `bench memory` aims for, for saves and restores.
+pub const MEMORY_TARGET_RATIO: f64 = 1.2;
+
+/// Arguments of `bench memory`.
+#[derive(Args, Debug, Clone)]
+pub struct MemoryArgs {
+    /// Total tensor bytes of the state, like "1GiB", "512MB" or a number of bytes.
+    #[arg(long, default_value = "1GiB", value_parser = parse_size)]
+    pub size: u64,
+    /// Number of tensors the state is split into (bf16, equal sizes).
+    #[arg(long, default_value_t = 64)]
+    pub tensors: usize,
+    /// Measured saves, and measured restores.
+    #[arg(long, default_value_t = 10)]
+    pub iters: usize,
+    /// Unmeasured saves before the measured ones [default: keep_last + 2,
+    /// enough for retention to start recycling segments].
+    #[arg(long)]
+    pub warmup: Option<usize>,
+    /// Steps the daemon keeps (its retention).
+    #[arg(long, default_value_t = 3)]
+    pub keep_last: usize,
+    /// Repetitions of the memcpy floor (the median is reported).
+    #[arg(long, default_value_t = 5)]
+    pub floor_reps: usize,
+    /// Fraction of the shard's 4 MiB chunks that a training step rewrites
+    /// before every save but the first (chosen at random at each step).
+    #[arg(long, value_name = "FRACTION", default_value_t = 1.0, value_parser = parse_changed, allow_negative_numbers = true)]
+    pub changed: f64,
+    /// Offset of every caller buffer from a page boundary. 0 matches pinned
+    /// host memory and torch's 64-byte-aligned CPU tensors; malloc hands out
+    /// large blocks at 16.
+    #[arg(long, default_value_t = 0)]
+    pub buffer_offset: usize,
+    /// Directory (a tmpfs) in which the daemon's memory tier is created, in a
+    /// fresh subdirectory removed at the end. A tmpfs mounted with
+    /// `huge=within_size` shows what huge pages do (docs/BENCHMARKS.md).
+    #[arg(long, default_value = "/dev/shm")]
+    pub dir: PathBuf,
+    /// Have the daemon mount a tmpfs with huge pages for its memory tier
+    /// (`--mount-huge-tmpfs`; needs root), unmounted at the end.
+    #[arg(long)]
+    pub huge_pages: bool,
+}
+
+/// What `bench memory` measured. Times are seconds; ratios are a time over
+/// `memcpy_floor_s`.
+#[derive(Debug, Clone, Serialize)]
+pub struct MemoryReport {
+    /// Which benchmark this is.
+    pub benchmark: &'static str,
+    /// Tensor bytes of the state (what the floor copies).
+    pub bytes: u64,
+    /// Bytes of the shard file (tensor bytes plus the safetensors header).
+    pub file_bytes: u64,
+    /// Number of bf16 tensors.
+    pub tensors: usize,
+    /// The memory tier's tmpfs gave huge pages.
+    pub huge_pages: bool,
+    /// Their dtype.
+    pub dtype: &'static str,
+    /// Measured repetitions.
+    pub iters: usize,
+    /// Unmeasured repetitions before them.
+    pub warmup: usize,
+    /// Steps each daemon keeps (its retention).
+    pub keep_last: usize,
+    /// `--changed`: the share of the shard's chunks each step rewrites.
+    pub changed_fraction: f64,
+    /// Chunks of the shard file (of `chunk_size` bytes), and how many of
+    /// them each step rewrote, with how many tensor bytes.
+    pub chunks: usize,
+    /// Bytes of a chunk (the manifest's).
+    pub chunk_size: u64,
+    /// Chunks each step rewrote.
+    pub changed_chunks_per_step: usize,
+    /// Tensor bytes each step rewrote.
+    pub changed_bytes_per_step: u64,
+    /// Copy workers the client uses for a save and for a restore of this size.
+    pub threads: usize,
+    /// Copy workers of a restore.
+    pub restore_threads: usize,
+    /// Threads of the floor (one, by definition).
+    pub floor_threads: usize,
+    /// Offset of the caller's buffers from a page boundary.
+    pub buffer_offset: usize,
+    /// The floor: median seconds.
+    pub memcpy_floor_s: f64,
+    /// The floor's rate.
+    pub memcpy_floor_gibps: f64,
+    /// The floor's fastest repetition.
+    pub memcpy_floor_min_s: f64,
+    /// Floor repetitions: `floor_reps` up front, then one before each
+    /// measured save and restore.
+    pub floor_samples: usize,
+    /// Median time the caller is blocked by a save, in steady state.
+    pub save_stall_s: f64,
+    /// Rate of the median save.
+    pub save_gibps: f64,
+    /// `save_stall_s / memcpy_floor_s`.
+    pub save_ratio: f64,
+    /// Medians of each phase of the measured saves (they need not add up to
+    /// the median total).
+    pub save_reserve_s: f64,
+    /// Median copy into the segment.
+    pub save_copy_s: f64,
+    /// Median seal (a round trip).
+    pub save_seal_s: f64,
+    /// Fastest measured save.
+    pub save_stall_min_s: f64,
+    /// Slowest measured save.
+    pub save_stall_max_s: f64,
+    /// The very first save, into fresh tmpfs pages.
+    pub save_stall_first_s: f64,
+    /// Rate of the first save.
+    pub save_first_gibps: f64,
+    /// `save_stall_first_s / memcpy_floor_s`.
+    pub save_first_ratio: f64,
+    /// Median time of `load_into` (map, copy and verify every checksum).
+    pub restore_s: f64,
+    /// Rate of the median restore.
+    pub restore_gibps: f64,
+    /// `restore_s / memcpy_floor_s`.
+    pub restore_ratio: f64,
+    /// Median time to map and populate the shard, a part of `restore_s`.
+    pub restore_map_s: f64,
+    /// Fastest measured restore.
+    pub restore_min_s: f64,
+    /// The first restore.
+    pub restore_first_s: f64,
+    /// The target ratio.
+    pub target_ratio: f64,
+    /// Whether `save_ratio` is within the target.
+    pub save_meets_target: bool,
+    /// Whether the restore's ratio is within the target.
+    pub restore_meets_target: bool,
+    /// The restored bytes were compared with the saved ones.
+    pub restored_identical: bool,
+    /// How the steady state was obtained.
+    pub steady_state: &'static str,
+}
+
+const STEADY_STATE: &str = "before every save but the first, a training step rewrites the changed chunks \
+outside the timed region; checksumming happens between saves, as between training steps: each save is \
+waited for (wait_visible) outside the timed region";
+
+/// Unmounts a directory when dropped (lazily: a mapping may still be open).
+struct Unmount(PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        tierckpt_daemon::hugepages::unmount_lazily(&self.0);
+    }
+}
+
+/// The daemon of a run, on a fresh directory under `--dir`.
+struct Node {
+    daemon: DaemonProcess,
+    dir: tempfile::TempDir,
+    unmount: Option<Unmount>,
+}
+
+impl Node {
+    fn start(a: &MemoryArgs, file_bytes: u64) -> Result<Self> {
+        let dir = tempfile::Builder::new()
+            .prefix("tierckpt-bench-")
+            .tempdir_in(&a.dir)
+            .with_context(|| format!("creating a directory under {}", a.dir.display()))?;
+        let tier_dir = dir.path().join("tier");
+        // Room for keep_last + 2 shards.
+        let mut opts = DaemonOptions::new(&tier_dir);
+        opts.memory_tier_size = ((a.keep_last as u64 + 2) * file_bytes).to_string();
+        opts.keep_last = a.keep_last;
+        opts.http_addr = "off".into();
+        if a.huge_pages {
+            opts.extra_args.push("--mount-huge-tmpfs".into());
+        }
+        let unmount = a.huge_pages.then(|| Unmount(tier_dir.clone()));
+        Ok(Self { daemon: DaemonProcess::spawn(opts)?, dir, unmount })
+    }
+
+    fn stop(mut self) -> Result<()> {
+        self.daemon.kill()?;
+        drop(self.daemon);
+        drop(self.unmount);
+        self.dir.close().context("removing the benchmark's memory tier")
+    }
+}
+
+/// Runs `bench memory` and returns its figures.
+pub fn measure(a: &MemoryArgs) -> Result<MemoryReport> {
+    if a.iters == 0 || a.floor_reps == 0 {
+        bail!("--iters and --floor-reps must be at least 1");
+    }
+    if a.keep_last == 0 {
+        bail!("--keep-last must be at least 1");
+    }
+    let warmup = a.warmup.unwrap_or(a.keep_last + 2);
+    let mut state = State::new(a.size, a.tensors, a.buffer_offset, "memory")?;
+    let (bytes, file_bytes) = (state.bytes(), state.file_bytes());
+
+    // The floor: one thread copies the same bytes into pre-faulted memory,
+    // the buffer that later receives the restores. Besides `floor_reps`
+    // repetitions up front, one repetition runs right before each measured
+    // save and restore, so that floor and measurement see the same machine
+    // (a VM's memory bandwidth drifts).
+    let names = state.names().to_vec();
+    let mut dst = Buf::new(bytes as usize, a.buffer_offset, 0x5A);
+    let mut targets = restore_targets(&names, &state.lens(), &mut dst);
+    let mut floor: Vec<f64> = (0..a.floor_reps).map(|_| floor::memcpy(&state.data(), &mut targets)).collect();
+
+    let node = Node::start(a, file_bytes)?;
+    let mut client = Client::connect(&node.daemon.socket)?;
+    let huge_pages = client.status()?.huge_pages;
+
+    // Saves: successive steps of one namespace, like a training loop.
+    let ns = "bench-memory";
+    let mut saves = Vec::with_capacity(warmup + a.iters);
+    let mut change = Change::default();
+    for step in 0..(warmup + a.iters) as u64 {
+        if step > 0 {
+            change = state.step(a.changed);
+        }
+        if step >= warmup as u64 {
+            floor.push(floor::memcpy(&state.data(), &mut targets));
+        }
+        let key = ShardKey::new(ns, step, 0);
+        let t = client
+            .save(&key, 1, &state.tensors(), &state.metadata, false)
+            .with_context(|| format!("saving step {step}"))?;
+        // Outside the timed region: the daemon checksums before the next save.
+        client.wait_visible(&key, Duration::from_secs(600))?;
+        saves.push(t);
+    }
+    let last = ShardKey::new(ns, (warmup + a.iters - 1) as u64, 0);
+
+    // Restores of the newest step into the pre-faulted buffer, verified.
+    // The first one is reported apart; the floor runs before the others.
+    let mut restores = Vec::with_capacity(a.iters + 1);
+    for i in 0..=a.iters {
+        if i > 0 {
+            floor.push(floor::memcpy(&state.data(), &mut targets));
+        }
+        let t = Instant::now();
+        client.load_into(&last, &mut targets).context("restoring")?;
+        restores.push(t.elapsed().as_secs_f64());
+    }
+    let restored_identical = state.matches(&targets);
+    if !restored_identical {
+        bail!("the restored bytes differ from the saved ones");
+    }
+    drop(targets);
+    let mut maps = Vec::with_capacity(a.iters.min(5));
+    for _ in 0..a.iters.min(5) {
+        let t = Instant::now();
+        let m = client.map_unverified(&last)?;
+        maps.push(t.elapsed().as_secs_f64());
+        drop(m);
+    }
+    drop(client);
+    node.stop()?;
+
+    let runs = Runs {
+        warmup,
+        huge_pages,
+        change,
+        saves: &saves[warmup..],
+        first: saves[0],
+        restores: &restores,
+        maps: &maps,
+        floor: &floor,
+        restored_identical,
+    };
+    Ok(report(a, &state, runs))
+}
+
+/// What the loops measured.
+struct Runs<'a> {
+    warmup: usize,
+    huge_pages: bool,
+    /// What the last step changed.
+    change: Change,
+    /// The measured saves.
+    saves: &'a [SaveTiming],
+    first: SaveTiming,
+    /// The first restore, then the measured ones.
+    restores: &'a [f64],
+    maps: &'a [f64],
+    floor: &'a [f64],
+    restored_identical: bool,
+}
+
+fn report(a: &MemoryArgs, state: &State, runs: Runs<'_>) -> MemoryReport {
+    let memcpy_floor_s = median(runs.floor);
+    let (bytes, file_bytes) = (state.bytes(), state.file_bytes());
+    let totals: Vec<f64> = runs.saves.iter().map(SaveTiming::total_s).collect();
+    let phase = |f: fn(&SaveTiming) -> f64| median(&runs.saves.iter().map(f).collect::<Vec<_>>());
+    let save_stall_s = median(&totals);
+    let restore_s = median(&runs.restores[1..]);
+    let threads = if bytes < 4 << 20 { 1 } else { cores().clamp(1, 8) };
+    let chunks = state.chunks();
+    let (save_ratio, restore_ratio) = (save_stall_s / memcpy_floor_s, restore_s / memcpy_floor_s);
+    let first = runs.first.total_s();
+    MemoryReport {
+        benchmark: "memory",
+        huge_pages: runs.huge_pages,
+        bytes,
+        file_bytes,
+        tensors: state.lens().len(),
+        dtype: "BF16",
+        iters: a.iters,
+        warmup: runs.warmup,
+        keep_last: a.keep_last,
+        changed_fraction: a.changed,
+        chunks,
+        chunk_size: tierckpt_format::DEFAULT_CHUNK_SIZE,
+        changed_chunks_per_step: runs.change.chunks,
+        changed_bytes_per_step: runs.change.bytes,
+        threads,
+        restore_threads: cores().min(8).min(chunks).max(1),
+        floor_threads: 1,
+        buffer_offset: a.buffer_offset % 4096,
+        memcpy_floor_s,
+        memcpy_floor_gibps: gibps(bytes, memcpy_floor_s),
+        memcpy_floor_min_s: min(runs.floor),
+        floor_samples: runs.floor.len(),
+        save_stall_s,
+        save_gibps: gibps(bytes, save_stall_s),
+        save_ratio,
+        save_reserve_s: phase(|t| t.reserve_s),
+        save_copy_s: phase(|t| t.copy_s),
+        save_seal_s: phase(|t| t.seal_s),
+        save_stall_min_s: min(&totals),
+        save_stall_max_s: totals.iter().copied().fold(0.0, f64::max),
+        save_stall_first_s: first,
+        save_first_gibps: gibps(bytes, first),
+        save_first_ratio: first / memcpy_floor_s,
+        restore_s,
+        restore_gibps: gibps(bytes, restore_s),
+        restore_ratio,
+        restore_map_s: median(runs.maps),
+        restore_min_s: min(&runs.restores[1..]),
+        restore_first_s: runs.restores[0],
+        target_ratio: MEMORY_TARGET_RATIO,
+        save_meets_target: save_ratio <= MEMORY_TARGET_RATIO,
+        restore_meets_target: restore_ratio <= MEMORY_TARGET_RATIO,
+        restored_identical: runs.restored_identical,
+        steady_state: STEADY_STATE,
+    }
+}
+
+/// Prints the report as tables.
+pub fn print(r: &MemoryReport) {
+    println!(
+        "bench memory: {} in {} {} tensors; {} warm-up saves, then medians of {} saves and {} restores; keep_last {}; memory tier on {}",
+        output::human_bytes(r.bytes),
+        r.tensors,
+        r.dtype.to_lowercase(),
+        r.warmup,
+        r.iters,
+        r.iters,
+        r.keep_last,
+        if r.huge_pages { "huge pages" } else { "4 KiB pages" }
+    );
+    println!(
+        "each step rewrites {} of {} chunks of {} ({}; --changed {})",
+        r.changed_chunks_per_step,
+        r.chunks,
+        output::human_bytes(r.chunk_size),
+        output::human_bytes(r.changed_bytes_per_step),
+        r.changed_fraction
+    );
+    let mut t = output::table(&["operation", "threads", "seconds", "GiB/s", "ratio to floor"]);
+    let row = |t: &mut comfy_table::Table, op: &str, threads: String, s: f64, ratio: bool| {
+        t.add_row(vec![
+            op.to_string(),
+            threads,
+            format!("{s:.4}"),
+            if ratio { format!("{:.2}", gibps(r.bytes, s)) } else { String::new() },
+            if ratio { format!("{:.3}", s / r.memcpy_floor_s) } else { String::new() },
+        ]);
+    };
+    row(&mut t, "memcpy into caller memory (the floor)", "1".into(), r.memcpy_floor_s, true);
+    row(&mut t, "save: caller blocked (steady state)", r.threads.to_string(), r.save_stall_s, true);
+    row(&mut t, "  reserve", String::new(), r.save_reserve_s, false);
+    row(&mut t, "  copy into the segment", r.threads.to_string(), r.save_copy_s, false);
+    row(&mut t, "  seal", String::new(), r.save_seal_s, false);
+    row(&mut t, "save: first (fresh tmpfs pages)", r.threads.to_string(), r.save_stall_first_s, true);
+    row(&mut t, "restore: load_into, checksums verified", r.restore_threads.to_string(), r.restore_s, true);
+    row(&mut t, "  map and populate", String::new(), r.restore_map_s, false);
+    row(&mut t, "restore: first", r.restore_threads.to_string(), r.restore_first_s, true);
+    println!("{t}");
+    let verdict = |ok: bool| if ok { "met" } else { "missed" };
+    println!(
+        "target: ratio at most {} -- save {:.3} ({}), restore {:.3} ({})",
+        r.target_ratio,
+        r.save_ratio,
+        verdict(r.save_meets_target),
+        r.restore_ratio,
+        verdict(r.restore_meets_target)
+    );
+    println!("steady state: {}", r.steady_state);
+}
