@@ -190,12 +190,11 @@ impl Node {
         let tier_dir = dir.path().join("tier");
         // Room for keep_last + 2 shards.
         let mut opts = DaemonOptions::new(&tier_dir);
-        opts.memory_tier_size = ((a.keep_last as u64 + 2) * file_bytes).to_string();
-        opts.keep_last = a.keep_last;
-        opts.http_addr = "off".into();
-        if a.huge_pages {
-            opts.extra_args.push("--mount-huge-tmpfs".into());
-        }
+        let s = &mut opts.settings;
+        s.memory_tier_size = Some(((a.keep_last as u64 + 2) * file_bytes).to_string());
+        s.keep_last = Some(a.keep_last);
+        s.http_addr = Some("off".into());
+        s.mount_huge_tmpfs = a.huge_pages.then_some(true);
         let unmount = a.huge_pages.then(|| Unmount(tier_dir.clone()));
         Ok(Self { daemon: DaemonProcess::spawn(opts)?, dir, unmount })
     }

@@ -301,10 +301,10 @@ pub fn measure(a: &PersistArgs) -> Result<PersistReport> {
     }
 
     let mut opts = DaemonOptions::new(mem_dir.path());
-    opts.memory_tier_size = ((a.keep_last as u64 + 2) * file_bytes).to_string();
-    opts.keep_last = a.keep_last;
-    opts.http_addr = "off".into();
-    opts.extra_args = target.daemon_args.clone();
+    opts.settings.memory_tier_size = Some(((a.keep_last as u64 + 2) * file_bytes).to_string());
+    opts.settings.keep_last = Some(a.keep_last);
+    opts.settings.http_addr = Some("off".into());
+    opts.set_flags(&target.daemon_args)?;
     let daemon = DaemonProcess::spawn(opts)?;
     let mut client = Client::connect(&daemon.socket)?;
     let mut status_client = Client::connect(&daemon.socket)?;

@@ -202,18 +202,14 @@ struct Restore {
 /// tier holds keep_last + 2 shards. The heartbeat timeout is long, so that
 /// re-replication (only of shards older than twice the timeout) stays out.
 fn start_cluster(a: &ReplicateArgs, dir: &tempfile::TempDir, file_bytes: u64) -> Result<LocalCluster> {
-    let opts = LocalClusterOptions {
-        nodes: 2,
-        memory_tier_size: ((a.keep_last as u64 + 2) * file_bytes).to_string(),
-        keep_last: a.keep_last,
-        replication_factor: 1,
-        placement: "ring".into(),
-        heartbeat_interval: "500ms".into(),
-        heartbeat_timeout: "60s".into(),
-        replication_bandwidth: None,
-        token: None,
-        ..Default::default()
-    };
+    let mut opts = LocalClusterOptions { nodes: 2, ..Default::default() };
+    let s = &mut opts.settings;
+    s.memory_tier_size = Some(((a.keep_last as u64 + 2) * file_bytes).to_string());
+    s.keep_last = Some(a.keep_last);
+    s.replication_factor = Some(1);
+    s.placement = Some("ring".into());
+    s.heartbeat_interval = Some("500ms".into());
+    s.heartbeat_timeout = Some("60s".into());
     LocalCluster::start(dir.path(), opts)
 }
 

@@ -63,19 +63,17 @@ impl PathRun {
         extra.extend(flags.iter().cloned());
         // Each node holds keep_last steps, a step being received or saved, and
         // the base a delta is decoded against.
-        let opts = LocalClusterOptions {
-            nodes: 2,
-            memory_tier_size: ((keep_last as u64 + 3) * file_bytes).max(64 << 20).to_string(),
-            keep_last,
-            replication_factor: 1,
-            placement: "ring".into(),
-            // Frequent heartbeats (the view of what the peer holds); a long
-            // timeout keeps re-replication out.
-            heartbeat_interval: "50ms".into(),
-            heartbeat_timeout: "60s".into(),
-            extra_args: extra,
-            ..Default::default()
-        };
+        let mut opts = LocalClusterOptions { nodes: 2, ..Default::default() };
+        let s = &mut opts.settings;
+        s.memory_tier_size = Some(((keep_last as u64 + 3) * file_bytes).max(64 << 20).to_string());
+        s.keep_last = Some(keep_last);
+        s.replication_factor = Some(1);
+        s.placement = Some("ring".into());
+        // Frequent heartbeats (the view of what the peer holds); a long
+        // timeout keeps re-replication out.
+        s.heartbeat_interval = Some("50ms".into());
+        s.heartbeat_timeout = Some("60s".into());
+        opts.set_flags(&extra)?;
         let cluster = LocalCluster::start(mem_dir.path(), opts)?;
         Ok(PathRun {
             file_bytes,
