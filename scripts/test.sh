@@ -22,7 +22,7 @@ if [ ! -x "$VENV/bin/python" ]; then
   python3 -m venv "$VENV"
 fi
 "$VENV/bin/python" -m pip install -q --disable-pip-version-check -r tests/python/requirements.txt
-export TIERCKPT_MOTO_SERVER="$PWD/$VENV/bin/moto_server"
+export TIERCKPT_MOTO_SERVER="$(cd "$VENV" && pwd)/bin/moto_server"
 
 echo "== cargo build"
 cargo build --workspace --all-targets --locked
