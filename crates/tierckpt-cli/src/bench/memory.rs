@@ -16,7 +16,7 @@ use tierckpt_harness::size::parse_size;
 use tierckpt_harness::stats::{gibps, median, min};
 
 use super::floor;
-use super::state::{cores, parse_changed, restore_targets, Buf, Change, State};
+use super::state::{cores, parse_changed, restore_targets, Buf, Change, FreshData, State};
 use crate::output;
 
 /// Ratio to the floor that `bench memory` aims for, for saves and restores.
@@ -86,17 +86,9 @@ pub struct MemoryReport {
     pub warmup: usize,
     /// Steps each daemon keeps (its retention).
     pub keep_last: usize,
-    /// `--changed`: the share of the shard's chunks each step rewrites.
-    pub changed_fraction: f64,
-    /// Chunks of the shard file (of `chunk_size` bytes), and how many of
-    /// them each step rewrote, with how many tensor bytes.
-    pub chunks: usize,
-    /// Bytes of a chunk (the manifest's).
-    pub chunk_size: u64,
-    /// Chunks each step rewrote.
-    pub changed_chunks_per_step: usize,
-    /// Tensor bytes each step rewrote.
-    pub changed_bytes_per_step: u64,
+    /// What each training step rewrote.
+    #[serde(flatten)]
+    pub fresh: FreshData,
     /// Copy workers the client uses for a save and for a restore of this size.
     pub threads: usize,
     /// Copy workers of a restore.
@@ -331,11 +323,7 @@ fn report(a: &MemoryArgs, state: &State, runs: Runs<'_>) -> MemoryReport {
         iters: a.iters,
         warmup: runs.warmup,
         keep_last: a.keep_last,
-        changed_fraction: a.changed,
-        chunks,
-        chunk_size: tierckpt_format::DEFAULT_CHUNK_SIZE,
-        changed_chunks_per_step: runs.change.chunks,
-        changed_bytes_per_step: runs.change.bytes,
+        fresh: FreshData::new(a.changed, chunks, runs.change),
         threads,
         restore_threads: cores().min(8).min(chunks).max(1),
         floor_threads: 1,
@@ -382,14 +370,7 @@ pub fn print(r: &MemoryReport) {
         r.keep_last,
         if r.huge_pages { "huge pages" } else { "4 KiB pages" }
     );
-    println!(
-        "each step rewrites {} of {} chunks of {} ({}; --changed {})",
-        r.changed_chunks_per_step,
-        r.chunks,
-        output::human_bytes(r.chunk_size),
-        output::human_bytes(r.changed_bytes_per_step),
-        r.changed_fraction
-    );
+    println!("{}", r.fresh.describe());
     let mut t = output::table(&["operation", "threads", "seconds", "GiB/s", "ratio to floor"]);
     let row = |t: &mut comfy_table::Table, op: &str, threads: String, s: f64, ratio: bool| {
         t.add_row(vec![

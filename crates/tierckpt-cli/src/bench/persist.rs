@@ -27,7 +27,7 @@ use tierckpt_harness::stats::{gibps, median, min};
 
 use super::floor::store::{Boto3Floor, Moto, S3Target, StoreFloor};
 use super::observe::{wait_committed, DrainCounters};
-use super::state::{parse_changed, Buf, Change, State};
+use super::state::{parse_changed, Buf, Change, FreshData, State};
 use crate::output;
 
 /// Rate that `bench persist` aims for, as a fraction of the floor's, for a
@@ -115,17 +115,9 @@ pub struct PersistReport {
     pub iters: usize,
     /// Unmeasured repetitions before them.
     pub warmup: usize,
-    /// `--changed`: the share of the shard's chunks each step rewrites.
-    pub changed_fraction: f64,
-    /// Chunks of the shard file, and how many each step rewrote, with how
-    /// many tensor bytes.
-    pub chunks: usize,
-    /// Bytes of a chunk (the manifest's).
-    pub chunk_size: u64,
-    /// Chunks each step rewrote.
-    pub changed_chunks_per_step: usize,
-    /// Tensor bytes each step rewrote.
-    pub changed_bytes_per_step: u64,
+    /// What each training step rewrote.
+    #[serde(flatten)]
+    pub fresh: FreshData,
     /// Median time from the seal returning to the step committed in the store.
     pub persist_s: f64,
     /// Rate of the median step.
@@ -367,11 +359,7 @@ pub fn measure(a: &PersistArgs) -> Result<PersistReport> {
         dtype: "BF16",
         iters: a.iters,
         warmup: a.warmup,
-        changed_fraction: a.changed,
-        chunks: state.chunks(),
-        chunk_size: tierckpt_format::DEFAULT_CHUNK_SIZE,
-        changed_chunks_per_step: change.chunks,
-        changed_bytes_per_step: change.bytes,
+        fresh: FreshData::new(a.changed, state.chunks(), change),
         persist_s,
         persist_gibps,
         persist_min_s: min(&totals),
@@ -411,14 +399,7 @@ pub fn print(r: &PersistReport) {
         r.warmup,
         r.iters
     );
-    println!(
-        "each step rewrites {} of {} chunks of {} ({}; --changed {})",
-        r.changed_chunks_per_step,
-        r.chunks,
-        output::human_bytes(r.chunk_size),
-        output::human_bytes(r.changed_bytes_per_step),
-        r.changed_fraction
-    );
+    println!("{}", r.fresh.describe());
     let mut t = output::table(&["operation", "seconds", "GiB/s", "ratio to floor", "bytes stored"]);
     let row = |t: &mut comfy_table::Table, op: &str, s: f64, rate: bool, stored: Option<u64>| {
         let g = gibps(r.file_bytes, s);

@@ -19,7 +19,7 @@ use tierckpt_harness::stats::{gibps, median, min};
 
 use super::floor::tcp::TcpFloor;
 use super::observe::{delete_on_node, replication, wait_replica, wait_sent};
-use super::state::{parse_changed, restore_targets, Buf, Change, State};
+use super::state::{parse_changed, restore_targets, Buf, Change, FreshData, State};
 use crate::output;
 
 /// Rate that `bench replicate` aims for, as a fraction of the TCP floor's,
@@ -88,17 +88,9 @@ pub struct ReplicateReport {
     pub warmup: usize,
     /// Steps each daemon keeps (its retention).
     pub keep_last: usize,
-    /// `--changed`: the share of the shard's chunks each step rewrites.
-    pub changed_fraction: f64,
-    /// Chunks of the shard file, and how many each step rewrote, with how
-    /// many tensor bytes.
-    pub chunks: usize,
-    /// Bytes of a chunk (the manifest's).
-    pub chunk_size: u64,
-    /// Chunks each step rewrote.
-    pub changed_chunks_per_step: usize,
-    /// Tensor bytes each step rewrote.
-    pub changed_bytes_per_step: u64,
+    /// What each training step rewrote.
+    #[serde(flatten)]
+    pub fresh: FreshData,
     /// A plain TCP copy of `file_bytes` from this process to a child on
     /// 127.0.0.1, pre-faulted buffers at both ends: median, rate, fastest.
     pub tcp_floor_s: f64,
@@ -371,11 +363,7 @@ fn report(a: &ReplicateArgs, state: &State, runs: Runs<'_>) -> ReplicateReport {
         iters: a.iters,
         warmup: runs.warmup,
         keep_last: a.keep_last,
-        changed_fraction: a.changed,
-        chunks: state.chunks(),
-        chunk_size: tierckpt_format::DEFAULT_CHUNK_SIZE,
-        changed_chunks_per_step: runs.change.chunks,
-        changed_bytes_per_step: runs.change.bytes,
+        fresh: FreshData::new(a.changed, state.chunks(), runs.change),
         tcp_floor_s,
         tcp_floor_gibps,
         tcp_floor_min_s: min(runs.floor),
@@ -426,14 +414,7 @@ pub fn print(r: &ReplicateReport) {
         r.warmup,
         r.iters
     );
-    println!(
-        "each step rewrites {} of {} chunks of {} ({}; --changed {})",
-        r.changed_chunks_per_step,
-        r.chunks,
-        output::human_bytes(r.chunk_size),
-        output::human_bytes(r.changed_bytes_per_step),
-        r.changed_fraction
-    );
+    println!("{}", r.fresh.describe());
     let mut t = output::table(&["operation", "seconds", "GiB/s", "ratio to floor", "bytes on the wire"]);
     let row = |t: &mut comfy_table::Table, op: &str, s: f64, rate: bool, wire: Option<u64>| {
         let g = gibps(r.file_bytes, s);

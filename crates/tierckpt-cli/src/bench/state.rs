@@ -311,3 +311,43 @@ mod tests {
         assert_eq!(s.changed_chunks(0.001), 1);
     }
 }
+
+/// What each training step of a benchmark rewrote, as its report gives it.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct FreshData {
+    /// `--changed`: the share of the shard's chunks each step rewrites.
+    pub changed_fraction: f64,
+    /// Chunks of the shard file (of `chunk_size` bytes).
+    pub chunks: usize,
+    /// Bytes of a chunk (the manifest's).
+    pub chunk_size: u64,
+    /// Chunks each step rewrote.
+    pub changed_chunks_per_step: usize,
+    /// Tensor bytes each step rewrote.
+    pub changed_bytes_per_step: u64,
+}
+
+impl FreshData {
+    /// `--changed`, the shard's chunk count, and what a step changed.
+    pub(crate) fn new(changed_fraction: f64, chunks: usize, change: Change) -> Self {
+        Self {
+            changed_fraction,
+            chunks,
+            chunk_size: DEFAULT_CHUNK_SIZE,
+            changed_chunks_per_step: change.chunks,
+            changed_bytes_per_step: change.bytes,
+        }
+    }
+
+    /// The line a table report gives it in.
+    pub(crate) fn describe(&self) -> String {
+        format!(
+            "each step rewrites {} of {} chunks of {} ({}; --changed {})",
+            self.changed_chunks_per_step,
+            self.chunks,
+            crate::output::human_bytes(self.chunk_size),
+            crate::output::human_bytes(self.changed_bytes_per_step),
+            self.changed_fraction
+        )
+    }
+}
