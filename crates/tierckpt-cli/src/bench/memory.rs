@@ -12,11 +12,10 @@ use serde::Serialize;
 use tierckpt_client::{Client, SaveTiming};
 use tierckpt_format::ShardKey;
 use tierckpt_harness::daemon::{DaemonOptions, DaemonProcess};
-use tierckpt_harness::size::parse_size;
 use tierckpt_harness::stats::{gibps, median, min};
 
 use super::floor;
-use super::state::{cores, parse_changed, restore_targets, Buf, Change, FreshData, State};
+use super::state::{cores, restore_targets, Buf, Change, FreshData, ShardArgs, State};
 use crate::output;
 
 /// Ratio to the floor that `bench memory` aims for, for saves and restores.
@@ -25,29 +24,9 @@ pub const MEMORY_TARGET_RATIO: f64 = 1.2;
 /// Arguments of `bench memory`.
 #[derive(Args, Debug, Clone)]
 pub struct MemoryArgs {
-    /// Total tensor bytes of the state, like "1GiB", "512MB" or a number of bytes.
-    #[arg(long, default_value = "1GiB", value_parser = parse_size)]
-    pub size: u64,
-    /// Number of tensors the state is split into (bf16, equal sizes).
-    #[arg(long, default_value_t = 64)]
-    pub tensors: usize,
-    /// Measured saves, and measured restores.
-    #[arg(long, default_value_t = 10)]
-    pub iters: usize,
-    /// Unmeasured saves before the measured ones [default: keep_last + 2,
-    /// enough for retention to start recycling segments].
-    #[arg(long)]
-    pub warmup: Option<usize>,
-    /// Steps the daemon keeps (its retention).
-    #[arg(long, default_value_t = 3)]
-    pub keep_last: usize,
-    /// Repetitions of the memcpy floor (the median is reported).
-    #[arg(long, default_value_t = 5)]
-    pub floor_reps: usize,
-    /// Fraction of the shard's 4 MiB chunks that a training step rewrites
-    /// before every save but the first (chosen at random at each step).
-    #[arg(long, value_name = "FRACTION", default_value_t = 1.0, value_parser = parse_changed, allow_negative_numbers = true)]
-    pub changed: f64,
+    /// The shard and how it is measured.
+    #[command(flatten)]
+    pub shard: ShardArgs,
     /// Offset of every caller buffer from a page boundary. 0 matches pinned
     /// host memory and torch's 64-byte-aligned CPU tensors; malloc hands out
     /// large blocks at 16.
@@ -183,8 +162,8 @@ impl Node {
         // Room for keep_last + 2 shards.
         let mut opts = DaemonOptions::new(&tier_dir);
         let s = &mut opts.settings;
-        s.memory_tier_size = Some(((a.keep_last as u64 + 2) * file_bytes).to_string());
-        s.keep_last = Some(a.keep_last);
+        s.memory_tier_size = Some(((a.shard.keep_last as u64 + 2) * file_bytes).to_string());
+        s.keep_last = Some(a.shard.keep_last);
         s.http_addr = Some("off".into());
         s.mount_huge_tmpfs = a.huge_pages.then_some(true);
         let unmount = a.huge_pages.then(|| Unmount(tier_dir.clone()));
@@ -201,14 +180,14 @@ impl Node {
 
 /// Runs `bench memory` and returns its figures.
 pub fn measure(a: &MemoryArgs) -> Result<MemoryReport> {
-    if a.iters == 0 || a.floor_reps == 0 {
+    if a.shard.iters == 0 || a.shard.floor_reps == 0 {
         bail!("--iters and --floor-reps must be at least 1");
     }
-    if a.keep_last == 0 {
+    if a.shard.keep_last == 0 {
         bail!("--keep-last must be at least 1");
     }
-    let warmup = a.warmup.unwrap_or(a.keep_last + 2);
-    let mut state = State::new(a.size, a.tensors, a.buffer_offset, "memory")?;
+    let warmup = a.shard.warmup.unwrap_or(a.shard.keep_last + 2);
+    let mut state = State::new(a.shard.size, a.shard.tensors, a.buffer_offset, "memory")?;
     let (bytes, file_bytes) = (state.bytes(), state.file_bytes());
 
     // The floor: one thread copies the same bytes into pre-faulted memory,
@@ -219,7 +198,7 @@ pub fn measure(a: &MemoryArgs) -> Result<MemoryReport> {
     let names = state.names().to_vec();
     let mut dst = Buf::new(bytes as usize, a.buffer_offset, 0x5A);
     let mut targets = restore_targets(&names, &state.lens(), &mut dst);
-    let mut floor: Vec<f64> = (0..a.floor_reps).map(|_| floor::memcpy(&state.data(), &mut targets)).collect();
+    let mut floor: Vec<f64> = (0..a.shard.floor_reps).map(|_| floor::memcpy(&state.data(), &mut targets)).collect();
 
     let node = Node::start(a, file_bytes)?;
     let mut client = Client::connect(&node.daemon.socket)?;
@@ -227,11 +206,11 @@ pub fn measure(a: &MemoryArgs) -> Result<MemoryReport> {
 
     // Saves: successive steps of one namespace, like a training loop.
     let ns = "bench-memory";
-    let mut saves = Vec::with_capacity(warmup + a.iters);
+    let mut saves = Vec::with_capacity(warmup + a.shard.iters);
     let mut change = Change::default();
-    for step in 0..(warmup + a.iters) as u64 {
+    for step in 0..(warmup + a.shard.iters) as u64 {
         if step > 0 {
-            change = state.step(a.changed);
+            change = state.step(a.shard.changed);
         }
         if step >= warmup as u64 {
             floor.push(floor::memcpy(&state.data(), &mut targets));
@@ -244,12 +223,12 @@ pub fn measure(a: &MemoryArgs) -> Result<MemoryReport> {
         client.wait_visible(&key, Duration::from_secs(600))?;
         saves.push(t);
     }
-    let last = ShardKey::new(ns, (warmup + a.iters - 1) as u64, 0);
+    let last = ShardKey::new(ns, (warmup + a.shard.iters - 1) as u64, 0);
 
     // Restores of the newest step into the pre-faulted buffer, verified.
     // The first one is reported apart; the floor runs before the others.
-    let mut restores = Vec::with_capacity(a.iters + 1);
-    for i in 0..=a.iters {
+    let mut restores = Vec::with_capacity(a.shard.iters + 1);
+    for i in 0..=a.shard.iters {
         if i > 0 {
             floor.push(floor::memcpy(&state.data(), &mut targets));
         }
@@ -262,8 +241,8 @@ pub fn measure(a: &MemoryArgs) -> Result<MemoryReport> {
         bail!("the restored bytes differ from the saved ones");
     }
     drop(targets);
-    let mut maps = Vec::with_capacity(a.iters.min(5));
-    for _ in 0..a.iters.min(5) {
+    let mut maps = Vec::with_capacity(a.shard.iters.min(5));
+    for _ in 0..a.shard.iters.min(5) {
         let t = Instant::now();
         let m = client.map_unverified(&last)?;
         maps.push(t.elapsed().as_secs_f64());
@@ -320,10 +299,10 @@ fn report(a: &MemoryArgs, state: &State, runs: Runs<'_>) -> MemoryReport {
         file_bytes,
         tensors: state.lens().len(),
         dtype: "BF16",
-        iters: a.iters,
+        iters: a.shard.iters,
         warmup: runs.warmup,
-        keep_last: a.keep_last,
-        fresh: FreshData::new(a.changed, chunks, runs.change),
+        keep_last: a.shard.keep_last,
+        fresh: FreshData::new(a.shard.changed, chunks, runs.change),
         threads,
         restore_threads: cores().min(8).min(chunks).max(1),
         floor_threads: 1,

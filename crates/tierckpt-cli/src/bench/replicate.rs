@@ -14,12 +14,11 @@ use serde::Serialize;
 use tierckpt_client::Client;
 use tierckpt_format::ShardKey;
 use tierckpt_harness::daemon::{LocalCluster, LocalClusterOptions};
-use tierckpt_harness::size::parse_size;
 use tierckpt_harness::stats::{gibps, median, min};
 
 use super::floor::tcp::TcpFloor;
 use super::observe::{delete_on_node, replication, wait_replica, wait_sent};
-use super::state::{parse_changed, restore_targets, Buf, Change, FreshData, State};
+use super::state::{restore_targets, Buf, Change, FreshData, ShardArgs, State};
 use crate::output;
 
 /// Rate that `bench replicate` aims for, as a fraction of the TCP floor's,
@@ -29,30 +28,9 @@ pub const REPLICATE_TARGET_RATIO: f64 = 0.9;
 /// Arguments of `bench replicate`.
 #[derive(Args, Debug, Clone)]
 pub struct ReplicateArgs {
-    /// Total tensor bytes of the shard, like "1GiB", "512MB" or a number of bytes.
-    #[arg(long, default_value = "1GiB", value_parser = parse_size)]
-    pub size: u64,
-    /// Number of tensors the shard is split into (bf16, equal sizes).
-    #[arg(long, default_value_t = 64)]
-    pub tensors: usize,
-    /// Measured replications, and measured restores of each kind.
-    #[arg(long, default_value_t = 10)]
-    pub iters: usize,
-    /// Unmeasured saves and replications before the measured ones
-    /// [default: keep_last + 2, enough for both nodes to recycle segments].
-    #[arg(long)]
-    pub warmup: Option<usize>,
-    /// Steps each daemon keeps (its retention).
-    #[arg(long, default_value_t = 3)]
-    pub keep_last: usize,
-    /// Repetitions of the TCP floor up front (one more runs before every
-    /// measured replication and restore; the median of all is reported).
-    #[arg(long, default_value_t = 5)]
-    pub floor_reps: usize,
-    /// Fraction of the shard's 4 MiB chunks that a training step rewrites
-    /// before every save but the first (chosen at random at each step).
-    #[arg(long, value_name = "FRACTION", default_value_t = 1.0, value_parser = parse_changed, allow_negative_numbers = true)]
-    pub changed: f64,
+    /// The shard and how it is measured.
+    #[command(flatten)]
+    pub shard: ShardArgs,
     /// Directory (a tmpfs) in which the nodes' memory tiers are created, in a
     /// fresh subdirectory removed at the end.
     #[arg(long, default_value = "/dev/shm")]
@@ -196,8 +174,8 @@ struct Restore {
 fn start_cluster(a: &ReplicateArgs, dir: &tempfile::TempDir, file_bytes: u64) -> Result<LocalCluster> {
     let mut opts = LocalClusterOptions { nodes: 2, ..Default::default() };
     let s = &mut opts.settings;
-    s.memory_tier_size = Some(((a.keep_last as u64 + 2) * file_bytes).to_string());
-    s.keep_last = Some(a.keep_last);
+    s.memory_tier_size = Some(((a.shard.keep_last as u64 + 2) * file_bytes).to_string());
+    s.keep_last = Some(a.shard.keep_last);
     s.replication_factor = Some(1);
     s.placement = Some("ring".into());
     s.heartbeat_interval = Some("500ms".into());
@@ -207,14 +185,14 @@ fn start_cluster(a: &ReplicateArgs, dir: &tempfile::TempDir, file_bytes: u64) ->
 
 /// Runs `bench replicate` and returns its figures.
 pub fn measure(a: &ReplicateArgs) -> Result<ReplicateReport> {
-    if a.iters == 0 || a.floor_reps == 0 {
+    if a.shard.iters == 0 || a.shard.floor_reps == 0 {
         bail!("--iters and --floor-reps must be at least 1");
     }
-    if a.keep_last == 0 {
+    if a.shard.keep_last == 0 {
         bail!("--keep-last must be at least 1");
     }
-    let warmup = a.warmup.unwrap_or(a.keep_last + 2);
-    let mut state = State::new(a.size, a.tensors, 0, "replicate")?;
+    let warmup = a.shard.warmup.unwrap_or(a.shard.keep_last + 2);
+    let mut state = State::new(a.shard.size, a.shard.tensors, 0, "replicate")?;
     let file_bytes = state.file_bytes();
 
     // The floor: a plain TCP copy of as many bytes (pre-faulted, random) to
@@ -222,8 +200,8 @@ pub fn measure(a: &ReplicateArgs) -> Result<ReplicateReport> {
     // right before every measured replication and restore.
     let floor_src = Buf::random(file_bytes as usize, 0xF1);
     let mut floor_link = TcpFloor::start(file_bytes)?;
-    let mut floor = Vec::with_capacity(a.floor_reps + 3 * a.iters);
-    for _ in 0..a.floor_reps {
+    let mut floor = Vec::with_capacity(a.shard.floor_reps + 3 * a.shard.iters);
+    for _ in 0..a.shard.floor_reps {
         floor.push(floor_link.rep(floor_src.bytes())?);
     }
     let mut floor_rep = || floor_link.rep(floor_src.bytes());
@@ -241,11 +219,11 @@ pub fn measure(a: &ReplicateArgs) -> Result<ReplicateReport> {
     // Saves on node 0, each waited for on node 1 (and counted on node 0)
     // before the next.
     let ns = "bench-replicate";
-    let (mut reps, mut change) = (Vec::with_capacity(warmup + a.iters), Change::default());
+    let (mut reps, mut change) = (Vec::with_capacity(warmup + a.shard.iters), Change::default());
     let mut sent = replication(&mut c0)?;
-    for step in 0..(warmup + a.iters) as u64 {
+    for step in 0..(warmup + a.shard.iters) as u64 {
         if step > 0 {
-            change = state.step(a.changed);
+            change = state.step(a.shard.changed);
         }
         if step >= warmup as u64 {
             floor.push(floor_rep()?);
@@ -268,7 +246,7 @@ pub fn measure(a: &ReplicateArgs) -> Result<ReplicateReport> {
         });
         sent = now;
     }
-    let last = ShardKey::new(ns, (warmup + a.iters - 1) as u64, 0);
+    let last = ShardKey::new(ns, (warmup + a.shard.iters - 1) as u64, 0);
 
     // Restores from the peer: node 1 drops its copy of the newest step (over
     // HTTP with `scope=node`, so node 0 keeps its copy; the segment goes to
@@ -278,7 +256,7 @@ pub fn measure(a: &ReplicateArgs) -> Result<ReplicateReport> {
     // rather than recycled when deleted: each open uses a connection of its
     // own, closed a moment before the next delete.
     let (mut peer, mut local_maps) = (Vec::new(), Vec::new());
-    for _ in 0..a.iters {
+    for _ in 0..a.shard.iters {
         floor.push(floor_rep()?);
         delete_on_node(&http1, ns, last.step)?;
         let before = replication(&mut c1)?.bytes_fetched;
@@ -301,7 +279,7 @@ pub fn measure(a: &ReplicateArgs) -> Result<ReplicateReport> {
     let mut dst = Buf::new(state.bytes() as usize, 0, 0x5A);
     let mut targets = restore_targets(&names, &state.lens(), &mut dst);
     let mut loads = Vec::new();
-    for _ in 0..a.iters {
+    for _ in 0..a.shard.iters {
         floor.push(floor_rep()?);
         delete_on_node(&http1, ns, last.step)?;
         let t = Instant::now();
@@ -360,10 +338,10 @@ fn report(a: &ReplicateArgs, state: &State, runs: Runs<'_>) -> ReplicateReport {
         nodes: 2,
         replication_factor: 1,
         placement: "ring",
-        iters: a.iters,
+        iters: a.shard.iters,
         warmup: runs.warmup,
-        keep_last: a.keep_last,
-        fresh: FreshData::new(a.changed, state.chunks(), runs.change),
+        keep_last: a.shard.keep_last,
+        fresh: FreshData::new(a.shard.changed, state.chunks(), runs.change),
         tcp_floor_s,
         tcp_floor_gibps,
         tcp_floor_min_s: min(runs.floor),

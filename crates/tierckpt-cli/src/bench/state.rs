@@ -6,9 +6,11 @@
 use std::collections::BTreeMap;
 
 use anyhow::{bail, Result};
+use clap::Args;
 use tierckpt_client::TensorData;
 use tierckpt_format::{Dtype, ShardLayout, TensorSpec, DEFAULT_CHUNK_SIZE};
 use tierckpt_harness::rng::{fill_random, mix, Rng};
+use tierckpt_harness::size::parse_size;
 
 /// Seed of the harness generator that picks and rewrites changed chunks.
 const CHANGE_SEED: u64 = 0x7F4A_7C15;
@@ -350,4 +352,33 @@ impl FreshData {
             self.changed_fraction
         )
     }
+}
+
+/// The shard a steady-state benchmark saves step after step, and how it
+/// measures (shared by `bench memory` and `bench replicate`).
+#[derive(Args, Debug, Clone)]
+pub struct ShardArgs {
+    /// Total tensor bytes of the shard, like "1GiB", "512MB" or a number of bytes.
+    #[arg(long, default_value = "1GiB", value_parser = parse_size)]
+    pub size: u64,
+    /// Number of tensors the shard is split into (bf16, equal sizes).
+    #[arg(long, default_value_t = 64)]
+    pub tensors: usize,
+    /// Measured checkpoints (saves, or replications), and measured restores.
+    #[arg(long, default_value_t = 10)]
+    pub iters: usize,
+    /// Unmeasured checkpoints before the measured ones [default: keep_last + 2,
+    /// enough for retention to start recycling segments].
+    #[arg(long)]
+    pub warmup: Option<usize>,
+    /// Steps each daemon keeps (its retention).
+    #[arg(long, default_value_t = 3)]
+    pub keep_last: usize,
+    /// Repetitions of the floor up front (the median is reported).
+    #[arg(long, default_value_t = 5)]
+    pub floor_reps: usize,
+    /// Fraction of the shard's 4 MiB chunks that a training step rewrites
+    /// before every save but the first (chosen at random at each step).
+    #[arg(long, value_name = "FRACTION", default_value_t = 1.0, value_parser = parse_changed, allow_negative_numbers = true)]
+    pub changed: f64,
 }
