@@ -562,25 +562,43 @@ impl Cluster {
     /// Fetches `key` from a live peer into local memory, verifying it; tries
     /// every live holder before giving up.
     pub async fn fetch_from_peers(&self, key: &ShardKey) -> Result<(), TierError> {
-        let holders = self.holders(key).await?;
+        let fetched = self
+            .try_holders(key, |id| async move {
+                let (m, stream) = self.fetch_from(&id, key).await?;
+                match receive(&self.tier, &m, &format!("node {id}"), stream, None).await {
+                    Ok(_) => {
+                        tracing::info!(shard = %key, from = %id, bytes = m.file_len, "restored a shard from a peer");
+                        Ok(Some(m.file_len))
+                    }
+                    // Another request brought the same copy in meanwhile.
+                    Err(e) if e.kind() == ErrorKind::AlreadyExists => Ok(None),
+                    Err(e) => Err(e),
+                }
+            })
+            .await?;
+        if let Some(bytes) = fetched {
+            self.stats_update(|s| {
+                s.shards_fetched += 1;
+                s.bytes_fetched += bytes;
+            });
+        }
+        Ok(())
+    }
+
+    /// Runs `attempt` on each live holder of `key`, in node order, until one
+    /// succeeds. When none does, the error lists what each answered, and is
+    /// `NotFound` if none was reachable, `Corrupt` if a copy was corrupt,
+    /// else `Unavailable`.
+    pub(crate) async fn try_holders<T, F, Fut>(&self, key: &ShardKey, mut attempt: F) -> Result<T, TierError>
+    where
+        F: FnMut(String) -> Fut,
+        Fut: std::future::Future<Output = Result<T, TierError>>,
+    {
         let mut errors = Vec::new();
         let (mut all_unreachable, mut any_corrupt) = (true, false);
-        for id in holders {
-            let attempt = async {
-                let (m, stream) = self.fetch_from(&id, key).await?;
-                receive(&self.tier, &m, &format!("node {id}"), stream, None).await?;
-                Ok::<u64, TierError>(m.file_len)
-            };
-            match attempt.await {
-                Ok(bytes) => {
-                    self.stats_update(|s| {
-                        s.shards_fetched += 1;
-                        s.bytes_fetched += bytes;
-                    });
-                    tracing::info!(shard = %key, from = %id, bytes, "restored a shard from a peer");
-                    return Ok(());
-                }
-                Err(e) if e.kind() == ErrorKind::AlreadyExists => return Ok(()),
+        for id in self.holders(key).await? {
+            match attempt(id.clone()).await {
+                Ok(v) => return Ok(v),
                 Err(e) => {
                     tracing::warn!(shard = %key, from = %id, error = %e, "peer copy unusable; trying the next");
                     all_unreachable &= e.kind() == ErrorKind::Unavailable;

@@ -43,25 +43,13 @@ impl PeerTier {
 
     /// Reads `key` whole from its first live holder that sends it intact.
     async fn read(&self, key: &ShardKey) -> Result<(Manifest, Vec<u8>)> {
-        let mut errors = Vec::new();
-        for id in self.cluster.holders(key).await? {
-            let attempt = async {
+        self.cluster
+            .try_holders(key, |id| async move {
                 let (m, stream) = self.cluster.fetch_from(&id, key).await?;
                 let bytes = collect_verified(&m, format!("{key} from node {id}"), stream).await?;
-                Ok::<_, TierError>((m, bytes))
-            };
-            match attempt.await {
-                Ok(r) => return Ok(r),
-                Err(e) => errors.push((id, e)),
-            }
-        }
-        let kind = match errors.iter().any(|(_, e)| e.kind() == ErrorKind::Corrupt) {
-            true => ErrorKind::Corrupt,
-            false => ErrorKind::Unavailable,
-        };
-        let said: Vec<String> = errors.iter().map(|(id, e)| format!("{id}: {e}")).collect();
-        let message = format!("no peer sent an intact copy of shard {key}: {}", said.join("; "));
-        Err(TierError::Remote { kind, message })
+                Ok((m, bytes))
+            })
+            .await
     }
 }
 
@@ -83,14 +71,8 @@ impl Tier for PeerTier {
     }
 
     async fn manifest(&self, key: &ShardKey) -> Result<Manifest> {
-        let mut last = None;
-        for id in self.cluster.holders(key).await? {
-            match self.cluster.fetch_from(&id, key).await {
-                Ok((m, _unread)) => return Ok(m),
-                Err(e) => last = Some(e),
-            }
-        }
-        Err(last.unwrap_or_else(|| TierError::NotFound(format!("no live copy of shard {key}"))))
+        let fetched = self.cluster.try_holders(key, |id| async move { self.cluster.fetch_from(&id, key).await });
+        Ok(fetched.await?.0)
     }
 
     async fn list_namespaces(&self) -> Result<Vec<String>> {
