@@ -61,18 +61,21 @@ pub trait Tier: Send + Sync {
     }
 
     /// Makes a verified copy of `key` present in `memory`, this node's memory
-    /// tier, taking it from this tier; a no-op check when this tier is
-    /// `memory` itself. The daemon reads through an ordered list of tiers,
+    /// tier, taking it from this tier (the memory tier itself only checks
+    /// that it holds it). The daemon reads through an ordered list of tiers,
     /// fastest first, calling this on each until one succeeds. A copy that
     /// another request brought in meanwhile counts as success.
     async fn copy_to_memory(&self, key: &ShardKey, memory: &Arc<MemoryTier>) -> Result<()> {
-        if std::ptr::eq((self as *const Self).cast::<()>(), Arc::as_ptr(memory).cast::<()>()) {
-            return memory.locate(key).map(|_| ());
-        }
-        let (m, bytes) = self.get(key).await?;
-        match memory.put(&m, &bytes).await {
-            Err(e) if e.kind() == ErrorKind::AlreadyExists => Ok(()),
-            r => r,
-        }
+        copy_whole(self, key, memory).await
+    }
+}
+
+/// [`Tier::copy_to_memory`] through [`Tier::get`]: the whole shard read,
+/// verified, then written into `memory`.
+pub(crate) async fn copy_whole<T: Tier + ?Sized>(tier: &T, key: &ShardKey, memory: &MemoryTier) -> Result<()> {
+    let (m, bytes) = tier.get(key).await?;
+    match memory.put(&m, &bytes).await {
+        Err(e) if e.kind() == ErrorKind::AlreadyExists => Ok(()),
+        r => r,
     }
 }
