@@ -14,7 +14,7 @@ import os
 import socket
 import struct
 
-from .errors import TierckptError, UnavailableError, from_wire
+from .errors import TierckptError, UnauthorizedError, UnavailableError, from_wire
 
 DEFAULT_SOCKET = "/dev/shm/tierckpt/daemon.sock"
 MAX_FRAME = 16 << 20
@@ -22,6 +22,20 @@ MAX_FRAME = 16 << 20
 
 def default_socket() -> str:
     return os.environ.get("TIERCKPT_SOCKET") or DEFAULT_SOCKET
+
+
+def check_daemon(s: socket.socket, path: str) -> None:
+    """Refuses a socket served by neither root, this user, nor $TIERCKPT_DAEMON_UID: anyone can bind a
+    socket where a daemon is expected, so nothing is sent before this check."""
+    ucred = s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    _pid, uid, _gid = struct.unpack("3i", ucred)
+    me = os.geteuid()
+    expected = os.environ.get("TIERCKPT_DAEMON_UID", "").strip()
+    if uid in (0, me) or (expected.isdigit() and uid == int(expected)):
+        return
+    raise UnauthorizedError(
+        f"the process serving {path} runs as uid {uid}, neither root nor this user (uid {me}): it may be an "
+        f"impostor; nothing was sent. If the daemon runs as that user on purpose, set TIERCKPT_DAEMON_UID={uid}")
 
 
 class Client:
@@ -48,6 +62,11 @@ class Client:
         except OSError as e:
             s.close()
             raise UnavailableError(f"cannot connect to the tierckpt daemon at {self.socket_path}: {e}") from None
+        try:
+            check_daemon(s, self.socket_path)
+        except BaseException:
+            s.close()
+            raise
         self._sock = s
 
     def close(self) -> None:

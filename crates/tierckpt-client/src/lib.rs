@@ -10,6 +10,7 @@
 
 mod copy;
 mod error;
+pub mod peer;
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
@@ -133,6 +134,7 @@ impl Client {
                 socket.display()
             ))
         })?;
+        peer::check_daemon(&stream, &socket)?;
         Ok(Self { stream, socket, cache: SegmentCache { entries: Vec::new(), max: 16 } })
     }
 

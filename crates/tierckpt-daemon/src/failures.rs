@@ -5,12 +5,13 @@
 //! trainer and a restart of the daemon, as the memory tier does.
 
 use std::collections::BTreeMap;
-use std::fs::{self, OpenOptions};
+use std::fs;
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Mutex;
 
 use tierckpt_proto::FailureRecord;
+use tierckpt_tiers::private_fs::{self, Access};
 use tierckpt_tiers::{Result, TierError};
 
 /// Longest `detail` accepted, in bytes.
@@ -19,13 +20,15 @@ pub const MAX_DETAIL: usize = 4096;
 /// The record of each namespace's starts and failures, one JSON line each.
 pub struct FailureLog {
     dir: PathBuf,
+    access: Access,
     append: Mutex<()>,
 }
 
 impl FailureLog {
-    /// The record kept under `memory_dir/failures`.
-    pub fn new(memory_dir: &std::path::Path) -> Self {
-        Self { dir: memory_dir.join("failures"), append: Mutex::new(()) }
+    /// The record kept under `memory_dir/failures` (a directory the memory
+    /// tier has checked is this user's), its files created with `access`.
+    pub fn new(memory_dir: &std::path::Path, access: Access) -> Self {
+        Self { dir: memory_dir.join("failures"), access, append: Mutex::new(()) }
     }
 
     fn file(&self, ns: &str) -> Result<PathBuf> {
@@ -46,8 +49,10 @@ impl FailureLog {
         line.push(b'\n');
         let io = |what: &str, e: std::io::Error| TierError::io(format!("{what} {}", path.display()), e);
         let _guard = self.append.lock().unwrap_or_else(|p| p.into_inner());
-        fs::create_dir_all(&self.dir).map_err(|e| io("creating the directory of", e))?;
-        let mut f = OpenOptions::new().create(true).append(true).open(&path).map_err(|e| io("opening", e))?;
+        private_fs::prepare_subdir(&self.dir, self.access)?;
+        // Never through a symlink: an append must land in our own file.
+        let mut f = self.access.create_options().create(true).append(true).open(&path).map_err(|e| io("opening", e))?;
+        self.access.own_file(&f).map_err(|e| io("giving a group to", e))?;
         f.write_all(&line).map_err(|e| io("appending to", e))
     }
 
@@ -55,7 +60,7 @@ impl FailureLog {
     /// line that does not parse (torn by a crash mid-append) is skipped.
     pub fn read(&self, ns: &str) -> Result<Vec<FailureRecord>> {
         let path = self.file(ns)?;
-        let text = match fs::read_to_string(&path) {
+        let text = match private_fs::open_read(&path).and_then(std::io::read_to_string) {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
             Err(e) => return Err(TierError::io(format!("reading {}", path.display()), e)),

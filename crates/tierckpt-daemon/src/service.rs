@@ -117,6 +117,8 @@ impl Daemon {
         }
         let mut tcfg = MemoryTierConfig::new(&cfg.memory_dir, cfg.capacity);
         tcfg.keep_last = cfg.keep_last;
+        tcfg.access = cfg.access;
+        let daemon_access = cfg.access;
         let tier = Arc::new(blocking(move || MemoryTier::open(tcfg)).await?);
         let listener = crate::uds::bind(&cfg.socket)?;
         let http = match cfg.http_addr {
@@ -149,7 +151,7 @@ impl Daemon {
         let mut read_path: Vec<Arc<dyn Tier>> = vec![tier.clone()];
         read_path.extend(cluster.iter().map(|c| Arc::new(PeerTier::new(c.clone())) as Arc<dyn Tier>));
         read_path.extend(drainer.iter().map(|d| d.store.clone() as Arc<dyn Tier>));
-        let failures = crate::failures::FailureLog::new(&cfg.memory_dir);
+        let failures = crate::failures::FailureLog::new(&cfg.memory_dir, daemon_access);
         let daemon = Arc::new(Daemon {
             failures,
             huge_pages,

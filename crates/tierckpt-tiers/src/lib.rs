@@ -11,6 +11,7 @@ mod error;
 pub mod faults;
 pub mod memory;
 pub mod persistent;
+pub mod private_fs;
 pub mod receive;
 mod tier;
 

@@ -5,6 +5,7 @@
 //! matched; otherwise its segment is given back.
 
 use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -54,9 +55,7 @@ where
 {
     let Some(r) = reserve_for_copy(tier, m)? else { return Ok(false) };
     let result = async {
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .open(&r.path)
+        let mut file = crate::private_fs::open_write(&r.path)
             .map_err(|e| TierError::io(format!("opening {}", r.path.display()), e))?;
         let mut v = StreamVerifier::new(m, format!("{} from {source}", m.key));
         let mut write = |bytes: &[u8]| -> Result<(), TierError> {
@@ -133,6 +132,7 @@ pub fn receive_decoded(
         let f = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
+            .custom_flags(libc::O_NOFOLLOW)
             .open(&r.path)
             .map_err(|e| TierError::io(format!("opening {}", r.path.display()), e))?;
         let label = format!("{} from {source}", m.key);

@@ -18,6 +18,9 @@ pub struct ConfigLayer {
     /// tmpfs directory of the memory tier [default: /dev/shm/tierckpt].
     #[arg(long, env = "TIERCKPT_MEMORY_DIR")]
     pub memory_dir: Option<PathBuf>,
+    /// A group (name or gid) whose members may read the stored shards; by default only this user can [default: none].
+    #[arg(long, env = "TIERCKPT_GROUP")]
+    pub group: Option<String>,
     /// Capacity of the memory tier: "32GB", "512MiB" or "auto" (half the available RAM) [default: auto].
     #[arg(long, env = "TIERCKPT_MEMORY_TIER_SIZE")]
     pub memory_tier_size: Option<String>,

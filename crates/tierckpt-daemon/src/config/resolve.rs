@@ -41,6 +41,8 @@ const AUTO_SHARE: f64 = 0.5;
 pub struct DaemonConfig {
     /// tmpfs directory of the memory tier.
     pub memory_dir: PathBuf,
+    /// Who may read what is stored: this user, and the configured group.
+    pub access: tierckpt_tiers::private_fs::Access,
     /// The capacity as configured ("auto", "32GB").
     pub memory_tier_size: String,
     /// The capacity in bytes.
@@ -251,6 +253,8 @@ impl DaemonConfig {
         let cluster = resolve_cluster(&layer)?;
         let persist = resolve_persist(&layer)?;
         let memory_dir = layer.memory_dir.unwrap_or_else(|| DEFAULT_MEMORY_DIR.into());
+        let access =
+            tierckpt_tiers::private_fs::Access { group: layer.group.as_deref().map(resolve_group).transpose()? };
         let memory_tier_size = layer.memory_tier_size.unwrap_or_else(|| "auto".into());
         let keep_last = layer.keep_last.unwrap_or(3);
         if keep_last == 0 {
@@ -308,6 +312,7 @@ impl DaemonConfig {
         }
         Ok(Self {
             memory_dir,
+            access,
             memory_tier_size,
             capacity,
             keep_last,
@@ -320,6 +325,22 @@ impl DaemonConfig {
             mount_huge_tmpfs: layer.mount_huge_tmpfs.unwrap_or(false),
         })
     }
+}
+
+/// A group's id from its name or number.
+fn resolve_group(g: &str) -> Result<u32, DaemonError> {
+    if let Ok(gid) = g.parse::<u32>() {
+        return Ok(gid);
+    }
+    let name = std::ffi::CString::new(g).map_err(|_| DaemonError::Config(format!("group {g:?} holds a NUL byte")))?;
+    // SAFETY: `name` is NUL-terminated; getgrnam returns null or a pointer to a
+    // static entry, read at once before any other call could replace it.
+    let entry = unsafe { libc::getgrnam(name.as_ptr()) };
+    if entry.is_null() {
+        return Err(DaemonError::Config(format!("group {g:?} does not exist (give a group name or a gid)")));
+    }
+    // SAFETY: checked non-null above; gr_gid is a plain field.
+    Ok(unsafe { (*entry).gr_gid })
 }
 
 /// Parses "32GB", "512MiB", a plain byte count, or "auto".

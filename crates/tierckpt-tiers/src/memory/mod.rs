@@ -32,7 +32,7 @@ mod tier_impl;
 pub use read::LeasedMap;
 pub use seal::{Reservation, SealJob};
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::{Condvar, Mutex, MutexGuard};
@@ -40,6 +40,7 @@ use std::sync::{Condvar, Mutex, MutexGuard};
 use tierckpt_format::ShardKey;
 
 use self::index::State;
+use crate::private_fs::Access;
 #[cfg(doc)]
 use crate::Tier;
 use crate::{Result, TierError};
@@ -55,13 +56,15 @@ pub struct MemoryTierConfig {
     pub keep_last: usize,
     /// Recycled segments kept for reuse.
     pub max_pooled_segments: usize,
+    /// Who may read the files: this user alone, or also a group.
+    pub access: Access,
 }
 
 impl MemoryTierConfig {
     /// Settings for a tier at `root` holding up to `capacity` bytes, keeping
     /// the last 3 complete steps and up to 32 recycled segments.
     pub fn new(root: impl Into<PathBuf>, capacity: u64) -> Self {
-        Self { root: root.into(), capacity, keep_last: 3, max_pooled_segments: 32 }
+        Self { root: root.into(), capacity, keep_last: 3, max_pooled_segments: 32, access: Access::default() }
     }
 }
 
@@ -97,12 +100,14 @@ impl MemoryTier {
         if cfg.keep_last == 0 {
             return Err(TierError::InvalidArgument("keep_last must be at least 1".into()));
         }
+        crate::private_fs::prepare_dir(&cfg.root, cfg.access)?;
         for d in ["pending", "pool", "ns"] {
-            let p = cfg.root.join(d);
-            fs::create_dir_all(&p).map_err(io_err("creating", &p))?;
+            crate::private_fs::prepare_subdir(&cfg.root.join(d), cfg.access)?;
         }
         let lock_path = cfg.root.join(".lock");
-        let lock = OpenOptions::new()
+        let lock = cfg
+            .access
+            .create_options()
             .create(true)
             .truncate(false)
             .write(true)

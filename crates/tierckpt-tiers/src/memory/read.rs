@@ -12,6 +12,7 @@ use tierckpt_proto::{MemoryUsage, NamespaceSummary};
 
 use super::index::Shard;
 use super::{io_err, MemoryTier};
+use crate::private_fs::open_read;
 use crate::{Result, StepSummary, TierError};
 
 impl MemoryTier {
@@ -31,7 +32,7 @@ impl MemoryTier {
     /// Maps a visible shard read-only, without verifying it.
     pub fn map(&self, key: &ShardKey) -> Result<(Manifest, memmap2::Mmap)> {
         let (path, m) = self.locate(key)?;
-        let f = File::open(&path).map_err(io_err("opening", &path))?;
+        let f = open_read(&path).map_err(io_err("opening", &path))?;
         Ok(((*m).clone(), map_file(&f, &path)?))
     }
 
@@ -59,7 +60,7 @@ impl MemoryTier {
     pub fn map_leased(self: &Arc<Self>, key: &ShardKey) -> Result<(Manifest, LeasedMap)> {
         let (path, m) = self.lease(key)?;
         let lease = Lease { tier: self.clone(), key: key.clone() };
-        let f = File::open(&path).map_err(io_err("opening", &path))?;
+        let f = open_read(&path).map_err(io_err("opening", &path))?;
         // Not populated: its readers stream it once, and populating first
         // would delay the first byte by a whole pass over the page tables.
         Ok(((*m).clone(), LeasedMap { map: map_file_lazy(&f, &path)?, _lease: lease }))

@@ -12,7 +12,18 @@ use super::index::{Shard, State, Step};
 use super::pool::Unlinks;
 use super::seal::SealJob;
 use super::{io_err, MemoryTier};
+use crate::private_fs::{is_own, open_read};
 use crate::Result;
+
+/// A small file of ours, read without following a symlink; None if it is
+/// missing, not a regular file of this user, or unreadable.
+fn read_private(path: &Path) -> Option<Vec<u8>> {
+    let f = open_read(path).ok()?;
+    let meta = f.metadata().ok().filter(|m| is_own(path, m, false))?;
+    let mut out = Vec::with_capacity(meta.len() as usize);
+    std::io::Read::read_to_end(&mut &f, &mut out).ok()?;
+    Some(out)
+}
 
 /// Rank and world size from a file name made by `shard_file_stem`.
 fn parse_shard_file_stem(stem: &str) -> Option<(u32, u32)> {
@@ -32,14 +43,20 @@ impl MemoryTier {
             let p = self.cfg.root.join(dir);
             for e in fs::read_dir(&p).map_err(io_err("listing", &p))? {
                 let e = e.map_err(io_err("listing", &p))?;
-                let len = e.metadata().map(|m| m.len()).unwrap_or(0);
-                self.pool_file(&mut st, e.path(), len, &mut unlinks);
+                // DirEntry::metadata does not follow symlinks.
+                match e.metadata() {
+                    Ok(m) if is_own(&e.path(), &m, false) => self.pool_file(&mut st, e.path(), m.len(), &mut unlinks),
+                    _ => {}
+                }
             }
         }
         let mut reseal = Vec::new();
         let ns_root = self.cfg.root.join("ns");
         for ns_entry in fs::read_dir(&ns_root).map_err(io_err("listing", &ns_root))? {
             let ns_entry = ns_entry.map_err(io_err("listing", &ns_root))?;
+            if !ns_entry.metadata().is_ok_and(|m| is_own(&ns_entry.path(), &m, true)) {
+                continue;
+            }
             let ns = ns_entry.file_name().to_string_lossy().into_owned();
             if validate_namespace(&ns).is_err() {
                 tracing::warn!(dir = %ns_entry.path().display(), "ignoring a directory that is not a namespace");
@@ -47,6 +64,9 @@ impl MemoryTier {
             }
             for step_entry in fs::read_dir(ns_entry.path()).map_err(io_err("listing", &ns_entry.path()))? {
                 let step_entry = step_entry.map_err(io_err("listing", &ns_root))?;
+                if !step_entry.metadata().is_ok_and(|m| is_own(&step_entry.path(), &m, true)) {
+                    continue;
+                }
                 let Some(step) = step_entry.file_name().to_str().and_then(|s| s.parse::<u64>().ok()) else {
                     tracing::warn!(dir = %step_entry.path().display(), "ignoring a directory that is not a step");
                     continue;
@@ -86,7 +106,9 @@ impl MemoryTier {
         unlinks: &mut Vec<PathBuf>,
     ) -> Result<()> {
         for f in fs::read_dir(dir).map_err(io_err("listing", dir))? {
-            let path = f.map_err(io_err("listing", dir))?.path();
+            let f = f.map_err(io_err("listing", dir))?;
+            let path = f.path();
+            let Some(meta) = f.metadata().ok().filter(|m| is_own(&path, m, false)) else { continue };
             let name = path.file_name().unwrap_or_default().to_string_lossy().into_owned();
             if name.ends_with(".tmp") {
                 unlinks.push(path);
@@ -104,10 +126,9 @@ impl MemoryTier {
                 unlinks.push(path);
                 continue;
             }
-            let len = fs::metadata(&path).map_err(io_err("reading", &path))?.len();
+            let len = meta.len();
             let mpath = path.with_file_name(format!("{stem}.manifest.json"));
-            let manifest = fs::read(&mpath)
-                .ok()
+            let manifest = read_private(&mpath)
                 .and_then(|b| Manifest::from_json(&b, &mpath.display().to_string()).ok())
                 .filter(|m| m.key == key && m.world_size == world_size && m.file_len == len);
             let entry = st.steps.entry((ns.to_string(), step)).or_insert_with(|| Step {

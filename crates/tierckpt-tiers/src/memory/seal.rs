@@ -2,7 +2,8 @@
 //! it; the seal checksums the bytes and publishes the shard.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fs::{self, File, OpenOptions};
+use std::fs;
+use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -14,6 +15,7 @@ use super::index::{Shard, State, Step};
 use super::pool::Unlinks;
 use super::read::{map_file, map_file_lazy};
 use super::{io_err, MemoryTier};
+use crate::private_fs::{open_read, open_write};
 use crate::{now_unix_ms, Result, TierError};
 
 /// A segment handed to a writer.
@@ -91,13 +93,20 @@ impl MemoryTier {
             if let Some(i) = Self::pool_fit(&st, len) {
                 let p = st.pool.swap_remove(i);
                 fs::rename(&p.path, &path).map_err(io_err("reusing", &p.path))?;
-                let f = OpenOptions::new().write(true).open(&path).map_err(io_err("opening", &path))?;
+                let f = open_write(&path).map_err(io_err("opening", &path))?;
                 f.set_len(len).map_err(io_err("resizing", &path))?;
                 st.used = st.used - p.len + len;
                 break;
             }
             if self.free(&st) >= len {
-                let f = File::create(&path).map_err(io_err("creating", &path))?;
+                let access = self.cfg.access;
+                let f = access
+                    .create_options()
+                    .write(true)
+                    .create_new(true)
+                    .open(&path)
+                    .map_err(io_err("creating", &path))?;
+                access.own_file(&f).map_err(io_err("giving a group to", &path))?;
                 f.set_len(len).map_err(io_err("sizing", &path))?;
                 st.used += len;
                 break;
@@ -173,7 +182,10 @@ impl MemoryTier {
         let r = self.take_reservation(&mut st, id)?;
         let dir = self.step_dir(&r.key.namespace, r.key.step);
         let path = self.data_path(&r.key, r.world_size);
-        let moved = fs::create_dir_all(&dir)
+        let moved = self
+            .cfg
+            .access
+            .create_dir_all(&dir)
             .and_then(|()| fs::rename(&r.path, &path))
             .map_err(io_err("moving a sealed segment to", &path));
         if let Err(e) = moved {
@@ -202,7 +214,19 @@ impl MemoryTier {
         let result = manifest.and_then(|m| {
             let mpath = self.manifest_path(&job.key, job.world_size);
             let tmp = mpath.with_extension("json.tmp");
-            fs::write(&tmp, m.to_json()).and_then(|()| fs::rename(&tmp, &mpath)).map_err(io_err("writing", &mpath))?;
+            let access = self.cfg.access;
+            access
+                .create_options()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(&tmp)
+                .and_then(|mut f| {
+                    access.own_file(&f)?;
+                    f.write_all(&m.to_json())
+                })
+                .and_then(|()| fs::rename(&tmp, &mpath))
+                .map_err(io_err("writing", &mpath))?;
             Ok(m)
         });
         let mut unlinks = Vec::new();
@@ -240,7 +264,7 @@ impl MemoryTier {
     /// computes its manifest.
     fn checksum(&self, job: &SealJob) -> Result<Arc<Manifest>> {
         let label = job.path.display().to_string();
-        let file = File::open(&job.path).map_err(io_err("opening", &job.path))?;
+        let file = open_read(&job.path).map_err(io_err("opening", &job.path))?;
         let actual = file.metadata().map_err(io_err("reading", &job.path))?.len();
         if actual != job.len {
             return Err(
@@ -265,7 +289,7 @@ impl MemoryTier {
                     manifest.key, job.key
                 )));
             }
-            let file = File::open(&job.path).map_err(io_err("opening", &job.path))?;
+            let file = open_read(&job.path).map_err(io_err("opening", &job.path))?;
             // Only the header is read: no need to populate the whole segment.
             parse_shard(&map_file_lazy(&file, &job.path)?, &job.path.display().to_string())?;
             Ok(())

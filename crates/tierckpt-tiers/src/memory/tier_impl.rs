@@ -1,6 +1,5 @@
 //! The memory tier as a [`Tier`].
 
-use std::fs::OpenOptions;
 use std::io::Write;
 use std::sync::Arc;
 
@@ -29,9 +28,7 @@ impl Tier for MemoryTier {
         manifest.check_len(data.len())?;
         verify_chunks(data, manifest, &manifest.key.to_string())?;
         let r = self.reserve(&manifest.key, manifest.world_size, manifest.file_len)?;
-        let written = OpenOptions::new()
-            .write(true)
-            .open(&r.path)
+        let written = crate::private_fs::open_write(&r.path)
             .and_then(|mut f| f.write_all(data))
             .map_err(io_err("writing", &r.path));
         if let Err(e) = written {
