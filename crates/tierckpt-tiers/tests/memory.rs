@@ -239,3 +239,23 @@ fn leased_shards_are_unlinked_not_recycled() {
     save(&t, "job", 4, 0, 1, 10_000);
     assert!(t.usage().pooled > 0);
 }
+
+#[test]
+fn a_refused_reservation_evicts_nothing() {
+    let dir = shm_dir();
+    let (_, probe) = sample_shard(ShardKey::new("c", 1, 0), 1, 4, 1);
+    let l = probe.len() as u64;
+    let t = tier(dir.path(), 3 * l + l / 2, 3);
+    for step in 1..=3 {
+        save(&t, "c", step, 0, 1, 4);
+    }
+    // Evicting steps 1 and 2 would still leave too little room for 3 shards.
+    let e = t.reserve(&ShardKey::new("d", 1, 0), 1, 3 * l).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::CapacityExceeded, "{e}");
+    let held: Vec<u64> = t.steps("c").unwrap().iter().map(|s| s.step).collect();
+    assert_eq!(held, [1, 2, 3], "a refused reservation evicted steps");
+    // One that fits once old steps go still evicts them.
+    t.reserve(&ShardKey::new("d", 1, 0), 1, 2 * l).unwrap();
+    let held: Vec<u64> = t.steps("c").unwrap().iter().map(|s| s.step).collect();
+    assert_eq!(held, [3]);
+}

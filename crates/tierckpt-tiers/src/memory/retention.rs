@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use tierckpt_format::names::validate_namespace;
 use tierckpt_format::{verify_chunks, ShardKey};
 
-use super::index::State;
+use super::index::{State, Step};
 use super::pool::Unlinks;
 use super::MemoryTier;
 use crate::{Result, TierError};
@@ -18,24 +18,35 @@ impl MemoryTier {
     /// then complete steps other than the newest, oldest first. Steps being
     /// written and incomplete steps newer than the newest complete are kept.
     pub(super) fn victim(st: &State) -> Option<(String, u64)> {
-        let mut newest_complete: HashMap<&str, u64> = HashMap::new();
-        for ((ns, step), s) in &st.steps {
-            if st.settled(ns, *step, s) {
-                newest_complete.insert(ns, *step);
-            }
-        }
-        let evictable = st
-            .steps
-            .iter()
-            .filter(|((ns, step), s)| !s.busy() && newest_complete.get(ns.as_str()).is_some_and(|&n| *step < n));
         let mut best: Option<(bool, u64, &(String, u64))> = None;
-        for (k, s) in evictable {
+        for (k, s) in Self::evictable(st) {
             let rank = (st.settled(&k.0, k.1, s), s.summary(k.1).created_unix_ms, k);
             if best.as_ref().is_none_or(|b| (rank.0, rank.1) < (b.0, b.1)) {
                 best = Some(rank);
             }
         }
         best.map(|b| b.2.clone())
+    }
+
+    /// Bytes that pooled segments and every step [`Self::victim`] would
+    /// give up hold (eviction never changes which steps may go: only steps
+    /// older than their namespace's newest complete one do).
+    pub(super) fn reclaimable(st: &State) -> u64 {
+        Self::evictable(st).map(|(_, s)| s.bytes()).sum::<u64>() + st.pool.iter().map(|p| p.len).sum::<u64>()
+    }
+
+    /// Steps that may be evicted: idle, and older than their namespace's
+    /// newest complete step.
+    fn evictable(st: &State) -> impl Iterator<Item = (&(String, u64), &Step)> {
+        let mut newest_complete: HashMap<&str, u64> = HashMap::new();
+        for ((ns, step), s) in &st.steps {
+            if st.settled(ns, *step, s) {
+                newest_complete.insert(ns, *step);
+            }
+        }
+        st.steps
+            .iter()
+            .filter(move |((ns, step), s)| !s.busy() && newest_complete.get(ns.as_str()).is_some_and(|&n| *step < n))
     }
 
     /// Removes a step from the index; its files go to the pool.

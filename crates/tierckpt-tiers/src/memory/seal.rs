@@ -86,6 +86,11 @@ impl MemoryTier {
         if len > self.cfg.capacity {
             return Err(self.capacity_error(&st, len, ""));
         }
+        // Evict only for a reservation that will then fit: a refusal leaves
+        // every step in place.
+        if Self::pool_fit(&st, len).is_none() && self.free(&st) + Self::reclaimable(&st) < len {
+            return Err(self.capacity_error(&st, len, "; nothing else may be evicted (the newest complete step of each namespace and steps being written are kept)"));
+        }
         let id = st.next_id;
         st.next_id += 1;
         let path = self.cfg.root.join("pending").join(format!("{id}.seg"));
