@@ -327,10 +327,10 @@ impl Cluster {
             .collect()
     }
 
-    /// Newest step whose every rank is held by some live node.
-    pub async fn latest(&self, ns: &str) -> Option<u64> {
+    /// Newest step whose every rank is held by some live node, other than those in `skip`.
+    pub async fn latest(&self, ns: &str, skip: &std::collections::BTreeSet<u64>) -> Option<u64> {
         self.refresh().await;
-        self.view().get(ns)?.iter().rev().find(|s| s.complete).map(|s| s.step)
+        self.view().get(ns)?.iter().rev().find(|s| s.complete && !skip.contains(&s.step)).map(|s| s.step)
     }
 
     fn stats_update(&self, f: impl FnOnce(&mut ReplicationStats)) {

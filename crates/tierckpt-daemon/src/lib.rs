@@ -14,6 +14,7 @@ pub mod peer;
 pub mod peer_tier;
 mod service;
 mod uds;
+pub mod unrestorable;
 
 pub use config::{ConfigLayer, DaemonConfig};
 pub use service::{background_runtime, Connection, Daemon, RunningDaemon};

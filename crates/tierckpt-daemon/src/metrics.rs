@@ -27,6 +27,7 @@ pub struct Metrics {
     replicated_shards: Counter,
     replicated_bytes: Counter,
     replication_failures: Counter,
+    unrestorable_steps: Counter,
     node_events: Family<EventLabels, Counter>,
     node_state: Family<NodeLabels, Gauge>,
     memory_used: Gauge,
@@ -44,6 +45,7 @@ impl Default for Metrics {
             replicated_shards: Counter::default(),
             replicated_bytes: Counter::default(),
             replication_failures: Counter::default(),
+            unrestorable_steps: Counter::default(),
             node_events: Family::default(),
             node_state: Family::default(),
             memory_used: Gauge::default(),
@@ -58,6 +60,11 @@ impl Default for Metrics {
             "replication_failures",
             "Copies to peers that failed after retries",
             m.replication_failures.clone(),
+        );
+        registry.register(
+            "unrestorable_steps",
+            "Steps found corrupt on every tier (latest skips them)",
+            m.unrestorable_steps.clone(),
         );
         registry.register("node_events", "Node state changes seen by this node", m.node_events.clone());
         registry.register("node_state", "Peer state: 0 unknown, 1 alive, 2 suspect, 3 dead", m.node_state.clone());
@@ -84,6 +91,11 @@ impl Metrics {
     /// Sending a replica failed.
     pub fn replication_failed(&self) {
         self.replication_failures.inc();
+    }
+
+    /// A step was found corrupt on every tier.
+    pub fn unrestorable(&self) {
+        self.unrestorable_steps.inc();
     }
 
     /// A peer changed state.

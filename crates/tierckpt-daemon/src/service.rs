@@ -43,6 +43,8 @@ pub struct Daemon {
     pub read_path: Vec<Arc<dyn Tier>>,
     /// Starts and failures recorded by supervisors.
     pub failures: crate::failures::FailureLog,
+    /// Steps found corrupt on every tier, which `latest` skips.
+    pub unrestorable: Arc<crate::unrestorable::Unrestorable>,
     /// Whether the memory directory's tmpfs gives huge pages.
     pub huge_pages: bool,
     /// Runtime of the background work (replication, drain, checksums, the
@@ -152,8 +154,10 @@ impl Daemon {
         read_path.extend(cluster.iter().map(|c| Arc::new(PeerTier::new(c.clone())) as Arc<dyn Tier>));
         read_path.extend(drainer.iter().map(|d| d.store.clone() as Arc<dyn Tier>));
         let failures = crate::failures::FailureLog::new(&cfg.memory_dir, daemon_access);
+        let unrestorable = Arc::new(crate::unrestorable::Unrestorable::open(&cfg.memory_dir, daemon_access));
         let daemon = Arc::new(Daemon {
             failures,
+            unrestorable,
             huge_pages,
             background: background.clone(),
             tier,
@@ -187,6 +191,7 @@ impl Daemon {
             cluster: self.cluster.as_ref().map(|c| c.status()),
             persistent: self.drainer.as_ref().map(|d| serde_json::to_value(d.status()).unwrap_or_default()),
             failures: self.failures.recent(STATUS_FAILURES),
+            unrestorable: self.unrestorable.all(),
             huge_pages: self.huge_pages,
         }
     }
@@ -199,9 +204,11 @@ impl Daemon {
         let tier = self.tier.clone();
         let work = self.background.spawn_blocking(move || tier.finish_seal(job));
         let (cluster, metrics, drainer) = (self.cluster.clone(), self.metrics.clone(), self.drainer.clone());
+        let unrestorable = self.unrestorable.clone();
         let done = async move {
             let m = work.await.map_err(|e| TierError::Unavailable(format!("seal worker failed: {e}")))??;
             metrics.sealed(m.file_len);
+            unrestorable.clear(&m.key.namespace, m.key.step);
             if let Some(c) = cluster {
                 c.enqueue(m.key.clone());
             }
@@ -218,22 +225,24 @@ impl Daemon {
         }
     }
 
-    /// Newest complete step: across live nodes in a cluster, else here.
+    /// Newest restorable step: complete here, across live nodes in a
+    /// cluster, or committed in the persistent tier, and not found corrupt
+    /// on every tier.
     pub async fn latest(&self, ns: &str) -> Result<Option<u64>> {
         tierckpt_format::names::validate_namespace(ns)?;
-        let t = self.tier.clone();
-        let n = ns.to_string();
+        let skip = Arc::new(self.unrestorable.of(ns));
+        let (t, n, s) = (self.tier.clone(), ns.to_string(), skip.clone());
         let local = blocking(move || {
             t.settle(&n, SETTLE_TIMEOUT);
-            t.latest(&n)
+            Ok(t.steps(&n)?.iter().rev().find(|st| st.complete && !s.contains(&st.step)).map(|st| st.step))
         })
         .await?;
         let memory = match &self.cluster {
-            Some(c) => c.latest(ns).await.max(local),
+            Some(c) => c.latest(ns, &skip).await.max(local),
             None => local,
         };
         let persisted = match &self.drainer {
-            Some(d) => match d.store.latest_committed(ns).await {
+            Some(d) => match d.store.latest_committed_except(ns, &skip).await {
                 Ok(s) => s,
                 Err(e) => {
                     tracing::warn!(namespace = ns, error = %e, "the persistent tier did not answer; latest counts memory only");
@@ -307,6 +316,12 @@ impl Daemon {
         let corrupt = errors.last().is_some_and(|(_, e)| e.kind() == ErrorKind::Corrupt);
         let said: Vec<String> = errors.iter().map(|(name, e)| format!("{name}: {e}")).collect();
         let message = format!("no tier has a verified copy of shard {key}: {}", said.join("; "));
+        let answered = errors.iter().all(|(_, e)| matches!(e.kind(), ErrorKind::NotFound | ErrorKind::Corrupt));
+        if corrupt && answered && self.unrestorable.mark(&key.namespace, key.step) {
+            self.metrics.unrestorable();
+            tracing::error!(namespace = %key.namespace, step = key.step, %message,
+                "a step is corrupt on every tier: latest now skips it");
+        }
         Err(match corrupt {
             true => TierError::Remote { kind: ErrorKind::Corrupt, message },
             false => TierError::NotFound(message),

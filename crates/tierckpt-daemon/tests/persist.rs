@@ -79,6 +79,67 @@ fn committed_steps(dir: &Path, ns: &str) -> Vec<u64> {
     v
 }
 
+/// The shard file of `ns`/`step` rank 0 in a daemon's memory tier.
+fn memory_file(d: &TestDaemon, ns: &str, step: u64) -> std::path::PathBuf {
+    d.proc.memory_dir().join("ns").join(ns).join(format!("{step:020}")).join("rank-00000-of-00001.safetensors")
+}
+
+/// Flips one byte of a file.
+fn flip_byte(path: &Path, at: usize) {
+    let mut b = std::fs::read(path).unwrap();
+    b[at] ^= 1;
+    std::fs::write(path, b).unwrap();
+}
+
+/// The file holding `ns`/`step` rank 0 in a `file://` store.
+fn stored_file(store: &Path, ns: &str, step: u64) -> std::path::PathBuf {
+    let data_dir = store.join(ns).join(format!("{step:020}")).join("data");
+    let writer = std::fs::read_dir(&data_dir).unwrap().next().unwrap().unwrap().path();
+    std::fs::read_dir(&writer).unwrap().next().unwrap().unwrap().path()
+}
+
+#[test]
+fn a_shard_file_removed_behind_the_daemon_falls_through_to_the_persistent_tier() {
+    let (store, d) = file_daemon(&["--persist-compression", "off"]);
+    let mut c = d.client();
+    let n = 3 << 20;
+    let data = save(&mut c, "gone", 4, n);
+    wait_for("committed", || committed_steps(store.path(), "gone") == [4]);
+    std::fs::remove_file(memory_file(&d, "gone", 4)).unwrap();
+    assert!(load(&mut c, "gone", 4, n).unwrap() == data, "restored from the persistent tier");
+    // A truncated copy is dropped and replaced the same way.
+    std::fs::OpenOptions::new().write(true).open(memory_file(&d, "gone", 4)).unwrap().set_len(10).unwrap();
+    assert!(load(&mut c, "gone", 4, n).unwrap() == data, "restored again after a truncation");
+}
+
+#[test]
+fn a_step_corrupt_on_every_tier_is_skipped_by_latest() {
+    let (store, mut d) = file_daemon(&["--persist-compression", "off", "--persist-delta", "false"]);
+    let mut c = d.client();
+    let n = 5 << 20;
+    let good = save(&mut c, "rot2", 14, n);
+    save(&mut c, "rot2", 15, n);
+    wait_for("committed", || committed_steps(store.path(), "rot2") == [14, 15]);
+    flip_byte(&memory_file(&d, "rot2", 15), n / 2);
+    flip_byte(&stored_file(store.path(), "rot2", 15), n / 2);
+    assert_eq!(c.latest("rot2").unwrap(), Some(15));
+    let e = load(&mut c, "rot2", 15, n).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Corrupt, "{e}");
+    assert_eq!(c.latest("rot2").unwrap(), Some(14), "latest moves to the newest restorable step");
+    assert_eq!(c.status().unwrap().unrestorable.get("rot2"), Some(&vec![15]));
+    assert!(load(&mut c, "rot2", 14, n).unwrap() == good);
+    // The mark outlives a restart of the daemon.
+    d.proc.kill().unwrap();
+    d.proc.restart().unwrap();
+    assert_eq!(d.client().latest("rot2").unwrap(), Some(14));
+    // A new copy of the step, sealed again, clears it.
+    let mut c = d.client();
+    c.delete_step("rot2", 15).ok();
+    let again = save(&mut c, "rot2", 15, n);
+    assert_eq!(c.latest("rot2").unwrap(), Some(15));
+    assert!(load(&mut c, "rot2", 15, n).unwrap() == again);
+}
+
 #[test]
 fn drains_in_the_background_and_restores_after_all_memory_is_lost() {
     let (store, mut d) = file_daemon(&["--persist-keep-last", "2", "--persist-delta", "false"]);

@@ -54,6 +54,9 @@ pub struct DaemonStatus {
     /// The memory tier's tmpfs gives huge pages (see `mount_huge_tmpfs`).
     #[serde(default)]
     pub huge_pages: bool,
+    /// Steps found corrupt on every tier, by namespace: `latest` skips them.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub unrestorable: BTreeMap<String, Vec<u64>>,
 }
 
 /// What one node holds in memory: visible shards per namespace and step.

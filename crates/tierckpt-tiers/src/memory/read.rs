@@ -29,10 +29,42 @@ impl MemoryTier {
         }
     }
 
+    /// Like [`Self::locate`], and checks that the shard's file is still
+    /// there, whole: a file removed or truncated behind the daemon's back is
+    /// dropped from the index and the shard is `NotFound`, so that a read
+    /// falls through to the next tier.
+    pub fn locate_present(&self, key: &ShardKey) -> Result<(PathBuf, Arc<Manifest>)> {
+        let (path, m) = self.locate(key)?;
+        let found = std::fs::symlink_metadata(&path);
+        let why = match &found {
+            Ok(meta) if meta.file_type().is_file() && meta.len() == m.file_len => return Ok((path, m)),
+            Ok(meta) if meta.file_type().is_file() => format!("holds {} of its {} bytes", meta.len(), m.file_len),
+            Ok(_) => "is not a regular file".to_string(),
+            Err(e) => e.to_string(),
+        };
+        self.forget(key);
+        tracing::warn!(shard = %key, path = %path.display(), why, "dropped a shard whose file went away behind the daemon");
+        Err(TierError::NotFound(format!("shard {key} in the memory tier: its file {} {why}", path.display())))
+    }
+
+    /// Opens a visible shard's file; one gone behind the daemon's back is
+    /// dropped from the index (`NotFound`).
+    fn open_shard(&self, key: &ShardKey, path: &Path) -> Result<File> {
+        match open_read(path) {
+            Ok(f) => Ok(f),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                self.forget(key);
+                tracing::warn!(shard = %key, path = %path.display(), "dropped a shard whose file went away behind the daemon");
+                Err(TierError::NotFound(format!("shard {key} in the memory tier: its file {} is gone", path.display())))
+            }
+            Err(e) => Err(io_err("opening", path)(e)),
+        }
+    }
+
     /// Maps a visible shard read-only, without verifying it.
     pub fn map(&self, key: &ShardKey) -> Result<(Manifest, memmap2::Mmap)> {
         let (path, m) = self.locate(key)?;
-        let f = open_read(&path).map_err(io_err("opening", &path))?;
+        let f = self.open_shard(key, &path)?;
         Ok(((*m).clone(), map_file(&f, &path)?))
     }
 
@@ -60,7 +92,7 @@ impl MemoryTier {
     pub fn map_leased(self: &Arc<Self>, key: &ShardKey) -> Result<(Manifest, LeasedMap)> {
         let (path, m) = self.lease(key)?;
         let lease = Lease { tier: self.clone(), key: key.clone() };
-        let f = open_read(&path).map_err(io_err("opening", &path))?;
+        let f = self.open_shard(key, &path)?;
         // Not populated: its readers stream it once, and populating first
         // would delay the first byte by a whole pass over the page tables.
         Ok(((*m).clone(), LeasedMap { map: map_file_lazy(&f, &path)?, _lease: lease }))

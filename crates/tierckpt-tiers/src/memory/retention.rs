@@ -124,6 +124,14 @@ impl MemoryTier {
         let (m, bytes) = self.map(key)?;
         let Err(bad) = verify_chunks(&bytes, &m, &key.to_string()) else { return Ok(()) };
         drop(bytes);
+        self.forget(key);
+        tracing::warn!(shard = %key, error = %bad, "dropped a corrupt copy from memory");
+        Err(bad.into())
+    }
+
+    /// Drops one shard from the index and unlinks its files (never recycled:
+    /// its bytes are not to be trusted).
+    pub(super) fn forget(&self, key: &ShardKey) {
         let mut unlinks = Vec::new();
         {
             let mut st = self.lock();
@@ -132,15 +140,13 @@ impl MemoryTier {
                 let w = s.world_size;
                 if let Some(sh) = s.shards.remove(&key.rank) {
                     st.used = st.used.saturating_sub(sh.len());
-                    let _ = fs::remove_file(self.manifest_path(key, w));
+                    unlinks.push(self.manifest_path(key, w));
                     unlinks.push(self.data_path(key, w));
                 }
             }
             Self::remove_step_if_empty(&mut st, &key.namespace, key.step);
         }
         Unlinks(unlinks).run();
-        tracing::warn!(shard = %key, error = %bad, "dropped a corrupt copy from memory");
-        Err(bad.into())
     }
 
     /// Drops incomplete, idle steps newer than `step`.

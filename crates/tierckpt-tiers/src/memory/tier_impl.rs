@@ -15,11 +15,11 @@ impl Tier for MemoryTier {
         "memory"
     }
 
-    /// Into itself: a check that the shard is here; into another memory
+    /// Into itself: a check that the shard is here, its file whole; into another memory
     /// tier: a whole verified copy.
     async fn copy_to_memory(&self, key: &ShardKey, memory: &Arc<MemoryTier>) -> Result<()> {
         match std::ptr::eq(self, Arc::as_ptr(memory)) {
-            true => self.locate(key).map(|_| ()),
+            true => self.locate_present(key).map(|_| ()),
             false => crate::tier::copy_whole(self, key, memory).await,
         }
     }

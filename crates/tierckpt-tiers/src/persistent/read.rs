@@ -41,7 +41,16 @@ impl PersistentTier {
 
     /// Newest committed step.
     pub async fn latest_committed(&self, ns: &str) -> Result<Option<u64>> {
-        Ok(self.steps(ns).await?.iter().rev().find(|s| s.committed).map(|s| s.step))
+        self.latest_committed_except(ns, &std::collections::BTreeSet::new()).await
+    }
+
+    /// Newest committed step of `ns` that is not in `skip`.
+    pub async fn latest_committed_except(
+        &self,
+        ns: &str,
+        skip: &std::collections::BTreeSet<u64>,
+    ) -> Result<Option<u64>> {
+        Ok(self.steps(ns).await?.iter().rev().find(|s| s.committed && !skip.contains(&s.step)).map(|s| s.step))
     }
 
     /// The committed record of one rank, or `NotFound`.
