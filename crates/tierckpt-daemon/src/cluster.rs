@@ -660,18 +660,19 @@ impl Cluster {
 
     /// Deletes a step or namespace on every peer not known dead; returns
     /// what each deleted (failures are logged and count as nothing).
-    pub async fn delete_on_peers(&self, ns: &str, step: Option<u64>) -> Vec<(u64, u64)> {
-        let targets: Vec<usize> = {
-            let members = lock(&self.members);
-            (0..members.len()).filter(|&i| i != self.me && members[i].state != NodeState::Dead).collect()
-        };
-        let calls = targets.into_iter().map(|i| async move {
-            match self.peers.delete(self.addr(i), ns, step).await {
-                Ok(r) => r,
-                Err(e) => {
+    pub async fn delete_on_peers(&self, ns: &str, step: Option<u64>) -> Vec<(String, Result<(u64, u64), TierError>)> {
+        let dead: Vec<bool> = lock(&self.members).iter().map(|m| m.state == NodeState::Dead).collect();
+        let calls = (0..dead.len()).filter(|&i| i != self.me).map(|i| {
+            let dead = dead[i];
+            async move {
+                let r = match dead {
+                    true => Err(TierError::Unavailable(format!("node {} is dead and was not asked", self.id(i)))),
+                    false => self.peers.delete(self.addr(i), ns, step).await,
+                };
+                if let Err(e) = &r {
                     tracing::warn!(node = self.id(i), namespace = ns, ?step, error = %e, "delete on a peer failed");
-                    (0, 0)
                 }
+                (self.id(i).to_string(), r)
             }
         });
         futures_util::future::join_all(calls).await

@@ -196,6 +196,8 @@ async fn put_replica(
     if m.key != key {
         return Err(bad(format!("manifest is for {}, the path names {key}", m.key)));
     }
+    // A copy in flight when its step was deleted here must not bring it back.
+    d.tier.refuse_deleted(&m)?;
     let stream = body
         .into_data_stream()
         .map(|r| r.map_err(|e| TierError::Unavailable(format!("reading the replica body: {e}"))));

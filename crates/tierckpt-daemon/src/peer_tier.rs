@@ -100,9 +100,15 @@ impl Tier for PeerTier {
     }
 
     async fn delete_step(&self, namespace: &str, step: u64) -> Result<()> {
-        let deleted: u64 = self.cluster.delete_on_peers(namespace, Some(step)).await.iter().map(|(s, _)| s).sum();
+        let mut deleted = 0;
+        for (node, r) in self.cluster.delete_on_peers(namespace, Some(step)).await {
+            match r {
+                Ok((shards, _)) => deleted += shards,
+                Err(e) => return Err(TierError::Unavailable(format!("deleting on {node}: {e}"))),
+            }
+        }
         match deleted {
-            0 => Err(TierError::NotFound(format!("{namespace}/step {step} on any reachable peer"))),
+            0 => Err(TierError::NotFound(format!("{namespace}/step {step} on any peer"))),
             _ => Ok(()),
         }
     }

@@ -274,12 +274,25 @@ impl Daemon {
             Err(e) if e.kind() == ErrorKind::NotFound => (0, 0),
             Err(e) => return Err(e),
         };
-        for (shards, bytes) in c.delete_on_peers(ns, step).await {
-            total = (total.0 + shards, total.1 + bytes);
+        let what = step.map_or(format!("namespace {ns}"), |s| format!("{ns}/step {s}"));
+        let mut missed = Vec::new();
+        for (node, r) in c.delete_on_peers(ns, step).await {
+            match r {
+                Ok((shards, bytes)) => total = (total.0 + shards, total.1 + bytes),
+                Err(e) => missed.push(format!("{node} ({e})")),
+            }
+        }
+        if !missed.is_empty() {
+            return Err(TierError::Unavailable(format!(
+                "deleted {} shards ({} bytes) of {what}, but these nodes may still hold some: {}; \
+                 delete again once they are back",
+                total.0,
+                total.1,
+                missed.join(", ")
+            )));
         }
         if total.0 == 0 {
-            let what = step.map_or(format!("namespace {ns}"), |s| format!("{ns}/step {s}"));
-            return Err(TierError::NotFound(format!("{what} on any reachable node")));
+            return Err(TierError::NotFound(format!("{what} on any node")));
         }
         Ok(total)
     }

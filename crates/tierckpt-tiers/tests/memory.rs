@@ -259,3 +259,53 @@ fn a_refused_reservation_evicts_nothing() {
     let held: Vec<u64> = t.steps("c").unwrap().iter().map(|s| s.step).collect();
     assert_eq!(held, [3]);
 }
+
+#[test]
+fn a_delete_drops_what_is_being_written_when_it_is_sealed() {
+    let dir = shm_dir();
+    let t = tier(dir.path(), 64 << 20, 3);
+    save(&t, "del", 6, 0, 3, 4);
+    // Rank 1 is reserved, rank 2 is being checksummed, when the step is deleted.
+    let (_, d1) = sample_shard(ShardKey::new("del", 6, 1), 3, 4, 1);
+    let r1 = t.reserve(&ShardKey::new("del", 6, 1), 3, d1.len() as u64).unwrap();
+    std::fs::write(&r1.path, &d1).unwrap();
+    let (_, d2) = sample_shard(ShardKey::new("del", 6, 2), 3, 4, 2);
+    let r2 = t.reserve(&ShardKey::new("del", 6, 2), 3, d2.len() as u64).unwrap();
+    std::fs::write(&r2.path, &d2).unwrap();
+    let job = t.begin_seal(r2.id).unwrap();
+    assert_eq!(t.delete_step("del", 6).unwrap().0, 1, "the visible shard goes at once");
+    assert!(t.steps("del").unwrap().is_empty(), "a deleted step is hidden while its writers finish");
+    let e = t.seal(r1.id).unwrap_err();
+    assert!(e.kind() == ErrorKind::NotFound && e.to_string().contains("deleted while"), "{e}");
+    let e = t.finish_seal(job).unwrap_err();
+    assert!(e.to_string().contains("deleted while"), "{e}");
+    assert!(t.steps("del").unwrap().is_empty() && t.latest("del").unwrap().is_none());
+    let step_dir = dir.path().join("ns/del/00000000000000000006");
+    let left: Vec<_> =
+        std::fs::read_dir(&step_dir).map(|d| d.flatten().map(|e| e.path()).collect()).unwrap_or_default();
+    assert!(left.is_empty(), "files of a deleted step remain: {left:?}");
+    // The step can be written again by a writer.
+    save(&t, "del", 6, 0, 1, 4);
+    assert_eq!(t.latest("del").unwrap(), Some(6));
+}
+
+#[test]
+fn a_deleted_namespace_refuses_replicas_sealed_before_the_delete() {
+    let dir = shm_dir();
+    let t = tier(dir.path(), 64 << 20, 3);
+    let (old, _) = sample_shard(ShardKey::new("gone", 6, 1), 2, 4, 1);
+    save(&t, "gone", 5, 0, 1, 4);
+    std::thread::sleep(Duration::from_millis(2));
+    t.delete_namespace("gone").unwrap();
+    let e = t.refuse_deleted(&old).unwrap_err();
+    assert!(e.kind() == ErrorKind::NotFound && e.to_string().contains("sealed before"), "{e}");
+    std::thread::sleep(Duration::from_millis(2));
+    let (new, _) = sample_shard(ShardKey::new("gone", 6, 1), 2, 4, 1);
+    t.refuse_deleted(&new).expect("a copy sealed after the delete is new data");
+    // Other namespaces are not concerned.
+    let (other, _) = sample_shard(ShardKey::new("kept", 6, 1), 2, 4, 1);
+    let (mut older, _) = sample_shard(ShardKey::new("kept", 6, 1), 2, 4, 1);
+    older.created_unix_ms = 1;
+    t.refuse_deleted(&other).unwrap();
+    t.refuse_deleted(&older).unwrap();
+}

@@ -36,6 +36,16 @@ pub(super) struct Step {
     pub(super) shards: BTreeMap<u32, Shard>,
     /// Ranks reserved and being written.
     pub(super) reserved: BTreeSet<u32>,
+    /// Deleted while ranks were being written: hidden, and what they seal
+    /// is dropped.
+    pub(super) deleted: bool,
+}
+
+impl Step {
+    /// An empty step of `world_size` ranks.
+    pub(super) fn new(world_size: u32) -> Self {
+        Step { world_size, shards: BTreeMap::new(), reserved: BTreeSet::new(), deleted: false }
+    }
 }
 
 impl Step {
@@ -106,6 +116,9 @@ pub(super) struct State {
     /// Shards mapped by readers: when dropped they are unlinked, never
     /// recycled, so what a reader maps never changes under it.
     pub(super) leases: HashMap<ShardKey, usize>,
+    /// When a namespace (step `None`) or a step was deleted here, in ms since
+    /// the epoch: a replica sealed before then is refused.
+    pub(super) tombstones: HashMap<(String, Option<u64>), u64>,
 }
 
 impl State {

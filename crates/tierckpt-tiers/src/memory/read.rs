@@ -118,6 +118,7 @@ impl MemoryTier {
         Ok(st
             .steps
             .range((ns.to_string(), 0)..=(ns.to_string(), u64::MAX))
+            .filter(|(_, s)| !s.deleted)
             .map(|((_, step), s)| s.summary(*step))
             .collect())
     }
@@ -126,7 +127,7 @@ impl MemoryTier {
     pub fn namespaces(&self) -> Vec<NamespaceSummary> {
         let st = self.lock();
         let mut out: BTreeMap<&str, NamespaceSummary> = BTreeMap::new();
-        for ((ns, step), s) in &st.steps {
+        for ((ns, step), s) in st.steps.iter().filter(|(_, s)| !s.deleted) {
             let e = out.entry(ns).or_insert_with(|| NamespaceSummary {
                 namespace: ns.clone(),
                 steps: 0,

@@ -1,6 +1,6 @@
 //! Rebuilding the index from the directory when the tier opens.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -131,11 +131,7 @@ impl MemoryTier {
             let manifest = read_private(&mpath)
                 .and_then(|b| Manifest::from_json(&b, &mpath.display().to_string()).ok())
                 .filter(|m| m.key == key && m.world_size == world_size && m.file_len == len);
-            let entry = st.steps.entry((ns.to_string(), step)).or_insert_with(|| Step {
-                world_size,
-                shards: BTreeMap::new(),
-                reserved: BTreeSet::new(),
-            });
+            let entry = st.steps.entry((ns.to_string(), step)).or_insert_with(|| Step::new(world_size));
             if entry.world_size != world_size {
                 tracing::warn!(file = %path.display(), "dropping a shard whose world_size disagrees with its step");
                 unlinks.push(path);

@@ -56,21 +56,32 @@ impl MemoryTier {
         };
         let (mut n, mut bytes) = (0, 0);
         for (rank, shard) in s.shards {
-            let key = ShardKey::new(ns, step, rank);
-            let len = shard.len();
-            let _ = fs::remove_file(self.manifest_path(&key, s.world_size));
-            if st.leases.contains_key(&key) {
-                unlinks.push(self.data_path(&key, s.world_size));
-                st.used = st.used.saturating_sub(len);
-            } else {
-                self.pool_file(st, self.data_path(&key, s.world_size), len, unlinks);
-            }
+            bytes += self.drop_shard_files(st, &ShardKey::new(ns, step, rank), s.world_size, shard.len(), unlinks);
             n += 1;
-            bytes += len;
         }
         let _ = fs::remove_dir(self.step_dir(ns, step));
         tracing::debug!(namespace = ns, step, shards = n, "dropped step");
         (n, bytes)
+    }
+
+    /// Removes a dropped shard's manifest; its data goes to the pool, or is
+    /// unlinked while a reader maps it. Returns its length.
+    pub(super) fn drop_shard_files(
+        &self,
+        st: &mut State,
+        key: &ShardKey,
+        world_size: u32,
+        len: u64,
+        unlinks: &mut Vec<PathBuf>,
+    ) -> u64 {
+        let _ = fs::remove_file(self.manifest_path(key, world_size));
+        if st.leases.contains_key(key) {
+            unlinks.push(self.data_path(key, world_size));
+            st.used = st.used.saturating_sub(len);
+        } else {
+            self.pool_file(st, self.data_path(key, world_size), len, unlinks);
+        }
+        len
     }
 
     /// Removes a step from the index if it holds nothing and nothing is reserved in it.
@@ -81,40 +92,97 @@ impl MemoryTier {
         }
     }
 
-    /// Deletes a step; refused while a rank of it is being written.
+    /// Deletes a step: its visible shards at once; ranks being written or
+    /// sealed are dropped when their writers finish (their seal fails). A
+    /// replica of the step sealed before now is refused from then on (see
+    /// [`Self::refuse_deleted`]). Returns the shards and bytes removed now.
     pub fn delete_step(&self, ns: &str, step: u64) -> Result<(u64, u64)> {
         validate_namespace(ns)?;
         let mut unlinks = Vec::new();
         let r = {
             let mut st = self.lock();
-            match st.steps.get(&(ns.to_string(), step)) {
-                None => return Err(TierError::NotFound(format!("{ns}/step {step} in the memory tier"))),
-                Some(s) if s.busy() => {
-                    return Err(TierError::InvalidArgument(format!(
-                        "{ns}/step {step} is being written; delete it once its writers are done"
-                    )))
-                }
-                Some(_) => self.drop_step(&mut st, ns, step, &mut unlinks),
-            }
+            Self::tombstone(&mut st, ns, Some(step));
+            self.delete_step_locked(&mut st, ns, step, &mut unlinks)
         };
         Unlinks(unlinks).run();
-        Ok(r)
+        r.ok_or_else(|| TierError::NotFound(format!("{ns}/step {step} in the memory tier")))
     }
 
-    /// Deletes every idle step of a namespace; steps being written stay.
+    /// Deletes every step of a namespace, as [`Self::delete_step`] does.
     pub fn delete_namespace(&self, ns: &str) -> Result<(u64, u64)> {
-        let steps: Vec<u64> = self.steps(ns)?.iter().map(|s| s.step).collect();
-        if steps.is_empty() {
-            return Err(TierError::NotFound(format!("namespace {ns} in the memory tier")));
-        }
-        let mut total = (0, 0);
-        for step in steps {
-            if let Ok((n, b)) = self.delete_step(ns, step) {
-                total = (total.0 + n, total.1 + b);
-            }
-        }
+        validate_namespace(ns)?;
+        let mut unlinks = Vec::new();
+        let total = {
+            let mut st = self.lock();
+            Self::tombstone(&mut st, ns, None);
+            let range = (ns.to_string(), 0)..=(ns.to_string(), u64::MAX);
+            let steps: Vec<u64> = st.steps.range(range).map(|((_, s), _)| *s).collect();
+            let removed = steps.into_iter().filter_map(|s| self.delete_step_locked(&mut st, ns, s, &mut unlinks));
+            removed.reduce(|a, b| (a.0 + b.0, a.1 + b.1))
+        };
+        Unlinks(unlinks).run();
         let _ = fs::remove_dir(self.cfg.root.join("ns").join(ns));
-        Ok(total)
+        total.ok_or_else(|| TierError::NotFound(format!("namespace {ns} in the memory tier")))
+    }
+
+    /// [`Self::delete_step`] under the index lock; None if the step is not held.
+    fn delete_step_locked(
+        &self,
+        st: &mut State,
+        ns: &str,
+        step: u64,
+        unlinks: &mut Vec<PathBuf>,
+    ) -> Option<(u64, u64)> {
+        let s = st.steps.get_mut(&(ns.to_string(), step))?;
+        if !s.busy() {
+            return Some(self.drop_step(st, ns, step, unlinks));
+        }
+        s.deleted = true;
+        let world_size = s.world_size;
+        let sealed: Vec<(u32, u64)> = s.sealed().map(|(r, m)| (*r, m.file_len)).collect();
+        for (rank, _) in &sealed {
+            s.shards.remove(rank);
+        }
+        let mut removed = (0, 0);
+        for (rank, len) in sealed {
+            removed.0 += 1;
+            removed.1 += self.drop_shard_files(st, &ShardKey::new(ns, step, rank), world_size, len, unlinks);
+        }
+        tracing::info!(namespace = ns, step, "deleted a step being written: its writers' seals will be dropped");
+        Some(removed)
+    }
+
+    /// How long a tombstone refuses replicas sealed before it.
+    const TOMBSTONE_LIFE_MS: u64 = 3_600_000;
+
+    /// Records that `step` of `ns` (every step with `None`) was deleted now,
+    /// and forgets tombstones older than [`Self::TOMBSTONE_LIFE_MS`].
+    fn tombstone(st: &mut State, ns: &str, step: Option<u64>) {
+        let now = crate::now_unix_ms();
+        st.tombstones.retain(|_, at| now.saturating_sub(*at) < Self::TOMBSTONE_LIFE_MS);
+        st.tombstones.insert((ns.to_string(), step), now);
+    }
+
+    /// Refuses a replica (a copy pushed by a peer) of a shard that was
+    /// sealed before its step or namespace was deleted here, so that a
+    /// delete is not undone by copies still in flight. Copies sealed after
+    /// the delete are new data and pass. (Seal times come from the origin's
+    /// clock: keep the nodes' clocks in sync.)
+    pub fn refuse_deleted(&self, m: &tierckpt_format::Manifest) -> Result<()> {
+        let st = self.lock();
+        let ns = m.key.namespace.clone();
+        let at = [st.tombstones.get(&(ns.clone(), None)), st.tombstones.get(&(ns, Some(m.key.step)))]
+            .into_iter()
+            .flatten()
+            .max();
+        match at {
+            Some(&at) if m.created_unix_ms <= at => Err(TierError::NotFound(format!(
+                "{}/step {} was deleted on this node (at {at} ms since the epoch); a copy of {} sealed before then \
+                 (at {} ms) is refused",
+                m.key.namespace, m.key.step, m.key, m.created_unix_ms
+            ))),
+            _ => Ok(()),
+        }
     }
 
     /// Verifies one visible shard; if its bytes do not match its manifest,

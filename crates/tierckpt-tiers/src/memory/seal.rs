@@ -1,7 +1,6 @@
 //! Reservations and seals: a writer reserves a segment, writes it, and seals
 //! it; the seal checksums the bytes and publishes the shard.
 
-use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::io::Write;
 use std::path::PathBuf;
@@ -50,6 +49,14 @@ impl SealJob {
     }
 }
 
+/// The error of a seal whose step was deleted while it was written.
+fn deleted_while_written(key: &ShardKey) -> TierError {
+    TierError::NotFound(format!(
+        "{}/step {} was deleted while shard {key} was being written; nothing was stored",
+        key.namespace, key.step
+    ))
+}
+
 impl MemoryTier {
     /// Asks for a segment of `len` bytes for `key`.
     pub fn reserve(&self, key: &ShardKey, world_size: u32, len: u64) -> Result<Reservation> {
@@ -71,6 +78,12 @@ impl MemoryTier {
     ) -> Result<Reservation> {
         let mut st = self.lock();
         if let Some(s) = st.steps.get(&(key.namespace.clone(), key.step)) {
+            if s.deleted {
+                return Err(TierError::Unavailable(format!(
+                    "{}/step {} is being deleted; write it again once its earlier writers are done",
+                    key.namespace, key.step
+                )));
+            }
             if s.world_size != world_size {
                 return Err(TierError::InvalidArgument(format!(
                     "{}/step {} was started with world_size {}, not {world_size}",
@@ -130,11 +143,7 @@ impl MemoryTier {
                 None => return Err(self.capacity_error(&st, len, "; nothing else may be evicted (the newest complete step of each namespace and steps being written are kept)")),
             }
         }
-        let step = st.steps.entry((key.namespace.clone(), key.step)).or_insert_with(|| Step {
-            world_size,
-            shards: BTreeMap::new(),
-            reserved: BTreeSet::new(),
-        });
+        let step = st.steps.entry((key.namespace.clone(), key.step)).or_insert_with(|| Step::new(world_size));
         step.reserved.insert(key.rank);
         st.failed.remove(key);
         let r = Reservation { id, key: key.clone(), world_size, path, len };
@@ -185,6 +194,14 @@ impl MemoryTier {
     pub fn begin_seal(&self, id: u64) -> Result<SealJob> {
         let mut st = self.lock();
         let r = self.take_reservation(&mut st, id)?;
+        if st.steps.get(&(r.key.namespace.clone(), r.key.step)).is_some_and(|s| s.deleted) {
+            let mut unlinks = Vec::new();
+            self.pool_file(&mut st, r.path, r.len, &mut unlinks);
+            Self::remove_step_if_empty(&mut st, &r.key.namespace, r.key.step);
+            drop(st);
+            Unlinks(unlinks).run();
+            return Err(deleted_while_written(&r.key));
+        }
         let dir = self.step_dir(&r.key.namespace, r.key.step);
         let path = self.data_path(&r.key, r.world_size);
         let moved = self
@@ -235,9 +252,14 @@ impl MemoryTier {
             Ok(m)
         });
         let mut unlinks = Vec::new();
-        {
+        let result = {
             let mut st = self.lock();
             let k = (job.key.namespace.clone(), job.key.step);
+            // A step deleted while this shard was checksummed drops it.
+            let result = match result {
+                Ok(_) if st.steps.get(&k).is_none_or(|s| s.deleted) => Err(deleted_while_written(&job.key)),
+                r => r,
+            };
             match &result {
                 Ok(m) => {
                     if let Some(s) = st.steps.get_mut(&k) {
@@ -256,7 +278,8 @@ impl MemoryTier {
                     st.failed.insert(job.key.clone(), e.to_string());
                 }
             }
-        }
+            result
+        };
         self.changed.notify_all();
         Unlinks(unlinks).run();
         if result.is_ok() {
