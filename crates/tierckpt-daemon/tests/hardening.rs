@@ -162,25 +162,30 @@ fn a_daemon_that_cannot_have_its_port_leaves_no_socket() {
     assert!(!socket.exists(), "{} was left behind", socket.display());
 }
 
-#[test]
-fn a_flood_of_tcp_connections_leaves_the_local_socket_answering() {
-    let dir = shm_dir();
-    let mem = dir.path().join("mem");
-    let socket = mem.join("daemon.sock");
-    let log = dir.path().join("stderr");
+/// A `tierckptd` child under an open-file limit of `soft`/`hard`, its stderr
+/// in `dir/stderr`, HTTP on 127.0.0.1 with a token and `extra` flags; returns
+/// it with its HTTP address once ready.
+fn limited_daemon(
+    dir: &std::path::Path,
+    soft: u64,
+    hard: u64,
+    extra: &[&str],
+) -> (std::process::Child, std::net::SocketAddr) {
+    let mem = dir.join("mem");
     let mut cmd = Command::new(daemon_binary());
     cmd.args(["--memory-dir", mem.to_str().unwrap(), "--memory-tier-size", "16MiB"])
-        .args(["--socket", socket.to_str().unwrap(), "--http-addr", "127.0.0.1:0", "--http-max-connections", "8"])
+        .args(["--socket", mem.join("daemon.sock").to_str().unwrap(), "--http-addr", "127.0.0.1:0"])
+        .args(extra)
         .env("TIERCKPT_TOKEN", "flood-token")
         .env("TIERCKPT_LOG", "warn")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(&log).unwrap());
+        .stderr(std::fs::File::create(dir.join("stderr")).unwrap());
     tierckpt_harness::daemon::die_with_parent(&mut cmd);
-    // SAFETY: setrlimit is async-signal-safe; soft 48, hard 96 open files.
+    // SAFETY: setrlimit is async-signal-safe.
     unsafe {
-        std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
-            let r = libc::rlimit { rlim_cur: 48, rlim_max: 96 };
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+            let r = libc::rlimit { rlim_cur: soft, rlim_max: hard };
             if libc::setrlimit(libc::RLIMIT_NOFILE, &r) != 0 {
                 return Err(std::io::Error::last_os_error());
             }
@@ -191,22 +196,34 @@ fn a_flood_of_tcp_connections_leaves_the_local_socket_answering() {
     let mut ready = String::new();
     std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().unwrap()), &mut ready).unwrap();
     let ready: Value = serde_json::from_str(&ready).unwrap_or_else(|e| panic!("{e}: {ready:?}"));
-    let addr: std::net::SocketAddr = ready["http_addr"].as_str().unwrap().parse().unwrap();
-    let limits = std::fs::read_to_string(format!("/proc/{}/limits", child.id())).unwrap();
-    let nofile = limits.lines().find(|l| l.starts_with("Max open files")).unwrap().to_string();
-    assert_eq!(nofile.split_whitespace().collect::<Vec<_>>()[3..5], ["96", "96"], "soft raised to hard: {nofile}");
+    (child, ready["http_addr"].as_str().unwrap().parse().unwrap())
+}
 
-    // More connections than the daemon has descriptors, each with half a request line.
-    // (Until the listen backlog is full: then connecting times out.)
+/// Up to `n` connections to `addr`, each with half a request line (until
+/// the listen backlog is full: then connecting times out).
+fn flood(addr: std::net::SocketAddr, n: usize) -> Vec<TcpStream> {
     let mut flood = Vec::new();
-    while flood.len() < 200 {
+    while flood.len() < n {
         let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_secs(1)) else { break };
         let _ = s.write_all(b"GET /v1/namesp");
         flood.push(s);
     }
+    flood
+}
+
+#[test]
+fn a_flood_of_tcp_connections_leaves_the_local_socket_answering() {
+    let dir = shm_dir();
+    let (mut child, addr) = limited_daemon(dir.path(), 48, 96, &["--http-max-connections", "8"]);
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", child.id())).unwrap();
+    let nofile = limits.lines().find(|l| l.starts_with("Max open files")).unwrap().to_string();
+    assert_eq!(nofile.split_whitespace().collect::<Vec<_>>()[3..5], ["96", "96"], "soft raised to hard: {nofile}");
+
+    // More connections than the daemon has descriptors.
+    let flood = flood(addr, 200);
     assert!(flood.len() > 96, "only {} connections were made", flood.len());
     let (tx, rx) = std::sync::mpsc::channel();
-    let sock = socket.clone();
+    let sock = dir.path().join("mem").join("daemon.sock");
     std::thread::spawn(move || {
         let _ = tx.send(tierckpt_client::Client::connect(&sock).and_then(|mut c| c.status()).map(|s| s.pid));
     });
@@ -216,6 +233,25 @@ fn a_flood_of_tcp_connections_leaves_the_local_socket_answering() {
     drop(flood);
     let _ = child.kill();
     let _ = child.wait();
-    let logged = std::fs::read(&log).unwrap();
+    let logged = std::fs::read(dir.path().join("stderr")).unwrap();
     assert!(logged.len() < 8192, "the daemon logged {} bytes: {}", logged.len(), String::from_utf8_lossy(&logged));
+}
+
+#[test]
+fn accept_failures_back_off_and_are_logged_briefly() {
+    // No cap that fits the limit: accepting runs out of descriptors.
+    let dir = shm_dir();
+    let (mut child, addr) = limited_daemon(dir.path(), 48, 48, &["--http-max-connections", "1000"]);
+    let flood = flood(addr, 100);
+    // Local clients knock meanwhile: their accepts fail too.
+    let sock = dir.path().join("mem").join("daemon.sock");
+    let knocks: Vec<_> = (0..20).filter_map(|_| std::os::unix::net::UnixStream::connect(&sock).ok()).collect();
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(matches!(child.try_wait(), Ok(None)), "the daemon still runs");
+    drop((flood, knocks));
+    let _ = child.kill();
+    let _ = child.wait();
+    let logged = String::from_utf8_lossy(&std::fs::read(dir.path().join("stderr")).unwrap()).into_owned();
+    assert!(logged.contains("accepting a connection"), "the failure is logged: {logged}");
+    assert!(logged.len() < 8192, "the daemon logged {} bytes: {logged}", logged.len());
 }

@@ -81,9 +81,11 @@ pub struct DaemonConfig {
 
 impl DaemonConfig {
     /// How long an upload of `len` bytes may take: the grace, plus `len`
-    /// at the least rate.
+    /// at the least rate (at most a year, whatever a client declares).
     pub fn upload_deadline(&self, len: u64) -> std::time::Duration {
-        self.upload_grace + std::time::Duration::from_secs_f64(len as f64 / self.min_upload_rate as f64)
+        const YEAR: std::time::Duration = std::time::Duration::from_secs(365 * 86_400);
+        let transfer = std::time::Duration::try_from_secs_f64(len as f64 / self.min_upload_rate as f64).unwrap_or(YEAR);
+        self.upload_grace.saturating_add(transfer).min(YEAR)
     }
 }
 
@@ -541,6 +543,7 @@ mod tests {
         assert_eq!((c.max_step_advance, c.http_max_connections), (0, 7));
         assert_eq!(c.http_idle_timeout, std::time::Duration::from_secs(2));
         assert_eq!(c.upload_deadline(2048), std::time::Duration::from_secs(3));
+        let _ = std::time::Instant::now() + c.upload_deadline(u64::MAX);
         for bad in [["--min-upload-rate", "0"], ["--http-max-connections", "0"], ["--upload-grace", "soon"]] {
             let e = DaemonConfig::resolve(flags(&bad).unwrap()).unwrap_err().to_string();
             assert!(e.contains(&bad[0][2..].replace('-', "_")), "{e}");
