@@ -3,6 +3,7 @@
 import json
 import os
 import pathlib
+import secrets
 import shutil
 import subprocess
 import tempfile
@@ -21,18 +22,20 @@ def binary(name: str) -> str:
 
 
 def run_daemon(*extra: str):
-    """A real tierckptd on a fresh tmpfs directory (more flags in `extra`); yields its socket, HTTP address, dir."""
+    """A real tierckptd on a fresh tmpfs directory (more flags in `extra`); yields its socket, HTTP address, the
+    bearer token its HTTP API wants (passed by environment, never on the command line), and its dir."""
     base = "/dev/shm" if os.path.isdir("/dev/shm") else None
     tmp = tempfile.mkdtemp(prefix="tierckpt-py-", dir=base)
+    token = secrets.token_hex(16)
     proc = subprocess.Popen(
         [binary("tierckptd"), "--memory-dir", f"{tmp}/mem", "--memory-tier-size", "256MiB",
          "--http-addr", "127.0.0.1:0", *[a.replace("{dir}", tmp) for a in extra]],
-        stdout=subprocess.PIPE, text=True, env={**os.environ, "TIERCKPT_LOG": "warn"},
+        stdout=subprocess.PIPE, text=True, env={**os.environ, "TIERCKPT_LOG": "warn", "TIERCKPT_TOKEN": token},
     )
     try:
         ready = json.loads(proc.stdout.readline())
         assert ready["event"] == "ready", ready
-        yield {"socket": ready["socket"], "http": ready["http_addr"], "dir": tmp}
+        yield {"socket": ready["socket"], "http": ready["http_addr"], "token": token, "dir": tmp}
     finally:
         proc.kill()
         proc.wait()

@@ -123,7 +123,7 @@ def test_persistent_tier_gets_its_own_longer_interval(tmpdir_shm):
 
     from conftest import binary
     proc = subprocess.Popen([binary("tierckptd"), "--memory-dir", f"{tmpdir_shm}/mem", "--memory-tier-size", "64MiB",
-                             "--http-addr", "127.0.0.1:0", "--persistent-path", f"file://{tmpdir_shm}/persist"],
+                             "--persistent-path", f"file://{tmpdir_shm}/persist"],
                             stdout=subprocess.PIPE, text=True)
     try:
         ready = _json.loads(proc.stdout.readline())

@@ -279,7 +279,6 @@ def test_checkpointer_starts_a_daemon_when_none_answers(tmpdir_shm, monkeypatch)
     from conftest import binary
     sock = tmpdir_shm / "mem" / "daemon.sock"
     monkeypatch.setenv("TIERCKPT_DAEMON_BIN", binary("tierckptd"))
-    monkeypatch.setenv("TIERCKPT_HTTP_ADDR", "127.0.0.1:0")
     store = tmpdir_shm / "persistent"
     c = Checkpointer({"socket": str(sock), "namespace": "auto", "memory_tier_size": "64MiB", "keep_last": 2,
                       "checkpoint_frequency": 1, "persistent_path": f"file://{store}", "compression": "lz4"},

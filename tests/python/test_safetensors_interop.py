@@ -11,10 +11,12 @@ from safetensors.numpy import load, load_file, save
 from conftest import binary, tierckpt
 
 
-def request(addr, method, path, body=None):
-    host, port = addr.rsplit(":", 1)
+def request(daemon, method, path, body=None, token=None):
+    """An HTTP exchange with the daemon, carrying its token unless `token` says which."""
+    host, port = daemon["http"].rsplit(":", 1)
     conn = http.client.HTTPConnection(host, int(port), timeout=60)
-    conn.request(method, path, body=body)
+    headers = {"Authorization": f"Bearer {daemon['token'] if token is None else token}"}
+    conn.request(method, path, body=body, headers=headers)
     resp = conn.getresponse()
     return resp.status, resp.read()
 
@@ -42,9 +44,9 @@ def test_python_safetensors_file_is_accepted_and_served_back(daemon):
         "flags": np.array([True, False, True]),
     }
     blob = save(state, metadata={"epoch": "3"})
-    status, body = request(daemon["http"], "PUT", "/v1/shards/pyjob/7/0?world_size=1", blob)
+    status, body = request(daemon, "PUT", "/v1/shards/pyjob/7/0?world_size=1", blob)
     assert status == 201, body
-    status, got = request(daemon["http"], "GET", "/v1/shards/pyjob/7/0")
+    status, got = request(daemon, "GET", "/v1/shards/pyjob/7/0")
     assert status == 200
     back = load(got)
     for k, v in state.items():
@@ -55,8 +57,16 @@ def test_python_safetensors_file_is_accepted_and_served_back(daemon):
 
 
 def test_garbage_upload_is_refused_and_stores_nothing(daemon):
-    status, body = request(daemon["http"], "PUT", "/v1/shards/pyjob/1/0?world_size=1", b"\x00" * 64)
+    status, body = request(daemon, "PUT", "/v1/shards/pyjob/1/0?world_size=1", b"\x00" * 64)
     assert status == 422, body
     assert "safetensors" in json.loads(body)["message"]
-    status, body = request(daemon["http"], "GET", "/v1/namespaces/pyjob/steps")
+    status, body = request(daemon, "GET", "/v1/namespaces/pyjob/steps")
     assert json.loads(body)["steps"] == []
+
+
+def test_http_needs_the_token(daemon):
+    status, body = request(daemon, "GET", "/v1/namespaces", token="wrong")
+    assert status == 401 and "bearer token" in json.loads(body)["message"]
+    status, body = request(daemon, "PUT", "/v1/shards/pyjob/1/0?world_size=1", b"\x00" * 64, token="")
+    assert status == 401, body
+    assert request(daemon, "GET", "/v1/namespaces")[0] == 200

@@ -1,6 +1,10 @@
-//! The HTTP API (axum): native `/v1` endpoints and `/health`. Shard bodies
-//! stream in (no size limit beyond the memory tier's capacity) and are served
-//! straight from the mapped segment after verification.
+//! The HTTP API (axum on hyper): native `/v1` endpoints and `/health`. Shard
+//! bodies stream in (no size limit beyond the memory tier's capacity) and are
+//! served straight from the mapped segment after verification. It serves
+//! only requests that carry the daemon's token (`/health` aside), at most
+//! `http_max_connections` connections at once, each closed when it sends no
+//! complete request head for `http_idle_timeout`; an upload slower than
+//! `min_upload_rate` is dropped.
 
 use std::sync::Arc;
 
@@ -20,9 +24,6 @@ use tokio::sync::watch;
 use crate::Daemon;
 
 type D = State<Arc<Daemon>>;
-
-/// An upload that sends nothing for this long is dropped, freeing its segment.
-const BODY_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// A tier error as an HTTP response: a status from its kind, a JSON body.
 struct ApiError(TierError);
@@ -93,34 +94,79 @@ pub(crate) fn router(d: Arc<Daemon>) -> Router {
         .with_state(d)
 }
 
+/// Serves HTTP/1.1 on `listener` until `stop`, then waits for the open
+/// connections to finish (idle ones close at once).
 pub(crate) async fn serve(d: Arc<Daemon>, listener: tokio::net::TcpListener, mut stop: watch::Receiver<bool>) {
-    let app = router(d);
-    let done = async move {
-        let _ = stop.changed().await;
-    };
-    if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(done).await {
-        tracing::error!(error = %e, "HTTP API stopped");
+    let app = router(d.clone());
+    // A connection holds a permit: past the cap, connections wait in the
+    // kernel's backlog, and the descriptors stay for the local socket.
+    let slots = Arc::new(tokio::sync::Semaphore::new(d.cfg.http_max_connections));
+    let mut http = hyper::server::conn::http1::Builder::new();
+    // hyper's header timer also runs while a keep-alive connection waits
+    // for its next request: one timeout covers slow heads and idle peers.
+    http.timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(d.cfg.http_idle_timeout);
+    let mut errors = crate::limits::AcceptErrors::new("the HTTP API");
+    let mut conns = tokio::task::JoinSet::new();
+    loop {
+        let slot = tokio::select! {
+            _ = stop.changed() => break,
+            s = slots.clone().acquire_owned() => s.expect("the semaphore is never closed"),
+        };
+        let wait = tokio::select! {
+            _ = stop.changed() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((tcp, _)) => {
+                    errors.accepted();
+                    let service = hyper_util::service::TowerToHyperService::new(app.clone());
+                    let conn = http.serve_connection(hyper_util::rt::TokioIo::new(tcp), service);
+                    let mut stop = stop.clone();
+                    conns.spawn(async move {
+                        let _slot = slot;
+                        let mut conn = std::pin::pin!(conn);
+                        tokio::select! {
+                            r = conn.as_mut() => if let Err(e) = r {
+                                tracing::debug!(error = %e, "HTTP connection ended");
+                            },
+                            _ = stop.changed() => {
+                                conn.as_mut().graceful_shutdown();
+                                let _ = conn.await;
+                            }
+                        }
+                    });
+                    while conns.try_join_next().is_some() {}
+                    continue;
+                }
+                Err(e) => errors.failed(&e),
+            }
+        };
+        drop(slot);
+        tokio::select! {
+            _ = stop.changed() => break,
+            _ = tokio::time::sleep(wait) => {}
+        }
     }
+    while conns.join_next().await.is_some() {}
 }
 
-/// Every request but `/health` carries `Authorization: Bearer <token>` when
-/// the daemon has a token.
+/// Every request but `/health` carries `Authorization: Bearer <token>`.
+/// Without a token (which configuration refuses) nothing else is served.
 async fn auth(State(d): D, req: Request, next: Next) -> Response {
-    if let Some(token) = &d.cfg.token {
-        if req.uri().path() != "/health" {
-            let given = req
-                .headers()
-                .get(header::AUTHORIZATION)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.strip_prefix("Bearer "))
-                .unwrap_or("");
-            if !constant_time_eq::constant_time_eq(given.as_bytes(), token.as_bytes()) {
-                return ApiError(TierError::Remote {
-                    kind: ErrorKind::Unauthorized,
-                    message: "missing or wrong bearer token".into(),
-                })
-                .into_response();
-            }
+    if req.uri().path() != "/health" {
+        let given = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        let ok = match (&d.cfg.token, given) {
+            (Some(token), Some(given)) => constant_time_eq::constant_time_eq(given.as_bytes(), token.as_bytes()),
+            _ => false,
+        };
+        if !ok {
+            return ApiError(TierError::Remote {
+                kind: ErrorKind::Unauthorized,
+                message: "missing or wrong bearer token (Authorization: Bearer <the daemon's token>)".into(),
+            })
+            .into_response();
         }
     }
     next.run(req).await
@@ -216,7 +262,8 @@ async fn put_replica(
         }
     };
     let base = base.as_ref().map(|(bm, map)| (bm, &map[..]));
-    let stored = tierckpt_tiers::receive::receive(&d.tier, &m, "a peer", stream, base).await?;
+    let allowed = d.cfg.upload_deadline(m.file_len);
+    let stored = tierckpt_tiers::receive::receive_within(&d.tier, &m, "a peer", stream, base, allowed).await?;
     Ok((StatusCode::CREATED, Json(json!({ "stored": stored }))).into_response())
 }
 
@@ -253,9 +300,18 @@ async fn receive_reduced(
     stream: impl futures_util::Stream<Item = Result<bytes::Bytes, TierError>>,
 ) -> Result<bool, TierError> {
     let limit = m.file_len + (64 << 20);
+    let allowed = d.cfg.upload_deadline(m.file_len);
+    let deadline = tokio::time::Instant::now() + allowed;
     let mut blob = Vec::new();
     let mut stream = std::pin::pin!(stream);
-    while let Some(piece) = stream.next().await {
+    loop {
+        let next = tokio::time::timeout_at(deadline, stream.next()).await.map_err(|_| {
+            TierError::Unavailable(format!(
+                "a peer sent a reduced replica of {} too slowly: it must arrive within {allowed:?}; dropped",
+                m.key
+            ))
+        })?;
+        let Some(piece) = next else { break };
         let piece = piece?;
         if (blob.len() + piece.len()) as u64 > limit {
             return Err(TierError::InvalidArgument(format!(
@@ -356,6 +412,9 @@ async fn put_shard(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok())
         .ok_or_else(|| bad("Content-Length is required for a shard upload"))?;
+    d.check_client_step(&key.namespace, key.step)?;
+    let allowed = d.cfg.upload_deadline(len);
+    let deadline = tokio::time::Instant::now() + allowed;
     let r = d.tier.reserve(&key, world_size, len)?;
     let mut guard = AbortOnDrop { d: &d, id: Some(r.id) };
     let mut file = std::fs::OpenOptions::new()
@@ -365,9 +424,13 @@ async fn put_shard(
     let mut written = 0u64;
     let mut stream = body.into_data_stream();
     loop {
-        let next = tokio::time::timeout(BODY_IDLE_TIMEOUT, stream.next())
-            .await
-            .map_err(|_| bad(format!("no body bytes for {BODY_IDLE_TIMEOUT:?}; upload dropped")))?;
+        let Ok(next) = tokio::time::timeout_at(deadline, stream.next()).await else {
+            tracing::warn!(shard = %key, written, len, "dropped an upload slower than min_upload_rate");
+            return Err(bad(format!(
+                "upload of {key} too slow: {written} of {len} bytes in {allowed:?}, the time an upload of {len} \
+                 bytes gets (upload_grace + size / min_upload_rate); dropped, its space freed"
+            )));
+        };
         let Some(chunk) = next else { break };
         let chunk = chunk.map_err(|e| bad(format!("reading the request body: {e}")))?;
         written += chunk.len() as u64;

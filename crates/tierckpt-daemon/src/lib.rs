@@ -9,6 +9,7 @@ pub mod drain;
 pub mod failures;
 mod http;
 pub mod hugepages;
+pub mod limits;
 pub mod metrics;
 pub mod peer;
 pub mod peer_tier;

@@ -86,6 +86,18 @@ impl RunningDaemon {
     }
 }
 
+/// Removes a file when dropped, unless taken: the socket of a start that
+/// failed after binding it.
+struct RemoveOnDrop(Option<PathBuf>);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.take() {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
     tokio::task::spawn_blocking(f).await.map_err(|e| TierError::Unavailable(format!("daemon worker failed: {e}")))?
 }
@@ -122,7 +134,7 @@ impl Daemon {
         tcfg.access = cfg.access;
         let daemon_access = cfg.access;
         let tier = Arc::new(blocking(move || MemoryTier::open(tcfg)).await?);
-        let listener = crate::uds::bind(&cfg.socket)?;
+        // The port first: a daemon that cannot have it leaves no socket file.
         let http = match cfg.http_addr {
             Some(a) => Some(
                 tokio::net::TcpListener::bind(a)
@@ -131,6 +143,8 @@ impl Daemon {
             ),
             None => None,
         };
+        let listener = crate::uds::bind(&cfg.socket)?;
+        let mut unbind = RemoveOnDrop(Some(cfg.socket.clone()));
         let http_addr = http.as_ref().and_then(|l| l.local_addr().ok());
         let socket = cfg.socket.clone();
         let (stop, stopped) = watch::channel(false);
@@ -169,12 +183,38 @@ impl Daemon {
             started: Instant::now(),
             http_addr,
         });
+        unbind.0 = None;
         let mut tasks = vec![tokio::spawn(crate::uds::serve(daemon.clone(), listener, stopped.clone()))];
         if let Some(l) = http {
             tasks.push(background.spawn(crate::http::serve(daemon.clone(), l, stopped)));
         }
         tracing::info!(socket = %socket.display(), http = ?http_addr, capacity = daemon.cfg.capacity, "daemon ready");
         Ok(RunningDaemon { daemon, socket, http_addr, stop, tasks })
+    }
+
+    /// Refuses a step a client (not a peer) may not write: 2^53 and above,
+    /// or more than `max_step_advance` above the newest step of `ns` held
+    /// here (no bound while it holds none).
+    pub fn check_client_step(&self, ns: &str, step: u64) -> Result<()> {
+        if step >= crate::config::STEP_LIMIT {
+            return Err(TierError::InvalidArgument(format!(
+                "step {step} of {ns} is 2^53 or above: steps must stay below {} (exact in JSON and Python floats)",
+                crate::config::STEP_LIMIT
+            )));
+        }
+        let bound = self.cfg.max_step_advance;
+        if bound == 0 {
+            return Ok(());
+        }
+        // An invalid namespace is for the reservation to refuse, by name.
+        let newest = self.tier.steps(ns).ok().and_then(|s| s.iter().map(|s| s.step).max());
+        match newest {
+            Some(n) if step > n.saturating_add(bound) => Err(TierError::InvalidArgument(format!(
+                "step {step} of {ns} is more than max_step_advance {bound} above its newest step held here, {n}; \
+                 delete the namespace to start it over, or raise max_step_advance (0: unbounded)"
+            ))),
+            _ => Ok(()),
+        }
     }
 
     /// What `tierckpt status` shows.
@@ -374,6 +414,7 @@ impl Daemon {
         };
         Ok(match req {
             Request::Reserve { namespace, step, rank, world_size, len } => {
+                self.check_client_step(&namespace, step)?;
                 let r = tier.reserve(&ShardKey::new(namespace, step, rank), world_size, len)?;
                 owned.insert(r.id);
                 Reply::Reserved { id: r.id, path: r.path.display().to_string(), len: r.len }

@@ -11,6 +11,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::watch;
 
+use crate::limits::AcceptErrors;
 use crate::{Daemon, DaemonError};
 
 /// Binds the socket, replacing a stale file but never a live daemon's socket.
@@ -34,17 +35,24 @@ pub(crate) fn bind(path: &Path) -> Result<UnixListener, DaemonError> {
 }
 
 pub(crate) async fn serve(d: Arc<Daemon>, listener: UnixListener, mut stop: watch::Receiver<bool>) {
+    let mut errors = AcceptErrors::new("the local socket");
     loop {
-        tokio::select! {
+        let wait = tokio::select! {
             _ = stop.changed() => break,
             accepted = listener.accept() => match accepted {
                 Ok((s, _)) => {
+                    errors.accepted();
                     let d = d.clone();
                     let stop = stop.clone();
                     tokio::spawn(async move { connection(d, s, stop).await });
+                    continue;
                 }
-                Err(e) => tracing::warn!(error = %e, "accepting a local connection failed"),
+                Err(e) => errors.failed(&e),
             }
+        };
+        tokio::select! {
+            _ = stop.changed() => break,
+            _ = tokio::time::sleep(wait) => {}
         }
     }
 }

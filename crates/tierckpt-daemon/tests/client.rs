@@ -186,8 +186,9 @@ fn flipped_byte_is_detected_on_load_and_by_verify() {
     let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     assert_eq!(v["corrupt"], 1);
     // Over HTTP the corrupt shard is refused, not served.
-    let url = format!("{}/v1/shards/flip/1/0", d.http());
-    let (status, _) = http_get(&url);
+    let auth = [("Authorization", d.bearer())];
+    let auth: Vec<(&str, &str)> = auth.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let (status, _) = tierckpt_harness::testing::http(&d.http_addr(), "GET", "/v1/shards/flip/1/0", &auth, b"");
     assert_eq!(status, 422);
 
     // A load finds it, names the chunk, has the daemon drop the bad copy, and
@@ -199,18 +200,6 @@ fn flipped_byte_is_detected_on_load_and_by_verify() {
     assert!(msg.contains("chunk 1") && msg.contains("expected") && msg.contains(&path.display().to_string()), "{msg}");
     assert!(msg.contains("no other copy"), "{msg}");
     assert!(c.steps("flip").unwrap().is_empty(), "the corrupt copy left memory");
-}
-
-fn http_get(url: &str) -> (u16, Vec<u8>) {
-    let out = std::process::Command::new("curl")
-        .args(["-s", "-o", "-", "-w", "\n%{http_code}", url])
-        .output()
-        .expect("curl runs");
-    let mut body = out.stdout;
-    let pos = body.iter().rposition(|&b| b == b'\n').unwrap();
-    let code = String::from_utf8_lossy(&body[pos + 1..]).parse().unwrap();
-    body.truncate(pos);
-    (code, body)
 }
 
 #[test]

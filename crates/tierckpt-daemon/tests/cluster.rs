@@ -86,7 +86,14 @@ fn every_shard_is_copied_to_k_ring_peers_bitwise() {
     assert!(s.tensor("state").unwrap() == &data[..]);
     let st = cluster_status(&c, 1);
     assert_eq!(st.replication.shards_sent, 2);
-    let (code, text) = tierckpt_harness::testing::http(&c.options(1).http_addr(), "GET", "/metrics", &[], b"");
+    let bearer = c.bearer();
+    let (code, text) = tierckpt_harness::testing::http(
+        &c.options(1).http_addr(),
+        "GET",
+        "/metrics",
+        &[("Authorization", &bearer)],
+        b"",
+    );
     let text = String::from_utf8_lossy(&text);
     assert_eq!(code, 200);
     let sent = text
@@ -332,7 +339,7 @@ fn a_delta_whose_base_the_peer_dropped_is_sent_whole() {
         c.node(1).http_addr.as_deref().unwrap(),
         "DELETE",
         "/v1/namespaces/gone/steps/1?scope=node",
-        &[],
+        &[("Authorization", &c.bearer())],
         b"",
     );
     assert_eq!(status, 200);
@@ -399,9 +406,11 @@ fn malformed_sparse_replicas_are_refused_and_store_nothing() {
         wait_for(LIMIT, "the replica", || holders(&c, 0, "bad", step, 0).len() == 2);
     }
     let (n0, n1) = (c.options(0).http_addr(), c.options(1).http_addr());
+    let bearer = c.bearer();
+    let auth = ("Authorization", bearer.as_str());
     let manifest = |step: u64| {
         let (st, body) =
-            tierckpt_harness::testing::http(&n0, "GET", &format!("/v1/shards/bad/{step}/0/manifest"), &[], b"");
+            tierckpt_harness::testing::http(&n0, "GET", &format!("/v1/shards/bad/{step}/0/manifest"), &[auth], b"");
         assert_eq!(st, 200);
         Manifest::from_json(&body, "manifest").unwrap()
     };
@@ -410,7 +419,7 @@ fn malformed_sparse_replicas_are_refused_and_store_nothing() {
     let mut m9 = m2.clone();
     m9.key = ShardKey::new("bad", 9, 0);
     let mjson = serde_json::to_string(&m9).unwrap();
-    let (st, file) = tierckpt_harness::testing::http(&n0, "GET", "/v1/shards/bad/2/0", &[], b"");
+    let (st, file) = tierckpt_harness::testing::http(&n0, "GET", "/v1/shards/bad/2/0", &[auth], b"");
     assert_eq!(st, 200);
     let changed: Vec<u8> = (0..m9.chunks.len())
         .filter(|&i| m1.chunks[i] != m9.chunks[i])
@@ -426,7 +435,7 @@ fn malformed_sparse_replicas_are_refused_and_store_nothing() {
             &n1,
             "PUT",
             "/v1/replicas/bad/9/0",
-            &[("x-tierckpt-manifest", &mjson), ("x-tierckpt-sparse-base", base)],
+            &[auth, ("x-tierckpt-manifest", &mjson), ("x-tierckpt-sparse-base", base)],
             body,
         );
         (st, String::from_utf8_lossy(&resp).into_owned())

@@ -4,15 +4,28 @@
 use proptest::prelude::*;
 use serde_json::Value;
 use tierckpt_format::ShardKey;
-use tierckpt_harness::testing::{http, TestDaemon};
+use tierckpt_harness::testing::TestDaemon;
 use tierckpt_tiers::conformance::sample_shard;
 
 fn json(body: &[u8]) -> Value {
     serde_json::from_slice(body).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(body)))
 }
 
-fn addr(d: &TestDaemon) -> String {
-    d.proc.http_addr.clone().unwrap()
+/// A daemon's HTTP API and the token it wants.
+struct Api {
+    addr: String,
+    bearer: String,
+}
+
+fn addr(d: &TestDaemon) -> Api {
+    Api { addr: d.http_addr(), bearer: d.bearer() }
+}
+
+/// An exchange that carries the daemon's token.
+fn http(a: &Api, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> (u16, Vec<u8>) {
+    let mut all = vec![("Authorization", a.bearer.as_str())];
+    all.extend_from_slice(headers);
+    tierckpt_harness::testing::http(&a.addr, method, path, &all, body)
 }
 
 #[test]
@@ -91,8 +104,15 @@ fn bad_requests_get_clear_errors_and_lose_nothing() {
         }
         panic!("timed out waiting for {what}");
     };
-    let half_sent =
-        tierckpt_harness::testing::http_abandon(&a, "PUT", "/v1/shards/ok/3/0?world_size=1", 5000, &good[..100]);
+    let auth = [("Authorization", a.bearer.as_str())];
+    let half_sent = tierckpt_harness::testing::http_abandon(
+        &a.addr,
+        "PUT",
+        "/v1/shards/ok/3/0?world_size=1",
+        &auth,
+        5000,
+        &good[..100],
+    );
     wait_reservations(1, "the upload's reservation");
     drop(half_sent);
     wait_reservations(0, "the abandoned upload's reservation to be reclaimed");
@@ -102,30 +122,77 @@ fn bad_requests_get_clear_errors_and_lose_nothing() {
 }
 
 #[test]
-fn token_is_required_when_configured() {
+fn every_request_but_health_needs_the_token() {
     let d = TestDaemon::start_with("64MiB", |o| o.token = Some("s3cret-token".into()));
     let a = addr(&d);
+    assert_eq!(a.bearer, "Bearer s3cret-token");
+    let raw = |method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]| {
+        tierckpt_harness::testing::http(&a.addr, method, path, headers, body)
+    };
     let (_, data) = sample_shard(ShardKey::new("t", 1, 0), 1, 100, 1);
-    for auth in [None, Some("Bearer wrong"), Some("s3cret-token"), Some("Bearer s3cret-tokenX")] {
+    assert_eq!(http(&a, "PUT", "/v1/shards/t/1/0?world_size=1", &[], &data).0, 201);
+    let (_, other) = sample_shard(ShardKey::new("t", 2, 0), 1, 100, 2);
+    for auth in [None, Some("Bearer wrong"), Some("s3cret-token"), Some("Bearer s3cret-tokenX"), Some("Bearer ")] {
         let headers: Vec<(&str, &str)> = auth.map(|v| ("Authorization", v)).into_iter().collect();
-        let (st, body) = http(&a, "PUT", "/v1/shards/t/1/0?world_size=1", &headers, &data);
-        assert_eq!(st, 401, "{auth:?}: {}", String::from_utf8_lossy(&body));
-        assert_eq!(http(&a, "GET", "/v1/namespaces", &headers, b"").0, 401);
+        let (st, body) = raw("PUT", "/v1/shards/t/2/0?world_size=1", &headers, &other);
+        assert_eq!(st, 401, "PUT with {auth:?}: {}", String::from_utf8_lossy(&body));
+        assert!(String::from_utf8_lossy(&body).contains("bearer token"), "the refusal says why");
+        let (st, body) = raw("GET", "/v1/shards/t/1/0", &headers, b"");
+        assert_eq!(st, 401, "GET shard with {auth:?}");
+        assert!(body.len() < 200, "no shard bytes without the token");
+        assert_eq!(raw("DELETE", "/v1/namespaces/t/steps/1", &headers, b"").0, 401, "DELETE with {auth:?}");
+        assert_eq!(raw("DELETE", "/v1/namespaces/t", &headers, b"").0, 401);
+        assert_eq!(raw("GET", "/v1/namespaces", &headers, b"").0, 401);
     }
-    let ok = [("Authorization", "Bearer s3cret-token")];
-    let (_, body) = http(&a, "GET", "/v1/namespaces", &ok, b"");
-    assert_eq!(json(&body)["namespaces"].as_array().unwrap().len(), 0, "refused requests changed nothing");
-    assert_eq!(http(&a, "PUT", "/v1/shards/t/1/0?world_size=1", &ok, &data).0, 201);
-    assert_eq!(http(&a, "GET", "/health", &[], b"").0, 200, "health needs no token");
+    let (_, body) = http(&a, "GET", "/v1/namespaces/t/steps", &[], b"");
+    assert_eq!(json(&body)["steps"].as_array().unwrap().len(), 1, "refused requests changed nothing: {body:?}");
+    assert!(http(&a, "GET", "/v1/shards/t/1/0", &[], b"").1 == data);
+    assert_eq!(raw("GET", "/health", &[], b"").0, 200, "health needs no token");
 }
 
 #[test]
-fn daemon_refuses_a_public_address_without_token() {
+fn a_daemon_started_with_defaults_serves_no_http() {
     let dir = tierckpt_harness::testing::shm_dir();
     let mut o = tierckpt_harness::daemon::DaemonOptions::new(dir.path().join("m"));
-    o.settings.http_addr = Some("0.0.0.0:0".into());
-    let e = tierckpt_harness::daemon::DaemonProcess::spawn(o).err().expect("refused");
-    assert!(e.to_string().contains("exited before it was ready"), "{e}");
+    o.settings.http_addr = None;
+    o.settings.memory_tier_size = Some("16MiB".into());
+    let d = tierckpt_harness::daemon::DaemonProcess::spawn(o).expect("starts");
+    assert_eq!(d.http_addr, None, "no HTTP address in the ready line");
+    assert_eq!(d.opts.token, None, "the harness drew no token for it");
+    // Nothing of the daemon's listens on TCP.
+    let inodes: Vec<String> = std::fs::read_dir(format!("/proc/{}/fd", d.pid()))
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter_map(|l| l.to_str()?.strip_prefix("socket:[")?.strip_suffix(']').map(String::from))
+        .collect();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let text = std::fs::read_to_string(table).unwrap_or_default();
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            // st 0A: LISTEN; field 9: the socket's inode.
+            assert!(!(f[3] == "0A" && inodes.iter().any(|i| i == f[9])), "the daemon listens on TCP: {line}");
+        }
+    }
+    let (ok, out, err) = tierckpt_harness::testing::cli(&d.socket, &["status"]);
+    assert!(ok && out.contains("http         off"), "{out}{err}");
+}
+
+#[test]
+fn http_without_a_token_is_refused_by_name() {
+    let dir = tierckpt_harness::testing::shm_dir();
+    for addr in ["127.0.0.1:0", "0.0.0.0:0"] {
+        let out = std::process::Command::new(tierckpt_harness::daemon::daemon_binary())
+            .args(["--memory-dir", &dir.path().join("m").display().to_string(), "--memory-tier-size", "16MiB"])
+            .args(["--http-addr", addr])
+            .env_remove("TIERCKPT_TOKEN")
+            .env_remove("TIERCKPT_TOKEN_FILE")
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{addr}: {err}");
+        assert!(err.contains("token_file") && err.contains("TIERCKPT_TOKEN"), "{addr}: {err}");
+    }
+    assert!(!dir.path().join("m").join("daemon.sock").exists());
 }
 
 fn arb_path() -> impl Strategy<Value = String> {

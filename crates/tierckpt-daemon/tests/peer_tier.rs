@@ -19,6 +19,7 @@ fn layer(dir: &Path, id: &str, nodes: &str) -> ConfigLayer {
         // Long enough that no re-replication runs during the suite.
         heartbeat_timeout: Some("5s".into()),
         background_nice: Some(0),
+        token: Some("peer-tier-token".into()),
         ..Default::default()
     }
 }

@@ -56,7 +56,8 @@ pub struct DaemonOptions {
     /// Every daemon setting given to the child; `memory_dir`, `socket` and
     /// `http_addr` are always set.
     pub settings: ConfigLayer,
-    /// The bearer token, passed by environment (never on the command line).
+    /// The bearer token, passed by environment (never on the command line);
+    /// when HTTP is on and none is given, [`DaemonProcess::launch`] draws one.
     pub token: Option<String>,
     /// `TIERCKPT_LOG` of the child ("warn", "info", ...).
     pub log: String,
@@ -64,7 +65,8 @@ pub struct DaemonOptions {
 
 impl DaemonOptions {
     /// A daemon on `memory_dir` with 1 GiB of memory tier, keeping 3
-    /// steps, its HTTP API on an ephemeral port of 127.0.0.1.
+    /// steps, its HTTP API on an ephemeral port of 127.0.0.1 (with a token
+    /// drawn at launch).
     pub fn new(memory_dir: impl Into<PathBuf>) -> Self {
         let memory_dir = memory_dir.into();
         let settings = ConfigLayer {
@@ -93,6 +95,25 @@ impl DaemonOptions {
         self.settings = std::mem::take(&mut self.settings).merge(parse_flags(flags)?);
         Ok(())
     }
+
+    /// Whether the daemon will serve HTTP (an address not "off", or a cluster).
+    pub fn http_on(&self) -> bool {
+        let s = &self.settings;
+        s.node_id.is_some() || s.http_addr.as_deref().is_some_and(|a| !a.is_empty() && a != "off")
+    }
+
+    /// The `Authorization` header value its HTTP API wants (once a token is set).
+    pub fn bearer(&self) -> String {
+        format!("Bearer {}", self.token.as_deref().unwrap_or_default())
+    }
+}
+
+/// A fresh random bearer token (128 bits from the kernel, hex).
+pub fn random_token() -> String {
+    let mut b = [0u8; 16];
+    std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom").expect("/dev/urandom opens"), &mut b)
+        .expect("/dev/urandom reads");
+    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 /// `tierckptd` flags as the [`ConfigLayer`] they set.
@@ -124,8 +145,12 @@ pub struct DaemonProcess {
 
 impl DaemonProcess {
     /// Starts the daemon; [`Starting::wait_ready`] waits for its ready line.
-    /// The child dies with the thread that calls this.
-    pub fn launch(opts: DaemonOptions) -> Result<Starting> {
+    /// The child dies with the thread that calls this. With HTTP on and no
+    /// token given, a random one is drawn (kept in `opts` for restarts).
+    pub fn launch(mut opts: DaemonOptions) -> Result<Starting> {
+        if opts.http_on() && opts.token.is_none() {
+            opts.token = Some(random_token());
+        }
         let socket = opts.settings.socket.clone().expect("set by DaemonOptions::new");
         let mut cmd = Command::new(daemon_binary());
         // The child's settings are these flags alone, not this process's TIERCKPT_* variables.
@@ -202,6 +227,11 @@ impl DaemonProcess {
         self.opts.memory_dir()
     }
 
+    /// The `Authorization` header value its HTTP API wants.
+    pub fn bearer(&self) -> String {
+        self.opts.bearer()
+    }
+
     /// SIGKILL, then reap.
     pub fn kill(&mut self) -> Result<()> {
         self.child.kill().map_err(|e| anyhow!("killing tierckptd: {e}"))?;
@@ -272,7 +302,7 @@ pub struct LocalClusterOptions {
     /// The daemon settings every node shares; each node's `memory_dir`,
     /// `socket`, `http_addr`, `node_id` and `nodes` are set by the cluster.
     pub settings: ConfigLayer,
-    /// The bearer token of every node.
+    /// The bearer token of every node; one is drawn when none is given.
     pub token: Option<String>,
     /// `TIERCKPT_LOG` of every daemon ("warn", "error", ...).
     pub log: String,
@@ -333,7 +363,8 @@ impl LocalCluster {
         Err(last.expect("tried"))
     }
 
-    fn start_once(base: &Path, opts: LocalClusterOptions) -> Result<Self> {
+    fn start_once(base: &Path, mut opts: LocalClusterOptions) -> Result<Self> {
+        opts.token.get_or_insert_with(random_token);
         let ports = free_ports(opts.nodes)?;
         let members: Vec<String> =
             ports.iter().enumerate().map(|(i, p)| format!("{}=127.0.0.1:{p}", Self::node_id(i))).collect();
@@ -372,6 +403,11 @@ impl LocalCluster {
     /// Options of node `i`, to change before [`Self::restart`].
     pub fn options_mut(&mut self, i: usize) -> &mut DaemonOptions {
         &mut self.node_opts[i]
+    }
+
+    /// The `Authorization` header value every node's HTTP API wants.
+    pub fn bearer(&self) -> String {
+        format!("Bearer {}", self.opts.token.as_deref().unwrap_or_default())
     }
 
     /// Node `i`'s local socket.

@@ -45,6 +45,16 @@ impl TestDaemon {
     pub fn http(&self) -> String {
         format!("http://{}", self.proc.http_addr.as_deref().expect("http enabled"))
     }
+
+    /// The address of its HTTP API (host:port).
+    pub fn http_addr(&self) -> String {
+        self.proc.http_addr.clone().expect("http enabled")
+    }
+
+    /// The `Authorization` header value its HTTP API wants.
+    pub fn bearer(&self) -> String {
+        self.proc.bearer()
+    }
 }
 
 /// Starts `tierckpt-test-writer` and waits for it to announce `phase`.
@@ -103,17 +113,23 @@ pub fn http(addr: &str, method: &str, path: &str, headers: &[(&str, &str)], body
     (status, resp[split + 4..].to_vec())
 }
 
-/// Sends a request head and part of its body; dropping the stream hangs up.
+/// Sends a request head (with `headers`) and part of its body; dropping the
+/// stream hangs up.
 pub fn http_abandon(
     addr: &str,
     method: &str,
     path: &str,
+    headers: &[(&str, &str)],
     content_length: usize,
     partial: &[u8],
 ) -> std::net::TcpStream {
     use std::io::Write;
     let mut s = std::net::TcpStream::connect(addr).expect("connect to the HTTP API");
-    let head = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: {content_length}\r\n\r\n");
+    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: {content_length}\r\n");
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str("\r\n");
     s.write_all(head.as_bytes()).unwrap();
     s.write_all(partial).unwrap();
     s

@@ -38,11 +38,19 @@ pub fn unchanged_chunk(base: &Manifest, m: &Manifest, i: usize) -> bool {
         && base.chunks[i] == m.chunks[i]
 }
 
+/// The time a copy of `len` bytes gets unless its caller says otherwise:
+/// 10 s, plus `len` at 1 MiB/s. A source slower than that holds memory for
+/// nothing; past it the copy is dropped and its segment given back.
+pub fn default_deadline(len: u64) -> Duration {
+    Duration::from_secs(10) + Duration::from_secs_f64(len as f64 / (1u64 << 20) as f64)
+}
+
 /// Streams a shard into the memory tier, verifying every chunk before it is
 /// written; publishes it only if all of it matched `m`. With `base` (its
 /// manifest and bytes), the stream is sparse: it carries only the chunks
 /// that differ from the base, and the others are copied from it (verified
-/// as well). Returns false if an identical copy was already held.
+/// as well). Returns false if an identical copy was already held. A copy
+/// not done within [`default_deadline`] is dropped.
 pub async fn receive<S>(
     tier: &Arc<MemoryTier>,
     m: &Manifest,
@@ -53,6 +61,23 @@ pub async fn receive<S>(
 where
     S: Stream<Item = Result<Bytes, TierError>>,
 {
+    receive_within(tier, m, source, stream, base, default_deadline(m.file_len)).await
+}
+
+/// [`receive`], dropping the copy (its segment given back) unless it is
+/// all received within `allowed`.
+pub async fn receive_within<S>(
+    tier: &Arc<MemoryTier>,
+    m: &Manifest,
+    source: &str,
+    stream: S,
+    base: Option<(&Manifest, &[u8])>,
+    allowed: Duration,
+) -> Result<bool, TierError>
+where
+    S: Stream<Item = Result<Bytes, TierError>>,
+{
+    let deadline = tokio::time::Instant::now() + allowed;
     let Some(r) = reserve_for_copy(tier, m)? else { return Ok(false) };
     let result = async {
         let mut file = crate::private_fs::open_write(&r.path)
@@ -76,9 +101,12 @@ where
         copy_unchanged(&mut chunk, &mut write)?;
         let mut stream = std::pin::pin!(stream);
         loop {
-            let next = tokio::time::timeout(Duration::from_secs(60), stream.next())
-                .await
-                .map_err(|_| TierError::Unavailable(format!("{source} sent nothing for 60 s")))?;
+            let next = tokio::time::timeout_at(deadline, stream.next()).await.map_err(|_| {
+                TierError::Unavailable(format!(
+                    "{source} sent {} too slowly: a copy of {} bytes must arrive within {allowed:?}; dropped",
+                    m.key, m.file_len
+                ))
+            })?;
             let Some(piece) = next else { break };
             let mut piece = &piece?[..];
             while !piece.is_empty() {

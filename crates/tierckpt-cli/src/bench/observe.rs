@@ -111,13 +111,14 @@ pub(crate) fn wait_replica(client: &mut Client, key: &ShardKey, timeout: Duratio
     }
 }
 
-/// Deletes a step on the node at `http_addr` alone (its peers keep theirs).
-pub(crate) fn delete_on_node(http_addr: &str, ns: &str, step: u64) -> Result<()> {
+/// Deletes a step on the node at `http_addr` alone (its peers keep theirs);
+/// `bearer` is the `Authorization` header value the node wants.
+pub(crate) fn delete_on_node(http_addr: &str, bearer: &str, ns: &str, step: u64) -> Result<()> {
     let mut s = TcpStream::connect(http_addr).with_context(|| format!("connecting to {http_addr}"))?;
     write!(
         s,
         "DELETE /v1/namespaces/{ns}/steps/{step}?scope=node HTTP/1.1\r\nHost: {http_addr}\r\n\
-         Connection: close\r\nContent-Length: 0\r\n\r\n"
+         Authorization: {bearer}\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
     )?;
     let mut resp = String::new();
     s.read_to_string(&mut resp).with_context(|| format!("reading the answer of {http_addr}"))?;

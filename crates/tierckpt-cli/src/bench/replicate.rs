@@ -214,6 +214,7 @@ pub fn measure(a: &ReplicateArgs) -> Result<ReplicateReport> {
     let mut c0 = Client::connect(cluster.socket(0))?;
     let mut c1 = Client::connect(cluster.socket(1))?;
     let http1 = cluster.node(1).http_addr.clone().context("node 1 has no HTTP address")?;
+    let bearer = cluster.bearer();
     let timeout = Duration::from_secs(600);
 
     // Saves on node 0, each waited for on node 1 (and counted on node 0)
@@ -258,7 +259,7 @@ pub fn measure(a: &ReplicateArgs) -> Result<ReplicateReport> {
     let (mut peer, mut local_maps) = (Vec::new(), Vec::new());
     for _ in 0..a.shard.iters {
         floor.push(floor_rep()?);
-        delete_on_node(&http1, ns, last.step)?;
+        delete_on_node(&http1, &bearer, ns, last.step)?;
         let before = replication(&mut c1)?.bytes_fetched;
         let mut c = Client::connect(cluster.socket(1))?;
         let t = Instant::now();
@@ -281,7 +282,7 @@ pub fn measure(a: &ReplicateArgs) -> Result<ReplicateReport> {
     let mut loads = Vec::new();
     for _ in 0..a.shard.iters {
         floor.push(floor_rep()?);
-        delete_on_node(&http1, ns, last.step)?;
+        delete_on_node(&http1, &bearer, ns, last.step)?;
         let t = Instant::now();
         c1.load_into(&last, &mut targets).context("restoring from the peer (load_into on node 1)")?;
         loads.push(t.elapsed().as_secs_f64());

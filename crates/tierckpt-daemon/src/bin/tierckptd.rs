@@ -49,6 +49,10 @@ fn run() -> anyhow::Result<()> {
     let args = Args::parse();
     let print = args.print_config;
     let layer = settings(args)?;
+    if !print {
+        // Before resolving: the default cap on HTTP connections follows the limit.
+        tierckpt_daemon::limits::raise_open_file_limit();
+    }
     let cfg = DaemonConfig::resolve(layer.clone())?;
     if print {
         let shown = ConfigLayer { token: layer.token.as_ref().map(|_| "<hidden>".into()), ..layer };

@@ -30,10 +30,12 @@ pub struct ConfigLayer {
     /// Unix socket of the local API [default: <memory-dir>/daemon.sock].
     #[arg(long, env = "TIERCKPT_SOCKET")]
     pub socket: Option<PathBuf>,
-    /// host:port of the HTTP API, or "off" [default: 127.0.0.1:7750, or this node's address in --nodes].
+    /// host:port of the HTTP API, or "off"; needs a token (--token-file) [default: off, or this node's address
+    /// in --nodes].
     #[arg(long, env = "TIERCKPT_HTTP_ADDR")]
     pub http_addr: Option<String>,
-    /// File holding the bearer token required by the HTTP API and peers.
+    /// File holding the bearer token that every HTTP request and peer must carry; the HTTP API (and so a
+    /// cluster) serves only with one.
     #[arg(long, env = "TIERCKPT_TOKEN_FILE")]
     pub token_file: Option<PathBuf>,
     /// The bearer token itself (prefer --token-file: a flag shows in the process list).
@@ -109,6 +111,25 @@ pub struct ConfigLayer {
     #[arg(long, env = "TIERCKPT_MOUNT_HUGE_TMPFS", num_args = 0..=1, default_missing_value = "true",
           value_parser = BoolishValueParser::new())]
     pub mount_huge_tmpfs: Option<bool>,
+    /// A client write (local reserve, HTTP PUT) may name a step at most this far above the newest step of its
+    /// namespace held here; 0: unbounded. Steps of 2^53 and above are always refused [default: 1000000].
+    #[arg(long, env = "TIERCKPT_MAX_STEP_ADVANCE")]
+    pub max_step_advance: Option<u64>,
+    /// Cap on concurrent HTTP connections, so that the local socket always finds file descriptors
+    /// [default: min(1024, a quarter of the open-file limit)].
+    #[arg(long, env = "TIERCKPT_HTTP_MAX_CONNECTIONS")]
+    pub http_max_connections: Option<usize>,
+    /// An HTTP connection that has not sent a complete request head within this long (a new connection, or a
+    /// keep-alive one idle between requests) is closed [default: 60s].
+    #[arg(long, env = "TIERCKPT_HTTP_IDLE_TIMEOUT")]
+    pub http_idle_timeout: Option<String>,
+    /// Slowest accepted upload (HTTP PUT of a shard, a replica from a peer): one declaring N bytes is dropped,
+    /// its space freed, if not done within --upload-grace + N / this rate [default: 1MiB].
+    #[arg(long, env = "TIERCKPT_MIN_UPLOAD_RATE")]
+    pub min_upload_rate: Option<String>,
+    /// The time every upload gets on top of its size over --min-upload-rate [default: 10s].
+    #[arg(long, env = "TIERCKPT_UPLOAD_GRACE")]
+    pub upload_grace: Option<String>,
 }
 
 impl ConfigLayer {

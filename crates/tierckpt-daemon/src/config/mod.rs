@@ -11,6 +11,6 @@ mod resolve;
 
 pub use layer::{ConfigLayer, NodeList, NodeSpec, StoreOptions};
 pub use resolve::{
-    parse_capacity, ClusterConfig, DaemonConfig, PersistConfig, Placement, AUTO_COMPRESSION_CORES, DEFAULT_HTTP_ADDR,
-    DEFAULT_MEMORY_DIR, DEFAULT_PERSIST_COMPRESSION,
+    open_file_limit, parse_capacity, ClusterConfig, DaemonConfig, PersistConfig, Placement, AUTO_COMPRESSION_CORES,
+    DEFAULT_MAX_STEP_ADVANCE, DEFAULT_MEMORY_DIR, DEFAULT_PERSIST_COMPRESSION, STEP_LIMIT,
 };

@@ -9,8 +9,14 @@ use crate::DaemonError;
 
 /// Where the memory tier lives unless configured.
 pub const DEFAULT_MEMORY_DIR: &str = "/dev/shm/tierckpt";
-/// Where the HTTP API listens unless configured (or clustered).
-pub const DEFAULT_HTTP_ADDR: &str = "127.0.0.1:7750";
+/// A client's step may be at most this far above its namespace's newest
+/// step held here unless configured (`max_step_advance`).
+pub const DEFAULT_MAX_STEP_ADVANCE: u64 = 1_000_000;
+/// Steps from here up are always refused: above it, integers stop being
+/// exact in JSON readers and Python floats.
+pub const STEP_LIMIT: u64 = 1 << 53;
+/// HTTP connections at most, whatever the open-file limit.
+const MAX_HTTP_CONNECTIONS: usize = 1024;
 /// Compression of persisted shards unless configured: "auto" is zstd at
 /// level 1 on a node with at least `AUTO_COMPRESSION_CORES` cores, else off;
 /// see docs/BENCHMARKS.md (bench reduce, and the demo's goodput).
@@ -63,6 +69,37 @@ pub struct DaemonConfig {
     pub background_nice: i32,
     /// See [`ConfigLayer::mount_huge_tmpfs`].
     pub mount_huge_tmpfs: bool,
+    /// See [`ConfigLayer::max_step_advance`]; 0: unbounded.
+    pub max_step_advance: u64,
+    /// See [`ConfigLayer::http_max_connections`].
+    pub http_max_connections: usize,
+    /// See [`ConfigLayer::http_idle_timeout`].
+    pub http_idle_timeout: std::time::Duration,
+    /// Least upload bytes per second (see [`ConfigLayer::min_upload_rate`]).
+    pub min_upload_rate: u64,
+    /// See [`ConfigLayer::upload_grace`].
+    pub upload_grace: std::time::Duration,
+}
+
+impl DaemonConfig {
+    /// How long an upload of `len` bytes may take: the grace, plus `len`
+    /// at the least rate (at most a year, whatever a client declares).
+    pub fn upload_deadline(&self, len: u64) -> std::time::Duration {
+        const YEAR: std::time::Duration = std::time::Duration::from_secs(365 * 86_400);
+        let transfer = std::time::Duration::try_from_secs_f64(len as f64 / self.min_upload_rate as f64).unwrap_or(YEAR);
+        self.upload_grace.saturating_add(transfer).min(YEAR)
+    }
+}
+
+/// The soft limit on open files of this process.
+pub fn open_file_limit() -> u64 {
+    // SAFETY: getrlimit writes into a struct we own.
+    let mut r: libc::rlimit = unsafe { std::mem::zeroed() };
+    // SAFETY: `r` is a valid rlimit to fill.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) } != 0 {
+        return 1024;
+    }
+    r.rlim_cur
 }
 
 /// Settings of the drain to the persistent tier.
@@ -269,15 +306,12 @@ impl DaemonConfig {
         }
         let socket = layer.socket.unwrap_or_else(|| memory_dir.join("daemon.sock"));
         let default_http = cluster.as_ref().map(|c| c.my_addr().to_string());
-        let http_addr: Option<SocketAddr> =
-            match layer.http_addr.as_deref().or(default_http.as_deref()).unwrap_or(DEFAULT_HTTP_ADDR) {
-                "off" | "" => None,
-                a => Some(a.parse().map_err(|_| {
-                    DaemonError::Config(format!(
-                        "http_addr {a:?} is not host:port (for example 127.0.0.1:7750) or \"off\""
-                    ))
-                })?),
-            };
+        let http_addr: Option<SocketAddr> = match layer.http_addr.as_deref().or(default_http.as_deref()) {
+            None | Some("off" | "") => None,
+            Some(a) => Some(a.parse().map_err(|_| {
+                DaemonError::Config(format!("http_addr {a:?} is not host:port (for example 127.0.0.1:7750) or \"off\""))
+            })?),
+        };
         let token = match (layer.token, layer.token_file) {
             (Some(t), _) => Some(t),
             (None, Some(f)) => Some(
@@ -291,25 +325,47 @@ impl DaemonConfig {
         if token.as_deref() == Some("") {
             return Err(DaemonError::Config("the bearer token is empty".into()));
         }
-        if let Some(c) = &cluster {
-            if http_addr.is_none() {
-                return Err(DaemonError::Config("a cluster node needs its HTTP API: http_addr must not be off".into()));
-            }
-            if let Some((id, a)) = c.nodes.iter().find(|(_, a)| !a.ip().is_loopback()) {
-                if token.is_none() {
-                    return Err(DaemonError::Config(format!(
-                        "node {id} at {a} is reached over the network: set token_file (or TIERCKPT_TOKEN) so peers authenticate"
-                    )));
-                }
-            }
+        if cluster.is_some() && http_addr.is_none() {
+            return Err(DaemonError::Config("a cluster node needs its HTTP API: http_addr must not be off".into()));
         }
-        if let Some(a) = http_addr {
-            if !a.ip().is_loopback() && token.is_none() {
+        // Any local user can reach a loopback port: the HTTP API serves only
+        // requests that carry the token.
+        if let (Some(a), None) = (http_addr, &token) {
+            let why = match &cluster {
+                Some(_) => format!("a cluster node serves its peers over HTTP (at {a})"),
+                None => format!("http_addr {a} is set"),
+            };
+            return Err(DaemonError::Config(format!(
+                "{why}, but no bearer token is: set token_file (or TIERCKPT_TOKEN); the HTTP API serves only \
+                 requests that carry it"
+            )));
+        }
+        let max_step_advance = layer.max_step_advance.unwrap_or(DEFAULT_MAX_STEP_ADVANCE);
+        let http_max_connections = layer
+            .http_max_connections
+            .unwrap_or_else(|| MAX_HTTP_CONNECTIONS.min((open_file_limit() / 4) as usize).max(1));
+        if http_max_connections == 0 {
+            return Err(DaemonError::Config("http_max_connections must be at least 1".into()));
+        }
+        let http_idle_timeout =
+            parse_duration("http_idle_timeout", layer.http_idle_timeout.as_deref().unwrap_or("60s"))?;
+        if http_idle_timeout.is_zero() {
+            return Err(DaemonError::Config("http_idle_timeout must be above 0".into()));
+        }
+        let min_upload_rate =
+            parse_rate("min_upload_rate", Some(layer.min_upload_rate.as_deref().unwrap_or("1MiB")))?.expect("given");
+        if min_upload_rate == 0 {
+            return Err(DaemonError::Config("min_upload_rate must be above 0 bytes per second".into()));
+        }
+        if let Some(b) = cluster.as_ref().and_then(|c| c.replication_bandwidth) {
+            if b < min_upload_rate {
                 return Err(DaemonError::Config(format!(
-                    "http_addr {a} is reachable from other hosts: set token_file (or TIERCKPT_TOKEN) so requests must carry a bearer token"
+                    "replication_bandwidth {b} B/s is below min_upload_rate {min_upload_rate} B/s: peers would drop \
+                     the replicas; lower min_upload_rate"
                 )));
             }
         }
+        let upload_grace = parse_duration("upload_grace", layer.upload_grace.as_deref().unwrap_or("10s"))?;
         Ok(Self {
             memory_dir,
             access,
@@ -323,6 +379,11 @@ impl DaemonConfig {
             persist,
             background_nice,
             mount_huge_tmpfs: layer.mount_huge_tmpfs.unwrap_or(false),
+            max_step_advance,
+            http_max_connections,
+            http_idle_timeout,
+            min_upload_rate,
+            upload_grace,
         })
     }
 }
@@ -447,6 +508,9 @@ mod tests {
     fn cluster_settings() {
         let text = "node_id = \"b\"\nreplication_factor = 1\nplacement = \"group\"\nmemory_tier_size = \"1MB\"\n[[nodes]]\nid = \"a\"\naddr = \"127.0.0.1:7001\"\n[[nodes]]\nid = \"b\"\naddr = \"127.0.0.1:7002\"\n";
         let l = ConfigLayer::from_toml(text, Path::new("c.toml")).unwrap();
+        let e = DaemonConfig::resolve(l.clone()).unwrap_err().to_string();
+        assert!(e.contains("token_file") && e.contains("TIERCKPT_TOKEN"), "a loopback cluster needs a token too: {e}");
+        let l = l.merge(ConfigLayer { token: Some("t0ken".into()), ..Default::default() });
         let c = DaemonConfig::resolve(l.clone()).unwrap();
         let cl = c.cluster.unwrap();
         assert_eq!((cl.my_index(), cl.placement), (1, Placement::Group));
@@ -456,9 +520,55 @@ mod tests {
         assert!(e.contains("replication_factor 2 needs at least 3 nodes"), "{e}");
         let stranger = ConfigLayer { node_id: Some("z".into()), ..Default::default() };
         assert!(DaemonConfig::resolve(l.clone().merge(stranger)).unwrap_err().to_string().contains("\"z\""));
-        let remote = flags(&["--nodes", "a=10.0.0.1:1,b=10.0.0.2:1"]).unwrap();
-        let e = DaemonConfig::resolve(l.merge(remote)).unwrap_err().to_string();
-        assert!(e.contains("token"), "{e}");
+        let slow = flags(&["--replication-bandwidth", "100KB"]).unwrap();
+        let e = DaemonConfig::resolve(l.merge(slow)).unwrap_err().to_string();
+        assert!(e.contains("min_upload_rate"), "{e}");
+    }
+
+    #[test]
+    fn http_is_off_by_default_and_needs_a_token() {
+        let c =
+            DaemonConfig::resolve(ConfigLayer { memory_tier_size: Some("1MB".into()), ..Default::default() }).unwrap();
+        assert_eq!(c.http_addr, None);
+        let loopback = flags(&["--memory-tier-size", "1MB", "--http-addr", "127.0.0.1:7750"]).unwrap();
+        let e = DaemonConfig::resolve(loopback.clone()).unwrap_err().to_string();
+        assert!(e.contains("token_file") && e.contains("TIERCKPT_TOKEN") && e.contains("127.0.0.1:7750"), "{e}");
+        let with = loopback.merge(ConfigLayer { token: Some("t0ken".into()), ..Default::default() });
+        assert_eq!(DaemonConfig::resolve(with).unwrap().http_addr.unwrap().port(), 7750);
+    }
+
+    #[test]
+    fn hardening_settings() {
+        let c =
+            DaemonConfig::resolve(ConfigLayer { memory_tier_size: Some("1MB".into()), ..Default::default() }).unwrap();
+        assert_eq!(c.max_step_advance, DEFAULT_MAX_STEP_ADVANCE);
+        assert!((1..=1024).contains(&c.http_max_connections));
+        assert_eq!(c.min_upload_rate, 1 << 20);
+        assert_eq!(c.upload_deadline(10 << 20), std::time::Duration::from_secs(20));
+        let l = flags(&[
+            "--memory-tier-size",
+            "1MB",
+            "--max-step-advance",
+            "0",
+            "--http-max-connections",
+            "7",
+            "--http-idle-timeout",
+            "2s",
+            "--min-upload-rate",
+            "1KiB",
+            "--upload-grace",
+            "1s",
+        ])
+        .unwrap();
+        let c = DaemonConfig::resolve(l).unwrap();
+        assert_eq!((c.max_step_advance, c.http_max_connections), (0, 7));
+        assert_eq!(c.http_idle_timeout, std::time::Duration::from_secs(2));
+        assert_eq!(c.upload_deadline(2048), std::time::Duration::from_secs(3));
+        let _ = std::time::Instant::now() + c.upload_deadline(u64::MAX);
+        for bad in [["--min-upload-rate", "0"], ["--http-max-connections", "0"], ["--upload-grace", "soon"]] {
+            let e = DaemonConfig::resolve(flags(&bad).unwrap()).unwrap_err().to_string();
+            assert!(e.contains(&bad[0][2..].replace('-', "_")), "{e}");
+        }
     }
 
     #[test]
