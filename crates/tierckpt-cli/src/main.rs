@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand, ValueEnum};
-use tierckpt_cli::{bench, commands, demo, supervise};
+use tierckpt_cli::{bench, commands, demo, output::escape, supervise};
 use tierckpt_client::Client;
 
 #[derive(Parser, Debug)]
@@ -77,14 +77,14 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     if let Cmd::Run(a) = &cli.cmd {
         return supervise::run(a, cli.socket.as_deref()).unwrap_or_else(|e| {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", escape(&format!("{e:#}")));
             std::process::ExitCode::FAILURE
         });
     }
     match run(&cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", escape(&format!("{e:#}")));
             std::process::ExitCode::FAILURE
         }
     }

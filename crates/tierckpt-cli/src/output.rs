@@ -1,4 +1,5 @@
-//! Shared output helpers: human-readable sizes and tables.
+//! Shared output helpers: human-readable sizes, tables, and the escaping of
+//! every string from a daemon or a file before it reaches a terminal.
 
 use comfy_table::{presets::UTF8_BORDERS_ONLY, Table};
 
@@ -16,6 +17,25 @@ pub fn human_bytes(n: u64) -> String {
     } else {
         format!("{v:.2} {}", UNITS[u])
     }
+}
+
+/// `s` safe to print on a terminal: control characters (escape sequences,
+/// newlines, C1 controls) and bidirectional overrides are written escaped,
+/// as `str::escape_debug` writes them (`\u{1b}`, `\n`); everything else is
+/// left as it is. Use it for every string from a daemon or a file.
+pub fn escape(s: &str) -> String {
+    let unsafe_char = |c: char| c.is_control() || matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}');
+    if !s.chars().any(unsafe_char) {
+        return s.to_string();
+    }
+    s.chars().fold(String::with_capacity(s.len() + 8), |mut out, c| {
+        if unsafe_char(c) {
+            out.extend(c.escape_debug());
+        } else {
+            out.push(c);
+        }
+        out
+    })
 }
 
 /// A table with a header row, ready for rows.
@@ -45,5 +65,11 @@ mod tests {
     fn sizes() {
         assert_eq!(super::human_bytes(10), "10 B");
         assert_eq!(super::human_bytes(3 << 29), "1.50 GiB");
+    }
+
+    #[test]
+    fn escapes_control_characters_only() {
+        assert_eq!(super::escape("layer.0 \"wé\""), "layer.0 \"wé\"");
+        assert_eq!(super::escape("\u{1b}[31mred\n\u{9b}\u{202e}"), "\\u{1b}[31mred\\n\\u{9b}\\u{202e}");
     }
 }

@@ -89,3 +89,49 @@ fn rm_and_bad_input_errors_name_the_problem() {
     assert_eq!(r["deleted_shards"], 2);
     assert_eq!(run_json(&d, &["status"])["memory"]["shards"], 0);
 }
+
+/// Places a sealed shard (bytes and manifest) straight into a stopped
+/// daemon's memory tier, as if a writer that checks nothing had put it there.
+fn plant(mem: &std::path::Path, ns: &str, step: u64, bytes: &[u8]) {
+    let key = ShardKey::new(ns, step, 0);
+    let dir = mem.join("ns").join(ns).join(format!("{step:020}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("rank-00000-of-00001.safetensors"), bytes).unwrap();
+    let m = tierckpt_format::Manifest::compute(key, 1, bytes, 1);
+    std::fs::write(dir.join("rank-00000-of-00001.manifest.json"), m.to_json()).unwrap();
+}
+
+/// A safetensors file with one 4-byte tensor `name` and `metadata`, written
+/// as raw JSON (no writer-side name check).
+fn raw_shard(name: &str, metadata: &[(&str, &str)]) -> Vec<u8> {
+    let mut header = serde_json::json!({ name: {"dtype": "U8", "shape": [4], "data_offsets": [0, 4]} });
+    if !metadata.is_empty() {
+        header["__metadata__"] = metadata.iter().map(|(k, v)| (k.to_string(), Value::from(*v))).collect();
+    }
+    let json = header.to_string();
+    let mut file = (json.len() as u64).to_le_bytes().to_vec();
+    file.extend_from_slice(json.as_bytes());
+    file.extend_from_slice(&[1, 2, 3, 4]);
+    file
+}
+
+#[test]
+fn inspect_prints_control_characters_escaped_never_raw() {
+    let mut d = TestDaemon::start("64MiB");
+    d.proc.kill().unwrap();
+    let mem = d.proc.memory_dir().to_path_buf();
+    plant(&mem, "evil", 1, &raw_shard("w\u{1b}[31m", &[]));
+    plant(&mem, "evil", 2, &raw_shard("w.0", &[("note\u{1b}]0;title\u{7}", "red\u{1b}[31m\nline")]));
+    d.proc.restart().unwrap();
+
+    let (ok, out, err) = cli(&d.proc.socket, &["inspect", "evil", "--step", "1"]);
+    assert!(ok, "{err}");
+    assert!(!out.contains('\u{1b}') && !err.contains('\u{1b}'), "raw escape sequence printed: {out:?}");
+    assert!(out.contains(r#"tensor name "w\u{1b}[31m" is invalid"#) && out.contains("UNREADABLE"), "{out}");
+
+    let (ok, out, err) = cli(&d.proc.socket, &["inspect", "evil", "--step", "2"]);
+    assert!(ok, "{err}");
+    assert!(!out.chars().any(|c| c.is_control() && c != '\n'), "raw control character printed: {out:?}");
+    assert!(out.contains(r"note\u{1b}]0;title\u{7} = red\u{1b}[31m\nline"), "{out}");
+    assert!(out.contains("w.0") && out.contains("checksums ok"), "{out}");
+}

@@ -41,6 +41,13 @@ pub fn replica_targets(placement: Placement, n: usize, owner: usize, k: usize) -
     }
 }
 
+/// The first wait before a replica push is retried; it doubles per retry.
+const PUSH_BACKOFF_FIRST: Duration = Duration::from_millis(200);
+/// The longest wait between two tries of a replica push.
+const PUSH_BACKOFF_CAP: Duration = Duration::from_secs(5);
+/// Retries of a replica push after its first try.
+const PUSH_RETRIES: u32 = 3;
+
 /// A random number for backoff jitter (from the std hasher's random keys).
 fn random_u64() -> u64 {
     use std::hash::{BuildHasher, Hasher};
@@ -52,6 +59,10 @@ struct Member {
     last_ok: Option<Instant>,
     /// The last probe was answered; only such nodes count in the view.
     reachable: bool,
+    /// When a node back from suspect or dead may be pushed to again: one
+    /// heartbeat after it first answered (it may still be working off what
+    /// piled up while it was silent, such as a push cut off then).
+    settled_at: Option<Instant>,
     holdings: Option<Holdings>,
 }
 
@@ -168,6 +179,7 @@ impl Cluster {
                 state: if i == me { NodeState::Alive } else { NodeState::Unknown },
                 last_ok: None,
                 reachable: i == me,
+                settled_at: None,
                 holdings: None,
             })
             .collect();
@@ -252,6 +264,9 @@ impl Cluster {
                 let before = m.state;
                 match answer {
                     Ok(h) if h.node_id == self.cfg.nodes[i].0 => {
+                        if matches!(m.state, NodeState::Suspect | NodeState::Dead) {
+                            m.settled_at = Some(now + self.cfg.heartbeat_interval);
+                        }
                         m.last_ok = Some(now);
                         m.reachable = true;
                         m.holdings = Some(h);
@@ -350,7 +365,7 @@ impl Cluster {
             self.stats_update(|s| s.queued = s.queued.saturating_sub(1));
             let targets =
                 replica_targets(self.cfg.placement, self.cfg.nodes.len(), self.me, self.cfg.replication_factor);
-            let pushes = targets.into_iter().map(|t| self.push(&key, t));
+            let pushes = targets.into_iter().map(|t| self.push(&key, t, false));
             for r in futures_util::future::join_all(pushes).await {
                 if let Err(e) = r {
                     tracing::warn!(shard = %key, error = %e, "replication failed; re-replication will retry");
@@ -359,12 +374,57 @@ impl Cluster {
         }
     }
 
-    /// Sends a local shard to node `t`, retrying transient failures.
-    async fn push(&self, key: &ShardKey, t: usize) -> Result<(), TierError> {
-        let state = lock(&self.members)[t].state;
-        if state == NodeState::Dead {
-            return Err(TierError::Unavailable(format!("node {} is dead", self.id(t))));
+    /// Waits until node `t` answered the last heartbeat (and, back from
+    /// suspect or dead, has settled); `Unavailable` once it is dead
+    /// (re-replication sends it what it lacks when it is back).
+    async fn until_answering(&self, t: usize) -> Result<(), TierError> {
+        loop {
+            let (state, reachable) = {
+                let m = &lock(&self.members)[t];
+                (m.state, m.reachable && m.settled_at.is_none_or(|at| Instant::now() >= at))
+            };
+            if state == NodeState::Dead {
+                return Err(TierError::Unavailable(format!(
+                    "node {} is dead: no replica is pushed to it until it answers heartbeats again",
+                    self.id(t)
+                )));
+            }
+            if reachable {
+                return Ok(());
+            }
+            tokio::time::sleep(self.cfg.heartbeat_interval).await;
         }
+    }
+
+    /// Returns once node `t` is declared dead (never while it is alive).
+    async fn until_dead(&self, t: usize) {
+        while lock(&self.members)[t].state != NodeState::Dead {
+            tokio::time::sleep(self.cfg.heartbeat_interval).await;
+        }
+    }
+
+    /// Whether node `t` holds `key`, as its holdings say now.
+    async fn peer_holds(&self, t: usize, key: &ShardKey) -> Result<bool, TierError> {
+        let timeout = self.cfg.heartbeat_interval.max(self.cfg.heartbeat_timeout / 2);
+        let h = self.peers.holdings(self.addr(t), timeout).await?;
+        Ok(h.namespaces
+            .get(&key.namespace)
+            .is_some_and(|steps| steps.iter().any(|s| s.step == key.step && s.ranks.contains(&key.rank))))
+    }
+
+    /// Sends a local shard to node `t`; true if sent, false if `t` held it
+    /// already. Pushes only to a node that answers heartbeats (waiting while
+    /// it does not, giving up once it is dead, and abandoning a push when it
+    /// dies meanwhile); retries transient failures with exponential backoff
+    /// (capped, with jitter), each retry, and with `check_first` the first
+    /// try too, first asking the node whether it holds the shard already.
+    async fn push(&self, key: &ShardKey, t: usize, check_first: bool) -> Result<bool, TierError> {
+        let fail = |e: TierError| {
+            self.stats_update(|s| s.failures += 1);
+            self.metrics.replication_failed();
+            e
+        };
+        self.until_answering(t).await?;
         let tier = self.tier.clone();
         let k = key.clone();
         let (m, map) = tokio::task::spawn_blocking(move || tier.map_leased(&k))
@@ -375,11 +435,35 @@ impl Cluster {
         let started = Instant::now();
         let mut body = self.replica_body(t, &m, &data).await;
         let prepared = started.elapsed();
-        let mut delay = Duration::from_millis(100);
-        for attempt in 0.. {
+        let mut delay = PUSH_BACKOFF_FIRST;
+        let mut attempt = 0;
+        loop {
+            let outcome = async {
+                self.until_answering(t).await?;
+                if (attempt > 0 || check_first) && self.peer_holds(t, key).await? {
+                    return Ok(false);
+                }
+                self.stats_update(|s| {
+                    s.pushes_attempted += 1;
+                    s.wire_bytes_attempted += body.wire_len();
+                });
+                let dead = async {
+                    self.until_dead(t).await;
+                    Err(TierError::Unavailable(format!("node {} died during the push", self.id(t))))
+                };
+                tokio::select! {
+                    r = self.peers.put_replica(self.addr(t), &m, &body, pace) => r.map(|()| true),
+                    r = dead => r,
+                }
+            }
+            .await;
             let delta = body.is_delta();
-            match self.peers.put_replica(self.addr(t), &m, &body, pace).await {
-                Ok(()) => {
+            match outcome {
+                Ok(false) => {
+                    tracing::debug!(shard = %key, to = self.id(t), "the peer holds it already; not sent");
+                    return Ok(false);
+                }
+                Ok(true) => {
                     let mut sent = lock(&self.sent);
                     let last = sent.entry((t, key.namespace.clone(), key.rank)).or_insert(key.step);
                     *last = (*last).max(key.step);
@@ -409,28 +493,26 @@ impl Cluster {
                         total_ms = started.elapsed().as_millis() as u64,
                         "replicated"
                     );
-                    return Ok(());
+                    return Ok(true);
                 }
-                Err(e) if e.kind() == ErrorKind::AlreadyExists => return Ok(()),
+                Err(e) if e.kind() == ErrorKind::AlreadyExists => return Ok(false),
                 // The peer no longer holds the base: send the shard whole.
                 Err(e) if delta && e.kind() == ErrorKind::NotFound => {
                     tracing::debug!(shard = %key, to = self.id(t), error = %e, "delta refused; sending whole");
                     self.stats_update(|s| s.deltas_refused += 1);
                     body = ReplicaBody::Whole(data.clone());
                 }
-                Err(e) if e.is_retryable() && attempt < 3 => {
+                Err(e) if lock(&self.members)[t].state == NodeState::Dead => return Err(fail(e)),
+                Err(e) if e.is_retryable() && attempt < PUSH_RETRIES => {
+                    tracing::debug!(shard = %key, to = self.id(t), attempt, error = %e, "push failed; backing off");
                     let jitter = random_u64() % (delay.as_millis() as u64 / 2 + 1);
                     tokio::time::sleep(delay + Duration::from_millis(jitter)).await;
-                    delay *= 2;
+                    delay = (delay * 2).min(PUSH_BACKOFF_CAP);
+                    attempt += 1;
                 }
-                Err(e) => {
-                    self.stats_update(|s| s.failures += 1);
-                    self.metrics.replication_failed();
-                    return Err(e);
-                }
+                Err(e) => return Err(fail(e)),
             }
         }
-        unreachable!("the loop returns")
     }
 
     /// The newest step before `key`'s of which this node and node `t` hold
@@ -646,8 +728,10 @@ impl Cluster {
                     .take(desired - holders.len())
                     .collect();
                 for t in targets {
-                    match self.push(&key, t).await {
-                        Ok(()) => {
+                    // The view may be a heartbeat old: ask the target first.
+                    match self.push(&key, t, true).await {
+                        Ok(false) => {}
+                        Ok(true) => {
                             self.stats_update(|s| s.rereplicated += 1);
                             tracing::info!(shard = %key, to = self.id(t), "re-replicated to restore k+1 copies");
                         }

@@ -144,6 +144,14 @@ impl Drainer {
     }
 
     async fn run(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        // Uploads this node's previous run was killed in the middle of.
+        match self.store.clean_interrupted_uploads().await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(url = %self.cfg.url, files = n, "removed leftovers of interrupted uploads"),
+            Err(e) => {
+                tracing::warn!(url = %self.cfg.url, error = %e, "removing leftovers of interrupted uploads failed")
+            }
+        }
         loop {
             tokio::select! {
                 _ = stop.changed() => return,

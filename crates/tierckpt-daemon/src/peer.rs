@@ -47,6 +47,18 @@ pub struct Pace {
     pub bytes_per_s: u64,
 }
 
+/// `e` and its sources ("client error (SendRequest): ...: Broken pipe").
+fn with_sources(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        src = s.source();
+    }
+    out
+}
+
 fn unavailable(addr: SocketAddr, what: &str, e: impl std::fmt::Display) -> TierError {
     TierError::Unavailable(format!("{what} at {addr}: {e}"))
 }
@@ -86,7 +98,7 @@ impl PeerClient {
                 .map_err(|_| unavailable(addr, path, format!("no answer within {t:?}")))?,
             None => fut.await,
         }
-        .map_err(|e| unavailable(addr, path, e))?;
+        .map_err(|e| unavailable(addr, path, with_sources(&e)))?;
         if resp.status().is_success() {
             return Ok(resp);
         }

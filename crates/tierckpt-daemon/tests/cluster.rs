@@ -1,6 +1,7 @@
 //! The peer tier with separate daemon processes on 127.0.0.1 ports:
 //! replication, restore of an empty replacement from peers, corrupt replicas,
-//! node loss before, during and after replication, tokens, re-replication.
+//! node loss before, during and after replication, tokens, re-replication,
+//! a stopped peer not flooded with pushes.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -464,4 +465,59 @@ fn malformed_sparse_replicas_are_refused_and_store_nothing() {
     let (st, msg) = put(&base, &changed);
     assert_eq!(st, 201, "{msg}");
     assert!(client.open(&ShardKey::new("bad", 9, 0)).unwrap().tensor("state").unwrap() == &steps[1][..]);
+}
+
+/// SIGSTOPs (or with `cont`, SIGCONTs) node `i`'s daemon.
+fn signal(c: &LocalCluster, i: usize, cont: bool) {
+    let sig = if cont { libc::SIGCONT } else { libc::SIGSTOP };
+    // SAFETY: kill(2) on the pid of a child this test started; no memory is shared.
+    let rc = unsafe { libc::kill(c.node(i).pid() as libc::pid_t, sig) };
+    assert_eq!(rc, 0, "signalling node {i}: {}", std::io::Error::last_os_error());
+}
+
+/// Node 0 saves a 64 MiB shard while node 1 (its ring target) is stopped
+/// for 8 s; returns node 0's replication counters once `nodes - 1` peers
+/// hold a verified copy.
+fn push_to_a_stopped_peer(nodes: usize) -> tierckpt_proto::ReplicationStats {
+    // Production heartbeats: every 500 ms, dead after 3 s.
+    let (_d, c) = start(nodes, 1, |o| {
+        o.settings.heartbeat_interval = Some("500ms".into());
+        o.settings.heartbeat_timeout = Some("3s".into());
+    });
+    wait_for(LIMIT, "every node alive", || {
+        cluster_status(&c, 0).nodes.iter().all(|n| n.state == tierckpt_proto::NodeState::Alive)
+    });
+    signal(&c, 1, false);
+    let n = 64 << 20;
+    let data = save(&c, 0, "stop", 1, 0, 1, n);
+    std::thread::sleep(Duration::from_secs(8));
+    signal(&c, 1, true);
+    wait_for(LIMIT, "k+1 copies", || holders(&c, 0, "stop", 1, 0).len() == 2);
+    // Whatever retry or re-replication was still due has run by now.
+    std::thread::sleep(Duration::from_secs(3));
+    let holder = holders(&c, 0, "stop", 1, 0).into_iter().find(|h| h != "n0").unwrap();
+    let i: usize = holder[1..].parse().unwrap();
+    let mut client = Client::connect(c.socket(i)).unwrap();
+    assert!(client.open(&ShardKey::new("stop", 1, 0)).unwrap().tensor("state").unwrap() == &data[..]);
+    let r = cluster_status(&c, 0).replication;
+    assert!(r.wire_bytes_attempted <= 2 * (n as u64 + 4096), "at most two bodies sent: {r:?}");
+    r
+}
+
+#[test]
+fn a_stopped_peer_gets_its_replica_once_back_without_a_push_storm() {
+    // n0 -> n1 only: the push in flight is dropped when n1 is declared dead,
+    // and re-replication sends it once n1 answers heartbeats again.
+    let r = push_to_a_stopped_peer(2);
+    assert!(r.pushes_attempted <= 2, "pushes of one shard to a stopped peer: {r:?}");
+    assert_eq!(r.shards_sent, 1, "{r:?}");
+}
+
+#[test]
+fn re_replication_around_a_stopped_peer_sends_each_copy_once() {
+    // n1 stopped: the copy goes to n2 instead, once, though n0's view of n2
+    // lags a heartbeat behind (the re-replicator asks n2 before resending).
+    let r = push_to_a_stopped_peer(3);
+    assert!(r.pushes_attempted <= 2, "pushes of one shard: {r:?}");
+    assert_eq!(r.shards_sent, 1, "{r:?}");
 }

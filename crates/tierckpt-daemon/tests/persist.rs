@@ -1,5 +1,6 @@
 //! The persistent tier behind a real daemon: background drain, atomic
-//! commit, retention, restore after all memory is lost, crashes mid-upload,
+//! commit, retention, restore after all memory is lost, crashes mid-upload
+//! (and the staging files they leave),
 //! a flaky store, a full file system, corrupted persisted bytes, and a real
 //! S3-protocol server.
 
@@ -207,6 +208,56 @@ fn killed_mid_upload_leaves_no_committed_partial_step_and_finishes_after_restart
     let mut c2 = d.client();
     assert!(load(&mut c2, "mid", 7, n).unwrap() == data);
     drop(c);
+}
+
+/// Files under `dir` named like object_store's staging files (`<name>#<digits>`).
+fn staging_files(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            let name = e.file_name().to_string_lossy().into_owned();
+            if p.is_dir() {
+                stack.push(p);
+            } else if name.rsplit_once('#').is_some_and(|(_, n)| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+            {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn a_sigkill_mid_upload_leaves_no_staging_file_once_the_step_is_committed() {
+    let store = shm_dir();
+    let url = format!("file://{}", store.path().display());
+    // 48 MiB at 16 MB/s: three parts, the last due after 2 s.
+    let args = ["--persist-bandwidth", "16MB", "--persist-compression", "off", "--persist-delta", "false"];
+    let mut d = daemon(&url, &args);
+    // Not ours (no shard name before the '#'): never removed.
+    std::fs::write(store.path().join("README#1"), b"keep").unwrap();
+    let n = 48 << 20;
+    let mut c = d.client();
+    let data = save(&mut c, "orphan", 7, n);
+    wait_for("the upload to start", || drain_status(&mut c, "orphan")["uploading"].is_string());
+    let step_dir = store.path().join("orphan").join(format!("{:020}", 7));
+    wait_for("the staging file", || !staging_files(&step_dir).is_empty());
+    d.proc.kill().unwrap();
+    let left = staging_files(&step_dir);
+    assert!(!left.is_empty() && committed_steps(store.path(), "orphan").is_empty(), "killed mid-upload");
+
+    d.proc.opts.settings.persist_bandwidth = None;
+    d.proc.restart().unwrap();
+    wait_for("step 7 committed after restart", || committed_steps(store.path(), "orphan") == [7]);
+    wait_for("the staging files removed", || staging_files(store.path()).len() == 1);
+    assert_eq!(staging_files(store.path()), [store.path().join("README#1")], "only ours removed");
+    let writers = std::fs::read_dir(step_dir.join("data")).unwrap().count();
+    assert_eq!(writers, 1, "only the committed upload's directory is left");
+    lose_all_memory(&mut d);
+    let mut c2 = d.client();
+    assert!(load(&mut c2, "orphan", 7, n).unwrap() == data, "restored bitwise");
 }
 
 #[test]

@@ -170,6 +170,10 @@ pub fn parse_shard(bytes: &[u8], file: &str) -> Result<ShardView, FormatError> {
             len: (info.data_offsets.1 - info.data_offsets.0) as u64,
         })
         .collect();
+    // The writers' name rules hold for every shard, however it arrived.
+    for e in &entries {
+        validate_tensor_name(&e.name).map_err(|e| invalid(e.to_string()))?;
+    }
     entries.sort_by(|a, b| a.offset.cmp(&b.offset).then_with(|| a.name.cmp(&b.name)));
     let metadata =
         md.metadata().as_ref().map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect()).unwrap_or_default();
@@ -241,6 +245,32 @@ mod tests {
         longer.push(0);
         assert!(matches!(parse_shard(&longer, "f"), Err(FormatError::InvalidHeader { .. })));
         assert!(matches!(parse_shard(&file[..4], "f"), Err(FormatError::Truncated { .. })));
+    }
+
+    /// A header naming `name`, written as raw JSON (no writer-side check).
+    fn raw_shard(name: &str) -> Vec<u8> {
+        let json = serde_json::json!({ name: {"dtype": "U8", "shape": [4], "data_offsets": [0, 4]} }).to_string();
+        let mut file = (json.len() as u64).to_le_bytes().to_vec();
+        file.extend_from_slice(json.as_bytes());
+        file.extend_from_slice(&[1, 2, 3, 4]);
+        file
+    }
+
+    #[test]
+    fn tensor_names_with_control_characters_are_refused_and_shown_escaped() {
+        parse_shard(&raw_shard("w.0"), "ok").unwrap();
+        for bad in ["\u{1b}[31mred", "a\nb", "\u{9b}c", "__metadata__x\u{7f}"] {
+            let e = parse_shard(&raw_shard(bad), "shard.safetensors").unwrap_err();
+            assert!(matches!(e, FormatError::InvalidHeader { .. }), "{e}");
+            let msg = e.to_string();
+            assert!(msg.contains("shard.safetensors") && msg.contains("tensor name"), "{msg}");
+            assert!(!msg.chars().any(char::is_control), "the message is escaped: {msg:?}");
+        }
+        let e = parse_shard(&raw_shard("\u{1b}[31m"), "f").unwrap_err().to_string();
+        assert!(e.contains(r#""\u{1b}[31m""#), "{e}");
+        // The writer refuses the same names with the same rule.
+        let spec = [spec("\u{1b}[31m", Dtype::U8, &[4])];
+        assert!(ShardLayout::new(&spec, &BTreeMap::new()).unwrap_err().to_string().contains("tensor name"));
     }
 
     proptest! {

@@ -33,7 +33,11 @@ pub fn validate_rank(rank: u32, world_size: u32) -> Result<(), FormatError> {
 }
 
 /// Tensor names: non-empty, at most 1024 bytes, no control characters, and not
-/// the reserved `__metadata__`.
+/// the reserved `__metadata__`. The one rule for every interface: writers
+/// check it when planning a shard (`ShardLayout::new`, the Rust client), and
+/// `parse_shard` checks it for every shard read, so the memory tier's seal
+/// refuses shards written by anything else (HTTP, Python, replicas).
+/// Errors show the name escaped (`{:?}`), never raw.
 pub fn validate_tensor_name(name: &str) -> Result<(), FormatError> {
     if name.is_empty() || name.len() > 1024 || name.chars().any(char::is_control) {
         return Err(FormatError::InvalidArgument(format!(

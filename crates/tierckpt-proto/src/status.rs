@@ -145,6 +145,13 @@ pub struct ReplicationStats {
     pub deltas_refused: u64,
     /// Copies to a peer that failed for good (after retries).
     pub failures: u64,
+    /// Replica requests started (every try of every copy, re-replication
+    /// included): more than `shards_sent` means retries.
+    #[serde(default)]
+    pub pushes_attempted: u64,
+    /// Bytes those requests carried (each whole body, finished or not).
+    #[serde(default)]
+    pub wire_bytes_attempted: u64,
     /// Sealed shards waiting to be replicated.
     pub queued: u64,
     /// Shards restored from a peer's copy.

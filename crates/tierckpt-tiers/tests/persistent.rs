@@ -149,3 +149,86 @@ fn bad_urls_are_named() {
     assert!(FaultSpec::parse("fail=2").is_err());
     assert!(FaultSpec::parse("bogus=1").unwrap_err().to_string().contains("bogus"));
 }
+
+/// Every file under `dir`, relative to it.
+fn files_under(dir: &std::path::Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.push(p.strip_prefix(dir).unwrap().display().to_string());
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+fn plant(root: &std::path::Path, rel: &str) {
+    let p = root.join(rel);
+    std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+    std::fs::write(p, b"partial upload").unwrap();
+}
+
+#[tokio::test]
+async fn staging_files_of_interrupted_uploads_are_removed_at_commit_and_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let url = format!("file://{}", root.display());
+    let (old, other) = ("n1-0123456789abcdef-01234567", "n2-0123456789abcdef-89abcdef");
+    let s7 = format!("job/{:020}", 7);
+    let s9 = format!("job/{:020}", 9);
+    // Left by a killed run of node n1 (staging files of object_store's
+    // LocalFileSystem), in a step that gets committed and in one that does not.
+    let ours = [
+        format!("{s7}/data/{old}/rank-00000-of-00001.safetensors#1"),
+        format!("{s7}/data/{other}/rank-00000-of-00001.tcz#3"),
+        format!("{s7}/ranks/rank-00000-of-00001.json#1"),
+        format!("{s7}/COMMIT#2"),
+        format!("{s9}/data/{old}/rank-00001-of-00002.safetensors#1"),
+    ];
+    // Not ours, or not object_store's staging pattern: left alone.
+    let foreign = [
+        format!("{s7}/data/{old}/notes.txt#1"),
+        format!("{s9}/data/{old}/rank-00001-of-00002.safetensors#x1"),
+        format!("{s7}/README#1"),
+        "job/elsewhere/rank-00000-of-00001.safetensors#1".to_string(),
+        "not a namespace/rank-00000-of-00001.safetensors#1".to_string(),
+        // Another node's upload may still be running in an uncommitted step.
+        format!("{s9}/data/{other}/rank-00000-of-00002.safetensors#1"),
+        format!("{s9}/ranks/rank-00000-of-00002.json#1"),
+    ];
+    for rel in ours.iter().chain(&foreign) {
+        plant(root, rel);
+    }
+
+    // Node n1 starts again and commits step 7.
+    let t = PersistentTier::open(&url, "n1", PersistOptions::default()).unwrap();
+    let (m, d) = sample_shard(ShardKey::new("job", 7, 0), 1, 1000, 1);
+    t.put(&m, &d).await.unwrap();
+    assert!(t.clean_unreferenced("job", 7).await.unwrap() >= 4);
+    let left = files_under(root);
+    for rel in &ours[..4] {
+        assert!(!left.contains(rel), "{rel} is removed once step 7 is committed: {left:?}");
+    }
+    assert!(left.contains(&ours[4]), "step 9 is not committed: only the start cleans it");
+
+    // At start: n1's earlier writers' files in uncommitted steps go too.
+    assert_eq!(t.clean_interrupted_uploads().await.unwrap(), 1);
+    let left = files_under(root);
+    assert!(!left.iter().any(|f| ours.contains(f)), "{left:?}");
+    for rel in &foreign {
+        assert!(left.contains(rel), "{rel} is not ours to remove: {left:?}");
+    }
+    assert!(!root.join(&s7).join("data").join(other).exists(), "empty directories go with them");
+    let (_, got) = t.get(&ShardKey::new("job", 7, 0)).await.unwrap();
+    assert!(got[..] == d[..], "the committed shard is intact");
+
+    // Deleting a step removes its staging files as well.
+    t.delete("job", 9).await.unwrap();
+    assert!(!files_under(root).iter().any(|f| f.starts_with(&s9)), "{:?}", files_under(root));
+}

@@ -8,7 +8,7 @@ use tierckpt_client::Client;
 use tierckpt_format::ShardKey;
 
 use super::{pick_step, ranks_of};
-use crate::output::print_json;
+use crate::output::{escape, print_json};
 
 /// Writes a step's verified shards, as safetensors files with their
 /// manifests, into `dir/<namespace>/step-<step>/`.
@@ -35,7 +35,12 @@ pub fn export(c: &mut Client, ns: &str, step: Option<u64>, dir: &Path, as_json: 
     if as_json {
         print_json(&json!({ "namespace": ns, "step": step, "dir": out, "files": files }));
     } else {
-        println!("exported {ns}/step {step} ({} shards) to {}", files.len(), out.display());
+        println!(
+            "exported {}/step {step} ({} shards) to {}",
+            escape(ns),
+            files.len(),
+            escape(&out.display().to_string())
+        );
     }
     Ok(())
 }

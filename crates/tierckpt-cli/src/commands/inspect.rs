@@ -6,7 +6,7 @@ use tierckpt_client::Client;
 use tierckpt_format::{parse_shard, verify_chunks, ShardKey};
 
 use super::{pick_step, ranks_of};
-use crate::output::{human_bytes, print_json, table};
+use crate::output::{escape, human_bytes, print_json, table};
 
 /// Prints the tensors, metadata and chunk checksums of a step's shards (one rank, or all).
 pub fn inspect(c: &mut Client, ns: &str, step: Option<u64>, rank: Option<u32>, as_json: bool) -> Result<()> {
@@ -54,31 +54,35 @@ pub fn inspect(c: &mut Client, ns: &str, step: Option<u64>, rank: Option<u32>, a
     }
     for s in &out {
         println!(
-            "{ns}/step {step}/rank {} of {}: {} in {} chunks, format {}, {}",
+            "{}/step {step}/rank {} of {}: {} in {} chunks, format {}, {}",
+            escape(ns),
             s["rank"],
             world,
             human_bytes(s["bytes"].as_u64().unwrap_or(0)),
             s["chunks"],
-            s["format_version"].as_str().unwrap_or("?"),
-            if s["verified"] == true {
+            escape(s["format_version"].as_str().unwrap_or("?")),
+            if s["verified"] == true && s["error"].is_null() {
                 "checksums ok".to_string()
+            } else if s["verified"] == true {
+                format!("checksums ok, UNREADABLE: {}", escape(s["error"].as_str().unwrap_or("")))
             } else {
-                format!("CORRUPT: {}", s["error"].as_str().unwrap_or(""))
+                format!("CORRUPT: {}", escape(s["error"].as_str().unwrap_or("")))
             }
         );
-        println!("  {}", s["path"].as_str().unwrap_or(""));
+        println!("  {}", escape(s["path"].as_str().unwrap_or("")));
         if let Some(m) = s["metadata"].as_object().filter(|m| !m.is_empty()) {
             for (k, v) in m {
                 let v = v.as_str().unwrap_or_default();
                 let shown: String = v.chars().take(80).collect();
-                println!("  metadata {k} = {shown}{}", if v.len() > shown.len() { "..." } else { "" });
+                let more = if v.len() > shown.len() { "..." } else { "" };
+                println!("  metadata {} = {}{more}", escape(k), escape(&shown));
             }
         }
         let mut t = table(&["tensor", "dtype", "shape", "bytes"]);
         for e in s["tensors"].as_array().into_iter().flatten() {
             t.add_row(vec![
-                e["name"].as_str().unwrap_or("").to_string(),
-                e["dtype"].as_str().unwrap_or("").to_string(),
+                escape(e["name"].as_str().unwrap_or("")),
+                escape(e["dtype"].as_str().unwrap_or("")),
                 e["shape"].to_string(),
                 human_bytes(e["bytes"].as_u64().unwrap_or(0)),
             ]);

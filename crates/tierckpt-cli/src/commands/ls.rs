@@ -5,7 +5,7 @@ use serde_json::json;
 use tierckpt_client::Client;
 
 use super::status::print_namespaces;
-use crate::output::{human_bytes, print_json, table};
+use crate::output::{escape, human_bytes, print_json, table};
 
 /// Lists the namespaces, or the steps of `namespace`.
 pub fn ls(c: &mut Client, namespace: Option<&str>, as_json: bool) -> Result<()> {
@@ -24,7 +24,7 @@ pub fn ls(c: &mut Client, namespace: Option<&str>, as_json: bool) -> Result<()> 
         return Ok(());
     }
     if steps.is_empty() {
-        println!("namespace {ns} has no steps");
+        println!("namespace {} has no steps", escape(ns));
         return Ok(());
     }
     let mut t = table(&["step", "ranks", "complete", "in progress", "bytes"]);

@@ -4,7 +4,7 @@
 use anyhow::Result;
 use tierckpt_client::Client;
 
-use crate::output::{human_bytes, print_json, table};
+use crate::output::{escape, human_bytes, print_json, table};
 
 /// Prints the daemon's status.
 pub fn status(c: &mut Client, as_json: bool) -> Result<()> {
@@ -14,14 +14,14 @@ pub fn status(c: &mut Client, as_json: bool) -> Result<()> {
         return Ok(());
     }
     let m = &s.memory;
-    println!("tierckptd {} (pid {}), up {:.0} s", s.version, s.pid, s.uptime_s);
+    println!("tierckptd {} (pid {}), up {:.0} s", escape(&s.version), s.pid, s.uptime_s);
     println!(
         "  memory tier  {} ({})",
-        s.root,
+        escape(&s.root),
         if s.huge_pages { "huge pages" } else { "4 KiB pages: restores build page tables; see mount_huge_tmpfs" }
     );
-    println!("  socket       {}", s.socket);
-    println!("  http         {}", s.http_addr.as_deref().unwrap_or("off"));
+    println!("  socket       {}", escape(&s.socket));
+    println!("  http         {}", escape(s.http_addr.as_deref().unwrap_or("off")));
     println!(
         "  memory       {} used of {} ({} sealed in {} shards, {} in progress, {} pooled for reuse), keep_last {}",
         human_bytes(m.used),
@@ -53,10 +53,10 @@ fn print_failures(f: &std::collections::BTreeMap<String, Vec<tierckpt_proto::Fai
     for (ns, recs) in f {
         for r in recs {
             t.add_row(vec![
-                ns.clone(),
+                escape(ns),
                 format!("{:.0} s ago", now.saturating_sub(r.unix_ms) as f64 / 1000.0),
                 format!("{:?}", r.kind).to_lowercase(),
-                r.detail.chars().take(60).collect(),
+                escape(&r.detail.chars().take(60).collect::<String>()),
                 r.step.map_or("-".into(), |s| s.to_string()),
                 r.restart.to_string(),
             ]);
@@ -68,10 +68,10 @@ fn print_failures(f: &std::collections::BTreeMap<String, Vec<tierckpt_proto::Fai
 fn print_persistent(p: &serde_json::Value) {
     println!(
         "persistent tier: {} (every {} complete checkpoint(s), keep {}; compression {}, deltas {})",
-        p["url"].as_str().unwrap_or("?"),
+        escape(p["url"].as_str().unwrap_or("?")),
         p["persist_every"],
         p["keep_last"],
-        p["compression"].as_str().unwrap_or("off"),
+        escape(p["compression"].as_str().unwrap_or("off")),
         if p["delta"].as_bool().unwrap_or(false) { "on" } else { "off" }
     );
     let mut t =
@@ -79,9 +79,9 @@ fn print_persistent(p: &serde_json::Value) {
     for n in p["namespaces"].as_array().into_iter().flatten() {
         let (raw, stored) = (n["uploaded_bytes"].as_u64().unwrap_or(0), n["stored_bytes"].as_u64().unwrap_or(0));
         t.add_row(vec![
-            n["namespace"].as_str().unwrap_or("").to_string(),
+            escape(n["namespace"].as_str().unwrap_or("")),
             n["last_committed"].as_u64().map_or("-".into(), |s| s.to_string()),
-            n["uploading"].as_str().unwrap_or("-").to_string(),
+            escape(n["uploading"].as_str().unwrap_or("-")),
             format!("{} shards, {}", n["uploaded_shards"], human_bytes(raw)),
             format!(
                 "{} ({:.2} of it; {} deltas)",
@@ -91,7 +91,7 @@ fn print_persistent(p: &serde_json::Value) {
             ),
             n["skipped"].to_string(),
             n["failures"].to_string(),
-            n["last_error"].as_str().unwrap_or("-").chars().take(80).collect(),
+            escape(&n["last_error"].as_str().unwrap_or("-").chars().take(80).collect::<String>()),
         ]);
     }
     println!("{t}");
@@ -101,9 +101,9 @@ fn print_cluster(c: &tierckpt_proto::ClusterStatus) {
     let r = &c.replication;
     println!(
         "cluster: node {}, replication factor {} ({} placement); sent {} shards ({}, {} on the wire, {} as deltas, {} compressed), fetched {} ({}), re-replicated {}, {} failures, {} queued",
-        c.node_id,
+        escape(&c.node_id),
         c.replication_factor,
-        c.placement,
+        escape(&c.placement),
         r.shards_sent,
         human_bytes(r.bytes_sent),
         human_bytes(r.wire_bytes_sent),
@@ -118,8 +118,8 @@ fn print_cluster(c: &tierckpt_proto::ClusterStatus) {
     let mut t = table(&["node", "address", "state", "last seen"]);
     for n in &c.nodes {
         t.add_row(vec![
-            if n.this_node { format!("{} (this node)", n.id) } else { n.id.clone() },
-            n.addr.clone(),
+            if n.this_node { format!("{} (this node)", escape(&n.id)) } else { escape(&n.id) },
+            escape(&n.addr),
             format!("{:?}", n.state).to_lowercase(),
             n.last_seen_ms_ago.map_or("never".into(), |ms| format!("{:.1} s ago", ms as f64 / 1000.0)),
         ]);
@@ -130,12 +130,12 @@ fn print_cluster(c: &tierckpt_proto::ClusterStatus) {
         for s in steps {
             let holders: Vec<String> = (0..s.world_size)
                 .map(|r| match s.holders.get(&r) {
-                    Some(h) => format!("{r}: {}", h.join(",")),
+                    Some(h) => format!("{r}: {}", escape(&h.join(","))),
                     None => format!("{r}: -"),
                 })
                 .collect();
             t.add_row(vec![
-                ns.clone(),
+                escape(ns),
                 s.step.to_string(),
                 if s.complete { "yes".into() } else { "no".into() },
                 holders.join("  "),
@@ -153,7 +153,7 @@ pub(super) fn print_namespaces(ns: &[tierckpt_proto::NamespaceSummary]) {
     let mut t = table(&["namespace", "steps", "complete", "latest complete", "bytes"]);
     for n in ns {
         t.add_row(vec![
-            n.namespace.clone(),
+            escape(&n.namespace),
             n.steps.to_string(),
             n.complete_steps.to_string(),
             n.latest_complete.map_or("-".into(), |s| s.to_string()),

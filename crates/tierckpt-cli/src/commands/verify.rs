@@ -6,7 +6,7 @@ use tierckpt_client::Client;
 use tierckpt_format::ShardKey;
 
 use super::ranks_of;
-use crate::output::{print_json, table};
+use crate::output::{escape, print_json, table};
 
 /// Verifies shards; fails if any is corrupt.
 pub fn verify(c: &mut Client, ns: &str, step: Option<u64>, as_json: bool) -> Result<()> {
@@ -41,7 +41,7 @@ pub fn verify(c: &mut Client, ns: &str, step: Option<u64>, as_json: bool) -> Res
             t.add_row(vec![
                 r["step"].to_string(),
                 r["rank"].to_string(),
-                if r["ok"] == true { "ok".into() } else { r["error"].as_str().unwrap_or("").to_string() },
+                if r["ok"] == true { "ok".into() } else { escape(r["error"].as_str().unwrap_or("")) },
             ]);
         }
         println!("{t}");

@@ -19,9 +19,11 @@
 //! exactly one wins and the other deletes its upload. Once every rank has a
 //! record, the COMMIT object, listing them, is written last, create-only. A
 //! step exists for readers only through its COMMIT; objects it does not
-//! reference are not part of the persistent state and are cleaned up.
+//! reference are not part of the persistent state and are cleaned up, as are
+//! the staging files of uploads a crash interrupted (`leftovers`).
 
 mod io;
+mod leftovers;
 mod read;
 mod retention;
 mod tier_impl;

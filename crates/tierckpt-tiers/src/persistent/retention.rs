@@ -5,7 +5,7 @@ use super::*;
 
 impl PersistentTier {
     /// Deletes a step: its COMMIT first (so readers stop seeing it), then
-    /// everything under it.
+    /// everything under it, leftovers of interrupted uploads included.
     pub async fn delete(&self, ns: &str, step: u64) -> Result<u64> {
         validate_namespace(ns)?;
         self.remove(&self.commit_path(ns, step)).await?;
@@ -14,11 +14,12 @@ impl PersistentTier {
         for p in all {
             self.remove(&p).await?;
         }
-        Ok(n)
+        Ok(n + self.clean_interrupted_in_step(ns, step).await?)
     }
 
     /// Deletes the data objects under a committed step that its COMMIT does
-    /// not reference (left by an upload that was cut off or lost a race).
+    /// not reference (left by an upload that was cut off or lost a race),
+    /// and the staging files of interrupted uploads (`leftovers`).
     pub async fn clean_unreferenced(&self, ns: &str, step: u64) -> Result<u64> {
         let c = self.commit_record(ns, step).await?;
         let referenced: std::collections::HashSet<&str> = c.shards.iter().map(|r| r.data.as_str()).collect();
@@ -29,7 +30,7 @@ impl PersistentTier {
                 n += 1;
             }
         }
-        Ok(n)
+        Ok(n + self.clean_interrupted_in_step(ns, step).await?)
     }
 
     /// Keeps the newest `keep_last` committed steps (and, with a nonzero
