@@ -18,7 +18,9 @@ fn raw_shard(name: &str) -> Vec<u8> {
 fn http_put_of_a_tensor_name_with_an_escape_sequence_is_refused_and_stores_nothing() {
     let d = TestDaemon::start("64MiB");
     let a = d.proc.http_addr.clone().unwrap();
-    let (status, body) = http(&a, "PUT", "/v1/shards/names/1/0?world_size=1", &[], &raw_shard("w\u{1b}[31m"));
+    let bearer = d.bearer();
+    let auth = [("Authorization", bearer.as_str())];
+    let (status, body) = http(&a, "PUT", "/v1/shards/names/1/0?world_size=1", &auth, &raw_shard("w\u{1b}[31m"));
     let text = String::from_utf8_lossy(&body);
     assert!((400..500).contains(&status), "status {status}: {text}");
     // The error names the tensor, escaped (JSON escapes the raw byte too, so
@@ -29,5 +31,5 @@ fn http_put_of_a_tensor_name_with_an_escape_sequence_is_refused_and_stores_nothi
     assert!(c.steps("names").unwrap_or_default().iter().all(|s| s.ranks.is_empty()), "nothing stored");
     assert_eq!(c.status().unwrap().memory.shards, 0);
     // The same shard with a printable name is stored.
-    assert_eq!(http(&a, "PUT", "/v1/shards/names/2/0?world_size=1", &[], &raw_shard("w.0")).0, 201);
+    assert_eq!(http(&a, "PUT", "/v1/shards/names/2/0?world_size=1", &auth, &raw_shard("w.0")).0, 201);
 }
