@@ -79,6 +79,9 @@ where
 {
     let deadline = tokio::time::Instant::now() + allowed;
     let Some(r) = reserve_for_copy(tier, m)? else { return Ok(false) };
+    // Given back on every way out but a seal, a dropped future included (a
+    // connection that went away, a server stopping).
+    let mut guard = AbortUnlessSealed { tier, id: Some(r.id) };
     let result = async {
         let mut file = crate::private_fs::open_write(&r.path)
             .map_err(|e| TierError::io(format!("opening {}", r.path.display()), e))?;
@@ -130,17 +133,25 @@ where
         Ok::<(), TierError>(())
     }
     .await;
-    match result {
-        Ok(()) => {
-            let (tier, m) = (tier.clone(), m.clone());
-            tokio::task::spawn_blocking(move || tier.seal_verified(r.id, &m))
-                .await
-                .map_err(|e| TierError::Unavailable(e.to_string()))??;
-            Ok(true)
-        }
-        Err(e) => {
-            let _ = tier.abort(r.id);
-            Err(e)
+    result?;
+    guard.id = None;
+    let (tier, m) = (tier.clone(), m.clone());
+    tokio::task::spawn_blocking(move || tier.seal_verified(r.id, &m))
+        .await
+        .map_err(|e| TierError::Unavailable(e.to_string()))??;
+    Ok(true)
+}
+
+/// Gives a reservation back when dropped, unless its copy went to be sealed.
+struct AbortUnlessSealed<'a> {
+    tier: &'a MemoryTier,
+    id: Option<u64>,
+}
+
+impl Drop for AbortUnlessSealed<'_> {
+    fn drop(&mut self) {
+        if let Some(id) = self.id {
+            let _ = self.tier.abort(id);
         }
     }
 }

@@ -309,3 +309,15 @@ fn a_deleted_namespace_refuses_replicas_sealed_before_the_delete() {
     t.refuse_deleted(&other).unwrap();
     t.refuse_deleted(&older).unwrap();
 }
+
+#[tokio::test]
+async fn a_copy_whose_future_is_dropped_gives_its_segment_back() {
+    let dir = shm_dir();
+    let t = Arc::new(tier(dir.path(), 64 << 20, 3));
+    let (m, _) = sample_shard(ShardKey::new("cut", 1, 0), 1, 4, 1);
+    let never = futures_util::stream::pending::<Result<bytes::Bytes, tierckpt_tiers::TierError>>();
+    let copy = tierckpt_tiers::receive::receive(&t, &m, "a peer that stalls", never, None);
+    assert!(tokio::time::timeout(Duration::from_millis(50), copy).await.is_err(), "the copy cannot finish");
+    assert_eq!(t.usage().reservations, 0, "the dropped copy's reservation was given back");
+    assert!(t.reserve(&m.key, 1, m.file_len).is_ok(), "the key is free again");
+}
