@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use serde_json::Value;
 use tierckpt_client::TensorData;
 use tierckpt_format::{Dtype, ShardKey};
-use tierckpt_harness::testing::{cli, TestDaemon};
+use tierckpt_harness::testing::{cli, raw_shard, TestDaemon};
 
 fn seed(d: &TestDaemon) -> Vec<u8> {
     let mut c = d.client();
@@ -99,20 +99,6 @@ fn plant(mem: &std::path::Path, ns: &str, step: u64, bytes: &[u8]) {
     std::fs::write(dir.join("rank-00000-of-00001.safetensors"), bytes).unwrap();
     let m = tierckpt_format::Manifest::compute(key, 1, bytes, 1);
     std::fs::write(dir.join("rank-00000-of-00001.manifest.json"), m.to_json()).unwrap();
-}
-
-/// A safetensors file with one 4-byte tensor `name` and `metadata`, written
-/// as raw JSON (no writer-side name check).
-fn raw_shard(name: &str, metadata: &[(&str, &str)]) -> Vec<u8> {
-    let mut header = serde_json::json!({ name: {"dtype": "U8", "shape": [4], "data_offsets": [0, 4]} });
-    if !metadata.is_empty() {
-        header["__metadata__"] = metadata.iter().map(|(k, v)| (k.to_string(), Value::from(*v))).collect();
-    }
-    let json = header.to_string();
-    let mut file = (json.len() as u64).to_le_bytes().to_vec();
-    file.extend_from_slice(json.as_bytes());
-    file.extend_from_slice(&[1, 2, 3, 4]);
-    file
 }
 
 #[test]

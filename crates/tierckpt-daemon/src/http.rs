@@ -379,20 +379,6 @@ async fn get_shard(State(d): D, Path((ns, step, rank)): Path<(String, String, St
     Ok((headers, body).into_response())
 }
 
-/// Returns the reservation to the pool unless sealed.
-struct AbortOnDrop<'a> {
-    d: &'a Daemon,
-    id: Option<u64>,
-}
-
-impl Drop for AbortOnDrop<'_> {
-    fn drop(&mut self) {
-        if let Some(id) = self.id {
-            let _ = self.d.tier.abort(id);
-        }
-    }
-}
-
 /// Streams a shard (a whole safetensors file) into a reservation and seals
 /// it. Needs `Content-Length` and `?world_size=N`.
 async fn put_shard(
@@ -416,10 +402,8 @@ async fn put_shard(
     let allowed = d.cfg.upload_deadline(len);
     let deadline = tokio::time::Instant::now() + allowed;
     let r = d.tier.reserve(&key, world_size, len)?;
-    let mut guard = AbortOnDrop { d: &d, id: Some(r.id) };
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .open(&r.path)
+    let mut guard = tierckpt_tiers::ReservationGuard::new(&d.tier, r.id);
+    let mut file = tierckpt_tiers::private_fs::open_write(&r.path)
         .map_err(|e| TierError::io(format!("opening {}", r.path.display()), e))?;
     let mut written = 0u64;
     let mut stream = body.into_data_stream();
@@ -444,7 +428,7 @@ async fn put_shard(
         return Err(bad(format!("body ended after {written} of {len} bytes")));
     }
     drop(file);
-    guard.id = None;
+    guard.disarm();
     d.seal(r.id, true).await?;
     let (_, m) = d.tier.locate(&key)?;
     Ok((StatusCode::CREATED, Json((*m).clone())).into_response())

@@ -2,17 +2,7 @@
 //! control characters, refused by the Rust client, is refused over HTTP too,
 //! and nothing of it is stored.
 
-use tierckpt_harness::testing::{http, TestDaemon};
-
-/// A safetensors file naming one 4-byte tensor `name`, written as raw JSON
-/// (what a client that checks nothing would send).
-fn raw_shard(name: &str) -> Vec<u8> {
-    let json = serde_json::json!({ name: {"dtype": "U8", "shape": [4], "data_offsets": [0, 4]} }).to_string();
-    let mut file = (json.len() as u64).to_le_bytes().to_vec();
-    file.extend_from_slice(json.as_bytes());
-    file.extend_from_slice(&[1, 2, 3, 4]);
-    file
-}
+use tierckpt_harness::testing::{http, raw_shard, TestDaemon};
 
 #[test]
 fn http_put_of_a_tensor_name_with_an_escape_sequence_is_refused_and_stores_nothing() {
@@ -20,7 +10,7 @@ fn http_put_of_a_tensor_name_with_an_escape_sequence_is_refused_and_stores_nothi
     let a = d.proc.http_addr.clone().unwrap();
     let bearer = d.bearer();
     let auth = [("Authorization", bearer.as_str())];
-    let (status, body) = http(&a, "PUT", "/v1/shards/names/1/0?world_size=1", &auth, &raw_shard("w\u{1b}[31m"));
+    let (status, body) = http(&a, "PUT", "/v1/shards/names/1/0?world_size=1", &auth, &raw_shard("w\u{1b}[31m", &[]));
     let text = String::from_utf8_lossy(&body);
     assert!((400..500).contains(&status), "status {status}: {text}");
     // The error names the tensor, escaped (JSON escapes the raw byte too, so
@@ -31,5 +21,5 @@ fn http_put_of_a_tensor_name_with_an_escape_sequence_is_refused_and_stores_nothi
     assert!(c.steps("names").unwrap_or_default().iter().all(|s| s.ranks.is_empty()), "nothing stored");
     assert_eq!(c.status().unwrap().memory.shards, 0);
     // The same shard with a printable name is stored.
-    assert_eq!(http(&a, "PUT", "/v1/shards/names/2/0?world_size=1", &auth, &raw_shard("w.0")).0, 201);
+    assert_eq!(http(&a, "PUT", "/v1/shards/names/2/0?world_size=1", &auth, &raw_shard("w.0", &[])).0, 201);
 }

@@ -134,3 +134,17 @@ pub fn http_abandon(
     s.write_all(partial).unwrap();
     s
 }
+
+/// A safetensors file of one 4-byte U8 tensor `name` (and `metadata`),
+/// written as raw JSON: what a writer that checks no names would send.
+pub fn raw_shard(name: &str, metadata: &[(&str, &str)]) -> Vec<u8> {
+    let mut header = serde_json::json!({ name: {"dtype": "U8", "shape": [4], "data_offsets": [0, 4]} });
+    if !metadata.is_empty() {
+        header["__metadata__"] = metadata.iter().map(|(k, v)| (k.to_string(), serde_json::Value::from(*v))).collect();
+    }
+    let json = header.to_string();
+    let mut file = (json.len() as u64).to_le_bytes().to_vec();
+    file.extend_from_slice(json.as_bytes());
+    file.extend_from_slice(&[1, 2, 3, 4]);
+    file
+}

@@ -13,7 +13,7 @@ use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
 use tierckpt_format::{Manifest, StreamVerifier};
 
-use crate::{ErrorKind, MemoryTier, Reservation, TierError};
+use crate::{ErrorKind, MemoryTier, Reservation, ReservationGuard, TierError};
 
 /// Reserves a segment for a copy of the shard `m` describes; None if an
 /// identical copy is already held here.
@@ -81,7 +81,7 @@ where
     let Some(r) = reserve_for_copy(tier, m)? else { return Ok(false) };
     // Given back on every way out but a seal, a dropped future included (a
     // connection that went away, a server stopping).
-    let mut guard = AbortUnlessSealed { tier, id: Some(r.id) };
+    let mut guard = ReservationGuard::new(tier, r.id);
     let result = async {
         let mut file = crate::private_fs::open_write(&r.path)
             .map_err(|e| TierError::io(format!("opening {}", r.path.display()), e))?;
@@ -134,26 +134,12 @@ where
     }
     .await;
     result?;
-    guard.id = None;
+    guard.disarm();
     let (tier, m) = (tier.clone(), m.clone());
     tokio::task::spawn_blocking(move || tier.seal_verified(r.id, &m))
         .await
         .map_err(|e| TierError::Unavailable(e.to_string()))??;
     Ok(true)
-}
-
-/// Gives a reservation back when dropped, unless its copy went to be sealed.
-struct AbortUnlessSealed<'a> {
-    tier: &'a MemoryTier,
-    id: Option<u64>,
-}
-
-impl Drop for AbortUnlessSealed<'_> {
-    fn drop(&mut self) {
-        if let Some(id) = self.id {
-            let _ = self.tier.abort(id);
-        }
-    }
 }
 
 /// Like [`receive`], for a reduced blob (`tierckpt_format::encode`): decodes

@@ -3,32 +3,14 @@
 //! a tensor name with control characters is refused at seal time.
 
 use tierckpt_format::{Manifest, ShardKey};
+use tierckpt_harness::testing::{raw_shard, shm_dir};
 use tierckpt_tiers::{ErrorKind, MemoryTier, MemoryTierConfig};
-
-fn shm_dir() -> tempfile::TempDir {
-    let base = std::path::Path::new("/dev/shm");
-    if base.is_dir() {
-        tempfile::Builder::new().prefix("tierckpt-test-").tempdir_in(base).unwrap()
-    } else {
-        tempfile::tempdir().unwrap()
-    }
-}
-
-/// A safetensors file naming one 4-byte tensor `name`, written as raw JSON
-/// (what a client that does not check names would send).
-fn raw_shard(name: &str) -> Vec<u8> {
-    let json = serde_json::json!({ name: {"dtype": "U8", "shape": [4], "data_offsets": [0, 4]} }).to_string();
-    let mut file = (json.len() as u64).to_le_bytes().to_vec();
-    file.extend_from_slice(json.as_bytes());
-    file.extend_from_slice(&[1, 2, 3, 4]);
-    file
-}
 
 #[test]
 fn seal_refuses_tensor_names_with_control_characters_and_stores_nothing() {
     let dir = shm_dir();
     let t = MemoryTier::open(MemoryTierConfig::new(dir.path(), 64 << 20)).unwrap();
-    let bad = raw_shard("w\u{1b}[31m");
+    let bad = raw_shard("w\u{1b}[31m", &[]);
 
     // Sealed by a writer (local socket or HTTP PUT).
     let key = ShardKey::new("names", 1, 0);
@@ -53,7 +35,7 @@ fn seal_refuses_tensor_names_with_control_characters_and_stores_nothing() {
     assert_eq!(t.usage().shards, 0);
 
     // The same shard with a printable name is sealed.
-    let good = raw_shard("w.0");
+    let good = raw_shard("w.0", &[]);
     let key = ShardKey::new("names", 3, 0);
     let r = t.reserve(&key, 1, good.len() as u64).unwrap();
     std::fs::write(&r.path, &good).unwrap();

@@ -30,7 +30,7 @@ mod seal;
 mod tier_impl;
 
 pub use read::LeasedMap;
-pub use seal::{Reservation, SealJob};
+pub use seal::{Reservation, ReservationGuard, SealJob};
 
 use std::fs::File;
 use std::os::fd::AsRawFd;

@@ -32,6 +32,33 @@ pub struct Reservation {
     pub len: u64,
 }
 
+/// Gives a reservation back when dropped, unless disarmed (the writer went on
+/// to seal it): a writer that fails, or whose future is dropped, frees it.
+pub struct ReservationGuard<'a> {
+    tier: &'a MemoryTier,
+    id: Option<u64>,
+}
+
+impl<'a> ReservationGuard<'a> {
+    /// Guards reservation `id` of `tier`.
+    pub fn new(tier: &'a MemoryTier, id: u64) -> Self {
+        Self { tier, id: Some(id) }
+    }
+
+    /// The reservation is the writer's to seal: no longer given back on drop.
+    pub fn disarm(&mut self) {
+        self.id = None;
+    }
+}
+
+impl Drop for ReservationGuard<'_> {
+    fn drop(&mut self) {
+        if let Some(id) = self.id {
+            let _ = self.tier.abort(id);
+        }
+    }
+}
+
 /// A sealed segment waiting for its checksums (see [`MemoryTier::finish_seal`]).
 #[derive(Debug)]
 pub struct SealJob {
