@@ -12,8 +12,9 @@ Each save method reports three times, from the start of the call:
              DCP's stager: its staging future);
   visible  - until the checkpoint can be restored (`Checkpointer.wait()`, DCP's upload future).
 The first save of each method (fresh memory, its first call at this size) is reported apart from the steady
-state (`--saves` more saves, one after another, each followed by its wait; medians). tierckpt also runs the
-same number of saves back to back, without waiting in between, and reports the median time blocked.
+state: after `--warmup` saves (reported as a list, not counted), `--saves` more, one after another, each
+followed by its wait (medians; each one listed too). tierckpt also runs `--saves` saves back to back, without
+waiting in between, and reports the median time blocked (and the worst).
 
 Fresh data: before every save (outside the timed region) every tensor gets new bytes (`--fresh bytes`: the
 save's number in its first 8 bytes and 16 random bytes at a random place; `--fresh all`: all of it
@@ -243,10 +244,11 @@ def _times(blocked, free, visible) -> dict:
     return {"blocked_s": blocked, "free_s": free, "visible_s": visible}
 
 
-def _series(first: dict, steady: list) -> dict:
-    return {"first": first,
-            "steady": {k: _med([s[k] for s in steady]) for k in ("blocked_s", "free_s", "visible_s")},
-            "n": len(steady)}
+def _series(first: dict, warmup: list, steady: list) -> dict:
+    keys = ("blocked_s", "free_s", "visible_s")
+    return {"first": first, "steady": {k: _med([s[k] for s in steady]) for k in keys},
+            "each": {k: [s[k] for s in steady] for k in keys}, "n": len(steady),
+            "warmup_visible_s": [s["visible_s"] for s in warmup]}
 
 
 class Bench:
@@ -346,14 +348,13 @@ class Bench:
         t3 = time.perf_counter()
         return _times(t1 - t0, t2 - t0, t3 - t0)
 
-    def measure(self, fn, saves: int) -> dict:
-        self.fresh()
-        first = fn()
-        steady = []
-        for _ in range(saves):
+    def measure(self, fn, saves: int, warmup: int) -> dict:
+        """The first save, `warmup` saves not counted, then `saves` saves: each with fresh data."""
+        runs = []
+        for _ in range(1 + warmup + saves):
             self.fresh()
-            steady.append(fn())
-        return _series(first, steady)
+            runs.append(fn())
+        return _series(runs[0], runs[1:1 + warmup], runs[1 + warmup:])
 
     def back_to_back(self, saves: int) -> dict:
         """tierckpt saves one after another without waiting in between; the waits come at the end."""
@@ -367,7 +368,7 @@ class Bench:
             self._until_free()
             blocked.append(time.perf_counter() - t)
         self.ckpt.wait()
-        return {"blocked_s": _med(blocked), "max_blocked_s": max(blocked),
+        return {"blocked_s": _med(blocked), "max_blocked_s": max(blocked), "each_blocked_s": blocked,
                 "all_visible_s": time.perf_counter() - t0, "n": saves}
 
     # -- restores: each returns (seconds, bitwise) --
@@ -483,7 +484,7 @@ def _ratios(times: dict, floor_s: float) -> dict:
 
 def run_save_mode(b: Bench, args) -> dict:
     out = {"save": {}, "restore": {}}
-    floor = b.measure(b.save_floor, args.saves)
+    floor = b.measure(b.save_floor, args.saves, args.warmup)
     floor_s = floor["steady"]["blocked_s"]
     out["floor"] = {"kind": "device-to-host into a preallocated pinned buffer" if b.device == "cuda"
                     else "one-thread copy into a preallocated, pre-faulted buffer",
@@ -495,7 +496,7 @@ def run_save_mode(b: Bench, args) -> dict:
             if m == "dcp_async_save_stager" and stager is None:
                 out["save"][m] = {"skipped": stager_info}
                 continue
-            r = b.measure(getattr(b, f"save_{m}"), args.saves)
+            r = b.measure(getattr(b, f"save_{m}"), args.saves, args.warmup)
             r["ratio"] = _ratios(r["steady"], floor_s)
             r["first_ratio"] = _ratios(r["first"], floor_s)
             if m == "dcp_async_save_stager":
@@ -622,6 +623,8 @@ def main(argv=None) -> int:
     p.add_argument("--tensors", type=int, default=64)
     p.add_argument("--dtype", choices=tuple(DTYPES), default="bf16")
     p.add_argument("--saves", type=int, default=5, help="steady-state saves per method, after the first")
+    p.add_argument("--warmup", type=int, default=3,
+                   help="saves per method after the first and before the steady state, not counted")
     p.add_argument("--restores", type=int, default=3)
     p.add_argument("--fresh", choices=("bytes", "all"), default="bytes")
     p.add_argument("--step-ms", type=float, default=200.0)
@@ -637,6 +640,8 @@ def main(argv=None) -> int:
     for name in ("tensors", "saves", "restores", "steps"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.warmup < 0:
+        p.error(f"--warmup must be at least 0, got {args.warmup}")
     if args.step_ms <= 0:
         p.error(f"--step-ms must be more than 0, got {args.step_ms}")
     torch = _torch()

@@ -43,7 +43,8 @@ def gone(pid):
 
 
 def test_bench_json_has_every_figure_and_bitwise_restores(tmpdir_shm):
-    r = run_bench(tmpdir_shm, "--size", "8MB", "--json", "--device", "cpu", "--saves", "2", "--restores", "2")
+    r = run_bench(tmpdir_shm, "--size", "8MB", "--json", "--device", "cpu", "--saves", "2", "--warmup", "1",
+                  "--restores", "2")
     assert r.returncode == 0, r.stderr
     rep = json.loads(r.stdout)
     assert rep["mode"] == "save" and rep["device"] == "cpu" and rep["size"] == 8_000_000
@@ -55,7 +56,7 @@ def test_bench_json_has_every_figure_and_bitwise_restores(tmpdir_shm):
     for m in SAVES:
         s = rep["save"][m]
         assert "skipped" not in s, f"{m} skipped: {s.get('skipped')}"
-        assert s["n"] == 2
+        assert s["n"] == 2 and len(s["each"]["visible_s"]) == 2 and len(s["warmup_visible_s"]) == 1
         for part in ("first", "steady"):
             for k in ("blocked_s", "free_s", "visible_s"):
                 positive(s[part][k], f"save.{m}.{part}.{k}")
@@ -85,7 +86,7 @@ def test_bench_json_has_every_figure_and_bitwise_restores(tmpdir_shm):
 
 
 def test_bench_table_is_the_default(tmpdir_shm):
-    r = run_bench(tmpdir_shm, "--size", "1MB", "--device", "cpu", "--saves", "1", "--restores", "1")
+    r = run_bench(tmpdir_shm, "--size", "1MB", "--device", "cpu", "--saves", "1", "--warmup", "0", "--restores", "1")
     assert r.returncode == 0, r.stderr
     for word in ("floor", "tierckpt", "back to back", "torch_save", "dcp_async_save_stager", "dcp_load",
                  "torch_load", "bitwise", "bytes:"):
