@@ -22,7 +22,9 @@ regenerated), so no save sees the bytes of the one before it. Every restore is c
 state that was saved (xxh3-128 of every tensor), and the report says so per method.
 
 `--mode train` runs a model whose step takes `--step-ms` (a calibrated loop of matmuls, or a sleep), first
-without checkpoints and then checkpointing every step with tierckpt, and reports the step-time overhead.
+without checkpoints and then checkpointing every step with tierckpt (before the update that changes the state,
+a step waits until the state is free), and reports the mean step time of `--steps` steps after `--warmup`
+steps, and the overhead: (with - without) / without.
 
 A daemon: the one at `--socket` or $TIERCKPT_SOCKET when given, else the bench starts its own `tierckptd`
 ($TIERCKPT_DAEMON_BIN, else `tierckptd` on PATH) on a temporary directory in /dev/shm and stops it at exit.
@@ -47,7 +49,7 @@ import warnings
 import xxhash
 
 from .checkpointer import Checkpointer
-from .errors import UnavailableError
+from .errors import TierckptError, UnavailableError
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "uint8": "uint8"}
 UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -549,7 +551,7 @@ def run_train_mode(b: Bench, args) -> dict:
 
     def loop(checkpoint: bool) -> dict:
         times, blocked = [], []
-        for _ in range(args.steps):
+        for _ in range(args.warmup + args.steps):
             t0 = time.perf_counter()
             step()                    # forward and backward: the copy of the last save may still run
             if checkpoint:
@@ -558,17 +560,26 @@ def run_train_mode(b: Bench, args) -> dict:
             if checkpoint:
                 b.step += 1
                 t = time.perf_counter()
-                b.ckpt.save(b.step, b.state)
+                try:
+                    b.ckpt.save(b.step, b.state)
+                except TierckptError as e:
+                    # e.g. the daemon's seals fell behind and its memory tier filled up: report, do not hide
+                    mem = (b.ckpt.client.status() or {}).get("memory")
+                    return {"error": f"save {len(blocked) + 1} of {args.warmup + args.steps} (step {b.step}) "
+                                     f"failed: {e}", "daemon_memory": mem}
                 blocked.append(time.perf_counter() - t)
             times.append(time.perf_counter() - t0)
         b.ckpt.wait()
-        return {"step_s": statistics.mean(times), "step_median_s": _med(times),
-                "blocked_s": _med(blocked) if blocked else 0.0}
+        w = args.warmup
+        return {"step_s": statistics.mean(times[w:]), "step_median_s": _med(times[w:]),
+                "blocked_s": _med(blocked[w:]) if blocked else 0.0, "max_step_s": max(times[w:]),
+                "warmup_step_s": times[:w]}
 
     base = loop(False)
     with_ckpt = loop(True)
-    with_ckpt["overhead"] = (with_ckpt["step_s"] - base["step_s"]) / base["step_s"]
-    return {"step_ms": args.step_ms, "step_kind": args.step_kind, "steps": args.steps,
+    if "error" not in with_ckpt:
+        with_ckpt["overhead"] = (with_ckpt["step_s"] - base["step_s"]) / base["step_s"]
+    return {"step_ms": args.step_ms, "step_kind": args.step_kind, "steps": args.steps, "warmup": args.warmup,
             "no_checkpoint": base, "tierckpt": with_ckpt}
 
 
@@ -586,10 +597,12 @@ def table(report: dict) -> str:
              f"({'started by the bench' if report['daemon']['started_by_bench'] else report['daemon']['socket']})"]
     if report["mode"] == "train":
         t = report["train"]
-        lines += [f"train: {t['steps']} steps of ~{t['step_ms']} ms ({t['step_kind']})",
+        c = t["tierckpt"]
+        lines += [f"train: {t['steps']} steps of ~{t['step_ms']} ms ({t['step_kind']}) after {t['warmup']} not counted",
                   f"  no checkpoint   step {t['no_checkpoint']['step_s']:.4f} s",
-                  f"  tierckpt/step   step {t['tierckpt']['step_s']:.4f} s  blocked {t['tierckpt']['blocked_s']:.4f} s"
-                  f"  overhead {100 * t['tierckpt']['overhead']:.1f}%"]
+                  f"  tierckpt/step   error: {c['error']}" if "error" in c else
+                  f"  tierckpt/step   step {c['step_s']:.4f} s  blocked {c['blocked_s']:.4f} s"
+                  f"  overhead {100 * c['overhead']:.1f}%"]
         return "\n".join(lines)
     fl = report["floor"]
     lines.append(f"floor: {fl['kind']}: save {fl['save_s']:.3f} s (first {fl['first_save_s']:.3f} s), "
@@ -660,7 +673,7 @@ def main(argv=None) -> int:
         report = {"version": 1, "mode": args.mode, "device": args.device,
                   "card": torch.cuda.get_device_name() if args.device == "cuda" else None,
                   "size": args.size, "bytes_total": bench.bytes, "tensors": len(bench.state),
-                  "dtype": DTYPES[args.dtype], "fresh": args.fresh, "torch": torch.__version__,
+                  "dtype": DTYPES[args.dtype], "fresh": args.fresh, "torch": torch.__version__, "error": None,
                   "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(),
                   "state_free": "when save() returns (CPU)" if args.device == "cpu" else
                   ("Checkpointer.wait_copied()" if hasattr(bench.ckpt, "wait_copied")
@@ -671,6 +684,7 @@ def main(argv=None) -> int:
         if args.mode == "train":
             report["train"] = run_train_mode(bench, args)
             report["bitwise"] = None
+            report["error"] = report["train"]["tierckpt"].get("error")
         else:
             report.update(run_save_mode(bench, args))
     finally:
@@ -680,6 +694,9 @@ def main(argv=None) -> int:
             daemon.stop()
         shutil.rmtree(workdir, ignore_errors=True)
     print(json.dumps(report) if args.json else table(report))
+    if report.get("error"):
+        print(f"error: {report['error']}", file=sys.stderr)
+        return 1
     if report.get("bitwise") is False:
         print("error: a restore was not bitwise identical to the state saved: see `bitwise` per restore",
               file=sys.stderr)

@@ -95,10 +95,11 @@ def test_bench_table_is_the_default(tmpdir_shm):
 
 def test_bench_train_mode_reports_the_overhead(tmpdir_shm):
     r = run_bench(tmpdir_shm, "--size", "1MB", "--json", "--device", "cpu", "--mode", "train", "--steps", "3",
-                  "--step-ms", "20")
+                  "--warmup", "1", "--step-ms", "20")
     assert r.returncode == 0, r.stderr
     t = json.loads(r.stdout)["train"]
-    assert t["steps"] == 3 and t["step_ms"] == 20 and t["step_kind"] == "matmul"
+    assert t["steps"] == 3 and t["warmup"] == 1 and t["step_ms"] == 20 and t["step_kind"] == "matmul"
+    assert len(t["tierckpt"]["warmup_step_s"]) == 1
     positive(t["no_checkpoint"]["step_s"], "no_checkpoint.step_s")
     positive(t["tierckpt"]["step_s"], "tierckpt.step_s")
     positive(t["tierckpt"]["blocked_s"], "tierckpt.blocked_s")
