@@ -130,3 +130,28 @@ def test_bench_restore_check_catches_a_restore_that_copies_nothing(daemon, tmpdi
 @pytest.mark.parametrize("text,n", [("8MB", 8_000_000), ("1GiB", 1 << 30), ("512MiB", 512 << 20), ("4096", 4096)])
 def test_bench_sizes(text, n):
     assert bench.parse_size(text) == n
+
+
+def test_bench_train_mode_reports_a_failed_save(tmpdir_shm):
+    """A daemon too small for one save: the report names the failed save and the bench exits 1, with its JSON."""
+    proc = subprocess.Popen([binary("tierckptd"), "--memory-dir", str(tmpdir_shm / "mem"), "--socket",
+                             str(tmpdir_shm / "d.sock"), "--memory-tier-size", "1MiB"],
+                            stdout=subprocess.PIPE, text=True, env=py_env())
+    try:
+        ready = json.loads(proc.stdout.readline())
+        assert ready["event"] == "ready", ready
+        work = tmpdir_shm / "work"
+        work.mkdir()
+        r = run_bench(work, "--size", "2MB", "--json", "--device", "cpu", "--mode", "train", "--steps", "2",
+                      "--warmup", "0", "--step-ms", "5", "--socket", ready["socket"])
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    rep = json.loads(r.stdout)
+    assert rep["daemon"]["started_by_bench"] is False
+    err = rep["train"]["tierckpt"]["error"]
+    assert err.startswith("save 1 of 2 (step 1) failed: capacity exceeded"), err
+    assert rep["train"]["tierckpt"]["daemon_memory"]["capacity"] == 1 << 20
+    assert rep["error"] == err and "capacity exceeded" in r.stderr
