@@ -529,7 +529,8 @@ def _step_fn(args, device: str):
     torch = _torch()
     if args.step_kind == "sleep":
         return lambda: time.sleep(args.step_ms / 1000)
-    a = torch.randn(256, 256, device=device)
+    n = 4096 if device == "cuda" else 256  # on a GPU, large enough not to be bound by kernel launches
+    a = torch.randn(n, n, device=device) / n ** 0.5
 
     def work(k):
         x = a
@@ -687,6 +688,9 @@ def main(argv=None) -> int:
             report["error"] = report["train"]["tierckpt"].get("error")
         else:
             report.update(run_save_mode(bench, args))
+    except TierckptError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     finally:
         if bench is not None:
             bench.close()

@@ -155,3 +155,14 @@ def test_bench_train_mode_reports_a_failed_save(tmpdir_shm):
     assert err.startswith("save 1 of 2 (step 1) failed: capacity exceeded"), err
     assert rep["train"]["tierckpt"]["daemon_memory"]["capacity"] == 1 << 20
     assert rep["error"] == err and "capacity exceeded" in r.stderr
+
+
+def test_bench_without_a_daemon_says_how_to_get_one(tmpdir_shm):
+    env = py_env(PATH="/usr/bin:/bin")
+    for k in ("TIERCKPT_SOCKET", "TIERCKPT_DAEMON_BIN"):
+        env.pop(k, None)
+    r = subprocess.run([sys.executable, "-m", "tierckpt.bench", "--size", "1MB", "--workdir", str(tmpdir_shm)],
+                       env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    assert "error: no daemon to benchmark: set TIERCKPT_SOCKET" in r.stderr and "Traceback" not in r.stderr
+    assert list(tmpdir_shm.iterdir()) == []
