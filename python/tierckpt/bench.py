@@ -270,7 +270,7 @@ class Bench:
         self.ckpt = Checkpointer({"socket": daemon.socket, "namespace": self.namespace,
                                   "checkpoint_frequency": 1, "async_save": True}, rank=0, world_size=1)
         self.step = 0
-        self.last_digest = None
+        self.stager = None  # DCP's DefaultStager, kept across saves (run_save_mode)
 
     def fresh(self) -> None:
         self.counter += 1
