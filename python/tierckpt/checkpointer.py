@@ -278,6 +278,14 @@ class _Sealer:
             self._cv.notify_all()
 
 
+def _finalize(sealer: _Sealer, maps: dict) -> None:
+    """Seals what was submitted, then unregisters and unmaps every cached segment (at close, at exit,
+    or when a Checkpointer is dropped unclosed: never leave memory page-locked behind)."""
+    sealer.stop()
+    for k in list(maps):
+        maps.pop(k).close()
+
+
 class Checkpointer:
     """Saves each rank's state into the node daemon's memory tier and restores it.
 
@@ -304,7 +312,7 @@ class Checkpointer:
         self._maps: dict = {}  # (dev, ino, len) -> _Segment: pooled segments stay mapped
         self._maps_generation = self._client.generation
         self._sealer = _Sealer(self._client)
-        self._closer = weakref.finalize(self, _Sealer.stop, self._sealer)  # also at exit
+        self._closer = weakref.finalize(self, _finalize, self._sealer, self._maps)  # also at exit, or if dropped
         self._attached = 0
         self._last_events: list = []
         self._pending: list[int] = []

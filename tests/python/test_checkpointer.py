@@ -467,3 +467,21 @@ def test_a_daemon_restart_neither_breaks_the_trainer_nor_keeps_old_segments_mapp
             if p is not None:
                 p.kill()
                 p.wait()
+
+
+def test_a_dropped_checkpointer_seals_its_saves_and_unmaps_its_segments(daemon):
+    import gc
+    mem = pathlib.Path(daemon["dir"]) / "mem"
+
+    def mapped():
+        return [line for line in open("/proc/self/maps") if str(mem) in line]
+
+    c = ckpt(daemon, ns="dropped")
+    c.save(1, {"w": torch.full((100_000,), 1.0)})
+    assert mapped()
+    del c
+    gc.collect()
+    assert not mapped(), mapped()
+    c = ckpt(daemon, ns="dropped")
+    c.client.wait_visible("dropped", 1, 0, 60_000)
+    assert torch.equal(c.load()["w"], torch.full((100_000,), 1.0))

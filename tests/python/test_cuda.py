@@ -236,3 +236,14 @@ def test_cuda_sealer_waits_for_the_event(daemon, monkeypatch):
     c.save(1, {"x": torch.randn(16 * MiB, device="cuda")})
     c.wait()
     assert seen == [True]
+
+
+def test_cuda_a_dropped_checkpointer_unregisters_its_segments(daemon, monkeypatch):
+    import gc
+    regs = Registrations(monkeypatch)
+    c = ckpt(daemon, "cudadropped")
+    c.save(1, {"x": torch.randn(MiB, device="cuda")})
+    assert regs.live
+    del c
+    gc.collect()
+    assert regs.live == {}, "page-locked memory left behind by an unclosed Checkpointer"
