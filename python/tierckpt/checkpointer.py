@@ -578,14 +578,18 @@ class Checkpointer:
 
         return _Handle()
 
-    def wait_copies(self) -> None:
+    def wait_copies(self, host: bool = False) -> None:
         """Makes each device's current stream wait for the last save's copies (GPU-side, no host
-        synchronisation); a no-op without CUDA tensors."""
+        synchronisation), or with `host=True` blocks until they are done (then the state may change
+        from anywhere); a no-op without CUDA tensors."""
         if not self._last_events:
             return
         import torch
         for device, ev in self._last_events:
-            torch.cuda.current_stream(device).wait_event(ev)
+            if host:
+                ev.synchronize()
+            else:
+                torch.cuda.current_stream(device).wait_event(ev)
 
     def _warn_failed_seals(self) -> None:
         for step, e in self._sealer.peek_errors():
@@ -605,7 +609,9 @@ class Checkpointer:
     def wait(self, timeout_s: float = 600.0) -> None:
         """Waits until every shard saved so far is sealed and visible (checksummed and published);
         raises for a step whose copy or seal failed."""
-        self._sealer.flush(timeout_s)
+        if not self._sealer.flush(timeout_s):
+            raise TierckptError(f"rank {self.rank} of {self.namespace!r}: the copies of steps {self._pending} "
+                                f"were not all sealed after {timeout_s} s")
         self._raise_failed_seals()
         while self._pending:
             try:

@@ -234,6 +234,8 @@ def test_cuda_sealer_waits_for_the_event(daemon, monkeypatch):
     monkeypatch.setattr(checkpointer, "_wait_copies", spy)
     c = ckpt(daemon, "cudaevent")
     c.save(1, {"x": torch.randn(16 * MiB, device="cuda")})
+    c.wait_copies(host=True)  # the host waits for the copy (not for the seal)
+    assert all(ev.query() for _, ev in c._last_events)
     c.wait()
     assert seen == [True]
 
