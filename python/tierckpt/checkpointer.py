@@ -459,8 +459,11 @@ class Checkpointer:
         the copy (a GPU-side wait, nothing blocks here); after
         `attach(optimizer)` only the optimizer's step waits, so the copy
         overlaps the next forward and backward pass. With `async_save` the
+        seal, too, is left to that thread (CPU-only states included) and the
         daemon checksums and publishes the shard in the background (see
-        `wait()`); without it, `save` returns once the step is visible.
+        `wait()`); without it, `save` returns once the step is visible. A
+        copy or seal that fails in the background aborts its shard: `wait()`
+        raises it, the next `save()` warns.
         """
         t0 = time.perf_counter()
         self.heartbeat(step)
@@ -480,7 +483,7 @@ class Checkpointer:
         try:
             seg = self._segment(res["path"], length)
             shard.write(seg.mm, header, host)
-            events = self._copy_to_segment(seg, dev, step) if dev else []
+            events = self._copy_to_segment(seg, dev) if dev else []
         except BaseException as e:
             try:
                 c.abort(res["id"])
@@ -506,7 +509,7 @@ class Checkpointer:
         if self._persist_probe is None and self._persistent_status() is not None:
             self._persist_probe = (step, time.time())
 
-    def _copy_to_segment(self, seg: _Segment, refs: list, step: int) -> list:
+    def _copy_to_segment(self, seg: _Segment, refs: list) -> list:
         """Enqueues device-to-host copies of CUDA tensors into `seg`; one event per device."""
         import torch
 
