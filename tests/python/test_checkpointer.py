@@ -361,18 +361,18 @@ def test_sigkill_between_enqueue_and_seal_leaves_nothing_visible(daemon, tmp_pat
     killed before that thread seals leaves nothing visible, the reservation dies with its connection."""
     script = tmp_path / "trainer.py"
     script.write_text(textwrap.dedent(f"""
-        import time, torch, tierckpt
+        import os, time, torch, tierckpt
         from tierckpt import checkpointer
         c = tierckpt.Checkpointer({{"socket": {daemon['socket']!r}, "namespace": "enq",
                                     "checkpoint_frequency": 1, "async_save": True}}, rank=0, world_size=1)
         c.save(1, {{"w": torch.full((1000,), 1.0)}})
         c.wait()
         def stuck_copy(events):  # the sealing thread waits here for the copies' events
-            print("sealer waiting", flush=True)
+            os.write(1, b"sealer waiting\\n")  # one write: the two threads' lines never interleave
             time.sleep(600)
         checkpointer._wait_copies = stuck_copy
         c.save(2, {{"w": torch.full((1000,), 2.0)}})
-        print("save returned", flush=True)
+        os.write(1, b"save returned\\n")
         time.sleep(600)
     """))
     proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, env=py_env())
