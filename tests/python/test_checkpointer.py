@@ -485,3 +485,17 @@ def test_a_dropped_checkpointer_seals_its_saves_and_unmaps_its_segments(daemon):
     c = ckpt(daemon, ns="dropped")
     c.client.wait_visible("dropped", 1, 0, 60_000)
     assert torch.equal(c.load()["w"], torch.full((100_000,), 1.0))
+
+
+def test_attach_installs_a_step_pre_hook_that_is_a_no_op_on_the_cpu(daemon):
+    c = ckpt(daemon, ns="attach")
+    model, opt = train_state()
+    handle = c.attach(opt)
+    assert c._attached == 1 and len(opt._optimizer_step_pre_hooks) == 1
+    c.save(1, {"model": model.state_dict(), "optim": opt.state_dict()})
+    model(torch.randn(5, 8)).pow(2).mean().backward()
+    opt.step()  # the hook runs: nothing to wait for on the CPU
+    c.wait()
+    handle.remove()
+    assert c._attached == 0 and len(opt._optimizer_step_pre_hooks) == 0
+    assert c.load(step=1)["optim"]["state"][0]["step"] == torch.tensor(3.0)
