@@ -469,6 +469,8 @@ class Checkpointer:
         self.heartbeat(step)
         if not _is_int(step) or step < 0:
             raise ValueError(f"step must be a whole number >= 0, got {step!r}")
+        if not self._closer.alive:
+            raise TierckptError(f"save({step}) after close(): this Checkpointer no longer seals; make a new one")
         self._warn_failed_seals()
         tree, tensors = shard.encode_tree(state)
         import json

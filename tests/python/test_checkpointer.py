@@ -499,3 +499,13 @@ def test_attach_installs_a_step_pre_hook_that_is_a_no_op_on_the_cpu(daemon):
     handle.remove()
     assert c._attached == 0 and len(opt._optimizer_step_pre_hooks) == 0
     assert c.load(step=1)["optim"]["state"][0]["step"] == torch.tensor(3.0)
+
+
+def test_save_after_close_says_so_and_reserves_nothing(daemon):
+    c = ckpt(daemon, ns="closed")
+    c.save(1, {"w": torch.ones(2)})
+    c.close()
+    with pytest.raises(tierckpt.TierckptError, match="after close"):
+        c.save(2, {"w": torch.ones(2)})
+    c2 = ckpt(daemon, ns="closed")
+    assert c2.latest_step() == 1 and c2.client.status()["memory"]["reservations"] == 0
