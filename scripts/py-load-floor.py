@@ -8,7 +8,8 @@
 Floors: `memcpy`, a one-thread copy of the same bytes between two prefaulted
 buffers; `read`, one `readinto` of the shard file into the targets (the
 bytes read once, no verification). The load verifies every chunk and fills
-the targets in place. Prints JSON: medians, ranges and ratios.
+the targets in place (`load`), or makes new tensors (`load_new`: fresh memory,
+whose page faults the floors do not pay). Prints JSON: medians, ranges and ratios.
 """
 
 import argparse
@@ -57,7 +58,7 @@ def main():
         dst = torch.empty(nbytes, dtype=torch.uint8).fill_(2)
         (shard,) = pathlib.Path(tmp).glob("mem/ns/floor/*/rank-*.safetensors")
         flat = torch.empty(os.path.getsize(shard), dtype=torch.uint8).fill_(3)
-        res = {"memcpy": [], "read": [], "load": []}
+        res = {"memcpy": [], "read": [], "load": [], "load_new": []}
         for _ in range(a.runs):
             t0 = time.perf_counter()
             dst.copy_(src)
@@ -69,11 +70,17 @@ def main():
             t0 = time.perf_counter()
             c.load(target, step=1)
             res["load"].append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            back = c.load(step=1)  # into new tensors
+            res["load_new"].append(time.perf_counter() - t0)
+            del back
         assert all(torch.equal(target[k], state[k]) for k in state)
         med = {k: statistics.median(v) for k, v in res.items()}
         print(json.dumps({"bytes": nbytes, "runs": a.runs,
                           "median_s": med, "range_s": {k: [min(v), max(v)] for k, v in res.items()},
-                          "load_vs_memcpy": med["load"] / med["memcpy"], "load_vs_read": med["load"] / med["read"]},
+                          "load_vs_memcpy": med["load"] / med["memcpy"], "load_vs_read": med["load"] / med["read"],
+                          "load_new_vs_memcpy": med["load_new"] / med["memcpy"],
+                          "load_new_vs_read": med["load_new"] / med["read"]},
                          indent=1))
         c.close()
     finally:

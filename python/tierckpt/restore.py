@@ -177,11 +177,17 @@ def _load(fd, path, man, build):
             _copy_cuda(fd, path, size, head_chunks, chunk, verify, parts, plan, len(want))
         else:
             _copy_cpu(head_chunks, head, chunk, read, verify, parts, plan, len(want))
+        for f in plan.finish:
+            f()
     except CorruptError as e:
         e.partial = sorted(plan.touched)
         raise
-    for f in plan.finish:
-        f()
+    finally:
+        # the caller's tree-rebuilding closures form a cycle holding `plan`: let go of the tensors now,
+        # not at the next garbage collection
+        parts.clear()
+        plan.parts.clear()
+        plan.finish.clear()
     return out
 
 

@@ -269,7 +269,10 @@ def decode_tree(tree, make_tensor, target=None):
             return getattr(_torch(), v)
         raise ValueError(f"unknown tag {tag!r} in the checkpoint's tree")
 
-    return dec(tree, target)
+    try:
+        return dec(tree, target)
+    finally:
+        dec = None  # the recursive closure refers to itself: break the cycle (it holds make_tensor)
 
 
 def _sub(tgt, key):

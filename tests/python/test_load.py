@@ -128,3 +128,38 @@ def test_flipped_byte_in_the_last_chunk_falls_through_to_the_persistent_copy(dra
     assert_same(back, state)
     for k in target:
         assert back[k] is target[k]
+
+
+def test_a_flipped_byte_is_caught_when_loading_into_new_tensors(daemon):
+    state = big_state(seed=3)
+    c = ckpt(daemon, "direct", async_save=False)
+    c.save(6, state)
+    f = shard_file(daemon, "direct")
+    flip(f, os.path.getsize(f) - 6 * MiB)  # chunk 1: inside "a"
+    with pytest.raises(CorruptError) as e:
+        c.load(step=6)
+    assert "chunk 1" in str(e.value) and e.value.partial == []
+
+
+def test_a_load_lets_go_of_its_tensors_when_the_caller_does(daemon):
+    """No reference cycle keeps the memory of loaded tensors alive until the next garbage collection
+    (64 MiB tensors: above glibc's mmap threshold, so freeing them gives the memory back at once)."""
+    import gc
+
+    def rss_mib():
+        return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") >> 20
+
+    c = ckpt(daemon, "refs")
+    c.save(1, {"w": torch.ones(16 * MiB)})
+    c.wait()
+    gc.collect()
+    gc.disable()
+    try:
+        before = rss_mib()
+        for _ in range(3):
+            back = c.load(step=1)
+            assert back["w"][-1] == 1.0
+            del back
+        assert rss_mib() - before < 48, f"{rss_mib() - before} MiB still held after the loads"
+    finally:
+        gc.enable()
