@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import mmap
 import os
 import re
@@ -10,10 +11,9 @@ import subprocess
 import threading
 import time
 import warnings
+import weakref
 
-import xxhash
-
-from . import shard
+from . import restore, shard
 from .adaptive import Ema, interval_steps, mtbf_from_records
 from .client import Client, default_socket
 from .errors import CorruptError, NotFoundError, TierckptError, UnavailableError
@@ -128,6 +128,164 @@ def _rank_world(rank, world_size):
     return r, w
 
 
+def _partial(e: CorruptError, names, step) -> CorruptError:
+    """`e`, saying which tensors of the caller's state were filled in part (`e.partial`)."""
+    e.partial = sorted(names)
+    if names:
+        shown = ", ".join(e.partial[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
+        e.message = (f"{e.message}; the tensors of `state` filled in place hold verified bytes of step {step} "
+                     f"in part, not a consistent state, do not train from them: {shown}")
+        e.args = (e.message,)
+    return e
+
+
+class _Segment:
+    """A cached writable mapping of one of the daemon's segment files, page-locked for CUDA on first
+    use (once per mapping) and unregistered before it is unmapped."""
+
+    def __init__(self, fd, mm, length, path):
+        self.fd, self.mm, self.length, self.path = fd, mm, length, path
+        self._u8 = None
+        self.registered = False
+        self.events: list = []  # copies into it in flight
+
+    def tensor(self):
+        """The whole mapping as a uint8 tensor (one buffer export, kept while mapped)."""
+        if self._u8 is None:
+            import torch
+            self._u8 = torch.frombuffer(self.mm, dtype=torch.uint8)
+        return self._u8
+
+    def register(self) -> None:
+        if not self.registered:
+            from . import cuda
+            self.registered = cuda.register(self.tensor().data_ptr(), self.length, what=f"segment {self.path}")
+
+    def close(self) -> None:
+        for ev in self.events:
+            try:
+                ev.synchronize()  # never unmap under a DMA
+            except Exception:
+                pass
+        self.events = []
+        if self.registered:
+            from . import cuda
+            cuda.unregister(self._u8.data_ptr(), what=f"segment {self.path}")
+            self.registered = False
+        self._u8 = None
+        try:
+            self.mm.close()
+        except BufferError:
+            pass
+        os.close(self.fd)
+
+
+class _SealJob:
+    __slots__ = ("res_id", "step", "events")
+
+    def __init__(self, res_id, step, events):
+        self.res_id, self.step, self.events = res_id, step, events
+
+
+def _wait_copies(events) -> None:
+    """Blocks until the device-to-host copies behind `events` are done (raises their CUDA error)."""
+    for _, ev in events:
+        ev.synchronize()
+
+
+class _Sealer:
+    """Seals reservations, in order, once their copies are done, on a thread of its own. It seals on
+    the Checkpointer's connection (the one that reserved), so a trainer that dies first leaves
+    nothing visible: the daemon reclaims the reservations of a closed connection. A failed copy or
+    seal aborts the reservation and is kept for `wait()`."""
+
+    def __init__(self, client: Client):
+        self._client = client
+        self._queue: collections.deque = collections.deque()
+        self._cv = threading.Condition()
+        self._busy = 0
+        self._errors: list = []
+        self._peeked = 0
+        self._thread = None
+        self._stopped = False
+
+    def submit(self, job: _SealJob) -> None:
+        with self._cv:
+            self._queue.append(job)
+            self._busy += 1
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="tierckpt-sealer", daemon=True)
+                self._thread.start()
+            self._cv.notify_all()
+
+    def seal(self, job: _SealJob, wait: bool) -> None:
+        try:
+            _wait_copies(job.events)
+            self._client.seal(job.res_id, wait=wait)
+        except BaseException as e:
+            try:
+                self._client.abort(job.res_id)
+            except Exception:
+                pass
+            with self._cv:
+                self._errors.append((job.step, e))
+            if not isinstance(e, Exception):
+                raise
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not self._queue and not self._stopped:
+                    self._cv.wait()
+                if not self._queue:
+                    return
+                job = self._queue[0]
+            try:
+                self.seal(job, wait=False)
+            finally:
+                with self._cv:
+                    self._queue.popleft()
+                    self._busy -= 1
+                    self._cv.notify_all()
+
+    def flush(self, timeout_s: float = 600.0) -> bool:
+        """Waits until every submitted job is sealed or failed; False on timeout."""
+        deadline = time.monotonic() + timeout_s
+        with self._cv:
+            while self._busy:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cv.wait(left)
+        return True
+
+    def peek_errors(self) -> list:
+        """Errors not seen by peek_errors before (they stay for take_errors)."""
+        with self._cv:
+            new, self._peeked = self._errors[self._peeked:], len(self._errors)
+        return new
+
+    def take_errors(self) -> list:
+        with self._cv:
+            errors, self._errors, self._peeked = self._errors, [], 0
+        return errors
+
+    def stop(self, timeout_s: float = 60.0) -> None:
+        """Seals what was submitted (at close and at exit), then ends the thread."""
+        self.flush(timeout_s)
+        with self._cv:
+            self._stopped = True
+            self._cv.notify_all()
+
+
+def _finalize(sealer: _Sealer, maps: dict) -> None:
+    """Seals what was submitted, then unregisters and unmaps every cached segment (at close, at exit,
+    or when a Checkpointer is dropped unclosed: never leave memory page-locked behind)."""
+    sealer.stop()
+    for k in list(maps):
+        maps.pop(k).close()
+
+
 class Checkpointer:
     """Saves each rank's state into the node daemon's memory tier and restores it.
 
@@ -151,7 +309,12 @@ class Checkpointer:
         self.namespace = self.config["namespace"]
         self.socket = self.config["socket"]
         self._client = self._connect()
-        self._maps: dict = {}  # (dev, ino, len) -> (file, mmap): pooled segments stay mapped
+        self._maps: dict = {}  # (dev, ino, len) -> _Segment: pooled segments stay mapped
+        self._maps_generation = self._client.generation
+        self._sealer = _Sealer(self._client)
+        self._closer = weakref.finalize(self, _finalize, self._sealer, self._maps)  # also at exit, or if dropped
+        self._attached = 0
+        self._last_events: list = []
         self._pending: list[int] = []
         self._discarded = False
         self._lock = threading.Lock()
@@ -244,16 +407,20 @@ class Checkpointer:
             pass
 
     # -- save ---------------------------------------------------------------
-    def _map(self, path: str, length: int):
-        """A writable mapping of a reserved segment, cached by (device, inode, length)."""
+    def _segment(self, path: str, length: int) -> _Segment:
+        """A writable mapping of a reserved segment, cached by (device, inode, length); a new
+        connection (the daemon restarted) drops every cached mapping and its registration."""
+        if self._maps_generation != self._client.generation:
+            self._drop_segments()
+            self._maps_generation = self._client.generation
         fd = os.open(path, os.O_RDWR)
         st = os.fstat(fd)
         key = (st.st_dev, st.st_ino, length)
-        for k in [k for k, (f, _) in self._maps.items() if k != key and os.fstat(f).st_nlink == 0]:
-            self._unmap(k)  # deleted segments: do not pin their memory
+        for k in [k for k, g in self._maps.items() if k != key and os.fstat(g.fd).st_nlink == 0]:
+            self._maps.pop(k).close()  # deleted segments: do not pin their memory
         if key in self._maps:
             os.close(fd)
-            return self._maps[key][1]
+            return self._maps[key]
         try:
             if st.st_size != length:
                 raise TierckptError(f"segment {path} has {st.st_size} bytes, expected {length}")
@@ -262,46 +429,78 @@ class Checkpointer:
             os.close(fd)
             raise
         while len(self._maps) >= 8:
-            self._unmap(next(iter(self._maps)))
-        self._maps[key] = (fd, mm)
-        return mm
+            self._maps.pop(next(iter(self._maps))).close()
+        seg = self._maps[key] = _Segment(fd, mm, length, path)
+        return seg
 
-    def _unmap(self, key) -> None:
-        fd, mm = self._maps.pop(key)
+    def _drop_segments(self) -> None:
+        for k in list(self._maps):
+            self._maps.pop(k).close()
+
+    def _reserve(self, step: int, length: int) -> dict:
+        c = self._client
+        gen = c.generation
         try:
-            mm.close()
-        except BufferError:
-            pass
-        os.close(fd)
+            return c.reserve(self.namespace, step, self.rank, self.world_size, length)
+        except UnavailableError:
+            if c.connected or c.generation != gen:
+                raise
+            # the connection broke (the daemon restarted?): one try on a new one
+            return c.reserve(self.namespace, step, self.rank, self.world_size, length)
 
     def save(self, step: int, state, tiers=None) -> None:
-        """Copies `state` into a segment of the daemon and seals it.
+        """Copies `state` into a segment of the daemon and has it sealed.
 
-        Blocks for the reserve and the copy; with `async_save` the daemon
-        checksums and publishes the shard in the background (see `wait()`).
+        CPU tensors are copied before this returns. CUDA tensors are copied
+        on a side stream per device straight into the (page-locked) segment:
+        `save` returns once the copies are enqueued, and a background thread
+        seals the shard when they complete. The state may change again only
+        after its copy: by default each device's current stream waits for
+        the copy (a GPU-side wait, nothing blocks here); after
+        `attach(optimizer)` only the optimizer's step waits, so the copy
+        overlaps the next forward and backward pass. With `async_save` the
+        seal, too, is left to that thread (CPU-only states included) and the
+        daemon checksums and publishes the shard in the background (see
+        `wait()`); without it, `save` returns once the step is visible. A
+        copy or seal that fails in the background aborts its shard: `wait()`
+        raises it, the next `save()` warns.
         """
         t0 = time.perf_counter()
         self.heartbeat(step)
         if not _is_int(step) or step < 0:
             raise ValueError(f"step must be a whole number >= 0, got {step!r}")
+        if not self._closer.alive:
+            raise TierckptError(f"save({step}) after close(): this Checkpointer no longer seals; make a new one")
+        self._warn_failed_seals()
         tree, tensors = shard.encode_tree(state)
         import json
         meta = {"format": shard.FORMAT, "step": str(step), "tree": json.dumps(tree, separators=(",", ":"))}
         if tiers:
             meta["tiers"] = ",".join(sorted(tiers))
         header, length = shard.plan(tensors, meta)
+        host = [t for t in tensors if t.kind == "numpy" or t.value.device.type == "cpu"]
+        dev = [t for t in tensors if t.kind == "torch" and t.value.device.type == "cuda"]
+        res = self._reserve(step, length)
         c = self._client
-        res = c.reserve(self.namespace, step, self.rank, self.world_size, length)
         try:
-            mm = self._map(res["path"], length)
-            shard.write(mm, header, tensors)
-            c.seal(res["id"], wait=not self.config["async_save"])
-        except BaseException:
+            seg = self._segment(res["path"], length)
+            shard.write(seg.mm, header, host)
+            events = self._copy_to_segment(seg, dev) if dev else []
+        except BaseException as e:
             try:
                 c.abort(res["id"])
             except Exception:
                 pass
+            if dev and not isinstance(e, (TierckptError, KeyboardInterrupt)):
+                raise TierckptError(f"step {step} rank {self.rank}: copying the state into the daemon's "
+                                    f"segment failed: {e}; the shard was aborted, earlier steps are intact") from e
             raise
+        job = _SealJob(res["id"], step, events)
+        if self.config["async_save"]:
+            self._sealer.submit(job)
+        else:
+            self._sealer.seal(job, wait=True)
+            self._raise_failed_seals()
         self._pending.append(step)
         del self._pending[:-16]
         blocked = time.perf_counter() - t0
@@ -312,8 +511,113 @@ class Checkpointer:
         if self._persist_probe is None and self._persistent_status() is not None:
             self._persist_probe = (step, time.time())
 
+    def _copy_to_segment(self, seg: _Segment, refs: list) -> list:
+        """Enqueues device-to-host copies of CUDA tensors into `seg`; one event per device."""
+        import torch
+
+        from . import cuda
+        seg.register()
+        dst = seg.tensor()
+        by_dev: dict = {}
+        for r in refs:
+            by_dev.setdefault(r.value.device, []).append(r)
+        events, used = [], []
+        try:
+            for device, rs in by_dev.items():
+                side = cuda.side_stream(device)
+                used.append(side)
+                cur = torch.cuda.current_stream(device)
+                side.wait_stream(cur)  # the values the trainer has computed so far
+                with torch.cuda.device(device), torch.cuda.stream(side), torch.no_grad():
+                    for r in rs:
+                        if r.nbytes == 0:
+                            continue
+                        v = r.value.detach()
+                        v.record_stream(side)  # its memory is not reused before the copy ran
+                        if not v.is_contiguous():
+                            v = v.contiguous()  # allocated on the side stream, freed there after the copy
+                        dst[r.offset:r.offset + r.nbytes].copy_(v.reshape(-1).view(torch.uint8),
+                                                                non_blocking=True)
+                    ev = torch.cuda.Event()
+                    ev.record(side)
+                events.append((device, ev))
+        except BaseException:
+            for side in used:  # no copy may still run into a segment given back to the daemon
+                try:
+                    side.synchronize()
+                except Exception:
+                    pass
+            raise
+        if not self._attached:
+            for device, ev in events:
+                # nothing on the trainer's stream changes the state before the copy (a GPU-side wait)
+                torch.cuda.current_stream(device).wait_event(ev)
+        seg.events = [ev for _, ev in events]
+        self._last_events = events
+        return events
+
+    def attach(self, optimizer):
+        """Makes `optimizer.step()` wait (on the GPU) for the last save's copies, instead of every
+        kernel after a save: the copies then overlap the next forward and backward pass. State the
+        forward pass changes (BatchNorm running statistics) needs `wait_copies()` before it too.
+        Returns the hook's handle (`.remove()` detaches)."""
+        ref = weakref.ref(self)
+
+        def hook(_opt, _args, _kwargs):
+            me = ref()
+            if me is not None:
+                me.wait_copies()
+
+        handle = optimizer.register_step_pre_hook(hook)
+        self._attached += 1
+        me = ref
+
+        class _Handle:
+            """The hook's handle; `remove()` also restores the wait after every save."""
+
+            def remove(self):
+                handle.remove()
+                c = me()
+                if c is not None:
+                    c._attached = max(0, c._attached - 1)
+
+        return _Handle()
+
+    def wait_copies(self, host: bool = False) -> None:
+        """Makes each device's current stream wait for the last save's copies (GPU-side, no host
+        synchronisation), or with `host=True` blocks until they are done (then the state may change
+        from anywhere); a no-op without CUDA tensors."""
+        if not self._last_events:
+            return
+        import torch
+        for device, ev in self._last_events:
+            if host:
+                ev.synchronize()
+            else:
+                torch.cuda.current_stream(device).wait_event(ev)
+
+    def _warn_failed_seals(self) -> None:
+        for step, e in self._sealer.peek_errors():
+            warnings.warn(f"tierckpt: step {step} rank {self.rank} of {self.namespace!r} was not saved: {e}",
+                          RuntimeWarning, stacklevel=3)
+
+    def _raise_failed_seals(self) -> None:
+        errors = self._sealer.take_errors()
+        if errors:
+            for step, _ in errors:
+                if step in self._pending:
+                    self._pending.remove(step)
+            msg = "; ".join(f"step {s} was not saved: {e}" for s, e in errors)
+            raise TierckptError(f"rank {self.rank} of {self.namespace!r}: {msg} (the shard was aborted; "
+                                "earlier steps are intact)") from errors[-1][1]
+
     def wait(self, timeout_s: float = 600.0) -> None:
-        """Waits until every shard saved so far is visible (checksummed and published)."""
+        """Waits until every shard saved so far is sealed and visible (checksummed and published);
+        raises for a step whose copy or seal failed."""
+        if not self._sealer.flush(timeout_s):
+            raise TierckptError(f"rank {self.rank} of {self.namespace!r}: the copies of steps {self._pending} "
+                                f"were not all sealed after {timeout_s} s")
+        self._raise_failed_seals()
         while self._pending:
             try:
                 self._client.wait_visible(self.namespace, self._pending[0], self.rank, int(timeout_s * 1000))
@@ -348,20 +652,24 @@ class Checkpointer:
             # a shard another writer sealed asynchronously may still be checksumming
             self._client.wait_visible(self.namespace, step, self.rank, 60_000)
         first_error = None
+        partial: set = set()
         for attempt in range(2):
             try:
                 opened = self._client.open(self.namespace, step, self.rank)
             except NotFoundError as e:
                 if first_error is not None:
-                    raise CorruptError(f"{first_error}; no other copy could be loaded: {e}") from None
+                    raise _partial(CorruptError(f"{first_error}; no other copy could be loaded: {e}"),
+                                   partial, step) from None
                 raise
             try:
                 out = self._load_opened(opened, state, step)
             except CorruptError as e:
                 self._release(step)
                 self._client.report_corrupt(self.namespace, step, self.rank)
+                partial.update(getattr(e, "partial", ()))
                 if first_error is not None:
-                    raise CorruptError(f"{first_error}; the next copy is corrupt too: {e}") from None
+                    raise _partial(CorruptError(f"{first_error}; the next copy is corrupt too: {e}"),
+                                   partial, step) from None
                 first_error = e
                 continue
             self._release(step)
@@ -403,68 +711,21 @@ class Checkpointer:
 
     def _load_opened(self, opened, state, step):
         import json
-        path, man = opened["path"], opened["manifest"]
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            if size != man["file_len"] or size == 0:
-                raise CorruptError(f"{path}: {size} bytes, the manifest says {man['file_len']}")
-            mm = mmap.mmap(f.fileno(), size, mmap.MAP_SHARED, mmap.PROT_READ)
-        try:
-            mv = memoryview(mm)
-            cs = int(man["chunk_size"])
-            for i, want in enumerate(man["chunks"]):
-                a, b = i * cs, min((i + 1) * cs, size)
-                got = xxhash.xxh3_128_intdigest(mv[a:b])
-                if got != int(want, 16):
-                    mv.release()
-                    raise CorruptError(
-                        f"corrupt: {path} chunk {i} (bytes {a}..{b}): expected xxh3-128 {want}, found {got:032x}")
-            mv.release()
-            entries, meta, data_start = shard.parse_header(mm)
+
+        def build(entries, meta, data_start, plan):
             if meta.get("format") != shard.FORMAT:
                 raise TierckptError(f"step {step} rank {self.rank} of {self.namespace!r} was not written by "
                                     f"the Python Checkpointer (format {meta.get('format')!r}); "
                                     "read it with the safetensors package")
-            tree = json.loads(meta["tree"])
-            return shard.decode_tree(tree, lambda kind, name, tgt: self._tensor(mm, entries, data_start, kind,
-                                                                                 name, tgt), state)
-        finally:
-            try:
-                mm.close()
-            except BufferError:
-                pass
 
-    @staticmethod
-    def _tensor(mm, entries, data_start, kind, name, tgt):
-        e = entries[name]
-        st = e["dtype"]
-        a, b = e["data_offsets"]
-        shape = tuple(e["shape"])
-        if kind == "torch":
-            torch = shard._torch()
-            _, from_st = shard._torch_maps()
-            dt = from_st[st]
-            n = 1
-            for s in shape:
-                n *= s
-            if n == 0:
-                src = torch.empty(shape, dtype=dt)
-            else:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")  # read-only buffer: only read from
-                    src = torch.frombuffer(mm, dtype=dt, count=n, offset=data_start + a).view(shape)
-            if isinstance(tgt, torch.Tensor) and tgt.dtype == dt and tuple(tgt.shape) == shape:
-                with torch.no_grad():
-                    tgt.copy_(src)
-                return tgt
-            return src.clone()
-        npdt = shard.DTYPES[st][1]
-        n = (b - a) // shard.DTYPES[st][0]
-        src = shard.np.frombuffer(mm, dtype=npdt, count=n, offset=data_start + a).reshape(shape)
-        if isinstance(tgt, shard.np.ndarray) and tgt.dtype == npdt and tgt.shape == shape and tgt.flags.writeable:
-            tgt[...] = src
-            return tgt
-        return src.copy()
+            def make(kind, name, tgt):
+                e = entries[name]
+                a, b = e["data_offsets"]
+                return restore.target(plan, name, data_start + a, b - a, kind, e["dtype"], e["shape"], tgt)
+
+            return shard.decode_tree(json.loads(meta["tree"]), make, state)
+
+        return restore.load(opened["path"], opened["manifest"], build)
 
     # -- when to save -------------------------------------------------------
     def should_save(self, step: int) -> set:
@@ -569,8 +830,11 @@ class Checkpointer:
         return out
 
     def close(self) -> None:
-        for k in list(self._maps):
-            self._unmap(k)
+        """Seals what was saved (waiting for pending copies), unregisters and unmaps the segments and
+        closes the connection. A save that failed in the background is reported as a warning."""
+        self._closer()
+        self._warn_failed_seals()
+        self._drop_segments()
         self._client.close()
 
     def __enter__(self):

@@ -13,6 +13,7 @@ import json
 import os
 import socket
 import struct
+import threading
 
 from .errors import TierckptError, UnauthorizedError, UnavailableError, from_wire
 
@@ -39,12 +40,16 @@ def check_daemon(s: socket.socket, path: str) -> None:
 
 
 class Client:
-    """One connection to a node daemon. Not thread-safe: use one per thread."""
+    """One connection to a node daemon. Threads may share it: requests take turns (one lock), so a
+    reservation made by one thread can be sealed by another on the same connection. After a lost
+    connection the next request reconnects; `generation` counts the connections made."""
 
     def __init__(self, socket_path: str | None = None, timeout: float | None = None):
         self.socket_path = socket_path or default_socket()
         self.timeout = timeout
         self._sock: socket.socket | None = None
+        self._lock = threading.RLock()
+        self.generation = 0
         self._connect()
 
     # -- connection ---------------------------------------------------------
@@ -68,6 +73,7 @@ class Client:
             s.close()
             raise
         self._sock = s
+        self.generation += 1
 
     def close(self) -> None:
         if self._sock is not None:
@@ -105,22 +111,23 @@ class Client:
 
     def request(self, req: dict):
         """Sends one request; returns `(reply_name, body)` or raises the mapped error."""
-        if self._sock is None:
-            self._connect()
         body = json.dumps(req, separators=(",", ":"), allow_nan=False).encode()
         if len(body) > MAX_FRAME:
             raise ValueError(f"request of {len(body)} bytes exceeds the {MAX_FRAME}-byte frame limit")
-        try:
-            self._sock.sendall(struct.pack(">I", len(body)) + body)
-            (n,) = struct.unpack(">I", self._recv_exact(4))
-            if n > MAX_FRAME:
-                raise TierckptError(f"reply frame of {n} bytes exceeds the {MAX_FRAME}-byte limit")
-            reply = json.loads(self._recv_exact(n))
-        except (OSError, ConnectionError) as e:
-            self.close()
-            raise UnavailableError(
-                f"lost the connection to the tierckpt daemon at {self.socket_path} during "
-                f"{req.get('op')!r}: {e}") from None
+        with self._lock:
+            if self._sock is None:
+                self._connect()
+            try:
+                self._sock.sendall(struct.pack(">I", len(body)) + body)
+                (n,) = struct.unpack(">I", self._recv_exact(4))
+                if n > MAX_FRAME:
+                    raise TierckptError(f"reply frame of {n} bytes exceeds the {MAX_FRAME}-byte limit")
+                reply = json.loads(self._recv_exact(n))
+            except (OSError, ConnectionError) as e:
+                self.close()
+                raise UnavailableError(
+                    f"lost the connection to the tierckpt daemon at {self.socket_path} during "
+                    f"{req.get('op')!r}: {e}") from None
         if "Err" in reply:
             raise from_wire(reply["Err"])
         ok = reply.get("Ok")

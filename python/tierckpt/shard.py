@@ -146,6 +146,9 @@ def encode_tree(state):
                 raise TypeError(f"{where}: tensor subclass {type(x).__name__} is not supported")
             if x.is_sparse or x.layout != torch.strided:
                 raise TypeError(f"{where}: only dense (strided) tensors are supported, got {x.layout}")
+            if x.device.type not in ("cpu", "cuda"):
+                raise TypeError(f"{where}: tensor on device {x.device} cannot be checkpointed (supported: cpu "
+                                "and cuda tensors); move it to one of them first")
             st = torch_to_st.get(x.dtype)
             if st is None:
                 raise TypeError(f"{where}: tensor dtype {x.dtype} has no safetensors equivalent")
@@ -266,7 +269,10 @@ def decode_tree(tree, make_tensor, target=None):
             return getattr(_torch(), v)
         raise ValueError(f"unknown tag {tag!r} in the checkpoint's tree")
 
-    return dec(tree, target)
+    try:
+        return dec(tree, target)
+    finally:
+        dec = None  # the recursive closure refers to itself: break the cycle (it holds make_tensor)
 
 
 def _sub(tgt, key):

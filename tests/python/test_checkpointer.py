@@ -5,6 +5,7 @@ import math
 import os
 import pathlib
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -341,3 +342,170 @@ def test_the_daemon_persists_the_steps_should_save_chose(draining_daemon):
         wait_until(lambda: drained(step), what=f"the drainer to decide step {step}")
     assert chosen == [3, 6]
     assert committed() == chosen
+
+
+def test_tensor_on_meta_device_raises_type_error_naming_its_path(daemon):
+    c = ckpt(daemon, ns="meta")
+    with pytest.raises(TypeError) as e:
+        c.save(1, {"model": {"w": torch.ones(2), "lazy": torch.empty(3, device="meta")}})
+    assert "state['model']['lazy']" in str(e.value) and "meta" in str(e.value), str(e.value)
+    assert c.client.status()["memory"]["reservations"] == 0
+    c.save(1, {"model": {"lazy": torch.ones(3)}})
+    with pytest.raises(TypeError) as e:
+        c.load({"model": {"lazy": torch.empty(3, device="meta")}}, step=1)
+    assert "model.lazy" in str(e.value) and "meta" in str(e.value), str(e.value)
+
+
+def test_sigkill_between_enqueue_and_seal_leaves_nothing_visible(daemon, tmp_path):
+    """save() returns with the copy done (or enqueued) and the seal left to the sealing thread; a trainer
+    killed before that thread seals leaves nothing visible, the reservation dies with its connection."""
+    script = tmp_path / "trainer.py"
+    script.write_text(textwrap.dedent(f"""
+        import os, time, torch, tierckpt
+        from tierckpt import checkpointer
+        c = tierckpt.Checkpointer({{"socket": {daemon['socket']!r}, "namespace": "enq",
+                                    "checkpoint_frequency": 1, "async_save": True}}, rank=0, world_size=1)
+        c.save(1, {{"w": torch.full((1000,), 1.0)}})
+        c.wait()
+        def stuck_copy(events):  # the sealing thread waits here for the copies' events
+            os.write(1, b"sealer waiting\\n")  # one write: the two threads' lines never interleave
+            time.sleep(600)
+        checkpointer._wait_copies = stuck_copy
+        c.save(2, {{"w": torch.full((1000,), 2.0)}})
+        os.write(1, b"save returned\\n")
+        time.sleep(600)
+    """))
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, env=py_env())
+    try:
+        lines = {proc.stdout.readline().strip(), proc.stdout.readline().strip()}
+        assert lines == {"sealer waiting", "save returned"}, lines
+        assert Client(daemon["socket"]).status()["memory"]["reservations"] == 1
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finally:
+        proc.kill()
+    c = ckpt(daemon, ns="enq")
+    wait_until(lambda: c.client.status()["memory"]["reservations"] == 0, what="reservation reclaimed")
+    assert c.latest_step() == 1
+    assert [s["step"] for s in c.client.list_steps("enq")] == [1]
+    assert torch.equal(c.load()["w"], torch.full((1000,), 1.0))
+
+
+def test_a_copy_failing_in_the_background_aborts_its_shard_and_wait_says_so(daemon, monkeypatch):
+    from tierckpt import TierckptError, checkpointer
+    c = ckpt(daemon, ns="bgfail")
+    c.save(1, {"w": torch.ones(4)})
+    c.wait()
+
+    def failing(events):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered (simulated)")
+
+    monkeypatch.setattr(checkpointer, "_wait_copies", failing)
+    c.save(2, {"w": torch.full((4,), 2.0)})
+    with pytest.raises(TierckptError) as e:
+        c.wait()
+    assert "step 2 was not saved" in str(e.value) and "illegal memory access" in str(e.value), str(e.value)
+    assert c.client.status()["memory"]["reservations"] == 0
+    assert c.latest_step() == 1 and torch.equal(c.load()["w"], torch.ones(4))
+    monkeypatch.undo()
+    c.save(2, {"w": torch.full((4,), 3.0)})  # the step was aborted: it can be saved again
+    c.wait()
+    assert torch.equal(c.load(step=2)["w"], torch.full((4,), 3.0))
+
+
+def test_a_background_failure_is_a_warning_at_the_next_save(daemon, monkeypatch):
+    from tierckpt import checkpointer
+    c = ckpt(daemon, ns="bgwarn")
+    monkeypatch.setattr(checkpointer, "_wait_copies", lambda events: 1 / 0)
+    c.save(1, {"w": torch.ones(4)})
+    c._sealer.flush()
+    monkeypatch.undo()
+    with pytest.warns(RuntimeWarning, match="step 1 .* was not saved"):
+        c.save(2, {"w": torch.ones(4)})
+    with pytest.raises(tierckpt.TierckptError, match="step 1 was not saved"):
+        c.wait()
+    c.wait()  # reported once
+    assert c.latest_step() == 2
+
+
+def test_a_daemon_restart_neither_breaks_the_trainer_nor_keeps_old_segments_mapped(tmpdir_shm):
+    from conftest import binary
+    mem = tmpdir_shm / "mem"
+    args = [binary("tierckptd"), "--memory-dir", str(mem), "--memory-tier-size", "64MiB"]
+
+    def start():
+        p = subprocess.Popen(args, stdout=subprocess.PIPE, text=True, env={**os.environ, "TIERCKPT_LOG": "warn"})
+        ready = json.loads(p.stdout.readline())
+        assert ready["event"] == "ready", ready
+        return p, ready["socket"]
+
+    def mapped():
+        return [line for line in open("/proc/self/maps") if str(mem) in line]
+
+    d1, sock = start()
+    d2 = None
+    try:
+        c = Checkpointer({"socket": sock, "namespace": "restart", "checkpoint_frequency": 1},
+                         rank=0, world_size=1)
+        for step in (1, 2):
+            c.save(step, {"w": torch.full((100_000,), float(step))})
+        c.wait()
+        assert mapped()
+        d1.kill()
+        d1.wait()
+        shutil.rmtree(mem, ignore_errors=True)  # the new daemon starts empty: the old segments are gone
+        d2, sock2 = start()
+        assert sock2 == sock
+        c.save(3, {"w": torch.full((100_000,), 3.0)})  # reconnects; no exception
+        c.wait()
+        assert torch.equal(c.load(step=3)["w"], torch.full((100_000,), 3.0))
+        assert not [line for line in mapped() if "(deleted)" in line], mapped()
+        c.close()
+        assert not mapped()
+    finally:
+        for p in (d1, d2):
+            if p is not None:
+                p.kill()
+                p.wait()
+
+
+def test_a_dropped_checkpointer_seals_its_saves_and_unmaps_its_segments(daemon):
+    import gc
+    mem = pathlib.Path(daemon["dir"]) / "mem"
+
+    def mapped():
+        return [line for line in open("/proc/self/maps") if str(mem) in line]
+
+    c = ckpt(daemon, ns="dropped")
+    c.save(1, {"w": torch.full((100_000,), 1.0)})
+    assert mapped()
+    del c
+    gc.collect()
+    assert not mapped(), mapped()
+    c = ckpt(daemon, ns="dropped")
+    c.client.wait_visible("dropped", 1, 0, 60_000)
+    assert torch.equal(c.load()["w"], torch.full((100_000,), 1.0))
+
+
+def test_attach_installs_a_step_pre_hook_that_is_a_no_op_on_the_cpu(daemon):
+    c = ckpt(daemon, ns="attach")
+    model, opt = train_state()
+    handle = c.attach(opt)
+    assert c._attached == 1 and len(opt._optimizer_step_pre_hooks) == 1
+    c.save(1, {"model": model.state_dict(), "optim": opt.state_dict()})
+    model(torch.randn(5, 8)).pow(2).mean().backward()
+    opt.step()  # the hook runs: nothing to wait for on the CPU
+    c.wait()
+    handle.remove()
+    assert c._attached == 0 and len(opt._optimizer_step_pre_hooks) == 0
+    assert c.load(step=1)["optim"]["state"][0]["step"] == torch.tensor(3.0)
+
+
+def test_save_after_close_says_so_and_reserves_nothing(daemon):
+    c = ckpt(daemon, ns="closed")
+    c.save(1, {"w": torch.ones(2)})
+    c.close()
+    with pytest.raises(tierckpt.TierckptError, match="after close"):
+        c.save(2, {"w": torch.ones(2)})
+    c2 = ckpt(daemon, ns="closed")
+    assert c2.latest_step() == 1 and c2.client.status()["memory"]["reservations"] == 0
