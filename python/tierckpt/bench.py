@@ -8,7 +8,7 @@ and host-to-device back; on a CPU, a one-thread copy into a preallocated, pre-fa
 Each save method reports three times, from the start of the call:
   blocked  - until the call returns;
   free     - until the state may change again (CPU: when `save()` returns, as the copy is done by then;
-             CUDA: `ckpt.wait_copied()` where the Checkpointer has it, else `torch.cuda.synchronize()`;
+             CUDA: `ckpt.wait_copies(host=True)` (the last save's copies done);
              DCP's stager: its staging future);
   visible  - until the checkpoint can be restored (`Checkpointer.wait()`, DCP's upload future).
 The first save of each method (fresh memory, its first call at this size) is reported apart from the steady
@@ -288,11 +288,7 @@ class Bench:
     # the copy is done when the state may change: the CUDA Checkpointer may return before it
     def _until_free(self) -> None:
         if self.device == "cuda":
-            wait_copied = getattr(self.ckpt, "wait_copied", None)
-            if wait_copied is not None:
-                wait_copied()
-            else:
-                _sync(self.device)
+            self.ckpt.wait_copies(host=True)
 
     # -- saves: each returns blocked, free, visible (seconds from the call) --
     def save_floor(self):
@@ -677,8 +673,7 @@ def main(argv=None) -> int:
                   "dtype": DTYPES[args.dtype], "fresh": args.fresh, "torch": torch.__version__, "error": None,
                   "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(),
                   "state_free": "when save() returns (CPU)" if args.device == "cpu" else
-                  ("Checkpointer.wait_copied()" if hasattr(bench.ckpt, "wait_copied")
-                   else "torch.cuda.synchronize() after save()"),
+                  "Checkpointer.wait_copies(host=True)",
                   "daemon": {"socket": daemon.socket, "started_by_bench": daemon.started,
                              "binary": daemon.binary, "build": daemon.build(),
                              "pid": daemon.proc.pid if daemon.proc is not None else None}}
