@@ -365,14 +365,14 @@ fn assert_exact(u: &tierckpt_proto::MemoryUsage) {
 #[test]
 fn the_filler_fills_the_pool_and_a_tight_loop_of_saves_stays_on_it() {
     let dir = shm_dir();
-    let t = prefaulting_tier(dir.path(), 256 << 20, 50, 0.25);
+    let t = prefaulting_tier(dir.path(), 256 << 20, 50, 0.5);
     assert_eq!(t.usage().prefaulted, 0, "nothing is faulted in before the filler starts");
     let filler = t.start_filler(0).unwrap();
     let u = pool_ready(&t);
     assert_exact(&u);
-    assert_eq!(u.prefault_target, 64 << 20);
-    // No history: halves of the target (32, 16 MiB).
-    assert_eq!((u.prefaulted, u.prefaulted_segments), (48 << 20, 2), "{u:?}");
+    assert_eq!(u.prefault_target, 128 << 20);
+    // No history: halves of the target (64, 32, ... 1 MiB).
+    assert_eq!((u.prefaulted, u.prefaulted_segments), (127 << 20, 7), "{u:?}");
 
     // The first save of a size takes the closest pooled segment, cut down;
     // the filler then makes segments of that size up to the target.
@@ -381,8 +381,10 @@ fn the_filler_fills_the_pool_and_a_tight_loop_of_saves_stays_on_it() {
     assert_exact(&u);
     assert_eq!((u.reserved_from_pool, u.reserved_fresh), (1, 0), "{u:?}");
     assert!(u.pooled + len > u.prefault_target, "the pool is refilled up to its target: {u:?}");
+    // Segments no recent reservation would use are shed for the room.
     let ready = u.pooled / len;
     assert!(ready >= 8, "{ready} segments of the saved size are ready: {u:?}");
+    assert!(u.pooled_segments >= 8, "{u:?}");
 
     // Saves of fresh data one after another, faster than anything is
     // recycled (keep_last 50): each lands on a pre-faulted segment.

@@ -57,7 +57,7 @@ const FILL_PIECE: u64 = 32 << 20;
 const RECENT_SIZES: usize = 16;
 
 /// Smallest segment the filler makes when it has nothing to go by.
-const MIN_DEFAULT_SEGMENT: u64 = 16 << 20;
+const MIN_DEFAULT_SEGMENT: u64 = 1 << 20;
 
 /// A pooled segment wasting more than this many times the reservation's
 /// size (plus 1 MiB) is cut down only when there is no room for a fresh file:
@@ -172,6 +172,34 @@ impl MemoryTier {
         sizes
     }
 
+    /// Whether a pooled segment of `len` bytes would serve one of the recent
+    /// reservations (true while there are none).
+    fn useful(st: &State, len: u64) -> bool {
+        st.recent_sizes.is_empty() || st.recent_sizes.iter().any(|&s| s <= len && Self::worth_cutting(len, s))
+    }
+
+    /// Takes out of the pool the segments that no recent reservation would
+    /// use (too small, or too large to be worth cutting), so that the
+    /// target holds segments of the sizes being reserved; returns their
+    /// files, to unlink off the lock. Nothing goes while there is no history.
+    fn shed_useless(&self, st: &mut State) -> Vec<PathBuf> {
+        if st.recent_sizes.is_empty() {
+            return Vec::new();
+        }
+        let mut shed = Vec::new();
+        let mut i = 0;
+        while i < st.pool.len() {
+            if Self::useful(st, st.pool[i].len) {
+                i += 1;
+            } else {
+                let p = st.pool.swap_remove(i);
+                st.used -= p.len;
+                shed.push(p.path);
+            }
+        }
+        shed
+    }
+
     /// The size of the next segment the filler should make, if any: the
     /// first wanted size that no pooled segment covers and that fits both in
     /// free capacity and under the target; once all are covered, the newest
@@ -199,7 +227,8 @@ impl MemoryTier {
 
     /// Whether the filler has work left now.
     pub(super) fn prefault_pending(&self, st: &State) -> bool {
-        st.filling || self.next_fill(st).is_some()
+        let useless = st.pool.iter().any(|p| !Self::useful(st, p.len));
+        st.filling || (self.cfg.prefault_share > 0.0 && useless) || self.next_fill(st).is_some()
     }
 
     /// Starts the filler: a thread at nice `nice` that keeps up to
@@ -233,6 +262,13 @@ impl MemoryTier {
                         return;
                     }
                     if !backoff {
+                        let shed = self.shed_useless(&mut st);
+                        if !shed.is_empty() {
+                            drop(st);
+                            Unlinks(shed).run();
+                            st = self.lock();
+                            continue;
+                        }
                         if let Some(len) = self.next_fill(&st) {
                             let id = st.next_id;
                             st.next_id += 1;
