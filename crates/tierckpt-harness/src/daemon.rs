@@ -66,7 +66,7 @@ pub struct DaemonOptions {
 impl DaemonOptions {
     /// A daemon on `memory_dir` with 1 GiB of memory tier, keeping 3
     /// steps, its HTTP API on an ephemeral port of 127.0.0.1 (with a token
-    /// drawn at launch).
+    /// drawn at launch), mounting no huge-page tmpfs.
     pub fn new(memory_dir: impl Into<PathBuf>) -> Self {
         let memory_dir = memory_dir.into();
         let settings = ConfigLayer {
@@ -75,6 +75,9 @@ impl DaemonOptions {
             memory_tier_size: Some("1GiB".into()),
             keep_last: Some(3),
             http_addr: Some("127.0.0.1:0".into()),
+            // As root a daemon mounts a tmpfs on a new directory by default;
+            // a test removes its directory, which a mount would outlive.
+            mount_huge_tmpfs: Some(false),
             ..Default::default()
         };
         Self { settings, token: None, log: "warn".into() }
@@ -319,6 +322,7 @@ impl Default for LocalClusterOptions {
             placement: Some("ring".into()),
             heartbeat_interval: Some("100ms".into()),
             heartbeat_timeout: Some("600ms".into()),
+            mount_huge_tmpfs: Some(false),
             ..Default::default()
         };
         Self { nodes: 4, settings, token: None, log: "warn".into() }
