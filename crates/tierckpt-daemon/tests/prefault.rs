@@ -2,12 +2,14 @@
 //! loop served from it, kept across a restart, shown in `status` and
 //! `/metrics`; and huge pages by default as root where nothing is hidden.
 
-use std::path::PathBuf;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use tierckpt_client::{Client, TensorData};
 use tierckpt_format::{Dtype, ShardKey};
-use tierckpt_harness::daemon::{DaemonOptions, DaemonProcess};
+use tierckpt_harness::daemon::daemon_binary;
 use tierckpt_harness::testing::{http, shm_dir, TestDaemon};
 use tierckpt_proto::MemoryUsage;
 
@@ -104,28 +106,39 @@ impl Drop for Unmount {
     }
 }
 
+/// A daemon on `mem` left to its defaults about huge pages (the
+/// workspace's cargo config turns the root default off for tests).
+fn spawn_with_page_defaults(mem: &Path) -> (Child, Client) {
+    let mut cmd = Command::new(daemon_binary());
+    cmd.args(["--memory-dir", mem.to_str().unwrap(), "--memory-tier-size", "64MiB", "--http-addr", "off"])
+        .env_remove("TIERCKPT_MOUNT_HUGE_TMPFS")
+        .env("TIERCKPT_LOG", "warn")
+        .stdout(Stdio::piped());
+    tierckpt_harness::daemon::die_with_parent(&mut cmd);
+    let mut child = cmd.spawn().unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let ready: serde_json::Value = serde_json::from_str(&line).unwrap();
+    let client = Client::connect(ready["socket"].as_str().unwrap()).unwrap();
+    (child, client)
+}
+
 #[test]
 fn as_root_a_new_directory_gets_huge_pages_by_default_and_files_are_never_hidden() {
     let dir = shm_dir();
     let (fresh, used) = (dir.path().join("fresh"), dir.path().join("used"));
     let _unmount = Unmount(fresh.clone());
     let already = tierckpt_daemon::hugepages::inspect(dir.path()).is_some_and(|p| p.huge_pages());
-    let options = |mem: &PathBuf| {
-        let mut o = DaemonOptions::new(mem);
-        o.settings.mount_huge_tmpfs = None;
-        o.settings.memory_tier_size = Some("64MiB".into());
-        o.settings.http_addr = Some("off".into());
-        o
-    };
-    let d = DaemonProcess::spawn(options(&fresh)).unwrap();
-    let huge = Client::connect(&d.socket).unwrap().status().unwrap().huge_pages;
-    assert_eq!(huge, is_root() || already, "a new directory as root gets huge pages");
-    drop(d);
+    let (mut d, mut c) = spawn_with_page_defaults(&fresh);
+    assert_eq!(c.status().unwrap().huge_pages, is_root() || already, "a new directory as root gets huge pages");
+    d.kill().unwrap();
+    d.wait().unwrap();
 
     std::fs::create_dir_all(&used).unwrap();
     std::fs::write(used.join("keep.txt"), b"precious").unwrap();
-    let d = DaemonProcess::spawn(options(&used)).unwrap();
-    let status = Client::connect(&d.socket).unwrap().status().unwrap();
-    assert_eq!(status.huge_pages, already, "a directory holding files is left as it is");
+    let (mut d, mut c) = spawn_with_page_defaults(&used);
+    assert_eq!(c.status().unwrap().huge_pages, already, "a directory holding files is left as it is");
     assert_eq!(std::fs::read(used.join("keep.txt")).unwrap(), b"precious");
+    d.kill().unwrap();
+    d.wait().unwrap();
 }

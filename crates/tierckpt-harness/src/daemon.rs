@@ -160,7 +160,12 @@ impl DaemonProcess {
         for (k, _) in std::env::vars_os().filter(|(k, _)| k.to_string_lossy().starts_with("TIERCKPT_")) {
             cmd.env_remove(k);
         }
-        cmd.args(opts.settings.to_args())
+        // No huge-page mount unless asked: as root a daemon mounts one on a
+        // new directory by default, and a test's directory, removed at its
+        // end, would leave the mount behind.
+        let mut settings = opts.settings.clone();
+        settings.mount_huge_tmpfs.get_or_insert(false);
+        cmd.args(settings.to_args())
             .env("TIERCKPT_LOG", &opts.log)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
