@@ -261,7 +261,8 @@ impl MemoryTier {
                     if st.fill_stop {
                         return;
                     }
-                    if !backoff {
+                    // A reservation waiting for room goes first (it clears the flag).
+                    if !backoff && !st.fill_yield {
                         let shed = self.shed_useless(&mut st);
                         if !shed.is_empty() {
                             drop(st);
@@ -275,7 +276,6 @@ impl MemoryTier {
                             st.used += len;
                             st.transient += len;
                             st.filling = true;
-                            st.fill_yield = false;
                             break (id, len);
                         }
                     }

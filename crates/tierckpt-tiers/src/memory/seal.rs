@@ -141,6 +141,8 @@ impl MemoryTier {
             st.fill_yield = true;
             st = self.changed.wait_timeout(st, Duration::from_secs(1)).unwrap_or_else(|p| p.into_inner()).0;
         }
+        // This reservation has the lock until it is done: the filler may go on after it.
+        st.fill_yield = false;
         if let Some(s) = st.steps.get(&(key.namespace.clone(), key.step)) {
             if s.deleted {
                 return Err(TierError::Unavailable(format!(
