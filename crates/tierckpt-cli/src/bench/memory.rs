@@ -43,6 +43,10 @@ pub struct MemoryArgs {
     /// (`--mount-huge-tmpfs`; needs root), unmounted at the end.
     #[arg(long)]
     pub huge_pages: bool,
+    /// The daemon's `--prefault-share` (0: no pre-faulted pool, as before
+    /// it existed) [default: the daemon's, 0.25].
+    #[arg(long)]
+    pub prefault_share: Option<f64>,
 }
 
 /// What `bench memory` measured. Times are seconds; ratios are a time over
@@ -59,6 +63,8 @@ pub struct MemoryReport {
     pub tensors: usize,
     /// The memory tier's tmpfs gave huge pages.
     pub huge_pages: bool,
+    /// The daemon's pre-faulted share of its capacity (0: none).
+    pub prefault_share: f64,
     /// Their dtype.
     pub dtype: &'static str,
     /// Measured repetitions.
@@ -195,6 +201,7 @@ impl Node {
         s.keep_last = Some(a.shard.keep_last);
         s.http_addr = Some("off".into());
         s.mount_huge_tmpfs = Some(a.huge_pages);
+        s.prefault_share = a.prefault_share;
         let unmount = a.huge_pages.then(|| Unmount(tier_dir.clone()));
         Ok(Self { daemon: DaemonProcess::spawn(opts)?, dir, unmount })
     }
@@ -368,6 +375,7 @@ fn report(a: &MemoryArgs, state: &State, runs: Runs<'_>) -> MemoryReport {
     MemoryReport {
         benchmark: "memory",
         huge_pages: runs.huge_pages,
+        prefault_share: runs.memory.prefault_target as f64 / runs.memory.capacity.max(1) as f64,
         bytes,
         file_bytes,
         tensors: state.lens().len(),
