@@ -117,6 +117,10 @@ pub struct MemoryReport {
     pub save_first_gibps: f64,
     /// `save_stall_first_s / memcpy_floor_s`.
     pub save_first_ratio: f64,
+    /// The first save's reserve (with mapping the segment).
+    pub save_first_reserve_s: f64,
+    /// The first save's copy (with populating its page tables).
+    pub save_first_copy_s: f64,
     /// Seconds from the daemon's start until its filler had pre-faulted its
     /// pool (before the first save).
     pub prefault_wait_s: f64,
@@ -403,6 +407,8 @@ fn report(a: &MemoryArgs, state: &State, runs: Runs<'_>) -> MemoryReport {
         save_stall_first_s: first,
         save_first_gibps: gibps(bytes, first),
         save_first_ratio: first / memcpy_floor_s,
+        save_first_reserve_s: runs.first.reserve_s,
+        save_first_copy_s: runs.first.copy_s,
         prefault_wait_s: runs.prefault_wait_s,
         prefaulted_bytes: runs.prefaulted_bytes,
         first_save_from_pool: runs.first_save_from_pool,

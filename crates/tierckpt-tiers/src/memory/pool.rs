@@ -11,7 +11,6 @@
 //! segment up as soon as a reservation needs the room.
 
 use std::fs;
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -331,24 +330,18 @@ impl MemoryTier {
     }
 }
 
-/// Allocates the pages of `len` bytes at `off` of `f`: `fallocate` (on tmpfs
-/// it allocates zeroed pages, about ten times cheaper than writing zeros
-/// through a mapping); where unsupported, writes zeros.
+/// Allocates the pages of `len` bytes at `off` of `f` by writing zeros
+/// (`pwrite`, no mapping: no page faults). `fallocate` is cheaper here
+/// (0.3 s/GiB against 0.45-0.55 on 4 KiB tmpfs pages) but leaves its pages
+/// to be cleared at first touch, which then costs the writer 0.45-1.0 s/GiB
+/// to populate against 0.15 after written zeros; with huge pages written
+/// zeros leave the writer nothing to do (0.001 s/GiB).
 fn allocate(f: &fs::File, off: u64, len: u64) -> std::io::Result<()> {
-    // SAFETY: fallocate reads no memory of ours; `f` is an open descriptor.
-    let rc = unsafe { libc::fallocate(f.as_raw_fd(), 0, off as libc::off_t, len as libc::off_t) };
-    if rc == 0 {
-        return Ok(());
-    }
-    let e = std::io::Error::last_os_error();
-    if e.raw_os_error() != Some(libc::EOPNOTSUPP) {
-        return Err(e);
-    }
-    let zeros = vec![0u8; 1 << 20];
+    static ZEROS: [u8; 1 << 20] = [0; 1 << 20];
     let mut done = 0;
     while done < len {
-        let n = (len - done).min(zeros.len() as u64) as usize;
-        std::os::unix::fs::FileExt::write_all_at(f, &zeros[..n], off + done)?;
+        let n = (len - done).min(ZEROS.len() as u64) as usize;
+        std::os::unix::fs::FileExt::write_all_at(f, &ZEROS[..n], off + done)?;
         done += n as u64;
     }
     Ok(())
