@@ -172,6 +172,8 @@ fn starts_a_daemon_when_none_answers() {
         .env("TIERCKPT_MEMORY_DIR", &mem)
         .env("TIERCKPT_MEMORY_TIER_SIZE", "64MiB")
         .env("TIERCKPT_HTTP_ADDR", "off")
+        // As root the daemon would mount a tmpfs here, outliving the test's directory.
+        .env("TIERCKPT_MOUNT_HUGE_TMPFS", "false")
         .args(["run", "--namespace", "fresh", "--", "sh", "-c"])
         .arg(format!("test -S \"$TIERCKPT_SOCKET\" && echo \"$TIERCKPT_SOCKET\" > {}", out.display()))
         .output()

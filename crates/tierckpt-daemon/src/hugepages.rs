@@ -3,8 +3,9 @@
 //! per GiB, which a restore pays on top of its copy. On a tmpfs mounted with
 //! `huge=within_size` the same GiB takes 512 entries. This module tells
 //! which kind of tmpfs holds the memory directory and, when asked
-//! (`mount_huge_tmpfs`), mounts a huge-page tmpfs there; the mount outlives
-//! the daemon, so the tier still survives a restart of the daemon.
+//! (`mount_huge_tmpfs`; by default as root where nothing would be hidden),
+//! mounts a huge-page tmpfs there; the mount outlives the daemon, so the
+//! tier still survives a restart of the daemon.
 
 use std::path::{Path, PathBuf};
 
@@ -109,6 +110,32 @@ pub fn ensure_huge_tmpfs(dir: &Path, size: u64) -> Result<PageInfo, DaemonError>
     }
     tracing::info!(dir = %dir.display(), size, "mounted a tmpfs with huge pages (huge=within_size) for the memory tier");
     inspect(dir).ok_or_else(|| DaemonError::Config(format!("{} is not listed in /proc/self/mountinfo", dir.display())))
+}
+
+/// What a daemon running as root does without `mount_huge_tmpfs` set:
+/// mounts a huge-page tmpfs on `dir` only where that hides nothing (`dir`
+/// is new or empty) and the mount succeeds; otherwise keeps what is there.
+/// Returns the pages `dir` then has.
+pub fn huge_tmpfs_where_harmless(dir: &Path, size: u64) -> Option<PageInfo> {
+    let info = inspect(dir);
+    if info.as_ref().is_some_and(PageInfo::huge_pages) {
+        return info;
+    }
+    let holds_files = std::fs::read_dir(dir).is_ok_and(|mut d| d.next().is_some());
+    if holds_files {
+        tracing::info!(
+            dir = %dir.display(),
+            "not mounting a huge-page tmpfs on the memory directory: it holds files that the mount would hide"
+        );
+        return info;
+    }
+    match ensure_huge_tmpfs(dir, size) {
+        Ok(info) => Some(info),
+        Err(e) => {
+            tracing::warn!(error = %e, "could not mount a huge-page tmpfs; the memory tier keeps the pages it has");
+            inspect(dir)
+        }
+    }
 }
 
 /// Unmounts `dir` lazily (a mapping of it may still be open); for tests and

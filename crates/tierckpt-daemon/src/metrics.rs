@@ -33,6 +33,11 @@ pub struct Metrics {
     memory_used: Gauge,
     memory_capacity: Gauge,
     memory_pooled: Gauge,
+    memory_prefaulted: Gauge,
+    memory_prefaulted_segments: Gauge,
+    memory_recycled: Gauge,
+    reserved_from_pool: Gauge,
+    reserved_fresh: Gauge,
 }
 
 impl Default for Metrics {
@@ -51,6 +56,11 @@ impl Default for Metrics {
             memory_used: Gauge::default(),
             memory_capacity: Gauge::default(),
             memory_pooled: Gauge::default(),
+            memory_prefaulted: Gauge::default(),
+            memory_prefaulted_segments: Gauge::default(),
+            memory_recycled: Gauge::default(),
+            reserved_from_pool: Gauge::default(),
+            reserved_fresh: Gauge::default(),
         };
         registry.register("shards_sealed", "Shards sealed from local writers", m.shards_sealed.clone());
         registry.register("sealed_bytes", "Bytes sealed from local writers", m.bytes_sealed.clone());
@@ -70,7 +80,36 @@ impl Default for Metrics {
         registry.register("node_state", "Peer state: 0 unknown, 1 alive, 2 suspect, 3 dead", m.node_state.clone());
         registry.register("memory_used_bytes", "Bytes held by the memory tier", m.memory_used.clone());
         registry.register("memory_capacity_bytes", "Capacity of the memory tier", m.memory_capacity.clone());
-        registry.register("memory_pooled_bytes", "Recycled segments kept for reuse", m.memory_pooled.clone());
+        registry.register(
+            "memory_pooled_bytes",
+            "Free segments kept for reuse, recycled and pre-faulted",
+            m.memory_pooled.clone(),
+        );
+        registry.register(
+            "memory_prefaulted_bytes",
+            "Pooled segments faulted in ahead of need",
+            m.memory_prefaulted.clone(),
+        );
+        registry.register(
+            "memory_prefaulted_segments",
+            "Pooled segments faulted in ahead of need",
+            m.memory_prefaulted_segments.clone(),
+        );
+        registry.register(
+            "memory_recycled_bytes",
+            "Pooled segments recycled from dropped shards",
+            m.memory_recycled.clone(),
+        );
+        registry.register(
+            "memory_reserved_from_pool",
+            "Reservations served from a pooled segment since start",
+            m.reserved_from_pool.clone(),
+        );
+        registry.register(
+            "memory_reserved_fresh",
+            "Reservations that created a fresh file (pages faulted by the writer) since start",
+            m.reserved_fresh.clone(),
+        );
         Metrics { registry, ..m }
     }
 }
@@ -116,6 +155,11 @@ impl Metrics {
         self.memory_used.set(memory.used as i64);
         self.memory_capacity.set(memory.capacity as i64);
         self.memory_pooled.set(memory.pooled as i64);
+        self.memory_prefaulted.set(memory.prefaulted as i64);
+        self.memory_prefaulted_segments.set(memory.prefaulted_segments as i64);
+        self.memory_recycled.set(memory.recycled as i64);
+        self.reserved_from_pool.set(memory.reserved_from_pool as i64);
+        self.reserved_fresh.set(memory.reserved_fresh as i64);
         let mut out = String::new();
         encode(&mut out, &self.registry).expect("metrics encode");
         out

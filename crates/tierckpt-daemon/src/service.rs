@@ -73,12 +73,14 @@ pub struct RunningDaemon {
     pub http_addr: Option<SocketAddr>,
     stop: watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    filler: Option<tierckpt_tiers::memory::PoolFiller>,
 }
 
 impl RunningDaemon {
     /// Stops accepting, then waits for the servers to end.
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);
+        drop(self.filler);
         for t in self.tasks {
             let _ = t.await;
         }
@@ -116,13 +118,18 @@ impl Daemon {
         cfg: DaemonConfig,
         background: tokio::runtime::Handle,
     ) -> std::result::Result<RunningDaemon, DaemonError> {
+        let mount_size = cfg.capacity + (256 << 20);
         let pages = if cfg.mount_huge_tmpfs {
-            Some(crate::hugepages::ensure_huge_tmpfs(&cfg.memory_dir, cfg.capacity + (256 << 20))?)
+            Some(crate::hugepages::ensure_huge_tmpfs(&cfg.memory_dir, mount_size)?)
+        } else if cfg.mount_huge_tmpfs_by_default {
+            crate::hugepages::huge_tmpfs_where_harmless(&cfg.memory_dir, mount_size)
         } else {
             crate::hugepages::inspect(&cfg.memory_dir)
         };
         let huge_pages = pages.as_ref().is_some_and(crate::hugepages::PageInfo::huge_pages);
-        if !huge_pages {
+        if huge_pages {
+            tracing::info!(dir = %cfg.memory_dir.display(), "the memory tier has huge pages (a tmpfs with huge=)");
+        } else {
             tracing::info!(
                 dir = %cfg.memory_dir.display(),
                 "the memory tier is on 4 KiB pages: each restore builds ~30 ms/GiB of page tables; \
@@ -132,8 +139,15 @@ impl Daemon {
         let mut tcfg = MemoryTierConfig::new(&cfg.memory_dir, cfg.capacity);
         tcfg.keep_last = cfg.keep_last;
         tcfg.access = cfg.access;
+        tcfg.prefault_share = cfg.prefault_share;
         let daemon_access = cfg.access;
         let tier = Arc::new(blocking(move || MemoryTier::open(tcfg)).await?);
+        // Pre-faulting yields to training as the background work does.
+        let filler = if cfg.prefault_share > 0.0 {
+            Some(tier.start_filler(cfg.background_nice).map_err(|e| DaemonError::io("starting the pool filler", e))?)
+        } else {
+            None
+        };
         // The port first: a daemon that cannot have it leaves no socket file.
         let http = match cfg.http_addr {
             Some(a) => Some(
@@ -189,7 +203,7 @@ impl Daemon {
             tasks.push(background.spawn(crate::http::serve(daemon.clone(), l, stopped)));
         }
         tracing::info!(socket = %socket.display(), http = ?http_addr, capacity = daemon.cfg.capacity, "daemon ready");
-        Ok(RunningDaemon { daemon, socket, http_addr, stop, tasks })
+        Ok(RunningDaemon { daemon, socket, http_addr, stop, tasks, filler })
     }
 
     /// Refuses a step a client (not a peer) may not write: 2^53 and above,

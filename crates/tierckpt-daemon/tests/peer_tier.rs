@@ -20,6 +20,8 @@ fn layer(dir: &Path, id: &str, nodes: &str) -> ConfigLayer {
         heartbeat_timeout: Some("5s".into()),
         background_nice: Some(0),
         token: Some("peer-tier-token".into()),
+        // A mount (the default as root) would outlive the test's directory.
+        mount_huge_tmpfs: Some(false),
         ..Default::default()
     }
 }

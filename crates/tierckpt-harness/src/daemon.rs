@@ -66,7 +66,7 @@ pub struct DaemonOptions {
 impl DaemonOptions {
     /// A daemon on `memory_dir` with 1 GiB of memory tier, keeping 3
     /// steps, its HTTP API on an ephemeral port of 127.0.0.1 (with a token
-    /// drawn at launch).
+    /// drawn at launch), mounting no huge-page tmpfs.
     pub fn new(memory_dir: impl Into<PathBuf>) -> Self {
         let memory_dir = memory_dir.into();
         let settings = ConfigLayer {
@@ -75,6 +75,9 @@ impl DaemonOptions {
             memory_tier_size: Some("1GiB".into()),
             keep_last: Some(3),
             http_addr: Some("127.0.0.1:0".into()),
+            // As root a daemon mounts a tmpfs on a new directory by default;
+            // a test removes its directory, which a mount would outlive.
+            mount_huge_tmpfs: Some(false),
             ..Default::default()
         };
         Self { settings, token: None, log: "warn".into() }
@@ -157,7 +160,12 @@ impl DaemonProcess {
         for (k, _) in std::env::vars_os().filter(|(k, _)| k.to_string_lossy().starts_with("TIERCKPT_")) {
             cmd.env_remove(k);
         }
-        cmd.args(opts.settings.to_args())
+        // No huge-page mount unless asked: as root a daemon mounts one on a
+        // new directory by default, and a test's directory, removed at its
+        // end, would leave the mount behind.
+        let mut settings = opts.settings.clone();
+        settings.mount_huge_tmpfs.get_or_insert(false);
+        cmd.args(settings.to_args())
             .env("TIERCKPT_LOG", &opts.log)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -319,6 +327,7 @@ impl Default for LocalClusterOptions {
             placement: Some("ring".into()),
             heartbeat_interval: Some("100ms".into()),
             heartbeat_timeout: Some("600ms".into()),
+            mount_huge_tmpfs: Some(false),
             ..Default::default()
         };
         Self { nodes: 4, settings, token: None, log: "warn".into() }

@@ -12,12 +12,14 @@ pub fn shm_dir() -> tempfile::TempDir {
     tempfile::Builder::new().prefix("tierckpt-it-").tempdir_in("/dev/shm").expect("a directory in /dev/shm")
 }
 
-/// A daemon child on its own tmpfs directory; both go when dropped.
+/// A daemon child on its own tmpfs directory; both go when dropped, the
+/// daemon first (fields drop in order): a live daemon may still create
+/// files (its pool filler) while the directory is being removed.
 pub struct TestDaemon {
-    /// The directory (the memory tier is `mem/` below it).
-    pub dir: tempfile::TempDir,
     /// The daemon.
     pub proc: DaemonProcess,
+    /// The directory (the memory tier is `mem/` below it).
+    pub dir: tempfile::TempDir,
 }
 
 impl TestDaemon {

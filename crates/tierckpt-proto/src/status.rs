@@ -200,6 +200,38 @@ pub struct MemoryUsage {
     pub reservations: u64,
     /// Complete steps kept per namespace.
     pub keep_last: usize,
+    /// Free segments in the pool (recycled and pre-faulted).
+    #[serde(default)]
+    pub pooled_segments: u64,
+    /// Bytes of pooled segments recycled from dropped shards (part of `pooled`).
+    #[serde(default)]
+    pub recycled: u64,
+    /// Bytes of pooled segments the filler faulted in ahead of need (part of
+    /// `pooled`).
+    #[serde(default)]
+    pub prefaulted: u64,
+    /// How many pooled segments the filler made.
+    #[serde(default)]
+    pub prefaulted_segments: u64,
+    /// Pooled bytes the filler aims to keep (`prefault_share` of the
+    /// capacity; 0: no filler).
+    #[serde(default)]
+    pub prefault_target: u64,
+    /// The filler has work left (a segment to fault in, or one under way).
+    #[serde(default)]
+    pub prefault_pending: bool,
+    /// Bytes held for a moment and counted in `used`: a segment being
+    /// faulted in, tails of pooled segments being cut off. `used` is
+    /// `sealed + in_progress + pooled + transient`.
+    #[serde(default)]
+    pub transient: u64,
+    /// Reservations served from a pooled segment since the daemon started.
+    #[serde(default)]
+    pub reserved_from_pool: u64,
+    /// Reservations that had to create a fresh file (its pages faulted in
+    /// by the writer) since the daemon started.
+    #[serde(default)]
+    pub reserved_fresh: u64,
 }
 
 /// One step of one namespace as a tier sees it.

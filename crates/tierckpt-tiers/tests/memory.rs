@@ -321,3 +321,147 @@ async fn a_copy_whose_future_is_dropped_gives_its_segment_back() {
     assert_eq!(t.usage().reservations, 0, "the dropped copy's reservation was given back");
     assert!(t.reserve(&m.key, 1, m.file_len).is_ok(), "the key is free again");
 }
+
+/// A tier with a filler keeping `share` of `capacity` pre-faulted.
+fn prefaulting_tier(dir: &std::path::Path, capacity: u64, keep_last: usize, share: f64) -> Arc<MemoryTier> {
+    let mut cfg = MemoryTierConfig::new(dir, capacity);
+    cfg.keep_last = keep_last;
+    cfg.prefault_share = share;
+    Arc::new(MemoryTier::open(cfg).unwrap())
+}
+
+/// Waits until the filler has nothing left to do; returns the usage then.
+fn pool_ready(t: &MemoryTier) -> tierckpt_proto::MemoryUsage {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let u = t.usage();
+        if !u.prefault_pending {
+            return u;
+        }
+        assert!(std::time::Instant::now() < deadline, "the filler never finished: {u:?}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Saves a sample shard of `n` floats writing into the segment in place
+/// (no truncation, as a client's mapping would), returning its length.
+fn save_in_place(t: &MemoryTier, ns: &str, step: u64, n: usize) -> u64 {
+    let key = ShardKey::new(ns, step, 0);
+    let (_, data) = sample_shard(key.clone(), 1, n, step as u8);
+    let r = t.reserve(&key, 1, data.len() as u64).unwrap();
+    let f = OpenOptions::new().write(true).open(&r.path).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &data, 0).unwrap();
+    t.seal(r.id).unwrap();
+    data.len() as u64
+}
+
+/// `used` is exactly what the usage's parts add up to.
+fn assert_exact(u: &tierckpt_proto::MemoryUsage) {
+    assert_eq!(u.used, u.sealed + u.in_progress + u.pooled + u.transient, "{u:?}");
+    assert_eq!(u.pooled, u.recycled + u.prefaulted, "{u:?}");
+    assert!(u.used <= u.capacity, "{u:?}");
+}
+
+#[test]
+fn the_filler_fills_the_pool_and_a_tight_loop_of_saves_stays_on_it() {
+    let dir = shm_dir();
+    let t = prefaulting_tier(dir.path(), 256 << 20, 50, 0.5);
+    assert_eq!(t.usage().prefaulted, 0, "nothing is faulted in before the filler starts");
+    let filler = t.start_filler(0).unwrap();
+    let u = pool_ready(&t);
+    assert_exact(&u);
+    assert_eq!(u.prefault_target, 128 << 20);
+    // No history: halves of the target (64, 32, ... 1 MiB).
+    assert_eq!((u.prefaulted, u.prefaulted_segments), (127 << 20, 7), "{u:?}");
+
+    // The first save of a size takes the closest pooled segment, cut down;
+    // the filler then makes segments of that size up to the target.
+    let len = save_in_place(&t, "tight", 0, 1 << 20);
+    let u = pool_ready(&t);
+    assert_exact(&u);
+    assert_eq!((u.reserved_from_pool, u.reserved_fresh), (1, 0), "{u:?}");
+    assert!(u.pooled + len > u.prefault_target, "the pool is refilled up to its target: {u:?}");
+    // Segments no recent reservation would use are shed for the room.
+    let ready = u.pooled / len;
+    assert!(ready >= 8, "{ready} segments of the saved size are ready: {u:?}");
+    assert!(u.pooled_segments >= 8, "{u:?}");
+
+    // Saves of fresh data one after another, faster than anything is
+    // recycled (keep_last 50): each lands on a pre-faulted segment.
+    for step in 1..=8 {
+        save_in_place(&t, "tight", step, 1 << 20);
+    }
+    let u = t.usage();
+    assert_exact(&u);
+    assert_eq!((u.reserved_from_pool, u.reserved_fresh), (9, 0), "every save was served from the pool: {u:?}");
+    drop(filler);
+}
+
+#[test]
+fn the_filler_never_takes_capacity_a_racing_reservation_needs() {
+    let dir = shm_dir();
+    // The filler may fill the whole tier: every reservation must make it
+    // give room back.
+    let t = prefaulting_tier(dir.path(), 64 << 20, 1, 1.0);
+    let filler = t.start_filler(0).unwrap();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watcher = {
+        let (t, stop) = (t.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut samples = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                assert_exact(&t.usage());
+                samples += 1;
+            }
+            samples
+        })
+    };
+    let writers: Vec<_> = (0..3u64)
+        .map(|w| {
+            let t = t.clone();
+            std::thread::spawn(move || {
+                // Shards of 1-8 MiB; each namespace holds its newest step and
+                // the one being written: at most 48 MiB in all.
+                for step in 0..30u64 {
+                    let n = (((w * 7 + step * 13) % 8) as usize + 1) << 18;
+                    save_in_place(&t, &format!("race-{w}"), step, n);
+                }
+            })
+        })
+        .collect();
+    for w in writers {
+        w.join().expect("a reservation failed while the filler ran");
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    assert!(watcher.join().unwrap() > 0);
+    let u = pool_ready(&t);
+    assert_exact(&u);
+    assert_eq!(u.reserved_from_pool + u.reserved_fresh, 90, "{u:?}");
+    drop(filler);
+    // Stopped: nothing is being faulted in any more.
+    let u = t.usage();
+    assert_eq!(u.transient, 0, "{u:?}");
+}
+
+#[test]
+fn pre_faulted_segments_survive_a_restart_as_pool_segments() {
+    let dir = shm_dir();
+    let before = {
+        let t = prefaulting_tier(dir.path(), 128 << 20, 3, 0.5);
+        let _filler = t.start_filler(0).unwrap();
+        pool_ready(&t)
+    };
+    assert!(before.pooled > 0, "{before:?}");
+    let t = prefaulting_tier(dir.path(), 128 << 20, 3, 0.5);
+    let u = t.usage();
+    assert_exact(&u);
+    assert_eq!((u.pooled, u.pooled_segments), (before.pooled, before.pooled_segments), "{u:?}");
+    // A save is served from a recovered segment; the restarted filler
+    // tops the pool up again.
+    save_in_place(&t, "restart", 1, 1 << 20);
+    assert_eq!((t.usage().reserved_from_pool, t.usage().reserved_fresh), (1, 0));
+    let _filler = t.start_filler(0).unwrap();
+    let u = pool_ready(&t);
+    assert_exact(&u);
+    assert!(u.pooled >= before.pooled / 2, "{u:?}");
+}

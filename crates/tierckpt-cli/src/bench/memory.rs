@@ -1,7 +1,9 @@
 //! `tierckpt bench memory`: saves a state into the local memory tier of a
 //! real daemon child and restores it, against a one-thread memcpy of the
 //! same bytes. Before every save but the first, a training step rewrites
-//! `--changed` of the shard's chunks (outside the timed region).
+//! `--changed` of the shard's chunks (outside the timed region). The first
+//! save waits for the daemon's pre-faulted pool; back-to-back saves (no pause
+//! at all between them) are measured apart.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -41,6 +43,10 @@ pub struct MemoryArgs {
     /// (`--mount-huge-tmpfs`; needs root), unmounted at the end.
     #[arg(long)]
     pub huge_pages: bool,
+    /// The daemon's `--prefault-share` (0: no pre-faulted pool, as before
+    /// it existed) [default: the daemon's, 0.25].
+    #[arg(long)]
+    pub prefault_share: Option<f64>,
 }
 
 /// What `bench memory` measured. Times are seconds; ratios are a time over
@@ -57,6 +63,8 @@ pub struct MemoryReport {
     pub tensors: usize,
     /// The memory tier's tmpfs gave huge pages.
     pub huge_pages: bool,
+    /// The daemon's pre-faulted share of its capacity (0: none).
+    pub prefault_share: f64,
     /// Their dtype.
     pub dtype: &'static str,
     /// Measured repetitions.
@@ -102,12 +110,37 @@ pub struct MemoryReport {
     pub save_stall_min_s: f64,
     /// Slowest measured save.
     pub save_stall_max_s: f64,
-    /// The very first save, into fresh tmpfs pages.
+    /// The very first save of the shard's size, once the daemon's pool was
+    /// pre-faulted.
     pub save_stall_first_s: f64,
     /// Rate of the first save.
     pub save_first_gibps: f64,
     /// `save_stall_first_s / memcpy_floor_s`.
     pub save_first_ratio: f64,
+    /// The first save's reserve (with mapping the segment).
+    pub save_first_reserve_s: f64,
+    /// The first save's copy (with populating its page tables).
+    pub save_first_copy_s: f64,
+    /// Seconds from the daemon's start until its filler had pre-faulted its
+    /// pool (before the first save).
+    pub prefault_wait_s: f64,
+    /// Bytes the pool held pre-faulted when the first save began.
+    pub prefaulted_bytes: u64,
+    /// The first save was served from a pooled segment.
+    pub first_save_from_pool: bool,
+    /// Median time the caller is blocked by a save that follows the
+    /// previous one at once (no training step, no wait for its seal).
+    pub back_to_back_s: f64,
+    /// `back_to_back_s / memcpy_floor_s`.
+    pub back_to_back_ratio: f64,
+    /// Slowest back-to-back save.
+    pub back_to_back_max_s: f64,
+    /// Reservations the daemon served from pooled (pre-faulted or recycled)
+    /// segments during the run.
+    pub reserved_from_pool: u64,
+    /// Reservations that had to create a fresh segment (its pages faulted in
+    /// by the copy).
+    pub reserved_fresh: u64,
     /// Median time of `load_into` (map, copy and verify every checksum).
     pub restore_s: f64,
     /// Rate of the median restore.
@@ -124,6 +157,10 @@ pub struct MemoryReport {
     pub target_ratio: f64,
     /// Whether `save_ratio` is within the target.
     pub save_meets_target: bool,
+    /// Whether `save_first_ratio` is within the target.
+    pub first_save_meets_target: bool,
+    /// Whether `back_to_back_ratio` is within the target.
+    pub back_to_back_meets_target: bool,
     /// Whether the restore's ratio is within the target.
     pub restore_meets_target: bool,
     /// The restored bytes were compared with the saved ones.
@@ -159,13 +196,16 @@ impl Node {
             .tempdir_in(&a.dir)
             .with_context(|| format!("creating a directory under {}", a.dir.display()))?;
         let tier_dir = dir.path().join("tier");
-        // Room for keep_last + 2 shards.
+        // Room for keep_last + 2 shards, and at least 8: with the default
+        // prefault_share (a quarter), the pool's first segment (half of its
+        // target) then holds a shard.
         let mut opts = DaemonOptions::new(&tier_dir);
         let s = &mut opts.settings;
-        s.memory_tier_size = Some(((a.shard.keep_last as u64 + 2) * file_bytes).to_string());
+        s.memory_tier_size = Some(((a.shard.keep_last as u64 + 2).max(8) * file_bytes).to_string());
         s.keep_last = Some(a.shard.keep_last);
         s.http_addr = Some("off".into());
-        s.mount_huge_tmpfs = a.huge_pages.then_some(true);
+        s.mount_huge_tmpfs = Some(a.huge_pages);
+        s.prefault_share = a.prefault_share;
         let unmount = a.huge_pages.then(|| Unmount(tier_dir.clone()));
         Ok(Self { daemon: DaemonProcess::spawn(opts)?, dir, unmount })
     }
@@ -200,14 +240,28 @@ pub fn measure(a: &MemoryArgs) -> Result<MemoryReport> {
     let mut targets = restore_targets(&names, &state.lens(), &mut dst);
     let mut floor: Vec<f64> = (0..a.shard.floor_reps).map(|_| floor::memcpy(&state.data(), &mut targets)).collect();
 
+    let started = Instant::now();
     let node = Node::start(a, file_bytes)?;
     let mut client = Client::connect(&node.daemon.socket)?;
     let huge_pages = client.status()?.huge_pages;
+    // A daemon starts before training does: its pool is faulted in by then.
+    let prefaulted_bytes = loop {
+        let m = client.status()?.memory;
+        if !m.prefault_pending {
+            break m.prefaulted;
+        }
+        if started.elapsed() > Duration::from_secs(600) {
+            bail!("the daemon's pool was not pre-faulted within 600 s: {m:?}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let prefault_wait_s = started.elapsed().as_secs_f64();
 
     // Saves: successive steps of one namespace, like a training loop.
     let ns = "bench-memory";
     let mut saves = Vec::with_capacity(warmup + a.shard.iters);
     let mut change = Change::default();
+    let mut first_save_from_pool = false;
     for step in 0..(warmup + a.shard.iters) as u64 {
         if step > 0 {
             change = state.step(a.shard.changed);
@@ -221,9 +275,13 @@ pub fn measure(a: &MemoryArgs) -> Result<MemoryReport> {
             .with_context(|| format!("saving step {step}"))?;
         // Outside the timed region: the daemon checksums before the next save.
         client.wait_visible(&key, Duration::from_secs(600))?;
+        if step == 0 {
+            first_save_from_pool = client.status()?.memory.reserved_from_pool == 1;
+        }
         saves.push(t);
     }
-    let last = ShardKey::new(ns, (warmup + a.shard.iters - 1) as u64, 0);
+    let mut next_step = (warmup + a.shard.iters) as u64;
+    let last = ShardKey::new(ns, next_step - 1, 0);
 
     // Restores of the newest step into the pre-faulted buffer, verified.
     // The first one is reported apart; the floor runs before the others.
@@ -248,10 +306,28 @@ pub fn measure(a: &MemoryArgs) -> Result<MemoryReport> {
         maps.push(t.elapsed().as_secs_f64());
         drop(m);
     }
+    // Back to back: each save right after the previous one returned, with
+    // no training step and no wait for its seal in between.
+    // (No floor repetition between them: that would be a pause.)
+    let mut back_to_back = Vec::with_capacity(a.shard.iters);
+    for _ in 0..a.shard.iters {
+        let t = Instant::now();
+        client
+            .save(&ShardKey::new(ns, next_step, 0), 1, &state.tensors(), &state.metadata, false)
+            .with_context(|| format!("saving step {next_step} back to back"))?;
+        back_to_back.push(t.elapsed().as_secs_f64());
+        next_step += 1;
+    }
+    let memory = client.status()?.memory;
     drop(client);
     node.stop()?;
 
     let runs = Runs {
+        prefault_wait_s,
+        prefaulted_bytes,
+        first_save_from_pool,
+        back_to_back: &back_to_back,
+        memory,
         warmup,
         huge_pages,
         change,
@@ -267,6 +343,13 @@ pub fn measure(a: &MemoryArgs) -> Result<MemoryReport> {
 
 /// What the loops measured.
 struct Runs<'a> {
+    prefault_wait_s: f64,
+    prefaulted_bytes: u64,
+    first_save_from_pool: bool,
+    /// The back-to-back saves.
+    back_to_back: &'a [f64],
+    /// The daemon's accounting at the end.
+    memory: tierckpt_proto::MemoryUsage,
     warmup: usize,
     huge_pages: bool,
     /// What the last step changed.
@@ -292,9 +375,11 @@ fn report(a: &MemoryArgs, state: &State, runs: Runs<'_>) -> MemoryReport {
     let chunks = state.chunks();
     let (save_ratio, restore_ratio) = (save_stall_s / memcpy_floor_s, restore_s / memcpy_floor_s);
     let first = runs.first.total_s();
+    let back_to_back_s = median(runs.back_to_back);
     MemoryReport {
         benchmark: "memory",
         huge_pages: runs.huge_pages,
+        prefault_share: runs.memory.prefault_target as f64 / runs.memory.capacity.max(1) as f64,
         bytes,
         file_bytes,
         tensors: state.lens().len(),
@@ -322,6 +407,16 @@ fn report(a: &MemoryArgs, state: &State, runs: Runs<'_>) -> MemoryReport {
         save_stall_first_s: first,
         save_first_gibps: gibps(bytes, first),
         save_first_ratio: first / memcpy_floor_s,
+        save_first_reserve_s: runs.first.reserve_s,
+        save_first_copy_s: runs.first.copy_s,
+        prefault_wait_s: runs.prefault_wait_s,
+        prefaulted_bytes: runs.prefaulted_bytes,
+        first_save_from_pool: runs.first_save_from_pool,
+        back_to_back_s,
+        back_to_back_ratio: back_to_back_s / memcpy_floor_s,
+        back_to_back_max_s: runs.back_to_back.iter().copied().fold(0.0, f64::max),
+        reserved_from_pool: runs.memory.reserved_from_pool,
+        reserved_fresh: runs.memory.reserved_fresh,
         restore_s,
         restore_gibps: gibps(bytes, restore_s),
         restore_ratio,
@@ -330,6 +425,8 @@ fn report(a: &MemoryArgs, state: &State, runs: Runs<'_>) -> MemoryReport {
         restore_first_s: runs.restores[0],
         target_ratio: MEMORY_TARGET_RATIO,
         save_meets_target: save_ratio <= MEMORY_TARGET_RATIO,
+        first_save_meets_target: first / memcpy_floor_s <= MEMORY_TARGET_RATIO,
+        back_to_back_meets_target: back_to_back_s / memcpy_floor_s <= MEMORY_TARGET_RATIO,
         restore_meets_target: restore_ratio <= MEMORY_TARGET_RATIO,
         restored_identical: runs.restored_identical,
         steady_state: STEADY_STATE,
@@ -365,19 +462,32 @@ pub fn print(r: &MemoryReport) {
     row(&mut t, "  reserve", String::new(), r.save_reserve_s, false);
     row(&mut t, "  copy into the segment", r.threads.to_string(), r.save_copy_s, false);
     row(&mut t, "  seal", String::new(), r.save_seal_s, false);
-    row(&mut t, "save: first (fresh tmpfs pages)", r.threads.to_string(), r.save_stall_first_s, true);
+    row(&mut t, "save: first of its size (pre-faulted pool)", r.threads.to_string(), r.save_stall_first_s, true);
+    row(&mut t, "save: back to back (no pause)", r.threads.to_string(), r.back_to_back_s, true);
+    row(&mut t, "  slowest back to back", String::new(), r.back_to_back_max_s, true);
     row(&mut t, "restore: load_into, checksums verified", r.restore_threads.to_string(), r.restore_s, true);
     row(&mut t, "  map and populate", String::new(), r.restore_map_s, false);
     row(&mut t, "restore: first", r.restore_threads.to_string(), r.restore_first_s, true);
     println!("{t}");
     let verdict = |ok: bool| if ok { "met" } else { "missed" };
     println!(
-        "target: ratio at most {} -- save {:.3} ({}), restore {:.3} ({})",
+        "target: ratio at most {} -- save {:.3} ({}), first save {:.3} ({}), back to back {:.3} ({}), restore {:.3} ({})",
         r.target_ratio,
         r.save_ratio,
         verdict(r.save_meets_target),
+        r.save_first_ratio,
+        verdict(r.first_save_meets_target),
+        r.back_to_back_ratio,
+        verdict(r.back_to_back_meets_target),
         r.restore_ratio,
         verdict(r.restore_meets_target)
+    );
+    println!(
+        "pool: {} pre-faulted {:.2} s after the daemon started; reservations served from the pool {}, from fresh pages {}",
+        output::human_bytes(r.prefaulted_bytes),
+        r.prefault_wait_s,
+        r.reserved_from_pool,
+        r.reserved_fresh
     );
     println!("steady state: {}", r.steady_state);
 }

@@ -32,6 +32,18 @@ pub fn status(c: &mut Client, as_json: bool) -> Result<()> {
         human_bytes(m.pooled),
         m.keep_last
     );
+    println!(
+        "  pool         {} segments: {} pre-faulted in {} segments (target {}{}), {} recycled; \
+         reservations served from the pool {}, from fresh pages {}",
+        m.pooled_segments,
+        human_bytes(m.prefaulted),
+        m.prefaulted_segments,
+        if m.prefault_target == 0 { "off".to_string() } else { human_bytes(m.prefault_target) },
+        if m.prefault_pending { ", filling" } else { "" },
+        human_bytes(m.recycled),
+        m.reserved_from_pool,
+        m.reserved_fresh
+    );
     print_namespaces(&s.namespaces);
     if let Some(c) = &s.cluster {
         print_cluster(c);

@@ -107,7 +107,8 @@ pub struct ConfigLayer {
     /// training; the local API keeps normal priority [default: 10].
     #[arg(long, env = "TIERCKPT_BACKGROUND_NICE")]
     pub background_nice: Option<i32>,
-    /// Mount a tmpfs with huge pages (huge=within_size) on the memory directory unless it is on one; needs root.
+    /// Mount a tmpfs with huge pages (huge=within_size) on the memory directory unless it is on one; needs root
+    /// [default: as root, when the directory is new or empty (nothing is hidden); else off].
     #[arg(long, env = "TIERCKPT_MOUNT_HUGE_TMPFS", num_args = 0..=1, default_missing_value = "true",
           value_parser = BoolishValueParser::new())]
     pub mount_huge_tmpfs: Option<bool>,
@@ -130,6 +131,10 @@ pub struct ConfigLayer {
     /// The time every upload gets on top of its size over --min-upload-rate [default: 10s].
     #[arg(long, env = "TIERCKPT_UPLOAD_GRACE")]
     pub upload_grace: Option<String>,
+    /// Share (0 to 1) of the memory tier's capacity kept faulted in, in the background, as free segments, so
+    /// that saves, replicas and restores do not pay page faults; 0: off [default: 0.25].
+    #[arg(long, env = "TIERCKPT_PREFAULT_SHARE")]
+    pub prefault_share: Option<f64>,
 }
 
 impl ConfigLayer {

@@ -79,6 +79,12 @@ pub struct DaemonConfig {
     pub min_upload_rate: u64,
     /// See [`ConfigLayer::upload_grace`].
     pub upload_grace: std::time::Duration,
+    /// See [`ConfigLayer::prefault_share`].
+    pub prefault_share: f64,
+    /// `mount_huge_tmpfs` was not set and the daemon runs as root: it
+    /// mounts a huge-page tmpfs where that hides nothing (a new or empty
+    /// directory), and otherwise keeps what is there.
+    pub mount_huge_tmpfs_by_default: bool,
 }
 
 impl DaemonConfig {
@@ -366,6 +372,14 @@ impl DaemonConfig {
             }
         }
         let upload_grace = parse_duration("upload_grace", layer.upload_grace.as_deref().unwrap_or("10s"))?;
+        let prefault_share = layer.prefault_share.unwrap_or(0.25);
+        if !(0.0..=1.0).contains(&prefault_share) {
+            return Err(DaemonError::Config(format!(
+                "prefault_share {prefault_share} is outside 0..=1 (a share of memory_tier_size; 0: no pre-faulting)"
+            )));
+        }
+        // SAFETY: geteuid has no preconditions.
+        let root = unsafe { libc::geteuid() } == 0;
         Ok(Self {
             memory_dir,
             access,
@@ -384,6 +398,8 @@ impl DaemonConfig {
             http_idle_timeout,
             min_upload_rate,
             upload_grace,
+            prefault_share,
+            mount_huge_tmpfs_by_default: layer.mount_huge_tmpfs.is_none() && root,
         })
     }
 }

@@ -1,7 +1,7 @@
 //! The index of the memory tier: its steps, their shards, reservations and
 //! leases, all under one mutex.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 
 use tierckpt_format::{Manifest, ShardKey};
@@ -119,6 +119,21 @@ pub(super) struct State {
     /// When a namespace (step `None`) or a step was deleted here, in ms since
     /// the epoch: a replica sealed before then is refused.
     pub(super) tombstones: HashMap<(String, Option<u64>), u64>,
+    /// Bytes held for a moment and counted in `used`: the segment the
+    /// filler is faulting in, tails of pooled segments being cut off.
+    pub(super) transient: u64,
+    /// The filler is faulting a segment in now.
+    pub(super) filling: bool,
+    /// A reservation waits for room: the filler gives its segment up.
+    pub(super) fill_yield: bool,
+    /// The filler is to stop.
+    pub(super) fill_stop: bool,
+    /// Sizes of the latest reservations, newest first.
+    pub(super) recent_sizes: VecDeque<u64>,
+    /// Reservations served from a pooled segment.
+    pub(super) from_pool: u64,
+    /// Reservations served from a fresh file.
+    pub(super) fresh: u64,
 }
 
 impl State {

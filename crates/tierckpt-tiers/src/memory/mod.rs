@@ -5,7 +5,7 @@
 //! ```text
 //! .lock                                   one daemon per directory (flock)
 //! pending/<id>.seg                        reserved, being written by a client
-//! pool/<n>.seg                            recycled segments, pages kept for reuse
+//! pool/<n>.seg                            recycled and pre-faulted segments, pages kept for reuse
 //! ns/<namespace>/<step:020>/rank-RRRRR-of-WWWWW.safetensors
 //! ns/<namespace>/<step:020>/rank-RRRRR-of-WWWWW.manifest.json   (commit point)
 //! ```
@@ -17,7 +17,8 @@
 //!
 //! The code is split by concern: `index` (what the tier holds), `recover`
 //! (rebuilding the index at open), `seal` (reservations and seals),
-//! `retention` (retention, eviction, deletion), `pool` (recycled segments),
+//! `retention` (retention, eviction, deletion), `pool` (recycled and
+//! pre-faulted segments, and the filler that faults them in),
 //! `read` (locating, mapping, leases, summaries) and `tier_impl` (the
 //! [`Tier`] implementation).
 
@@ -29,6 +30,7 @@ mod retention;
 mod seal;
 mod tier_impl;
 
+pub use pool::PoolFiller;
 pub use read::LeasedMap;
 pub use seal::{Reservation, ReservationGuard, SealJob};
 
@@ -58,13 +60,24 @@ pub struct MemoryTierConfig {
     pub max_pooled_segments: usize,
     /// Who may read the files: this user alone, or also a group.
     pub access: Access,
+    /// Share of `capacity` that [`MemoryTier::start_filler`] keeps faulted
+    /// in as free pooled segments (0: no filler work).
+    pub prefault_share: f64,
 }
 
 impl MemoryTierConfig {
     /// Settings for a tier at `root` holding up to `capacity` bytes, keeping
-    /// the last 3 complete steps and up to 32 recycled segments.
+    /// the last 3 complete steps and up to 32 recycled segments, with no
+    /// pre-faulted share.
     pub fn new(root: impl Into<PathBuf>, capacity: u64) -> Self {
-        Self { root: root.into(), capacity, keep_last: 3, max_pooled_segments: 32, access: Access::default() }
+        Self {
+            root: root.into(),
+            capacity,
+            keep_last: 3,
+            max_pooled_segments: 32,
+            access: Access::default(),
+            prefault_share: 0.0,
+        }
     }
 }
 
@@ -74,6 +87,8 @@ pub struct MemoryTier {
     cfg: MemoryTierConfig,
     state: Mutex<State>,
     changed: Condvar,
+    /// Wakes the filler: the pool may have been drawn down.
+    fill_wake: Condvar,
     _lock: File,
 }
 
@@ -100,6 +115,12 @@ impl MemoryTier {
         if cfg.keep_last == 0 {
             return Err(TierError::InvalidArgument("keep_last must be at least 1".into()));
         }
+        if !(0.0..=1.0).contains(&cfg.prefault_share) {
+            return Err(TierError::InvalidArgument(format!(
+                "prefault_share must lie between 0 and 1, not {}",
+                cfg.prefault_share
+            )));
+        }
         crate::private_fs::prepare_dir(&cfg.root, cfg.access)?;
         for d in ["pending", "pool", "ns"] {
             crate::private_fs::prepare_subdir(&cfg.root.join(d), cfg.access)?;
@@ -121,7 +142,13 @@ impl MemoryTier {
                 lock_path.display()
             )));
         }
-        let tier = Self { cfg, state: Mutex::new(State::default()), changed: Condvar::new(), _lock: lock };
+        let tier = Self {
+            cfg,
+            state: Mutex::new(State::default()),
+            changed: Condvar::new(),
+            fill_wake: Condvar::new(),
+            _lock: lock,
+        };
         tier.recover()?;
         Ok(tier)
     }

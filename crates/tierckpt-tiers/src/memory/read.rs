@@ -154,6 +154,15 @@ impl MemoryTier {
             pooled: st.pool.iter().map(|p| p.len).sum(),
             reservations: st.reservations.len() as u64,
             keep_last: self.cfg.keep_last,
+            pooled_segments: st.pool.len() as u64,
+            recycled: st.pool.iter().filter(|p| !p.prefaulted).map(|p| p.len).sum(),
+            prefaulted: st.pool.iter().filter(|p| p.prefaulted).map(|p| p.len).sum(),
+            prefaulted_segments: st.pool.iter().filter(|p| p.prefaulted).count() as u64,
+            prefault_target: self.prefault_target(),
+            prefault_pending: self.prefault_pending(&st),
+            transient: st.transient,
+            reserved_from_pool: st.from_pool,
+            reserved_fresh: st.fresh,
             ..Default::default()
         };
         u.in_progress = st.reservations.values().map(|r| r.len).sum();

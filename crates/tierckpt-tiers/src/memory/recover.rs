@@ -9,7 +9,7 @@ use tierckpt_format::names::{validate_namespace, validate_rank};
 use tierckpt_format::{Manifest, ShardKey};
 
 use super::index::{Shard, State, Step};
-use super::pool::Unlinks;
+use super::pool::Pooled;
 use super::seal::SealJob;
 use super::{io_err, MemoryTier};
 use crate::private_fs::{is_own, open_read};
@@ -39,15 +39,26 @@ impl MemoryTier {
     pub(super) fn recover(&self) -> Result<()> {
         let mut st = self.lock();
         let mut unlinks = Vec::new();
+        let mut found = Vec::new();
         for dir in ["pool", "pending"] {
             let p = self.cfg.root.join(dir);
             for e in fs::read_dir(&p).map_err(io_err("listing", &p))? {
                 let e = e.map_err(io_err("listing", &p))?;
                 // DirEntry::metadata does not follow symlinks.
                 match e.metadata() {
-                    Ok(m) if is_own(&e.path(), &m, false) => self.pool_file(&mut st, e.path(), m.len(), &mut unlinks),
+                    Ok(m) if is_own(&e.path(), &m, false) => found.push((dir, e.path(), m.len())),
                     _ => {}
                 }
+            }
+        }
+        // New segment names (`<id>.seg`) must not clobber those found.
+        let id_of = |p: &Path| p.file_stem().and_then(|s| s.to_str()).and_then(|s| s.parse::<u64>().ok());
+        st.next_id = found.iter().filter_map(|(_, p, _)| id_of(p)).max().map_or(0, |m| m + 1);
+        for (dir, path, len) in found {
+            if dir == "pool" && st.pool.len() < self.cfg.max_pooled_segments {
+                st.pool.push(Pooled { path, len, prefaulted: false });
+            } else {
+                self.pool_file(&mut st, path, len, &mut unlinks);
             }
         }
         let mut reseal = Vec::new();
@@ -76,7 +87,7 @@ impl MemoryTier {
         }
         st.used = st.steps.values().map(Step::bytes).sum::<u64>() + st.pool.iter().map(|p| p.len).sum::<u64>();
         drop(st);
-        Unlinks(unlinks).run();
+        self.unlink_and_refill(unlinks);
         for job in reseal {
             let key = job.key.clone();
             match self.finish_seal(job) {

@@ -8,7 +8,6 @@ use tierckpt_format::names::validate_namespace;
 use tierckpt_format::{verify_chunks, ShardKey};
 
 use super::index::{State, Step};
-use super::pool::Unlinks;
 use super::MemoryTier;
 use crate::{Result, TierError};
 
@@ -104,7 +103,7 @@ impl MemoryTier {
             Self::tombstone(&mut st, ns, Some(step));
             self.delete_step_locked(&mut st, ns, step, &mut unlinks)
         };
-        Unlinks(unlinks).run();
+        self.unlink_and_refill(unlinks);
         r.ok_or_else(|| TierError::NotFound(format!("{ns}/step {step} in the memory tier")))
     }
 
@@ -120,7 +119,7 @@ impl MemoryTier {
             let removed = steps.into_iter().filter_map(|s| self.delete_step_locked(&mut st, ns, s, &mut unlinks));
             removed.reduce(|a, b| (a.0 + b.0, a.1 + b.1))
         };
-        Unlinks(unlinks).run();
+        self.unlink_and_refill(unlinks);
         let _ = fs::remove_dir(self.cfg.root.join("ns").join(ns));
         total.ok_or_else(|| TierError::NotFound(format!("namespace {ns} in the memory tier")))
     }
@@ -214,7 +213,7 @@ impl MemoryTier {
             }
             Self::remove_step_if_empty(&mut st, &key.namespace, key.step);
         }
-        Unlinks(unlinks).run();
+        self.unlink_and_refill(unlinks);
     }
 
     /// Drops incomplete, idle steps newer than `step`.
@@ -235,7 +234,7 @@ impl MemoryTier {
                 total = (total.0 + n, total.1 + b);
             }
         }
-        Unlinks(unlinks).run();
+        self.unlink_and_refill(unlinks);
         Ok(total)
     }
 
@@ -273,6 +272,6 @@ impl MemoryTier {
                 self.drop_step(&mut st, ns, step, &mut unlinks);
             }
         }
-        Unlinks(unlinks).run();
+        self.unlink_and_refill(unlinks);
     }
 }

@@ -11,7 +11,6 @@ use tierckpt_format::names::{validate_namespace, validate_rank};
 use tierckpt_format::{parse_shard, Manifest, ShardKey};
 
 use super::index::{Shard, State, Step};
-use super::pool::Unlinks;
 use super::read::{map_file, map_file_lazy};
 use super::{io_err, MemoryTier};
 use crate::private_fs::{open_read, open_write};
@@ -85,25 +84,65 @@ fn deleted_while_written(key: &ShardKey) -> TierError {
 }
 
 impl MemoryTier {
-    /// Asks for a segment of `len` bytes for `key`.
+    /// Asks for a segment of `len` bytes for `key`. A pooled segment (its
+    /// pages already allocated) serves it when one is at least as large:
+    /// the closest fit, cut down to `len` (the cut, which frees the tail's
+    /// pages, runs off the index lock).
     pub fn reserve(&self, key: &ShardKey, world_size: u32, len: u64) -> Result<Reservation> {
         validate_namespace(&key.namespace)?;
         validate_rank(key.rank, world_size)?;
         let mut unlinks = Vec::new();
         let result = self.reserve_locked(key, world_size, len, &mut unlinks);
-        Unlinks(unlinks).run();
+        let result = result.and_then(|(r, cut)| match cut {
+            Some((file, seg_len)) => self.cut_to_size(r, file, seg_len),
+            None => Ok(r),
+        });
+        self.unlink_and_refill(unlinks);
         result
     }
 
-    /// [`Self::reserve`] under the index lock; files to remove go to `unlinks`.
+    /// Cuts the pooled segment of `seg_len` bytes that now serves `r` down
+    /// to `r.len`; on failure the reservation is dropped.
+    fn cut_to_size(&self, r: Reservation, file: fs::File, seg_len: u64) -> Result<Reservation> {
+        let cut = file.set_len(r.len).map_err(io_err("resizing", &r.path));
+        let mut st = self.lock();
+        st.transient -= seg_len - r.len;
+        match cut {
+            Ok(()) => {
+                st.used -= seg_len - r.len;
+                Ok(r)
+            }
+            Err(e) => {
+                st.used -= seg_len;
+                if self.take_reservation(&mut st, r.id).is_ok() {
+                    Self::remove_step_if_empty(&mut st, &r.key.namespace, r.key.step);
+                }
+                drop(st);
+                self.unlink_and_refill(vec![r.path]);
+                Err(e)
+            }
+        }
+    }
+
+    /// [`Self::reserve`] under the index lock; files to remove go to
+    /// `unlinks`. Returns, besides the reservation, the pooled segment that
+    /// serves it and its size when it still has to be cut down.
     fn reserve_locked(
         &self,
         key: &ShardKey,
         world_size: u32,
         len: u64,
         unlinks: &mut Vec<PathBuf>,
-    ) -> Result<Reservation> {
+    ) -> Result<(Reservation, Option<(fs::File, u64)>)> {
         let mut st = self.lock();
+        // A segment being faulted in that holds the room this reservation
+        // needs is given up (the filler checks between pieces).
+        while st.filling && Self::pool_fit(&st, len).is_none() && self.free(&st) < len {
+            st.fill_yield = true;
+            st = self.changed.wait_timeout(st, Duration::from_secs(1)).unwrap_or_else(|p| p.into_inner()).0;
+        }
+        // This reservation has the lock until it is done: the filler may go on after it.
+        st.fill_yield = false;
         if let Some(s) = st.steps.get(&(key.namespace.clone(), key.step)) {
             if s.deleted {
                 return Err(TierError::Unavailable(format!(
@@ -134,13 +173,19 @@ impl MemoryTier {
         let id = st.next_id;
         st.next_id += 1;
         let path = self.cfg.root.join("pending").join(format!("{id}.seg"));
+        let mut cut = None;
         loop {
-            if let Some(i) = Self::pool_fit(&st, len) {
+            let fit = Self::pool_fit(&st, len);
+            if let Some(i) = fit.filter(|&i| Self::worth_cutting(st.pool[i].len, len) || self.free(&st) < len) {
                 let p = st.pool.swap_remove(i);
                 fs::rename(&p.path, &path).map_err(io_err("reusing", &p.path))?;
                 let f = open_write(&path).map_err(io_err("opening", &path))?;
-                f.set_len(len).map_err(io_err("resizing", &path))?;
-                st.used = st.used - p.len + len;
+                if p.len > len {
+                    // Still held until cut: counted as transient meanwhile.
+                    st.transient += p.len - len;
+                    cut = Some((f, p.len));
+                }
+                st.from_pool += 1;
                 break;
             }
             if self.free(&st) >= len {
@@ -154,6 +199,7 @@ impl MemoryTier {
                 access.own_file(&f).map_err(io_err("giving a group to", &path))?;
                 f.set_len(len).map_err(io_err("sizing", &path))?;
                 st.used += len;
+                st.fresh += 1;
                 break;
             }
             if let Some(i) = (0..st.pool.len()).max_by_key(|&i| st.pool[i].len) {
@@ -170,12 +216,13 @@ impl MemoryTier {
                 None => return Err(self.capacity_error(&st, len, "; nothing else may be evicted (the newest complete step of each namespace and steps being written are kept)")),
             }
         }
+        Self::note_size(&mut st, len);
         let step = st.steps.entry((key.namespace.clone(), key.step)).or_insert_with(|| Step::new(world_size));
         step.reserved.insert(key.rank);
         st.failed.remove(key);
         let r = Reservation { id, key: key.clone(), world_size, path, len };
         st.reservations.insert(id, r.clone());
-        Ok(r)
+        Ok((r, cut))
     }
 
     /// The error for a reservation of `requested` bytes that does not fit.
@@ -211,7 +258,7 @@ impl MemoryTier {
             tracing::debug!(shard = %r.key, "reservation aborted");
         }
         self.changed.notify_all();
-        Unlinks(unlinks).run();
+        self.unlink_and_refill(unlinks);
         Ok(())
     }
 
@@ -226,7 +273,7 @@ impl MemoryTier {
             self.pool_file(&mut st, r.path, r.len, &mut unlinks);
             Self::remove_step_if_empty(&mut st, &r.key.namespace, r.key.step);
             drop(st);
-            Unlinks(unlinks).run();
+            self.unlink_and_refill(unlinks);
             return Err(deleted_while_written(&r.key));
         }
         let dir = self.step_dir(&r.key.namespace, r.key.step);
@@ -242,7 +289,7 @@ impl MemoryTier {
             self.pool_file(&mut st, r.path, r.len, &mut unlinks);
             Self::remove_step_if_empty(&mut st, &r.key.namespace, r.key.step);
             drop(st);
-            Unlinks(unlinks).run();
+            self.unlink_and_refill(unlinks);
             return Err(e);
         }
         let step = st.steps.get_mut(&(r.key.namespace.clone(), r.key.step)).expect("reserved step is indexed");
@@ -308,7 +355,7 @@ impl MemoryTier {
             result
         };
         self.changed.notify_all();
-        Unlinks(unlinks).run();
+        self.unlink_and_refill(unlinks);
         if result.is_ok() {
             self.retain(&job.key.namespace);
         }
