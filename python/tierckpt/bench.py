@@ -189,6 +189,7 @@ class Daemon:
     def __init__(self, socket: str | None, size: int, workdir: str):
         self.proc = None
         self.binary = None
+        self.workdir = None
         socket = socket or os.environ.get("TIERCKPT_SOCKET")
         if socket:
             self.socket, self.started = socket, False
@@ -198,7 +199,7 @@ class Daemon:
             raise UnavailableError("no daemon to benchmark: set TIERCKPT_SOCKET (or --socket) to a running "
                                    "tierckptd, or TIERCKPT_DAEMON_BIN (or put `tierckptd` on PATH) for the "
                                    "bench to start one")
-        self.binary, self.started = os.path.abspath(exe), True
+        self.binary, self.started, self.workdir = os.path.abspath(exe), True, workdir
         d = os.path.join(workdir, "daemon")
         os.makedirs(d)
         cap = 6 * size + (256 << 20)  # keep_last 2, a save in flight, back-to-back saves sealing
@@ -234,6 +235,11 @@ class Daemon:
             self.proc.wait()
             self.proc.stdout.close()
             self.proc = None
+        # As root the daemon mounts a huge-page tmpfs on its new memory directory (the default); the
+        # mount outlives it, and this one is the bench's to remove.
+        mem = os.path.join(self.workdir, "daemon", "mem") if self.workdir else None
+        if mem and os.path.ismount(mem):
+            subprocess.run(["umount", "-l", mem], check=False)
 
 
 # -- measurements --------------------------------------------------------------

@@ -12,6 +12,9 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 TARGET = pathlib.Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target")) / "debug"
+# As root a daemon mounts a huge-page tmpfs on a new memory directory by default; the mount would outlive
+# the temporary directories the tests remove (tests of the bench, which unmounts its own, opt back in).
+os.environ.setdefault("TIERCKPT_MOUNT_HUGE_TMPFS", "false")
 
 
 def binary(name: str) -> str:
