@@ -13,7 +13,7 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 TARGET = pathlib.Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target")) / "debug"
 # As root a daemon mounts a huge-page tmpfs on a new memory directory by default; the mount would outlive
-# the temporary directories the tests remove (tests of the bench, which unmounts its own, opt back in).
+# the temporary directories the tests remove.
 os.environ.setdefault("TIERCKPT_MOUNT_HUGE_TMPFS", "false")
 
 
