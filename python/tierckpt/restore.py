@@ -3,7 +3,8 @@
 Each checksum chunk (the manifest's, 4 MiB) is read once and hashed, and
 only then are the parts of tensors lying in it copied: on the CPU from a
 small buffer the chunk was read into (`pread`, no page faults on a
-mapping), while it is still in cache; to CUDA tensors by a host-to-device
+mapping), while it is still in cache, by up to `LOAD_THREADS` threads
+taking every n-th chunk; to CUDA tensors by a host-to-device
 copy on a side stream from the shard's mapping (page-locked with
 `cudaHostRegister` when CUDA allows), which overlaps the hash of the next
 chunk. So no unverified byte ever reaches a tensor. On a mismatch the copy
@@ -14,6 +15,8 @@ dropped.
 
 from __future__ import annotations
 
+import bisect
+import concurrent.futures
 import mmap
 import os
 import warnings
@@ -209,14 +212,32 @@ def _copy_parts(parts, k, a, b, src, plan, to_cuda=None):
     return k
 
 
+# Threads that read, hash and copy chunks side by side (pread, the hash and numpy's copy let go of the GIL).
+LOAD_THREADS = max(1, min(4, os.cpu_count() or 1))
+
+
 def _copy_cpu(head_chunks, head, chunk, read, verify, parts, plan, nchunks):
-    k = _copy_parts(parts, 0, 0, chunk(head_chunks - 1)[1], np.frombuffer(head, np.uint8), plan)
-    buf = np.empty(chunk(0)[1] - chunk(0)[0], np.uint8)
-    for i in range(head_chunks, nchunks):
-        a, b = chunk(i)
-        mv = read(buf, a, b)
-        verify(i, mv)
-        k = _copy_parts(parts, k, a, b, buf, plan)
+    _copy_parts(parts, 0, 0, chunk(head_chunks - 1)[1], np.frombuffer(head, np.uint8), plan)
+    ends = [p.end for p in parts]  # sorted: parts do not overlap
+    rest = range(head_chunks, nchunks)
+    lanes = max(1, min(LOAD_THREADS, len(rest)))
+
+    def lane(first):
+        buf = np.empty(chunk(0)[1] - chunk(0)[0], np.uint8)
+        for i in rest[first::lanes]:
+            a, b = chunk(i)
+            mv = read(buf, a, b)
+            verify(i, mv)
+            _copy_parts(parts, bisect.bisect_right(ends, a), a, b, buf, plan)
+
+    if lanes <= 1:
+        lane(0)
+        return
+    with concurrent.futures.ThreadPoolExecutor(lanes, thread_name_prefix="tierckpt-load") as pool:
+        done = [pool.submit(lane, k) for k in range(lanes)]
+    errors = [f.exception() for f in done if f.exception() is not None]
+    if errors:
+        raise errors[0]
 
 
 def _copy_cuda(fd, path, size, head_chunks, chunk, verify, parts, plan, nchunks):
