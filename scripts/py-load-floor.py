@@ -86,6 +86,9 @@ def main():
     finally:
         proc.kill()
         proc.wait()
+        # as root the daemon mounted a huge-page tmpfs on its new memory directory (the default): ours to remove
+        if os.path.ismount(f"{tmp}/mem"):
+            subprocess.run(["umount", "-l", f"{tmp}/mem"], check=False)
         shutil.rmtree(tmp, ignore_errors=True)
 
 
