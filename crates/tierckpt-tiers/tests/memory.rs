@@ -465,3 +465,23 @@ fn pre_faulted_segments_survive_a_restart_as_pool_segments() {
     assert_exact(&u);
     assert!(u.pooled >= before.pooled / 2, "{u:?}");
 }
+
+#[test]
+fn a_reservation_larger_than_any_pooled_segment_grows_one_of_half_its_size() {
+    let dir = shm_dir();
+    let t = tier(dir.path(), 64 << 20, 1);
+    save(&t, "grow", 1, 0, 1, 4096);
+    save(&t, "grow", 2, 0, 1, 4096); // retention recycles step 1's segment
+    let before = t.usage();
+    assert_eq!(before.pooled_segments, 1, "{before:?}");
+    let (_, bigger) = sample_shard(ShardKey::new("grow", 3, 0), 1, 6000, 3);
+    let r = t.reserve(&ShardKey::new("grow", 3, 0), 1, bigger.len() as u64).unwrap();
+    let after = t.usage();
+    assert_eq!(after.reserved_from_pool, before.reserved_from_pool + 1, "{after:?}");
+    assert_eq!(after.reserved_fresh, before.reserved_fresh, "{after:?}");
+    assert_eq!(std::fs::metadata(&r.path).unwrap().len(), bigger.len() as u64);
+    std::fs::write(&r.path, &bigger).unwrap();
+    t.seal(r.id).unwrap();
+    assert_eq!(t.latest("grow").unwrap(), Some(3));
+    assert_eq!(t.usage().used, t.usage().sealed + t.usage().pooled, "accounting stays exact");
+}

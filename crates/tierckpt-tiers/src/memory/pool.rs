@@ -117,6 +117,17 @@ impl MemoryTier {
         st.pool.iter().enumerate().filter(|(_, p)| p.len >= len).min_by_key(|(_, p)| p.len).map(|(i, _)| i)
     }
 
+    /// Index of the largest pooled segment smaller than `len` but at least
+    /// half of it: worth growing to `len` when none is large enough.
+    pub(super) fn pool_grow(st: &State, len: u64) -> Option<usize> {
+        st.pool
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| p.len < len && p.len >= len / 2)
+            .max_by_key(|(_, p)| p.len)
+            .map(|(i, _)| i)
+    }
+
     /// Whether a pooled segment of `seg` bytes is worth cutting down to `len`
     /// rather than creating a fresh file (when there is room for one).
     pub(super) fn worth_cutting(seg: u64, len: u64) -> bool {

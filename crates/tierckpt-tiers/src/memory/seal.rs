@@ -188,6 +188,17 @@ impl MemoryTier {
                 st.from_pool += 1;
                 break;
             }
+            // No pooled segment is large enough: grow the largest one of at
+            // least half the size, so that only its tail is faulted in.
+            if let Some(i) = Self::pool_grow(&st, len).filter(|&i| self.free(&st) >= len - st.pool[i].len) {
+                let p = st.pool.swap_remove(i);
+                fs::rename(&p.path, &path).map_err(io_err("reusing", &p.path))?;
+                let f = open_write(&path).map_err(io_err("opening", &path))?;
+                f.set_len(len).map_err(io_err("growing", &path))?;
+                st.used += len - p.len;
+                st.from_pool += 1;
+                break;
+            }
             if self.free(&st) >= len {
                 let access = self.cfg.access;
                 let f = access
