@@ -1,6 +1,7 @@
 """The Python client talks only to a daemon run by root or its own user."""
 
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -42,8 +43,16 @@ def test_the_client_refuses_a_socket_served_by_another_user():
         assert p.stdout.readline().strip() == "ready"
         with pytest.raises(UnauthorizedError, match="uid 65534"):
             Client(sock)
-        time.sleep(0.2)
-        assert not os.path.exists(got) or open(got, "rb").read() == b"", "a request reached the impostor"
+        # The impostor serves one connection at a time: once a probe's bytes are recorded, whatever the
+        # refused client sent was recorded before them.
+        with socket.socket(socket.AF_UNIX) as probe:
+            probe.connect(sock)
+            probe.sendall(b"probe")
+        deadline = time.monotonic() + 20
+        while not (os.path.exists(got) and open(got, "rb").read().endswith(b"probe")):
+            assert time.monotonic() < deadline, "the impostor never recorded the probe"
+            time.sleep(0.02)
+        assert open(got, "rb").read() == b"probe", "a request reached the impostor"
     finally:
         p.kill()
         p.wait()

@@ -3,12 +3,13 @@
 //! still hold copies.
 
 use std::collections::BTreeMap;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tierckpt_client::{Client, ErrorKind, TensorData};
 use tierckpt_format::{Dtype, ShardKey};
 use tierckpt_harness::daemon::{LocalCluster, LocalClusterOptions};
 use tierckpt_harness::testing::{cli, shm_dir};
+use tierckpt_proto::NodeState;
 
 fn start(nodes: usize, f: impl FnOnce(&mut LocalClusterOptions)) -> (tempfile::TempDir, LocalCluster) {
     let dir = shm_dir();
@@ -59,10 +60,18 @@ fn a_delete_that_misses_a_node_says_so() {
     });
     save(&c, 0, "half", 1, 0, 1, 1 << 20);
     c.kill(2).unwrap();
-    std::thread::sleep(Duration::from_secs(2));
+    let node2 = LocalCluster::node_id(2);
+    let start = Instant::now();
+    let dead = || {
+        let status = Client::connect(c.socket(0)).unwrap().status().unwrap().cluster.expect("clustered");
+        status.nodes.iter().any(|n| n.id == node2 && n.state == NodeState::Dead)
+    };
+    while !dead() {
+        assert!(start.elapsed() < Duration::from_secs(30), "n0 never saw n2 dead");
+        std::thread::sleep(Duration::from_millis(25));
+    }
     let e = Client::connect(c.socket(0)).unwrap().delete_namespace("half").unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Unavailable, "{e}");
-    let node2 = LocalCluster::node_id(2);
     assert!(e.to_string().contains(&node2) && e.to_string().contains("may still hold"), "{e}");
     assert_eq!(Client::connect(c.socket(0)).unwrap().steps("half").unwrap(), [], "what could be deleted was");
 }

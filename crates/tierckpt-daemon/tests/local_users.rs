@@ -1,6 +1,7 @@
 //! Other local users: a symlink planted in the memory directory is never
 //! followed, and clients talk only to a daemon of root or their own user.
 
+use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
@@ -55,17 +56,24 @@ fn clients_refuse_a_socket_served_by_another_user() {
         .stdout(Stdio::piped())
         .spawn()
         .expect("python3 runs");
-    let start = Instant::now();
-    while !socket.exists() && start.elapsed() < Duration::from_secs(20) {
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let mut ready = String::new();
+    BufReader::new(impostor.stdout.as_mut().expect("stdout")).read_line(&mut ready).unwrap();
+    assert_eq!(ready.trim(), "ready");
     let result = Client::connect(&socket);
     let (ok, _, stderr) = cli(&socket, &["status"]);
+    // The impostor serves one connection at a time: once a probe's bytes are
+    // recorded, whatever the refused clients sent was recorded before them.
+    std::os::unix::net::UnixStream::connect(&socket).unwrap().write_all(b"probe").unwrap();
+    let start = Instant::now();
+    while !std::fs::read(&got).unwrap_or_default().ends_with(b"probe") {
+        assert!(start.elapsed() < Duration::from_secs(20), "the impostor never recorded the probe");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(std::fs::read(&got).unwrap(), b"probe", "a request reached the impostor");
     let _ = impostor.kill();
     let _ = impostor.wait();
     let e = result.err().expect("the client refuses the impostor");
     assert_eq!(e.kind(), ErrorKind::Unauthorized, "{e}");
     assert!(e.to_string().contains("uid 65534") && e.to_string().contains("nothing was sent"), "{e}");
     assert!(!ok && stderr.contains("uid 65534"), "tierckpt status: {stderr}");
-    assert!(std::fs::read(&got).unwrap_or_default().is_empty(), "a request reached the impostor");
 }

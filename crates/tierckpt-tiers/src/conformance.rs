@@ -107,8 +107,8 @@ async fn delete(tier: &dyn Tier) {
     // New data, sealed after the delete (a tier may refuse a copy sealed
     // before it: the peer tier does, so that a delete is not undone by
     // replicas in flight).
-    std::thread::sleep(std::time::Duration::from_millis(2));
-    let (m, d) = sample_shard(key.clone(), 1, 8, 2);
+    let (mut m, d) = sample_shard(key.clone(), 1, 8, 2);
+    m.created_unix_ms += 1; // sealed after the delete, whatever the clock's resolution
     tier.put(&m, &d).await.expect("a deleted key can be written again");
 }
 

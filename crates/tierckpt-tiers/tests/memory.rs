@@ -293,14 +293,14 @@ fn a_delete_drops_what_is_being_written_when_it_is_sealed() {
 fn a_deleted_namespace_refuses_replicas_sealed_before_the_delete() {
     let dir = shm_dir();
     let t = tier(dir.path(), 64 << 20, 3);
-    let (old, _) = sample_shard(ShardKey::new("gone", 6, 1), 2, 4, 1);
+    let (mut old, _) = sample_shard(ShardKey::new("gone", 6, 1), 2, 4, 1);
+    old.created_unix_ms -= 1; // sealed before the delete, whatever the clock's resolution
     save(&t, "gone", 5, 0, 1, 4);
-    std::thread::sleep(Duration::from_millis(2));
     t.delete_namespace("gone").unwrap();
     let e = t.refuse_deleted(&old).unwrap_err();
     assert!(e.kind() == ErrorKind::NotFound && e.to_string().contains("sealed before"), "{e}");
-    std::thread::sleep(Duration::from_millis(2));
-    let (new, _) = sample_shard(ShardKey::new("gone", 6, 1), 2, 4, 1);
+    let (mut new, _) = sample_shard(ShardKey::new("gone", 6, 1), 2, 4, 1);
+    new.created_unix_ms += 1; // sealed after it
     t.refuse_deleted(&new).expect("a copy sealed after the delete is new data");
     // Other namespaces are not concerned.
     let (other, _) = sample_shard(ShardKey::new("kept", 6, 1), 2, 4, 1);
