@@ -250,12 +250,18 @@ def test_sigkill_mid_save_leaves_nothing_visible(daemon, tmp_path):
         proc.wait()
     finally:
         proc.kill()
-    c = ckpt(daemon, ns="crash")
+    c = only_step_1_survives(daemon, "crash")
+    c.save(2, {"w": torch.full((1000,), 3.0)})  # the step is free again
+
+
+def only_step_1_survives(daemon, ns):
+    """After a trainer killed while saving step 2: its reservation is reclaimed, step 1 alone is there and loads."""
+    c = ckpt(daemon, ns=ns)
     wait_until(lambda: c.client.status()["memory"]["reservations"] == 0, what="reservation reclaimed")
     assert c.latest_step() == 1
-    assert [s["step"] for s in c.client.list_steps("crash")] == [1]
+    assert [s["step"] for s in c.client.list_steps(ns)] == [1]
     assert torch.equal(c.load()["w"], torch.full((1000,), 1.0))
-    c.save(2, {"w": torch.full((1000,), 3.0)})  # the step is free again
+    return c
 
 
 def test_heartbeat_file_is_touched_by_should_save_and_save(daemon, tmp_path, monkeypatch):
@@ -384,11 +390,7 @@ def test_sigkill_between_enqueue_and_seal_leaves_nothing_visible(daemon, tmp_pat
         proc.wait()
     finally:
         proc.kill()
-    c = ckpt(daemon, ns="enq")
-    wait_until(lambda: c.client.status()["memory"]["reservations"] == 0, what="reservation reclaimed")
-    assert c.latest_step() == 1
-    assert [s["step"] for s in c.client.list_steps("enq")] == [1]
-    assert torch.equal(c.load()["w"], torch.full((1000,), 1.0))
+    only_step_1_survives(daemon, "enq")
 
 
 def test_a_copy_failing_in_the_background_aborts_its_shard_and_wait_says_so(daemon, monkeypatch):
