@@ -7,7 +7,6 @@
 //! step clears its mark.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -73,17 +72,7 @@ impl Unrestorable {
     /// Writes the marks (a temporary file renamed into place); a failure is
     /// logged: the marks still hold until the daemon stops.
     fn save(&self, steps: &BTreeMap<String, BTreeSet<u64>>) {
-        let tmp = self.path.with_extension("json.tmp");
-        let written = self
-            .access
-            .create_options()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&tmp)
-            .and_then(|mut f| f.write_all(&serde_json::to_vec(steps).unwrap_or_default()))
-            .and_then(|()| std::fs::rename(&tmp, &self.path));
-        if let Err(e) = written {
+        if let Err(e) = self.access.write_atomically(&self.path, &serde_json::to_vec(steps).unwrap_or_default()) {
             tracing::warn!(path = %self.path.display(), error = %e, "could not record unrestorable steps");
         }
     }

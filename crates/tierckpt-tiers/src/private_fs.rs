@@ -59,6 +59,18 @@ impl Access {
         Ok(())
     }
 
+    /// Replaces `path` with `bytes` at once: written to `<path>.tmp`, then
+    /// renamed over it, so a reader sees the old file or the new one.
+    pub fn write_atomically(self, path: &Path, bytes: &[u8]) -> io::Result<()> {
+        let mut tmp = path.as_os_str().to_owned();
+        tmp.push(".tmp");
+        let tmp = PathBuf::from(tmp);
+        let mut f = self.create_options().write(true).create(true).truncate(true).open(&tmp)?;
+        self.own_file(&f)?;
+        std::io::Write::write_all(&mut f, bytes)?;
+        fs::rename(&tmp, path)
+    }
+
     /// Gives a file just created the configured group.
     pub fn own_file(self, file: &File) -> io::Result<()> {
         if let Some(gid) = self.group {

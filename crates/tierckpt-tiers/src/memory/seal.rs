@@ -2,7 +2,6 @@
 //! it; the seal checksums the bytes and publishes the shard.
 
 use std::fs;
-use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -320,20 +319,7 @@ impl MemoryTier {
     fn commit(&self, job: SealJob, manifest: Result<Arc<Manifest>>) -> Result<Arc<Manifest>> {
         let result = manifest.and_then(|m| {
             let mpath = self.manifest_path(&job.key, job.world_size);
-            let tmp = mpath.with_extension("json.tmp");
-            let access = self.cfg.access;
-            access
-                .create_options()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .open(&tmp)
-                .and_then(|mut f| {
-                    access.own_file(&f)?;
-                    f.write_all(&m.to_json())
-                })
-                .and_then(|()| fs::rename(&tmp, &mpath))
-                .map_err(io_err("writing", &mpath))?;
+            self.cfg.access.write_atomically(&mpath, &m.to_json()).map_err(io_err("writing", &mpath))?;
             Ok(m)
         });
         let mut unlinks = Vec::new();
