@@ -18,7 +18,9 @@ waiting in between, and reports the median time blocked (and the worst).
 
 Fresh data: before every save (outside the timed region) every tensor gets new bytes (`--fresh bytes`: the
 save's number in its first 8 bytes and 16 random bytes at a random place; `--fresh all`: all of it
-regenerated), so no save sees the bytes of the one before it. Every restore is checked bitwise against the
+regenerated), so no save sees the bytes of the one before it. Before tierckpt's first save the bench calls
+`Checkpointer.prepare(state)`, as a trainer would before training (its time is reported as `prepare`;
+`--no-prepare` leaves it out, and the first save then maps and faults its segment in itself). Every restore is checked bitwise against the
 state that was saved (xxh3-128 of every tensor), and the report says so per method.
 
 `--mode train` runs a model whose step takes `--step-ms` (a calibrated loop of matmuls, or a sleep), first
@@ -360,6 +362,20 @@ class Bench:
             runs.append(fn())
         return _series(runs[0], runs[1:1 + warmup], runs[1 + warmup:])
 
+    def prepare(self) -> dict:
+        """`Checkpointer.prepare` before the first save, as a trainer would call it before training:
+        seconds blocked in the call, and until the segment is mapped and faulted in."""
+        t0 = time.perf_counter()
+        self.ckpt.prepare(self.state)
+        t1 = time.perf_counter()
+        self.ckpt._join_prepare()
+        t2 = time.perf_counter()
+        # the daemon's filler now makes segments of this size: let it finish, as training steps would
+        deadline = t2 + 60
+        while time.perf_counter() < deadline and self.ckpt.client.status()["memory"].get("prefault_pending"):
+            time.sleep(0.05)
+        return {"blocked_s": t1 - t0, "mapped_s": t2 - t0, "ready_s": time.perf_counter() - t0}
+
     def back_to_back(self, saves: int) -> dict:
         """tierckpt saves one after another without waiting in between; the waits come at the end."""
         blocked = []
@@ -500,7 +516,10 @@ def run_save_mode(b: Bench, args) -> dict:
             if m == "dcp_async_save_stager" and stager is None:
                 out["save"][m] = {"skipped": stager_info}
                 continue
+            prep = b.prepare() if m == "tierckpt" and args.prepare else None
             r = b.measure(getattr(b, f"save_{m}"), args.saves, args.warmup)
+            if m == "tierckpt":
+                r["prepare"] = prep or "off (--no-prepare)"
             r["ratio"] = _ratios(r["steady"], floor_s)
             r["first_ratio"] = _ratios(r["first"], floor_s)
             if m == "dcp_async_save_stager":
@@ -643,6 +662,8 @@ def main(argv=None) -> int:
                    help="saves per method after the first and before the steady state, not counted")
     p.add_argument("--restores", type=int, default=3)
     p.add_argument("--fresh", choices=("bytes", "all"), default="bytes")
+    p.add_argument("--no-prepare", dest="prepare", action="store_false",
+                   help="no Checkpointer.prepare() before tierckpt's first save")
     p.add_argument("--step-ms", type=float, default=200.0)
     p.add_argument("--step-kind", choices=("matmul", "sleep"), default="matmul")
     p.add_argument("--steps", type=int, default=20)

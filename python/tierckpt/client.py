@@ -145,11 +145,20 @@ class Client:
         return body
 
     # -- operations ---------------------------------------------------------
-    def reserve(self, namespace: str, step: int, rank: int, world_size: int, length: int) -> dict:
-        """A segment of exactly `length` bytes: `{"id", "path", "len"}`."""
-        return self._expect({"op": "reserve", "namespace": namespace, "step": int(step),
-                             "rank": int(rank), "world_size": int(world_size), "len": int(length)},
-                            "reserved")
+    def reserve(self, namespace: str, step: int, rank: int, world_size: int, length: int,
+                segment: str | None = None) -> dict:
+        """A segment of exactly `length` bytes: `{"id", "path", "len"}`; from `segment` (as
+        `prepare` named it) when it is still free and large enough."""
+        req = {"op": "reserve", "namespace": namespace, "step": int(step),
+               "rank": int(rank), "world_size": int(world_size), "len": int(length)}
+        if segment is not None:
+            req["segment"] = str(segment)
+        return self._expect(req, "reserved")
+
+    def prepare(self, length: int) -> dict:
+        """Sets a free segment of at least `length` bytes aside for a coming `reserve`, to map and
+        fault in beforehand: `{"path", "len"}`."""
+        return self._expect({"op": "prepare", "len": int(length)}, "prepared")
 
     def seal(self, reservation_id: int, wait: bool) -> None:
         self._expect({"op": "seal", "id": int(reservation_id), "wait": bool(wait)}, "done")

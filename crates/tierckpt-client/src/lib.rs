@@ -182,6 +182,7 @@ impl Client {
             rank: key.rank,
             world_size,
             len: layout.file_len,
+            segment: None,
         };
         let (id, path) = match self.call(&req)? {
             Reply::Reserved { id, path, .. } => (id, PathBuf::from(path)),

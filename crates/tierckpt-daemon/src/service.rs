@@ -2,7 +2,7 @@
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -427,11 +427,16 @@ impl Daemon {
             }
         };
         Ok(match req {
-            Request::Reserve { namespace, step, rank, world_size, len } => {
+            Request::Reserve { namespace, step, rank, world_size, len, segment } => {
                 self.check_client_step(&namespace, step)?;
-                let r = tier.reserve(&ShardKey::new(namespace, step, rank), world_size, len)?;
+                let key = ShardKey::new(namespace, step, rank);
+                let r = tier.reserve_prepared(&key, world_size, len, segment.as_deref().map(Path::new))?;
                 owned.insert(r.id);
                 Reply::Reserved { id: r.id, path: r.path.display().to_string(), len: r.len }
+            }
+            Request::Prepare { len } => {
+                let (path, len) = tier.prepare(len)?;
+                Reply::Prepared { path: path.display().to_string(), len }
             }
             Request::Seal { id, wait } => {
                 take(owned, id)?;

@@ -21,6 +21,18 @@ pub enum Request {
         world_size: u32,
         /// The shard's length in bytes.
         len: u64,
+        /// A segment `Prepare` set aside for this client, to use if it is
+        /// still free and large enough (its pages are mapped there already).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        segment: Option<String>,
+    },
+    /// Set aside a free segment of at least `len` bytes for a coming
+    /// `Reserve`, so the client can map and fault it in beforehand. A hint:
+    /// the segment stays in the pool, and is given to others only when no
+    /// other segment fits.
+    Prepare {
+        /// The coming shard's length in bytes.
+        len: u64,
     },
     /// The segment is written: checksum, index and publish it. With `wait`, the
     /// reply comes once the shard is visible (or failed); otherwise at once.
@@ -138,6 +150,13 @@ pub enum Reply {
         /// The segment's file, to map and write.
         path: String,
         /// Its length in bytes.
+        len: u64,
+    },
+    /// To `Prepare`: the segment set aside.
+    Prepared {
+        /// The segment's file, to map and fault in; name it in `Reserve`.
+        path: String,
+        /// Its length in bytes (at least the length asked for).
         len: u64,
     },
     /// Done, nothing to tell.

@@ -485,3 +485,47 @@ fn a_reservation_larger_than_any_pooled_segment_grows_one_of_half_its_size() {
     assert_eq!(t.latest("grow").unwrap(), Some(3));
     assert_eq!(t.usage().used, t.usage().sealed + t.usage().pooled, "accounting stays exact");
 }
+
+#[test]
+fn a_prepared_segment_serves_the_reservation_that_names_it_and_no_other_while_others_fit() {
+    let dir = shm_dir();
+    let t = tier(dir.path(), 64 << 20, 3);
+    let len = 1 << 20;
+    let (a, a_len) = t.prepare(len).unwrap();
+    let (b, _) = t.prepare(len).unwrap();
+    assert_ne!(a, b, "two prepares get two segments");
+    assert!(a_len >= len && a.exists());
+    assert_exact(&t.usage());
+    assert_eq!(t.usage().pooled, 2 * len);
+    let ino = |p: &std::path::Path| std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(p).unwrap());
+    let (ia, ib) = (ino(&a), ino(&b));
+    // A reservation naming b gets b, even though a fits as well.
+    let rb = t.reserve_prepared(&ShardKey::new("p", 1, 1), 2, len - 64, Some(&b)).unwrap();
+    assert_eq!(ino(&rb.path), ib);
+    assert_eq!(std::fs::metadata(&rb.path).unwrap().len(), len - 64, "cut to the size asked for");
+    // One naming nothing, with a fresh file possible, leaves a (set aside) alone.
+    let other = t.reserve(&ShardKey::new("q", 1, 0), 1, len).unwrap();
+    assert_ne!(ino(&other.path), ia);
+    let ra = t.reserve_prepared(&ShardKey::new("p", 1, 0), 2, len, Some(&a)).unwrap();
+    assert_eq!(ino(&ra.path), ia);
+    assert_exact(&t.usage());
+    // A stale or made-up name is only a hint.
+    let r = t.reserve_prepared(&ShardKey::new("r", 1, 0), 1, 4096, Some(std::path::Path::new("/etc/passwd"))).unwrap();
+    assert!(r.path.starts_with(dir.path()));
+    assert_exact(&t.usage());
+}
+
+#[test]
+fn a_prepare_that_cannot_fit_is_refused_naming_the_sizes_and_changes_nothing() {
+    let dir = shm_dir();
+    let t = tier(dir.path(), 8 << 20, 3);
+    let before = t.usage();
+    match t.prepare(16 << 20) {
+        Err(tierckpt_tiers::TierError::CapacityExceeded { requested, capacity, .. }) => {
+            assert_eq!((requested, capacity), (16 << 20, 8 << 20))
+        }
+        other => panic!("expected CapacityExceeded, got {other:?}"),
+    }
+    assert_eq!(t.usage().used, before.used);
+    assert_eq!(std::fs::read_dir(dir.path().join("pool")).unwrap().count(), 0);
+}

@@ -17,7 +17,8 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use super::index::{Shard, State};
-use super::MemoryTier;
+use super::{io_err, MemoryTier};
+use crate::{Result, TierError};
 
 /// A free segment in the pool.
 #[derive(Debug)]
@@ -28,6 +29,9 @@ pub(super) struct Pooled {
     pub(super) len: u64,
     /// Made by the filler (otherwise recycled from a dropped shard).
     pub(super) prefaulted: bool,
+    /// Set aside by `prepare` for a client's coming reservation: others get
+    /// it only when nothing else fits.
+    pub(super) promised: bool,
 }
 
 /// Files to remove once the index lock is released (unlinking a large tmpfs
@@ -103,7 +107,7 @@ impl MemoryTier {
         let target = self.cfg.root.join("pool").join(format!("{}.seg", st.next_id));
         st.next_id += 1;
         match fs::rename(&path, &target) {
-            Ok(()) => st.pool.push(Pooled { path: target, len, prefaulted: false }),
+            Ok(()) => st.pool.push(Pooled { path: target, len, prefaulted: false, promised: false }),
             Err(e) => {
                 tracing::warn!(path = %path.display(), error = %e, "could not recycle a segment");
                 unlinks.push(path);
@@ -112,18 +116,25 @@ impl MemoryTier {
         }
     }
 
-    /// Index of the smallest pooled segment of at least `len` bytes.
+    /// Index of the smallest pooled segment of at least `len` bytes, one
+    /// not set aside for another client if there is one.
     pub(super) fn pool_fit(st: &State, len: u64) -> Option<usize> {
-        st.pool.iter().enumerate().filter(|(_, p)| p.len >= len).min_by_key(|(_, p)| p.len).map(|(i, _)| i)
+        st.pool
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| p.len >= len)
+            .min_by_key(|(_, p)| (p.promised, p.len))
+            .map(|(i, _)| i)
     }
 
     /// Index of the largest pooled segment smaller than `len` but at least
-    /// half of it: worth growing to `len` when none is large enough.
+    /// half of it, not set aside: worth growing to `len` when none is large
+    /// enough.
     pub(super) fn pool_grow(st: &State, len: u64) -> Option<usize> {
         st.pool
             .iter()
             .enumerate()
-            .filter(|(_, p)| p.len < len && p.len >= len / 2)
+            .filter(|(_, p)| !p.promised && p.len < len && p.len >= len / 2)
             .max_by_key(|(_, p)| p.len)
             .map(|(i, _)| i)
     }
@@ -138,6 +149,49 @@ impl MemoryTier {
     pub(super) fn note_size(st: &mut State, len: u64) {
         st.recent_sizes.push_front(len);
         st.recent_sizes.truncate(RECENT_SIZES);
+    }
+
+    /// Sets a free segment of at least `len` bytes aside for a coming
+    /// reservation of that size, so that the client can map and fault it in
+    /// ahead of its save (`Reserve` then names it): the closest pooled fit
+    /// not set aside already, else a new pool file if there is room. It
+    /// stays pooled (counted in `used`, taken last by other reservations,
+    /// reclaimed like any pooled segment). Returns its file and length.
+    pub fn prepare(&self, len: u64) -> Result<(PathBuf, u64)> {
+        let mut st = self.lock();
+        Self::note_size(&mut st, len);
+        let fit = st
+            .pool
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| !p.promised && p.len >= len && Self::worth_cutting(p.len, len))
+            .min_by_key(|(_, p)| p.len)
+            .map(|(i, _)| i);
+        if let Some(i) = fit {
+            st.pool[i].promised = true;
+            return Ok((st.pool[i].path.clone(), st.pool[i].len));
+        }
+        if self.free(&st) < len || st.pool.len() >= self.cfg.max_pooled_segments {
+            return Err(TierError::CapacityExceeded {
+                requested: len,
+                free: self.free(&st),
+                capacity: self.cfg.capacity,
+                detail: "; no free segment to set aside (a hint only: the save itself may still evict)".into(),
+            });
+        }
+        let path = self.cfg.root.join("pool").join(format!("{}.seg", st.next_id));
+        st.next_id += 1;
+        let access = self.cfg.access;
+        let f = access.create_options().write(true).create_new(true).open(&path).map_err(io_err("creating", &path))?;
+        access.own_file(&f).map_err(io_err("giving a group to", &path))?;
+        if let Err(e) = f.set_len(len) {
+            drop(f);
+            let _ = fs::remove_file(&path);
+            return Err(io_err("sizing", &path)(e));
+        }
+        st.used += len;
+        st.pool.push(Pooled { path: path.clone(), len, prefaulted: false, promised: true });
+        Ok((path, len))
     }
 
     /// Runs the unlinks (off the index lock) and wakes the filler: the pool
@@ -303,7 +357,7 @@ impl MemoryTier {
             st.transient -= len;
             let keep = matches!(outcome, Ok(true));
             if keep {
-                st.pool.push(Pooled { path: path.clone(), len, prefaulted: true });
+                st.pool.push(Pooled { path: path.clone(), len, prefaulted: true, promised: false });
                 tracing::debug!(bytes = len, "pre-faulted a pool segment");
             } else {
                 st.used -= len;

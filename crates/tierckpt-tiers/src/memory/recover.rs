@@ -56,7 +56,7 @@ impl MemoryTier {
         st.next_id = found.iter().filter_map(|(_, p, _)| id_of(p)).max().map_or(0, |m| m + 1);
         for (dir, path, len) in found {
             if dir == "pool" && st.pool.len() < self.cfg.max_pooled_segments {
-                st.pool.push(Pooled { path, len, prefaulted: false });
+                st.pool.push(Pooled { path, len, prefaulted: false, promised: false });
             } else {
                 self.pool_file(&mut st, path, len, &mut unlinks);
             }

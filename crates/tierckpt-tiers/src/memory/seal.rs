@@ -2,7 +2,7 @@
 //! it; the seal checksums the bytes and publishes the shard.
 
 use std::fs;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -88,10 +88,22 @@ impl MemoryTier {
     /// the closest fit, cut down to `len` (the cut, which frees the tail's
     /// pages, runs off the index lock).
     pub fn reserve(&self, key: &ShardKey, world_size: u32, len: u64) -> Result<Reservation> {
+        self.reserve_prepared(key, world_size, len, None)
+    }
+
+    /// [`Self::reserve`], served from `segment` (set aside by
+    /// [`Self::prepare`]) when it is still pooled and large enough.
+    pub fn reserve_prepared(
+        &self,
+        key: &ShardKey,
+        world_size: u32,
+        len: u64,
+        segment: Option<&Path>,
+    ) -> Result<Reservation> {
         validate_namespace(&key.namespace)?;
         validate_rank(key.rank, world_size)?;
         let mut unlinks = Vec::new();
-        let result = self.reserve_locked(key, world_size, len, &mut unlinks);
+        let result = self.reserve_locked(key, world_size, len, segment, &mut unlinks);
         let result = result.and_then(|(r, cut)| match cut {
             Some((file, seg_len)) => self.cut_to_size(r, file, seg_len),
             None => Ok(r),
@@ -131,6 +143,7 @@ impl MemoryTier {
         key: &ShardKey,
         world_size: u32,
         len: u64,
+        segment: Option<&Path>,
         unlinks: &mut Vec<PathBuf>,
     ) -> Result<(Reservation, Option<(fs::File, u64)>)> {
         let mut st = self.lock();
@@ -174,8 +187,14 @@ impl MemoryTier {
         let path = self.cfg.root.join("pending").join(format!("{id}.seg"));
         let mut cut = None;
         loop {
-            let fit = Self::pool_fit(&st, len);
-            if let Some(i) = fit.filter(|&i| Self::worth_cutting(st.pool[i].len, len) || self.free(&st) < len) {
+            let prepared = segment.and_then(|seg| st.pool.iter().position(|p| p.path == seg && p.len >= len));
+            // Another client's prepared segment only when no fresh file fits.
+            let room = self.free(&st) >= len;
+            let fit = prepared.or_else(|| Self::pool_fit(&st, len)).filter(|&i| {
+                let p = &st.pool[i];
+                (Self::worth_cutting(p.len, len) || !room) && (prepared == Some(i) || !p.promised || !room)
+            });
+            if let Some(i) = fit {
                 let p = st.pool.swap_remove(i);
                 fs::rename(&p.path, &path).map_err(io_err("reusing", &p.path))?;
                 let f = open_write(&path).map_err(io_err("opening", &path))?;

@@ -1,0 +1,87 @@
+"""`Checkpointer.prepare`: the next save's segment set aside, mapped and faulted in beforehand."""
+
+import os
+import pathlib
+
+import pytest
+import torch
+
+from tierckpt import Checkpointer, Client
+
+from test_checkpointer import assert_same
+from test_load import big_state, shard_file
+
+
+def ckpt(daemon, ns, rank=0, world_size=1):
+    return Checkpointer({"socket": daemon["socket"], "namespace": ns, "checkpoint_frequency": 1,
+                         "async_save": False}, rank=rank, world_size=world_size)
+
+
+def rss_kib(path):
+    """Resident KiB of this process's mapping of `path` (0 when it is not mapped)."""
+    total, inside = 0, False
+    for line in pathlib.Path("/proc/self/smaps").read_text().splitlines():
+        if "-" in line.split(" ", 1)[0] and ":" not in line.split(" ", 1)[0]:
+            inside = line.rstrip().endswith(path)
+        elif inside and line.startswith("Rss:"):
+            total += int(line.split()[1])
+    return total
+
+
+def test_the_first_save_lands_in_the_prepared_segment_already_mapped_here(daemon):
+    state = big_state()
+    with ckpt(daemon, "prep") as c:
+        c.prepare(state)
+        path = c._prepared[0]
+        c._join_prepare()
+        mapped_kib = rss_kib(path)
+        ino = os.stat(path).st_ino
+        c.save(1, state)
+        assert os.stat(shard_file(daemon, "prep")).st_ino == ino, "the save did not use the prepared segment"
+        assert mapped_kib * 1024 >= os.path.getsize(shard_file(daemon, "prep")) - 4096, \
+            f"only {mapped_kib} KiB of the prepared segment were faulted in"
+        out = c.load(None, 1)
+    assert_same(out, state)
+
+
+def test_two_ranks_each_get_the_segment_they_prepared(daemon):
+    state = big_state()
+    a, b = ckpt(daemon, "two", 0, 2), ckpt(daemon, "two", 1, 2)
+    try:
+        a.prepare(state)
+        b.prepare(state)
+        pa, pb = a._prepared[0], b._prepared[0]
+        assert pa != pb
+        ia, ib = os.stat(pa).st_ino, os.stat(pb).st_ino
+        b.save(1, state)  # the later one saves first: it must not take a's
+        a.save(1, state)
+        files = {f.name: f.stat().st_ino for f in pathlib.Path(daemon["dir"]).glob("mem/ns/two/*/*.safetensors")}
+        assert files == {"rank-00000-of-00002.safetensors": ia, "rank-00001-of-00002.safetensors": ib}, files
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_prepare_that_does_not_fit_warns_and_the_save_still_works(daemon):
+    huge = {"x": torch.empty(300 << 20, dtype=torch.uint8)}  # more than the 256 MiB tier
+    with ckpt(daemon, "nofit") as c:
+        with pytest.warns(UserWarning, match="no segment set aside"):
+            c.prepare(huge)
+        state = big_state()
+        c.save(1, state)
+        assert_same(c.load(None, 1), state)
+
+
+def test_a_daemon_asked_to_prepare_more_than_it_holds_names_the_size(daemon):
+    cl = Client(daemon["socket"])
+    try:
+        with pytest.raises(Exception, match="capacity|exceed|room"):
+            cl.prepare(1 << 40)
+        got = cl.prepare(1 << 20)
+        assert got["len"] >= 1 << 20 and os.path.exists(got["path"])
+        # a stale or made-up segment name is only a hint: the reservation is served anyway
+        r = cl.reserve("bogus", 1, 0, 1, 4096, segment="/etc/passwd")
+        assert r["path"] != "/etc/passwd" and os.path.getsize(r["path"]) == 4096
+        cl.abort(r["id"])
+    finally:
+        cl.close()
