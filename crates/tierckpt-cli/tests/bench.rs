@@ -513,4 +513,7 @@ fn memory_reports_the_first_save_on_the_pool_and_back_to_back_saves() {
     assert_eq!(v["first_save_from_pool"], true, "{v}");
     assert!(v["reserved_from_pool"].as_u64().unwrap() >= 1, "{v}");
     assert!(v["reserved_fresh"].is_u64(), "{v}");
+    positive(&v, "prepare_s");
+    let v = bench_memory_json(&["--size", "8MiB", "--tensors", "8", "--iters", "1", "--no-prepare", "--json"]);
+    assert!(v["prepare_s"].is_null(), "{v}");
 }

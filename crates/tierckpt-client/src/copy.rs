@@ -81,8 +81,8 @@ pub(crate) fn scatter(dst: &mut [u8], pieces: &[(usize, &[u8])], prefault: bool)
     });
 }
 
-/// Prefaults a whole read-only mapping with parallel workers.
-pub(crate) fn populate_parallel(map: &[u8]) {
+/// Prefaults a whole mapping with parallel workers (writable with `write`).
+pub(crate) fn populate_parallel(map: &[u8], write: bool) {
     let n = workers(map.len());
     let base = Dst(map.as_ptr() as *mut u8);
     let len = map.len();
@@ -90,7 +90,7 @@ pub(crate) fn populate_parallel(map: &[u8]) {
         for w in 0..n {
             sc.spawn(move || {
                 let base = base;
-                populate(base.0, len * w / n..len * (w + 1) / n, false)
+                populate(base.0, len * w / n..len * (w + 1) / n, write)
             });
         }
     });

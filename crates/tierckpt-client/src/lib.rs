@@ -14,7 +14,7 @@ pub mod peer;
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -118,6 +118,8 @@ pub struct Client {
     stream: UnixStream,
     socket: PathBuf,
     cache: SegmentCache,
+    /// The segment `prepare` set aside, and the shard length it is for.
+    prepared: Option<(PathBuf, u64)>,
 }
 
 fn unexpected(r: Reply) -> Error {
@@ -135,7 +137,7 @@ impl Client {
             ))
         })?;
         peer::check_daemon(&stream, &socket)?;
-        Ok(Self { stream, socket, cache: SegmentCache { entries: Vec::new(), max: 16 } })
+        Ok(Self { stream, socket, cache: SegmentCache { entries: Vec::new(), max: 16 }, prepared: None })
     }
 
     /// Connects to [`default_socket`].
@@ -182,7 +184,11 @@ impl Client {
             rank: key.rank,
             world_size,
             len: layout.file_len,
-            segment: None,
+            segment: self
+                .prepared
+                .take()
+                .filter(|(_, len)| *len == layout.file_len)
+                .map(|(path, _)| path.display().to_string()),
         };
         let (id, path) = match self.call(&req)? {
             Reply::Reserved { id, path, .. } => (id, PathBuf::from(path)),
@@ -203,6 +209,31 @@ impl Client {
         };
         seg.map[..layout.header.len()].copy_from_slice(&layout.header);
         Ok(PendingShard { client: self, id, layout, seg: Some(seg), fresh })
+    }
+
+    /// Gets the next save of a shard with these tensors and metadata ready:
+    /// the daemon sets a free segment of its size aside, and this client maps
+    /// it and faults it in now, page tables included, so that the save then
+    /// copies at memory speed. A hint: an error (no room to set one aside)
+    /// changes nothing, and the save works without it. Returns the segment's file.
+    pub fn prepare(&mut self, tensors: &[TensorSpec], metadata: &BTreeMap<String, String>) -> Result<PathBuf> {
+        let layout = ShardLayout::new(tensors, metadata)?;
+        let len = layout.file_len;
+        let path = match self.call(&Request::Prepare { len })? {
+            Reply::Prepared { path, .. } => PathBuf::from(path),
+            r => return Err(unexpected(r)),
+        };
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&path)
+            .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
+        let (seg, _) = self.cache.take(f, len as usize, &path)?;
+        copy::populate_parallel(&seg.map, true);
+        self.cache.put_back(seg);
+        self.prepared = Some((path.clone(), len));
+        Ok(path)
     }
 
     /// Saves tensors and metadata as the shard `key`. Returns once the bytes
@@ -274,7 +305,7 @@ impl Client {
         let map = unsafe { MmapOptions::new().map(&file) }
             .map_err(|e| Error::io(format!("mapping {}", path.display()), e))?;
         if populate {
-            copy::populate_parallel(&map);
+            copy::populate_parallel(&map, false);
         }
         Ok((path, manifest, map))
     }

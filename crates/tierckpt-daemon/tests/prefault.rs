@@ -142,3 +142,30 @@ fn as_root_a_new_directory_gets_huge_pages_by_default_and_files_are_never_hidden
     d.kill().unwrap();
     d.wait().unwrap();
 }
+
+#[test]
+fn a_prepared_segment_is_mapped_here_and_the_save_lands_in_it() {
+    use std::os::unix::fs::MetadataExt;
+    let d = TestDaemon::start("256MiB");
+    let mut c = d.client();
+    let data = vec![7u8; 3 << 20];
+    let t = [TensorData { name: "w", dtype: Dtype::U8, shape: &[data.len()], data: &data }];
+    let specs = [tierckpt_format::TensorSpec { name: "w".into(), dtype: Dtype::U8, shape: vec![data.len()] }];
+    let prepared = c.prepare(&specs, &Default::default()).unwrap();
+    let mem = d.dir.path().join("mem");
+    assert!(prepared.starts_with(mem.join("pool")), "{}", prepared.display());
+    let ino = std::fs::metadata(&prepared).unwrap().ino();
+    let key = ShardKey::new("prep", 1, 0);
+    c.save(&key, 1, &t, &Default::default(), true).unwrap();
+    let step_dir = std::fs::read_dir(mem.join("ns/prep")).unwrap().next().unwrap().unwrap().path();
+    let shard = step_dir.join("rank-00000-of-00001.safetensors");
+    assert_eq!(std::fs::metadata(&shard).unwrap().ino(), ino, "the save used the prepared segment");
+    let mut back = vec![0u8; data.len()];
+    c.load_into(&key, &mut [("w", &mut back[..])]).unwrap();
+    assert!(back == data, "the shard round trips");
+    // A prepare larger than the tier is refused, naming the sizes, and the save after it still works.
+    let big = [tierckpt_format::TensorSpec { name: "w".into(), dtype: Dtype::U8, shape: vec![1 << 30] }];
+    let e = c.prepare(&big, &Default::default()).unwrap_err();
+    assert!(e.to_string().contains("capacity") || e.to_string().contains("1073"), "{e}");
+    c.save(&ShardKey::new("prep", 2, 0), 1, &t, &Default::default(), true).unwrap();
+}

@@ -12,7 +12,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use serde::Serialize;
 use tierckpt_client::{Client, SaveTiming};
-use tierckpt_format::ShardKey;
+use tierckpt_format::{ShardKey, TensorSpec};
 use tierckpt_harness::daemon::{DaemonOptions, DaemonProcess};
 use tierckpt_harness::stats::{gibps, median, min};
 
@@ -47,6 +47,10 @@ pub struct MemoryArgs {
     /// it existed) [default: the daemon's, 0.25].
     #[arg(long)]
     pub prefault_share: Option<f64>,
+    /// No `Client::prepare` before the first save: the save then maps and
+    /// populates its segment itself.
+    #[arg(long)]
+    pub no_prepare: bool,
 }
 
 /// What `bench memory` measured. Times are seconds; ratios are a time over
@@ -128,6 +132,10 @@ pub struct MemoryReport {
     pub prefaulted_bytes: u64,
     /// The first save was served from a pooled segment.
     pub first_save_from_pool: bool,
+    /// Seconds `Client::prepare` took before the first save (setting its
+    /// segment aside, mapping and faulting it in), as a trainer would call
+    /// it before training; null with `--no-prepare`.
+    pub prepare_s: Option<f64>,
     /// Median time the caller is blocked by a save that follows the
     /// previous one at once (no training step, no wait for its seal).
     pub back_to_back_s: f64,
@@ -256,6 +264,24 @@ pub fn measure(a: &MemoryArgs) -> Result<MemoryReport> {
         std::thread::sleep(Duration::from_millis(10));
     };
     let prefault_wait_s = started.elapsed().as_secs_f64();
+    let prepare_s = match a.no_prepare {
+        true => None,
+        false => {
+            let specs: Vec<TensorSpec> = state
+                .tensors()
+                .iter()
+                .map(|t| TensorSpec { name: t.name.to_string(), dtype: t.dtype, shape: t.shape.to_vec() })
+                .collect();
+            let t = Instant::now();
+            client.prepare(&specs, &state.metadata).context("preparing the first save")?;
+            let prepare_s = t.elapsed().as_secs_f64();
+            // The filler now makes segments of this size: let it finish, as training steps would.
+            while client.status()?.memory.prefault_pending && started.elapsed() < Duration::from_secs(600) {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Some(prepare_s)
+        }
+    };
 
     // Saves: successive steps of one namespace, like a training loop.
     let ns = "bench-memory";
@@ -324,6 +350,7 @@ pub fn measure(a: &MemoryArgs) -> Result<MemoryReport> {
 
     let runs = Runs {
         prefault_wait_s,
+        prepare_s,
         prefaulted_bytes,
         first_save_from_pool,
         back_to_back: &back_to_back,
@@ -344,6 +371,7 @@ pub fn measure(a: &MemoryArgs) -> Result<MemoryReport> {
 /// What the loops measured.
 struct Runs<'a> {
     prefault_wait_s: f64,
+    prepare_s: Option<f64>,
     prefaulted_bytes: u64,
     first_save_from_pool: bool,
     /// The back-to-back saves.
@@ -412,6 +440,7 @@ fn report(a: &MemoryArgs, state: &State, runs: Runs<'_>) -> MemoryReport {
         prefault_wait_s: runs.prefault_wait_s,
         prefaulted_bytes: runs.prefaulted_bytes,
         first_save_from_pool: runs.first_save_from_pool,
+        prepare_s: runs.prepare_s,
         back_to_back_s,
         back_to_back_ratio: back_to_back_s / memcpy_floor_s,
         back_to_back_max_s: runs.back_to_back.iter().copied().fold(0.0, f64::max),
@@ -462,7 +491,14 @@ pub fn print(r: &MemoryReport) {
     row(&mut t, "  reserve", String::new(), r.save_reserve_s, false);
     row(&mut t, "  copy into the segment", r.threads.to_string(), r.save_copy_s, false);
     row(&mut t, "  seal", String::new(), r.save_seal_s, false);
-    row(&mut t, "save: first of its size (pre-faulted pool)", r.threads.to_string(), r.save_stall_first_s, true);
+    let first = match r.prepare_s {
+        Some(_) => "save: first of its size (prepared)",
+        None => "save: first of its size (pre-faulted pool)",
+    };
+    row(&mut t, first, r.threads.to_string(), r.save_stall_first_s, true);
+    if let Some(p) = r.prepare_s {
+        row(&mut t, "  prepare, before it (not blocking a save)", String::new(), p, false);
+    }
     row(&mut t, "save: back to back (no pause)", r.threads.to_string(), r.back_to_back_s, true);
     row(&mut t, "  slowest back to back", String::new(), r.back_to_back_max_s, true);
     row(&mut t, "restore: load_into, checksums verified", r.restore_threads.to_string(), r.restore_s, true);
