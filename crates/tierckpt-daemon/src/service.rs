@@ -2,7 +2,7 @@
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -12,7 +12,7 @@ use tierckpt_tiers::ErrorKind;
 use crate::cluster::Cluster;
 use crate::metrics::Metrics;
 use tierckpt_proto::{DaemonStatus, Reply, Request, WireResult};
-use tierckpt_tiers::{MemoryTier, MemoryTierConfig, Result, Tier, TierError};
+use tierckpt_tiers::{MemoryTier, MemoryTierConfig, ReserveOptions, Result, Tier, TierError};
 
 use crate::peer_tier::PeerTier;
 use tokio::sync::watch;
@@ -99,6 +99,10 @@ impl Drop for RemoveOnDrop {
         }
     }
 }
+
+/// How long a local reservation that does not fit waits for seals under way
+/// (a trainer saving faster than the daemon checksums) before it is refused.
+const SEAL_WAIT: Duration = Duration::from_secs(60);
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
     tokio::task::spawn_blocking(f).await.map_err(|e| TierError::Unavailable(format!("daemon worker failed: {e}")))?
@@ -430,7 +434,9 @@ impl Daemon {
             Request::Reserve { namespace, step, rank, world_size, len, segment } => {
                 self.check_client_step(&namespace, step)?;
                 let key = ShardKey::new(namespace, step, rank);
-                let r = tier.reserve_prepared(&key, world_size, len, segment.as_deref().map(Path::new))?;
+                let opts = ReserveOptions { segment: segment.map(PathBuf::from), wait_for_seals: SEAL_WAIT };
+                let t = tier.clone();
+                let r = blocking(move || t.reserve_with(&key, world_size, len, &opts)).await?;
                 owned.insert(r.id);
                 Reply::Reserved { id: r.id, path: r.path.display().to_string(), len: r.len }
             }

@@ -16,7 +16,7 @@ pub mod receive;
 mod tier;
 
 pub use error::{ErrorKind, TierError, WireError};
-pub use memory::{LeasedMap, MemoryTier, MemoryTierConfig, Reservation, ReservationGuard};
+pub use memory::{LeasedMap, MemoryTier, MemoryTierConfig, Reservation, ReservationGuard, ReserveOptions};
 pub use persistent::{PersistOptions, PersistentTier};
 pub use tier::{ShardBytes, Tier};
 pub use tierckpt_proto::StepSummary;

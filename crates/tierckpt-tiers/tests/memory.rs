@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use tierckpt_format::ShardKey;
 use tierckpt_tiers::conformance::{run_all, sample_shard};
-use tierckpt_tiers::{ErrorKind, MemoryTier, MemoryTierConfig};
+use tierckpt_tiers::{ErrorKind, MemoryTier, MemoryTierConfig, ReserveOptions};
 
 fn shm_dir() -> tempfile::TempDir {
     let base = std::path::Path::new("/dev/shm");
@@ -486,6 +486,10 @@ fn a_reservation_larger_than_any_pooled_segment_grows_one_of_half_its_size() {
     assert_eq!(t.usage().used, t.usage().sealed + t.usage().pooled, "accounting stays exact");
 }
 
+fn prepared(segment: &std::path::Path) -> ReserveOptions {
+    ReserveOptions { segment: Some(segment.to_path_buf()), ..Default::default() }
+}
+
 #[test]
 fn a_prepared_segment_serves_the_reservation_that_names_it_and_no_other_while_others_fit() {
     let dir = shm_dir();
@@ -500,17 +504,17 @@ fn a_prepared_segment_serves_the_reservation_that_names_it_and_no_other_while_ot
     let ino = |p: &std::path::Path| std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(p).unwrap());
     let (ia, ib) = (ino(&a), ino(&b));
     // A reservation naming b gets b, even though a fits as well.
-    let rb = t.reserve_prepared(&ShardKey::new("p", 1, 1), 2, len - 64, Some(&b)).unwrap();
+    let rb = t.reserve_with(&ShardKey::new("p", 1, 1), 2, len - 64, &prepared(&b)).unwrap();
     assert_eq!(ino(&rb.path), ib);
     assert_eq!(std::fs::metadata(&rb.path).unwrap().len(), len - 64, "cut to the size asked for");
     // One naming nothing, with a fresh file possible, leaves a (set aside) alone.
     let other = t.reserve(&ShardKey::new("q", 1, 0), 1, len).unwrap();
     assert_ne!(ino(&other.path), ia);
-    let ra = t.reserve_prepared(&ShardKey::new("p", 1, 0), 2, len, Some(&a)).unwrap();
+    let ra = t.reserve_with(&ShardKey::new("p", 1, 0), 2, len, &prepared(&a)).unwrap();
     assert_eq!(ino(&ra.path), ia);
     assert_exact(&t.usage());
     // A stale or made-up name is only a hint.
-    let r = t.reserve_prepared(&ShardKey::new("r", 1, 0), 1, 4096, Some(std::path::Path::new("/etc/passwd"))).unwrap();
+    let r = t.reserve_with(&ShardKey::new("r", 1, 0), 1, 4096, &prepared(std::path::Path::new("/etc/passwd"))).unwrap();
     assert!(r.path.starts_with(dir.path()));
     assert_exact(&t.usage());
 }
@@ -528,4 +532,41 @@ fn a_prepare_that_cannot_fit_is_refused_naming_the_sizes_and_changes_nothing() {
     }
     assert_eq!(t.usage().used, before.used);
     assert_eq!(std::fs::read_dir(dir.path().join("pool")).unwrap().count(), 0);
+}
+
+#[test]
+fn a_writer_that_outruns_the_seals_waits_for_them_instead_of_failing() {
+    let dir = shm_dir();
+    let (_, data) = sample_shard(ShardKey::new("fast", 1, 0), 1, 64 << 10, 1);
+    let len = data.len() as u64;
+    // Room for two shards: step 1 visible, step 2 being checksummed.
+    let t = Arc::new(tier(dir.path(), 2 * len + len / 2, 1));
+    save(&t, "fast", 1, 0, 1, 64 << 10);
+    let (_, data2) = sample_shard(ShardKey::new("fast", 2, 0), 1, 64 << 10, 2);
+    let r2 = t.reserve(&ShardKey::new("fast", 2, 0), 1, len).unwrap();
+    std::fs::write(&r2.path, &data2).unwrap();
+    let job = t.begin_seal(r2.id).unwrap();
+    // Step 3 fits only once step 2 is visible and step 1 may go: without a wait it is refused...
+    let refused = t.reserve(&ShardKey::new("fast", 3, 0), 1, len).unwrap_err();
+    assert_eq!(refused.kind(), ErrorKind::CapacityExceeded, "{refused}");
+    // ...with one, it waits for the seal under way.
+    let waiting = {
+        let t = t.clone();
+        std::thread::spawn(move || {
+            let opts = ReserveOptions { wait_for_seals: Duration::from_secs(60), ..Default::default() };
+            t.reserve_with(&ShardKey::new("fast", 3, 0), 1, len, &opts)
+        })
+    };
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(!waiting.is_finished(), "the reservation waits while step 2 is sealing");
+    t.finish_seal(job).unwrap();
+    let r3 = waiting.join().unwrap().expect("served once the seal finished");
+    assert_eq!(r3.len, len);
+    assert!(t.wait_visible(&ShardKey::new("fast", 2, 0), Duration::from_secs(1)).is_ok(), "step 2 kept");
+    // With nothing sealing, a reservation that cannot fit is refused at once, waiting or not.
+    let opts = ReserveOptions { wait_for_seals: Duration::from_secs(60), ..Default::default() };
+    let started = std::time::Instant::now();
+    let e = t.reserve_with(&ShardKey::new("fast", 4, 0), 1, 3 * len, &opts).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::CapacityExceeded, "{e}");
+    assert!(started.elapsed() < Duration::from_secs(30), "refused without waiting for nothing");
 }

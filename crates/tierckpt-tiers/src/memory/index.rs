@@ -62,9 +62,14 @@ impl Step {
         self.sealed().count() == self.world_size as usize
     }
 
+    /// A rank is being checksummed.
+    pub(super) fn sealing(&self) -> bool {
+        self.shards.values().any(|s| matches!(s, Shard::Sealing { .. }))
+    }
+
     /// A rank is being written or sealed.
     pub(super) fn busy(&self) -> bool {
-        !self.reserved.is_empty() || self.shards.values().any(|s| matches!(s, Shard::Sealing { .. }))
+        !self.reserved.is_empty() || self.sealing()
     }
 
     /// Bytes of every shard of the step.

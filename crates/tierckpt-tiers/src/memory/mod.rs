@@ -32,7 +32,7 @@ mod tier_impl;
 
 pub use pool::PoolFiller;
 pub use read::LeasedMap;
-pub use seal::{Reservation, ReservationGuard, SealJob};
+pub use seal::{Reservation, ReservationGuard, ReserveOptions, SealJob};
 
 use std::fs::File;
 use std::os::fd::AsRawFd;

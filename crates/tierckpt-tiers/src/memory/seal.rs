@@ -2,7 +2,7 @@
 //! it; the seal checksums the bytes and publishes the shard.
 
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -82,28 +82,38 @@ fn deleted_while_written(key: &ShardKey) -> TierError {
     ))
 }
 
+/// What a local writer may ask of [`MemoryTier::reserve_with`].
+#[derive(Debug, Clone, Default)]
+pub struct ReserveOptions {
+    /// A segment [`MemoryTier::prepare`] set aside, to serve the
+    /// reservation if it is still pooled and large enough.
+    pub segment: Option<PathBuf>,
+    /// How long to wait, when the reservation does not fit, for seals under
+    /// way (which make older steps evictable) before refusing it.
+    pub wait_for_seals: Duration,
+}
+
 impl MemoryTier {
     /// Asks for a segment of `len` bytes for `key`. A pooled segment (its
     /// pages already allocated) serves it when one is at least as large:
     /// the closest fit, cut down to `len` (the cut, which frees the tail's
     /// pages, runs off the index lock).
     pub fn reserve(&self, key: &ShardKey, world_size: u32, len: u64) -> Result<Reservation> {
-        self.reserve_prepared(key, world_size, len, None)
+        self.reserve_with(key, world_size, len, &ReserveOptions::default())
     }
 
-    /// [`Self::reserve`], served from `segment` (set aside by
-    /// [`Self::prepare`]) when it is still pooled and large enough.
-    pub fn reserve_prepared(
+    /// [`Self::reserve`], with the choices a local writer has.
+    pub fn reserve_with(
         &self,
         key: &ShardKey,
         world_size: u32,
         len: u64,
-        segment: Option<&Path>,
+        opts: &ReserveOptions,
     ) -> Result<Reservation> {
         validate_namespace(&key.namespace)?;
         validate_rank(key.rank, world_size)?;
         let mut unlinks = Vec::new();
-        let result = self.reserve_locked(key, world_size, len, segment, &mut unlinks);
+        let result = self.reserve_locked(key, world_size, len, opts, &mut unlinks);
         let result = result.and_then(|(r, cut)| match cut {
             Some((file, seg_len)) => self.cut_to_size(r, file, seg_len),
             None => Ok(r),
@@ -143,7 +153,7 @@ impl MemoryTier {
         key: &ShardKey,
         world_size: u32,
         len: u64,
-        segment: Option<&Path>,
+        opts: &ReserveOptions,
         unlinks: &mut Vec<PathBuf>,
     ) -> Result<(Reservation, Option<(fs::File, u64)>)> {
         let mut st = self.lock();
@@ -178,7 +188,19 @@ impl MemoryTier {
             return Err(self.capacity_error(&st, len, ""));
         }
         // Evict only for a reservation that will then fit: a refusal leaves
-        // every step in place.
+        // every step in place. Seals under way make older steps evictable
+        // when they finish: a writer that outruns them waits for them.
+        let deadline = Instant::now() + opts.wait_for_seals;
+        while Self::pool_fit(&st, len).is_none()
+            && self.free(&st) + Self::reclaimable(&st) < len
+            && st.steps.values().any(Step::sealing)
+        {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            st = self.changed.wait_timeout(st, left).unwrap_or_else(|p| p.into_inner()).0;
+        }
         if Self::pool_fit(&st, len).is_none() && self.free(&st) + Self::reclaimable(&st) < len {
             return Err(self.capacity_error(&st, len, "; nothing else may be evicted (the newest complete step of each namespace and steps being written are kept)"));
         }
@@ -187,6 +209,7 @@ impl MemoryTier {
         let path = self.cfg.root.join("pending").join(format!("{id}.seg"));
         let mut cut = None;
         loop {
+            let segment = opts.segment.as_deref();
             let prepared = segment.and_then(|seg| st.pool.iter().position(|p| p.path == seg && p.len >= len));
             // Another client's prepared segment only when no fresh file fits.
             let room = self.free(&st) >= len;
