@@ -9,7 +9,7 @@ So `ModelCheckpoint` (top-k, `save_last`, `save_last="link"`), `ckpt_path=<path>
 
 A Lightning checkpoint maps onto one shard: every plain tensor is a tensor of the shard, the rest
 (epoch, loops, callbacks, hyper-parameters) goes into the shard's JSON tree, both covered by its
-checksums. `AttributeDict` (hyper-parameters) is recorded by path and rebuilt. Any other value
+checksums. `AttributeDict`s and numpy scalars are recorded by path and rebuilt. Any other value
 is `torch.save`d into a uint8 tensor of the shard and restored, only once every chunk of the shard
 verified, with `torch.load(weights_only=True)` (plus `safe_globals`); a value that would not
 restore that way is refused when it is saved, naming its path.
@@ -71,6 +71,10 @@ def _is_attribute_dict(x) -> bool:
                                                                              "lightning_fabric")
 
 
+def _np_ok(dt) -> bool:
+    return dt.byteorder in "=|<" and dt.newbyteorder("=") in shard._NP_TO_ST
+
+
 def _plain_tensor(x) -> bool:
     import torch
     return (type(x) in (torch.Tensor, torch.nn.Parameter) and x.layout == torch.strided and not x.is_sparse
@@ -94,8 +98,11 @@ class _Split:
         import numpy as np
         import torch
         t = type(x)
-        if t in _PLAIN or t in (torch.Size, torch.dtype) or (t is np.ndarray and x.dtype != object):
+        if t in _PLAIN or t in (torch.Size, torch.dtype) or (t is np.ndarray and _np_ok(x.dtype)):
             return x
+        if isinstance(x, np.generic) and _np_ok(x.dtype):  # a numpy scalar: a 0-d array, typed back
+            self.types.append([list(path), "numpy_scalar"])
+            return np.asarray(x)
         if t in (dict, OrderedDict) or _is_attribute_dict(x):
             if all(_is_key(k) for k in x):
                 if t not in (dict, OrderedDict):
@@ -416,7 +423,7 @@ class TierckptCheckpointIO(CheckpointIO):
             raise TierckptError(f"checkpoint {path} is step {step} of namespace {ns!r}, but this plugin uses "
                                 f"{self.namespace!r}: pass config={{'namespace': {ns!r}}}")
         try:
-            state = self.checkpointer.load(step=step)
+            state = self._load_step(step)
         except NotFoundError as e:
             raise _context(e, f"checkpoint {path} names step {step} of {ns!r}, which the daemon no longer "
                               "has (deleted, or dropped by its keep_last retention)") from e
@@ -432,6 +439,21 @@ class TierckptCheckpointIO(CheckpointIO):
                                 "pointer is stale")
         return self._rebuild(state, path, map_location, weights_only)
 
+    def _load_step(self, step: int):
+        ckpt = self.checkpointer
+        try:
+            return ckpt.load(step=step)
+        except NotFoundError:
+            pass
+        # not in this node's memory: opening it has the daemon fetch it from a peer or the
+        # persistent tier (the load itself only waits for shards of this node)
+        ckpt.client.open(self.namespace, step, 0)
+        try:
+            ckpt.client.release(self.namespace, step, 0)
+        except TierckptError:
+            pass
+        return ckpt.load(step=step)
+
     def _rebuild(self, state: dict, path: str, map_location, weights_only) -> dict:
         import torch
         out = state["checkpoint"]
@@ -445,14 +467,19 @@ class TierckptCheckpointIO(CheckpointIO):
                                     f"torch.load(weights_only=True): {e}; pass its classes in "
                                     "TierckptCheckpointIO(safe_globals=[...]) if they are safe") from None
             out = _put(out, _path_key(p), value)
-        if state["types"]:
-            from lightning.fabric.utilities.data import AttributeDict
-            for p, _ in sorted(state["types"], key=lambda pt: -len(pt[0])):  # innermost first
-                p = _path_key(p)
-                node = out
-                for k in p:
-                    node = node[k]
-                out = _put(out, p, AttributeDict(node))
+        for p, kind in sorted(state["types"], key=lambda pt: -len(pt[0])):  # innermost first
+            p = _path_key(p)
+            node = out
+            for k in p:
+                node = node[k]
+            if kind == "AttributeDict":
+                from lightning.fabric.utilities.data import AttributeDict
+                node = AttributeDict(node)
+            elif kind == "numpy_scalar":
+                node = node[()]
+            else:
+                raise TierckptError(f"checkpoint {path}: {_where(p)} has the unknown type tag {kind!r}")
+            out = _put(out, p, node)
         if map_location is not None:
             out = _move(out, map_location)
         return out

@@ -5,11 +5,13 @@ import copy
 import json
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 import torch
 
@@ -219,7 +221,8 @@ def test_a_value_that_would_not_load_safely_is_refused_at_save_naming_its_path(d
     ok = TierckptCheckpointIO({"socket": daemon["socket"], "namespace": "lit"}, safe_globals=[slice])
     from lightning.fabric.utilities.data import AttributeDict
     state = {"callbacks": {"x": {"s": slice(1, 2)}}, "t": (1, [slice(0, 3)]),
-             "hyper_parameters": AttributeDict(lr=0.1, inner=AttributeDict(w=torch.ones(2)))}
+             "hyper_parameters": AttributeDict(lr=0.1, inner=AttributeDict(w=torch.ones(2))),
+             "np": [np.float32(1.5), np.int64(-3), np.arange(3, dtype=np.uint16), np.float64("nan")]}
     ok.save_checkpoint(state, str(tmp_path / "b.ckpt"))
     ok.wait()
     assert_same(state, ok.load_checkpoint(str(tmp_path / "b.ckpt")))
@@ -240,9 +243,9 @@ def test_a_torch_saved_checkpoint_still_loads(daemon, tmp_path):
     assert at_start.global_step == 2
 
 
-def start_daemon(base):
+def start_daemon(base, *extra):
     proc = subprocess.Popen([binary("tierckptd"), "--memory-dir", f"{base}/mem", "--memory-tier-size", "64MiB",
-                             "--keep-last", "50"],
+                             "--keep-last", "50", *extra],
                             stdout=subprocess.PIPE, text=True, env={**os.environ, "TIERCKPT_LOG": "warn"})
     ready = json.loads(proc.stdout.readline())
     assert ready["event"] == "ready", ready
@@ -281,6 +284,42 @@ def test_a_daemon_killed_mid_save_is_a_clear_error_and_leaves_no_partial_step(tm
         trainer(TierckptCheckpointIO({"socket": sock, "namespace": "lit"}), ckdir, 4,
                 callbacks=[at_start]).fit(Tiny(), ckpt_path=str(ckdir / "epoch=0-step=2.ckpt"))
         assert at_start.global_step == 2
+    finally:
+        for p in (proc, d2):
+            if p is not None:
+                p.kill()
+                p.wait()
+
+
+def test_a_checkpoint_only_the_persistent_tier_holds_is_restored_from_there(tmpdir_shm):
+    """A node whose memory was lost (a new daemon, an empty memory directory) resumes through the
+    pointer file from the step its daemon drained to the persistent tier."""
+    store = ("--persistent-path", f"file://{tmpdir_shm}/store", "--persist-every", "1")
+    proc, sock = start_daemon(tmpdir_shm, *store)
+    d2 = None
+    try:
+        rec = Recording({"socket": sock, "namespace": "lit"})
+        trainer(rec, tmpdir_shm / "ckpt", 2).fit(Tiny())
+        path = str(tmpdir_shm / "ckpt" / "epoch=0-step=2.ckpt")
+        step = json.loads(pathlib.Path(path).read_text())["step"]
+        c = Client(sock)
+
+        def committed():
+            for ns in (c.status().get("persistent") or {}).get("namespaces", []):
+                if ns.get("namespace") == "lit" and (ns.get("last_committed") or -1) >= step:
+                    return True
+        wait_until(committed, timeout=60, what="the step drained to the persistent tier")
+        c.close()
+        proc.kill()
+        proc.wait()
+        shutil.rmtree(tmpdir_shm / "mem")
+        d2, sock = start_daemon(tmpdir_shm, *store)
+        at_start = StateAtStart()
+        trainer(TierckptCheckpointIO({"socket": sock, "namespace": "lit"}), tmpdir_shm / "ckpt2", 4,
+                callbacks=[at_start]).fit(Tiny(), ckpt_path=path)
+        assert at_start.global_step == 2
+        assert_same(rec.saved[path]["state_dict"], at_start.weights)
+        assert_same(rec.saved[path]["optimizer_states"][0], at_start.optim)
     finally:
         for p in (proc, d2):
             if p is not None:
