@@ -5,6 +5,7 @@ import copy
 import json
 import os
 import pathlib
+import pickle
 import shutil
 import signal
 import subprocess
@@ -183,6 +184,11 @@ def test_remove_checkpoint_deletes_the_step_from_the_daemon(daemon, tmp_path):
     gone = ptrs["epoch=0-step=2.ckpt"]["step"]
     kept = ptrs["epoch=0-step=4.ckpt"]["step"]
     io.remove_checkpoint(str(tmp_path / "epoch=0-step=2.ckpt"))
+    io.teardown()
+    # picklable with its connections open (ddp_spawn sends the plugin to its children): they stay behind
+    io.checkpointer
+    clone = pickle.loads(pickle.dumps(io))
+    assert clone._ckpt is None and clone.namespace == "lit" and clone.config == io.config
     io.teardown()
     assert not (tmp_path / "epoch=0-step=2.ckpt").exists()
     assert steps(daemon, "lit") == [kept] and gone != kept
