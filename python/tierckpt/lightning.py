@@ -271,9 +271,10 @@ class TierckptCheckpointIO(CheckpointIO):
         state = {"lightning": {"format": POINTER_FORMAT, "id": save_id, "path": path},
                  "checkpoint": tree, "types": split.types, "objects": split.objects}
         ckpt = self.checkpointer
+        step = None
         for attempt in range(3):
-            step = self._next_step()
             try:
+                step = self._next_step()
                 ckpt.save(step, state)
                 break
             except AlreadyExistsError:
@@ -289,10 +290,14 @@ class TierckptCheckpointIO(CheckpointIO):
         self._submit(("write", path, pointer))
 
     def _next_step(self) -> int:
-        c = self.checkpointer.client
-        known = [s["step"] for s in c.list_steps(self.namespace)]
-        latest = c.latest(self.namespace)
-        return max([self._last_step or 0, latest or 0, *known]) + 1
+        """One past the last step this plugin saved; the first time, one past every step the
+        daemon knows (in memory, incomplete ones included, on peers or persisted). Asked once:
+        `latest` waits for seals in flight."""
+        if self._last_step is None:
+            c = self.checkpointer.client
+            known = [s["step"] for s in c.list_steps(self.namespace)]
+            self._last_step = max([c.latest(self.namespace) or 0, *known])
+        return self._last_step + 1
 
     # -- the pointer thread ----------------------------------------------------------------
     def _submit(self, op) -> None:

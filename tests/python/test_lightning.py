@@ -200,6 +200,20 @@ def test_remove_checkpoint_deletes_the_step_from_the_daemon(daemon, tmp_path):
         io.load_checkpoint(str(tmp_path / "stale.ckpt"))
 
 
+def test_steps_continue_after_the_daemons_and_skip_one_another_writer_holds(daemon, tmp_path):
+    c = Client(daemon["socket"])
+    c.reserve("lit", 7, 0, 1, 64)  # an incomplete step 7 of someone else, held open
+    io = io_for(daemon, async_save=False)
+    io.save_checkpoint({"global_step": 1, "w": torch.ones(3)}, str(tmp_path / "a.ckpt"))
+    assert json.loads((tmp_path / "a.ckpt").read_text())["step"] == 8
+    c.reserve("lit", 9, 0, 1, 64)
+    io.save_checkpoint({"global_step": 2, "w": torch.zeros(3)}, str(tmp_path / "b.ckpt"))
+    assert json.loads((tmp_path / "b.ckpt").read_text())["step"] == 10
+    assert torch.equal(io.load_checkpoint(str(tmp_path / "b.ckpt"))["w"], torch.zeros(3))
+    io.teardown()
+    c.close()
+
+
 def test_a_corrupt_shard_is_never_loaded(daemon, tmp_path):
     torch.manual_seed(0)
     io = io_for(daemon)
