@@ -50,7 +50,7 @@ __all__ = ["TierckptCheckpointIO", "POINTER_FORMAT"]
 
 POINTER_FORMAT = "tierckpt-lightning/1"
 _POINTER_MAX = 64 << 10
-_PLAIN = (type(None), bool, int, float, str, bytes, bytearray)
+_PLAIN = (type(None), bool, int, float, str, bytes)  # a bytearray goes as a blob: the tree makes it bytes
 
 
 class _RankZero(Checkpointer):
@@ -86,12 +86,13 @@ def _is_key(k) -> bool:
 
 
 class _Split:
-    """A checkpoint as what the shard stores directly, plus the paths of `AttributeDict`s and of
+    """A checkpoint as what the shard stores directly, plus the paths of the values typed back
+    (`AttributeDict`s, numpy scalars) and of
     the values stored as `torch.save` blobs."""
 
     def __init__(self, safe_globals):
         self.safe_globals = list(safe_globals)
-        self.types: list = []    # [path, "AttributeDict"]
+        self.types: list = []    # [path, "AttributeDict" or "numpy_scalar"]
         self.objects: list = []  # [path, uint8 tensor]
 
     def run(self, x, path):

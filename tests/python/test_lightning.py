@@ -242,7 +242,8 @@ def test_a_value_that_would_not_load_safely_is_refused_at_save_naming_its_path(d
     from lightning.fabric.utilities.data import AttributeDict
     state = {"callbacks": {"x": {"s": slice(1, 2)}}, "t": (1, [slice(0, 3)]),
              "hyper_parameters": AttributeDict(lr=0.1, inner=AttributeDict(w=torch.ones(2))),
-             "np": [np.float32(1.5), np.int64(-3), np.arange(3, dtype=np.uint16), np.float64("nan")]}
+             "np": [np.float32(1.5), np.int64(-3), np.arange(3, dtype=np.uint16), np.float64("nan")],
+             "raw": [b"\x00\xff", bytearray(b"ab")]}
     ok.save_checkpoint(state, str(tmp_path / "b.ckpt"))
     ok.wait()
     assert_same(state, ok.load_checkpoint(str(tmp_path / "b.ckpt")))
