@@ -87,8 +87,7 @@ def _is_key(k) -> bool:
 
 class _Split:
     """A checkpoint as what the shard stores directly, plus the paths of the values typed back
-    (`AttributeDict`s, numpy scalars) and of
-    the values stored as `torch.save` blobs."""
+    (`AttributeDict`s, numpy scalars) and of the values stored as `torch.save` blobs."""
 
     def __init__(self, safe_globals):
         self.safe_globals = list(safe_globals)
