@@ -282,8 +282,14 @@ class TierckptCheckpointIO(CheckpointIO):
                 if attempt == 2:
                     raise
             except TierckptError as e:
-                raise _context(e, f"saving checkpoint {path} (global step {checkpoint.get('global_step')}) "
-                                  f"as step {step} of {self.namespace!r} failed") from e
+                err = _context(e, f"saving checkpoint {path} (global step {checkpoint.get('global_step')}) "
+                                  f"as step {step} of {self.namespace!r} failed")
+                self._flush()  # an earlier save that failed in the background is the cause to name first
+                with self._cv:
+                    earlier, self._errors = self._errors, []
+                if earlier:
+                    err = _context(earlier[0], str(err), after=True)
+                raise err from e
         self._last_step = step
         pointer = {"format": POINTER_FORMAT, "namespace": self.namespace, "step": step, "id": save_id,
                    "global_step": checkpoint.get("global_step"), "epoch": checkpoint.get("epoch")}

@@ -6,11 +6,12 @@ import json
 import os
 import pathlib
 import pickle
+import re
 import shutil
 import signal
 import subprocess
 import sys
-import textwrap
+import time
 
 import numpy as np
 import pytest
@@ -290,9 +291,16 @@ def test_a_daemon_killed_mid_save_is_a_clear_error_and_leaves_no_partial_step(tm
                 proc.wait()
         ckdir = tmpdir_shm / "ckpt"
         monkeypatch.setattr(shard, "write", write_then_kill)
+        real_write = TierckptCheckpointIO._write
+
+        def slow_pointer(self, path, pointer):  # the next save meets the dead daemon before this thread
+            time.sleep(0.5)
+            real_write(self, path, pointer)
+        monkeypatch.setattr(TierckptCheckpointIO, "_write", slow_pointer)
         io = TierckptCheckpointIO({"socket": sock, "namespace": "lit"})
-        with pytest.raises(tierckpt.UnavailableError, match=r"epoch=0-step=4\.ckpt .*was not saved"):
+        with pytest.raises(tierckpt.UnavailableError, match=r"epoch=0-step=4\.ckpt .*was not saved") as e:
             trainer(io, ckdir, 8).fit(Tiny())
+        assert re.search(r"and after it: saving checkpoint .*epoch=1-step=6\.ckpt .*failed", str(e.value)), e.value
         monkeypatch.undo()
         assert sorted(p.name for p in ckdir.glob("*.ckpt")) == ["epoch=0-step=2.ckpt"]
 
