@@ -711,7 +711,10 @@ class Checkpointer:
                 return None
         else:
             # a shard another writer sealed asynchronously may still be checksumming
-            self._client.wait_visible(self.namespace, step, self.rank, 60_000)
+            try:
+                self._client.wait_visible(self.namespace, step, self.rank, 60_000)
+            except NotFoundError:
+                pass  # not in this node's memory: open() looks in the other tiers
         first_error = None
         partial: set = set()
         for attempt in range(2):

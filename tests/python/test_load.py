@@ -2,6 +2,8 @@
 
 import os
 import pathlib
+import shutil
+import tempfile
 
 import numpy as np
 import pytest
@@ -163,3 +165,32 @@ def test_a_load_lets_go_of_its_tensors_when_the_caller_does(daemon):
         assert rss_mib() - before < 48, f"{rss_mib() - before} MiB still held after the loads"
     finally:
         gc.enable()
+
+
+def test_an_explicit_step_only_the_persistent_tier_holds_is_loaded_from_there(tmp_path_factory):
+    """A node whose memory was lost (a new daemon on an empty memory directory) loads `step=N` from the
+    persistent tier: the wait for a seal in flight must not stop at "not in this node's memory"."""
+    from conftest import run_daemon
+    store = tempfile.mkdtemp(prefix="tierckpt-store-", dir="/dev/shm")
+    flags = ("--persistent-path", f"file://{store}", "--persist-every", "1")
+    state = big_state(3)
+    try:
+        first = run_daemon(*flags)
+        d = next(first)
+        with ckpt(d, "lost") as c:
+            c.save(1, state)
+            c.save(2, big_state(4))
+            c.wait()
+            cl = c.client
+            wait_until(lambda: any(ns.get("namespace") == "lost" and (ns.get("last_committed") or -1) >= 2
+                                   for ns in (cl.status().get("persistent") or {}).get("namespaces", [])),
+                       timeout=60, what="step 2 drained")
+        first.close()  # SIGKILLs the daemon and removes its memory directory
+        second = run_daemon(*flags)
+        d2 = next(second)
+        with ckpt(d2, "lost") as c:
+            out = c.load(zeros_like(state), step=1)
+        second.close()
+        assert_same(out, state)
+    finally:
+        shutil.rmtree(store, ignore_errors=True)
