@@ -34,7 +34,7 @@ impl<E: Into<TierError>> From<E> for ApiError {
     }
 }
 
-fn status_of(kind: ErrorKind) -> StatusCode {
+pub(crate) fn status_of(kind: ErrorKind) -> StatusCode {
     match kind {
         ErrorKind::NotFound => StatusCode::NOT_FOUND,
         ErrorKind::AlreadyExists => StatusCode::CONFLICT,
@@ -71,7 +71,7 @@ fn shard_key(ns: &str, step: &str, rank: &str) -> Result<ShardKey, ApiError> {
     Ok(ShardKey::new(ns, parse_u64("step", step)?, parse_u32("rank", rank)?))
 }
 
-fn query_param<'a>(uri: &'a Uri, name: &str) -> Option<&'a str> {
+pub(crate) fn query_param<'a>(uri: &'a Uri, name: &str) -> Option<&'a str> {
     uri.query()?.split('&').filter_map(|kv| kv.split_once('=')).find(|(k, _)| *k == name).map(|(_, v)| v)
 }
 
@@ -96,16 +96,27 @@ pub(crate) fn router(d: Arc<Daemon>) -> Router {
 
 /// Serves HTTP/1.1 on `listener` until `stop`, then waits for the open
 /// connections to finish (idle ones close at once).
-pub(crate) async fn serve(d: Arc<Daemon>, listener: tokio::net::TcpListener, mut stop: watch::Receiver<bool>) {
-    let app = router(d.clone());
+pub(crate) async fn serve(d: Arc<Daemon>, listener: tokio::net::TcpListener, stop: watch::Receiver<bool>) {
+    serve_app(router(d.clone()), &d.cfg, "the HTTP API", listener, stop).await
+}
+
+/// Serves `app` as [`serve`] does, with the same connection cap and idle
+/// timeout (`what` names the API in logs): the HTTP API and the HyperPod API.
+pub(crate) async fn serve_app(
+    app: Router,
+    cfg: &crate::DaemonConfig,
+    what: &'static str,
+    listener: tokio::net::TcpListener,
+    mut stop: watch::Receiver<bool>,
+) {
     // A connection holds a permit: past the cap, connections wait in the
     // kernel's backlog, and the descriptors stay for the local socket.
-    let slots = Arc::new(tokio::sync::Semaphore::new(d.cfg.http_max_connections));
+    let slots = Arc::new(tokio::sync::Semaphore::new(cfg.http_max_connections));
     let mut http = hyper::server::conn::http1::Builder::new();
     // hyper's header timer also runs while a keep-alive connection waits
     // for its next request: one timeout covers slow heads and idle peers.
-    http.timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(d.cfg.http_idle_timeout);
-    let mut errors = crate::limits::AcceptErrors::new("the HTTP API");
+    http.timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(cfg.http_idle_timeout);
+    let mut errors = crate::limits::AcceptErrors::new(what);
     let mut conns = tokio::task::JoinSet::new();
     loop {
         let slot = tokio::select! {
