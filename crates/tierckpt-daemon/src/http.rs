@@ -88,6 +88,7 @@ pub(crate) fn router(d: Arc<Daemon>) -> Router {
         .route("/v1/shards/{ns}/{step}/{rank}/manifest", get(get_manifest))
         .route("/v1/replicas/{ns}/{step}/{rank}", get(get_replica).put(put_replica))
         .route("/v1/peer/holdings", get(holdings))
+        .route("/v1/hyperpod/namespaces/{ns}", get(hyperpod_namespace).delete(forget_hyperpod_namespace))
         .route("/metrics", get(metrics))
         .fallback(|uri: Uri| async move { ApiError(TierError::NotFound(format!("no endpoint {}", uri.path()))) })
         .layer(middleware::from_fn_with_state(d.clone(), auth))
@@ -213,6 +214,22 @@ async fn metrics(State(d): D) -> Response {
 async fn holdings(State(d): D) -> Json<tierckpt_proto::Holdings> {
     let id = d.cluster.as_ref().map(|c| c.node_id().to_string()).unwrap_or_default();
     Json(crate::cluster::holdings_of(&d.tier, &id))
+}
+
+/// A namespace created here through the HyperPod API (for a peer that was
+/// asked to store a rank of it).
+async fn hyperpod_namespace(State(d): D, Path(ns): Path<String>) -> Result<Response, ApiError> {
+    names::validate_namespace(&ns)?;
+    match d.hyperpod_namespaces.get(&ns) {
+        Some(c) => Ok(Json(c).into_response()),
+        None => Err(ApiError(TierError::NotFound(format!("HyperPod namespace {ns} on this node")))),
+    }
+}
+
+/// Forgets a HyperPod namespace here (deleted through a peer).
+async fn forget_hyperpod_namespace(State(d): D, Path(ns): Path<String>) -> Result<Json<serde_json::Value>, ApiError> {
+    names::validate_namespace(&ns)?;
+    Ok(Json(json!({ "forgotten": d.hyperpod_namespaces.remove(&ns) })))
 }
 
 /// A peer's copy of a shard, streamed with its manifest and unverified: the

@@ -47,6 +47,8 @@ pub struct Daemon {
     pub unrestorable: Arc<crate::unrestorable::Unrestorable>,
     /// Whether the memory directory's tmpfs gives huge pages.
     pub huge_pages: bool,
+    /// The namespaces created through the HyperPod API on this node.
+    pub(crate) hyperpod_namespaces: crate::hyperpod::Configs,
     /// Runtime of the background work (replication, drain, checksums, the
     /// HTTP API), at a lower CPU priority than the local API.
     background: tokio::runtime::Handle,
@@ -200,10 +202,12 @@ impl Daemon {
         read_path.extend(drainer.iter().map(|d| d.store.clone() as Arc<dyn Tier>));
         let failures = crate::failures::FailureLog::new(&cfg.memory_dir, daemon_access);
         let unrestorable = Arc::new(crate::unrestorable::Unrestorable::open(&cfg.memory_dir, daemon_access));
+        let hyperpod_namespaces = crate::hyperpod::Configs::open(&cfg.memory_dir, daemon_access);
         let daemon = Arc::new(Daemon {
             failures,
             unrestorable,
             huge_pages,
+            hyperpod_namespaces,
             background: background.clone(),
             tier,
             cfg,

@@ -331,7 +331,7 @@ fn a_corrupt_shard_is_never_served() {
 }
 
 #[test]
-fn a_shard_written_through_hyperpod_is_replicated_and_served_by_the_peer() {
+fn namespaces_reach_the_peers_and_shards_are_replicated_and_served_by_them() {
     let dir = shm_dir();
     let mut o = LocalClusterOptions { nodes: 2, ..Default::default() };
     o.settings.memory_tier_size = Some("128MiB".into());
@@ -339,10 +339,14 @@ fn a_shard_written_through_hyperpod_is_replicated_and_served_by_the_peer() {
     let mut c = LocalCluster::start(dir.path(), o).unwrap();
     let hp0 = Hp(c.node(0).hyperpod_addr.clone().unwrap());
     let hp1 = Hp(c.node(1).hyperpod_addr.clone().unwrap());
+    // Created on node 0 only, as a writer's coordinator does; rank 1 writes to node 1, which takes the
+    // namespace's record from node 0.
     hp0.create("rep", 2);
     let data = [bytes(5, 2 << 20), bytes(6, 10)];
     hp0.put_ok("rep", 0, 3, &data[0]);
-    hp0.put_ok("rep", 1, 3, &data[1]);
+    hp1.put_ok("rep", 1, 3, &data[1]);
+    assert_eq!(json(&hp1.call("GET", "/v1/cp/namespaces/rep").1)["num_ranks"], 2);
+    assert_eq!(hp0.latest("rep", ""), vec![3], "complete across the cluster");
     let start = Instant::now();
     let held = |node: usize| -> usize {
         let mut client = tierckpt_client::Client::connect(c.socket(node)).unwrap();
@@ -352,6 +356,12 @@ fn a_shard_written_through_hyperpod_is_replicated_and_served_by_the_peer() {
         assert!(start.elapsed() < Duration::from_secs(30), "node 1 never got the replicas");
         std::thread::sleep(Duration::from_millis(25));
     }
+    // A namespace deleted through one node is forgotten by the others.
+    hp0.create("gone", 1);
+    hp1.put_ok("gone", 0, 1, b"x");
+    assert_eq!(hp0.call("DELETE", "/v1/cp/namespaces/gone").0, 200);
+    assert_eq!(hp1.call("GET", "/v1/cp/namespaces/gone").0, 404);
+    assert_eq!(hp1.put("gone", 0, 2, b"y").0, 404);
     c.kill(0).unwrap();
     assert_eq!(hp1.latest("rep", ""), vec![3]);
     for (rank, want) in data.iter().enumerate() {

@@ -9,10 +9,8 @@
 //! A DELETE deletes the whole step, on every node: a step without one of
 //! its ranks can never be restored. `latest` lists complete steps only.
 
-use std::sync::Arc;
-
 use axum::body::Body;
-use axum::extract::Path as UrlPath;
+use axum::extract::{Path as UrlPath, State};
 use axum::http::{header, HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -39,14 +37,14 @@ fn key(ns: &str, rank: &str, step: &str) -> Result<ShardKey, HpError> {
 
 /// Stores a rank's body for a step.
 pub(super) async fn put(
-    h: S,
+    State(d): S,
     UrlPath((ns, rank, step)): UrlPath<(String, String, String)>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<serde_json::Value>, HpError> {
     let key = key(&ns, &rank, &step)?;
     let meta = ShardMeta::parse(headers.get("shard-meta")).map_err(HpError::bad)?;
-    let c = h.namespaces.get(&key.namespace).ok_or_else(|| {
+    let c = super::namespaces::lookup(&d, &key.namespace).await.ok_or_else(|| {
         HpError::not_found(format!(
             "namespace {:?} not found: create it with POST /v1/cp/namespaces/{}?num_ranks=N",
             key.namespace, key.namespace
@@ -72,7 +70,6 @@ pub(super) async fn put(
             .and_then(|v| v.parse::<u64>().ok())
             .ok_or_else(|| HpError::bad(format!("Content-Length {v:?} is not a whole number")))?,
     };
-    let d = &h.d;
     if len > d.cfg.capacity {
         return Err(HpError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -137,12 +134,12 @@ pub(super) async fn put(
 /// Serves a rank's body after verifying the whole shard against its
 /// manifest, from whichever tier holds a verified copy.
 pub(super) async fn get(
-    h: S,
+    State(d): S,
     UrlPath((ns, rank, step)): UrlPath<(String, String, String)>,
 ) -> Result<Response, HpError> {
     let key = key(&ns, &rank, &step)?;
-    h.d.locate(&key).await?;
-    let t = h.d.tier.clone();
+    d.locate(&key).await?;
+    let t = d.tier.clone();
     let k = key.clone();
     let (bytes, range, meta) = tokio::task::spawn_blocking(move || -> Result<_, TierError> {
         let (m, bytes) = t.map_leased(&k)?;
@@ -169,16 +166,16 @@ pub(super) async fn get(
 
 /// Deletes the step the path names (all its ranks), on every node.
 pub(super) async fn delete(
-    h: S,
+    State(d): S,
     UrlPath((ns, rank, step)): UrlPath<(String, String, String)>,
 ) -> Result<Json<serde_json::Value>, HpError> {
     let key = key(&ns, &rank, &step)?;
-    let (shards, _) = h.d.delete(&key.namespace, Some(key.step), true).await?;
+    let (shards, _) = d.delete(&key.namespace, Some(key.step), true).await?;
     Ok(Json(json!({ "status": "deleted", "deleted_shards": shards })))
 }
 
 /// The newest complete steps, newest first, at most `limit` (default 5).
-pub(super) async fn latest(h: S, UrlPath(ns): UrlPath<String>, uri: Uri) -> Result<Json<Vec<u64>>, HpError> {
+pub(super) async fn latest(State(d): S, UrlPath(ns): UrlPath<String>, uri: Uri) -> Result<Json<Vec<u64>>, HpError> {
     let ns = namespace(&ns)?.to_string();
     let limit = match crate::http::query_param(&uri, "limit") {
         None => DEFAULT_LIMIT,
@@ -187,7 +184,6 @@ pub(super) async fn latest(h: S, UrlPath(ns): UrlPath<String>, uri: Uri) -> Resu
             _ => return Err(HpError::bad(format!("limit {v:?} is not a whole number of at least 1"))),
         },
     };
-    let d = Arc::clone(&h.d);
     // The newest restorable step (this node, the cluster, the persistent
     // tier), then the older complete steps held here.
     let newest = d.latest(&ns).await?;
@@ -197,7 +193,7 @@ pub(super) async fn latest(h: S, UrlPath(ns): UrlPath<String>, uri: Uri) -> Resu
         Err(e) if e.kind() == ErrorKind::NotFound => Vec::new(),
         Err(e) => return Err(e.into()),
     };
-    if newest.is_none() && held.is_empty() && h.namespaces.get(&ns).is_none() {
+    if newest.is_none() && held.is_empty() && d.hyperpod_namespaces.get(&ns).is_none() {
         return Err(HpError::not_found(format!("namespace {ns:?} has no steps and was not created here")));
     }
     let mut steps: Vec<u64> =

@@ -15,6 +15,11 @@
 //! shards are. The body's xxh3-128 is checked against `Shard-Meta` as it
 //! arrives; a GET verifies every chunk before it serves a byte.
 //!
+//! In a cluster, a node asked to store a rank of a namespace it has no
+//! record of takes the record from a live peer that has one (the writer's
+//! coordinator creates the namespace on its own node only), and deleting a
+//! namespace makes every live peer forget it.
+//!
 //! One file per group of routes: `namespaces` (namespace settings, cluster
 //! reset), `checkpoints` (shards, latest), and `shard` (the `Shard-Meta`
 //! header and the shard layout).
@@ -36,13 +41,9 @@ use tokio::sync::watch;
 
 use crate::Daemon;
 
-/// What the routes share: the daemon, and the namespaces created here.
-pub(crate) struct HyperPod {
-    d: Arc<Daemon>,
-    namespaces: namespaces::Configs,
-}
+pub(crate) use namespaces::Configs;
 
-type S = State<Arc<HyperPod>>;
+type S = State<Arc<Daemon>>;
 
 /// An error answer: a status and a JSON body `{kind, message}`, as the
 /// native HTTP API's, whose message names what was wrong.
@@ -81,7 +82,7 @@ impl IntoResponse for HpError {
     }
 }
 
-fn router(h: Arc<HyperPod>) -> Router {
+fn router(d: Arc<Daemon>) -> Router {
     Router::new()
         .route("/health", get(health))
         .route(
@@ -100,7 +101,7 @@ fn router(h: Arc<HyperPod>) -> Router {
                 uri.path()
             ))
         })
-        .with_state(h)
+        .with_state(d)
 }
 
 async fn health() -> Json<serde_json::Value> {
@@ -110,7 +111,5 @@ async fn health() -> Json<serde_json::Value> {
 /// Serves the HyperPod API on `listener` until `stop`, with the HTTP API's
 /// connection cap and idle timeout.
 pub(crate) async fn serve(d: Arc<Daemon>, listener: tokio::net::TcpListener, stop: watch::Receiver<bool>) {
-    let namespaces = namespaces::Configs::open(&d.cfg.memory_dir, d.cfg.access);
-    let h = Arc::new(HyperPod { d: d.clone(), namespaces });
-    crate::http::serve_app(router(h), &d.cfg, "the HyperPod API", listener, stop).await
+    crate::http::serve_app(router(d.clone()), &d.cfg, "the HyperPod API", listener, stop).await
 }

@@ -11,8 +11,8 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 
-use axum::extract::Path as UrlPath;
-use axum::http::Uri;
+use axum::extract::{Path as UrlPath, State};
+use axum::http::{Method, Uri};
 use axum::Json;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -21,6 +21,7 @@ use tierckpt_tiers::private_fs::{self, Access};
 use tierckpt_tiers::ErrorKind;
 
 use super::{HpError, S};
+use crate::Daemon;
 
 /// Steps the client asks to keep unless it says.
 const DEFAULT_STEPS_RETAINED: u32 = 3;
@@ -65,12 +66,12 @@ impl Configs {
     }
 
     /// Every namespace recorded.
-    fn names(&self) -> Vec<String> {
+    pub(crate) fn names(&self) -> Vec<String> {
         self.lock().keys().cloned().collect()
     }
 
     /// Records `ns`, or returns the record it already has.
-    fn create(&self, ns: &str, c: NamespaceConfig) -> Result<(), NamespaceConfig> {
+    pub(crate) fn create(&self, ns: &str, c: NamespaceConfig) -> Result<(), NamespaceConfig> {
         let mut map = self.lock();
         if let Some(old) = map.get(ns) {
             return Err(*old);
@@ -81,7 +82,7 @@ impl Configs {
     }
 
     /// Forgets `ns`; true if it was recorded.
-    fn remove(&self, ns: &str) -> bool {
+    pub(crate) fn remove(&self, ns: &str) -> bool {
         let mut map = self.lock();
         let had = map.remove(ns).is_some();
         if had {
@@ -95,6 +96,32 @@ impl Configs {
     fn save(&self, map: &BTreeMap<String, NamespaceConfig>) {
         if let Err(e) = self.access.write_atomically(&self.path, &serde_json::to_vec(map).unwrap_or_default()) {
             tracing::warn!(path = %self.path.display(), error = %e, "could not record HyperPod namespaces");
+        }
+    }
+}
+
+/// The record of `ns`: this node's, else (in a cluster) the one a live peer
+/// has, which is then recorded here too.
+pub(super) async fn lookup(d: &Daemon, ns: &str) -> Option<NamespaceConfig> {
+    if let Some(c) = d.hyperpod_namespaces.get(ns) {
+        return Some(c);
+    }
+    let cluster = d.cluster.as_ref()?;
+    let answers = cluster.ask_peers(Method::GET, &format!("/v1/hyperpod/namespaces/{ns}")).await;
+    let c = answers.into_iter().find_map(|(_, r)| serde_json::from_value::<NamespaceConfig>(r.ok()?).ok())?;
+    // A POST here meanwhile wins.
+    Some(match d.hyperpod_namespaces.create(ns, c) {
+        Ok(()) => c,
+        Err(here) => here,
+    })
+}
+
+/// Makes every live peer forget `ns` (deleted here); failures are logged.
+async fn forget_on_peers(d: &Daemon, ns: &str) {
+    let Some(cluster) = d.cluster.as_ref() else { return };
+    for (node, r) in cluster.ask_peers(Method::DELETE, &format!("/v1/hyperpod/namespaces/{ns}")).await {
+        if let Err(e) = r {
+            tracing::warn!(node, namespace = ns, error = %e, "a peer may still hold the HyperPod namespace");
         }
     }
 }
@@ -120,21 +147,25 @@ fn not_created(ns: &str) -> HpError {
     HpError::not_found(format!("namespace {ns:?} not found: create it with POST /v1/cp/namespaces/{ns}?num_ranks=N"))
 }
 
-pub(super) async fn get(h: S, UrlPath(ns): UrlPath<String>) -> Result<Json<serde_json::Value>, HpError> {
+pub(super) async fn get(State(d): S, UrlPath(ns): UrlPath<String>) -> Result<Json<serde_json::Value>, HpError> {
     let ns = namespace(&ns)?;
-    let c = h.namespaces.get(ns).ok_or_else(|| not_created(ns))?;
+    let c = lookup(&d, ns).await.ok_or_else(|| not_created(ns))?;
     Ok(Json(json!({
         "num_ranks": c.num_ranks,
-        "steps_to_retain_per_rank": h.d.cfg.keep_last,
+        "steps_to_retain_per_rank": d.cfg.keep_last,
         "steps_retained_requested": c.steps_retained,
     })))
 }
 
-pub(super) async fn create(h: S, UrlPath(ns): UrlPath<String>, uri: Uri) -> Result<Json<serde_json::Value>, HpError> {
+pub(super) async fn create(
+    State(d): S,
+    UrlPath(ns): UrlPath<String>,
+    uri: Uri,
+) -> Result<Json<serde_json::Value>, HpError> {
     let ns = namespace(&ns)?;
     let num_ranks = count(&uri, "num_ranks", None)?;
     let steps_retained = count(&uri, "steps_retained", Some(DEFAULT_STEPS_RETAINED))?;
-    h.namespaces.create(ns, NamespaceConfig { num_ranks, steps_retained }).map_err(|old| {
+    d.hyperpod_namespaces.create(ns, NamespaceConfig { num_ranks, steps_retained }).map_err(|old| {
         HpError::new(
             axum::http::StatusCode::CONFLICT,
             ErrorKind::AlreadyExists,
@@ -148,10 +179,11 @@ pub(super) async fn create(h: S, UrlPath(ns): UrlPath<String>, uri: Uri) -> Resu
 }
 
 /// Deletes a namespace: its record and its steps, on every node.
-pub(super) async fn delete(h: S, UrlPath(ns): UrlPath<String>) -> Result<Json<serde_json::Value>, HpError> {
+pub(super) async fn delete(State(d): S, UrlPath(ns): UrlPath<String>) -> Result<Json<serde_json::Value>, HpError> {
     let ns = namespace(&ns)?;
-    let recorded = h.namespaces.remove(ns);
-    let shards = match h.d.delete(ns, None, true).await {
+    let recorded = d.hyperpod_namespaces.remove(ns);
+    forget_on_peers(&d, ns).await;
+    let shards = match d.delete(ns, None, true).await {
         Ok((shards, _)) => shards,
         Err(e) if e.kind() == ErrorKind::NotFound && recorded => 0,
         Err(e) if e.kind() == ErrorKind::NotFound => return Err(not_created(ns)),
@@ -161,11 +193,12 @@ pub(super) async fn delete(h: S, UrlPath(ns): UrlPath<String>) -> Result<Json<se
 }
 
 /// Deletes every namespace created through this API, on every node.
-pub(super) async fn reset(h: S) -> Result<Json<serde_json::Value>, HpError> {
+pub(super) async fn reset(State(d): S) -> Result<Json<serde_json::Value>, HpError> {
     let mut deleted = Vec::new();
-    for ns in h.namespaces.names() {
-        h.namespaces.remove(&ns);
-        match h.d.delete(&ns, None, true).await {
+    for ns in d.hyperpod_namespaces.names() {
+        d.hyperpod_namespaces.remove(&ns);
+        forget_on_peers(&d, &ns).await;
+        match d.delete(&ns, None, true).await {
             Ok(_) => {}
             Err(e) if e.kind() == ErrorKind::NotFound => {}
             Err(e) => return Err(e.into()),
