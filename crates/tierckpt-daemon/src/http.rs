@@ -98,25 +98,26 @@ pub(crate) fn router(d: Arc<Daemon>) -> Router {
 /// Serves HTTP/1.1 on `listener` until `stop`, then waits for the open
 /// connections to finish (idle ones close at once).
 pub(crate) async fn serve(d: Arc<Daemon>, listener: tokio::net::TcpListener, stop: watch::Receiver<bool>) {
-    serve_app(router(d.clone()), &d.cfg, "the HTTP API", listener, stop).await
+    serve_app(router(d.clone()), &d, "the HTTP API", listener, stop).await
 }
 
-/// Serves `app` as [`serve`] does, with the same connection cap and idle
-/// timeout (`what` names the API in logs): the HTTP API and the HyperPod API.
+/// Serves `app` as [`serve`] does (`what` names the API in logs): the HTTP
+/// API and the HyperPod API, under one cap on their connections together
+/// and the same idle timeout.
 pub(crate) async fn serve_app(
     app: Router,
-    cfg: &crate::DaemonConfig,
+    d: &Daemon,
     what: &'static str,
     listener: tokio::net::TcpListener,
     mut stop: watch::Receiver<bool>,
 ) {
     // A connection holds a permit: past the cap, connections wait in the
     // kernel's backlog, and the descriptors stay for the local socket.
-    let slots = Arc::new(tokio::sync::Semaphore::new(cfg.http_max_connections));
+    let slots = d.http_slots.clone();
     let mut http = hyper::server::conn::http1::Builder::new();
     // hyper's header timer also runs while a keep-alive connection waits
     // for its next request: one timeout covers slow heads and idle peers.
-    http.timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(cfg.http_idle_timeout);
+    http.timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(d.cfg.http_idle_timeout);
     let mut errors = crate::limits::AcceptErrors::new(what);
     let mut conns = tokio::task::JoinSet::new();
     loop {

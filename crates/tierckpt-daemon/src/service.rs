@@ -49,6 +49,9 @@ pub struct Daemon {
     pub huge_pages: bool,
     /// The namespaces created through the HyperPod API on this node.
     pub(crate) hyperpod_namespaces: crate::hyperpod::Configs,
+    /// One permit per open connection of the HTTP and HyperPod APIs
+    /// together (`http_max_connections`).
+    pub(crate) http_slots: Arc<tokio::sync::Semaphore>,
     /// Runtime of the background work (replication, drain, checksums, the
     /// HTTP API), at a lower CPU priority than the local API.
     background: tokio::runtime::Handle,
@@ -208,6 +211,7 @@ impl Daemon {
             unrestorable,
             huge_pages,
             hyperpod_namespaces,
+            http_slots: Arc::new(tokio::sync::Semaphore::new(cfg.http_max_connections)),
             background: background.clone(),
             tier,
             cfg,

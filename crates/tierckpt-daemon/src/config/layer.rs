@@ -116,7 +116,7 @@ pub struct ConfigLayer {
     /// namespace held here; 0: unbounded. Steps of 2^53 and above are always refused [default: 1000000].
     #[arg(long, env = "TIERCKPT_MAX_STEP_ADVANCE")]
     pub max_step_advance: Option<u64>,
-    /// Cap on concurrent HTTP connections, so that the local socket always finds file descriptors
+    /// Cap on concurrent HTTP connections (the HTTP and HyperPod APIs together), so that the local socket always finds file descriptors
     /// [default: min(1024, a quarter of the open-file limit)].
     #[arg(long, env = "TIERCKPT_HTTP_MAX_CONNECTIONS")]
     pub http_max_connections: Option<usize>,

@@ -108,8 +108,8 @@ async fn health() -> Json<serde_json::Value> {
     Json(json!({ "status": "healthy" }))
 }
 
-/// Serves the HyperPod API on `listener` until `stop`, with the HTTP API's
-/// connection cap and idle timeout.
+/// Serves the HyperPod API on `listener` until `stop`, under the cap on
+/// connections it shares with the HTTP API, with the same idle timeout.
 pub(crate) async fn serve(d: Arc<Daemon>, listener: tokio::net::TcpListener, stop: watch::Receiver<bool>) {
-    crate::http::serve_app(router(d.clone()), &d.cfg, "the HyperPod API", listener, stop).await
+    crate::http::serve_app(router(d.clone()), &d, "the HyperPod API", listener, stop).await
 }
