@@ -136,9 +136,14 @@ fn bytes_round_trip_latest_lists_complete_steps_and_delete_removes_them() {
         assert!(body == *want, "rank {rank} comes back bitwise");
         assert_eq!(json(m.expect("a Shard-Meta header").as_bytes()), json(meta(want).as_bytes()));
     }
-    // Written once, as native steps.
+    // Written once, as native steps; the same bytes again (a retry) are taken as stored.
     assert!(refused(hp.put("job", 0, 10, &data[1]), 409).contains("already written"));
     assert!(hp.get("job", 0, 10).2 == data[0]);
+    let (st, body) = hp.put("job", 1, 10, &data[1]);
+    assert_eq!((st, json(&body)["already_stored"].clone()), (200, Value::Bool(true)));
+    let (st, _, body) =
+        exchange(&hp.0, "POST", "/v1/cp/checkpoints/job/1/10", &[("Shard-Meta", &meta(&data[1]))], &data[0][..]);
+    assert!(refused((st, body), 400).contains("does not match its Shard-Meta"), "a retry is checked too");
 
     for r in 0..3 {
         hp.put_ok("job", r, 20, &bytes(r as u8 + 7, 300));

@@ -5,7 +5,9 @@
 //! capacity) and `Shard-Meta`; the body streams into a reservation while its
 //! xxh3-128 is computed, and is sealed only if it is whole and matches: a
 //! body cut short, too long or not matching stores nothing and leaves what
-//! was stored as it was. A step is written once, as native steps are (409).
+//! was stored as it was. A step is written once, as native steps are (409),
+//! but the same bytes again (a retry whose answer was lost) are read,
+//! checked and answered 200 with `already_stored`.
 //! A DELETE deletes the whole step, on every node: a step without one of
 //! its ranks can never be restored. `latest` lists complete steps only.
 
@@ -22,6 +24,7 @@ use tierckpt_tiers::{ErrorKind, TierError};
 use super::namespaces::namespace;
 use super::shard::{self, ShardMeta};
 use super::{HpError, S};
+use crate::Daemon;
 
 /// Steps `latest` lists unless asked.
 const DEFAULT_LIMIT: usize = 5;
@@ -40,7 +43,7 @@ pub(super) async fn put(
     State(d): S,
     UrlPath((ns, rank, step)): UrlPath<(String, String, String)>,
     headers: HeaderMap,
-    body: Body,
+    body_in: Body,
 ) -> Result<Json<serde_json::Value>, HpError> {
     let key = key(&ns, &rank, &step)?;
     let meta = ShardMeta::parse(headers.get("shard-meta")).map_err(HpError::bad)?;
@@ -83,8 +86,18 @@ pub(super) async fn put(
     d.check_client_step(&key.namespace, key.step)?;
     let layout = shard::layout(&meta, len)?;
     let allowed = d.cfg.upload_deadline(len);
-    let deadline = tokio::time::Instant::now() + allowed;
-    let r = d.tier.reserve(&key, c.num_ranks, layout.file_len)?;
+    let body = BodyReader { key: &key, meta: &meta, len, allowed, deadline: tokio::time::Instant::now() + allowed };
+    let r = match d.tier.reserve(&key, c.num_ranks, layout.file_len) {
+        Ok(r) => r,
+        // The same bytes again (a retry whose first answer was lost) are
+        // stored already: read and check them, and say so.
+        Err(e @ TierError::AlreadyExists(_)) if stored_meta(&d, &key).await.as_deref() == Some(&meta.to_json()) => {
+            body.read(body_in.into_data_stream(), |_| Ok(())).await?;
+            tracing::debug!(shard = %key, error = %e, "the same body again: already stored");
+            return Ok(Json(json!({ "status": "ok", "already_stored": true })));
+        }
+        Err(e) => return Err(e.into()),
+    };
     // Until sealed, any return gives the reservation back: nothing is stored.
     let mut guard = tierckpt_tiers::ReservationGuard::new(&d.tier, r.id);
     let mut file = tierckpt_tiers::private_fs::open_write(&r.path)
@@ -93,42 +106,100 @@ pub(super) async fn put(
         std::io::Write::write_all(file, bytes).map_err(|e| TierError::io(format!("writing {}", r.path.display()), e))
     };
     write(&mut file, &layout.header)?;
-    let mut hash = xxhash_rust::xxh3::Xxh3::new();
-    let mut written = 0u64;
-    let mut stream = body.into_data_stream();
-    loop {
-        let Ok(next) = tokio::time::timeout_at(deadline, stream.next()).await else {
-            return Err(HpError::bad(format!(
-                "upload of {key} too slow: {written} of {len} bytes in {allowed:?} (upload_grace + size / \
-                 min_upload_rate); nothing stored"
-            )));
-        };
-        let Some(piece) = next else { break };
-        let piece = piece.map_err(|e| {
-            HpError::bad(format!("the body of {key} ended after {written} of {len} bytes ({e}); nothing stored"))
-        })?;
-        written += piece.len() as u64;
-        if written > len {
-            return Err(HpError::bad(format!("the body of {key} is longer than Content-Length {len}; nothing stored")));
-        }
-        hash.update(&piece);
-        write(&mut file, &piece)?;
-    }
-    if written != len {
-        return Err(HpError::bad(format!("the body of {key} ended after {written} of {len} bytes; nothing stored")));
-    }
-    let found = hash.digest128().to_be_bytes();
-    if found != meta.checksum {
-        return Err(HpError::bad(format!(
-            "the body of {key} does not match its Shard-Meta: xxh3_128 {} given, {} received; nothing stored",
-            shard::b64(&meta.checksum),
-            shard::b64(&found)
-        )));
-    }
+    body.read(body_in.into_data_stream(), |piece| write(&mut file, piece)).await?;
     drop(file);
     guard.disarm();
     d.seal(r.id, true).await?;
     Ok(Json(json!({ "status": "ok" })))
+}
+
+/// Why a body was not taken: its own fault, or a failure to store it.
+enum Refused {
+    Body(HpError),
+    Stored(TierError),
+}
+
+impl From<Refused> for HpError {
+    fn from(r: Refused) -> Self {
+        match r {
+            Refused::Body(h) => h,
+            Refused::Stored(t) => t.into(),
+        }
+    }
+}
+
+/// What a body must be: `len` bytes within `allowed`, whose xxh3-128 is
+/// the one `meta` gives.
+struct BodyReader<'a> {
+    key: &'a ShardKey,
+    meta: &'a ShardMeta,
+    len: u64,
+    allowed: std::time::Duration,
+    deadline: tokio::time::Instant,
+}
+
+impl BodyReader<'_> {
+    /// Reads the body, handing each piece to `sink`, and checks it.
+    async fn read(
+        &self,
+        mut stream: axum::body::BodyDataStream,
+        mut sink: impl FnMut(&[u8]) -> Result<(), TierError>,
+    ) -> Result<(), Refused> {
+        let (key, len) = (self.key, self.len);
+        let mut hash = xxhash_rust::xxh3::Xxh3::new();
+        let mut written = 0u64;
+        loop {
+            let Ok(next) = tokio::time::timeout_at(self.deadline, stream.next()).await else {
+                return Err(Refused::Body(HpError::bad(format!(
+                    "upload of {key} too slow: {written} of {len} bytes in {:?} (upload_grace + size / \
+                     min_upload_rate); nothing stored",
+                    self.allowed
+                ))));
+            };
+            let Some(piece) = next else { break };
+            let piece = piece.map_err(|e| {
+                Refused::Body(HpError::bad(format!(
+                    "the body of {key} ended after {written} of {len} bytes ({e}); nothing stored"
+                )))
+            })?;
+            written += piece.len() as u64;
+            if written > len {
+                return Err(Refused::Body(HpError::bad(format!(
+                    "the body of {key} is longer than Content-Length {len}; nothing stored"
+                ))));
+            }
+            hash.update(&piece);
+            sink(&piece).map_err(Refused::Stored)?;
+        }
+        if written != len {
+            return Err(Refused::Body(HpError::bad(format!(
+                "the body of {key} ended after {written} of {len} bytes; nothing stored"
+            ))));
+        }
+        let found = hash.digest128().to_be_bytes();
+        if found != self.meta.checksum {
+            return Err(Refused::Body(HpError::bad(format!(
+                "the body of {key} does not match its Shard-Meta: xxh3_128 {} given, {} received; nothing stored",
+                shard::b64(&self.meta.checksum),
+                shard::b64(&found)
+            ))));
+        }
+        Ok(())
+    }
+}
+
+/// The `Shard-Meta` of the shard `key` held here, if it was written
+/// through this API.
+async fn stored_meta(d: &Daemon, key: &ShardKey) -> Option<String> {
+    let (t, k) = (d.tier.clone(), key.clone());
+    tokio::task::spawn_blocking(move || {
+        let (_, bytes) = t.map_leased(&k).ok()?;
+        let view = parse_shard(&bytes, &k.to_string()).ok()?;
+        shard::body_of(&view).map(|(_, meta)| meta)
+    })
+    .await
+    .ok()
+    .flatten()
 }
 
 /// Serves a rank's body after verifying the whole shard against its
