@@ -21,7 +21,7 @@ use serde_json::json;
 use tierckpt_format::{parse_shard, verify_chunks, ShardKey};
 use tierckpt_tiers::{ErrorKind, TierError};
 
-use super::namespaces::namespace;
+use super::namespaces::{lookup, namespace, not_created};
 use super::shard::{self, ShardMeta};
 use super::{HpError, S};
 use crate::Daemon;
@@ -47,12 +47,7 @@ pub(super) async fn put(
 ) -> Result<Json<serde_json::Value>, HpError> {
     let key = key(&ns, &rank, &step)?;
     let meta = ShardMeta::parse(headers.get("shard-meta")).map_err(HpError::bad)?;
-    let c = super::namespaces::lookup(&d, &key.namespace).await.ok_or_else(|| {
-        HpError::not_found(format!(
-            "namespace {:?} not found: create it with POST /v1/cp/namespaces/{}?num_ranks=N",
-            key.namespace, key.namespace
-        ))
-    })?;
+    let c = lookup(&d, &key.namespace).await.ok_or_else(|| not_created(&key.namespace))?;
     if key.rank >= c.num_ranks {
         return Err(HpError::bad(format!(
             "rank {} is not below num_ranks {} of namespace {:?}",

@@ -143,7 +143,8 @@ fn count(uri: &Uri, name: &str, default: Option<u32>) -> Result<u32, HpError> {
     }
 }
 
-fn not_created(ns: &str) -> HpError {
+/// The 404 of a namespace not created (here or on a live peer).
+pub(super) fn not_created(ns: &str) -> HpError {
     HpError::not_found(format!("namespace {ns:?} not found: create it with POST /v1/cp/namespaces/{ns}?num_ranks=N"))
 }
 
