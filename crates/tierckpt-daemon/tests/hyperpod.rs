@@ -1,7 +1,8 @@
 //! The HyperPod in-memory checkpoint API (`hyperpod_listen`) against real
 //! daemon processes: round trips, latest, deletion, namespaces, the cluster
 //! reset, every refusal of bad input by name, corrupt and cut-short bodies,
-//! a restart, `tierckpt ls`, and a replica on a peer.
+//! a retry, a restart, `tierckpt ls`, a replica on a peer, and a restore
+//! from the persistent tier.
 
 use std::io::{Read, Write};
 use std::time::{Duration, Instant};
@@ -374,5 +375,39 @@ fn namespaces_reach_the_peers_and_shards_are_replicated_and_served_by_them() {
         assert_eq!(st, 200);
         assert!(body == *want, "rank {rank} from the replica, bitwise");
         assert!(m.is_some());
+    }
+}
+
+#[test]
+fn a_step_is_drained_to_the_persistent_tier_and_served_from_it_after_all_memory_is_lost() {
+    let store = shm_dir();
+    let target = format!("file://{}", store.path().display());
+    let mut d = TestDaemon::start_with("128MiB", |o: &mut DaemonOptions| {
+        o.settings.hyperpod_listen = Some("127.0.0.1:0".into());
+        o.set_flags(&["--persistent-path", &target, "--persist-every", "1"]).expect("valid flags");
+    });
+    let hp = Hp::of(&d);
+    hp.create("drain", 2);
+    let data = [bytes(8, 1 << 20), bytes(9, 77)];
+    hp.put_ok("drain", 0, 4, &data[0]);
+    hp.put_ok("drain", 1, 4, &data[1]);
+    let start = Instant::now();
+    while !std::fs::read_dir(store.path().join("drain"))
+        .map(|rd| rd.filter_map(|e| e.ok()).any(|e| e.path().join("COMMIT").exists()))
+        .unwrap_or(false)
+    {
+        assert!(start.elapsed() < Duration::from_secs(60), "step 4 was never committed");
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    d.proc.kill().unwrap();
+    std::fs::remove_dir_all(d.proc.memory_dir()).unwrap();
+    d.proc.restart().unwrap();
+    let hp = Hp::of(&d);
+    assert_eq!(hp.latest("drain", ""), vec![4], "the committed step, from the persistent tier");
+    for (rank, want) in data.iter().enumerate() {
+        let (st, m, body) = hp.get("drain", rank as u32, 4);
+        assert_eq!(st, 200, "{}", String::from_utf8_lossy(&body));
+        assert!(body == *want, "rank {rank} restored from the persistent tier, bitwise");
+        assert_eq!(json(m.unwrap().as_bytes()), json(meta(want).as_bytes()));
     }
 }
