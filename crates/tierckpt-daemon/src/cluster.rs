@@ -762,6 +762,21 @@ impl Cluster {
         futures_util::future::join_all(calls).await
     }
 
+    /// Sends a bodiless request to every peer not known dead; returns each
+    /// node's JSON answer or error.
+    pub async fn ask_peers(
+        &self,
+        method: hyper::Method,
+        path: &str,
+    ) -> Vec<(String, Result<serde_json::Value, TierError>)> {
+        let dead: Vec<bool> = lock(&self.members).iter().map(|m| m.state == NodeState::Dead).collect();
+        let calls = (0..dead.len()).filter(|&i| i != self.me && !dead[i]).map(|i| {
+            let method = method.clone();
+            async move { (self.id(i).to_string(), self.peers.json(self.addr(i), method, path).await) }
+        });
+        futures_util::future::join_all(calls).await
+    }
+
     /// Members, their states, the cluster view and the replicator's counters.
     pub fn status(&self) -> ClusterStatus {
         let now = Instant::now();

@@ -34,7 +34,7 @@ impl<E: Into<TierError>> From<E> for ApiError {
     }
 }
 
-fn status_of(kind: ErrorKind) -> StatusCode {
+pub(crate) fn status_of(kind: ErrorKind) -> StatusCode {
     match kind {
         ErrorKind::NotFound => StatusCode::NOT_FOUND,
         ErrorKind::AlreadyExists => StatusCode::CONFLICT,
@@ -71,7 +71,7 @@ fn shard_key(ns: &str, step: &str, rank: &str) -> Result<ShardKey, ApiError> {
     Ok(ShardKey::new(ns, parse_u64("step", step)?, parse_u32("rank", rank)?))
 }
 
-fn query_param<'a>(uri: &'a Uri, name: &str) -> Option<&'a str> {
+pub(crate) fn query_param<'a>(uri: &'a Uri, name: &str) -> Option<&'a str> {
     uri.query()?.split('&').filter_map(|kv| kv.split_once('=')).find(|(k, _)| *k == name).map(|(_, v)| v)
 }
 
@@ -88,6 +88,7 @@ pub(crate) fn router(d: Arc<Daemon>) -> Router {
         .route("/v1/shards/{ns}/{step}/{rank}/manifest", get(get_manifest))
         .route("/v1/replicas/{ns}/{step}/{rank}", get(get_replica).put(put_replica))
         .route("/v1/peer/holdings", get(holdings))
+        .route("/v1/hyperpod/namespaces/{ns}", get(hyperpod_namespace).delete(forget_hyperpod_namespace))
         .route("/metrics", get(metrics))
         .fallback(|uri: Uri| async move { ApiError(TierError::NotFound(format!("no endpoint {}", uri.path()))) })
         .layer(middleware::from_fn_with_state(d.clone(), auth))
@@ -96,16 +97,28 @@ pub(crate) fn router(d: Arc<Daemon>) -> Router {
 
 /// Serves HTTP/1.1 on `listener` until `stop`, then waits for the open
 /// connections to finish (idle ones close at once).
-pub(crate) async fn serve(d: Arc<Daemon>, listener: tokio::net::TcpListener, mut stop: watch::Receiver<bool>) {
-    let app = router(d.clone());
+pub(crate) async fn serve(d: Arc<Daemon>, listener: tokio::net::TcpListener, stop: watch::Receiver<bool>) {
+    serve_app(router(d.clone()), &d, "the HTTP API", listener, stop).await
+}
+
+/// Serves `app` as [`serve`] does (`what` names the API in logs): the HTTP
+/// API and the HyperPod API, under one cap on their connections together
+/// and the same idle timeout.
+pub(crate) async fn serve_app(
+    app: Router,
+    d: &Daemon,
+    what: &'static str,
+    listener: tokio::net::TcpListener,
+    mut stop: watch::Receiver<bool>,
+) {
     // A connection holds a permit: past the cap, connections wait in the
     // kernel's backlog, and the descriptors stay for the local socket.
-    let slots = Arc::new(tokio::sync::Semaphore::new(d.cfg.http_max_connections));
+    let slots = d.http_slots.clone();
     let mut http = hyper::server::conn::http1::Builder::new();
     // hyper's header timer also runs while a keep-alive connection waits
     // for its next request: one timeout covers slow heads and idle peers.
     http.timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(d.cfg.http_idle_timeout);
-    let mut errors = crate::limits::AcceptErrors::new("the HTTP API");
+    let mut errors = crate::limits::AcceptErrors::new(what);
     let mut conns = tokio::task::JoinSet::new();
     loop {
         let slot = tokio::select! {
@@ -202,6 +215,22 @@ async fn metrics(State(d): D) -> Response {
 async fn holdings(State(d): D) -> Json<tierckpt_proto::Holdings> {
     let id = d.cluster.as_ref().map(|c| c.node_id().to_string()).unwrap_or_default();
     Json(crate::cluster::holdings_of(&d.tier, &id))
+}
+
+/// A namespace created here through the HyperPod API (for a peer that was
+/// asked to store a rank of it).
+async fn hyperpod_namespace(State(d): D, Path(ns): Path<String>) -> Result<Response, ApiError> {
+    names::validate_namespace(&ns)?;
+    match d.hyperpod_namespaces.get(&ns) {
+        Some(c) => Ok(Json(c).into_response()),
+        None => Err(ApiError(TierError::NotFound(format!("HyperPod namespace {ns} on this node")))),
+    }
+}
+
+/// Forgets a HyperPod namespace here (deleted through a peer).
+async fn forget_hyperpod_namespace(State(d): D, Path(ns): Path<String>) -> Result<Json<serde_json::Value>, ApiError> {
+    names::validate_namespace(&ns)?;
+    Ok(Json(json!({ "forgotten": d.hyperpod_namespaces.remove(&ns) })))
 }
 
 /// A peer's copy of a shard, streamed with its manifest and unverified: the

@@ -9,6 +9,7 @@ pub mod drain;
 pub mod failures;
 mod http;
 pub mod hugepages;
+mod hyperpod;
 pub mod limits;
 pub mod metrics;
 pub mod peer;

@@ -149,6 +149,13 @@ impl PeerClient {
         Ok((v["deleted_shards"].as_u64().unwrap_or(0), v["deleted_bytes"].as_u64().unwrap_or(0)))
     }
 
+    /// A bodiless request to the node at `addr` and its JSON answer.
+    pub async fn json(&self, addr: SocketAddr, method: Method, path: &str) -> Result<serde_json::Value, TierError> {
+        let resp = self.send(addr, method, path, &[], Self::empty(), Some(Duration::from_secs(10))).await?;
+        let body = resp.into_body().collect().await.map_err(|e| unavailable(addr, path, e))?.to_bytes();
+        serde_json::from_slice(&body).map_err(|e| unavailable(addr, path, e))
+    }
+
     /// Streams a replica to a peer, which verifies it before it becomes
     /// visible.
     pub async fn put_replica(

@@ -47,6 +47,11 @@ pub struct Daemon {
     pub unrestorable: Arc<crate::unrestorable::Unrestorable>,
     /// Whether the memory directory's tmpfs gives huge pages.
     pub huge_pages: bool,
+    /// The namespaces created through the HyperPod API on this node.
+    pub(crate) hyperpod_namespaces: crate::hyperpod::Configs,
+    /// One permit per open connection of the HTTP and HyperPod APIs
+    /// together (`http_max_connections`).
+    pub(crate) http_slots: Arc<tokio::sync::Semaphore>,
     /// Runtime of the background work (replication, drain, checksums, the
     /// HTTP API), at a lower CPU priority than the local API.
     background: tokio::runtime::Handle,
@@ -71,6 +76,8 @@ pub struct RunningDaemon {
     pub socket: PathBuf,
     /// Where the HTTP API listens, if on.
     pub http_addr: Option<SocketAddr>,
+    /// Where the HyperPod API listens, if on (`hyperpod_listen`).
+    pub hyperpod_addr: Option<SocketAddr>,
     stop: watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     filler: Option<tierckpt_tiers::memory::PoolFiller>,
@@ -161,9 +168,24 @@ impl Daemon {
             ),
             None => None,
         };
+        let hyperpod = match cfg.hyperpod_listen {
+            Some(a) => {
+                if !a.ip().is_loopback() {
+                    tracing::warn!(addr = %a, "the HyperPod API takes no token: anyone who reaches {a} may write and \
+                        delete its checkpoints");
+                }
+                Some(
+                    tokio::net::TcpListener::bind(a).await.map_err(|e| {
+                        DaemonError::io(format!("binding the HyperPod API to {a} (hyperpod_listen)"), e)
+                    })?,
+                )
+            }
+            None => None,
+        };
         let listener = crate::uds::bind(&cfg.socket)?;
         let mut unbind = RemoveOnDrop(Some(cfg.socket.clone()));
         let http_addr = http.as_ref().and_then(|l| l.local_addr().ok());
+        let hyperpod_addr = hyperpod.as_ref().and_then(|l| l.local_addr().ok());
         let socket = cfg.socket.clone();
         let (stop, stopped) = watch::channel(false);
         let metrics = Arc::new(Metrics::default());
@@ -187,10 +209,13 @@ impl Daemon {
         read_path.extend(drainer.iter().map(|d| d.store.clone() as Arc<dyn Tier>));
         let failures = crate::failures::FailureLog::new(&cfg.memory_dir, daemon_access);
         let unrestorable = Arc::new(crate::unrestorable::Unrestorable::open(&cfg.memory_dir, daemon_access));
+        let hyperpod_namespaces = crate::hyperpod::Configs::open(&cfg.memory_dir, daemon_access);
         let daemon = Arc::new(Daemon {
             failures,
             unrestorable,
             huge_pages,
+            hyperpod_namespaces,
+            http_slots: Arc::new(tokio::sync::Semaphore::new(cfg.http_max_connections)),
             background: background.clone(),
             tier,
             cfg,
@@ -203,11 +228,15 @@ impl Daemon {
         });
         unbind.0 = None;
         let mut tasks = vec![tokio::spawn(crate::uds::serve(daemon.clone(), listener, stopped.clone()))];
+        if let Some(l) = hyperpod {
+            tasks.push(background.spawn(crate::hyperpod::serve(daemon.clone(), l, stopped.clone())));
+        }
         if let Some(l) = http {
             tasks.push(background.spawn(crate::http::serve(daemon.clone(), l, stopped)));
         }
-        tracing::info!(socket = %socket.display(), http = ?http_addr, capacity = daemon.cfg.capacity, "daemon ready");
-        Ok(RunningDaemon { daemon, socket, http_addr, stop, tasks, filler })
+        tracing::info!(socket = %socket.display(), http = ?http_addr, hyperpod = ?hyperpod_addr,
+            capacity = daemon.cfg.capacity, "daemon ready");
+        Ok(RunningDaemon { daemon, socket, http_addr, hyperpod_addr, stop, tasks, filler })
     }
 
     /// Refuses a step a client (not a peer) may not write: 2^53 and above,

@@ -142,6 +142,8 @@ pub struct DaemonProcess {
     pub socket: PathBuf,
     /// Where its HTTP API listens, as its ready line said.
     pub http_addr: Option<String>,
+    /// Where its HyperPod API listens (`hyperpod_listen`), as its ready line said.
+    pub hyperpod_addr: Option<String>,
     /// What it was started with (changed before a restart, it counts at the restart).
     pub opts: DaemonOptions,
 }
@@ -220,7 +222,8 @@ impl Starting {
         if ready["event"] != "ready" {
             bail!("tierckptd said {line:?} instead of its ready line");
         }
-        Ok(DaemonProcess { child, socket, http_addr: ready["http_addr"].as_str().map(String::from), opts })
+        let addr = |k: &str| ready[k].as_str().map(String::from);
+        Ok(DaemonProcess { child, socket, http_addr: addr("http_addr"), hyperpod_addr: addr("hyperpod_addr"), opts })
     }
 }
 

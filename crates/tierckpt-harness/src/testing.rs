@@ -53,6 +53,11 @@ impl TestDaemon {
         self.proc.http_addr.clone().expect("http enabled")
     }
 
+    /// The address of its HyperPod API (host:port).
+    pub fn hyperpod_addr(&self) -> String {
+        self.proc.hyperpod_addr.clone().expect("the HyperPod API is on (hyperpod_listen)")
+    }
+
     /// The `Authorization` header value its HTTP API wants.
     pub fn bearer(&self) -> String {
         self.proc.bearer()

@@ -71,6 +71,7 @@ fn run() -> anyhow::Result<()> {
                 "pid": std::process::id(),
                 "socket": running.socket,
                 "http_addr": running.http_addr.map(|a| a.to_string()),
+                "hyperpod_addr": running.hyperpod_addr.map(|a| a.to_string()),
                 "capacity": running.daemon.cfg.capacity,
             })
         );

@@ -116,7 +116,7 @@ pub struct ConfigLayer {
     /// namespace held here; 0: unbounded. Steps of 2^53 and above are always refused [default: 1000000].
     #[arg(long, env = "TIERCKPT_MAX_STEP_ADVANCE")]
     pub max_step_advance: Option<u64>,
-    /// Cap on concurrent HTTP connections, so that the local socket always finds file descriptors
+    /// Cap on concurrent HTTP connections (the HTTP and HyperPod APIs together), so that the local socket always finds file descriptors
     /// [default: min(1024, a quarter of the open-file limit)].
     #[arg(long, env = "TIERCKPT_HTTP_MAX_CONNECTIONS")]
     pub http_max_connections: Option<usize>,
@@ -135,6 +135,12 @@ pub struct ConfigLayer {
     /// that saves, replicas and restores do not pay page faults; 0: off [default: 0.25].
     #[arg(long, env = "TIERCKPT_PREFAULT_SHARE")]
     pub prefault_share: Option<f64>,
+    /// The SageMaker HyperPod in-memory checkpoint API (`/v1/cp/...`, for the unchanged
+    /// `amzn-sagemaker-checkpointing` client): "off", "on" (127.0.0.1:9202), a port (on 127.0.0.1) or
+    /// host:port. It takes no token (the client sends none): bind it to loopback unless every host that can
+    /// reach the address may write checkpoints [default: off].
+    #[arg(long, env = "TIERCKPT_HYPERPOD_LISTEN")]
+    pub hyperpod_listen: Option<String>,
 }
 
 impl ConfigLayer {

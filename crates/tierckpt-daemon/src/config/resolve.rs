@@ -85,6 +85,8 @@ pub struct DaemonConfig {
     /// mounts a huge-page tmpfs where that hides nothing (a new or empty
     /// directory), and otherwise keeps what is there.
     pub mount_huge_tmpfs_by_default: bool,
+    /// Address of the HyperPod API (see [`ConfigLayer::hyperpod_listen`]); none when off.
+    pub hyperpod_listen: Option<SocketAddr>,
 }
 
 impl DaemonConfig {
@@ -378,6 +380,7 @@ impl DaemonConfig {
                 "prefault_share {prefault_share} is outside 0..=1 (a share of memory_tier_size; 0: no pre-faulting)"
             )));
         }
+        let hyperpod_listen = resolve_hyperpod_listen(layer.hyperpod_listen.as_deref())?;
         // SAFETY: geteuid has no preconditions.
         let root = unsafe { libc::geteuid() } == 0;
         Ok(Self {
@@ -400,7 +403,28 @@ impl DaemonConfig {
             upload_grace,
             prefault_share,
             mount_huge_tmpfs_by_default: layer.mount_huge_tmpfs.is_none() && root,
+            hyperpod_listen,
         })
+    }
+}
+
+/// The port the HyperPod client's examples use.
+pub const DEFAULT_HYPERPOD_PORT: u16 = 9202;
+
+/// `hyperpod_listen`: "off" (or unset), "on", a port on loopback, or host:port.
+fn resolve_hyperpod_listen(v: Option<&str>) -> Result<Option<SocketAddr>, DaemonError> {
+    let loopback = |port| SocketAddr::from(([127, 0, 0, 1], port));
+    match v.map(str::trim) {
+        None | Some("off" | "") => Ok(None),
+        Some("on") => Ok(Some(loopback(DEFAULT_HYPERPOD_PORT))),
+        Some(a) => match (a.parse::<u16>(), a.parse::<SocketAddr>()) {
+            (Ok(port), _) => Ok(Some(loopback(port))),
+            (_, Ok(addr)) => Ok(Some(addr)),
+            _ => Err(DaemonError::Config(format!(
+                "hyperpod_listen {a:?} is not \"off\", \"on\" (127.0.0.1:{DEFAULT_HYPERPOD_PORT}), a port or \
+                 host:port (for example 127.0.0.1:9202)"
+            ))),
+        },
     }
 }
 
@@ -551,6 +575,21 @@ mod tests {
         assert!(e.contains("token_file") && e.contains("TIERCKPT_TOKEN") && e.contains("127.0.0.1:7750"), "{e}");
         let with = loopback.merge(ConfigLayer { token: Some("t0ken".into()), ..Default::default() });
         assert_eq!(DaemonConfig::resolve(with).unwrap().http_addr.unwrap().port(), 7750);
+    }
+
+    #[test]
+    fn hyperpod_api_is_off_by_default_and_on_loopback_unless_given_a_host() {
+        let l = |v: &str| flags(&["--memory-tier-size", "1MB", "--hyperpod-listen", v]).unwrap();
+        let plain = ConfigLayer { memory_tier_size: Some("1MB".into()), ..Default::default() };
+        assert_eq!(DaemonConfig::resolve(plain).unwrap().hyperpod_listen, None);
+        assert_eq!(DaemonConfig::resolve(l("off")).unwrap().hyperpod_listen, None);
+        let on = DaemonConfig::resolve(l("on")).unwrap().hyperpod_listen.unwrap();
+        assert_eq!(on.to_string(), "127.0.0.1:9202");
+        assert_eq!(DaemonConfig::resolve(l("9300")).unwrap().hyperpod_listen.unwrap().to_string(), "127.0.0.1:9300");
+        let any = DaemonConfig::resolve(l("0.0.0.0:9202")).unwrap().hyperpod_listen.unwrap();
+        assert_eq!(any.to_string(), "0.0.0.0:9202");
+        let e = DaemonConfig::resolve(l("localhost")).unwrap_err().to_string();
+        assert!(e.contains("hyperpod_listen \"localhost\""), "{e}");
     }
 
     #[test]
