@@ -224,17 +224,41 @@ def test_a_tampered_metadata_shard_cannot_run_code():
 
 
 def torchrun(nproc: int, *args, sock: str, timeout=300):
+    """Runs dcp_worker.py on `nproc` gloo ranks against the daemon at `sock`."""
     from conftest import free_port
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr",
            "127.0.0.1", "--master-port", str(free_port()), str(HERE / "dcp_worker.py"), *map(str, args)]
     r = subprocess.run(cmd, env=py_env(TIERCKPT_SOCKET=sock), capture_output=True, text=True, timeout=timeout)
     assert r.returncode == 0, f"{' '.join(cmd)} failed:\n{r.stdout[-3000:]}\n{r.stderr[-6000:]}"
+    assert r.stdout.count("matches bitwise") == nproc or args[0] == "save", r.stdout
     return r
 
 
+class Saved:
+    """One daemon for a module's torchrun tests, and the steps saved on 2 ranks so far (api, state) -> ref."""
+
+    def __init__(self, daemon, tmp):
+        self.daemon, self.tmp, self.refs = daemon, tmp, {}
+
+    def load(self, nproc: int, api: str, kind: str):
+        if (api, kind) not in self.refs:
+            ref = self.tmp / f"ref-{api}-{kind}.pt"
+            torchrun(2, "save", api, kind, 5, ref, sock=self.daemon["socket"])
+            self.refs[api, kind] = ref
+        torchrun(nproc, "load", api, kind, 5, self.refs[api, kind], sock=self.daemon["socket"])
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    gen = run_daemon("--keep-last", "50")
+    d = next(gen)
+    try:
+        yield Saved(d, tmp_path_factory.mktemp("refs"))
+    finally:
+        gen.close()
+
+
+@pytest.mark.parametrize("nproc", [1, 4])
 @pytest.mark.parametrize("api", ["dcp", "async"])
-def test_dtensors_saved_on_2_ranks_reshard_to_1_and_4(daemon, tmpdir_shm, api):
-    ref = tmpdir_shm / "ref.pt"
-    torchrun(2, "save", api, "plain", 5, ref, sock=daemon["socket"])
-    for n in (1, 4):
-        torchrun(n, "load", api, "plain", 5, ref, sock=daemon["socket"])
+def test_dtensors_saved_on_2_ranks_reshard(saved, api, nproc):
+    saved.load(nproc, api, "plain")
