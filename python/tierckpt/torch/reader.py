@@ -107,6 +107,10 @@ class TierckptReader(StorageReader):
         fut.set_result(None)
         return fut
 
+    def close(self) -> None:
+        """Closes the connection to the daemon (and unmaps the cached segments)."""
+        self.session.close()
+
     # -- helpers ------------------------------------------------------------
     def _resolve_step(self) -> int:
         if self.step is not None:

@@ -107,6 +107,10 @@ class TierckptWriter(StorageWriter):
         layout.write_shard(self.session, step, self.world, self.world, refs,
                            f"DCP step {step} metadata of {self.session.namespace!r}", {"dcp": "metadata"})
 
+    def close(self) -> None:
+        """Closes the connection to the daemon (and unmaps the cached segments)."""
+        self.session.close()
+
     # -- helpers ------------------------------------------------------------
     def _need_step(self) -> int:
         if self.step is None:
