@@ -18,6 +18,7 @@ from torch.distributed.checkpoint.staging import AsyncStager
 
 from .. import shard
 from . import layout
+from .session import rank_world
 from .writer import TierckptWriter
 
 
@@ -79,8 +80,11 @@ def _rebuild(x, views):
         if v is None:
             return x.detach().clone()  # not stageable (dtype, layout): a private copy
         if isinstance(x, DTensor):
-            return DTensor.from_local(v, x.device_mesh, x.placements, run_check=False, shape=x.shape,
-                                      stride=x.stride())
+            if v.device.type == x.device_mesh.device_type:
+                return DTensor.from_local(v, x.device_mesh, x.placements, run_check=False, shape=x.shape,
+                                          stride=x.stride())
+            # from_local would move a host view back to the mesh's device: keep the spec, swap the local
+            return DTensor(v, x._spec, requires_grad=False)
         return v
     if type(x) is dict:
         return {k: _rebuild(v, views) for k, v in x.items()}
@@ -113,8 +117,9 @@ class TierckptStager(AsyncStager):
         w = self.writer
         step = w._need_step()
         session = w.session
-        ck = session.ckpt()
+        w.rank, w.world = rank_world()  # stage runs before DCP sets the writer up
         rank, world = w.rank, w.world
+        ck = session.ckpt(rank)
         if step in w._staged:
             w._staged.pop(step).abort()
         found = []
