@@ -240,12 +240,16 @@ class Saved:
     def __init__(self, daemon, tmp):
         self.daemon, self.tmp, self.refs = daemon, tmp, {}
 
-    def load(self, nproc: int, api: str, kind: str):
+    def ensure(self, api: str, kind: str):
+        """The reference file of step 5 saved on 2 ranks through `api` (saved on first use)."""
         if (api, kind) not in self.refs:
             ref = self.tmp / f"ref-{api}-{kind}.pt"
             torchrun(2, "save", api, kind, 5, ref, sock=self.daemon["socket"])
             self.refs[api, kind] = ref
-        torchrun(nproc, "load", api, kind, 5, self.refs[api, kind], sock=self.daemon["socket"])
+        return self.refs[api, kind]
+
+    def load(self, nproc: int, api: str, kind: str):
+        torchrun(nproc, "load", api, kind, 5, self.ensure(api, kind), sock=self.daemon["socket"])
 
 
 @pytest.fixture(scope="module")

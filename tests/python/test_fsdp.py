@@ -3,8 +3,11 @@ state from `get_state_dict`, saved on 2 ranks through DCP (TierckptWriter, and a
 and through the Checkpointer, loaded on 1, 2 and 4 ranks and compared bitwise with the full tensors."""
 
 import pytest
+import torch
 
-from test_dcp import saved  # noqa: F401  (the module's daemon and saved steps)
+from tierckpt import Checkpointer
+
+from test_dcp import bits, saved  # noqa: F401  (the module's daemon and saved steps)
 
 
 @pytest.mark.parametrize("nproc", [1, 2, 4])
@@ -20,3 +23,18 @@ def test_fsdp2_async_save_with_the_stager_loads_on_4_ranks(saved):  # noqa: F811
 @pytest.mark.parametrize("nproc", [1, 4])
 def test_dtensors_through_the_checkpointer_reshard(saved, nproc):  # noqa: F811
     saved.load(nproc, "ckpt", "plain")
+
+
+def test_dtensors_saved_on_2_ranks_load_as_full_tensors_without_a_process_group(saved):  # noqa: F811
+    ref = saved.ensure("ckpt", "plain")
+    with Checkpointer({"socket": saved.daemon["socket"], "namespace": "plain-ckpt", "checkpoint_frequency": 1},
+                      rank=0, world_size=1) as c:
+        got = c.load(step=5)
+        into = {"w": torch.zeros(12, 3)}
+        c.load(into, step=5)
+    expect = torch.load(ref, weights_only=False)
+    for k in ("w", "b", "r", "steps"):
+        assert type(got[k]) is torch.Tensor and got[k].dtype == expect[k].dtype, k
+        assert got[k].shape == expect[k].shape and bits(got[k]) == bits(expect[k]), f"{k}: not the full tensor"
+    assert got["meta"] == expect["meta"]
+    assert bits(into["w"]) == bits(expect["w"]), "a plain target of the global shape was not filled"
