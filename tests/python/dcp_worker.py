@@ -4,7 +4,6 @@ loads it (on any number of ranks) and checks it bitwise against the full tensors
     dcp_worker.py save|load <api: dcp|async|ckpt> <state: plain|fsdp> <step> <reference file>
 """
 
-import os
 import sys
 import warnings
 
