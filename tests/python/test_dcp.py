@@ -61,7 +61,8 @@ def assert_same(a, b, path="state"):
 
 
 def shard_files(daemon, ns, step=None):
-    return sorted(pathlib.Path(daemon["dir"]).glob(f"mem/ns/{ns}/{'*' if step is None else step}/rank-*.safetensors"))
+    step_dir = "*" if step is None else f"{step:020}"
+    return sorted(pathlib.Path(daemon["dir"]).glob(f"mem/ns/{ns}/{step_dir}/rank-*.safetensors"))
 
 
 def header_meta(path) -> dict:
@@ -143,8 +144,8 @@ def test_a_save_killed_before_its_metadata_is_never_loaded(daemon):
     assert _save_in_child(sock, "kill", 1, False).returncode == 0
     r = _save_in_child(sock, "kill", 2, True)
     assert r.returncode == -signal.SIGKILL, r.stderr
-    assert any("/2/" in str(f) or f.parent.name.endswith("2") for f in shard_files(daemon, "kill")), \
-        "the killed save wrote no data shard: the test proves nothing"
+    assert [f.name for f in shard_files(daemon, "kill", 2)] == ["rank-00000-of-00002.safetensors"], \
+        "the killed save should have sealed its data shard and no metadata: the test would prove nothing"
     # the latest committed step is the one before
     t = state(9)
     reader = TierckptReader(namespace="kill", socket=sock)

@@ -38,3 +38,25 @@ def test_dtensors_saved_on_2_ranks_load_as_full_tensors_without_a_process_group(
         assert got[k].shape == expect[k].shape and bits(got[k]) == bits(expect[k]), f"{k}: not the full tensor"
     assert got["meta"] == expect["meta"]
     assert bits(into["w"]) == bits(expect["w"]), "a plain target of the global shape was not filled"
+
+
+def test_a_corrupt_shard_of_another_rank_is_never_loaded_into_a_dtensor_target(saved, tmp_path):  # noqa: F811
+    import os
+    import pathlib
+
+    from tierckpt import CorruptError
+    from test_dcp import torchrun
+    torchrun(2, "save", "ckpt", "plain", 6, tmp_path / "ref.pt", sock=saved.daemon["socket"])
+    other = pathlib.Path(saved.daemon["dir"]) / "mem/ns/plain-ckpt" / f"{6:020}" / "rank-00001-of-00002.safetensors"
+    with open(other, "r+b") as f:
+        f.seek(os.path.getsize(other) - 8)
+        b = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([b[0] ^ 0x01]))
+    into = {"w": torch.zeros(12, 3)}  # rank 0 alone: half of it lies in rank 1's shard
+    with Checkpointer({"socket": saved.daemon["socket"], "namespace": "plain-ckpt", "checkpoint_frequency": 1},
+                      rank=0, world_size=1) as c:
+        with pytest.raises(CorruptError) as e:
+            c.load(into, step=6)
+    assert "step 6 rank 1" in str(e.value) and "corrupt" in str(e.value).lower(), str(e.value)
+    assert torch.count_nonzero(into["w"]) == 0, "bytes of a step that failed to load reached the target"
