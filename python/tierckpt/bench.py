@@ -10,7 +10,8 @@ async_save off (save returns once the step is visible); `dcp_save`, `dcp_async_s
 are plain DCP on files; `dcp_save_tierckpt`, `dcp_async_save_tierckpt` and `dcp_load_tierckpt` are DCP through
 tierckpt (`TierckptWriter`, `TierckptStager`, `TierckptReader`), each also given as a ratio to the Checkpointer
 row it stands for (`vs_checkpointer`: dcp.save to `tierckpt_sync`, async_save to `tierckpt`), measured on
-`--saves` interleaved pairs (a Checkpointer save, then the DCP save), so both see the same daemon and load.
+`--saves` interleaved pairs (a Checkpointer save, then the DCP save), so both see the same daemon and load
+(`rows`: the same ratio from the rows' steady medians, which ran one after the other).
 
 Each save method reports three times, from the start of the call:
   blocked  - until the call returns;
@@ -604,8 +605,10 @@ def run_save_mode(b: Bench, args) -> dict:
     out["floor"]["restore_s"] = restore_floor
     # DCP through tierckpt over the Checkpointer: from interleaved saves, not from the rows (run in turn)
     out["interleaved"] = b.interleaved(args.saves)
-    for m in VS_CHECKPOINTER:
-        out["save"][m]["vs_checkpointer"] = out["interleaved"][m]
+    for m, of in VS_CHECKPOINTER.items():
+        mine, theirs = out["save"][m]["steady"], out["save"][of]["steady"]
+        out["save"][m]["vs_checkpointer"] = {**out["interleaved"][m], "rows": {
+            k.replace("_s", ""): mine[k] / theirs[k] for k in ("blocked_s", "free_s", "visible_s")}}
     ours, theirs = out["restore"]["dcp_load_tierckpt"]["s"], out["restore"]["tierckpt"]["s"]
     out["restore"]["dcp_load_tierckpt"]["vs_checkpointer"] = {"of": "tierckpt", "s": ours / theirs}
     out["bitwise"] = all(r["bitwise"] for r in out["restore"].values())
@@ -709,7 +712,7 @@ def table(report: dict) -> str:
         if "vs_checkpointer" in r:
             v = r["vs_checkpointer"]
             lines.append(f"{'  x ' + v['of']:<24}{_f(v['blocked'], 'x'):>9}{_f(v['free'], 'x'):>9}"
-                         f"{_f(v['visible'], 'x'):>9}")
+                         f"{_f(v['visible'], 'x'):>9}  interleaved; rows: {_f(v['rows']['blocked'], 'x')} blocked")
         if "back_to_back" in r:
             bb = r["back_to_back"]
             lines.append(f"{'  back to back':<24}{_f(bb['blocked_s']):>9}{'':>18}{_f(bb['ratio'], 'x'):>22}")

@@ -76,6 +76,7 @@ def test_bench_json_has_every_figure_and_bitwise_restores(tmpdir_shm):
         assert v["of"] == of, (m, v)
         for k in ("blocked", "free", "visible"):
             positive(v[k], f"save.{m}.vs_checkpointer.{k}")
+            positive(v["rows"][k], f"save.{m}.vs_checkpointer.rows.{k}")
     assert rep["interleaved"]["n"] == 2
     for m in ("tierckpt_sync", "dcp_save_tierckpt", "tierckpt", "dcp_async_save_tierckpt"):
         assert len(rep["interleaved"]["each_blocked_s"][m]) == 2, m
