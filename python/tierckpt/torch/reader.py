@@ -4,7 +4,9 @@
 is given), so a step whose save never wrote it is refused by name. `read_data` reads
 every shard the local plan needs (any rank's: DCP's planner reshards), each verified
 chunk by chunk as it is copied (`restore.load`); a corrupt shard is reported to the
-daemon and read once more from the next tier, else `CorruptError` names it.
+daemon and read once more from the next tier, else `CorruptError` names it. No
+unverified byte reaches a target; as with the `Checkpointer`, targets read straight from
+a shard that turns out corrupt in a later chunk hold verified bytes of it in part.
 """
 
 from __future__ import annotations
