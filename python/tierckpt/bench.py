@@ -5,6 +5,14 @@ run, by every method side by side, and every figure is also given as a ratio to 
 same run: the cheapest way to move the same bytes (on a GPU, device-to-host into a preallocated pinned buffer
 and host-to-device back; on a CPU, a one-thread copy into a preallocated, pre-faulted buffer and back).
 
+Methods: `tierckpt` is the Checkpointer (async_save, the default), `tierckpt_sync` the Checkpointer with
+async_save off (save returns once the step is visible); `dcp_save`, `dcp_async_save`(`_stager`) and `dcp_load`
+are plain DCP on files; `dcp_save_tierckpt`, `dcp_async_save_tierckpt` and `dcp_load_tierckpt` are DCP through
+tierckpt (`TierckptWriter`, `TierckptStager`, `TierckptReader`), each also given as a ratio to the Checkpointer
+row it stands for (`vs_checkpointer`: dcp.save to `tierckpt_sync`, async_save to `tierckpt`), measured on
+`--saves` interleaved pairs (a Checkpointer save, then the DCP save), so both see the same daemon and load
+(`rows`: the same ratio from the rows' steady medians, which ran one after the other).
+
 Each save method reports three times, from the start of the call:
   blocked  - until the call returns;
   free     - until the state may change again (CPU: when `save()` returns, as the copy is done by then;
@@ -56,8 +64,11 @@ from .errors import TierckptError, UnavailableError
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "uint8": "uint8"}
 UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-SAVE_METHODS = ("tierckpt", "torch_save", "dcp_save", "dcp_async_save", "dcp_async_save_stager")
-RESTORE_METHODS = ("floor", "tierckpt", "dcp_load", "torch_load")
+SAVE_METHODS = ("tierckpt", "tierckpt_sync", "torch_save", "dcp_save", "dcp_async_save", "dcp_async_save_stager",
+                "dcp_save_tierckpt", "dcp_async_save_tierckpt")
+RESTORE_METHODS = ("floor", "tierckpt", "dcp_load", "dcp_load_tierckpt", "torch_load")
+# DCP through tierckpt (`tierckpt.torch`) and the Checkpointer row its time blocked is compared with
+VS_CHECKPOINTER = {"dcp_save_tierckpt": "tierckpt_sync", "dcp_async_save_tierckpt": "tierckpt"}
 
 
 def parse_size(s: str) -> int:
@@ -204,7 +215,8 @@ class Daemon:
         self.binary, self.started, self.workdir = os.path.abspath(exe), True, workdir
         d = os.path.join(workdir, "daemon")
         os.makedirs(d)
-        cap = 6 * size + (256 << 20)  # keep_last 2, a save in flight, back-to-back saves sealing
+        # keep_last 2 in each of three namespaces, a save in flight, back-to-back saves sealing
+        cap = 10 * size + (256 << 20)
         log = open(os.path.join(d, "tierckptd.log"), "ab")
         try:
             self.proc = subprocess.Popen(
@@ -277,8 +289,17 @@ class Bench:
         self.namespace = f"bench-{os.getpid()}-{secrets.token_hex(4)}"
         self.ckpt = Checkpointer({"socket": daemon.socket, "namespace": self.namespace,
                                   "checkpoint_frequency": 1, "async_save": True}, rank=0, world_size=1)
+        self.ckpt_sync = Checkpointer({"socket": daemon.socket, "namespace": f"{self.namespace}-sync",
+                                       "checkpoint_frequency": 1, "async_save": False}, rank=0, world_size=1)
         self.step = 0
+        self.sync_step = 0
         self.stager = None  # DCP's DefaultStager, kept across saves (run_save_mode)
+        from .torch import TierckptReader, TierckptStager, TierckptWriter
+        self.dcp_ns = f"{self.namespace}-dcp"
+        self.dcp_writer = TierckptWriter(namespace=self.dcp_ns, socket=daemon.socket)
+        self.dcp_stager = TierckptStager(self.dcp_writer)
+        self.dcp_reader = TierckptReader(namespace=self.dcp_ns, socket=daemon.socket)
+        self.dcp_step = 0
 
     def fresh(self) -> None:
         self.counter += 1
@@ -288,9 +309,14 @@ class Bench:
     def close(self) -> None:
         try:
             self.ckpt.wait()
-            self.ckpt.client.delete_namespace(self.namespace)
+            for ns in (self.namespace, f"{self.namespace}-sync", self.dcp_ns):
+                self.ckpt.client.delete_namespace(ns)
         except Exception:
             pass
+        self.dcp_stager.close()
+        self.dcp_writer.close()
+        self.dcp_reader.close()
+        self.ckpt_sync.close()
         self.ckpt.close()
 
     # the copy is done when the state may change: the CUDA Checkpointer may return before it
@@ -313,6 +339,35 @@ class Bench:
         self._until_free()
         t2 = time.perf_counter()
         self.ckpt.wait()
+        t3 = time.perf_counter()
+        return _times(t1 - t0, t2 - t0, t3 - t0)
+
+    def save_tierckpt_sync(self):
+        self.sync_step += 1
+        t0 = time.perf_counter()
+        self.ckpt_sync.save(self.sync_step, self.state)  # returns once the step is visible
+        t = time.perf_counter() - t0
+        return _times(t, t, t)
+
+    def save_dcp_save_tierckpt(self):
+        dcp = _dcp()
+        self.dcp_step += 1
+        t0 = time.perf_counter()
+        dcp.save(self.state, checkpoint_id=self.dcp_step, storage_writer=self.dcp_writer, no_dist=True)
+        t = time.perf_counter() - t0  # the metadata shard is sealed: the step is committed
+        return _times(t, t, t)
+
+    def save_dcp_async_save_tierckpt(self):
+        dcp = _dcp()
+        self.dcp_step += 1
+        self.dcp_writer.step = self.dcp_step
+        t0 = time.perf_counter()
+        resp = dcp.async_save(self.state, storage_writer=self.dcp_writer, async_stager=self.dcp_stager,
+                              no_dist=True)
+        t1 = time.perf_counter()
+        self.dcp_stager.synchronize_staging()  # CUDA: the device-to-host copies into the segment
+        t2 = time.perf_counter()
+        (getattr(resp, "upload_completion", None) or resp).result()
         t3 = time.perf_counter()
         return _times(t1 - t0, t2 - t0, t3 - t0)
 
@@ -353,6 +408,24 @@ class Bench:
         (getattr(resp, "upload_completion", None) or resp).result()
         t3 = time.perf_counter()
         return _times(t1 - t0, t2 - t0, t3 - t0)
+
+    def interleaved(self, saves: int) -> dict:
+        """Each DCP-through-tierckpt save right after a save of the Checkpointer row it stands for, `saves`
+        rounds (fresh data before each): both see the same daemon and the same load, unlike rows run one
+        after the other. Medians per method, and each DCP method's times over its Checkpointer's."""
+        runs: dict = {m: [] for pair in VS_CHECKPOINTER.items() for m in pair}
+        for _ in range(saves):
+            for dcp_m, ck_m in VS_CHECKPOINTER.items():
+                for m in (ck_m, dcp_m):
+                    self.fresh()
+                    runs[m].append(getattr(self, f"save_{m}")())
+        med = {m: {k: _med([r[k] for r in rs]) for k in ("blocked_s", "free_s", "visible_s")}
+               for m, rs in runs.items()}
+        out = {"n": saves, "median": med, "each_blocked_s": {m: [r["blocked_s"] for r in rs] for m, rs in runs.items()}}
+        for dcp_m, ck_m in VS_CHECKPOINTER.items():
+            out[dcp_m] = {"of": ck_m, **{k.replace("_s", ""): med[dcp_m][k] / med[ck_m][k]
+                                         for k in ("blocked_s", "free_s", "visible_s")}}
+        return out
 
     def measure(self, fn, saves: int, warmup: int) -> dict:
         """The first save, `warmup` saves not counted, then `saves` saves: each with fresh data."""
@@ -432,6 +505,11 @@ class Bench:
         path = os.path.join(self.workdir, "dcp_save")
         return self._restore(lambda: dcp.load(self.state, checkpoint_id=path, no_dist=True))
 
+    def restore_dcp_load_tierckpt(self):
+        dcp = _dcp()
+        self.dcp_reader.step = self.dcp_step
+        return self._restore(lambda: dcp.load(self.state, storage_reader=self.dcp_reader, no_dist=True))
+
     def restore_torch_load(self):
         torch = _torch()
         path = os.path.join(self.workdir, "torch_save.pt")
@@ -446,6 +524,9 @@ class Bench:
         elif method == "dcp_load":
             self.fresh()
             self.save_dcp_save()
+        elif method == "dcp_load_tierckpt":
+            self.fresh()
+            self.save_dcp_save_tierckpt()
         elif method == "torch_load":
             self.fresh()
             self.save_torch_save()
@@ -541,6 +622,14 @@ def run_save_mode(b: Bench, args) -> dict:
         r["ratio"] = r["s"] / restore_floor if restore_floor else None
         out["restore"][m] = r
     out["floor"]["restore_s"] = restore_floor
+    # DCP through tierckpt over the Checkpointer: from interleaved saves, not from the rows (run in turn)
+    out["interleaved"] = b.interleaved(args.saves)
+    for m, of in VS_CHECKPOINTER.items():
+        mine, theirs = out["save"][m]["steady"], out["save"][of]["steady"]
+        out["save"][m]["vs_checkpointer"] = {**out["interleaved"][m], "rows": {
+            k.replace("_s", ""): mine[k] / theirs[k] for k in ("blocked_s", "free_s", "visible_s")}}
+    ours, theirs = out["restore"]["dcp_load_tierckpt"]["s"], out["restore"]["tierckpt"]["s"]
+    out["restore"]["dcp_load_tierckpt"]["vs_checkpointer"] = {"of": "tierckpt", "s": ours / theirs}
     out["bitwise"] = all(r["bitwise"] for r in out["restore"].values())
     return out
 
@@ -639,12 +728,17 @@ def table(report: dict) -> str:
         rat = f"{_f(q['blocked'], 'x')}/{_f(q['free'], 'x')}/{_f(q['visible'], 'x')}"
         lines.append(f"{m:<24}{_f(s['blocked_s']):>9}{_f(s['free_s']):>9}{_f(s['visible_s']):>9}{rat:>22}"
                      f"{_f(fr['visible_s']):>16}{_f(r['first_ratio']['visible'], 'x'):>9}")
+        if "vs_checkpointer" in r:
+            v = r["vs_checkpointer"]
+            lines.append(f"{'  x ' + v['of']:<24}{_f(v['blocked'], 'x'):>9}{_f(v['free'], 'x'):>9}"
+                         f"{_f(v['visible'], 'x'):>9}  interleaved; rows: {_f(v['rows']['blocked'], 'x')} blocked")
         if "back_to_back" in r:
             bb = r["back_to_back"]
             lines.append(f"{'  back to back':<24}{_f(bb['blocked_s']):>9}{'':>18}{_f(bb['ratio'], 'x'):>22}")
     lines.append(f"{'restore':<24}{'s':>9}{'x floor':>9}{'bitwise':>9}")
     for m, r in report["restore"].items():
-        lines.append(f"{m:<24}{_f(r['s']):>9}{_f(r['ratio'], 'x'):>9}{str(r['bitwise']):>9}")
+        vs = f"  ({_f(r['vs_checkpointer']['s'], 'x')} tierckpt)" if "vs_checkpointer" in r else ""
+        lines.append(f"{m:<24}{_f(r['s']):>9}{_f(r['ratio'], 'x'):>9}{str(r['bitwise']):>9}{vs}")
     lines.append("bytes: " + ", ".join(f"{k} {v:,}" for k, v in report["bytes"].items() if v is not None))
     return "\n".join(lines)
 

@@ -701,6 +701,11 @@ class Checkpointer:
         Every chunk is verified before a byte is used; a corrupt copy is
         reported to the daemon and the load is tried once more (the daemon
         falls through to a peer or the persistent tier), else CorruptError.
+        DTensors are saved as each rank's local chunk; a DTensor of `state`
+        gets its local chunk filled from every saved chunk that overlaps it,
+        read from the other ranks' shards where needed, so a step saved on N
+        ranks loads on M (a plain tensor of the global shape, or none, gets
+        the whole tensor).
         """
         self.heartbeat(step)
         self.wait()  # this Checkpointer's own saves first
@@ -709,37 +714,51 @@ class Checkpointer:
             if step is None:
                 self._after_resume(None)
                 return None
-        else:
-            # a shard another writer sealed asynchronously may still be checksumming
-            try:
-                self._client.wait_visible(self.namespace, step, self.rank, 60_000)
-            except NotFoundError:
-                pass  # not in this node's memory: open() looks in the other tiers
+        world = self._saved_world(step)
+        # a rank the saving job did not have reads the plain values of rank (rank % its world size)
+        src = self.rank if world is None or self.rank < world else self.rank % world
+        # a shard another writer sealed asynchronously may still be checksumming
+        try:
+            self._client.wait_visible(self.namespace, step, src, 60_000)
+        except NotFoundError:
+            pass  # not in this node's memory: open() looks in the other tiers
         first_error = None
         partial: set = set()
         for attempt in range(2):
             try:
-                opened = self._client.open(self.namespace, step, self.rank)
+                opened = self._client.open(self.namespace, step, src)
             except NotFoundError as e:
                 if first_error is not None:
                     raise _partial(CorruptError(f"{first_error}; no other copy could be loaded: {e}"),
                                    partial, step) from None
                 raise
             try:
-                out = self._load_opened(opened, state, step)
+                out, reshard = self._load_opened(opened, state, step, src)
             except CorruptError as e:
-                self._release(step)
-                self._client.report_corrupt(self.namespace, step, self.rank)
+                self._release(step, src)
+                self._client.report_corrupt(self.namespace, step, src)
                 partial.update(getattr(e, "partial", ()))
                 if first_error is not None:
                     raise _partial(CorruptError(f"{first_error}; the next copy is corrupt too: {e}"),
                                    partial, step) from None
                 first_error = e
                 continue
-            self._release(step)
+            self._release(step, src)
+            if reshard is not None:  # DTensors whose chunks lie (also) in other ranks' shards
+                reshard.fill(self._client, self.namespace, step, world or self.world_size, src)
             self._after_resume(step)
             return out
         raise AssertionError("unreachable")
+
+    def _saved_world(self, step):
+        """The world size the step was saved with (None when the daemon does not list it)."""
+        try:
+            for s in self._client.list_steps(self.namespace):
+                if s.get("step") == step:
+                    return int(s["world_size"])
+        except (TierckptError, KeyError, TypeError, ValueError):
+            pass
+        return None
 
     def _agreed_latest(self):
         """The newest complete step, the same on every rank. The daemon's `latest` waits for
@@ -756,9 +775,9 @@ class Checkpointer:
             step = None if t.item() < 0 else int(t.item())
         return step
 
-    def _release(self, step):
+    def _release(self, step, rank):
         try:
-            self._client.release(self.namespace, step, self.rank)
+            self._client.release(self.namespace, step, rank)
         except TierckptError:
             pass
 
@@ -773,23 +792,32 @@ class Checkpointer:
             self._last_save_step = step
             self._next_save = None
 
-    def _load_opened(self, opened, state, step):
+    def _load_opened(self, opened, state, step, rank):
+        """(the restored tree, a `Reshard` of the DTensors still to fill from other ranks, or None)."""
         import json
+        reshard = None
 
         def build(entries, meta, data_start, plan):
             if meta.get("format") != shard.FORMAT:
-                raise TierckptError(f"step {step} rank {self.rank} of {self.namespace!r} was not written by "
+                raise TierckptError(f"step {step} rank {rank} of {self.namespace!r} was not written by "
                                     f"the Python Checkpointer (format {meta.get('format')!r}); "
                                     "read it with the safetensors package")
 
             def make(kind, name, tgt):
+                nonlocal reshard
+                if kind == "dtensor":
+                    if reshard is None:
+                        from .torch.dtensor import Reshard
+                        reshard = Reshard()
+                    return reshard.target(plan, entries, data_start, name, tgt)
                 e = entries[name]
                 a, b = e["data_offsets"]
                 return restore.target(plan, name, data_start + a, b - a, kind, e["dtype"], e["shape"], tgt)
 
             return shard.decode_tree(json.loads(meta["tree"]), make, state)
 
-        return restore.load(opened["path"], opened["manifest"], build)
+        out = restore.load(opened["path"], opened["manifest"], build)
+        return out, reshard
 
     # -- when to save -------------------------------------------------------
     def should_save(self, step: int) -> set:

@@ -7,7 +7,9 @@ first (a stable sort), so every tensor is aligned to its element size.
 
 The non-tensor part of the state goes as JSON in `__metadata__["tree"]`,
 losslessly: tuples, bytes, dicts with non-string keys, inf/nan are tagged,
-and each tensor is a reference to its entry by name. No pickle.
+and each tensor is a reference to its entry by name (a DTensor's entry is
+its local chunk; its node adds the global shape and the chunk's offsets,
+see `tierckpt.torch.dtensor`). No pickle.
 """
 
 from __future__ import annotations
@@ -142,6 +144,11 @@ def encode_tree(state):
             torch = _torch()
             if torch_to_st is None:
                 torch_to_st, _ = _torch_maps()
+            node = None
+            if type(x).__name__ == "DTensor":
+                from .torch import dtensor
+                if dtensor.is_dtensor(x):
+                    x, node = dtensor.encode(x, where)  # its local chunk, with the global shape and offsets
             if type(x) is not torch.Tensor and not isinstance(x, torch.nn.Parameter):
                 raise TypeError(f"{where}: tensor subclass {type(x).__name__} is not supported")
             if x.is_sparse or x.layout != torch.strided:
@@ -155,6 +162,8 @@ def encode_tree(state):
             name = unique(".".join(_key_name(p) for p in path) or "tensor")
             ref = TensorRef(name, x, st, x.shape, x.numel() * DTYPES[st][0], "torch")
             tensors.append(ref)
+            if node is not None:
+                return {"__dtensor__": {"local": name, **node}}
             return {"__tensor__": name}
         if isinstance(x, np.ndarray) and t is np.ndarray:
             st = _NP_TO_ST.get(x.dtype.newbyteorder("=")) if x.dtype.byteorder in "=|<" else None
@@ -237,7 +246,8 @@ def parse_header(buf) -> tuple[dict, dict, int]:
 
 
 def decode_tree(tree, make_tensor, target=None):
-    """Rebuilds the tree; `make_tensor(kind, name, target_or_None)` returns each tensor."""
+    """Rebuilds the tree; `make_tensor(kind, name, target_or_None)` returns each tensor (for kind "dtensor",
+    `name` is the node: its entry, global shape and offsets)."""
 
     def dec(x, tgt):
         if isinstance(x, list):
@@ -261,6 +271,8 @@ def decode_tree(tree, make_tensor, target=None):
             return out
         if tag == "__tensor__":
             return make_tensor("torch", v, tgt)
+        if tag == "__dtensor__":
+            return make_tensor("dtensor", v, tgt)
         if tag == "__ndarray__":
             return make_tensor("numpy", v, tgt)
         if tag == "__size__":

@@ -13,8 +13,9 @@ from tierckpt import bench
 
 from conftest import binary, py_env
 
-SAVES = ("tierckpt", "torch_save", "dcp_save", "dcp_async_save", "dcp_async_save_stager")
-RESTORES = ("floor", "tierckpt", "dcp_load", "torch_load")
+SAVES = ("tierckpt", "tierckpt_sync", "torch_save", "dcp_save", "dcp_async_save", "dcp_async_save_stager",
+         "dcp_save_tierckpt", "dcp_async_save_tierckpt")
+RESTORES = ("floor", "tierckpt", "dcp_load", "dcp_load_tierckpt", "torch_load")
 
 
 def run_bench(workdir, *args, timeout=300):
@@ -69,6 +70,19 @@ def test_bench_json_has_every_figure_and_bitwise_restores(tmpdir_shm):
     for k in ("blocked_s", "max_blocked_s", "all_visible_s", "ratio"):
         positive(bb[k], f"back_to_back.{k}")
     assert rep["save"]["dcp_async_save_stager"]["options"]["use_async_staging"] is True
+    # DCP through tierckpt, beside the Checkpointer row it stands for
+    for m, of in (("dcp_save_tierckpt", "tierckpt_sync"), ("dcp_async_save_tierckpt", "tierckpt")):
+        v = rep["save"][m]["vs_checkpointer"]
+        assert v["of"] == of, (m, v)
+        for k in ("blocked", "free", "visible"):
+            positive(v[k], f"save.{m}.vs_checkpointer.{k}")
+            positive(v["rows"][k], f"save.{m}.vs_checkpointer.rows.{k}")
+    assert rep["interleaved"]["n"] == 2
+    for m in ("tierckpt_sync", "dcp_save_tierckpt", "tierckpt", "dcp_async_save_tierckpt"):
+        assert len(rep["interleaved"]["each_blocked_s"][m]) == 2, m
+        positive(rep["interleaved"]["median"][m]["blocked_s"], f"interleaved.{m}")
+    assert rep["restore"]["dcp_load_tierckpt"]["vs_checkpointer"]["of"] == "tierckpt"
+    positive(rep["restore"]["dcp_load_tierckpt"]["vs_checkpointer"]["s"], "restore.dcp_load_tierckpt.vs_checkpointer")
     for m in RESTORES:
         x = rep["restore"][m]
         positive(x["s"], f"restore.{m}.s")
@@ -89,7 +103,8 @@ def test_bench_table_is_the_default(tmpdir_shm):
     r = run_bench(tmpdir_shm, "--size", "1MB", "--device", "cpu", "--saves", "1", "--warmup", "0", "--restores", "1")
     assert r.returncode == 0, r.stderr
     for word in ("floor", "tierckpt", "back to back", "torch_save", "dcp_async_save_stager", "dcp_load",
-                 "torch_load", "bitwise", "bytes:"):
+                 "torch_load", "bitwise", "bytes:", "tierckpt_sync", "dcp_save_tierckpt", "dcp_async_save_tierckpt",
+                 "x tierckpt_sync", "dcp_load_tierckpt"):
         assert word in r.stdout, f"{word!r} missing from the table:\n{r.stdout}"
 
 
