@@ -570,3 +570,19 @@ fn a_writer_that_outruns_the_seals_waits_for_them_instead_of_failing() {
     assert_eq!(e.kind(), ErrorKind::CapacityExceeded, "{e}");
     assert!(started.elapsed() < Duration::from_secs(30), "refused without waiting for nothing");
 }
+
+#[test]
+fn the_filler_waits_while_a_segment_is_being_written() {
+    let dir = shm_dir();
+    let t = prefaulting_tier(dir.path(), 64 << 20, 3, 0.5);
+    let held = t.reserve(&ShardKey::new("w", 1, 0), 1, 1 << 20).unwrap();
+    let _filler = t.start_filler(0).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let u = t.usage();
+    assert_eq!(u.prefaulted, 0, "nothing is faulted in while a client copies into its segment: {u:?}");
+    assert!(u.prefault_pending, "{u:?}");
+    t.abort(held.id).unwrap();
+    let u = pool_ready(&t);
+    assert!(u.prefaulted > 0, "the filler went on once the writer was done: {u:?}");
+    assert_exact(&u);
+}

@@ -7,8 +7,10 @@
 //!
 //! Invariants: every pooled byte, and the segment the filler is faulting in,
 //! counts in `used`, so capacity is never exceeded; the filler fills only
-//! free capacity, never faults while holding the index lock, and gives its
-//! segment up as soon as a reservation needs the room.
+//! free capacity, never faults while holding the index lock, gives its
+//! segment up as soon as a reservation needs the room, and pauses while any
+//! reservation is being written (it would compete with the copy a trainer
+//! is blocked on).
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -19,6 +21,9 @@ use std::time::Duration;
 use super::index::{Shard, State};
 use super::{io_err, MemoryTier};
 use crate::{Result, TierError};
+
+/// How often the filler looks again while a reservation is being written.
+const WRITER_POLL: Duration = Duration::from_millis(20);
 
 /// A free segment in the pool.
 #[derive(Debug)]
@@ -325,8 +330,10 @@ impl MemoryTier {
                     if st.fill_stop {
                         return;
                     }
-                    // A reservation waiting for room goes first (it clears the flag).
-                    if !backoff && !st.fill_yield {
+                    // A reservation waiting for room goes first (it clears the flag),
+                    // and a segment being written is not slowed down by a fill.
+                    let writing = !st.reservations.is_empty();
+                    if !backoff && !st.fill_yield && !writing {
                         let shed = self.shed_useless(&mut st);
                         if !shed.is_empty() {
                             drop(st);
@@ -343,7 +350,11 @@ impl MemoryTier {
                             break (id, len);
                         }
                     }
-                    let wait = if backoff { Duration::from_secs(10) } else { Duration::from_secs(1) };
+                    let wait = match (backoff, writing) {
+                        (true, _) => Duration::from_secs(10),
+                        (false, true) => WRITER_POLL,
+                        (false, false) => Duration::from_secs(1),
+                    };
                     let (g, timeout) = self.fill_wake.wait_timeout(st, wait).unwrap_or_else(|p| p.into_inner());
                     st = g;
                     // After a failure, try again only once the back-off ran out.
@@ -386,9 +397,18 @@ impl MemoryTier {
             let n = FILL_PIECE.min(len - off);
             allocate(&f, off, n)?;
             off += n;
-            let st = self.lock();
-            if st.fill_stop || st.fill_yield {
-                return Ok(false);
+            // Between pieces: give up for a reservation that needs the room
+            // or a shutdown; pause while a client writes a segment (the copy
+            // it is blocked on should have the cores and the memory bus).
+            let mut st = self.lock();
+            loop {
+                if st.fill_stop || st.fill_yield {
+                    return Ok(false);
+                }
+                if st.reservations.is_empty() {
+                    break;
+                }
+                st = self.changed.wait_timeout(st, WRITER_POLL).unwrap_or_else(|p| p.into_inner()).0;
             }
         }
         Ok(true)
