@@ -421,8 +421,10 @@ class Checkpointer:
         for k in [k for k, g in self._maps.items() if k != key and os.fstat(g.fd).st_nlink == 0]:
             self._maps.pop(k).close()  # deleted segments: do not pin their memory
         if key in self._maps:
-            os.close(fd)
-            return self._maps[key]
+            if self._maps[key].length >= length:
+                os.close(fd)
+                return self._maps[key]
+            self._maps.pop(key).close()  # a shorter mapping within the same pages: map it again
         try:
             if st.st_size != length:
                 raise TierckptError(f"segment {path} has {st.st_size} bytes, expected {length}")

@@ -85,3 +85,18 @@ def test_a_daemon_asked_to_prepare_more_than_it_holds_names_the_size(daemon):
         cl.abort(r["id"])
     finally:
         cl.close()
+
+
+def test_a_segment_reused_for_a_slightly_longer_shard_is_mapped_again_to_its_length(daemon):
+    """The mapping cache is keyed by pages: a segment recycled for a shard a few bytes longer (another
+    header, same pages) must not be served by the shorter mapping a previous save made of it."""
+    with ckpt(daemon, "grow") as c:
+        small = {"x": torch.arange(4000, dtype=torch.float32)}
+        c.save(1, small)
+        seg = next(iter(c._maps.values()))
+        c.client.delete_step("grow", 1)  # the segment goes back to the pool, still mapped here
+        longer = {"x_with_a_much_longer_name_" + "y" * 40: torch.arange(4000, dtype=torch.float32)}
+        _, _, length = c._plan(2, longer)
+        assert length > seg.length and -(-length // 4096) == -(-seg.length // 4096), (length, seg.length)
+        c.save(2, longer)
+        assert_same(c.load(None, 2), longer)
