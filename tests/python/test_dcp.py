@@ -20,14 +20,11 @@ from tierckpt.errors import TierckptError
 from tierckpt.torch import TierckptReader, TierckptStager, TierckptWriter
 
 from conftest import binary, py_env, run_daemon
+from dcp_worker import same as assert_same
 
 HERE = pathlib.Path(__file__).resolve().parent
 FAILED = (CheckpointException, TierckptError)  # DCP wraps what a rank raised in a BaseException
 warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-
-
-def bits(t: torch.Tensor) -> bytes:
-    return t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
 
 
 def state(seed: int):
@@ -42,22 +39,6 @@ def state(seed: int):
     return {"model": model.state_dict(), "optim": opt.state_dict(),
             "extra": {"bf16": torch.randn(3, 7).to(torch.bfloat16), "i64": torch.randint(-2**40, 2**40, (9,)),
                       "empty": torch.zeros(0, 4), "epoch": seed, "name": f"run-{seed}", "lrs": [0.1, seed / 7]}}
-
-
-def assert_same(a, b, path="state"):
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape, path
-        assert bits(a) == bits(b), f"{path}: bytes differ"
-    elif isinstance(a, dict):
-        assert sorted(map(str, a)) == sorted(map(str, b)), f"{path}: keys differ"
-        for k in a:
-            assert_same(a[k], b[k], f"{path}[{k!r}]")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_same(x, y, f"{path}[{i}]")
-    else:
-        assert a == b, f"{path}: {a!r} != {b!r}"
 
 
 def shard_files(daemon, ns, step=None):

@@ -4,42 +4,29 @@
 //! a retry, a restart, `tierckpt ls`, a replica on a peer, and a restore
 //! from the persistent tier.
 
-use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
 use base64::Engine;
 use serde_json::Value;
 use tierckpt_harness::daemon::{DaemonOptions, LocalCluster, LocalClusterOptions};
-use tierckpt_harness::testing::{cli, shm_dir, TestDaemon};
+use tierckpt_harness::testing::{cli, http_exchange, shm_dir, TestDaemon};
 
 /// A daemon with the HyperPod API on an ephemeral loopback port.
 fn daemon(size: &str) -> TestDaemon {
     TestDaemon::start_with(size, |o: &mut DaemonOptions| o.settings.hyperpod_listen = Some("127.0.0.1:0".into()))
 }
 
-/// One exchange over a fresh connection: (status, head, body).
+/// One exchange over a fresh connection: (status, head, body); an empty
+/// body is announced too (`Content-Length: 0`) unless told otherwise.
 fn exchange(addr: &str, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> (u16, String, Vec<u8>) {
-    let mut s = std::net::TcpStream::connect(addr).expect("connect to the HyperPod API");
-    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
-    for (k, v) in headers {
-        req.push_str(&format!("{k}: {v}\r\n"));
-    }
-    if !headers
+    let framed = headers
         .iter()
-        .any(|(k, _)| k.eq_ignore_ascii_case("content-length") || k.eq_ignore_ascii_case("transfer-encoding"))
-    {
-        req.push_str(&format!("Content-Length: {}\r\n", body.len()));
+        .any(|(k, _)| k.eq_ignore_ascii_case("content-length") || k.eq_ignore_ascii_case("transfer-encoding"));
+    let mut all = headers.to_vec();
+    if !framed && body.is_empty() {
+        all.push(("Content-Length", "0"));
     }
-    req.push_str("\r\n");
-    let _ = s.write_all(req.as_bytes());
-    let _ = s.write_all(body);
-    let mut resp = Vec::new();
-    let _ = s.read_to_end(&mut resp);
-    let split = resp.windows(4).position(|w| w == b"\r\n\r\n").expect("a response head");
-    let head = String::from_utf8_lossy(&resp[..split]).into_owned();
-    let status = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
-    (status, head, resp[split + 4..].to_vec())
+    http_exchange(addr, method, path, &all, body)
 }
 
 fn json(body: &[u8]) -> Value {

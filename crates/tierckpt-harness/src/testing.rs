@@ -97,6 +97,21 @@ pub fn cli(socket: &Path, args: &[&str]) -> (bool, String, String) {
 
 /// A minimal HTTP/1.1 exchange over a fresh connection: returns (status, body).
 pub fn http(addr: &str, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> (u16, Vec<u8>) {
+    let (status, _, body) = http_exchange(addr, method, path, headers, body);
+    (status, body)
+}
+
+/// [`http`], with the response head too: (status, head, body). A
+/// `Content-Length` is added for a non-empty body unless `headers` frame it
+/// (`Content-Length` or `Transfer-Encoding`);
+/// a response without a head gives status 0 and the bytes as the body.
+pub fn http_exchange(
+    addr: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> (u16, String, Vec<u8>) {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(addr).expect("connect to the HTTP API");
     s.set_read_timeout(Some(std::time::Duration::from_secs(60))).unwrap();
@@ -104,7 +119,10 @@ pub fn http(addr: &str, method: &str, path: &str, headers: &[(&str, &str)], body
     for (k, v) in headers {
         req.push_str(&format!("{k}: {v}\r\n"));
     }
-    if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("content-length")) && !body.is_empty() {
+    let framed = headers
+        .iter()
+        .any(|(k, _)| k.eq_ignore_ascii_case("content-length") || k.eq_ignore_ascii_case("transfer-encoding"));
+    if !framed && !body.is_empty() {
         req.push_str(&format!("Content-Length: {}\r\n", body.len()));
     }
     req.push_str("\r\n");
@@ -113,11 +131,11 @@ pub fn http(addr: &str, method: &str, path: &str, headers: &[(&str, &str)], body
     let mut resp = Vec::new();
     let _ = s.read_to_end(&mut resp);
     let Some(split) = resp.windows(4).position(|w| w == b"\r\n\r\n") else {
-        return (0, resp);
+        return (0, String::new(), resp);
     };
     let head = String::from_utf8_lossy(&resp[..split]).into_owned();
     let status = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
-    (status, resp[split + 4..].to_vec())
+    (status, head, resp[split + 4..].to_vec())
 }
 
 /// Sends a request head (with `headers`) and part of its body; dropping the
