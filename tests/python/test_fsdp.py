@@ -7,7 +7,8 @@ import torch
 
 from tierckpt import Checkpointer
 
-from test_dcp import bits, saved  # noqa: F401  (the module's daemon and saved steps)
+from dcp_worker import bits
+from test_dcp import saved  # noqa: F401  (the module's daemon and saved steps)
 
 
 @pytest.mark.parametrize("nproc", [1, 2, 4])
