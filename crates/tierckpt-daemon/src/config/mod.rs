@@ -6,6 +6,7 @@
 //! file are errors that name the key. [`DaemonConfig::resolve`] checks the
 //! merged layer and fills in defaults.
 
+mod cgroup;
 mod layer;
 mod resolve;
 

@@ -460,9 +460,10 @@ pub fn parse_capacity(s: &str, dir: &Path) -> Result<u64, DaemonError> {
     Ok(n)
 }
 
-/// Half of the available RAM, bounded by the free space of the tmpfs.
+/// Half of the available RAM (or of what this process's cgroup memory limit
+/// leaves, if less), bounded by the free space of the tmpfs.
 fn auto_capacity(dir: &Path) -> u64 {
-    let mem = std::fs::read_to_string("/proc/meminfo")
+    let mut mem = std::fs::read_to_string("/proc/meminfo")
         .ok()
         .and_then(|s| {
             s.lines()
@@ -470,6 +471,11 @@ fn auto_capacity(dir: &Path) -> u64 {
                 .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
         })
         .map_or(8 << 30, |kib| kib * 1024);
+    if let Ok(own) = std::fs::read_to_string("/proc/self/cgroup") {
+        if let Some(free) = super::cgroup::memory_available(Path::new("/sys/fs/cgroup"), &own) {
+            mem = mem.min(free);
+        }
+    }
     let mut share = (mem as f64 * AUTO_SHARE) as u64;
     let probe = dir.ancestors().find(|p| p.exists()).unwrap_or(Path::new("/"));
     if let Ok(c) = std::ffi::CString::new(probe.as_os_str().as_encoded_bytes()) {
