@@ -14,6 +14,7 @@ pub mod limits;
 pub mod metrics;
 pub mod peer;
 pub mod peer_tier;
+mod record;
 mod service;
 mod uds;
 pub mod unrestorable;

@@ -7,73 +7,52 @@
 //! step clears its mark.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::path::Path;
 
-use tierckpt_tiers::private_fs::{self, Access};
+use tierckpt_tiers::private_fs::Access;
+
+use crate::record::JsonRecord;
 
 /// The marked steps of every namespace.
 pub struct Unrestorable {
-    path: PathBuf,
-    access: Access,
-    steps: Mutex<BTreeMap<String, BTreeSet<u64>>>,
+    steps: JsonRecord<BTreeMap<String, BTreeSet<u64>>>,
 }
 
 impl Unrestorable {
     /// The marks kept in `memory_dir`; a missing or unreadable file is none.
     pub fn open(memory_dir: &Path, access: Access) -> Self {
-        let path = memory_dir.join("unrestorable.json");
-        let steps = match private_fs::open_read(&path).and_then(std::io::read_to_string) {
-            Ok(text) => serde_json::from_str(&text).unwrap_or_else(|e| {
-                tracing::warn!(path = %path.display(), error = %e, "ignoring an unreadable record of unrestorable steps");
-                BTreeMap::new()
-            }),
-            Err(_) => BTreeMap::new(),
-        };
-        Self { path, access, steps: Mutex::new(steps) }
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, BTreeSet<u64>>> {
-        self.steps.lock().unwrap_or_else(|p| p.into_inner())
+        Self { steps: JsonRecord::open(memory_dir, "unrestorable.json", access, "unrestorable steps") }
     }
 
     /// Marks `step` of `ns`; true if it was not marked before.
     pub fn mark(&self, ns: &str, step: u64) -> bool {
-        let mut steps = self.lock();
+        let mut steps = self.steps.lock();
         let new = steps.entry(ns.to_string()).or_default().insert(step);
         if new {
-            self.save(&steps);
+            self.steps.save(&steps);
         }
         new
     }
 
     /// Clears the mark of `step` of `ns` (a new copy of it was sealed).
     pub fn clear(&self, ns: &str, step: u64) {
-        let mut steps = self.lock();
+        let mut steps = self.steps.lock();
         let Some(set) = steps.get_mut(ns) else { return };
         if set.remove(&step) {
             if set.is_empty() {
                 steps.remove(ns);
             }
-            self.save(&steps);
+            self.steps.save(&steps);
         }
     }
 
     /// The marked steps of `ns`.
     pub fn of(&self, ns: &str) -> BTreeSet<u64> {
-        self.lock().get(ns).cloned().unwrap_or_default()
+        self.steps.lock().get(ns).cloned().unwrap_or_default()
     }
 
     /// Every marked step, by namespace.
     pub fn all(&self) -> BTreeMap<String, Vec<u64>> {
-        self.lock().iter().map(|(ns, s)| (ns.clone(), s.iter().copied().collect())).collect()
-    }
-
-    /// Writes the marks (a temporary file renamed into place); a failure is
-    /// logged: the marks still hold until the daemon stops.
-    fn save(&self, steps: &BTreeMap<String, BTreeSet<u64>>) {
-        if let Err(e) = self.access.write_atomically(&self.path, &serde_json::to_vec(steps).unwrap_or_default()) {
-            tracing::warn!(path = %self.path.display(), error = %e, "could not record unrestorable steps");
-        }
+        self.steps.lock().iter().map(|(ns, s)| (ns.clone(), s.iter().copied().collect())).collect()
     }
 }

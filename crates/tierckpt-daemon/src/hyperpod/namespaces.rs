@@ -8,8 +8,7 @@
 //! no other.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard};
+use std::path::Path;
 
 use axum::extract::{Path as UrlPath, State};
 use axum::http::{Method, Uri};
@@ -17,10 +16,11 @@ use axum::Json;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tierckpt_format::names;
-use tierckpt_tiers::private_fs::{self, Access};
+use tierckpt_tiers::private_fs::Access;
 use tierckpt_tiers::ErrorKind;
 
 use super::{HpError, S};
+use crate::record::JsonRecord;
 use crate::Daemon;
 
 /// Steps the client asks to keep unless it says.
@@ -37,66 +37,44 @@ pub(crate) struct NamespaceConfig {
 
 /// The namespaces created here, kept in a file.
 pub(crate) struct Configs {
-    path: PathBuf,
-    access: Access,
-    map: Mutex<BTreeMap<String, NamespaceConfig>>,
+    map: JsonRecord<BTreeMap<String, NamespaceConfig>>,
 }
 
 impl Configs {
     /// The records in `memory_dir`; a missing or unreadable file is none.
     pub(crate) fn open(memory_dir: &Path, access: Access) -> Self {
-        let path = memory_dir.join("hyperpod-namespaces.json");
-        let map = match private_fs::open_read(&path).and_then(std::io::read_to_string) {
-            Ok(text) => serde_json::from_str(&text).unwrap_or_else(|e| {
-                tracing::warn!(path = %path.display(), error = %e, "ignoring an unreadable record of HyperPod namespaces");
-                BTreeMap::new()
-            }),
-            Err(_) => BTreeMap::new(),
-        };
-        Self { path, access, map: Mutex::new(map) }
-    }
-
-    fn lock(&self) -> MutexGuard<'_, BTreeMap<String, NamespaceConfig>> {
-        self.map.lock().unwrap_or_else(|p| p.into_inner())
+        Self { map: JsonRecord::open(memory_dir, "hyperpod-namespaces.json", access, "HyperPod namespaces") }
     }
 
     /// The record of `ns`.
     pub(crate) fn get(&self, ns: &str) -> Option<NamespaceConfig> {
-        self.lock().get(ns).copied()
+        self.map.lock().get(ns).copied()
     }
 
     /// Every namespace recorded.
     pub(crate) fn names(&self) -> Vec<String> {
-        self.lock().keys().cloned().collect()
+        self.map.lock().keys().cloned().collect()
     }
 
     /// Records `ns`, or returns the record it already has.
     pub(crate) fn create(&self, ns: &str, c: NamespaceConfig) -> Result<(), NamespaceConfig> {
-        let mut map = self.lock();
+        let mut map = self.map.lock();
         if let Some(old) = map.get(ns) {
             return Err(*old);
         }
         map.insert(ns.to_string(), c);
-        self.save(&map);
+        self.map.save(&map);
         Ok(())
     }
 
     /// Forgets `ns`; true if it was recorded.
     pub(crate) fn remove(&self, ns: &str) -> bool {
-        let mut map = self.lock();
+        let mut map = self.map.lock();
         let had = map.remove(ns).is_some();
         if had {
-            self.save(&map);
+            self.map.save(&map);
         }
         had
-    }
-
-    /// Writes the records (a temporary file renamed into place); a failure
-    /// is logged: they hold until the daemon stops.
-    fn save(&self, map: &BTreeMap<String, NamespaceConfig>) {
-        if let Err(e) = self.access.write_atomically(&self.path, &serde_json::to_vec(map).unwrap_or_default()) {
-            tracing::warn!(path = %self.path.display(), error = %e, "could not record HyperPod namespaces");
-        }
     }
 }
 
