@@ -724,33 +724,14 @@ class Checkpointer:
             self._client.wait_visible(self.namespace, step, src, 60_000)
         except NotFoundError:
             pass  # not in this node's memory: open() looks in the other tiers
-        first_error = None
-        partial: set = set()
-        for attempt in range(2):
-            try:
-                opened = self._client.open(self.namespace, step, src)
-            except NotFoundError as e:
-                if first_error is not None:
-                    raise _partial(CorruptError(f"{first_error}; no other copy could be loaded: {e}"),
-                                   partial, step) from None
-                raise
-            try:
-                out, reshard = self._load_opened(opened, state, step, src)
-            except CorruptError as e:
-                self._release(step, src)
-                self._client.report_corrupt(self.namespace, step, src)
-                partial.update(getattr(e, "partial", ()))
-                if first_error is not None:
-                    raise _partial(CorruptError(f"{first_error}; the next copy is corrupt too: {e}"),
-                                   partial, step) from None
-                first_error = e
-                continue
-            self._release(step, src)
-            if reshard is not None:  # DTensors whose chunks lie (also) in other ranks' shards
-                reshard.fill(self._client, self.namespace, step, world or self.world_size, src)
-            self._after_resume(step)
-            return out
-        raise AssertionError("unreachable")
+        try:
+            out, reshard = self._load_shard(state, step, src)
+        except CorruptError as e:
+            raise _partial(e, getattr(e, "partial", ()), step) from None
+        if reshard is not None:  # DTensors whose chunks lie (also) in other ranks' shards
+            reshard.fill(self._client, self.namespace, step, world or self.world_size, src)
+        self._after_resume(step)
+        return out
 
     def _saved_world(self, step):
         """The world size the step was saved with (None when the daemon does not list it)."""
@@ -777,12 +758,6 @@ class Checkpointer:
             step = None if t.item() < 0 else int(t.item())
         return step
 
-    def _release(self, step, rank):
-        try:
-            self._client.release(self.namespace, step, rank)
-        except TierckptError:
-            pass
-
     def _after_resume(self, step):
         if not self._discarded:
             self._client.discard_incomplete_after(self.namespace, step if step is not None else 0)
@@ -794,12 +769,15 @@ class Checkpointer:
             self._last_save_step = step
             self._next_save = None
 
-    def _load_opened(self, opened, state, step, rank):
-        """(the restored tree, a `Reshard` of the DTensors still to fill from other ranks, or None)."""
+    def _load_shard(self, state, step, rank):
+        """Shard `rank` of `step`, verified (one more copy tried when corrupt): (the restored tree, a
+        `Reshard` of the DTensors still to fill from other ranks, or None)."""
         import json
         reshard = None
 
         def build(entries, meta, data_start, plan):
+            nonlocal reshard
+            reshard = None  # each copy tried plans afresh
             if meta.get("format") != shard.FORMAT:
                 raise TierckptError(f"step {step} rank {rank} of {self.namespace!r} was not written by "
                                     f"the Python Checkpointer (format {meta.get('format')!r}); "
@@ -818,7 +796,7 @@ class Checkpointer:
 
             return shard.decode_tree(json.loads(meta["tree"]), make, state)
 
-        out = restore.load(opened["path"], opened["manifest"], build)
+        out = restore.load_shard(self._client, self.namespace, step, rank, build)
         return out, reshard
 
     # -- when to save -------------------------------------------------------

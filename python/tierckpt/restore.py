@@ -25,7 +25,7 @@ import numpy as np
 import xxhash
 
 from . import shard
-from .errors import CorruptError, TierckptError
+from .errors import CorruptError, NotFoundError, TierckptError
 
 
 class _Part:
@@ -286,3 +286,46 @@ def _copy_cuda(fd, path, size, head_chunks, chunk, verify, parts, plan, nchunks)
             mm.close()
         except BufferError:
             pass
+
+
+def load_shard(client, ns: str, step: int, rank: int, build, name: str | None = None):
+    """Opens shard `rank` of `step` (leased to `client`), loads it through `load(..., build)` and releases it.
+    A corrupt copy is reported to the daemon, which drops it, and the next copy (a peer's, the persistent
+    tier's) is loaded once more. `name` names the shard in the errors (None: the errors as they came). A
+    final CorruptError's `partial` lists the targets either attempt filled in part."""
+    first = None
+    partial: set = set()
+
+    def final(message):
+        e = CorruptError(message)
+        e.partial = sorted(partial)
+        return e
+
+    for _attempt in range(2):
+        try:
+            opened = client.open(ns, step, rank)
+        except NotFoundError as e:
+            if first is not None:
+                raise final(f"{first}; no other copy could be loaded: {e}") from None
+            if name is None:
+                raise
+            raise NotFoundError(f"{name} is missing: {e}") from None
+        try:
+            return load(opened["path"], opened["manifest"], build)
+        except CorruptError as e:
+            _release(client, ns, step, rank)
+            client.report_corrupt(ns, step, rank)
+            partial.update(getattr(e, "partial", ()))
+            if first is not None:
+                raise final(f"{first}; the next copy is corrupt too: {e}") from None
+            first = e if name is None else CorruptError(f"{name} is corrupt, never loaded: {e}")
+        finally:
+            _release(client, ns, step, rank)
+    raise AssertionError("unreachable")
+
+
+def _release(client, ns: str, step: int, rank: int) -> None:
+    try:
+        client.release(ns, step, rank)
+    except TierckptError:
+        pass

@@ -11,7 +11,7 @@ import json
 import torch
 
 from .. import restore, shard
-from ..errors import CorruptError, NotFoundError, TierckptError
+from ..errors import TierckptError
 
 
 def is_dtensor(x) -> bool:
@@ -153,28 +153,5 @@ def _read_chunks(client, ns, step, rank, jobs) -> dict:
             out[node["local"]] = (t, tuple(node["offsets"]))
         return out
 
-    first = None
-    for _ in range(2):
-        try:
-            opened = client.open(ns, step, rank)
-        except NotFoundError as e:
-            if first is not None:
-                raise CorruptError(f"{first}; no other copy could be loaded: {e}") from None
-            raise
-        try:
-            return restore.load(opened["path"], opened["manifest"], build)
-        except CorruptError as e:
-            if first is not None:
-                raise CorruptError(f"{first}; the next copy is corrupt too: {e}") from None
-            first = CorruptError(f"step {step} rank {rank} of {ns!r} (read for its DTensor chunks): {e}")
-            try:
-                client.release(ns, step, rank)
-            except TierckptError:
-                pass
-            client.report_corrupt(ns, step, rank)
-        finally:
-            try:
-                client.release(ns, step, rank)
-            except TierckptError:
-                pass
-    raise AssertionError("unreachable")
+    return restore.load_shard(client, ns, step, rank, build,
+                              f"step {step} rank {rank} of {ns!r} (read for its DTensor chunks)")

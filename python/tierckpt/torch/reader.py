@@ -190,31 +190,10 @@ class TierckptReader(StorageReader):
         ck = self.session.ckpt()
         ns, client = ck.namespace, ck.client
         shard_name = f"DCP step {step} {what} shard (rank {rank}) of {ns!r}"
-        first = None
-        for _attempt in range(2):
-            try:
-                opened = client.open(ns, step, rank)
-            except NotFoundError as e:
-                if first is not None:
-                    raise CorruptError(f"{first}; no other copy could be loaded: {e}") from None
-                raise NotFoundError(f"{shard_name} is missing: {e}") from None
-            try:
-                out = restore.load(opened["path"], opened["manifest"],
-                                   lambda entries, meta, start, plan: _plan(entries, meta, start, plan, wanted,
-                                                                            direct or {}, shard_name))
-            except CorruptError as e:
-                _release(client, ns, step, rank)
-                client.report_corrupt(ns, step, rank)
-                if first is not None:
-                    raise CorruptError(f"{first}; the next copy is corrupt too: {e}") from None
-                first = CorruptError(f"{shard_name} is corrupt, never loaded: {e}")
-                continue
-            except BaseException:
-                _release(client, ns, step, rank)
-                raise
-            _release(client, ns, step, rank)
-            return out
-        raise AssertionError("unreachable")
+        return restore.load_shard(client, ns, step, rank,
+                                  lambda entries, meta, start, plan: _plan(entries, meta, start, plan, wanted,
+                                                                           direct or {}, shard_name),
+                                  shard_name)
 
 
 def narrow_tensor_by_index(t, offsets, sizes):
@@ -223,13 +202,6 @@ def narrow_tensor_by_index(t, offsets, sizes):
         if o != 0 or n != t.size(dim):
             t = t.narrow(dim, o, n)
     return t
-
-
-def _release(client, ns, step, rank) -> None:
-    try:
-        client.release(ns, step, rank)
-    except TierckptError:
-        pass
 
 
 def _plan(entries, meta, data_start, plan, wanted, direct, shard_name) -> dict:
