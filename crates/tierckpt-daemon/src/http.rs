@@ -88,6 +88,7 @@ pub(crate) fn router(d: Arc<Daemon>) -> Router {
         .route("/v1/shards/{ns}/{step}/{rank}/manifest", get(get_manifest))
         .route("/v1/replicas/{ns}/{step}/{rank}", get(get_replica).put(put_replica))
         .route("/v1/peer/holdings", get(holdings))
+        .route("/v1/peer/leave", axum::routing::post(peer_leave))
         .route("/v1/hyperpod/namespaces/{ns}", get(hyperpod_namespace).delete(forget_hyperpod_namespace))
         .route("/metrics", get(metrics))
         .fallback(|uri: Uri| async move { ApiError(TierError::NotFound(format!("no endpoint {}", uri.path()))) })
@@ -211,10 +212,40 @@ async fn metrics(State(d): D) -> Response {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 
-/// What this node holds (the heartbeat between peers).
-async fn holdings(State(d): D) -> Json<tierckpt_proto::Holdings> {
-    let id = d.cluster.as_ref().map(|c| c.node_id().to_string()).unwrap_or_default();
-    Json(crate::cluster::holdings_of(&d.tier, &id))
+/// What this node holds and knows of the members (the heartbeat between
+/// peers). A sender that names itself ([`crate::peer::MEMBER_HEADER`]) and
+/// is not yet a member joins.
+async fn holdings(State(d): D, headers: HeaderMap) -> Result<Json<tierckpt_proto::Holdings>, ApiError> {
+    let Some(c) = d.cluster.as_ref() else { return Ok(Json(crate::cluster::holdings_of(&d.tier, ""))) };
+    if let Some(v) = headers.get(crate::peer::MEMBER_HEADER) {
+        c.heard_from(&parse_member(v.to_str().unwrap_or(""))?);
+    }
+    Ok(Json(c.holdings()))
+}
+
+/// "<id> <host:port> <incarnation>"; a 400 names what is wrong.
+fn parse_member(v: &str) -> Result<tierckpt_proto::MemberSeen, ApiError> {
+    let header = crate::peer::MEMBER_HEADER;
+    let mut parts = v.split(' ');
+    let (Some(id), Some(addr), Some(inc), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
+        return Err(bad(format!("{header} {v:?} is not \"<id> <host:port> <incarnation>\"")));
+    };
+    crate::membership::validate_node_id(id).map_err(|e| bad(format!("{header}: {e}")))?;
+    crate::membership::parse_addr(addr).map_err(|e| bad(format!("{header}: address {e}")))?;
+    let incarnation = parse_u64(&format!("{header} incarnation"), inc)?;
+    Ok(tierckpt_proto::MemberSeen { id: id.into(), addr: addr.into(), incarnation, last_seen_unix_ms: None })
+}
+
+/// A peer leaves the cluster (it handed its copies over first).
+async fn peer_leave(State(d): D, body: axum::body::Bytes) -> Result<Json<serde_json::Value>, ApiError> {
+    let Some(c) = d.cluster.as_ref() else {
+        return Err(ApiError(TierError::InvalidArgument("this node is not in a cluster".into())));
+    };
+    let seen: tierckpt_proto::MemberSeen =
+        serde_json::from_slice(&body).map_err(|e| bad(format!("a leave names the member as JSON: {e}")))?;
+    crate::membership::validate_node_id(&seen.id).map_err(bad)?;
+    c.left(&seen);
+    Ok(Json(json!({ "left": seen.id })))
 }
 
 /// A namespace created here through the HyperPod API (for a peer that was

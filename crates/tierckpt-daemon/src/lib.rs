@@ -11,6 +11,7 @@ mod http;
 pub mod hugepages;
 mod hyperpod;
 pub mod limits;
+pub mod membership;
 pub mod metrics;
 pub mod peer;
 pub mod peer_tier;

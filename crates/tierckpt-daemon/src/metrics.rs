@@ -146,6 +146,7 @@ impl Metrics {
             NodeState::Alive => 1,
             NodeState::Suspect => 2,
             NodeState::Dead => 3,
+            NodeState::Left => 4,
         };
         self.node_state.get_or_create(&NodeLabels { node: node.into() }).set(code);
     }

@@ -3,7 +3,6 @@
 //! Every request carries the cluster's bearer token when one is set; shard
 //! bodies are streamed and verified chunk by chunk on the receiving side.
 
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -27,6 +26,9 @@ pub const REDUCED_HEADER: &str = "x-tierckpt-reduced";
 /// chunks back to back, in order; the receiver takes the rest from its copy
 /// of the base (see `tierckpt_tiers::receive::unchanged_chunk`).
 pub const SPARSE_BASE_HEADER: &str = "x-tierckpt-sparse-base";
+/// Who sends a request between daemons: "<id> <host:port> <incarnation>"
+/// (how a node that joins makes itself known).
+pub const MEMBER_HEADER: &str = "x-tierckpt-member";
 
 /// Pieces a shard body is cut into when streamed out.
 const SEND_PIECE: usize = 4 << 20;
@@ -38,6 +40,7 @@ type Body = BoxBody<Bytes, std::io::Error>;
 pub struct PeerClient {
     http: Client<HttpConnector, Body>,
     token: Option<String>,
+    member: Option<String>,
 }
 
 /// Paces a stream to at most `bytes_per_s`.
@@ -59,7 +62,7 @@ fn with_sources(e: &dyn std::error::Error) -> String {
     out
 }
 
-fn unavailable(addr: SocketAddr, what: &str, e: impl std::fmt::Display) -> TierError {
+fn unavailable(addr: &str, what: &str, e: impl std::fmt::Display) -> TierError {
     TierError::Unavailable(format!("{what} at {addr}: {e}"))
 }
 
@@ -70,12 +73,18 @@ impl PeerClient {
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(Duration::from_secs(3)));
         let http = Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(30)).build(connector);
-        Self { http, token }
+        Self { http, token, member: None }
+    }
+
+    /// The same client, naming this node in every request ([`MEMBER_HEADER`]).
+    pub fn as_member(mut self, me: &tierckpt_proto::MemberSeen) -> Self {
+        self.member = Some(format!("{} {} {}", me.id, me.addr, me.incarnation));
+        self
     }
 
     async fn send(
         &self,
-        addr: SocketAddr,
+        addr: &str,
         method: Method,
         path: &str,
         headers: &[(&str, String)],
@@ -85,6 +94,9 @@ impl PeerClient {
         let mut req = Request::builder().method(method).uri(format!("http://{addr}{path}"));
         if let Some(t) = &self.token {
             req = req.header("authorization", format!("Bearer {t}"));
+        }
+        if let Some(m) = &self.member {
+            req = req.header(MEMBER_HEADER, m);
         }
         for (k, v) in headers {
             req = req.header(*k, v);
@@ -119,7 +131,7 @@ impl PeerClient {
     }
 
     /// The holdings of the node at `addr` (the heartbeat).
-    pub async fn holdings(&self, addr: SocketAddr, timeout: Duration) -> Result<Holdings, TierError> {
+    pub async fn holdings(&self, addr: &str, timeout: Duration) -> Result<Holdings, TierError> {
         let deadline = Instant::now() + timeout;
         let resp = self.send(addr, Method::GET, "/v1/peer/holdings", &[], Self::empty(), Some(timeout)).await?;
         let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(50));
@@ -133,7 +145,7 @@ impl PeerClient {
 
     /// Deletes a step (or a namespace) on the node at `addr` alone; returns
     /// (shards, bytes) deleted there, (0, 0) if it held none.
-    pub async fn delete(&self, addr: SocketAddr, ns: &str, step: Option<u64>) -> Result<(u64, u64), TierError> {
+    pub async fn delete(&self, addr: &str, ns: &str, step: Option<u64>) -> Result<(u64, u64), TierError> {
         let path = match step {
             Some(s) => format!("/v1/namespaces/{ns}/steps/{s}?scope=node"),
             None => format!("/v1/namespaces/{ns}?scope=node"),
@@ -150,17 +162,26 @@ impl PeerClient {
     }
 
     /// A bodiless request to the node at `addr` and its JSON answer.
-    pub async fn json(&self, addr: SocketAddr, method: Method, path: &str) -> Result<serde_json::Value, TierError> {
+    pub async fn json(&self, addr: &str, method: Method, path: &str) -> Result<serde_json::Value, TierError> {
         let resp = self.send(addr, method, path, &[], Self::empty(), Some(Duration::from_secs(10))).await?;
         let body = resp.into_body().collect().await.map_err(|e| unavailable(addr, path, e))?.to_bytes();
         serde_json::from_slice(&body).map_err(|e| unavailable(addr, path, e))
+    }
+
+    /// Tells the node at `addr` that `who` leaves the cluster.
+    pub async fn leave(&self, addr: &str, who: &tierckpt_proto::MemberSeen) -> Result<(), TierError> {
+        let body = serde_json::to_vec(who).expect("a member serializes");
+        let body = http_body_util::Full::new(Bytes::from(body)).map_err(|never| match never {}).boxed();
+        let headers = [("content-type", "application/json".to_string())];
+        self.send(addr, Method::POST, "/v1/peer/leave", &headers, body, Some(Duration::from_secs(10))).await?;
+        Ok(())
     }
 
     /// Streams a replica to a peer, which verifies it before it becomes
     /// visible.
     pub async fn put_replica(
         &self,
-        addr: SocketAddr,
+        addr: &str,
         manifest: &Manifest,
         body: &ReplicaBody,
         pace: Option<Pace>,
@@ -191,7 +212,7 @@ impl PeerClient {
     /// caller verifies while receiving).
     pub async fn fetch(
         &self,
-        addr: SocketAddr,
+        addr: &str,
         key: &ShardKey,
     ) -> Result<(Manifest, impl Stream<Item = Result<Bytes, TierError>> + use<>), TierError> {
         let path = format!("/v1/replicas/{}/{}/{}", key.namespace, key.step, key.rank);
@@ -204,10 +225,10 @@ impl PeerClient {
             .and_then(|v| {
                 Manifest::from_json(v.as_bytes(), &format!("manifest from {addr}")).map_err(TierError::from)
             })?;
-        let stream = resp
-            .into_body()
-            .into_data_stream()
-            .map(move |r| r.map_err(|e| TierError::Unavailable(format!("receiving from {addr}: {e}"))));
+        let stream = resp.into_body().into_data_stream().map({
+            let addr = addr.to_string();
+            move |r| r.map_err(|e| TierError::Unavailable(format!("receiving from {addr}: {e}")))
+        });
         Ok((manifest, stream))
     }
 }

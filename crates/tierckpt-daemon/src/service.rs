@@ -84,6 +84,13 @@ pub struct RunningDaemon {
 }
 
 impl RunningDaemon {
+    /// In a cluster: hands this node's copies over and tells the members it
+    /// leaves (see `Cluster::leave`); returns the shards handed over.
+    pub async fn leave_cluster(&self) -> usize {
+        let Some(c) = self.daemon.cluster.clone() else { return 0 };
+        self.daemon.background.spawn(async move { c.leave().await }).await.unwrap_or(0)
+    }
+
     /// Stops accepting, then waits for the servers to end.
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);
@@ -182,7 +189,7 @@ impl Daemon {
             }
             None => None,
         };
-        let listener = crate::uds::bind(&cfg.socket)?;
+        let listener = crate::uds::bind(&cfg.socket, cfg.socket_mode, cfg.socket_group)?;
         let mut unbind = RemoveOnDrop(Some(cfg.socket.clone()));
         let http_addr = http.as_ref().and_then(|l| l.local_addr().ok());
         let hyperpod_addr = hyperpod.as_ref().and_then(|l| l.local_addr().ok());

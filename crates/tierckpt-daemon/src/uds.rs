@@ -14,8 +14,9 @@ use tokio::sync::watch;
 use crate::limits::AcceptErrors;
 use crate::{Daemon, DaemonError};
 
-/// Binds the socket, replacing a stale file but never a live daemon's socket.
-pub(crate) fn bind(path: &Path) -> Result<UnixListener, DaemonError> {
+/// Binds the socket, replacing a stale file but never a live daemon's
+/// socket, with `mode` and, when given, `group`.
+pub(crate) fn bind(path: &Path, mode: u32, group: Option<u32>) -> Result<UnixListener, DaemonError> {
     if path.exists() {
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
             return Err(DaemonError::Config(format!(
@@ -30,7 +31,12 @@ pub(crate) fn bind(path: &Path) -> Result<UnixListener, DaemonError> {
     }
     let l = UnixListener::bind(path).map_err(|e| DaemonError::io(format!("binding {}", path.display()), e))?;
     use std::os::unix::fs::PermissionsExt;
-    let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
+    if let Some(gid) = group {
+        std::os::unix::fs::lchown(path, None, Some(gid))
+            .map_err(|e| DaemonError::io(format!("giving {} to group {gid}", path.display()), e))?;
+    }
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .map_err(|e| DaemonError::io(format!("setting the mode of {}", path.display()), e))?;
     Ok(l)
 }
 
@@ -57,13 +63,35 @@ pub(crate) async fn serve(d: Arc<Daemon>, listener: UnixListener, mut stop: watc
     }
 }
 
-fn peer_allowed(s: &UnixStream) -> bool {
+/// This user, root, and members of the socket group (primary or
+/// supplementary, as the kernel reports the peer's groups).
+fn peer_allowed(s: &UnixStream, group: Option<u32>) -> bool {
     // SAFETY: geteuid has no preconditions.
     let me = unsafe { libc::geteuid() };
-    match s.peer_cred() {
-        Ok(c) => c.uid() == me || c.uid() == 0,
-        Err(_) => false,
+    let Ok(c) = s.peer_cred() else { return false };
+    if c.uid() == me || c.uid() == 0 {
+        return true;
     }
+    match group {
+        Some(g) => c.gid() == g || peer_groups(s).contains(&g),
+        None => false,
+    }
+}
+
+/// The peer's supplementary groups (SO_PEERGROUPS); empty if unknown.
+fn peer_groups(s: &UnixStream) -> Vec<u32> {
+    use std::os::fd::AsRawFd;
+    let mut groups = vec![0u32; 256];
+    let mut len = (groups.len() * 4) as libc::socklen_t;
+    // SAFETY: the buffer holds `len` bytes; the kernel writes at most that and sets `len`.
+    let r = unsafe {
+        libc::getsockopt(s.as_raw_fd(), libc::SOL_SOCKET, libc::SO_PEERGROUPS, groups.as_mut_ptr().cast(), &mut len)
+    };
+    if r != 0 {
+        return Vec::new();
+    }
+    groups.truncate(len as usize / 4);
+    groups
 }
 
 async fn read_frame(s: &mut UnixStream) -> std::io::Result<Option<Vec<u8>>> {
@@ -87,11 +115,12 @@ async fn write_reply(s: &mut UnixStream, reply: &WireResult) -> std::io::Result<
 }
 
 async fn connection(d: Arc<Daemon>, mut s: UnixStream, mut stop: watch::Receiver<bool>) {
-    if !peer_allowed(&s) {
-        let refused = Err(WireError {
-            kind: ErrorKind::Unauthorized,
-            message: "this daemon serves only its own user and root".into(),
-        });
+    if !peer_allowed(&s, d.cfg.socket_group) {
+        let message = match d.cfg.socket_group {
+            Some(g) => format!("this daemon serves only its own user, root and members of group {g} (socket_group)"),
+            None => "this daemon serves only its own user and root (set socket_group to admit a group)".into(),
+        };
+        let refused = Err(WireError { kind: ErrorKind::Unauthorized, message });
         let _ = write_reply(&mut s, &refused).await;
         return;
     }

@@ -18,6 +18,6 @@ pub use failure::{FailureKind, FailureRecord};
 pub use frame::{check_frame_len, read_frame, write_frame, MAX_FRAME};
 pub use request::{Reply, Request, WireResult};
 pub use status::{
-    ClusterStatus, ClusterStep, DaemonStatus, HeldStep, Holdings, MemoryUsage, NamespaceSummary, NodeState, NodeStatus,
-    ReplicationStats, StepSummary,
+    ClusterStatus, ClusterStep, DaemonStatus, HeldStep, Holdings, MemberSeen, MemoryUsage, NamespaceSummary, NodeState,
+    NodeStatus, ReplicationStats, StepSummary,
 };

@@ -66,6 +66,25 @@ pub struct Holdings {
     pub node_id: String,
     /// Its steps, by namespace.
     pub namespaces: BTreeMap<String, Vec<HeldStep>>,
+    /// The members it knows and when it last heard from each (gossip: a
+    /// node probes only its neighbours and learns of the others from them).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub members: Vec<MemberSeen>,
+}
+
+/// One member as a node knows it, in the heartbeat's gossip.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberSeen {
+    /// Its id.
+    pub id: String,
+    /// The address its peers reach it at (host:port).
+    pub addr: String,
+    /// When that node started (Unix ms): a restarted node is a new
+    /// incarnation, which a leave of the old one does not cover.
+    pub incarnation: u64,
+    /// When the reporting node last heard from it directly or through
+    /// gossip (Unix ms); none if never.
+    pub last_seen_unix_ms: Option<u64>,
 }
 
 /// One step a node holds.
@@ -93,6 +112,8 @@ pub enum NodeState {
     Suspect,
     /// Silent for more than the heartbeat timeout.
     Dead,
+    /// Left the cluster gracefully (its copies were handed over first).
+    Left,
 }
 
 /// One member of the cluster, as this node sees it.
@@ -108,6 +129,10 @@ pub struct NodeStatus {
     pub last_seen_ms_ago: Option<u64>,
     /// Whether it is the node reporting.
     pub this_node: bool,
+    /// Why the last probe of it failed (unresolvable name, refused
+    /// connection, wrong token or certificate), while it fails.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
 }
 
 /// One step across the cluster: which live nodes hold each rank.
@@ -178,6 +203,13 @@ pub struct ClusterStatus {
     pub namespaces: BTreeMap<String, Vec<ClusterStep>>,
     /// The replicator's counters.
     pub replication: ReplicationStats,
+    /// Where the member list comes from: "static", "dns:...", "srv:...",
+    /// "slurm", "file:...".
+    #[serde(default)]
+    pub membership: String,
+    /// Peers whose member list differs from this node's, and how.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub disagreements: Vec<String>,
 }
 
 /// Byte accounting of the memory tier.

@@ -20,6 +20,10 @@ use crate::{Result, TierError};
 pub struct Access {
     /// A group (gid) whose members may read shards; none: owner only.
     pub group: Option<u32>,
+    /// The group's members also write segments (trainers of other users
+    /// that connect through a socket group): free and reserved segments
+    /// are group-writable (0660); sealed shards are not.
+    pub group_writes: bool,
 }
 
 impl Access {
@@ -77,6 +81,25 @@ impl Access {
             std::os::unix::fs::fchown(file, None, Some(gid))?;
         }
         Ok(())
+    }
+
+    /// Mode of a free or reserved segment: 0660 when the group writes,
+    /// else [`Self::file_mode`].
+    pub fn segment_mode(self) -> u32 {
+        match self.group.is_some() && self.group_writes {
+            true => 0o660,
+            false => self.file_mode(),
+        }
+    }
+
+    /// Gives the segment at `path` (ours, in a trusted directory) the
+    /// segment mode, or with `sealed` the mode of a stored shard.
+    pub fn set_segment_mode(self, path: &Path, sealed: bool) -> io::Result<()> {
+        if !self.group_writes {
+            return Ok(());
+        }
+        let mode = if sealed { self.file_mode() } else { self.segment_mode() };
+        fs::set_permissions(path, fs::Permissions::from_mode(mode))
     }
 }
 

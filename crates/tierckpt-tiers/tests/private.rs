@@ -135,7 +135,7 @@ fn stored_files_are_private_or_group_readable() {
     let gid = 65534;
     let groupdir = base.path().join("group");
     let mut cfg = MemoryTierConfig::new(&groupdir, 64 << 20);
-    cfg.access = Access { group: Some(gid) };
+    cfg.access = Access { group: Some(gid), ..Default::default() };
     if !is_root() {
         eprintln!("needs root to give files to another group; CI runs as root");
         return;

@@ -1,6 +1,7 @@
 //! `tierckptd`: the node daemon. Settings come from `--config FILE`, then
 //! `TIERCKPT_*` variables, then flags (see `tierckpt_daemon::config`). Prints one JSON line on stdout once it
-//! serves (`{"event":"ready",...}`), and stops cleanly on SIGINT or SIGTERM.
+//! serves (`{"event":"ready",...}`), and stops cleanly on SIGINT or SIGTERM (a cluster node first leaves the
+//! cluster, handing its copies over).
 
 use std::path::PathBuf;
 
@@ -81,6 +82,7 @@ fn run() -> anyhow::Result<()> {
             _ = term.recv() => {}
         }
         tracing::info!("stopping");
+        running.leave_cluster().await;
         running.shutdown().await;
         anyhow::Ok(())
     });

@@ -30,6 +30,14 @@ pub struct ConfigLayer {
     /// Unix socket of the local API [default: <memory-dir>/daemon.sock].
     #[arg(long, env = "TIERCKPT_SOCKET")]
     pub socket: Option<PathBuf>,
+    /// A group (name or gid) whose members may use the local socket, e.g. trainer containers running as other
+    /// users; they write their segments, so it is also --group unless that names another [default: none: only
+    /// this user and root].
+    #[arg(long, env = "TIERCKPT_SOCKET_GROUP")]
+    pub socket_group: Option<String>,
+    /// Permission bits of the socket file, octal [default: 0600, or 0660 with --socket-group].
+    #[arg(long, env = "TIERCKPT_SOCKET_MODE")]
+    pub socket_mode: Option<String>,
     /// host:port of the HTTP API, or "off"; needs a token (--token-file) [default: off, or this node's address
     /// in --nodes].
     #[arg(long, env = "TIERCKPT_HTTP_ADDR")]
@@ -41,13 +49,30 @@ pub struct ConfigLayer {
     /// The bearer token itself (prefer --token-file: a flag shows in the process list).
     #[arg(long, env = "TIERCKPT_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
-    /// This node's id among --nodes; set both to form a cluster.
+    /// This node's id among --nodes (set both to form a cluster); with --discover, its id [default: derived from
+    /// --advertise-addr].
     #[arg(long, env = "TIERCKPT_NODE_ID")]
     pub node_id: Option<String>,
-    /// Every node of the cluster, this one included, in a fixed order: "n0=127.0.0.1:7750,n1=127.0.0.1:7751"
-    /// (in the file: [[nodes]] tables with id and addr).
+    /// Every node of the cluster, this one included, in a fixed order: "n0=node0.example:7750,n1=10.0.0.2:7750"
+    /// (in the file: [[nodes]] tables with id and addr); or set --discover.
     #[arg(long, env = "TIERCKPT_NODES")]
     pub nodes: Option<NodeList>,
+    /// Discover the members instead of listing them: "dns:NAME[:PORT]" (every A/AAAA record of NAME, e.g. a
+    /// Kubernetes headless Service), "srv:NAME" (its SRV records), "slurm[:PORT]" (SLURM_JOB_NODELIST) or
+    /// "file:PATH" (lines of host:port or id=host:port); read again every --discover-interval.
+    #[arg(long, env = "TIERCKPT_DISCOVER")]
+    pub discover: Option<String>,
+    /// How often the discovery source is read again [default: 10s].
+    #[arg(long, env = "TIERCKPT_DISCOVER_INTERVAL")]
+    pub discover_interval: Option<String>,
+    /// This node's host:port as its peers reach it [default: its entry in --nodes; with --discover, --http-addr
+    /// if it names one address, or <host name>:7750 under Slurm].
+    #[arg(long, env = "TIERCKPT_ADVERTISE_ADDR")]
+    pub advertise_addr: Option<String>,
+    /// How long a node that stops (SIGTERM) may take to hand its copies over to the remaining nodes before it
+    /// leaves the cluster [default: 60s].
+    #[arg(long, env = "TIERCKPT_LEAVE_TIMEOUT")]
+    pub leave_timeout: Option<String>,
     /// Copies of each shard on other nodes [default: 1].
     #[arg(long, env = "TIERCKPT_REPLICATION_FACTOR")]
     pub replication_factor: Option<usize>,

@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use super::ConfigLayer;
+use crate::membership::{id_for_addr, parse_addr, validate_node_id, Discover, Node};
 use crate::DaemonError;
 
 /// Where the memory tier lives unless configured.
@@ -57,6 +58,10 @@ pub struct DaemonConfig {
     pub keep_last: usize,
     /// Unix socket of the local API.
     pub socket: PathBuf,
+    /// A group whose members may use the socket (see [`ConfigLayer::socket_group`]).
+    pub socket_group: Option<u32>,
+    /// Permission bits of the socket file.
+    pub socket_mode: u32,
     /// Address of the HTTP API; none when off.
     pub http_addr: Option<SocketAddr>,
     /// Bearer token every HTTP request and peer must carry.
@@ -182,8 +187,17 @@ pub enum Placement {
 pub struct ClusterConfig {
     /// This node's id.
     pub node_id: String,
-    /// Every member, this node included, in a fixed order.
-    pub nodes: Vec<(String, SocketAddr)>,
+    /// This node's host:port as its peers reach it.
+    pub advertise_addr: String,
+    /// The members listed in the configuration, this node included, in
+    /// their order; empty when they are discovered.
+    pub nodes: Vec<Node>,
+    /// Where the members come from when not listed.
+    pub discover: Option<Discover>,
+    /// How often the discovery source is read again.
+    pub discover_interval: std::time::Duration,
+    /// How long a graceful leave may take to hand this node's copies over.
+    pub leave_timeout: std::time::Duration,
     /// Copies of each shard on other nodes (k).
     pub replication_factor: usize,
     /// Which nodes get the copies.
@@ -199,14 +213,43 @@ pub struct ClusterConfig {
 }
 
 impl ClusterConfig {
-    /// This node's position in `nodes`.
-    pub fn my_index(&self) -> usize {
-        self.nodes.iter().position(|(id, _)| *id == self.node_id).expect("validated")
+    /// This node as a member.
+    pub fn me(&self) -> Node {
+        Node { id: self.node_id.clone(), addr: self.advertise_addr.clone() }
     }
-    /// This node's address in `nodes`.
-    pub fn my_addr(&self) -> SocketAddr {
-        self.nodes[self.my_index()].1
+
+    /// Where the members come from, for `status`.
+    pub fn membership_source(&self) -> String {
+        self.discover.as_ref().map_or_else(|| "static".to_string(), |d| d.to_string())
     }
+}
+
+/// This host's name as Slurm knows it: `SLURMD_NODENAME`, else the host name.
+fn slurm_host() -> Result<String, String> {
+    if let Ok(n) = std::env::var("SLURMD_NODENAME") {
+        return Ok(n);
+    }
+    let mut buf = [0u8; 256];
+    // SAFETY: gethostname writes at most `buf.len()` bytes into `buf`.
+    if unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) } != 0 {
+        return Err("discover slurm: SLURMD_NODENAME is not set and the host name cannot be read".into());
+    }
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    Ok(String::from_utf8_lossy(&buf[..end]).into_owned())
+}
+
+/// The address to bind for a node advertised as `addr` (a name is resolved
+/// now; an error names it).
+fn bind_addr_of(addr: &str) -> Result<SocketAddr, DaemonError> {
+    use std::net::ToSocketAddrs;
+    let found = addr.to_socket_addrs().map_err(|e| {
+        DaemonError::Config(format!(
+            "this node's address {addr} does not resolve ({e}): fix the name, or set http_addr to bind explicitly"
+        ))
+    })?;
+    let mut found: Vec<SocketAddr> = found.collect();
+    found.sort_by_key(|a| !a.is_ipv4());
+    found.into_iter().next().ok_or_else(|| DaemonError::Config(format!("this node's address {addr} has no address")))
 }
 
 /// An optional bytes-per-second setting such as "1GB".
@@ -225,38 +268,70 @@ fn parse_duration(key: &str, s: &str) -> Result<std::time::Duration, DaemonError
 }
 
 fn resolve_cluster(layer: &ConfigLayer) -> Result<Option<ClusterConfig>, DaemonError> {
-    let (node_id, nodes) = match (&layer.node_id, &layer.nodes) {
-        (None, None) => return Ok(None),
-        (Some(_), None) => {
-            return Err(DaemonError::Config("node_id is set but nodes is not: list every node of the cluster".into()))
+    let cfg = |m: String| DaemonError::Config(m);
+    let discover = layer.discover.as_deref().map(Discover::parse).transpose().map_err(cfg)?;
+    let advertise = match layer.advertise_addr.as_deref() {
+        Some(a) => {
+            parse_addr(a).map_err(|e| cfg(format!("advertise_addr {e}")))?;
+            Some(a.to_string())
         }
-        (None, Some(_)) => {
-            return Err(DaemonError::Config("nodes is set but node_id is not: say which node this is".into()))
-        }
-        (Some(i), Some(n)) => (i.clone(), n.0.clone()),
+        None => None,
     };
-    let mut parsed = Vec::with_capacity(nodes.len());
-    for n in &nodes {
-        tierckpt_format::names::validate_namespace(&n.id)
-            .map_err(|_| DaemonError::Config(format!("node id {:?} is invalid: use [A-Za-z0-9_-]", n.id)))?;
-        if parsed.iter().any(|(id, _): &(String, SocketAddr)| *id == n.id) {
-            return Err(DaemonError::Config(format!("node id {:?} appears twice in nodes", n.id)));
+    let (node_id, nodes, advertise_addr) = match (&discover, &layer.node_id, &layer.nodes) {
+        (None, None, None) => return Ok(None),
+        (Some(d), _, Some(_)) => {
+            return Err(cfg(format!("nodes and discover ({d}) are both set: list the members or discover them")))
         }
-        let addr: SocketAddr = n
-            .addr
-            .parse()
-            .map_err(|_| DaemonError::Config(format!("node {} has address {:?}; expected host:port", n.id, n.addr)))?;
-        parsed.push((n.id.clone(), addr));
+        (None, Some(_), None) => {
+            return Err(cfg("node_id is set but nodes is not: list every node of the cluster (or set discover)".into()))
+        }
+        (None, None, Some(_)) => return Err(cfg("nodes is set but node_id is not: say which node this is".into())),
+        (None, Some(i), Some(n)) => {
+            let mut parsed: Vec<Node> = Vec::with_capacity(n.0.len());
+            for n in &n.0 {
+                validate_node_id(&n.id).map_err(cfg)?;
+                if parsed.iter().any(|p| p.id == n.id) {
+                    return Err(cfg(format!("node id {:?} appears twice in nodes", n.id)));
+                }
+                parse_addr(&n.addr).map_err(|e| cfg(format!("node {} has address {e}", n.id)))?;
+                parsed.push(Node { id: n.id.clone(), addr: n.addr.clone() });
+            }
+            let Some(me) = parsed.iter().find(|n| n.id == *i) else {
+                return Err(cfg(format!("node_id {i:?} is not among nodes")));
+            };
+            let addr = advertise.clone().unwrap_or_else(|| me.addr.clone());
+            (i.clone(), parsed, addr)
+        }
+        (Some(d), id, None) => {
+            let addr = match (advertise, d) {
+                (Some(a), _) => a,
+                (None, Discover::Slurm { port }) => format!("{}:{port}", slurm_host().map_err(cfg)?),
+                (None, _) => match layer.http_addr.as_deref().map(str::parse::<SocketAddr>) {
+                    Some(Ok(a)) if !a.ip().is_unspecified() && a.port() != 0 => a.to_string(),
+                    _ => {
+                        return Err(cfg(format!(
+                            "discover ({d}) needs advertise_addr: this node's host:port as its peers reach it \
+                             (in Kubernetes, $(POD_IP):7750 from the downward API)"
+                        )))
+                    }
+                },
+            };
+            let id = id.clone().unwrap_or_else(|| id_for_addr(&addr));
+            validate_node_id(&id).map_err(cfg)?;
+            (id, Vec::new(), addr)
+        }
+    };
+    let discover_interval = parse_duration("discover_interval", layer.discover_interval.as_deref().unwrap_or("10s"))?;
+    if discover_interval.is_zero() {
+        return Err(cfg("discover_interval must be above 0".into()));
     }
-    if !parsed.iter().any(|(id, _)| *id == node_id) {
-        return Err(DaemonError::Config(format!("node_id {node_id:?} is not among nodes")));
-    }
+    let leave_timeout = parse_duration("leave_timeout", layer.leave_timeout.as_deref().unwrap_or("60s"))?;
     let k = layer.replication_factor.unwrap_or(1);
-    if k >= parsed.len() {
+    if discover.is_none() && k >= nodes.len() {
         return Err(DaemonError::Config(format!(
             "replication_factor {k} needs at least {} nodes; nodes lists {}",
             k + 1,
-            parsed.len()
+            nodes.len()
         )));
     }
     let placement = match layer.placement.as_deref().unwrap_or("ring") {
@@ -282,7 +357,11 @@ fn resolve_cluster(layer: &ConfigLayer) -> Result<Option<ClusterConfig>, DaemonE
     };
     Ok(Some(ClusterConfig {
         node_id,
-        nodes: parsed,
+        advertise_addr,
+        nodes,
+        discover,
+        discover_interval,
+        leave_timeout,
         replication_factor: k,
         placement,
         heartbeat_interval,
@@ -298,8 +377,20 @@ impl DaemonConfig {
         let cluster = resolve_cluster(&layer)?;
         let persist = resolve_persist(&layer)?;
         let memory_dir = layer.memory_dir.unwrap_or_else(|| DEFAULT_MEMORY_DIR.into());
+        let socket_group = layer.socket_group.as_deref().map(resolve_group).transpose()?;
+        let group = layer.group.as_deref().map(resolve_group).transpose()?.or(socket_group);
         let access =
-            tierckpt_tiers::private_fs::Access { group: layer.group.as_deref().map(resolve_group).transpose()? };
+            tierckpt_tiers::private_fs::Access { group, group_writes: socket_group.is_some() && socket_group == group };
+        let socket_mode =
+            match layer.socket_mode.as_deref() {
+                None => match socket_group {
+                    Some(_) => 0o660,
+                    None => 0o600,
+                },
+                Some(m) => u32::from_str_radix(m.trim_start_matches("0o"), 8).ok().filter(|&m| m <= 0o777).ok_or_else(
+                    || DaemonError::Config(format!("socket_mode {m:?} is not octal permission bits like 0660")),
+                )?,
+            };
         let memory_tier_size = layer.memory_tier_size.unwrap_or_else(|| "auto".into());
         let keep_last = layer.keep_last.unwrap_or(3);
         if keep_last == 0 {
@@ -313,12 +404,13 @@ impl DaemonConfig {
             )));
         }
         let socket = layer.socket.unwrap_or_else(|| memory_dir.join("daemon.sock"));
-        let default_http = cluster.as_ref().map(|c| c.my_addr().to_string());
-        let http_addr: Option<SocketAddr> = match layer.http_addr.as_deref().or(default_http.as_deref()) {
-            None | Some("off" | "") => None,
-            Some(a) => Some(a.parse().map_err(|_| {
+        let http_addr: Option<SocketAddr> = match (layer.http_addr.as_deref(), &cluster) {
+            (None | Some("off" | ""), None) | (Some("off" | ""), Some(_)) => None,
+            (Some(a), _) => Some(a.parse().map_err(|_| {
                 DaemonError::Config(format!("http_addr {a:?} is not host:port (for example 127.0.0.1:7750) or \"off\""))
             })?),
+            // A cluster node serves where its peers reach it.
+            (None, Some(c)) => Some(bind_addr_of(&c.advertise_addr)?),
         };
         let token = match (layer.token, layer.token_file) {
             (Some(t), _) => Some(t),
@@ -390,6 +482,8 @@ impl DaemonConfig {
             capacity,
             keep_last,
             socket,
+            socket_group,
+            socket_mode,
             http_addr,
             token,
             cluster,
@@ -559,7 +653,7 @@ mod tests {
         let l = l.merge(ConfigLayer { token: Some("t0ken".into()), ..Default::default() });
         let c = DaemonConfig::resolve(l.clone()).unwrap();
         let cl = c.cluster.unwrap();
-        assert_eq!((cl.my_index(), cl.placement), (1, Placement::Group));
+        assert_eq!((cl.me().addr.as_str(), cl.placement), ("127.0.0.1:7002", Placement::Group));
         assert_eq!(c.http_addr.unwrap().port(), 7002, "binds its own node address by default");
         let k2 = ConfigLayer { replication_factor: Some(2), ..Default::default() };
         let e = DaemonConfig::resolve(l.clone().merge(k2)).unwrap_err().to_string();

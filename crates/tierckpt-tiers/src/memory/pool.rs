@@ -111,7 +111,7 @@ impl MemoryTier {
         }
         let target = self.cfg.root.join("pool").join(format!("{}.seg", st.next_id));
         st.next_id += 1;
-        match fs::rename(&path, &target) {
+        match fs::rename(&path, &target).and_then(|()| self.cfg.access.set_segment_mode(&target, false)) {
             Ok(()) => st.pool.push(Pooled { path: target, len, prefaulted: false, promised: false }),
             Err(e) => {
                 tracing::warn!(path = %path.display(), error = %e, "could not recycle a segment");
@@ -189,6 +189,7 @@ impl MemoryTier {
         let access = self.cfg.access;
         let f = access.create_options().write(true).create_new(true).open(&path).map_err(io_err("creating", &path))?;
         access.own_file(&f).map_err(io_err("giving a group to", &path))?;
+        access.set_segment_mode(&path, false).map_err(io_err("opening to the group", &path))?;
         if let Err(e) = f.set_len(len) {
             drop(f);
             let _ = fs::remove_file(&path);
@@ -391,6 +392,7 @@ impl MemoryTier {
         let access = self.cfg.access;
         let f = access.create_options().write(true).create_new(true).open(path)?;
         access.own_file(&f)?;
+        access.set_segment_mode(path, false)?;
         f.set_len(len)?;
         let mut off = 0;
         while off < len {

@@ -249,6 +249,7 @@ impl MemoryTier {
                     .open(&path)
                     .map_err(io_err("creating", &path))?;
                 access.own_file(&f).map_err(io_err("giving a group to", &path))?;
+                access.set_segment_mode(&path, false).map_err(io_err("opening to the group", &path))?;
                 f.set_len(len).map_err(io_err("sizing", &path))?;
                 st.used += len;
                 st.fresh += 1;
@@ -335,6 +336,7 @@ impl MemoryTier {
             .access
             .create_dir_all(&dir)
             .and_then(|()| fs::rename(&r.path, &path))
+            .and_then(|()| self.cfg.access.set_segment_mode(&path, true))
             .map_err(io_err("moving a sealed segment to", &path));
         if let Err(e) = moved {
             let mut unlinks = Vec::new();
