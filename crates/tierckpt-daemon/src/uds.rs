@@ -122,6 +122,12 @@ async fn connection(d: Arc<Daemon>, mut s: UnixStream, mut stop: watch::Receiver
         };
         let refused = Err(WireError { kind: ErrorKind::Unauthorized, message });
         let _ = write_reply(&mut s, &refused).await;
+        // Closing at once would fail the client's first write (EPIPE) before
+        // it reads why: end our side, and take what it sends for a moment.
+        let _ = s.shutdown().await;
+        let mut sink = [0u8; 4096];
+        let drain = async { while matches!(s.read(&mut sink).await, Ok(n) if n > 0) {} };
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), drain).await;
         return;
     }
     let mut conn = crate::service::Connection::default();

@@ -77,3 +77,57 @@ fn clients_refuse_a_socket_served_by_another_user() {
     assert!(e.to_string().contains("uid 65534") && e.to_string().contains("nothing was sent"), "{e}");
     assert!(!ok && stderr.contains("uid 65534"), "tierckpt status: {stderr}");
 }
+
+/// Runs `tierckpt-test-writer` as `uid` with `groups`, saving step 1 of
+/// `ns`; its exit status and stderr.
+fn write_as(socket: &std::path::Path, uid: u32, groups: &'static [u32], ns: &str) -> (bool, String) {
+    let mut cmd = Command::new(tierckpt_harness::daemon::binary("tierckpt-test-writer"));
+    cmd.args(["--socket", &socket.display().to_string(), "--namespace", ns, "--step", "1", "--bytes", "1048576"])
+        .env("TIERCKPT_DAEMON_UID", "0")
+        .current_dir("/");
+    // SAFETY: setgroups, setgid and setuid are async-signal-safe and touch no memory of the parent.
+    unsafe {
+        cmd.pre_exec(move || {
+            let ok =
+                libc::setgroups(groups.len(), groups.as_ptr()) == 0 && libc::setgid(uid) == 0 && libc::setuid(uid) == 0;
+            match ok {
+                true => Ok(()),
+                false => Err(std::io::Error::last_os_error()),
+            }
+        })
+    };
+    let out = cmd.output().expect("the writer runs");
+    (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+#[test]
+fn a_trainer_of_another_user_in_the_socket_group_saves_and_others_are_refused() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("needs root to run a client as another user; CI runs as root");
+        return;
+    }
+    const GROUP: u32 = 47_411;
+    // The socket beside the memory tier and open to every user, so that the
+    // daemon's own check (not the file's mode) has to refuse an outsider.
+    let d = TestDaemon::start_with("64MiB", |o| {
+        o.settings.socket = Some(o.memory_dir().with_file_name("daemon.sock"));
+        o.set_flags(&["--socket-group", &GROUP.to_string(), "--socket-mode", "0666"]).unwrap()
+    });
+    // Other users may pass through the test's directory.
+    std::fs::set_permissions(d.dir.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(&d.proc.socket).unwrap();
+    assert_eq!((meta.gid(), meta.mode() & 0o777), (GROUP, 0o666), "the socket's group and mode");
+
+    let (ok, err) = write_as(&d.proc.socket, 47_412, &[GROUP], "team");
+    assert!(ok, "a member of the socket group saves: {err}");
+    assert_eq!(d.client().latest("team").unwrap(), Some(1));
+    let shard = d.dir.path().join("mem/ns/team/00000000000000000001/rank-00000-of-00001.safetensors");
+    let meta = std::fs::metadata(&shard).unwrap();
+    assert_eq!((meta.gid(), meta.mode() & 0o777), (GROUP, 0o640), "a sealed shard is group-readable only");
+
+    let (ok, err) = write_as(&d.proc.socket, 47_413, &[], "other");
+    assert!(!ok && err.contains("socket_group"), "a user outside the group is refused, naming the setting: {err}");
+    assert_eq!(d.client().latest("other").unwrap(), None);
+}

@@ -666,6 +666,24 @@ mod tests {
     }
 
     #[test]
+    fn the_socket_is_private_unless_a_group_is_given() {
+        let c = DaemonConfig::resolve(flags(&["--memory-tier-size", "1MB"]).unwrap()).unwrap();
+        assert_eq!((c.socket_mode, c.socket_group, c.access.group_writes), (0o600, None, false));
+        let g =
+            DaemonConfig::resolve(flags(&["--memory-tier-size", "1MB", "--socket-group", "4242"]).unwrap()).unwrap();
+        assert_eq!(
+            (g.socket_mode, g.socket_group, g.access.group, g.access.group_writes),
+            (0o660, Some(4242), Some(4242), true)
+        );
+        let other = flags(&["--memory-tier-size", "1MB", "--socket-group", "4242", "--group", "7"]).unwrap();
+        let o = DaemonConfig::resolve(other).unwrap();
+        assert_eq!((o.access.group, o.access.group_writes), (Some(7), false), "readers of another group do not write");
+        let e =
+            DaemonConfig::resolve(flags(&["--memory-tier-size", "1MB", "--socket-mode", "rw"]).unwrap()).unwrap_err();
+        assert!(e.to_string().contains("socket_mode \"rw\""), "{e}");
+    }
+
+    #[test]
     fn http_is_off_by_default_and_needs_a_token() {
         let c =
             DaemonConfig::resolve(ConfigLayer { memory_tier_size: Some("1MB".into()), ..Default::default() }).unwrap();
