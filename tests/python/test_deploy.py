@@ -91,7 +91,7 @@ def test_the_schema_check_catches_an_unknown_field_a_wrong_type_and_an_unknown_k
 
 
 @pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
-@pytest.mark.parametrize("directory", kustomizations(), ids=lambda p: str(p.relative_to(K8S)) or "base")
+@pytest.mark.parametrize("directory", kustomizations(), ids=lambda p: "base" if p == K8S else str(p.relative_to(K8S)))
 def test_the_kustomize_output_validates_against_the_kubernetes_schemas(directory):
     docs = kustomize(directory)
     problems = schema_problems(docs, f"kubectl kustomize {directory.relative_to(ROOT)}")
