@@ -29,10 +29,9 @@ KUBERNETES_VERSION = "1.33"  # one that kubernetes-validate (tests/python/requir
 # them for now. Once tierckptd has a key, test_pending_keys_are_still_unknown fails: remove the key here, and the
 # examples are checked with it.
 PENDING_KEYS = {
-    "discover", "discover_interval", "advertise_addr",
     "tls_cert", "tls_key", "tls_ca", "tls_server_name", "insecure_http",
     "peer_token_file", "write_token_file", "read_token_file",
-    "socket_group", "socket_mode", "log_format",
+    "log_format",
 }
 
 
