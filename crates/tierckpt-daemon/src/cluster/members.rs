@@ -143,6 +143,12 @@ impl Members {
             m.configured = false;
         }
         for n in nodes {
+            // A member heard from under its own id at that address already
+            // (discovery knows addresses, not ids).
+            if let Some(m) = self.list.iter_mut().find(|m| m.addr == n.addr && m.id != n.id && m.incarnation != 0) {
+                m.configured = true;
+                continue;
+            }
             let left = self.left.contains_key(&n.id);
             match self.get_mut(&n.id) {
                 Some(m) => {
@@ -200,6 +206,22 @@ impl Members {
             m.last_seen_unix_ms = m.last_seen_unix_ms.max(Some(tierckpt_tiers::now_unix_ms()));
         }
         added
+    }
+
+    /// Probing discovered member `id` reached a node that calls itself
+    /// `real`: the entry takes that node's id (ids come from the nodes,
+    /// addresses from discovery). False for a listed member (a
+    /// misconfiguration, left to show as unreachable).
+    pub fn rename_discovered(&mut self, id: &str, real: &MemberSeen) -> bool {
+        if self.static_order.iter().any(|s| s == id) || real.id == id {
+            return false;
+        }
+        self.list.retain(|m| m.id != id);
+        self.heard_of(real, true);
+        if let Some(m) = self.get_mut(&real.id) {
+            m.configured = true;
+        }
+        true
     }
 
     /// `id` (at `incarnation`) left gracefully: it is dropped from the set.
@@ -266,6 +288,13 @@ mod tests {
         m.heard_of(&seen("a", 1), true);
         m.heard_of(&seen("a", 9), true);
         assert_eq!(m.get("a").unwrap().addr, "a.new:7750");
+        // Discovery lists an address under a made-up id; the node there calls itself "e".
+        m.set_configured(&[node("c"), node("b"), node("a"), Node { id: "10.0.0.9".into(), addr: "e.new:7750".into() }]);
+        assert!(m.rename_discovered("10.0.0.9", &seen("e", 3)));
+        m.set_configured(&[node("c"), node("b"), node("a"), Node { id: "10.0.0.9".into(), addr: "e.new:7750".into() }]);
+        assert!(m.get("10.0.0.9").is_none() && m.get("e").is_some_and(|e| e.configured), "{:?}", m.order());
+        assert!(!m.rename_discovered("a", &seen("x", 1)), "a listed member keeps its id");
+        m.leave("e", 3);
         m.get_mut("aa").unwrap().state = NodeState::Dead;
         assert_eq!(m.forget_dead(), ["aa"]);
         assert_eq!(m.order(), ["c", "b", "a", "d"]);

@@ -313,6 +313,13 @@ impl Cluster {
                     Ok(h) if h.node_id == id => h.members.clone(),
                     _ => Vec::new(),
                 };
+                if let Ok(h) = &answer {
+                    let real = h.members.iter().find(|m| m.id == h.node_id && h.node_id != id);
+                    if let Some(real) = real.filter(|r| members.rename_discovered(&id, r)) {
+                        tracing::info!(discovered = %id, node = %real.id, "a discovered address is a node under its own id");
+                        continue;
+                    }
+                }
                 let Some(m) = members.get_mut(&id) else { continue };
                 let before = m.state;
                 match answer {
