@@ -64,6 +64,8 @@ struct Member {
     /// piled up while it was silent, such as a push cut off then).
     settled_at: Option<Instant>,
     holdings: Option<Holdings>,
+    /// Why the last probe failed (none once it answers).
+    last_error: Option<String>,
 }
 
 /// What pushing replicas has cost so far, to decide whether encoding one
@@ -164,11 +166,12 @@ pub fn holdings_of(tier: &MemoryTier, node_id: &str) -> Holdings {
 }
 
 impl Cluster {
-    /// Starts the heartbeat loop and the replicator.
+    /// Starts the heartbeat loop and the replicator; `peers` reaches the
+    /// other nodes.
     pub fn start(
         cfg: ClusterConfig,
         tier: Arc<MemoryTier>,
-        token: Option<String>,
+        peers: PeerClient,
         metrics: Arc<Metrics>,
         stop: watch::Receiver<bool>,
     ) -> Arc<Self> {
@@ -181,13 +184,14 @@ impl Cluster {
                 reachable: i == me,
                 settled_at: None,
                 holdings: None,
+                last_error: None,
             })
             .collect();
         let c = Arc::new(Self {
             cfg,
             me,
             tier,
-            peers: PeerClient::new(token),
+            peers,
             members: Mutex::new(members),
             stats: Mutex::new(ReplicationStats::default()),
             queue: tx,
@@ -270,12 +274,17 @@ impl Cluster {
                         m.last_ok = Some(now);
                         m.reachable = true;
                         m.holdings = Some(h);
+                        m.last_error = None;
                         m.state = NodeState::Alive;
                     }
                     answer => {
                         m.reachable = false;
-                        if let Ok(h) = answer {
-                            tracing::warn!(node = self.id(i), answered_as = %h.node_id, "a peer answers with another node id");
+                        match answer {
+                            Ok(h) => {
+                                tracing::warn!(node = self.id(i), answered_as = %h.node_id, "a peer answers with another node id");
+                                m.last_error = Some(format!("answers as node {}", h.node_id));
+                            }
+                            Err(e) => m.last_error = Some(e.to_string()),
                         }
                         let silent = now - m.last_ok.unwrap_or(self.started);
                         if silent >= self.cfg.heartbeat_timeout {
@@ -289,8 +298,12 @@ impl Cluster {
                 if m.state != before {
                     let (id, state) = (self.id(i), m.state);
                     match state {
-                        NodeState::Dead => tracing::warn!(node = id, "node is dead"),
-                        NodeState::Suspect => tracing::warn!(node = id, "node is suspect"),
+                        NodeState::Dead => {
+                            tracing::warn!(node = id, error = m.last_error.as_deref().unwrap_or(""), "node is dead")
+                        }
+                        NodeState::Suspect => {
+                            tracing::warn!(node = id, error = m.last_error.as_deref().unwrap_or(""), "node is suspect")
+                        }
                         _ => tracing::info!(node = id, state = ?state, "node state changed"),
                     }
                     self.metrics.node_event(id, state);
@@ -795,6 +808,7 @@ impl Cluster {
                         m.last_ok.map(|t| (now - t).as_millis() as u64)
                     },
                     this_node: i == self.me,
+                    last_error: m.last_error.clone(),
                 })
                 .collect()
         };

@@ -108,6 +108,10 @@ pub struct NodeStatus {
     pub last_seen_ms_ago: Option<u64>,
     /// Whether it is the node reporting.
     pub this_node: bool,
+    /// Why the last probe of it failed (a refused certificate, a wrong
+    /// token, no answer); none once it answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
 }
 
 /// One step across the cluster: which live nodes hold each rank.
