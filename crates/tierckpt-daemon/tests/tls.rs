@@ -346,3 +346,28 @@ fn plain_http_off_loopback_needs_insecure_http() {
     assert!(!out.status.success() && err.contains("insecure_http") && err.contains("tls_cert"), "{err}");
     assert!(!dir.path().join("m").join("daemon.sock").exists());
 }
+
+#[test]
+fn a_refused_node_joins_once_its_certificate_is_replaced_without_a_restart() {
+    let pki = tempfile::tempdir().unwrap();
+    let ca = Ca::new("cluster CA");
+    let stranger = Ca::new("another CA");
+    let certs = [stranger.node(false), ca.node(false)];
+    let (_d, c) = tls_cluster(pki.path(), &ca, &certs, |_| {});
+    wait_for(LIMIT, "n1 to find n0 dead", || cluster_status(&c, 1).nodes[0].state == NodeState::Dead);
+    // n0's server and its peer client both take up the new certificate: n1
+    // reaches n0 again, and n0 (whose probes never got through) reaches n1.
+    let (cert, key) = ca.node(false);
+    replace(&pki.path().join("n0.key"), &key);
+    replace(&pki.path().join("n0.crt"), &cert);
+    wait_for(LIMIT, "n0 and n1 to see each other alive", || {
+        cluster_status(&c, 1).nodes[0].state == NodeState::Alive
+            && cluster_status(&c, 0).nodes[1].state == NodeState::Alive
+    });
+    assert_eq!(cluster_status(&c, 0).nodes[1].last_error, None);
+    let data = save(&c, 0, "join", 1, 4096);
+    wait_for(LIMIT, "the replica on n1", || {
+        Client::connect(c.socket(1)).unwrap().steps("join").unwrap().iter().any(|s| s.step == 1)
+    });
+    assert!(load(&c, 1, "join", 1, 4096) == data);
+}
