@@ -34,8 +34,8 @@ pub struct ConfigLayer {
     /// in --nodes].
     #[arg(long, env = "TIERCKPT_HTTP_ADDR")]
     pub http_addr: Option<String>,
-    /// File holding the bearer token that every HTTP request and peer must carry; the HTTP API (and so a
-    /// cluster) serves only with one.
+    /// File holding a bearer token good for every role (peer, write, read; see --peer-token-file and the
+    /// others); the HTTP API (and so a cluster) serves only with a token.
     #[arg(long, env = "TIERCKPT_TOKEN_FILE")]
     pub token_file: Option<PathBuf>,
     /// The bearer token itself (prefer --token-file: a flag shows in the process list).
