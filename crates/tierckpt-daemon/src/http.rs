@@ -1,7 +1,8 @@
 //! The HTTP API (axum on hyper): native `/v1` endpoints and `/health`. Shard
 //! bodies stream in (no size limit beyond the memory tier's capacity) and are
 //! served straight from the mapped segment after verification. It serves
-//! only requests that carry the daemon's token (`/health` aside), at most
+//! only requests that carry a token of the role the endpoint needs
+//! (`/health` aside; see `crate::auth`), over TLS when `tls_cert` is set, at most
 //! `http_max_connections` connections at once, each closed when it sends no
 //! complete request head for `http_idle_timeout`; an upload slower than
 //! `min_upload_rate` is dropped.
@@ -99,17 +100,19 @@ pub(crate) fn router(d: Arc<Daemon>) -> Router {
 /// Serves HTTP/1.1 on `listener` until `stop`, then waits for the open
 /// connections to finish (idle ones close at once).
 pub(crate) async fn serve(d: Arc<Daemon>, listener: tokio::net::TcpListener, stop: watch::Receiver<bool>) {
-    serve_app(router(d.clone()), &d, "the HTTP API", listener, stop).await
+    let tls = d.tls.clone();
+    serve_app(router(d.clone()), &d, "the HTTP API", listener, tls, stop).await
 }
 
 /// Serves `app` as [`serve`] does (`what` names the API in logs): the HTTP
 /// API and the HyperPod API, under one cap on their connections together
-/// and the same idle timeout.
+/// and the same idle timeout; over TLS with `tls`.
 pub(crate) async fn serve_app(
     app: Router,
     d: &Daemon,
     what: &'static str,
     listener: tokio::net::TcpListener,
+    tls: Option<Arc<crate::tls::Tls>>,
     mut stop: watch::Receiver<bool>,
 ) {
     // A connection holds a permit: past the cap, connections wait in the
@@ -129,23 +132,19 @@ pub(crate) async fn serve_app(
         let wait = tokio::select! {
             _ = stop.changed() => break,
             accepted = listener.accept() => match accepted {
-                Ok((tcp, _)) => {
+                Ok((tcp, from)) => {
                     errors.accepted();
-                    let service = hyper_util::service::TowerToHyperService::new(app.clone());
-                    let conn = http.serve_connection(hyper_util::rt::TokioIo::new(tcp), service);
-                    let mut stop = stop.clone();
+                    let (app, http, stop, tls) = (app.clone(), http.clone(), stop.clone(), tls.clone());
+                    let handshake_within = d.cfg.http_idle_timeout;
                     conns.spawn(async move {
                         let _slot = slot;
-                        let mut conn = std::pin::pin!(conn);
-                        tokio::select! {
-                            r = conn.as_mut() => if let Err(e) = r {
-                                tracing::debug!(error = %e, "HTTP connection ended");
-                            },
-                            _ = stop.changed() => {
-                                conn.as_mut().graceful_shutdown();
-                                let _ = conn.await;
-                            }
-                        }
+                        let Some(tls) = tls else {
+                            return serve_connection(tcp, app, &http, stop).await;
+                        };
+                        let Some(tls) = handshake(tcp, from, &tls, handshake_within).await else { return };
+                        let verified = tls.get_ref().1.peer_certificates().is_some();
+                        let app = app.layer(axum::Extension(crate::auth::ClientCert(verified)));
+                        serve_connection(tls, app, &http, stop).await
                     });
                     while conns.try_join_next().is_some() {}
                     continue;
@@ -162,26 +161,109 @@ pub(crate) async fn serve_app(
     while conns.join_next().await.is_some() {}
 }
 
-/// Every request but `/health` carries `Authorization: Bearer <token>`.
-/// Without a token (which configuration refuses) nothing else is served.
-async fn auth(State(d): D, req: Request, next: Next) -> Response {
-    if req.uri().path() != "/health" {
-        let given = req
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
-        let ok = match (&d.cfg.token, given) {
-            (Some(token), Some(given)) => constant_time_eq::constant_time_eq(given.as_bytes(), token.as_bytes()),
-            _ => false,
-        };
-        if !ok {
-            return ApiError(TierError::Remote {
-                kind: ErrorKind::Unauthorized,
-                message: "missing or wrong bearer token (Authorization: Bearer <the daemon's token>)".into(),
-            })
-            .into_response();
+/// Serves HTTP/1.1 on one connection until it ends or `stop`.
+async fn serve_connection<I>(
+    io: I,
+    app: Router,
+    http: &hyper::server::conn::http1::Builder,
+    mut stop: watch::Receiver<bool>,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = hyper_util::service::TowerToHyperService::new(app);
+    let conn = http.serve_connection(hyper_util::rt::TokioIo::new(io), service);
+    let mut conn = std::pin::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => if let Err(e) = r {
+            tracing::debug!(error = %e, "HTTP connection ended");
+        },
+        _ = stop.changed() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
         }
+    }
+}
+
+/// The TLS handshake of a new connection, within `within`. A client that
+/// speaks plain HTTP gets a plain 400 saying to use https; a failed
+/// handshake is logged (at debug: a misconfigured peer retries often).
+async fn handshake(
+    tcp: tokio::net::TcpStream,
+    from: std::net::SocketAddr,
+    tls: &crate::tls::Tls,
+    within: std::time::Duration,
+) -> Option<tokio_rustls::server::TlsStream<tokio::net::TcpStream>> {
+    let mut first = [0u8; 1];
+    // A TLS connection opens with a handshake record (0x16).
+    match tokio::time::timeout(within, tcp.peek(&mut first)).await {
+        Ok(Ok(1..)) if first[0] != 0x16 => {
+            let w = tierckpt_tiers::WireError {
+                kind: ErrorKind::InvalidArgument,
+                message: "this port serves HTTPS (tls_cert is set): use https://, with the cluster's CA (tls_ca) \
+                          to verify it"
+                    .into(),
+            };
+            let body = serde_json::to_string(&w).unwrap_or_default();
+            let resp = format!(
+                "HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\
+                 connection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let mut tcp = tcp;
+            let _ = tokio::io::AsyncWriteExt::write_all(&mut tcp, resp.as_bytes()).await;
+            let _ = tokio::io::AsyncWriteExt::shutdown(&mut tcp).await;
+            return None;
+        }
+        Ok(Ok(1..)) => {}
+        _ => return None,
+    }
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls.server());
+    match tokio::time::timeout(within, acceptor.accept(tcp)).await {
+        Ok(Ok(s)) => Some(s),
+        Ok(Err(e)) => {
+            tracing::debug!(client = %from, error = %e, "TLS handshake failed");
+            None
+        }
+        Err(_) => None,
+    }
+}
+
+/// Every request but `/health` carries `Authorization: Bearer <token>`, a
+/// token of a role that may call the endpoint (401 for none or an unknown
+/// one, 403 for the wrong role); under mutual TLS, the peer endpoints also
+/// need the connection's client certificate.
+async fn auth(State(d): D, req: Request, next: Next) -> Response {
+    use crate::auth::Role;
+    if req.uri().path() == "/health" {
+        return next.run(req).await;
+    }
+    let given =
+        req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+    let Some(has) = given.and_then(|g| crate::auth::role_of(&crate::auth::tokens(&d.cfg), g)) else {
+        return ApiError(TierError::Remote {
+            kind: ErrorKind::Unauthorized,
+            message: "missing or wrong bearer token (Authorization: Bearer <a token of the daemon>)".into(),
+        })
+        .into_response();
+    };
+    let needed = crate::auth::needed(req.method(), req.uri().path(), req.uri().query());
+    if !has.grants(needed) {
+        return crate::auth::forbidden(format!(
+            "{} {} needs the {} token; the given token is the {} token",
+            req.method(),
+            req.uri().path(),
+            needed.describe(),
+            has.describe()
+        ));
+    }
+    let mutual = d.tls.as_ref().is_some_and(|t| t.mutual());
+    let verified = req.extensions().get::<crate::auth::ClientCert>().is_some_and(|c| c.0);
+    if needed == Role::Peer && mutual && !verified {
+        return crate::auth::forbidden(format!(
+            "{} is a peer endpoint: under mutual TLS it needs a client certificate signed by the cluster's CA \
+             (tls_ca), and this connection presented none",
+            req.uri().path()
+        ));
     }
     next.run(req).await
 }

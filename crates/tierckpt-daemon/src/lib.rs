@@ -3,6 +3,7 @@
 //! reserve, write into the mapped segment, seal) and an HTTP API (axum) with
 //! the native `/v1` endpoints and `/health`. Binaries are thin wrappers.
 
+pub mod auth;
 pub mod cluster;
 pub mod config;
 pub mod drain;
@@ -17,6 +18,7 @@ pub mod peer;
 pub mod peer_tier;
 mod record;
 mod service;
+pub mod tls;
 mod uds;
 pub mod unrestorable;
 

@@ -1,8 +1,11 @@
 //! HTTP client for daemon-to-daemon traffic: heartbeats that carry each
 //! node's holdings, pushing replicas, and fetching shards for a restore.
-//! Every request carries the cluster's bearer token when one is set; shard
-//! bodies are streamed and verified chunk by chunk on the receiving side.
+//! Every request carries the peer token; shard bodies are streamed and
+//! verified chunk by chunk on the receiving side. With TLS (`tls_ca`) peers
+//! are reached over https, their certificates verified against the cluster
+//! CA, this node's certificate presented as the client's.
 
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -10,7 +13,8 @@ use futures_util::{Stream, StreamExt};
 use http_body_util::{combinators::BoxBody, BodyExt, Empty, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::{connect::HttpConnector, Client, ResponseFuture};
 use hyper_util::rt::TokioExecutor;
 use tierckpt_format::{BaseRef, Manifest, ShardKey};
 use tierckpt_proto::Holdings;
@@ -38,9 +42,43 @@ type Body = BoxBody<Bytes, std::io::Error>;
 /// Client for the peer endpoints of other daemons.
 #[derive(Clone)]
 pub struct PeerClient {
-    http: Client<HttpConnector, Body>,
+    http: Arc<Mutex<Http>>,
+    tls: Option<Arc<crate::tls::Tls>>,
     token: Option<String>,
     member: Option<String>,
+}
+
+/// The HTTP client, plain or over TLS; the TLS one is rebuilt when the
+/// certificates are reloaded (its generation changes).
+#[derive(Clone)]
+enum Http {
+    Plain(Client<HttpConnector, Body>),
+    Tls { generation: u64, client: Client<HttpsConnector<HttpConnector>, Body> },
+}
+
+fn connector() -> HttpConnector {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    connector.set_connect_timeout(Some(Duration::from_secs(3)));
+    connector.enforce_http(false);
+    connector
+}
+
+fn client<C: hyper_util::client::legacy::connect::Connect + Clone + Send + Sync + 'static>(c: C) -> Client<C, Body> {
+    Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(30)).build(c)
+}
+
+/// An https client on `config`, checking `server_name` on every peer's
+/// certificate if given (else the host of the peer's address).
+fn tls_client(config: rustls::ClientConfig, server_name: Option<&str>) -> Client<HttpsConnector<HttpConnector>, Body> {
+    let b = hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(config).https_only();
+    // Checked by the configuration: a name that does not parse is not set.
+    let name = server_name.and_then(|n| rustls::pki_types::ServerName::try_from(n.to_string()).ok());
+    let b = match name {
+        Some(n) => b.with_server_name_resolver(hyper_rustls::FixedServerNameResolver::new(n)),
+        None => b,
+    };
+    client(b.enable_http1().wrap_connector(connector()))
 }
 
 /// Paces a stream to at most `bytes_per_s`.
@@ -66,20 +104,60 @@ fn unavailable(addr: &str, what: &str, e: impl std::fmt::Display) -> TierError {
     TierError::Unavailable(format!("{what} at {addr}: {e}"))
 }
 
+/// What a failed TLS exchange with the peer at `addr` most likely means.
+fn tls_hint(addr: &str, e: String) -> String {
+    if e.contains("fatal alert") {
+        format!(
+            "{e} (peer {addr} refused this node's client certificate: is tls_cert signed by the peer's tls_ca \
+             and still valid?)"
+        )
+    } else if e.contains("certificate") {
+        format!("{e} (refused the certificate of peer {addr}: it must be signed by tls_ca, valid now, and carry the peer's name)")
+    } else {
+        e
+    }
+}
+
 impl PeerClient {
-    /// A client that sends `token` with every request.
-    pub fn new(token: Option<String>) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(Duration::from_secs(3)));
-        let http = Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(30)).build(connector);
-        Self { http, token, member: None }
+    /// A client that sends `token` (the peer token) with every request,
+    /// over https when `tls` has a client configuration (`tls_ca` is set).
+    pub fn new(token: Option<String>, tls: Option<Arc<crate::tls::Tls>>) -> Self {
+        let tls = tls.filter(|t| t.client().is_some());
+        let http = match tls.as_ref().and_then(|t| t.client()) {
+            None => Http::Plain(client(connector())),
+            Some((generation, config)) => Http::Tls {
+                generation,
+                client: tls_client((*config).clone(), tls.as_ref().and_then(|t| t.server_name())),
+            },
+        };
+        Self { http: Arc::new(Mutex::new(http)), tls, token, member: None }
     }
 
     /// The same client, naming this node in every request ([`MEMBER_HEADER`]).
     pub fn as_member(mut self, me: &tierckpt_proto::MemberSeen) -> Self {
         self.member = Some(format!("{} {} {}", me.id, me.addr, me.incarnation));
         self
+    }
+
+    /// The URL of `path` on the node at `addr`: the one place the scheme is chosen.
+    fn url(&self, addr: &str, path: &str) -> String {
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://{addr}{path}")
+    }
+
+    /// Sends `req` with the current client, rebuilt first if the
+    /// certificates were reloaded since it was made.
+    fn request(&self, req: Request<Body>) -> ResponseFuture {
+        let mut http = self.http.lock().unwrap_or_else(|p| p.into_inner());
+        if let (Some(tls), Http::Tls { generation, .. }) = (&self.tls, &*http) {
+            if let Some((now, config)) = tls.client().filter(|(g, _)| g != generation) {
+                *http = Http::Tls { generation: now, client: tls_client((*config).clone(), tls.server_name()) };
+            }
+        }
+        match &*http {
+            Http::Plain(c) => c.request(req),
+            Http::Tls { client, .. } => client.request(req),
+        }
     }
 
     async fn send(
@@ -91,7 +169,7 @@ impl PeerClient {
         body: Body,
         timeout: Option<Duration>,
     ) -> Result<Response<Incoming>, TierError> {
-        let mut req = Request::builder().method(method).uri(format!("http://{addr}{path}"));
+        let mut req = Request::builder().method(method).uri(self.url(addr, path));
         if let Some(t) = &self.token {
             req = req.header("authorization", format!("Bearer {t}"));
         }
@@ -103,14 +181,14 @@ impl PeerClient {
         }
         let req =
             req.body(body).map_err(|e| TierError::InvalidArgument(format!("building a request to {addr}: {e}")))?;
-        let fut = self.http.request(req);
+        let fut = self.request(req);
         let resp = match timeout {
             Some(t) => tokio::time::timeout(t, fut)
                 .await
                 .map_err(|_| unavailable(addr, path, format!("no answer within {t:?}")))?,
             None => fut.await,
         }
-        .map_err(|e| unavailable(addr, path, with_sources(&e)))?;
+        .map_err(|e| unavailable(addr, path, tls_hint(addr, with_sources(&e))))?;
         if resp.status().is_success() {
             return Ok(resp);
         }

@@ -52,6 +52,8 @@ pub struct Daemon {
     /// One permit per open connection of the HTTP and HyperPod APIs
     /// together (`http_max_connections`).
     pub(crate) http_slots: Arc<tokio::sync::Semaphore>,
+    /// TLS of the HTTP API and the peer client, when `tls_cert` is set.
+    pub(crate) tls: Option<Arc<crate::tls::Tls>>,
     /// Runtime of the background work (replication, drain, checksums, the
     /// HTTP API), at a lower CPU priority than the local API.
     background: tokio::runtime::Handle,
@@ -196,12 +198,14 @@ impl Daemon {
         let socket = cfg.socket.clone();
         let (stop, stopped) = watch::channel(false);
         let metrics = Arc::new(Metrics::default());
+        let tls = cfg.tls.clone().map(crate::tls::Tls::load).transpose()?;
         let (cluster, drainer) = {
             let _bg = background.enter();
-            let cluster = cfg
-                .cluster
-                .clone()
-                .map(|c| Cluster::start(c, tier.clone(), cfg.token.clone(), metrics.clone(), stopped.clone()));
+            let cluster = cfg.cluster.clone().map(|c| {
+                let token = cfg.peer_token.clone().or_else(|| cfg.token.clone());
+                let peers = crate::peer::PeerClient::new(token, tls.clone());
+                Cluster::start(c, tier.clone(), peers, metrics.clone(), stopped.clone())
+            });
             let node = cfg.cluster.as_ref().map_or("node".to_string(), |c| c.node_id.clone());
             let drainer = match cfg.persist.clone() {
                 Some(p) => {
@@ -223,6 +227,7 @@ impl Daemon {
             huge_pages,
             hyperpod_namespaces,
             http_slots: Arc::new(tokio::sync::Semaphore::new(cfg.http_max_connections)),
+            tls: tls.clone(),
             background: background.clone(),
             tier,
             cfg,
@@ -237,6 +242,9 @@ impl Daemon {
         let mut tasks = vec![tokio::spawn(crate::uds::serve(daemon.clone(), listener, stopped.clone()))];
         if let Some(l) = hyperpod {
             tasks.push(background.spawn(crate::hyperpod::serve(daemon.clone(), l, stopped.clone())));
+        }
+        if let Some(t) = tls {
+            tasks.push(background.spawn(t.watch(stopped.clone())));
         }
         if let Some(l) = http {
             tasks.push(background.spawn(crate::http::serve(daemon.clone(), l, stopped)));

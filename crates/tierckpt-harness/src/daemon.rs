@@ -317,6 +317,9 @@ pub struct LocalClusterOptions {
     pub token: Option<String>,
     /// `TIERCKPT_LOG` of every daemon ("warn", "error", ...).
     pub log: String,
+    /// Settings of single nodes, by index, over `settings`: each node's own
+    /// certificate (`tls_cert`, `tls_key`), for one.
+    pub node_settings: Vec<ConfigLayer>,
 }
 
 impl Default for LocalClusterOptions {
@@ -333,7 +336,7 @@ impl Default for LocalClusterOptions {
             mount_huge_tmpfs: Some(false),
             ..Default::default()
         };
-        Self { nodes: 4, settings, token: None, log: "warn".into() }
+        Self { nodes: 4, settings, token: None, log: "warn".into(), node_settings: Vec::new() }
     }
 }
 
@@ -389,7 +392,8 @@ impl LocalCluster {
                     nodes: Some(members.join(",").parse().expect("node list")),
                     ..Default::default()
                 };
-                o.settings = std::mem::take(&mut o.settings).merge(opts.settings.clone()).merge(own);
+                let single = opts.node_settings.get(i).cloned().unwrap_or_default();
+                o.settings = std::mem::take(&mut o.settings).merge(opts.settings.clone()).merge(single).merge(own);
                 o.token = opts.token.clone();
                 o.log = opts.log.clone();
                 o

@@ -212,7 +212,7 @@ impl Members {
     /// `real`: the entry takes that node's id (ids come from the nodes,
     /// addresses from discovery). False for a listed member (a
     /// misconfiguration, left to show as unreachable).
-    pub fn rename_discovered(&mut self, id: &str, real: &MemberSeen) -> bool {
+    pub(super) fn rename_discovered(&mut self, id: &str, real: &MemberSeen) -> bool {
         if self.static_order.iter().any(|s| s == id) || real.id == id {
             return false;
         }

@@ -93,11 +93,11 @@ pub fn holdings_of(tier: &MemoryTier, node_id: &str) -> Holdings {
 
 impl Cluster {
     /// Starts the heartbeat loop, the replicator, and discovery when the
-    /// members are discovered.
+    /// members are discovered; `peers` reaches the other nodes.
     pub fn start(
         cfg: ClusterConfig,
         tier: Arc<MemoryTier>,
-        token: Option<String>,
+        peers: PeerClient,
         metrics: Arc<Metrics>,
         stop: watch::Receiver<bool>,
     ) -> Arc<Self> {
@@ -110,7 +110,7 @@ impl Cluster {
         };
         let members = Members::new(&me, &cfg.nodes);
         let c = Arc::new(Self {
-            peers: PeerClient::new(token).as_member(&me),
+            peers: peers.as_member(&me),
             me,
             cfg,
             tier,

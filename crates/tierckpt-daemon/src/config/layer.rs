@@ -42,13 +42,42 @@ pub struct ConfigLayer {
     /// in --nodes].
     #[arg(long, env = "TIERCKPT_HTTP_ADDR")]
     pub http_addr: Option<String>,
-    /// File holding the bearer token that every HTTP request and peer must carry; the HTTP API (and so a
-    /// cluster) serves only with one.
+    /// File holding a bearer token good for every role (peer, write, read; see --peer-token-file and the
+    /// others); the HTTP API (and so a cluster) serves only with a token.
     #[arg(long, env = "TIERCKPT_TOKEN_FILE")]
     pub token_file: Option<PathBuf>,
     /// The bearer token itself (prefer --token-file: a flag shows in the process list).
     #[arg(long, env = "TIERCKPT_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// File holding the token of the peer role: daemons calling each other's peer endpoints (replicas,
+    /// holdings, node-scoped deletes) send it and nothing else may call those [default: the token].
+    #[arg(long, env = "TIERCKPT_PEER_TOKEN_FILE")]
+    pub peer_token_file: Option<PathBuf>,
+    /// File holding the token of the write role: shard writes, reads and deletes, and what the read role
+    /// may call [default: the token].
+    #[arg(long, env = "TIERCKPT_WRITE_TOKEN_FILE")]
+    pub write_token_file: Option<PathBuf>,
+    /// File holding the token of the read role: status, metrics and listings only [default: the token].
+    #[arg(long, env = "TIERCKPT_READ_TOKEN_FILE")]
+    pub read_token_file: Option<PathBuf>,
+    /// PEM certificate chain: with --tls-key the HTTP API serves HTTPS, and peers present it as their client
+    /// certificate; reloaded when the file changes [default: none, plain HTTP].
+    #[arg(long, env = "TIERCKPT_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "TIERCKPT_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// PEM bundle of the cluster's CA: peers' certificates are verified against it, and the peer endpoints
+    /// require a client certificate it signed (mutual TLS) [default: none].
+    #[arg(long, env = "TIERCKPT_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
+    /// The name every peer's certificate must carry [default: the host of the peer's address].
+    #[arg(long, env = "TIERCKPT_TLS_SERVER_NAME")]
+    pub tls_server_name: Option<String>,
+    /// Serve plain HTTP on an address other than loopback (refused without TLS unless set) [default: false].
+    #[arg(long, env = "TIERCKPT_INSECURE_HTTP", num_args = 0..=1, default_missing_value = "true",
+          value_parser = BoolishValueParser::new())]
+    pub insecure_http: Option<bool>,
     /// This node's id among --nodes (set both to form a cluster); with --discover, its id [default: derived from
     /// --advertise-addr].
     #[arg(long, env = "TIERCKPT_NODE_ID")]

@@ -64,8 +64,18 @@ pub struct DaemonConfig {
     pub socket_mode: u32,
     /// Address of the HTTP API; none when off.
     pub http_addr: Option<SocketAddr>,
-    /// Bearer token every HTTP request and peer must carry.
+    /// Bearer token good for every role (`token`, `token_file`).
     pub token: Option<String>,
+    /// Token of the peer role (`peer_token_file`).
+    pub peer_token: Option<String>,
+    /// Token of the write role (`write_token_file`).
+    pub write_token: Option<String>,
+    /// Token of the read role (`read_token_file`).
+    pub read_token: Option<String>,
+    /// TLS of the HTTP API and between peers; none: plain HTTP.
+    pub tls: Option<crate::tls::TlsConfig>,
+    /// See [`ConfigLayer::insecure_http`].
+    pub insecure_http: bool,
     /// Membership and replication, when this node is in a cluster.
     pub cluster: Option<ClusterConfig>,
     /// The drain to a persistent tier, when one is configured.
@@ -376,6 +386,7 @@ impl DaemonConfig {
     pub fn resolve(layer: ConfigLayer) -> Result<Self, DaemonError> {
         let cluster = resolve_cluster(&layer)?;
         let persist = resolve_persist(&layer)?;
+        let tls = resolve_tls(&layer, cluster.is_some())?;
         let memory_dir = layer.memory_dir.unwrap_or_else(|| DEFAULT_MEMORY_DIR.into());
         let socket_group = layer.socket_group.as_deref().map(resolve_group).transpose()?;
         let group = layer.group.as_deref().map(resolve_group).transpose()?.or(socket_group);
@@ -412,25 +423,40 @@ impl DaemonConfig {
             // A cluster node serves where its peers reach it.
             (None, Some(c)) => Some(bind_addr_of(&c.advertise_addr)?),
         };
-        let token = match (layer.token, layer.token_file) {
+        let token = match (layer.token, &layer.token_file) {
             (Some(t), _) => Some(t),
-            (None, Some(f)) => Some(
-                std::fs::read_to_string(&f)
-                    .map_err(|e| DaemonError::Config(format!("reading token_file {}: {e}", f.display())))?
-                    .trim()
-                    .to_string(),
-            ),
+            (None, Some(f)) => Some(read_token("token_file", f)?),
             (None, None) => None,
         };
         if token.as_deref() == Some("") {
             return Err(DaemonError::Config("the bearer token is empty".into()));
         }
+        let role_token = |key: &str, f: &Option<PathBuf>| f.as_ref().map(|f| read_token(key, f)).transpose();
+        let peer_token = role_token("peer_token_file", &layer.peer_token_file)?;
+        let write_token = role_token("write_token_file", &layer.write_token_file)?;
+        let read_token = role_token("read_token_file", &layer.read_token_file)?;
+        let named = [
+            ("token (token_file)", &token),
+            ("peer_token_file", &peer_token),
+            ("write_token_file", &write_token),
+            ("read_token_file", &read_token),
+        ];
+        for (i, (a, ta)) in named.iter().enumerate() {
+            for (b, tb) in &named[i + 1..] {
+                if ta.is_some() && ta == tb {
+                    return Err(DaemonError::Config(format!(
+                        "{a} and {b} hold the same token: each role needs its own (or set token alone for every role)"
+                    )));
+                }
+            }
+        }
         if cluster.is_some() && http_addr.is_none() {
             return Err(DaemonError::Config("a cluster node needs its HTTP API: http_addr must not be off".into()));
         }
         // Any local user can reach a loopback port: the HTTP API serves only
-        // requests that carry the token.
-        if let (Some(a), None) = (http_addr, &token) {
+        // requests that carry a token.
+        let any_token = named.iter().any(|(_, t)| t.is_some());
+        if let (Some(a), false) = (http_addr, any_token) {
             let why = match &cluster {
                 Some(_) => format!("a cluster node serves its peers over HTTP (at {a})"),
                 None => format!("http_addr {a} is set"),
@@ -439,6 +465,21 @@ impl DaemonConfig {
                 "{why}, but no bearer token is: set token_file (or TIERCKPT_TOKEN); the HTTP API serves only \
                  requests that carry it"
             )));
+        }
+        if cluster.is_some() && token.is_none() && peer_token.is_none() {
+            return Err(DaemonError::Config(
+                "a cluster node sends its peers the peer token: set peer_token_file (or token_file)".into(),
+            ));
+        }
+        let insecure_http = layer.insecure_http.unwrap_or(false);
+        if let (Some(a), None, false) = (http_addr, &tls, insecure_http) {
+            if !a.ip().is_loopback() {
+                return Err(DaemonError::Config(format!(
+                    "http_addr {a} is not a loopback address and tls_cert is not set: tokens and checkpoints would \
+                     cross the network in clear; set tls_cert and tls_key (and tls_ca in a cluster), or \
+                     insecure_http = true to serve plain HTTP there anyway"
+                )));
+            }
         }
         let max_step_advance = layer.max_step_advance.unwrap_or(DEFAULT_MAX_STEP_ADVANCE);
         let http_max_connections = layer
@@ -486,6 +527,11 @@ impl DaemonConfig {
             socket_mode,
             http_addr,
             token,
+            peer_token,
+            write_token,
+            read_token,
+            tls,
+            insecure_http,
             cluster,
             persist,
             background_nice,
@@ -500,6 +546,56 @@ impl DaemonConfig {
             hyperpod_listen,
         })
     }
+}
+
+/// A token file's content, trimmed; an empty one is refused by name.
+fn read_token(key: &str, f: &Path) -> Result<String, DaemonError> {
+    let t = std::fs::read_to_string(f)
+        .map_err(|e| DaemonError::Config(format!("reading {key} {}: {e}", f.display())))?
+        .trim()
+        .to_string();
+    if t.is_empty() {
+        return Err(DaemonError::Config(format!("{key} {} is empty: it must hold a token", f.display())));
+    }
+    Ok(t)
+}
+
+/// The TLS settings, checked (the files load) when given.
+fn resolve_tls(layer: &ConfigLayer, clustered: bool) -> Result<Option<crate::tls::TlsConfig>, DaemonError> {
+    let (cert, key) = match (&layer.tls_cert, &layer.tls_key) {
+        (None, None) => {
+            for (k, set) in [("tls_ca", layer.tls_ca.is_some()), ("tls_server_name", layer.tls_server_name.is_some())] {
+                if set {
+                    return Err(DaemonError::Config(format!(
+                        "{k} is set but tls_cert is not: TLS needs tls_cert and tls_key"
+                    )));
+                }
+            }
+            return Ok(None);
+        }
+        (Some(_), None) => {
+            return Err(DaemonError::Config("tls_cert is set but tls_key is not: give its private key".into()))
+        }
+        (None, Some(_)) => {
+            return Err(DaemonError::Config("tls_key is set but tls_cert is not: give its certificate".into()))
+        }
+        (Some(c), Some(k)) => (c.clone(), k.clone()),
+    };
+    if clustered && layer.tls_ca.is_none() {
+        return Err(DaemonError::Config(
+            "a cluster node with tls_cert needs tls_ca, the CA that signed its peers' certificates".into(),
+        ));
+    }
+    if layer.tls_server_name.is_some() && layer.tls_ca.is_none() {
+        return Err(DaemonError::Config("tls_server_name is checked on peers' certificates: it needs tls_ca".into()));
+    }
+    if let Some(n) = &layer.tls_server_name {
+        rustls::pki_types::ServerName::try_from(n.as_str())
+            .map_err(|_| DaemonError::Config(format!("tls_server_name {n:?} is not a DNS name or IP address")))?;
+    }
+    let cfg = crate::tls::TlsConfig { cert, key, ca: layer.tls_ca.clone(), server_name: layer.tls_server_name.clone() };
+    cfg.check()?;
+    Ok(Some(cfg))
 }
 
 /// The port the HyperPod client's examples use.
@@ -762,7 +858,97 @@ mod tests {
         };
         let e = DaemonConfig::resolve(l.clone()).unwrap_err().to_string();
         assert!(e.contains("token"), "{e}");
-        let ok = l.merge(ConfigLayer { token: Some("s3cret".into()), ..Default::default() });
-        assert!(DaemonConfig::resolve(ok).is_ok());
+        let with_token = l.merge(ConfigLayer { token: Some("s3cret".into()), ..Default::default() });
+        let e = DaemonConfig::resolve(with_token.clone()).unwrap_err().to_string();
+        assert!(e.contains("insecure_http") && e.contains("tls_cert") && e.contains("0.0.0.0:7750"), "{e}");
+        let insecure = with_token.merge(ConfigLayer { insecure_http: Some(true), ..Default::default() });
+        assert!(DaemonConfig::resolve(insecure).unwrap().insecure_http);
+        let flagged = flags(&["--memory-tier-size", "1MB", "--http-addr", "[::1]:7750", "--insecure-http"]).unwrap();
+        assert_eq!(flagged.insecure_http, Some(true));
+        let loopback = flagged.merge(ConfigLayer {
+            token: Some("s3cret".into()),
+            insecure_http: Some(false),
+            ..Default::default()
+        });
+        assert!(DaemonConfig::resolve(loopback).is_ok(), "loopback needs no TLS");
+    }
+
+    fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+        let p = dir.join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    #[test]
+    fn role_tokens_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = || ConfigLayer {
+            memory_tier_size: Some("1MB".into()),
+            http_addr: Some("127.0.0.1:7750".into()),
+            ..Default::default()
+        };
+        let empty = write(dir.path(), "empty", " \n");
+        let l = ConfigLayer { peer_token_file: Some(empty.clone()), ..base() };
+        let e = DaemonConfig::resolve(l).unwrap_err().to_string();
+        assert!(
+            e.contains("peer_token_file") && e.contains(&empty.display().to_string()) && e.contains("empty"),
+            "{e}"
+        );
+        let (a, b) = (write(dir.path(), "a", "same\n"), write(dir.path(), "b", "same"));
+        let l = ConfigLayer { write_token_file: Some(a.clone()), read_token_file: Some(b), ..base() };
+        let e = DaemonConfig::resolve(l).unwrap_err().to_string();
+        assert!(e.contains("write_token_file and read_token_file hold the same token"), "{e}");
+        let l = ConfigLayer { token: Some("same".into()), peer_token_file: Some(a.clone()), ..base() };
+        let e = DaemonConfig::resolve(l).unwrap_err().to_string();
+        assert!(e.contains("token (token_file) and peer_token_file"), "{e}");
+        // A role token alone serves the HTTP API.
+        let c = DaemonConfig::resolve(ConfigLayer { read_token_file: Some(a.clone()), ..base() }).unwrap();
+        assert_eq!((c.token, c.read_token.as_deref()), (None, Some("same")));
+        // A cluster node needs a token to send its peers.
+        let text = "node_id = \"a\"\nreplication_factor = 1\nmemory_tier_size = \"1MB\"\n[[nodes]]\nid = \"a\"\naddr = \"127.0.0.1:7001\"\n[[nodes]]\nid = \"b\"\naddr = \"127.0.0.1:7002\"\n";
+        let cl = ConfigLayer::from_toml(text, Path::new("c.toml")).unwrap();
+        let e = DaemonConfig::resolve(
+            cl.clone().merge(ConfigLayer { write_token_file: Some(a.clone()), ..Default::default() }),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("peer_token_file"), "{e}");
+        let c =
+            DaemonConfig::resolve(cl.merge(ConfigLayer { peer_token_file: Some(a), ..Default::default() })).unwrap();
+        assert_eq!(c.peer_token.as_deref(), Some("same"));
+    }
+
+    #[test]
+    fn tls_files_are_checked_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let node = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).unwrap();
+        let other = rcgen::KeyPair::generate().unwrap();
+        let cert = write(dir.path(), "node.crt", &node.cert.pem());
+        let key = write(dir.path(), "node.key", &node.signing_key.serialize_pem());
+        let other_key = write(dir.path(), "other.key", &other.serialize_pem());
+        let base = ConfigLayer {
+            memory_tier_size: Some("1MB".into()),
+            http_addr: Some("127.0.0.1:7750".into()),
+            token: Some("t0ken".into()),
+            ..Default::default()
+        };
+        let tls =
+            |c: &Path, k: &Path| ConfigLayer { tls_cert: Some(c.into()), tls_key: Some(k.into()), ..base.clone() };
+        let c = DaemonConfig::resolve(tls(&cert, &key)).unwrap();
+        assert_eq!(c.tls.unwrap().cert, cert);
+        let e = DaemonConfig::resolve(tls(&cert, &cert)).unwrap_err().to_string();
+        assert!(e.contains("tls_key") && e.contains("node.crt") && e.contains("no private key"), "{e}");
+        let e = DaemonConfig::resolve(tls(&key, &key)).unwrap_err().to_string();
+        assert!(e.contains("tls_cert") && e.contains("node.key") && e.contains("no certificate"), "{e}");
+        let e = DaemonConfig::resolve(tls(&cert, &other_key)).unwrap_err().to_string();
+        assert!(e.contains("node.crt") && e.contains("other.key") && e.contains("do not go together"), "{e}");
+        let e = DaemonConfig::resolve(tls(&cert, &dir.path().join("missing.key"))).unwrap_err().to_string();
+        assert!(e.contains("tls_key") && e.contains("missing.key"), "{e}");
+        let half = ConfigLayer { tls_cert: Some(cert.clone()), ..base.clone() };
+        assert!(DaemonConfig::resolve(half).unwrap_err().to_string().contains("tls_key is not"));
+        let named = ConfigLayer { tls_server_name: Some("node".into()), ..tls(&cert, &key) };
+        assert!(DaemonConfig::resolve(named).unwrap_err().to_string().contains("needs tls_ca"));
+        let ca = ConfigLayer { tls_ca: Some(cert.clone()), tls_server_name: Some("node".into()), ..tls(&cert, &key) };
+        assert!(DaemonConfig::resolve(ca).unwrap().tls.unwrap().ca.is_some());
     }
 }

@@ -111,5 +111,5 @@ async fn health() -> Json<serde_json::Value> {
 /// Serves the HyperPod API on `listener` until `stop`, under the cap on
 /// connections it shares with the HTTP API, with the same idle timeout.
 pub(crate) async fn serve(d: Arc<Daemon>, listener: tokio::net::TcpListener, stop: watch::Receiver<bool>) {
-    crate::http::serve_app(router(d.clone()), &d, "the HyperPod API", listener, stop).await
+    crate::http::serve_app(router(d.clone()), &d, "the HyperPod API", listener, None, stop).await
 }
