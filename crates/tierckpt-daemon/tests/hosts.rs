@@ -247,6 +247,19 @@ fn dropping_hosts_removes_namespaces_processes_and_files() {
     wait_for("dnsmasq gone", || !std::path::Path::new(&format!("/proc/{dns_pid}")).exists());
 }
 
+#[test]
+fn namespaces_left_by_a_killed_test_process_are_removed_by_the_next() {
+    let mut gone = std::process::Command::new("true").spawn().unwrap();
+    gone.wait().unwrap();
+    let stale = format!("tck{}-0-h10", gone.id());
+    let out = std::process::Command::new("ip").args(["netns", "add", &stale]).output().unwrap();
+    assert!(out.status.success(), "ip netns add {stale}: {}", String::from_utf8_lossy(&out.stderr));
+    std::fs::create_dir_all(format!("/etc/netns/{stale}")).unwrap();
+    let _h = hosts(1, false);
+    assert!(!std::path::Path::new("/var/run/netns").join(&stale).exists(), "stale namespace {stale} removed");
+    assert!(!std::path::Path::new("/etc/netns").join(&stale).exists(), "/etc/netns/{stale} removed");
+}
+
 /// The pid of the dnsmasq serving the hosts whose first namespace is `first`.
 fn dnsmasq_pid(first: &str) -> Option<u32> {
     let bridge = first.replace("-h10", "-br");

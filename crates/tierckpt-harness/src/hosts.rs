@@ -191,6 +191,7 @@ impl Hosts {
         if let Some(r) = &shape.rate {
             parse_rate(r)?;
         }
+        remove_stale();
         let prefix = format!("tck{}-{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed));
         let dir = tempfile::Builder::new()
             .prefix(&format!("tierckpt-{prefix}-"))
@@ -596,6 +597,19 @@ fn kill_all(netns: &str) -> Result<()> {
         // A killed process leaves the list once dead (a zombie has no
         // namespace), reaped or not: its parent reaps it.
         std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Removes the namespaces (and `/etc/netns` entries) left by [`Hosts`] of
+/// processes that no longer run (killed before their drop).
+fn remove_stale() {
+    let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else { return };
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let Some(name) = line.split_whitespace().next() else { continue };
+        let Some(pid) = name.strip_prefix("tck").and_then(|r| r.split('-').next()) else { continue };
+        if pid.parse::<u32>().is_ok() && !Path::new("/proc").join(pid).exists() {
+            remove_host(name);
+        }
     }
 }
 
