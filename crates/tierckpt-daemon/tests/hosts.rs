@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use tierckpt_client::Client;
 use tierckpt_format::ShardKey;
 use tierckpt_harness::daemon::{binary, DaemonProcess, LocalCluster, LocalClusterOptions};
-use tierckpt_harness::hosts::{Hosts, HostsOptions, DAEMON_PORT, DOMAIN};
+use tierckpt_harness::hosts::{Hosts, HostsOptions, LinkShape, DAEMON_PORT, DOMAIN};
 use tierckpt_harness::writer::payload;
 
 const LIMIT: Duration = Duration::from_secs(30);
@@ -203,6 +203,31 @@ fn host_names_resolve_through_dnsmasq_and_follow_changes() {
     let new = h.replace(1).unwrap();
     assert_eq!(h.resolve(0, "host1").unwrap(), vec![new]);
     assert_eq!(h.resolve(2, &format!("host1.{DOMAIN}")).unwrap(), vec![new]);
+}
+
+#[test]
+fn links_are_capped_with_tbf_both_ways_and_a_delay_needs_netem() {
+    let mut h = Hosts::new(HostsOptions { hosts: 2, link_rate: Some("1gbit".into()), dns: false }).unwrap();
+    let qdisc = |args: &[&str]| {
+        let out = std::process::Command::new("tc").args(args).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let host_side = qdisc(&["-n", &h.host(1).netns, "qdisc", "show", "dev", "eth0"]);
+    assert!(host_side.contains("tbf") && host_side.contains("rate 1Gbit"), "{host_side}");
+    let bridge = h.host(1).netns.replace(&format!("-h{}", h.addr(1).octets()[3]), "-br");
+    let bridge_side = qdisc(&["-n", &bridge, "qdisc", "show"]);
+    assert_eq!(bridge_side.matches("rate 1Gbit").count(), 2, "both bridge ports capped: {bridge_side}");
+
+    let shape = LinkShape { rate: Some("4gbit".into()), delay: Some(Duration::from_millis(1)) };
+    match h.set_links(shape) {
+        Ok(()) => assert!(qdisc(&["-n", &h.host(0).netns, "qdisc", "show", "dev", "eth0"]).contains("netem")),
+        Err(e) => assert!(format!("{e:#}").contains("sch_netem"), "the error names the missing module: {e:#}"),
+    }
+    h.set_links(LinkShape { rate: Some("4gbit".into()), delay: None }).unwrap();
+    assert!(qdisc(&["-n", &h.host(0).netns, "qdisc", "show", "dev", "eth0"]).contains("rate 4Gbit"));
+    assert!(Hosts::new(HostsOptions { hosts: 1, link_rate: Some("fast".into()), dns: false })
+        .err()
+        .is_some_and(|e| e.to_string().contains("gbit")));
 }
 
 /// The number of answers to an SRV query for `name` to the hosts' DNS
