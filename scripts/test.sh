@@ -6,7 +6,8 @@
 # `tierckpt` package from ./python), then
 # the Rust workspace (unit, property, and integration tests with real daemon
 # processes on 127.0.0.1 and tmpfs), then the Python tests.
-# Needs cargo and python3 >= 3.10.
+# Needs cargo and python3 >= 3.10; the multi-host tests need root, iproute2 and
+# dnsmasq (installed below with apt-get when missing).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -23,6 +24,12 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 "$VENV/bin/python" -m pip install -q --disable-pip-version-check -r tests/python/requirements.txt
 export TIERCKPT_MOTO_SERVER="$(cd "$VENV" && pwd)/bin/moto_server"
+
+echo "== dnsmasq"
+# The multi-host tests (harness hosts.rs) run a real DNS server.
+if ! command -v dnsmasq >/dev/null; then
+  apt-get install -y dnsmasq-base
+fi
 
 echo "== cargo build"
 cargo build --workspace --all-targets --locked

@@ -252,6 +252,37 @@ fn replicate_reports_rates_against_the_tcp_floor() {
 }
 
 #[test]
+fn replicate_across_two_hosts_on_a_capped_link_reports_the_link() {
+    let args = ["--size", "1MiB", "--tensors", "4", "--iters", "1", "--warmup", "1", "--floor-reps", "1"];
+    let v = bench_json("replicate", &[&args[..], &["--netns", "--link-rate", "1gbit", "--json"]].concat());
+    assert_eq!(v["netns"], true);
+    assert_eq!(v["link_rate"], "1gbit");
+    assert!(close(positive(&v, "link_rate_gibps"), 1e9 / 8.0 / (1u64 << 30) as f64), "{v}");
+    assert_eq!(v["floor"], "TCP copy between the two hosts (link capped at 1gbit)");
+    assert_eq!(v["restored_identical"], true);
+    assert_eq!(v["nodes"].as_u64(), Some(2));
+    for f in ["tcp_floor_gibps", "replicate_gibps", "ratio", "restore_peer_gibps", "restore_ratio"] {
+        positive(&v, f);
+    }
+    let file_bytes = v["file_bytes"].as_u64().unwrap();
+    assert_eq!(v["restore_peer_fetched_bytes"].as_u64(), Some(file_bytes), "node 1 fetched the shard across the link");
+
+    // On loopback the fields say so.
+    let v = bench_json("replicate", &[&args[..], &["--json"]].concat());
+    assert_eq!(v["netns"], false);
+    assert!(v["link_rate"].is_null() && v["link_rate_gibps"].is_null(), "{v}");
+    assert_eq!(v["floor"], "TCP copy on loopback");
+}
+
+#[test]
+fn replicate_link_rate_needs_netns_and_a_rate() {
+    let err = bench_fails(&["replicate", "--size", "1MiB", "--link-rate", "1gbit"]);
+    assert!(err.contains("--netns"), "{err}");
+    let err = bench_fails(&["replicate", "--size", "1MiB", "--netns", "--link-rate", "fast"]);
+    assert!(err.contains("--link-rate") && err.contains("gbit"), "{err}");
+}
+
+#[test]
 fn replicate_prints_a_table_without_json() {
     let out = tierckpt_harness::testing::tierckpt()
         .args(["bench", "replicate", "--size", "1MiB", "--tensors", "4", "--iters", "1", "--warmup", "1"])

@@ -61,6 +61,9 @@ pub struct DaemonOptions {
     pub token: Option<String>,
     /// `TIERCKPT_LOG` of the child ("warn", "info", ...).
     pub log: String,
+    /// The network namespace to run it in (through `ip netns exec`, see
+    /// [`crate::hosts`]); none: this process's.
+    pub netns: Option<String>,
 }
 
 impl DaemonOptions {
@@ -80,7 +83,7 @@ impl DaemonOptions {
             mount_huge_tmpfs: Some(false),
             ..Default::default()
         };
-        Self { settings, token: None, log: "warn".into() }
+        Self { settings, token: None, log: "warn".into(), netns: None }
     }
 
     /// The memory tier's directory.
@@ -157,7 +160,14 @@ impl DaemonProcess {
             opts.token = Some(random_token());
         }
         let socket = opts.settings.socket.clone().expect("set by DaemonOptions::new");
-        let mut cmd = Command::new(daemon_binary());
+        let mut cmd = match &opts.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(daemon_binary());
+                c
+            }
+            None => Command::new(daemon_binary()),
+        };
         // The child's settings are these flags alone, not this process's TIERCKPT_* variables.
         for (k, _) in std::env::vars_os().filter(|(k, _)| k.to_string_lossy().starts_with("TIERCKPT_")) {
             cmd.env_remove(k);
@@ -176,7 +186,10 @@ impl DaemonProcess {
             cmd.env("TIERCKPT_TOKEN", t);
         }
         die_with_parent(&mut cmd);
-        let mut child = cmd.spawn().with_context(|| format!("starting {}", daemon_binary().display()))?;
+        let mut child = cmd.spawn().with_context(|| match &opts.netns {
+            Some(ns) => format!("starting {} in network namespace {ns} (ip netns exec)", daemon_binary().display()),
+            None => format!("starting {}", daemon_binary().display()),
+        })?;
         let stdout = child.stdout.take().expect("piped stdout");
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
@@ -305,6 +318,15 @@ pub fn free_ports(n: usize) -> Result<Vec<u16>> {
     held.iter().map(|l| Ok(l.local_addr()?.port())).collect()
 }
 
+/// Where a node of a [`LocalCluster`] runs.
+#[derive(Debug, Clone)]
+pub struct NodePlace {
+    /// Its network namespace; none: this process's.
+    pub netns: Option<String>,
+    /// Its HTTP address (host:port), as the other nodes reach it.
+    pub http_addr: String,
+}
+
 /// Settings shared by the nodes of a [`LocalCluster`].
 #[derive(Debug, Clone)]
 pub struct LocalClusterOptions {
@@ -378,16 +400,28 @@ impl LocalCluster {
         Err(last.expect("tried"))
     }
 
-    fn start_once(base: &Path, mut opts: LocalClusterOptions) -> Result<Self> {
-        opts.token.get_or_insert_with(random_token);
+    fn start_once(base: &Path, opts: LocalClusterOptions) -> Result<Self> {
         let ports = free_ports(opts.nodes)?;
+        let places = ports.iter().map(|p| NodePlace { netns: None, http_addr: format!("127.0.0.1:{p}") }).collect();
+        Self::start_at(base, opts, places)
+    }
+
+    /// Starts node `i` at `places[i]` (its namespace and HTTP address), for
+    /// example on the hosts of [`crate::hosts::Hosts`] (see
+    /// [`crate::hosts::Hosts::places`]).
+    pub fn start_at(base: &Path, mut opts: LocalClusterOptions, places: Vec<NodePlace>) -> Result<Self> {
+        if places.len() != opts.nodes {
+            bail!("{} nodes asked for but {} places given", opts.nodes, places.len());
+        }
+        opts.token.get_or_insert_with(random_token);
         let members: Vec<String> =
-            ports.iter().enumerate().map(|(i, p)| format!("{}=127.0.0.1:{p}", Self::node_id(i))).collect();
+            places.iter().enumerate().map(|(i, p)| format!("{}={}", Self::node_id(i), p.http_addr)).collect();
         let node_opts: Vec<DaemonOptions> = (0..opts.nodes)
             .map(|i| {
                 let mut o = DaemonOptions::new(base.join(Self::node_id(i)));
+                o.netns = places[i].netns.clone();
                 let own = ConfigLayer {
-                    http_addr: Some(format!("127.0.0.1:{}", ports[i])),
+                    http_addr: Some(places[i].http_addr.clone()),
                     node_id: Some(Self::node_id(i)),
                     nodes: Some(members.join(",").parse().expect("node list")),
                     ..Default::default()

@@ -1,7 +1,10 @@
 //! `tierckpt bench replicate`: a two-node cluster of daemon children; times
 //! the copy of a shard to the peer (replication) and back from it (restore
 //! from a peer), against a plain TCP copy of the same bytes between two
-//! processes on loopback. Before every save but the first, a training step
+//! processes on loopback, or with `--netns` between two hosts (network
+//! namespaces joined through a bridge, see the harness's `hosts`; node 0 and
+//! the floor's sender on one, node 1 and the floor's receiver on the other),
+//! each link capped at `--link-rate` with tc tbf if asked. Before every save but the first, a training step
 //! rewrites `--changed` of the shard's chunks (outside the timed region),
 //! and the bytes that went over the wire are read from node 0's counters.
 
@@ -14,6 +17,7 @@ use serde::Serialize;
 use tierckpt_client::Client;
 use tierckpt_format::ShardKey;
 use tierckpt_harness::daemon::{LocalCluster, LocalClusterOptions};
+use tierckpt_harness::hosts::{parse_rate, Hosts, HostsOptions};
 use tierckpt_harness::stats::{gibps, median, min};
 
 use super::floor::tcp::TcpFloor;
@@ -35,6 +39,19 @@ pub struct ReplicateArgs {
     /// fresh subdirectory removed at the end.
     #[arg(long, default_value = "/dev/shm")]
     pub dir: PathBuf,
+    /// Run node 1 and the TCP floor's receiver on a second host: two network
+    /// namespaces joined by veth links through a bridge, instead of
+    /// loopback (needs root, iproute2 and tc).
+    #[arg(long)]
+    pub netns: bool,
+    /// Cap each host's link in both directions at this rate with tc tbf, as
+    /// tc writes rates ("1gbit", "4gbit", "500mbit"); needs --netns.
+    #[arg(long, requires = "netns", value_parser = parse_link_rate)]
+    pub link_rate: Option<String>,
+}
+
+fn parse_link_rate(s: &str) -> Result<String, String> {
+    parse_rate(s).map(|_| s.to_string()).map_err(|e| format!("{e:#}"))
 }
 
 /// What `bench replicate` measured. Times are seconds; rates are GiB/s of
@@ -66,11 +83,22 @@ pub struct ReplicateReport {
     pub warmup: usize,
     /// Steps each daemon keeps (its retention).
     pub keep_last: usize,
+    /// Whether the nodes ran on two hosts (network namespaces through a
+    /// bridge) rather than on loopback.
+    pub netns: bool,
+    /// Each host's link cap, as given ("1gbit"); none: uncapped.
+    pub link_rate: Option<String>,
+    /// The cap in GiB/s (to compare with the rates below).
+    pub link_rate_gibps: Option<f64>,
+    /// Where the floor's bytes went.
+    pub floor: String,
     /// What each training step rewrote.
     #[serde(flatten)]
     pub fresh: FreshData,
     /// A plain TCP copy of `file_bytes` from this process to a child on
-    /// 127.0.0.1, pre-faulted buffers at both ends: median, rate, fastest.
+    /// 127.0.0.1 (with `netns`: from node 0's host to a child on node 1's,
+    /// over the same link as replication), pre-faulted buffers at both
+    /// ends: median, rate, fastest.
     pub tcp_floor_s: f64,
     /// The floor's rate.
     pub tcp_floor_gibps: f64,
@@ -171,7 +199,12 @@ struct Restore {
 /// Two nodes, k = 1, ring: node 0 writes, node 1 holds its replicas. Each
 /// tier holds keep_last + 2 shards. The heartbeat timeout is long, so that
 /// re-replication (only of shards older than twice the timeout) stays out.
-fn start_cluster(a: &ReplicateArgs, dir: &tempfile::TempDir, file_bytes: u64) -> Result<LocalCluster> {
+fn start_cluster(
+    a: &ReplicateArgs,
+    dir: &tempfile::TempDir,
+    file_bytes: u64,
+    hosts: Option<&Hosts>,
+) -> Result<LocalCluster> {
     let mut opts = LocalClusterOptions { nodes: 2, ..Default::default() };
     let s = &mut opts.settings;
     s.memory_tier_size = Some(((a.shard.keep_last as u64 + 2) * file_bytes).to_string());
@@ -180,7 +213,10 @@ fn start_cluster(a: &ReplicateArgs, dir: &tempfile::TempDir, file_bytes: u64) ->
     s.placement = Some("ring".into());
     s.heartbeat_interval = Some("500ms".into());
     s.heartbeat_timeout = Some("60s".into());
-    LocalCluster::start(dir.path(), opts)
+    match hosts {
+        Some(h) => LocalCluster::start_at(dir.path(), opts, h.places()),
+        None => LocalCluster::start(dir.path(), opts),
+    }
 }
 
 /// Runs `bench replicate` and returns its figures.
@@ -195,11 +231,21 @@ pub fn measure(a: &ReplicateArgs) -> Result<ReplicateReport> {
     let mut state = State::new(a.shard.size, a.shard.tensors, 0, "replicate")?;
     let file_bytes = state.file_bytes();
 
+    // With --netns: host 0 holds node 0 and the floor's sender, host 1 node
+    // 1 and the floor's receiver. Dropped last (after the processes in it).
+    let hosts = match a.netns {
+        true => Some(
+            Hosts::new(HostsOptions { hosts: 2, link_rate: a.link_rate.clone(), dns: false })
+                .context("bench replicate --netns: making two hosts")?,
+        ),
+        false => None,
+    };
+
     // The floor: a plain TCP copy of as many bytes (pre-faulted, random) to
-    // a child process on loopback, `floor_reps` times up front and once
-    // right before every measured replication and restore.
+    // a child process on loopback (or on host 1), `floor_reps` times up
+    // front and once right before every measured replication and restore.
     let floor_src = Buf::random(file_bytes as usize, 0xF1);
-    let mut floor_link = TcpFloor::start(file_bytes)?;
+    let mut floor_link = TcpFloor::start(file_bytes, hosts.as_ref())?;
     let mut floor = Vec::with_capacity(a.shard.floor_reps + 3 * a.shard.iters);
     for _ in 0..a.shard.floor_reps {
         floor.push(floor_link.rep(floor_src.bytes())?);
@@ -210,11 +256,16 @@ pub fn measure(a: &ReplicateArgs) -> Result<ReplicateReport> {
         .prefix("tierckpt-bench-replicate-")
         .tempdir_in(&a.dir)
         .with_context(|| format!("creating a directory under {}", a.dir.display()))?;
-    let cluster = start_cluster(a, &dir, file_bytes)?;
+    let cluster = start_cluster(a, &dir, file_bytes, hosts.as_ref())?;
     let mut c0 = Client::connect(cluster.socket(0))?;
     let mut c1 = Client::connect(cluster.socket(1))?;
     let http1 = cluster.node(1).http_addr.clone().context("node 1 has no HTTP address")?;
     let bearer = cluster.bearer();
+    // Node 1's HTTP API is reachable from host 0 only, with --netns.
+    let delete_on_1 = |addr: &str, bearer: &str, ns: &str, step: u64| match &hosts {
+        Some(h) => h.enter(0, || delete_on_node(addr, bearer, ns, step))?,
+        None => delete_on_node(addr, bearer, ns, step),
+    };
     let timeout = Duration::from_secs(600);
 
     // Saves on node 0, each waited for on node 1 (and counted on node 0)
@@ -259,7 +310,7 @@ pub fn measure(a: &ReplicateArgs) -> Result<ReplicateReport> {
     let (mut peer, mut local_maps) = (Vec::new(), Vec::new());
     for _ in 0..a.shard.iters {
         floor.push(floor_rep()?);
-        delete_on_node(&http1, &bearer, ns, last.step)?;
+        delete_on_1(&http1, &bearer, ns, last.step)?;
         let before = replication(&mut c1)?.bytes_fetched;
         let mut c = Client::connect(cluster.socket(1))?;
         let t = Instant::now();
@@ -282,7 +333,7 @@ pub fn measure(a: &ReplicateArgs) -> Result<ReplicateReport> {
     let mut loads = Vec::new();
     for _ in 0..a.shard.iters {
         floor.push(floor_rep()?);
-        delete_on_node(&http1, &bearer, ns, last.step)?;
+        delete_on_1(&http1, &bearer, ns, last.step)?;
         let t = Instant::now();
         c1.load_into(&last, &mut targets).context("restoring from the peer (load_into on node 1)")?;
         loads.push(t.elapsed().as_secs_f64());
@@ -295,6 +346,7 @@ pub fn measure(a: &ReplicateArgs) -> Result<ReplicateReport> {
 
     drop((c0, c1, cluster));
     floor_link.finish()?;
+    drop(hosts);
     dir.close().context("removing the benchmark's memory tiers")?;
     let runs = Runs { warmup, change, reps: &reps, peer: &peer, local_maps: &local_maps, loads: &loads, floor: &floor };
     Ok(report(a, &state, runs))
@@ -311,6 +363,17 @@ struct Runs<'a> {
     local_maps: &'a [f64],
     loads: &'a [f64],
     floor: &'a [f64],
+}
+
+const GIB: f64 = (1u64 << 30) as f64;
+
+/// Where the floor's bytes go.
+fn floor_label(a: &ReplicateArgs) -> String {
+    match (a.netns, &a.link_rate) {
+        (false, _) => "TCP copy on loopback".into(),
+        (true, None) => "TCP copy between the two hosts (uncapped link)".into(),
+        (true, Some(r)) => format!("TCP copy between the two hosts (link capped at {r})"),
+    }
 }
 
 fn report(a: &ReplicateArgs, state: &State, runs: Runs<'_>) -> ReplicateReport {
@@ -342,6 +405,10 @@ fn report(a: &ReplicateArgs, state: &State, runs: Runs<'_>) -> ReplicateReport {
         iters: a.shard.iters,
         warmup: runs.warmup,
         keep_last: a.shard.keep_last,
+        netns: a.netns,
+        link_rate: a.link_rate.clone(),
+        link_rate_gibps: a.link_rate.as_deref().and_then(|r| parse_rate(r).ok()).map(|b| b as f64 / 8.0 / GIB),
+        floor: floor_label(a),
         fresh: FreshData::new(a.shard.changed, state.chunks(), runs.change),
         tcp_floor_s,
         tcp_floor_gibps,
@@ -394,6 +461,13 @@ pub fn print(r: &ReplicateReport) {
         r.iters
     );
     println!("{}", r.fresh.describe());
+    if r.netns {
+        let cap = match (&r.link_rate, r.link_rate_gibps) {
+            (Some(rate), Some(g)) => format!("each link capped at {rate} ({g:.3} GiB/s) with tc tbf"),
+            _ => "links uncapped".into(),
+        };
+        println!("node 1 on a second host (network namespaces through a bridge); {cap}");
+    }
     let mut t = output::table(&["operation", "seconds", "GiB/s", "ratio to floor", "bytes on the wire"]);
     let row = |t: &mut comfy_table::Table, op: &str, s: f64, rate: bool, wire: Option<u64>| {
         let g = gibps(r.file_bytes, s);
@@ -405,7 +479,7 @@ pub fn print(r: &ReplicateReport) {
             wire.map(output::human_bytes).unwrap_or_default(),
         ]);
     };
-    row(&mut t, "TCP copy on loopback (the floor)", r.tcp_floor_s, true, Some(r.file_bytes));
+    row(&mut t, &format!("{} (the floor)", r.floor), r.tcp_floor_s, true, Some(r.file_bytes));
     row(
         &mut t,
         "replicate: visible on node 0 -> visible on node 1",

@@ -14,16 +14,19 @@ pub struct TcpSinkArgs {
     /// Size of the receive buffer: the largest transfer.
     #[arg(long, value_parser = parse_size)]
     pub bytes: u64,
-    /// Port on 127.0.0.1 to listen on; 0 for any. The port is printed.
+    /// Port to listen on; 0 for any. The port is printed.
     #[arg(long, default_value_t = 0)]
     pub port: u16,
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub addr: std::net::IpAddr,
 }
 
-/// Accepts one connection on 127.0.0.1 and then, for each transfer (a
+/// Accepts one connection on `addr` and then, for each transfer (a
 /// little-endian u64 length, then that many bytes), reads the bytes into a
 /// pre-faulted buffer and answers one byte. Exits at EOF.
 pub fn run(a: &TcpSinkArgs) -> Result<()> {
-    let listener = TcpListener::bind(("127.0.0.1", a.port)).context("binding the TCP sink")?;
+    let listener = TcpListener::bind((a.addr, a.port)).context("binding the TCP sink")?;
     let mut buf = vec![0u8; a.bytes as usize];
     // `vec!` of zeros maps pages lazily: touch them all before any timing.
     buf.fill(1);

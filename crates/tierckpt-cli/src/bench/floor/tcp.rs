@@ -1,5 +1,6 @@
 //! The TCP floor: a plain copy of the same bytes between two processes on
-//! 127.0.0.1. This end spawns this executable as the hidden `tierckpt bench
+//! 127.0.0.1, or from host 0 to host 1 of [`Hosts`] (the receiver runs in
+//! host 1, this end's socket is opened in host 0). This end spawns this executable as the hidden `tierckpt bench
 //! tcp-sink` and, per repetition, writes an 8-byte little-endian length and
 //! then the bytes with one `write_all`; the sink answers one byte once it
 //! has read them all.
@@ -10,6 +11,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
+use tierckpt_harness::hosts::Hosts;
 
 /// The sending end of the TCP floor: a `bench tcp-sink` child and one
 /// connection to it.
@@ -19,11 +21,15 @@ pub(crate) struct TcpFloor {
 }
 
 impl TcpFloor {
-    /// Starts a sink that takes transfers of up to `bytes` and connects to it.
-    pub(crate) fn start(bytes: u64) -> Result<Self> {
+    /// Starts a sink that takes transfers of up to `bytes` and connects to
+    /// it: on loopback, or with `hosts` from host 0 to a sink on host 1.
+    pub(crate) fn start(bytes: u64, hosts: Option<&Hosts>) -> Result<Self> {
         let exe = std::env::current_exe().context("locating this executable for the TCP sink")?;
-        let mut cmd = Command::new(&exe);
-        cmd.args(["bench", "tcp-sink", "--bytes", &bytes.to_string()])
+        let (mut cmd, addr) = match hosts {
+            Some(h) => (h.command(1, &exe), h.addr(1).to_string()),
+            None => (Command::new(&exe), "127.0.0.1".to_string()),
+        };
+        cmd.args(["bench", "tcp-sink", "--bytes", &bytes.to_string(), "--addr", &addr])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
@@ -39,7 +45,12 @@ impl TcpFloor {
                 bail!("the TCP sink said {line:?} instead of its port ({status:?})");
             }
         };
-        let stream = TcpStream::connect(("127.0.0.1", port)).context("connecting to the TCP sink")?;
+        let connect = || TcpStream::connect((addr.as_str(), port));
+        let stream = match hosts {
+            Some(h) => h.enter(0, connect)?,
+            None => connect(),
+        }
+        .with_context(|| format!("connecting to the TCP sink at {addr}:{port}"))?;
         stream.set_nodelay(true)?;
         Ok(Self { child, stream })
     }
