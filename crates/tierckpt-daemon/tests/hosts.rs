@@ -4,10 +4,10 @@
 //! address; names served by a real DNS server (dnsmasq) and changed at run
 //! time. Needs root, iproute2 and dnsmasq (scripts/test.sh installs it).
 //!
-//! Membership here is today's: a static `nodes` list of IP literals over
-//! plain HTTP. [`daemon_on_host`] and [`members_by_name`] are for the
-//! membership and TLS cases of issue 16 (discovery by DNS, join, graceful
-//! leave, lost and replaced, mTLS, wrong certificate).
+//! Membership: static lists of addresses or host names, and discovery from
+//! dnsmasq's A and SRV records with nodes that join, leave gracefully, and
+//! are lost and replaced under a new address, all over mutual TLS; a node
+//! with a certificate of another CA is refused.
 
 use std::net::{Ipv4Addr, UdpSocket};
 use std::time::{Duration, Instant};
@@ -17,6 +17,10 @@ use tierckpt_format::ShardKey;
 use tierckpt_harness::daemon::{binary, DaemonProcess, LocalCluster, LocalClusterOptions};
 use tierckpt_harness::hosts::{Hosts, HostsOptions, LinkShape, DAEMON_PORT, DOMAIN};
 use tierckpt_harness::writer::payload;
+use tierckpt_proto::{ClusterStatus, NodeState};
+
+#[path = "common/certs.rs"]
+mod certs;
 
 const LIMIT: Duration = Duration::from_secs(30);
 
@@ -66,35 +70,31 @@ fn train(h: &Hosts, i: usize, socket: &std::path::Path, step: u64, rank: u32, wo
     assert!(String::from_utf8_lossy(&out.stdout).contains("visible"), "trainer on host {i} saw its shard visible");
 }
 
-// ---------------------------------------------------------------------------
-// For the membership and TLS cases of issue 16 (discovery by DNS, join,
-// graceful leave, lost and replaced, mTLS, wrong certificate).
-// ---------------------------------------------------------------------------
-
-/// FOR ISSUE 16: starts a daemon on host `i` (memory tier in the host's
+/// Starts a daemon on host `i` (memory tier in the host's
 /// directory, HTTP on the host's address at `DAEMON_PORT`, the shared
 /// `token`) with `flags` on top, e.g. `--node-id n0 --nodes <members_by_name>`,
 /// `--discover dns:peers.tierckpt.test:7070`, `--tls-cert ...`.
 fn daemon_on_host(h: &Hosts, i: usize, token: &str, flags: &[&str]) -> DaemonProcess {
     let mut o = h.daemon_options(i).unwrap();
     o.token = Some(token.into());
+    // Plain HTTP between these hosts unless TLS flags say otherwise: the
+    // links exist only inside this test.
+    o.settings.insecure_http = Some(true);
     o.settings.heartbeat_interval = Some("100ms".into());
     o.settings.heartbeat_timeout = Some("600ms".into());
     o.set_flags(flags).expect("daemon flags");
     DaemonProcess::spawn(o).unwrap_or_else(|e| panic!("daemon on host {i}: {e:#}"))
 }
 
-/// FOR ISSUE 16: the `nodes` list naming every host by name
+/// The `nodes` list naming every host by name
 /// (`n0=host0.tierckpt.test:7070,...`).
 fn members_by_name(h: &Hosts) -> String {
     (0..h.len()).map(|i| format!("n{i}={}:{DAEMON_PORT}", h.host(i).fqdn())).collect::<Vec<_>>().join(",")
 }
 
-/// FOR ISSUE 16: nodes named by host name (resolved through each host's
-/// /etc/hosts and dnsmasq). Today `nodes` takes IP literals only; un-ignore
-/// once host names land.
+/// Nodes named by host name (resolved through each host's /etc/hosts and
+/// dnsmasq).
 #[test]
-#[ignore = "host names in nodes land with issue 16's membership (lead)"]
 fn nodes_named_by_host_name_replicate() {
     let h = hosts(3, true);
     let token = tierckpt_harness::daemon::random_token();
@@ -113,6 +113,7 @@ fn four_hosts_replicate_across_the_bridge_and_a_replacement_restores_from_a_peer
     let mut h = hosts(4, false);
     let mut o = LocalClusterOptions { nodes: 4, ..Default::default() };
     o.settings.memory_tier_size = Some("128MiB".into());
+    o.settings.insecure_http = Some(true);
     let mut c = LocalCluster::start_at(h.base_dir(), o, h.places()).expect("a cluster on 4 hosts");
     for i in 0..4 {
         assert_eq!(c.node(i).http_addr.as_deref(), Some(h.host(i).socket_addr(DAEMON_PORT).as_str()));
@@ -290,4 +291,153 @@ fn dnsmasq_pid(first: &str) -> Option<u32> {
     let bridge = first.replace("-h10", "-br");
     let out = std::process::Command::new("ip").args(["netns", "pids", &bridge]).output().ok()?;
     String::from_utf8_lossy(&out.stdout).split_whitespace().next()?.parse().ok()
+}
+
+fn cluster(socket: &std::path::Path) -> ClusterStatus {
+    Client::connect(socket).unwrap().status().unwrap().cluster.expect("clustered")
+}
+
+/// Ids of the live members `socket`'s daemon knows, sorted.
+fn live(socket: &std::path::Path) -> Vec<String> {
+    let mut ids: Vec<String> =
+        cluster(socket).nodes.into_iter().filter(|n| n.state == NodeState::Alive).map(|n| n.id).collect();
+    ids.sort();
+    ids
+}
+
+/// The name every peer certificate carries (`tls_server_name`), as a
+/// cluster in Kubernetes would use: pod addresses are not known in advance.
+const PEER_NAME: &str = "peers.tierckpt.test";
+
+/// Flags for mutual TLS with a certificate for [`PEER_NAME`] signed by `ca`,
+/// written into `dir` as `name`.
+fn tls_flags(dir: &std::path::Path, name: &str, ca: &certs::Ca, cluster_ca: &certs::Ca) -> Vec<String> {
+    let (cert, key) = ca.node_for(&[PEER_NAME], false);
+    let file = |ext: &str, text: &str| certs::write(dir, &format!("{name}.{ext}"), text).display().to_string();
+    vec![
+        "--tls-cert".into(),
+        file("crt", &cert),
+        "--tls-key".into(),
+        file("key", &key),
+        "--tls-ca".into(),
+        file("ca", &cluster_ca.pem()),
+        "--tls-server-name".into(),
+        PEER_NAME.into(),
+    ]
+}
+
+/// A daemon on host `i` that discovers its peers from `peers`' A records,
+/// is node `n<i>`, and talks mutual TLS with certificates of `ca`.
+fn discovering_daemon(h: &Hosts, i: usize, token: &str, ca: &certs::Ca) -> DaemonProcess {
+    let me = h.host(i).socket_addr(DAEMON_PORT);
+    let mut flags: Vec<String> =
+        ["--node-id", &format!("n{i}"), "--advertise-addr", &me, "--discover-interval", "200ms"]
+            .map(String::from)
+            .to_vec();
+    flags.extend(["--discover".into(), format!("dns:{PEER_NAME}:{DAEMON_PORT}")]);
+    flags.extend(tls_flags(h.base_dir(), &format!("n{i}-{}", h.addr(i)), ca, ca));
+    daemon_on_host(h, i, token, &flags.iter().map(String::as_str).collect::<Vec<_>>())
+}
+
+#[test]
+fn discovered_by_dns_nodes_join_leave_and_are_replaced_over_mutual_tls() {
+    let mut h = hosts(4, true);
+    let ca = certs::Ca::new("cluster CA");
+    let token = tierckpt_harness::daemon::random_token();
+    let addrs = |h: &Hosts, which: &[usize]| which.iter().map(|&i| h.addr(i)).collect::<Vec<_>>();
+    h.set_dns(PEER_NAME, &addrs(&h, &[0, 1, 2])).unwrap();
+    wait_for("the peers' name", || h.resolve(0, PEER_NAME).unwrap().len() == 3);
+    let mut nodes: Vec<Option<DaemonProcess>> = (0..3).map(|i| Some(discovering_daemon(&h, i, &token, &ca))).collect();
+    let socket = |nodes: &[Option<DaemonProcess>], i: usize| nodes[i].as_ref().unwrap().socket.clone();
+    // DNS gives addresses; each answers as n<i> over mutual TLS.
+    for i in 0..3 {
+        wait_for("three live members named by their ids", || live(&socket(&nodes, i)) == ["n0", "n1", "n2"]);
+    }
+    assert_eq!(cluster(&socket(&nodes, 0)).membership, format!("dns:{PEER_NAME}:{DAEMON_PORT}"));
+    let n = 1 << 20;
+    train(&h, 0, &socket(&nodes, 0), 1, 0, 1, n);
+    wait_for("the copy of step 1", || holders(&socket(&nodes, 0), "job", 1, 0).len() == 2);
+
+    // Host 3 joins: published in DNS, its daemon starts, every node takes it in.
+    h.set_dns(PEER_NAME, &addrs(&h, &[0, 1, 2, 3])).unwrap();
+    nodes.push(Some(discovering_daemon(&h, 3, &token, &ca)));
+    for i in 0..4 {
+        wait_for("n3 a live member everywhere", || live(&socket(&nodes, i)).contains(&"n3".to_string()));
+    }
+
+    // The node holding the copy leaves gracefully (SIGTERM): the copy stays
+    // at two, and every node drops the leaver.
+    let copy = holders(&socket(&nodes, 0), "job", 1, 0).into_iter().find(|id| id != "n0").unwrap();
+    let leaver: usize = copy[1..].parse().unwrap();
+    h.set_dns(PEER_NAME, &addrs(&h, &(0..4).filter(|&i| i != leaver).collect::<Vec<_>>())).unwrap();
+    nodes[leaver].take().unwrap().stop().unwrap();
+    wait_for("the leaver dropped", || cluster(&socket(&nodes, 0)).nodes.iter().all(|m| m.id != copy));
+    wait_for("two copies without the leaver", || holders(&socket(&nodes, 0), "job", 1, 0).len() == 2);
+
+    // Another host is lost and replaced under a new address, same node id;
+    // the replacement restores step 1 from a peer over mutual TLS.
+    let lost = (1..4).find(|&i| i != leaver).unwrap();
+    h.kill(lost).unwrap();
+    nodes[lost].take();
+    let new_addr = h.replace(lost).unwrap();
+    h.set_dns(PEER_NAME, &addrs(&h, &(0..4).filter(|&i| i != leaver).collect::<Vec<_>>())).unwrap();
+    nodes[lost] = Some(discovering_daemon(&h, lost, &token, &ca));
+    let id = format!("n{lost}");
+    wait_for("the replacement known at its new address", || {
+        cluster(&socket(&nodes, 0))
+            .nodes
+            .iter()
+            .any(|m| m.id == id && m.addr == format!("{new_addr}:{DAEMON_PORT}") && m.state == NodeState::Alive)
+    });
+    let key = ShardKey::new("job", 1, 0);
+    assert!(load(&socket(&nodes, lost), &key, n) == payload(n, 0), "restored bitwise over mutual TLS");
+    assert_eq!(cluster(&socket(&nodes, lost)).replication.shards_fetched, 1);
+}
+
+#[test]
+fn srv_records_name_the_members() {
+    let mut h = hosts(2, true);
+    let token = tierckpt_harness::daemon::random_token();
+    let srv = format!("_peer._tcp.{PEER_NAME}");
+    let targets: Vec<String> = (0..2).map(|i| h.host(i).fqdn()).collect();
+    h.set_srv(&srv, &targets.iter().map(|t| (t.as_str(), DAEMON_PORT)).collect::<Vec<_>>()).unwrap();
+    // Ids come from the SRV targets: each node advertises its own name.
+    let nodes: Vec<DaemonProcess> = (0..2)
+        .map(|i| {
+            let me = format!("{}:{DAEMON_PORT}", targets[i]);
+            daemon_on_host(&h, i, &token, &["--discover", &format!("srv:{srv}"), "--advertise-addr", &me])
+        })
+        .collect();
+    let ids: Vec<String> = targets.iter().map(|t| format!("{t}-{DAEMON_PORT}")).collect();
+    for p in &nodes {
+        wait_for("both members through SRV", || live(&p.socket) == ids);
+    }
+    train(&h, 1, &nodes[1].socket, 1, 0, 1, 1 << 20);
+    wait_for("the copy on host 0", || holders(&nodes[0].socket, "job", 1, 0).len() == 2);
+}
+
+#[test]
+fn a_host_with_a_certificate_of_another_ca_is_refused_and_nothing_is_lost() {
+    let h = hosts(2, true);
+    let (ca, stranger) = (certs::Ca::new("cluster CA"), certs::Ca::new("another CA"));
+    let token = tierckpt_harness::daemon::random_token();
+    let members = members_by_name(&h);
+    let start = |i: usize, signer: &certs::Ca| {
+        let mut flags: Vec<String> = vec!["--node-id".into(), format!("n{i}"), "--nodes".into(), members.clone()];
+        flags.extend(tls_flags(h.base_dir(), &format!("n{i}"), signer, &ca));
+        daemon_on_host(&h, i, &token, &flags.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+    let good = start(0, &ca);
+    let bad = start(1, &stranger);
+    train(&h, 0, &good.socket, 1, 0, 1, 1 << 20);
+    wait_for("n0 to name the certificate problem", || {
+        cluster(&good.socket)
+            .nodes
+            .iter()
+            .any(|m| m.id == "n1" && m.last_error.as_deref().is_some_and(|e| e.contains("certificate")))
+    });
+    assert!(live(&good.socket) == ["n0"], "the stranger is not a live member");
+    assert!(holders(&bad.socket, "job", 1, 0).iter().all(|id| id != "n1"), "no replica went to the stranger");
+    let key = ShardKey::new("job", 1, 0);
+    assert!(load(&good.socket, &key, 1 << 20) == payload(1 << 20, 0), "nothing stored was lost");
 }

@@ -10,7 +10,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair};
+#[path = "common/certs.rs"]
+mod certs;
+
+use certs::{node_files, replace, write, Ca, NODE_NAME};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use tierckpt_client::{Client, TensorData};
@@ -20,64 +23,7 @@ use tierckpt_harness::testing::{shm_dir, TestDaemon};
 use tierckpt_proto::{ClusterStatus, NodeState};
 use tierckpt_tiers::conformance::sample_shard;
 
-/// The name every node certificate carries besides 127.0.0.1.
-const NODE_NAME: &str = "node.tierckpt.test";
 const LIMIT: Duration = Duration::from_secs(30);
-
-/// A test CA.
-struct Ca {
-    issuer: CertifiedIssuer<'static, KeyPair>,
-}
-
-impl Ca {
-    fn new(name: &str) -> Self {
-        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
-        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        p.distinguished_name.push(DnType::CommonName, name);
-        Self { issuer: CertifiedIssuer::self_signed(p, KeyPair::generate().unwrap()).unwrap() }
-    }
-
-    fn pem(&self) -> String {
-        self.issuer.pem()
-    }
-
-    /// A node certificate for 127.0.0.1 and [`NODE_NAME`] (cert PEM, key
-    /// PEM); `expired`: valid in 2000 only.
-    fn node(&self, expired: bool) -> (String, String) {
-        let mut p = CertificateParams::new(vec!["127.0.0.1".to_string(), NODE_NAME.to_string()]).unwrap();
-        p.distinguished_name.push(DnType::CommonName, NODE_NAME);
-        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
-        if expired {
-            p.not_before = rcgen::date_time_ymd(2000, 1, 1);
-            p.not_after = rcgen::date_time_ymd(2000, 12, 31);
-        }
-        let key = KeyPair::generate().unwrap();
-        let cert = p.signed_by(&key, &self.issuer).unwrap();
-        (cert.pem(), key.serialize_pem())
-    }
-}
-
-fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
-    let p = dir.join(name);
-    std::fs::write(&p, text).unwrap();
-    p
-}
-
-/// Writes `text` to `path` by rename, as a certificate manager does.
-fn replace(path: &Path, text: &str) {
-    let tmp = path.with_extension("new");
-    std::fs::write(&tmp, text).unwrap();
-    std::fs::rename(&tmp, path).unwrap();
-}
-
-/// Node `name`'s cert and key files in `dir`: the settings that set them.
-fn node_files(dir: &Path, name: &str, (cert, key): &(String, String)) -> tierckpt_daemon::ConfigLayer {
-    tierckpt_daemon::ConfigLayer {
-        tls_cert: Some(write(dir, &format!("{name}.crt"), cert)),
-        tls_key: Some(write(dir, &format!("{name}.key"), key)),
-        ..Default::default()
-    }
-}
 
 /// One HTTPS exchange with a blocking rustls client that trusts `ca_pem`
 /// alone, presents `client` if given, and checks `name` on the server's

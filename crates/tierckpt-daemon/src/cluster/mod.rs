@@ -307,19 +307,19 @@ impl Cluster {
         {
             let mut members = lock(&self.members);
             let mut probed = BTreeSet::new();
-            for (id, answer) in answers {
+            for (mut id, answer) in answers {
+                if let Ok(h) = &answer {
+                    let real = h.members.iter().find(|m| m.id == h.node_id && h.node_id != id);
+                    if let Some(real) = real.filter(|r| members.rename_discovered(&id, r)) {
+                        tracing::info!(discovered = %id, node = %real.id, "a discovered address is a node under its own id");
+                        id = real.id.clone();
+                    }
+                }
                 probed.insert(id.clone());
                 let gossip = match &answer {
                     Ok(h) if h.node_id == id => h.members.clone(),
                     _ => Vec::new(),
                 };
-                if let Ok(h) = &answer {
-                    let real = h.members.iter().find(|m| m.id == h.node_id && h.node_id != id);
-                    if let Some(real) = real.filter(|r| members.rename_discovered(&id, r)) {
-                        tracing::info!(discovered = %id, node = %real.id, "a discovered address is a node under its own id");
-                        continue;
-                    }
-                }
                 let Some(m) = members.get_mut(&id) else { continue };
                 let before = m.state;
                 match answer {
