@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 
@@ -134,6 +134,32 @@ pub struct Cluster {
     /// that a delta can use it before the next heartbeat shows it there.
     sent: Mutex<BTreeMap<(usize, String, u32), u64>>,
     costs: Mutex<ReplicaCosts>,
+    /// What each placement target is owed, for the lag metrics.
+    backlog: Mutex<BTreeMap<usize, Backlog>>,
+}
+
+/// Shards queued for one target and not known there yet (since when), and
+/// its last successful push.
+#[derive(Default)]
+struct Backlog {
+    pending: BTreeMap<ShardKey, Instant>,
+    last_success: Option<SystemTime>,
+}
+
+/// Entries a backlog keeps before it drops those no longer held here.
+const BACKLOG_PRUNE_AT: usize = 1024;
+
+/// Replication owed to one peer (see [`Cluster::peer_lag`]).
+#[derive(Debug, Clone)]
+pub struct PeerLag {
+    /// The peer's id.
+    pub peer: String,
+    /// Shards sealed here and queued for it that it does not hold yet.
+    pub pending: u64,
+    /// How long the oldest of them has waited.
+    pub oldest_pending: Option<Duration>,
+    /// When a push to it last succeeded.
+    pub last_success: Option<SystemTime>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -196,6 +222,7 @@ impl Cluster {
             metrics,
             sent: Mutex::new(BTreeMap::new()),
             costs: Mutex::new(ReplicaCosts::default()),
+            backlog: Mutex::new(BTreeMap::new()),
         });
         tokio::spawn(c.clone().heartbeat_loop(stop.clone()));
         tokio::spawn(c.clone().replicate_loop(rx, stop));
@@ -223,6 +250,16 @@ impl Cluster {
     /// Queues a freshly sealed local shard for replication.
     pub fn enqueue(&self, key: ShardKey) {
         lock(&self.stats).queued += 1;
+        let targets = replica_targets(self.cfg.placement, self.cfg.nodes.len(), self.me, self.cfg.replication_factor);
+        let mut backlog = lock(&self.backlog);
+        for t in targets {
+            let b = backlog.entry(t).or_default();
+            if b.pending.len() >= BACKLOG_PRUNE_AT {
+                b.pending.retain(|k, _| self.tier.locate(k).is_ok());
+            }
+            b.pending.entry(key.clone()).or_insert_with(Instant::now);
+        }
+        drop(backlog);
         let _ = self.queue.send(key);
     }
 
@@ -421,7 +458,6 @@ impl Cluster {
     async fn push(&self, key: &ShardKey, t: usize, check_first: bool) -> Result<bool, TierError> {
         let fail = |e: TierError| {
             self.stats_update(|s| s.failures += 1);
-            self.metrics.replication_failed();
             e
         };
         self.until_answering(t).await?;
@@ -461,6 +497,7 @@ impl Cluster {
             match outcome {
                 Ok(false) => {
                     tracing::debug!(shard = %key, to = self.id(t), "the peer holds it already; not sent");
+                    self.delivered(t, key, false);
                     return Ok(false);
                 }
                 Ok(true) => {
@@ -482,7 +519,8 @@ impl Cluster {
                         s.wire_bytes_sent += wire;
                         s.delta_shards_sent += u64::from(delta);
                     });
-                    self.metrics.replicated(m.file_len);
+                    self.metrics.replicated(started.elapsed());
+                    self.delivered(t, key, true);
                     tracing::debug!(
                         shard = %key,
                         to = self.id(t),
@@ -495,7 +533,10 @@ impl Cluster {
                     );
                     return Ok(true);
                 }
-                Err(e) if e.kind() == ErrorKind::AlreadyExists => return Ok(false),
+                Err(e) if e.kind() == ErrorKind::AlreadyExists => {
+                    self.delivered(t, key, false);
+                    return Ok(false);
+                }
                 // The peer no longer holds the base: send the shard whole.
                 Err(e) if delta && e.kind() == ErrorKind::NotFound => {
                     tracing::debug!(shard = %key, to = self.id(t), error = %e, "delta refused; sending whole");
@@ -777,32 +818,79 @@ impl Cluster {
         futures_util::future::join_all(calls).await
     }
 
+    /// `t` holds `key` now; `pushed`: a push to it just succeeded.
+    fn delivered(&self, t: usize, key: &ShardKey, pushed: bool) {
+        let mut backlog = lock(&self.backlog);
+        let b = backlog.entry(t).or_default();
+        b.pending.remove(key);
+        if pushed {
+            b.last_success = Some(SystemTime::now());
+        }
+    }
+
+    /// What each placement target is owed: shards queued for it that it does
+    /// not hold yet (neither pushed nor shown in its last heartbeat, and
+    /// still held here), the oldest one's wait, and its last good push.
+    pub fn peer_lag(&self) -> Vec<PeerLag> {
+        let targets = replica_targets(self.cfg.placement, self.cfg.nodes.len(), self.me, self.cfg.replication_factor);
+        let held_there: Vec<Option<Holdings>> = {
+            let members = lock(&self.members);
+            targets.iter().map(|&t| members[t].holdings.clone()).collect()
+        };
+        let mut backlog = lock(&self.backlog);
+        let now = Instant::now();
+        targets
+            .iter()
+            .zip(held_there)
+            .map(|(&t, holdings)| {
+                let b = backlog.entry(t).or_default();
+                b.pending.retain(|k, _| {
+                    let there = holdings.as_ref().is_some_and(|h| {
+                        h.namespaces
+                            .get(&k.namespace)
+                            .is_some_and(|steps| steps.iter().any(|s| s.step == k.step && s.ranks.contains(&k.rank)))
+                    });
+                    !there && self.tier.locate(k).is_ok()
+                });
+                PeerLag {
+                    peer: self.id(t).to_string(),
+                    pending: b.pending.len() as u64,
+                    oldest_pending: b.pending.values().min().map(|&at| now - at),
+                    last_success: b.last_success,
+                }
+            })
+            .collect()
+    }
+
+    /// Every member's status and the replicator's counters, without the
+    /// cluster view (what the metrics read at each scrape).
+    pub fn members_and_stats(&self) -> (Vec<NodeStatus>, ReplicationStats) {
+        (self.status_nodes(), *lock(&self.stats))
+    }
+
+    fn status_nodes(&self) -> Vec<NodeStatus> {
+        let now = Instant::now();
+        let members = lock(&self.members);
+        members
+            .iter()
+            .enumerate()
+            .map(|(i, m)| NodeStatus {
+                id: self.id(i).to_string(),
+                addr: self.addr(i).to_string(),
+                state: m.state,
+                last_seen_ms_ago: if i == self.me { Some(0) } else { m.last_ok.map(|t| (now - t).as_millis() as u64) },
+                this_node: i == self.me,
+            })
+            .collect()
+    }
+
     /// Members, their states, the cluster view and the replicator's counters.
     pub fn status(&self) -> ClusterStatus {
-        let now = Instant::now();
-        let nodes = {
-            let members = lock(&self.members);
-            members
-                .iter()
-                .enumerate()
-                .map(|(i, m)| NodeStatus {
-                    id: self.id(i).to_string(),
-                    addr: self.addr(i).to_string(),
-                    state: m.state,
-                    last_seen_ms_ago: if i == self.me {
-                        Some(0)
-                    } else {
-                        m.last_ok.map(|t| (now - t).as_millis() as u64)
-                    },
-                    this_node: i == self.me,
-                })
-                .collect()
-        };
         ClusterStatus {
             node_id: self.cfg.node_id.clone(),
             replication_factor: self.cfg.replication_factor,
             placement: format!("{:?}", self.cfg.placement).to_lowercase(),
-            nodes,
+            nodes: self.status_nodes(),
             namespaces: self.view(),
             replication: *lock(&self.stats),
         }

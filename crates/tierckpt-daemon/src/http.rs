@@ -207,7 +207,7 @@ async fn latest(State(d): D, Path(ns): Path<String>) -> Result<Json<serde_json::
 }
 
 async fn metrics(State(d): D) -> Response {
-    let text = d.metrics.render(&d.tier.usage());
+    let text = d.metrics.render();
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 
