@@ -223,6 +223,38 @@ fn every_dashboard_query_is_served_by_a_cluster_at_work() {
     }
 }
 
+#[test]
+fn replication_lag_grows_while_a_peer_is_down_and_clears_when_it_has_the_copy() {
+    let dir = shm_dir();
+    let mut o = LocalClusterOptions { nodes: 2, ..Default::default() };
+    o.settings.memory_tier_size = Some("64MiB".into());
+    let mut c = LocalCluster::start(dir.path(), o).unwrap();
+    let lag = |c: &LocalCluster| {
+        let s = Scrape::parse(&scrape(c, 0));
+        let peer = "peer=\"n1\"";
+        let pending = s.value("tierckpt_replication_pending_shards", peer).expect("n1 is a target");
+        let age = s.value("tierckpt_replication_lag_seconds", peer).expect("n1 is a target");
+        (pending, age, s.value("tierckpt_replication_last_success_timestamp_seconds", peer))
+    };
+    assert_eq!(lag(&c), (0.0, 0.0, None), "nothing owed, nothing pushed yet");
+    c.kill(1).unwrap();
+    let data = payload(0, 1);
+    let t = [TensorData { name: "state", dtype: Dtype::U8, shape: &[LEN], data: &data }];
+    let mut client = Client::connect(c.socket(0)).unwrap();
+    client.save(&ShardKey::new(NS, 1, 0), 1, &t, &BTreeMap::new(), true).unwrap();
+    wait_for("the shard owed to n1 to age", || {
+        let (pending, age, _) = lag(&c);
+        pending == 1.0 && age > 0.2
+    });
+    // Back (without the copy): the push waiting for it, or re-replication,
+    // sends it, and the lag clears.
+    c.restart(1).unwrap();
+    wait_for("n1 to hold the copy", || {
+        let (pending, age, last) = lag(&c);
+        pending == 0.0 && age == 0.0 && last.is_some()
+    });
+}
+
 /// `tierckptd` with none of the caller's `TIERCKPT_*` variables.
 fn tierckptd() -> Command {
     let mut c = Command::new(daemon_binary());
