@@ -234,13 +234,18 @@ impl std::fmt::Debug for Sources {
 
 type Labels<'a> = Vec<(&'static str, &'a str)>;
 
-/// Writes families one after another into a collector's encoder.
+/// Writes families one after another into a collector's encoder. Help
+/// texts get the full stop the registry adds to its own; a family without
+/// series is left out.
 struct Out<'e>(DescriptorEncoder<'e>);
 
 impl Out<'_> {
     fn gauges(&mut self, name: &str, help: &str, rows: &[(Labels<'_>, f64)]) -> std::fmt::Result {
-        let proto = ConstGauge::new(0.0);
-        let mut enc = self.0.encode_descriptor(name, help, None, proto.metric_type())?;
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let kind = ConstGauge::new(0.0).metric_type();
+        let mut enc = self.0.encode_descriptor(name, &format!("{help}."), None, kind)?;
         for (labels, v) in rows {
             ConstGauge::new(*v).encode(enc.encode_family(labels)?)?;
         }
@@ -248,12 +253,16 @@ impl Out<'_> {
     }
 
     fn gauge(&mut self, name: &str, help: &str, v: f64) -> std::fmt::Result {
-        ConstGauge::new(v).encode(self.0.encode_descriptor(name, help, None, ConstGauge::new(v).metric_type())?)
+        let g = ConstGauge::new(v);
+        g.encode(self.0.encode_descriptor(name, &format!("{help}."), None, g.metric_type())?)
     }
 
     fn counters(&mut self, name: &str, help: &str, rows: &[(Labels<'_>, u64)]) -> std::fmt::Result {
-        let proto = ConstCounter::new(0u64);
-        let mut enc = self.0.encode_descriptor(name, help, None, proto.metric_type())?;
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let kind = ConstCounter::new(0u64).metric_type();
+        let mut enc = self.0.encode_descriptor(name, &format!("{help}."), None, kind)?;
         for (labels, v) in rows {
             ConstCounter::new(*v).encode(enc.encode_family(labels)?)?;
         }
@@ -262,8 +271,7 @@ impl Out<'_> {
 
     fn counter(&mut self, name: &str, help: &str, v: u64) -> std::fmt::Result {
         let c = ConstCounter::new(v);
-        let enc = self.0.encode_descriptor(name, help, None, c.metric_type())?;
-        c.encode(enc)
+        c.encode(self.0.encode_descriptor(name, &format!("{help}."), None, c.metric_type())?)
     }
 }
 
