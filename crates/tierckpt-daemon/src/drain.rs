@@ -20,6 +20,7 @@ use tokio::sync::{watch, Notify};
 
 use crate::cluster::Cluster;
 use crate::config::PersistConfig;
+use crate::metrics::Metrics;
 
 /// Drain state of one namespace, for `tierckpt status`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -42,6 +43,13 @@ pub struct NamespaceDrain {
     /// Shards stored as deltas against an earlier step.
     #[serde(default)]
     pub delta_shards: u64,
+    /// Steps this node saw committed after uploading its ranks of them (the
+    /// COMMIT written by it or by another node).
+    #[serde(default)]
+    pub commits: u64,
+    /// When this node last saw a step committed (Unix ms).
+    #[serde(default)]
+    pub last_commit_unix_ms: Option<u64>,
     /// Failed attempts to persist.
     pub failures: u64,
     /// The last failure, as a person reads it.
@@ -85,6 +93,7 @@ pub struct Drainer {
     cluster: Option<Arc<Cluster>>,
     state: Mutex<BTreeMap<String, NsState>>,
     wake: Notify,
+    metrics: Arc<Metrics>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -98,6 +107,7 @@ impl Drainer {
         node: &str,
         tier: Arc<MemoryTier>,
         cluster: Option<Arc<Cluster>>,
+        metrics: Arc<Metrics>,
         stop: watch::Receiver<bool>,
     ) -> Result<Arc<Self>, TierError> {
         let opts = PersistOptions {
@@ -121,6 +131,7 @@ impl Drainer {
             cluster,
             state: Mutex::new(BTreeMap::new()),
             wake: Notify::new(),
+            metrics,
         });
         tokio::spawn(d.clone().run(stop));
         Ok(d)
@@ -141,6 +152,21 @@ impl Drainer {
             delta: self.cfg.reduce.delta,
             namespaces: lock(&self.state).values().map(|s| s.shown.clone()).collect(),
         }
+    }
+
+    /// Complete steps per namespace newer than the last one persisted or
+    /// skipped: what the drain has yet to decide on.
+    pub fn steps_waiting(&self) -> Vec<(String, u64)> {
+        self.tier
+            .namespaces()
+            .into_iter()
+            .map(|n| {
+                let decided = lock(&self.state).get(&n.namespace).and_then(|s| s.decided);
+                let work = self.work(&n.namespace);
+                let count = work.iter().filter(|(step, ..)| decided.is_none_or(|d| *step > d)).count();
+                (n.namespace, count as u64)
+            })
+            .collect()
     }
 
     async fn run(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
@@ -254,6 +280,7 @@ impl Drainer {
                 return Ok(());
             }
         }
+        let taken = Instant::now();
         // The step this drainer saw committed last: a delta base for the
         // ranks whose shard of it this node still holds in memory.
         let last = lock(&self.state).get(ns).and_then(|s| s.shown.last_committed).filter(|&s| s < step);
@@ -286,6 +313,7 @@ impl Drainer {
                 .map(|(record, map)| DeltaBase { record, bytes: bytes::Bytes::from_owner(map) });
             match self.store.upload_with_base(&m, bytes::Bytes::from_owner(map), base).await {
                 Ok(up) => {
+                    self.metrics.uploaded(t0.elapsed());
                     tracing::info!(
                         shard = %key,
                         bytes = m.file_len,
@@ -315,7 +343,10 @@ impl Drainer {
                 s.last_time = Some(Instant::now());
                 s.shown.last_committed = Some(step);
                 s.shown.last_error = None;
+                s.shown.commits += 1;
+                s.shown.last_commit_unix_ms = Some(tierckpt_tiers::now_unix_ms());
             }
+            self.metrics.committed(taken.elapsed());
             // Clean-up after the commit point, reported separately from it.
             let _ = self.store.clean_unreferenced(ns, step).await;
             let deleted = self.store.retain(ns, self.cfg.keep_last, self.cfg.keep_every).await?;

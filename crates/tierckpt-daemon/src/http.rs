@@ -290,8 +290,10 @@ async fn latest(State(d): D, Path(ns): Path<String>) -> Result<Json<serde_json::
 }
 
 async fn metrics(State(d): D) -> Response {
-    let text = d.metrics.render(&d.tier.usage());
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
+    let text = d.metrics.render();
+    // What prometheus-client writes: OpenMetrics (counters' series end in
+    // `_total`, the text ends with `# EOF`).
+    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], text).into_response()
 }
 
 /// What this node holds and knows of the members (the heartbeat between

@@ -1,6 +1,6 @@
 //! The daemon's state and the handling of local requests; both APIs call it.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -68,6 +68,8 @@ pub struct Connection {
     pub reservations: HashSet<u64>,
     /// Shards opened for reading, released when the connection goes away.
     pub leases: Vec<ShardKey>,
+    /// When each reservation was answered (the writer's copy starts).
+    pub reserved_at: HashMap<u64, Instant>,
 }
 
 /// Handle on a daemon started with [`Daemon::start`].
@@ -209,12 +211,14 @@ impl Daemon {
             let node = cfg.cluster.as_ref().map_or("node".to_string(), |c| c.node_id.clone());
             let drainer = match cfg.persist.clone() {
                 Some(p) => {
-                    Some(crate::drain::Drainer::start(p, &node, tier.clone(), cluster.clone(), stopped.clone())?)
+                    let (t, c, m) = (tier.clone(), cluster.clone(), metrics.clone());
+                    Some(crate::drain::Drainer::start(p, &node, t, c, m, stopped.clone())?)
                 }
                 None => None,
             };
             (cluster, drainer)
         };
+        metrics.attach(&tier, cluster.as_ref(), drainer.as_ref());
         let mut read_path: Vec<Arc<dyn Tier>> = vec![tier.clone()];
         read_path.extend(cluster.iter().map(|c| Arc::new(PeerTier::new(c.clone())) as Arc<dyn Tier>));
         read_path.extend(drainer.iter().map(|d| d.store.clone() as Arc<dyn Tier>));
@@ -304,11 +308,13 @@ impl Daemon {
     pub async fn seal(&self, id: u64, wait: bool) -> Result<()> {
         let job = self.tier.begin_seal(id)?;
         let tier = self.tier.clone();
+        let started = Instant::now();
         let work = self.background.spawn_blocking(move || tier.finish_seal(job));
         let (cluster, metrics, drainer) = (self.cluster.clone(), self.metrics.clone(), self.drainer.clone());
         let unrestorable = self.unrestorable.clone();
         let done = async move {
             let m = work.await.map_err(|e| TierError::Unavailable(format!("seal worker failed: {e}")))??;
+            metrics.seal_took(started.elapsed());
             metrics.sealed(m.file_len);
             unrestorable.clear(&m.key.namespace, m.key.step);
             if let Some(c) = cluster {
@@ -406,6 +412,7 @@ impl Daemon {
     pub async fn locate(&self, key: &ShardKey) -> Result<(PathBuf, Arc<tierckpt_format::Manifest>)> {
         let mut errors: Vec<(&str, TierError)> = Vec::new();
         for (i, tier) in self.read_path.iter().enumerate() {
+            let started = Instant::now();
             // Copies from elsewhere run on the background runtime, where the
             // connections to peers and stores live: receiving on this one
             // handed every piece across runtimes, which cost 0.1-0.15 s per
@@ -419,7 +426,10 @@ impl Daemon {
                 }
             };
             match copied {
-                Ok(()) => return self.tier.locate(key),
+                Ok(()) => {
+                    self.metrics.restored(tier.name(), started.elapsed());
+                    return self.tier.locate(key);
+                }
                 // This node's own copy is there but unusable: say so, do not hide it.
                 Err(e) if i == 0 && e.kind() != ErrorKind::NotFound => return Err(e),
                 Err(e) => errors.push((tier.name(), e)),
@@ -480,8 +490,11 @@ impl Daemon {
                 let key = ShardKey::new(namespace, step, rank);
                 let opts = ReserveOptions { segment: segment.map(PathBuf::from), wait_for_seals: SEAL_WAIT };
                 let t = tier.clone();
+                let started = Instant::now();
                 let r = blocking(move || t.reserve_with(&key, world_size, len, &opts)).await?;
+                self.metrics.reserved(started.elapsed());
                 owned.insert(r.id);
+                conn.reserved_at.insert(r.id, Instant::now());
                 Reply::Reserved { id: r.id, path: r.path.display().to_string(), len: r.len }
             }
             Request::Prepare { len } => {
@@ -490,11 +503,15 @@ impl Daemon {
             }
             Request::Seal { id, wait } => {
                 take(owned, id)?;
+                if let Some(at) = conn.reserved_at.remove(&id) {
+                    self.metrics.written(at.elapsed());
+                }
                 self.seal(id, wait).await?;
                 Reply::Done
             }
             Request::Abort { id } => {
                 take(owned, id)?;
+                conn.reserved_at.remove(&id);
                 tier.abort(id)?;
                 Reply::Done
             }

@@ -255,6 +255,12 @@ fn dropping_hosts_removes_namespaces_processes_and_files() {
         let mut h = hosts(2, true);
         let sleeper = h.command(1, "sleep").arg("600").spawn().unwrap();
         let names: Vec<String> = (0..2).map(|i| h.host(i).netns.clone()).collect();
+        // `ip netns exec` enters the namespace before it runs sleep: wait for that.
+        let pid = sleeper.id().to_string();
+        wait_for("the sleeper inside host 1", || {
+            let out = std::process::Command::new("ip").args(["netns", "pids", &names[1]]).output().unwrap();
+            String::from_utf8_lossy(&out.stdout).lines().any(|l| l.trim() == pid)
+        });
         h.kill(1).unwrap();
         let mut sleeper = sleeper;
         assert!(sleeper.wait().unwrap().code().is_none(), "killing a host SIGKILLs its processes");

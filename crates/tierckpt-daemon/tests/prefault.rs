@@ -60,7 +60,8 @@ fn the_pool_fills_at_start_and_a_tight_loop_of_saves_stays_on_it() {
     let text = String::from_utf8_lossy(&body);
     assert_eq!(code, 200, "{text}");
     assert!(
-        text.contains("tierckpt_memory_prefaulted_bytes") && text.contains("tierckpt_memory_reserved_from_pool 9"),
+        text.contains("tierckpt_memory_prefaulted_bytes")
+            && text.contains("tierckpt_memory_reserved_from_pool_total 9"),
         "{text}"
     );
 }

@@ -6,6 +6,7 @@
 use std::path::PathBuf;
 
 use clap::Parser;
+use tierckpt_daemon::config::LogFormat;
 use tierckpt_daemon::{ConfigLayer, Daemon, DaemonConfig};
 
 #[derive(Parser, Debug)]
@@ -41,15 +42,23 @@ fn main() -> std::process::ExitCode {
     }
 }
 
+/// Logs to stderr, filtered by `TIERCKPT_LOG` (default info), as text or
+/// JSON lines (`log_format`).
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("TIERCKPT_LOG").unwrap_or_else(|_| "info".into());
+    let fmt = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => fmt.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).init(),
+        LogFormat::Json => fmt.json().with_ansi(false).with_current_span(false).init(),
+    }
+}
+
 fn run() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("TIERCKPT_LOG").unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
     let args = Args::parse();
     let print = args.print_config;
     let layer = settings(args)?;
+    // Before anything logs: resolving the settings may warn.
+    init_logging(layer.log_format()?);
     if !print {
         // Before resolving: the default cap on HTTP connections follows the limit.
         tierckpt_daemon::limits::raise_open_file_limit();
@@ -65,6 +74,9 @@ fn run() -> anyhow::Result<()> {
     let bg = background.handle().clone();
     let result = rt.block_on(async move {
         let running = Daemon::start_with_background(cfg, bg).await?;
+        // Handlers first: whoever reads the ready line may signal at once.
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
         println!(
             "{}",
             serde_json::json!({
@@ -76,9 +88,8 @@ fn run() -> anyhow::Result<()> {
                 "capacity": running.daemon.cfg.capacity,
             })
         );
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
+            _ = int.recv() => {}
             _ = term.recv() => {}
         }
         tracing::info!("stopping");

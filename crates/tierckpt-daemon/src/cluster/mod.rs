@@ -10,6 +10,7 @@
 //! ask every live node first. Retention on every node follows
 //! cluster-wide completeness.
 
+mod lag;
 mod members;
 mod placement;
 mod replicate;
@@ -29,6 +30,7 @@ use tokio::sync::{mpsc, watch};
 use crate::config::ClusterConfig;
 use crate::metrics::Metrics;
 use crate::peer::PeerClient;
+pub use lag::PeerLag;
 use members::Members;
 pub use placement::{probe_set, replica_targets, targets_of};
 use replicate::ReplicaCosts;
@@ -62,6 +64,8 @@ pub struct Cluster {
     costs: Mutex<ReplicaCosts>,
     /// Where the round-robin part of the next probe round starts.
     probe_cursor: AtomicUsize,
+    /// What each placement target is owed, for the lag metrics.
+    backlog: Mutex<BTreeMap<String, lag::Backlog>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -123,6 +127,7 @@ impl Cluster {
             sent: Mutex::new(BTreeMap::new()),
             costs: Mutex::new(ReplicaCosts::default()),
             probe_cursor: AtomicUsize::new(0),
+            backlog: Mutex::new(BTreeMap::new()),
         });
         if let Some(source) = c.cfg.discover.clone() {
             tokio::spawn(c.clone().discover_loop(source, stop.clone()));
@@ -181,6 +186,7 @@ impl Cluster {
     /// Queues a freshly sealed local shard for replication.
     pub fn enqueue(&self, key: ShardKey) {
         lock(&self.stats).queued += 1;
+        self.owe(&key);
         let _ = self.queue.send(key);
     }
 
@@ -704,30 +710,39 @@ impl Cluster {
         handed
     }
 
+    /// Every member's status and the replicator's counters, without the
+    /// cluster view (what the metrics read at each scrape).
+    pub fn members_and_stats(&self) -> (Vec<NodeStatus>, ReplicationStats) {
+        (self.status_nodes().0, *lock(&self.stats))
+    }
+
+    /// Every member's status, and the disagreements and discovery failure.
+    fn status_nodes(&self) -> (Vec<NodeStatus>, Vec<String>) {
+        let now = Instant::now();
+        let members = lock(&self.members);
+        let nodes = members
+            .list
+            .iter()
+            .map(|m| NodeStatus {
+                id: m.id.clone(),
+                addr: m.addr.clone(),
+                state: m.state,
+                last_seen_ms_ago: match m.id == self.cfg.node_id {
+                    true => Some(0),
+                    false => m.last_ok.map(|t| (now - t).as_millis() as u64),
+                },
+                this_node: m.id == self.cfg.node_id,
+                last_error: m.last_error.clone(),
+            })
+            .collect();
+        let mut d: Vec<String> = members.disagreements.values().cloned().collect();
+        d.extend(members.discovery_error.clone());
+        (nodes, d)
+    }
+
     /// Members, their states, the cluster view and the replicator's counters.
     pub fn status(&self) -> ClusterStatus {
-        let now = Instant::now();
-        let (nodes, disagreements) = {
-            let members = lock(&self.members);
-            let nodes = members
-                .list
-                .iter()
-                .map(|m| NodeStatus {
-                    id: m.id.clone(),
-                    addr: m.addr.clone(),
-                    state: m.state,
-                    last_seen_ms_ago: match m.id == self.cfg.node_id {
-                        true => Some(0),
-                        false => m.last_ok.map(|t| (now - t).as_millis() as u64),
-                    },
-                    this_node: m.id == self.cfg.node_id,
-                    last_error: m.last_error.clone(),
-                })
-                .collect();
-            let mut d: Vec<String> = members.disagreements.values().cloned().collect();
-            d.extend(members.discovery_error.clone());
-            (nodes, d)
-        };
+        let (nodes, disagreements) = self.status_nodes();
         ClusterStatus {
             node_id: self.cfg.node_id.clone(),
             replication_factor: self.cfg.replication_factor,

@@ -107,7 +107,6 @@ impl Cluster {
     pub(super) async fn push(&self, key: &ShardKey, t: &str, check_first: bool) -> Result<bool, TierError> {
         let fail = |e: TierError| {
             self.stats_update(|s| s.failures += 1);
-            self.metrics.replication_failed();
             e
         };
         self.until_answering(t).await?;
@@ -148,6 +147,7 @@ impl Cluster {
             match outcome {
                 Ok(false) => {
                     tracing::debug!(shard = %key, to = t, "the peer holds it already; not sent");
+                    self.delivered(t, key, false);
                     return Ok(false);
                 }
                 Ok(true) => {
@@ -169,7 +169,8 @@ impl Cluster {
                         s.wire_bytes_sent += wire;
                         s.delta_shards_sent += u64::from(delta);
                     });
-                    self.metrics.replicated(m.file_len);
+                    self.metrics.replicated(started.elapsed());
+                    self.delivered(t, key, true);
                     tracing::debug!(
                         shard = %key,
                         to = t,
@@ -182,7 +183,10 @@ impl Cluster {
                     );
                     return Ok(true);
                 }
-                Err(e) if e.kind() == ErrorKind::AlreadyExists => return Ok(false),
+                Err(e) if e.kind() == ErrorKind::AlreadyExists => {
+                    self.delivered(t, key, false);
+                    return Ok(false);
+                }
                 // The peer no longer holds the base: send the shard whole.
                 Err(e) if delta && e.kind() == ErrorKind::NotFound => {
                     tracing::debug!(shard = %key, to = t, error = %e, "delta refused; sending whole");

@@ -195,12 +195,42 @@ pub struct ConfigLayer {
     /// reach the address may write checkpoints [default: off].
     #[arg(long, env = "TIERCKPT_HYPERPOD_LISTEN")]
     pub hyperpod_listen: Option<String>,
+    /// Log lines on stderr: "text" (for people) or "json" (one JSON object per line: timestamp, level,
+    /// fields, target) [default: text].
+    #[arg(long, env = "TIERCKPT_LOG_FORMAT")]
+    pub log_format: Option<String>,
+}
+
+/// How the daemon writes its log (`log_format`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+impl FromStr for LogFormat {
+    type Err = DaemonError;
+    fn from_str(s: &str) -> Result<Self, DaemonError> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "text" => Ok(LogFormat::Text),
+            "json" => Ok(LogFormat::Json),
+            _ => Err(DaemonError::Config(format!("log_format {s:?} is not \"text\" or \"json\""))),
+        }
+    }
 }
 
 impl ConfigLayer {
     /// Parses a TOML file's text; `origin` names it in errors.
     pub fn from_toml(text: &str, origin: &Path) -> Result<Self, DaemonError> {
         toml::from_str(text).map_err(|e| DaemonError::Config(format!("{}: {}", origin.display(), e.message())))
+    }
+
+    /// The `log_format` setting, checked.
+    pub fn log_format(&self) -> Result<LogFormat, DaemonError> {
+        self.log_format.as_deref().map_or(Ok(LogFormat::Text), str::parse)
     }
 
     /// Reads and parses a TOML file.
