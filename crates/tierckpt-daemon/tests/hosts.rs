@@ -447,3 +447,28 @@ fn a_host_with_a_certificate_of_another_ca_is_refused_and_nothing_is_lost() {
     let key = ShardKey::new("job", 1, 0);
     assert!(load(&good.socket, &key, 1 << 20) == payload(1 << 20, 0), "nothing stored was lost");
 }
+
+#[test]
+fn slurm_node_lists_name_the_members() {
+    let h = hosts(2, true);
+    let token = tierckpt_harness::daemon::random_token();
+    // What Slurm sets in a job step: the job's hosts, compressed, and this node's name.
+    let nodes: Vec<DaemonProcess> = (0..2)
+        .map(|i| {
+            let mut o = h.daemon_options(i).unwrap();
+            o.token = Some(token.clone());
+            o.settings.insecure_http = Some(true);
+            o.settings.heartbeat_interval = Some("100ms".into());
+            o.set_flags(&["--discover", &format!("slurm:{DAEMON_PORT}")]).unwrap();
+            o.env =
+                vec![("SLURM_JOB_NODELIST".into(), "host[0-1]".into()), ("SLURMD_NODENAME".into(), format!("host{i}"))];
+            DaemonProcess::spawn(o).unwrap_or_else(|e| panic!("daemon on host {i}: {e:#}"))
+        })
+        .collect();
+    let ids = ["host0-7070", "host1-7070"];
+    for p in &nodes {
+        wait_for("both members from the Slurm node list", || live(&p.socket) == ids);
+    }
+    train(&h, 0, &nodes[0].socket, 1, 0, 1, 1 << 20);
+    wait_for("the copy on host1", || holders(&nodes[0].socket, "job", 1, 0) == ids);
+}

@@ -64,6 +64,8 @@ pub struct DaemonOptions {
     /// The network namespace to run it in (through `ip netns exec`, see
     /// [`crate::hosts`]); none: this process's.
     pub netns: Option<String>,
+    /// More environment for the child, e.g. a launcher's (`SLURM_JOB_NODELIST`).
+    pub env: Vec<(String, String)>,
 }
 
 impl DaemonOptions {
@@ -83,7 +85,7 @@ impl DaemonOptions {
             mount_huge_tmpfs: Some(false),
             ..Default::default()
         };
-        Self { settings, token: None, log: "warn".into(), netns: None }
+        Self { settings, token: None, log: "warn".into(), netns: None, env: Vec::new() }
     }
 
     /// The memory tier's directory.
@@ -185,6 +187,7 @@ impl DaemonProcess {
         if let Some(t) = &opts.token {
             cmd.env("TIERCKPT_TOKEN", t);
         }
+        cmd.envs(opts.env.iter().map(|(k, v)| (k, v)));
         die_with_parent(&mut cmd);
         let mut child = cmd.spawn().with_context(|| match &opts.netns {
             Some(ns) => format!("starting {} in network namespace {ns} (ip netns exec)", daemon_binary().display()),
