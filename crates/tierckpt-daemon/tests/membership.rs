@@ -57,6 +57,16 @@ fn alive(p: &DaemonProcess, id: &str) -> bool {
     members(p).iter().any(|(n, s)| n == id && *s == NodeState::Alive)
 }
 
+/// Node `id` of a cluster listed in `list`, serving on 127.0.0.1:`port`.
+fn listed_node(dir: &Path, id: &str, port: u16, list: &str, token: &str) -> DaemonProcess {
+    let mut o = DaemonOptions::new(dir.join(id));
+    let flags = ["--node-id", id, "--nodes", list, "--heartbeat-interval", "100ms", "--memory-tier-size", "64MiB"];
+    o.set_flags(&flags).unwrap();
+    o.settings.http_addr = Some(format!("127.0.0.1:{port}"));
+    o.token = Some(token.to_string());
+    DaemonProcess::spawn(o).unwrap()
+}
+
 /// A node of a cluster whose members are read from `members_file`.
 struct Node {
     id: String,
@@ -101,23 +111,7 @@ fn host_names_in_nodes_form_a_cluster() {
     let ports = free_ports(2).unwrap();
     let list = format!("a=localhost:{},b=localhost:{}", ports[0], ports[1]);
     let token = random_token();
-    let spawn = |id: &str, port: u16| {
-        let mut o = DaemonOptions::new(dir.path().join(id));
-        o.set_flags(&[
-            "--node-id",
-            id,
-            "--nodes",
-            &list,
-            "--heartbeat-interval",
-            "100ms",
-            "--memory-tier-size",
-            "256MiB",
-        ])
-        .unwrap();
-        o.settings.http_addr = Some(format!("127.0.0.1:{port}"));
-        o.token = Some(token.clone());
-        DaemonProcess::spawn(o).unwrap()
-    };
+    let spawn = |id: &str, port: u16| listed_node(dir.path(), id, port, &list, &token);
     let (a, b) = (spawn("a", ports[0]), spawn("b", ports[1]));
     let data = save(&a, "job", 1, 1 << 20);
     wait_for(Duration::from_secs(20), "the replica on b", || holders(&b, "job", 1).contains(&"b".to_string()));
@@ -180,23 +174,7 @@ fn member_lists_that_disagree_and_unresolvable_names_are_named() {
     let dir = shm_dir();
     let ports = free_ports(2).unwrap();
     let token = random_token();
-    let spawn = |id: &str, port: u16, list: &str| {
-        let mut o = DaemonOptions::new(dir.path().join(id));
-        o.set_flags(&[
-            "--node-id",
-            id,
-            "--nodes",
-            list,
-            "--heartbeat-interval",
-            "100ms",
-            "--memory-tier-size",
-            "64MiB",
-        ])
-        .unwrap();
-        o.settings.http_addr = Some(format!("127.0.0.1:{port}"));
-        o.token = Some(token.clone());
-        DaemonProcess::spawn(o).unwrap()
-    };
+    let spawn = |id: &str, port: u16, list: &str| listed_node(dir.path(), id, port, list, &token);
     let short = format!("a=127.0.0.1:{},b=127.0.0.1:{}", ports[0], ports[1]);
     let long = format!("{short},z=no-such-host.invalid:7750");
     let a = spawn("a", ports[0], &short);
