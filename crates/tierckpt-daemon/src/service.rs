@@ -219,6 +219,19 @@ impl Daemon {
             (cluster, drainer)
         };
         metrics.attach(&tier, cluster.as_ref(), drainer.as_ref());
+        // Ready means the cluster view is there: a trainer that asks at once
+        // (a replacement node restoring) sees which peers hold what. Each
+        // probe is bounded, so unreachable peers only delay the start.
+        if let Some(c) = cluster.clone() {
+            let _ = background
+                .spawn(async move {
+                    if let Some(source) = c.cfg.discover.clone() {
+                        c.discover_once(&source).await;
+                    }
+                    c.refresh_all().await
+                })
+                .await;
+        }
         let mut read_path: Vec<Arc<dyn Tier>> = vec![tier.clone()];
         read_path.extend(cluster.iter().map(|c| Arc::new(PeerTier::new(c.clone())) as Arc<dyn Tier>));
         read_path.extend(drainer.iter().map(|d| d.store.clone() as Arc<dyn Tier>));

@@ -234,25 +234,31 @@ impl Cluster {
                 _ = stop.changed() => return,
                 _ = tick.tick() => {}
             }
-            let found = crate::membership::discover(&source).await;
-            let mut members = lock(&self.members);
-            match found {
-                Ok(nodes) => {
-                    members.discovery_error = None;
-                    for id in members.set_configured(&nodes) {
-                        tracing::info!(node = %id, "discovered a member");
-                    }
-                    // This node is a member whatever the source says yet.
-                    if let Some(m) = members.get_mut(&self.cfg.node_id) {
-                        m.configured = true;
-                    }
+            self.discover_once(&source).await;
+        }
+    }
+
+    /// Reads the discovery source once and takes in the members it lists
+    /// (keeping those known when it fails, and saying why in `status`).
+    pub async fn discover_once(&self, source: &crate::membership::Discover) {
+        let found = crate::membership::discover(source).await;
+        let mut members = lock(&self.members);
+        match found {
+            Ok(nodes) => {
+                members.discovery_error = None;
+                for id in members.set_configured(&nodes) {
+                    tracing::info!(node = %id, "discovered a member");
                 }
-                Err(e) => {
-                    if members.discovery_error.as_ref() != Some(&e) {
-                        tracing::warn!(error = %e, "discovery failed; keeping the members known");
-                    }
-                    members.discovery_error = Some(e);
+                // This node is a member whatever the source says yet.
+                if let Some(m) = members.get_mut(&self.cfg.node_id) {
+                    m.configured = true;
                 }
+            }
+            Err(e) => {
+                if members.discovery_error.as_ref() != Some(&e) {
+                    tracing::warn!(error = %e, "discovery failed; keeping the members known");
+                }
+                members.discovery_error = Some(e);
             }
         }
     }
