@@ -181,12 +181,16 @@ impl Members {
         let added = match self.get_mut(&seen.id) {
             Some(m) => {
                 if seen.incarnation > m.incarnation {
-                    if m.incarnation != 0 && m.addr != seen.addr {
-                        tracing::info!(node = %seen.id, from = %m.addr, to = %seen.addr, "a member restarted under a new address");
+                    // A restart (not the first we hear of its incarnation):
+                    // what it held before is gone.
+                    if m.incarnation != 0 {
+                        if m.addr != seen.addr {
+                            tracing::info!(node = %seen.id, from = %m.addr, to = %seen.addr, "a member restarted under a new address");
+                        }
+                        m.holdings = None;
                     }
                     m.incarnation = seen.incarnation;
                     m.addr = seen.addr.clone();
-                    m.holdings = None;
                 }
                 if m.state == NodeState::Left {
                     m.state = NodeState::Unknown;
@@ -284,10 +288,14 @@ mod tests {
         assert!(m.leave("d", 5));
         assert!(!m.heard_of(&seen("d", 5), false), "gossip does not bring back a node that left");
         assert!(m.heard_of(&seen("d", 6), true), "its next incarnation joins again");
-        // "a" restarts under a new address.
+        // "a" restarts under a new address: what it held is forgotten, but
+        // not when its incarnation is first heard of.
+        m.get_mut("a").unwrap().holdings = Some(Holdings::default());
         m.heard_of(&seen("a", 1), true);
+        assert!(m.get("a").unwrap().holdings.is_some(), "the first incarnation heard of keeps the holdings");
         m.heard_of(&seen("a", 9), true);
         assert_eq!(m.get("a").unwrap().addr, "a.new:7750");
+        assert!(m.get("a").unwrap().holdings.is_none(), "a restart drops what it held");
         // Discovery lists an address under a made-up id; the node there calls itself "e".
         m.set_configured(&[node("c"), node("b"), node("a"), Node { id: "10.0.0.9".into(), addr: "e.new:7750".into() }]);
         assert!(m.rename_discovered("10.0.0.9", &seen("e", 3)));
