@@ -2,7 +2,10 @@
 //! running, runs the training command in its own process group with the
 //! namespace and the daemon's socket in its environment, and restarts it
 //! (with backoff, up to a limit) when it exits non-zero, dies by a signal,
-//! or stops sending progress heartbeats. Every start and failure is recorded
+//! or stops sending progress heartbeats. The limit and the backoff count
+//! failures in a row without progress: a failure after a new complete
+//! checkpoint starts both over, so a job that fails once a day runs for
+//! months while a crash loop still stops. Every start and failure is recorded
 //! in the namespace through the daemon, where `tierckpt status` shows it and
 //! adaptive checkpoint intervals read it.
 
@@ -27,7 +30,8 @@ const STOP_GRACE: Duration = Duration::from_secs(10);
 #[derive(clap::Args, Debug)]
 /// The arguments of `tierckpt run`.
 pub struct RunArgs {
-    /// Restarts after failures before giving up (0: never restart).
+    /// Restarts in a row without a new complete checkpoint before giving up (0: never restart); a failure
+    /// after the job made progress starts the count and the backoff over.
     #[arg(long, default_value_t = 3)]
     pub max_restarts: u32,
     /// Restart the command when it sends no progress heartbeat for this long
@@ -35,7 +39,7 @@ pub struct RunArgs {
     /// must exceed the command's start-up time.
     #[arg(long, value_parser = humantime::parse_duration)]
     pub hang_timeout: Option<Duration>,
-    /// Wait before the first restart; doubles with each restart up to 1 min.
+    /// Wait before the first restart; doubles with each restart without progress, up to 1 min.
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
     pub backoff: Duration,
     /// Namespace of the job (passed on as TIERCKPT_NAMESPACE).
@@ -176,7 +180,8 @@ struct Job<'a> {
 }
 
 impl Job<'_> {
-    fn record(&self, kind: FailureKind, detail: String, restart: u32) {
+    /// Records `kind`; returns the namespace's newest complete step then.
+    fn record(&self, kind: FailureKind, detail: String, restart: u32) -> Option<u64> {
         let ns = &self.args.namespace;
         let mut client = Client::connect(&self.socket);
         let step = client.as_mut().ok().and_then(|c| c.latest(ns).ok()).flatten();
@@ -188,6 +193,7 @@ impl Job<'_> {
             let at = step.map_or("before any complete checkpoint".into(), |s| format!("newest complete step {s}"));
             eprintln!("tierckpt run: {} ({detail}) in run {restart}; {at}", describe(kind));
         }
+        step
     }
 
     fn spawn(&self, restart: u32) -> Result<Child> {
@@ -276,9 +282,12 @@ pub fn run(args: &RunArgs, socket_flag: Option<&Path>) -> Result<ExitCode> {
     let beat_dir =
         tempfile::Builder::new().prefix("tierckpt-run-").tempdir().context("creating a heartbeat directory")?;
     let job = Job { args, socket: socket.clone(), heartbeat: beat_dir.path().join("heartbeat") };
-    job.record(FailureKind::Start, args.command.join(" "), 0);
+    // The newest complete step at the start and at each failure: a newer one
+    // at a failure means the job made progress since the one before.
+    let mut last_step = job.record(FailureKind::Start, args.command.join(" "), 0);
     let mut backoff = args.backoff;
     let mut restart = 0u32;
+    let mut without_progress = 0u32;
     loop {
         if ensure_daemon(&socket)? {
             job.record(
@@ -323,13 +332,31 @@ pub fn run(args: &RunArgs, socket_flag: Option<&Path>) -> Result<ExitCode> {
                 (FailureKind::Hang, detail, exit_code(status))
             }
         };
-        job.record(kind, detail, restart);
-        if restart >= args.max_restarts {
-            eprintln!("tierckpt run: giving up after {restart} restart(s) (--max-restarts {})", args.max_restarts);
+        let step = job.record(kind, detail, restart);
+        if step > last_step && restart > 0 {
+            eprintln!(
+                "tierckpt run: the job made progress since the last failure (newest complete step {} -> {}): the \
+                 restart count and the backoff start over",
+                last_step.map_or("none".into(), |s| s.to_string()),
+                step.map_or("none".into(), |s| s.to_string()),
+            );
+            without_progress = 0;
+            backoff = args.backoff;
+        }
+        last_step = last_step.max(step);
+        if without_progress >= args.max_restarts {
+            eprintln!(
+                "tierckpt run: giving up after {without_progress} restart(s) without a new checkpoint (--max-restarts {})",
+                args.max_restarts
+            );
             return Ok(ExitCode::from(code));
         }
         restart += 1;
-        eprintln!("tierckpt run: restarting in {backoff:?} ({restart} of {})", args.max_restarts);
+        without_progress += 1;
+        eprintln!(
+            "tierckpt run: restarting in {backoff:?} ({without_progress} of {} without progress)",
+            args.max_restarts
+        );
         let until = Instant::now() + backoff;
         while Instant::now() < until {
             let sig = crate::signals::received();

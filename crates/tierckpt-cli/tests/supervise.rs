@@ -95,6 +95,30 @@ fn a_killed_command_is_restarted_with_the_job_environment() {
 }
 
 #[test]
+fn a_job_that_makes_progress_between_failures_keeps_running() {
+    let d = TestDaemon::start("64MiB");
+    let writer = tierckpt_harness::daemon::binary("tierckpt-test-writer");
+    // Each run saves a new complete checkpoint, then fails, until run 4
+    // succeeds: 4 failures, more than --max-restarts 1 allows in a row.
+    let script = format!(
+        "{} --socket \"$TIERCKPT_SOCKET\" --namespace progress --step $((TIERCKPT_RESTART + 1)) --bytes 4096 \
+         > /dev/null || exit 9; [ \"$TIERCKPT_RESTART\" = 4 ] && exit 0; exit 5",
+        writer.display()
+    );
+    let o = run(&d, "progress", &["--max-restarts", "1"], &script);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let recs = records(&d, "progress");
+    assert_eq!(recs.iter().filter(|r| r.kind == FailureKind::Exit).count(), 4, "{recs:?}");
+    assert_eq!(recs.last().unwrap().step, Some(4), "{recs:?}");
+    assert!(stderr(&o).contains("start over"), "{}", stderr(&o));
+
+    // Without a new checkpoint the same limit still stops a crash loop.
+    let o = run(&d, "progress", &["--max-restarts", "1"], "exit 5");
+    assert_eq!(o.status.code(), Some(5), "{}", stderr(&o));
+    assert!(stderr(&o).contains("giving up after 1 restart(s) without a new checkpoint"), "{}", stderr(&o));
+}
+
+#[test]
 fn the_failure_record_names_the_newest_complete_step() {
     let d = TestDaemon::start("64MiB");
     let mut c = d.client();
