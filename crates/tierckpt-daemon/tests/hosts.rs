@@ -472,3 +472,57 @@ fn slurm_node_lists_name_the_members() {
     train(&h, 0, &nodes[0].socket, 1, 0, 1, 1 << 20);
     wait_for("the copy on host1", || holders(&nodes[0].socket, "job", 1, 0) == ids);
 }
+
+/// Every copy of (step, rank) on the nodes that hold it, read from each.
+fn copies(sockets: &[std::path::PathBuf], step: u64, rank: u32, n: usize) -> Vec<Vec<u8>> {
+    let key = ShardKey::new("job", step, rank);
+    sockets
+        .iter()
+        .filter(|s| {
+            Client::connect(s).unwrap().steps("job").unwrap().iter().any(|x| x.step == step && x.ranks.contains(&rank))
+        })
+        .map(|s| load(s, &key, n))
+        .collect()
+}
+
+#[test]
+fn a_node_cut_off_from_its_peers_keeps_saving_and_the_cluster_heals_by_itself() {
+    let mut h = hosts(3, false);
+    let token = tierckpt_harness::daemon::random_token();
+    let members: String =
+        (0..3).map(|i| format!("n{i}={}", h.host(i).socket_addr(DAEMON_PORT))).collect::<Vec<_>>().join(",");
+    let nodes: Vec<DaemonProcess> =
+        (0..3).map(|i| daemon_on_host(&h, i, &token, &["--node-id", &format!("n{i}"), "--nodes", &members])).collect();
+    let sockets: Vec<std::path::PathBuf> = nodes.iter().map(|p| p.socket.clone()).collect();
+    let n = 1 << 20;
+    for (i, socket) in sockets.iter().enumerate() {
+        train(&h, i, socket, 1, i as u32, 3, n);
+    }
+    wait_for("step 1 copied", || (0..3).all(|r| holders(&sockets[0], "job", 1, r).len() == 2));
+
+    // Host 2 is cut off from its peers; every trainer, host 2's too, saves step 2.
+    h.link(2, false).unwrap();
+    for (i, socket) in sockets.iter().enumerate() {
+        train(&h, i, socket, 2, i as u32, 3, n);
+    }
+    wait_for("n2 seen dead by n0", || {
+        cluster(&sockets[0]).nodes.iter().any(|m| m.id == "n2" && m.state == NodeState::Dead)
+    });
+
+    // Healed without an operator: every rank of step 2 reaches k+1 copies,
+    // and every copy of every step is the same bytes everywhere.
+    h.link(2, true).unwrap();
+    wait_for("step 2 complete with two copies of each rank", || {
+        (0..3).all(|r| holders(&sockets[0], "job", 2, r).len() >= 2)
+    });
+    for step in [1, 2] {
+        for r in 0..3u32 {
+            let all = copies(&sockets, step, r, n);
+            assert!(all.len() >= 2, "step {step} rank {r}: {} copies", all.len());
+            assert!(all.iter().all(|c| *c == payload(n, r as u8)), "step {step} rank {r}: one content everywhere");
+        }
+    }
+    for s in &sockets {
+        assert_eq!(Client::connect(s).unwrap().latest("job").unwrap(), Some(2));
+    }
+}

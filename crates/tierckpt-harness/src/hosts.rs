@@ -400,6 +400,15 @@ impl Hosts {
         Ok(())
     }
 
+    /// Cuts host `i` off the bridge, or with `linked` joins it again: a
+    /// partition (its processes keep running and its trainer still reaches
+    /// its daemon through the Unix socket).
+    pub fn link(&mut self, i: usize, linked: bool) -> Result<()> {
+        let state = if linked { "up" } else { "down" };
+        ip(&["-n", &self.bridge_ns, "link", "set", &self.hosts[i].bridge_if, state])?;
+        Ok(())
+    }
+
     /// Kills host `i` (if up) and puts a fresh host in its place: same name,
     /// new namespace, new address, new (empty) directory. Host files and DNS
     /// names follow. Returns the new address.
