@@ -61,6 +61,9 @@ pub struct Cluster {
     /// The newest step of each (target, namespace, rank) this node sent, so
     /// that a delta can use it before the next heartbeat shows it there.
     sent: Mutex<BTreeMap<(String, String, u32), u64>>,
+    /// When each copy this node pushed landed (target, shard), so that
+    /// re-replication counts it until the target's holdings are fresher.
+    pushed: Mutex<BTreeMap<(String, ShardKey), Instant>>,
     costs: Mutex<ReplicaCosts>,
     /// Where the round-robin part of the next probe round starts.
     probe_cursor: AtomicUsize,
@@ -125,6 +128,7 @@ impl Cluster {
             rereplicating: AtomicBool::new(false),
             metrics,
             sent: Mutex::new(BTreeMap::new()),
+            pushed: Mutex::new(BTreeMap::new()),
             costs: Mutex::new(ReplicaCosts::default()),
             probe_cursor: AtomicUsize::new(0),
             backlog: Mutex::new(BTreeMap::new()),

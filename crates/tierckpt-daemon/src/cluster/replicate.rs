@@ -151,6 +151,7 @@ impl Cluster {
                     return Ok(false);
                 }
                 Ok(true) => {
+                    lock(&self.pushed).insert((t.to_string(), key.clone()), Instant::now());
                     let mut sent = lock(&self.sent);
                     let last = sent.entry((t.to_string(), key.namespace.clone(), key.rank)).or_insert(key.step);
                     *last = (*last).max(key.step);
@@ -305,10 +306,11 @@ impl Cluster {
         for (ns, steps) in self.view() {
             let Some(s) = steps.iter().rev().find(|s| s.complete) else { continue };
             for (rank, holders) in &s.holders {
+                let key = ShardKey::new(&ns, s.step, *rank);
+                let holders = self.with_recent_pushes(&key, holders, &live);
                 if holders.len() >= desired || holders.first() != Some(&me) {
                     continue;
                 }
-                let key = ShardKey::new(&ns, s.step, *rank);
                 let young = self.tier.locate(&key).map(|(_, m)| now_ms.saturating_sub(m.created_unix_ms) < grace_ms);
                 if young.unwrap_or(true) {
                     continue;
@@ -332,6 +334,22 @@ impl Cluster {
                 }
             }
         }
+    }
+
+    /// `holders` of `key` from the view, plus the live nodes this node
+    /// pushed it to since it last heard their holdings (the view lags a
+    /// probe behind a push; a later probe supersedes the entry).
+    fn with_recent_pushes(&self, key: &ShardKey, holders: &[String], live: &[String]) -> Vec<String> {
+        let mut out = holders.to_vec();
+        let members = lock(&self.members);
+        let mut pushed = lock(&self.pushed);
+        pushed.retain(|(t, _), at| members.get(t).and_then(|m| m.last_ok).is_none_or(|seen| seen < *at));
+        for ((t, k), _) in pushed.iter() {
+            if k == key && live.contains(t) && !out.contains(t) {
+                out.push(t.clone());
+            }
+        }
+        out
     }
 
     /// Nodes to copy this node's shards to, best first: its placement
