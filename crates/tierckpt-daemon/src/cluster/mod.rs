@@ -71,6 +71,24 @@ pub struct Cluster {
     backlog: Mutex<BTreeMap<String, lag::Backlog>>,
 }
 
+/// Runs `round` every `interval`, the first at once (a late round delays
+/// the next rather than bunching up), until `stop`.
+async fn every<F, Fut>(interval: std::time::Duration, mut stop: watch::Receiver<bool>, mut round: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return,
+            _ = tick.tick() => {}
+        }
+        round().await;
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -230,16 +248,8 @@ impl Cluster {
         }
     }
 
-    async fn discover_loop(self: Arc<Self>, source: crate::membership::Discover, mut stop: watch::Receiver<bool>) {
-        let mut tick = tokio::time::interval(self.cfg.discover_interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = stop.changed() => return,
-                _ = tick.tick() => {}
-            }
-            self.discover_once(&source).await;
-        }
+    async fn discover_loop(self: Arc<Self>, source: crate::membership::Discover, stop: watch::Receiver<bool>) {
+        every(self.cfg.discover_interval, stop, || self.discover_once(&source)).await
     }
 
     /// Reads the discovery source once and takes in the members it lists
@@ -267,14 +277,8 @@ impl Cluster {
         }
     }
 
-    async fn heartbeat_loop(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
-        let mut tick = tokio::time::interval(self.cfg.heartbeat_interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = stop.changed() => return,
-                _ = tick.tick() => {}
-            }
+    async fn heartbeat_loop(self: Arc<Self>, stop: watch::Receiver<bool>) {
+        every(self.cfg.heartbeat_interval, stop, || async {
             self.refresh().await;
             if !self.rereplicating.swap(true, Ordering::AcqRel) {
                 let c = self.clone();
@@ -283,7 +287,8 @@ impl Cluster {
                     c.rereplicating.store(false, Ordering::Release);
                 });
             }
-        }
+        })
+        .await
     }
 
     /// One heartbeat round: probes this node's neighbours and a few others.
