@@ -1,9 +1,11 @@
 //! The `tierckpt` command-line tool as a library: inspection commands, the
-//! demo (the main job), benchmarks, and the supervisor (`tierckpt run`).
+//! demo (the main job), benchmarks, the supervisor (`tierckpt run`) and the
+//! soak under random faults.
 
 pub mod bench;
 pub mod commands;
 pub mod demo;
 pub mod output;
 pub mod signals;
+pub mod soak;
 pub mod supervise;

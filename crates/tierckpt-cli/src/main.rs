@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand, ValueEnum};
-use tierckpt_cli::{bench, commands, demo, output::escape, supervise};
+use tierckpt_cli::{bench, commands, demo, output::escape, soak, supervise};
 use tierckpt_client::Client;
 
 #[derive(Parser, Debug)]
@@ -68,6 +68,8 @@ enum Cmd {
     Demo(demo::DemoArgs),
     /// Benchmarks with ratios against a floor measured in the same run.
     Bench(bench::BenchArgs),
+    /// The demo's job on a local cluster under a seeded random schedule of faults, checked bit for bit.
+    Soak(soak::SoakArgs),
     /// The demo's training process (started by `tierckpt demo`).
     #[command(hide = true)]
     DemoTrainer(demo::TrainerArgs),
@@ -109,6 +111,7 @@ fn run(cli: &Cli) -> Result<()> {
         Cmd::Rm { namespace, step } => commands::rm(&mut connect()?, namespace, *step, j),
         Cmd::Demo(a) => demo::run(a, j),
         Cmd::Bench(a) => bench::run(a, j),
+        Cmd::Soak(a) => soak::run(a, j),
         Cmd::DemoTrainer(a) => demo::run_trainer(a),
         Cmd::Run(_) => unreachable!("handled in main"),
     }

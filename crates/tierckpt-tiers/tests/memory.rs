@@ -112,6 +112,24 @@ fn retention_keeps_newest_complete_steps_and_recycles_segments() {
 }
 
 #[test]
+fn a_recycled_segment_truncated_behind_the_tier_is_handed_out_at_full_length() {
+    let dir = shm_dir();
+    let t = tier(dir.path(), 64 << 20, 1);
+    let data = save(&t, "job", 1, 0, 1, 100_000);
+    save(&t, "job", 2, 0, 1, 100_000);
+    // Step 1's file went to the pool; cut it short, as a fault or another process might.
+    let pooled: Vec<_> = std::fs::read_dir(dir.path().join("pool")).unwrap().map(|e| e.unwrap().path()).collect();
+    assert_eq!(pooled.len(), 1, "{pooled:?}");
+    OpenOptions::new().write(true).open(&pooled[0]).unwrap().set_len(10).unwrap();
+    let r = t.reserve(&ShardKey::new("job", 3, 0), 1, data.len() as u64).unwrap();
+    assert_eq!(t.usage().pooled, 0, "the pooled segment was reused");
+    // A writer maps the reservation at its full length; a shorter file would fault it.
+    assert!(std::fs::metadata(&r.path).unwrap().len() >= data.len() as u64);
+    std::fs::write(&r.path, &data).unwrap();
+    t.seal(r.id).unwrap();
+}
+
+#[test]
 fn full_tier_gives_capacity_exceeded_and_keeps_newest_complete() {
     let dir = shm_dir();
     let shard = sample_shard(ShardKey::new("a", 1, 0), 1, 100_000, 0).1.len() as u64;

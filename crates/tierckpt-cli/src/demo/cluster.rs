@@ -14,22 +14,22 @@ use tierckpt_harness::daemon::{LocalCluster, LocalClusterOptions};
 use super::{check_interrupt, DemoArgs, PLACEMENT, REPLICATION_FACTOR};
 
 /// The demo's directories, removed when closed or dropped.
-pub(super) struct Dirs {
+pub(crate) struct Dirs {
     /// The memory tiers' parent, on a tmpfs (`--tmp-dir`).
-    pub(super) memory: TempDir,
+    pub(crate) memory: TempDir,
     /// The persistent tier's and the baseline's parent, on a disk (`--persist-dir`).
-    pub(super) disk: TempDir,
+    pub(crate) disk: TempDir,
     /// The persistent tier, shared by every node.
-    pub(super) persist_dir: PathBuf,
+    pub(crate) persist_dir: PathBuf,
     /// The `file://` URL of `persist_dir`.
-    pub(super) persist_url: String,
+    pub(crate) persist_url: String,
     /// The baseline's checkpoint files.
-    pub(super) baseline_dir: PathBuf,
+    pub(crate) baseline_dir: PathBuf,
 }
 
 impl Dirs {
     /// Creates the memory tiers' directory and the persistent tier.
-    pub(super) fn create(a: &DemoArgs) -> Result<Self> {
+    pub(crate) fn create(a: &DemoArgs) -> Result<Self> {
         let tmp_dir = std::path::absolute(&a.tmp_dir).with_context(|| format!("resolving {}", a.tmp_dir.display()))?;
         let memory = tempfile::Builder::new()
             .prefix("tierckpt-demo-")
@@ -52,7 +52,7 @@ impl Dirs {
 
 /// The daemons' settings: `capacity` bytes of memory tier each, replicas
 /// on peers, and a drain to the persistent tier at `persist_url`.
-pub(super) fn options(a: &DemoArgs, world: usize, capacity: u64, persist_url: &str) -> LocalClusterOptions {
+pub(crate) fn options(a: &DemoArgs, world: usize, capacity: u64, persist_url: &str) -> LocalClusterOptions {
     let mut o = LocalClusterOptions { nodes: world, ..Default::default() };
     let s = &mut o.settings;
     s.memory_tier_size = Some(capacity.to_string());
@@ -67,7 +67,7 @@ pub(super) fn options(a: &DemoArgs, world: usize, capacity: u64, persist_url: &s
 }
 
 /// Live copies of every rank's shard of `step`, as node `from` sees them.
-pub(super) fn copies(cluster: &LocalCluster, from: usize, ns: &str, step: u64, world: usize) -> Result<Vec<usize>> {
+pub(crate) fn copies(cluster: &LocalCluster, from: usize, ns: &str, step: u64, world: usize) -> Result<Vec<usize>> {
     let st = Client::connect(cluster.socket(from))?.status()?;
     let c = st.cluster.ok_or_else(|| anyhow!("node {from} is not in a cluster"))?;
     let s = c.namespaces.get(ns).and_then(|steps| steps.iter().find(|s| s.step == step));
@@ -77,7 +77,7 @@ pub(super) fn copies(cluster: &LocalCluster, from: usize, ns: &str, step: u64, w
 /// Waits until every shard of `step` has `want` live copies (replication is
 /// asynchronous); returns how long that took, or None if it did not happen
 /// within `limit`.
-pub(super) fn wait_replicated(
+pub(crate) fn wait_replicated(
     cluster: &LocalCluster,
     from: usize,
     ns: &str,
@@ -102,7 +102,7 @@ pub(super) fn wait_replicated(
 /// Deletes a namespace from every node. A delete is local to a node, and a
 /// node whose peer dropped its copy may re-replicate its own meanwhile, so
 /// it checks, a few heartbeats later, that no node holds any of it.
-pub(super) fn delete_everywhere(cluster: &LocalCluster, ns: &str) -> Result<()> {
+pub(crate) fn delete_everywhere(cluster: &LocalCluster, ns: &str) -> Result<()> {
     for _ in 0..5 {
         for i in 0..cluster.nodes.len() {
             match Client::connect(cluster.socket(i))?.delete_namespace(ns) {
@@ -125,7 +125,7 @@ pub(super) fn delete_everywhere(cluster: &LocalCluster, ns: &str) -> Result<()> 
 
 /// The steps of `ns` committed in the `file://` persistent tier at `dir`
 /// (a step exists there only through its COMMIT object).
-pub(super) fn committed_steps(dir: &Path, ns: &str) -> Vec<u64> {
+pub(crate) fn committed_steps(dir: &Path, ns: &str) -> Vec<u64> {
     let mut steps: Vec<u64> = std::fs::read_dir(dir.join(ns))
         .map(|entries| {
             entries
@@ -160,7 +160,7 @@ fn uploading(cluster: &LocalCluster, ns: &str) -> Result<bool> {
 /// the step was committed. With `persist_every` > 1 the drainers may skip
 /// the step: then it also stops once no node has uploaded anything for
 /// 2.5 s (more than two rounds of the drainers), or after `limit`.
-pub(super) fn wait_persisted(
+pub(crate) fn wait_persisted(
     cluster: &LocalCluster,
     dir: &Path,
     ns: &str,

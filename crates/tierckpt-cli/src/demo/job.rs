@@ -32,7 +32,7 @@ fn trainer_exe() -> Result<PathBuf> {
 }
 
 /// Where a job's ranks checkpoint.
-pub(super) enum Store {
+pub(crate) enum Store {
     /// Into the memory tier of each rank's node daemon (one socket per rank).
     Daemons(Vec<PathBuf>),
     /// Synchronously into files in one directory (the baseline), for `world` ranks.
@@ -88,6 +88,7 @@ impl Trainer {
             .args(["--rank", &rank.to_string()])
             .args(["--world-size", &store.world().to_string()])
             .args(["--threads", &threads.to_string()])
+            .args(a.state_hashes.then_some("--state-hashes"))
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
@@ -150,14 +151,14 @@ impl Drop for Trainer {
 }
 
 /// The trainers of one incarnation of the job, rank r on node r.
-pub(super) struct Job {
+pub(crate) struct Job {
     trainers: Vec<Trainer>,
     events: Receiver<(usize, Value)>,
 }
 
 impl Job {
     /// Starts one trainer per rank of `store`, checkpointing into `namespace`.
-    pub(super) fn spawn(store: &Store, namespace: &str, a: &DemoArgs, threads: usize) -> Result<Self> {
+    pub(crate) fn spawn(store: &Store, namespace: &str, a: &DemoArgs, threads: usize) -> Result<Self> {
         let (tx, events) = mpsc::channel();
         let trainers = (0..store.world())
             .map(|rank| Trainer::spawn(rank, store, namespace, a, threads, tx.clone()))
@@ -166,17 +167,17 @@ impl Job {
     }
 
     /// Ranks of the job.
-    pub(super) fn world(&self) -> usize {
+    pub(crate) fn world(&self) -> usize {
         self.trainers.len()
     }
 
     /// The process id of rank `rank`'s trainer.
-    pub(super) fn pid(&self, rank: usize) -> u32 {
+    pub(crate) fn pid(&self, rank: usize) -> u32 {
         self.trainers[rank].child.id()
     }
 
     /// The next event of any rank.
-    pub(super) fn next_event(&self) -> Result<(usize, Value)> {
+    pub(crate) fn next_event(&self) -> Result<(usize, Value)> {
         let deadline = Instant::now() + Duration::from_secs(600);
         loop {
             check_interrupt()?;
@@ -192,7 +193,7 @@ impl Job {
     }
 
     /// Sends one line to every rank.
-    pub(super) fn tell_all(&mut self, line: &str) -> Result<()> {
+    pub(crate) fn tell_all(&mut self, line: &str) -> Result<()> {
         for (rank, t) in self.trainers.iter_mut().enumerate() {
             let stdin = t.stdin.as_mut().ok_or_else(|| anyhow!("rank {rank}'s stdin is closed"))?;
             writeln!(stdin, "{line}")
@@ -203,18 +204,18 @@ impl Job {
     }
 
     /// SIGKILLs rank `rank`'s trainer.
-    pub(super) fn kill(&mut self, rank: usize) -> Result<()> {
+    pub(crate) fn kill(&mut self, rank: usize) -> Result<()> {
         self.trainers[rank].kill()
     }
 
     /// What a job launcher does when a rank fails: SIGKILL the rest.
-    pub(super) fn kill_all(&mut self) -> Result<()> {
+    pub(crate) fn kill_all(&mut self) -> Result<()> {
         self.trainers.iter_mut().try_for_each(Trainer::kill)
     }
 
     /// Once every rank said it is done: closes their stdin and checks that
     /// each exited cleanly.
-    pub(super) fn wait_done(&mut self) -> Result<()> {
+    pub(crate) fn wait_done(&mut self) -> Result<()> {
         for (r, t) in self.trainers.iter_mut().enumerate() {
             t.stdin = None;
             let status = t.child.wait().context("waiting for a trainer")?;
@@ -225,7 +226,7 @@ impl Job {
 
     /// The error of rank `rank`'s trainer having exited before it was done,
     /// with the tail of its stderr.
-    pub(super) fn early_exit(&mut self, rank: usize) -> anyhow::Error {
+    pub(crate) fn early_exit(&mut self, rank: usize) -> anyhow::Error {
         let t = &mut self.trainers[rank];
         match t.child.wait().context("waiting for a trainer") {
             Ok(status) => anyhow!(

@@ -21,7 +21,7 @@ use crate::output::human_bytes;
 const TIERS: [&str; 3] = ["memory", "peer", "persistent"];
 
 /// How a start of the job ended.
-pub(super) enum Outcome {
+pub(crate) enum Outcome {
     /// Every rank finished the last step, with these state hashes in rank order.
     Done { hashes: Vec<String> },
     /// Every rank finished the step asked for and waits for the next `go`.
@@ -30,7 +30,7 @@ pub(super) enum Outcome {
 
 impl Outcome {
     /// The final state hashes of a run asked to go to the end.
-    pub(super) fn into_hashes(self) -> Vec<String> {
+    pub(crate) fn into_hashes(self) -> Vec<String> {
         match self {
             Outcome::Done { hashes } => hashes,
             Outcome::Stopped => unreachable!("no stop was asked for"),
@@ -54,7 +54,7 @@ fn num(v: &Value, k: &str) -> Result<f64> {
 /// Runs one start of the job: agrees on the step to resume from, then
 /// steps the ranks in lockstep until they are done, or until every rank
 /// finished step `stop_at` (they then wait for orders that never come).
-pub(super) fn drive(
+pub(crate) fn drive(
     job: &mut Job,
     steps: u64,
     ui: &Ui,
@@ -153,6 +153,7 @@ impl Lockstep<'_> {
                 .map(|a| a.iter().filter_map(|p| p.as_str().map(String::from)).collect())
                 .unwrap_or_default(),
             attempts: ev["attempts"].as_u64().unwrap_or(1),
+            state_hash: ev["state_hash"].as_str().map(String::from),
         });
         if self.inc.ranks.len() == self.world {
             let now = Instant::now();

@@ -81,17 +81,17 @@ use self::run_log::RunLog;
 use self::ui::Ui;
 
 mod baseline;
-mod cluster;
+pub(crate) mod cluster;
 mod failures;
-mod job;
-mod lockstep;
-mod model;
+pub(crate) mod job;
+pub(crate) mod lockstep;
+pub(crate) mod model;
 mod plan;
 mod report;
-mod run_log;
+pub(crate) mod run_log;
 mod traffic;
 mod trainer;
-mod ui;
+pub(crate) mod ui;
 
 /// Copies of each shard on peers.
 const REPLICATION_FACTOR: usize = 1;
@@ -145,6 +145,9 @@ pub struct DemoArgs {
     /// Write rate of the persistent storage per node, per second ("off": as fast as the local disk goes). It paces the drain to the persistent tier and the baseline's checkpoint writes alike. The default is what torch.save reached on an H100 node's local disk (8 GiB in 10.3 s).
     #[arg(long, value_name = "RATE", default_value = "800MB", value_parser = parse_rate)]
     pub storage_bandwidth: Rate,
+    /// Whether the trainers report the hash of the state they restored (`tierckpt soak` checks it).
+    #[arg(skip)]
+    pub state_hashes: bool,
 }
 
 /// The flags of `tierckpt demo-trainer`, the demo's training process (one rank).
@@ -189,6 +192,9 @@ pub struct TrainerArgs {
     /// Threads of the optimizer step [default: the cores shared among the ranks].
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Report the hash of the restored state in the `resumed` event.
+    #[arg(long)]
+    pub state_hashes: bool,
 }
 
 /// Runs one rank of the demo's job (`tierckpt demo-trainer`), talking to
@@ -263,7 +269,7 @@ fn run_reference(a: &DemoArgs, plan: &Plan, cluster: &LocalCluster, store: &Stor
 }
 
 /// Fails once Ctrl-C or SIGTERM arrived.
-fn check_interrupt() -> Result<()> {
+pub(crate) fn check_interrupt() -> Result<()> {
     if crate::signals::received() != 0 {
         bail!("interrupted");
     }

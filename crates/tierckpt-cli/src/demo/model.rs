@@ -17,9 +17,9 @@ mod tests;
 const _: () = assert!(cfg!(target_endian = "little"), "the demo trainer assumes a little-endian host");
 
 /// Width of every weight matrix.
-pub(super) const HIDDEN: usize = 1024;
+pub(crate) const HIDDEN: usize = 1024;
 /// Number of weight matrices ("layers"), each saved as its own tensors.
-pub(super) const LAYERS: usize = 8;
+pub(crate) const LAYERS: usize = 8;
 /// Elements per loss partial sum; fixed so the loss does not depend on threads.
 const BLOCK: usize = 1 << 16;
 /// Batches in the synthetic data set; the loader shuffles them every epoch.
@@ -38,7 +38,7 @@ const STEP_TENSOR: &str = "trainer.step";
 const RNG_TENSOR: &str = "trainer.rng_state";
 
 /// Rows of each layer for a state of `state_bytes` (12 bytes per parameter).
-pub(super) fn model_rows(state_bytes: u64) -> Result<Vec<usize>> {
+pub(crate) fn model_rows(state_bytes: u64) -> Result<Vec<usize>> {
     let params = state_bytes / 12;
     let rows = (params / HIDDEN as u64) as usize;
     ensure!(
@@ -50,7 +50,7 @@ pub(super) fn model_rows(state_bytes: u64) -> Result<Vec<usize>> {
 }
 
 /// Default trainer threads: the cores, shared among `ranks` trainers.
-pub(super) fn default_threads(ranks: usize) -> usize {
+pub(crate) fn default_threads(ranks: usize) -> usize {
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
     (cores / ranks.max(1)).max(1)
 }
@@ -94,19 +94,19 @@ impl Loader {
 /// whole rows of the flat parameter vector, with the matching Adam moments.
 /// Its tensors are its rows of every layer it touches.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(super) struct Shard {
-    pub(super) rank: u32,
-    pub(super) world_size: u32,
+pub(crate) struct Shard {
+    pub(crate) rank: u32,
+    pub(crate) world_size: u32,
     /// Global index of its first parameter.
-    pub(super) base: usize,
+    pub(crate) base: usize,
     /// (layer, first row within the layer, rows).
-    pub(super) pieces: Vec<(usize, usize, usize)>,
+    pub(crate) pieces: Vec<(usize, usize, usize)>,
 }
 
 impl Shard {
     /// Rank `rank`'s share of a model with these layer rows: rows
     /// [R r / W, R (r+1) / W) of the R rows of all layers in order.
-    pub(super) fn of(rows: &[usize], rank: u32, world_size: u32) -> Result<Self> {
+    pub(crate) fn of(rows: &[usize], rank: u32, world_size: u32) -> Result<Self> {
         ensure!(rank < world_size, "rank {rank} is not below the world size {world_size}");
         let total: usize = rows.iter().sum();
         let w = world_size as usize;
@@ -129,7 +129,7 @@ impl Shard {
 
     /// The whole model, on one rank.
     #[cfg(test)]
-    pub(super) fn whole(rows: &[usize]) -> Self {
+    pub(crate) fn whole(rows: &[usize]) -> Self {
         Self {
             rank: 0,
             world_size: 1,
@@ -139,12 +139,12 @@ impl Shard {
     }
 
     /// Rows of all layers it holds.
-    pub(super) fn rows(&self) -> usize {
+    pub(crate) fn rows(&self) -> usize {
         self.pieces.iter().map(|p| p.2).sum()
     }
 
     /// Parameters it holds.
-    pub(super) fn params(&self) -> usize {
+    pub(crate) fn params(&self) -> usize {
         self.rows() * HIDDEN
     }
 
@@ -156,7 +156,7 @@ impl Shard {
 
 /// Everything a training process holds: its shard of the weights and of
 /// Adam's moments, step counter, RNG and data loader.
-pub(super) struct TrainState {
+pub(crate) struct TrainState {
     seed: u64,
     step: u64,
     rng: Rng,
@@ -260,7 +260,7 @@ fn checkpoint_specs(shard: &Shard) -> Vec<TensorSpec> {
 
 /// The largest shard's checkpoint file length at the last step of a run
 /// (rank 0 holds the most rows), from the layout alone.
-pub(super) fn largest_checkpoint_len(seed: u64, steps: u64, rows: &[usize], world: usize) -> Result<u64> {
+pub(crate) fn largest_checkpoint_len(seed: u64, steps: u64, rows: &[usize], world: usize) -> Result<u64> {
     let mut max = 0;
     for rank in 0..world as u32 {
         let shard = Shard::of(rows, rank, world as u32)?;
@@ -288,7 +288,7 @@ struct Scalars {
 
 impl TrainState {
     /// A freshly initialised shard of the model (every page of it touched).
-    pub(super) fn new(seed: u64, shard: &Shard, threads: usize) -> Self {
+    pub(crate) fn new(seed: u64, shard: &Shard, threads: usize) -> Self {
         let n = shard.params();
         let mut params = vec![0f32; n];
         let mut exp_avg = vec![0f32; n];
@@ -316,23 +316,23 @@ impl TrainState {
     }
 
     /// Steps trained so far.
-    pub(super) fn step(&self) -> u64 {
+    pub(crate) fn step(&self) -> u64 {
         self.step
     }
 
     /// Parameters of this shard.
-    pub(super) fn params(&self) -> usize {
+    pub(crate) fn params(&self) -> usize {
         self.params.len()
     }
 
     /// Bytes of weights and moments.
-    pub(super) fn state_bytes(&self) -> u64 {
+    pub(crate) fn state_bytes(&self) -> u64 {
         12 * self.params.len() as u64
     }
 
     /// One training step; returns the mean loss of this shard's parameters
     /// before the update.
-    pub(super) fn train_step(&mut self, threads: usize) -> f64 {
+    pub(crate) fn train_step(&mut self, threads: usize) -> f64 {
         let noise_seed = self.rng.next_u64();
         let batch = self.loader.next_batch(&mut self.rng);
         self.step += 1;
@@ -357,7 +357,7 @@ impl TrainState {
     }
 
     /// xxh3-128 of every byte of state, in hex.
-    pub(super) fn state_hash(&self) -> String {
+    pub(crate) fn state_hash(&self) -> String {
         let mut h = xxhash_rust::xxh3::Xxh3Default::new();
         h.update(&self.step.to_le_bytes());
         h.update(&self.rng.to_bytes());
@@ -393,7 +393,7 @@ impl TrainState {
     }
 
     /// The checkpoint's tensors, borrowing the state, and its metadata.
-    pub(super) fn with_checkpoint<R>(&self, f: impl FnOnce(&[TensorData<'_>], &BTreeMap<String, String>) -> R) -> R {
+    pub(crate) fn with_checkpoint<R>(&self, f: impl FnOnce(&[TensorData<'_>], &BTreeMap<String, String>) -> R) -> R {
         let specs = checkpoint_specs(&self.shard);
         let step = (self.step as i64).to_le_bytes();
         let rng = self.rng.to_bytes();
@@ -418,7 +418,7 @@ impl TrainState {
 
     /// Fills the state from a checkpoint: `load` gets one buffer per tensor
     /// name and returns the checkpoint's metadata.
-    pub(super) fn restore_with(
+    pub(crate) fn restore_with(
         &mut self,
         load: impl FnOnce(&mut [(&str, &mut [u8])]) -> Result<BTreeMap<String, String>>,
     ) -> Result<()> {
@@ -482,7 +482,7 @@ impl TrainState {
 }
 
 /// The job's state hash: xxh3-128 of the ranks' state hashes, in rank order.
-pub(super) fn combined_hash(rank_hashes: &[String]) -> String {
+pub(crate) fn combined_hash(rank_hashes: &[String]) -> String {
     let mut h = xxhash_rust::xxh3::Xxh3Default::new();
     for r in rank_hashes {
         h.update(r.as_bytes());

@@ -5,108 +5,110 @@
 use std::time::Instant;
 
 /// One checkpoint of the job: every rank saved its shard of one step.
-pub(super) struct Checkpoint {
-    pub(super) step: u64,
+pub(crate) struct Checkpoint {
+    pub(crate) step: u64,
     /// The job's pause: the slowest rank's (the next step waits for it).
-    pub(super) stall_s: f64,
+    pub(crate) stall_s: f64,
     /// Each rank's pause.
-    pub(super) shard_stalls: Vec<f64>,
+    pub(crate) shard_stalls: Vec<f64>,
     /// Bytes of all ranks' shards.
-    pub(super) bytes: u64,
+    pub(crate) bytes: u64,
 }
 
 /// What one namespace's runs recorded.
 #[derive(Default)]
-pub(super) struct RunLog {
-    pub(super) checkpoints: Vec<Checkpoint>,
+pub(crate) struct RunLog {
+    pub(crate) checkpoints: Vec<Checkpoint>,
     /// Every rank's time of every step.
-    pub(super) step_s: Vec<f64>,
+    pub(crate) step_s: Vec<f64>,
     /// The newest step every rank finished.
-    pub(super) last_step: u64,
+    pub(crate) last_step: u64,
     /// The mean loss of the newest step.
-    pub(super) loss: Option<f64>,
+    pub(crate) loss: Option<f64>,
     /// When the newest failure struck.
-    pub(super) killed_at: Option<Instant>,
+    pub(crate) killed_at: Option<Instant>,
     /// Where checkpoints go, as the progress lines say it.
-    pub(super) into: &'static str,
+    pub(crate) into: &'static str,
     /// When the first step was ordered, and when the newest step ended.
-    pub(super) trained_from: Option<Instant>,
-    pub(super) last_step_at: Option<Instant>,
+    pub(crate) trained_from: Option<Instant>,
+    pub(crate) last_step_at: Option<Instant>,
 }
 
 impl RunLog {
     /// An empty log of a run checkpointing `into` (as the progress lines say it).
-    pub(super) fn new(into: &'static str) -> Self {
+    pub(crate) fn new(into: &'static str) -> Self {
         Self { into, ..Default::default() }
     }
 
     /// The training loop's time without its checkpoint pauses: what the
     /// job needs when nothing fails and nothing is saved.
-    pub(super) fn useful_s(&self) -> Option<f64> {
+    pub(crate) fn useful_s(&self) -> Option<f64> {
         let trained = (self.last_step_at? - self.trained_from?).as_secs_f64();
         Some(trained - self.stalls().iter().sum::<f64>())
     }
 
     /// The newest checkpoint's step.
-    pub(super) fn last_checkpoint(&self) -> Option<u64> {
+    pub(crate) fn last_checkpoint(&self) -> Option<u64> {
         self.checkpoints.iter().map(|c| c.step).max()
     }
 
     /// The job's pause at each checkpoint.
-    pub(super) fn stalls(&self) -> Vec<f64> {
+    pub(crate) fn stalls(&self) -> Vec<f64> {
         self.checkpoints.iter().map(|c| c.stall_s).collect()
     }
 }
 
 /// How one rank resumed.
-pub(super) struct RankRestore {
-    pub(super) rank: usize,
+pub(crate) struct RankRestore {
+    pub(crate) rank: usize,
     /// The tier it came from: memory, peer or persistent.
-    pub(super) tier: String,
+    pub(crate) tier: String,
     /// The tier the view before loading pointed to (memory, peer, persistent).
-    pub(super) expected_tier: String,
-    pub(super) restore_s: f64,
-    pub(super) bytes: u64,
+    pub(crate) expected_tier: String,
+    pub(crate) restore_s: f64,
+    pub(crate) bytes: u64,
     /// The peers that held it, when it came from one.
-    pub(super) peers: Vec<String>,
+    pub(crate) peers: Vec<String>,
     /// Tries of the load.
-    pub(super) attempts: u64,
+    pub(crate) attempts: u64,
+    /// The hash of the state it restored, when the trainers report it.
+    pub(crate) state_hash: Option<String>,
 }
 
 /// What one start of the job did before training.
 #[derive(Default)]
-pub(super) struct Incarnation {
+pub(crate) struct Incarnation {
     /// Each rank's answer to `latest`.
-    pub(super) latest_seen: Vec<Option<u64>>,
+    pub(crate) latest_seen: Vec<Option<u64>>,
     /// The step every rank resumed from.
-    pub(super) resume: Option<u64>,
-    pub(super) ranks: Vec<RankRestore>,
+    pub(crate) resume: Option<u64>,
+    pub(crate) ranks: Vec<RankRestore>,
     /// When the last rank had restored its shard.
-    pub(super) resumed_at: Option<Instant>,
+    pub(crate) resumed_at: Option<Instant>,
     /// The slowest rank's model initialisation.
-    pub(super) init_s: Option<f64>,
+    pub(crate) init_s: Option<f64>,
 }
 
 impl Incarnation {
     /// The ranks restored from `tier`, in order.
-    pub(super) fn ranks_from(&self, tier: &str) -> Vec<usize> {
+    pub(crate) fn ranks_from(&self, tier: &str) -> Vec<usize> {
         let mut r: Vec<usize> = self.ranks.iter().filter(|r| r.tier == tier).map(|r| r.rank).collect();
         r.sort_unstable();
         r
     }
 
     /// The slowest restore from `tier` (from any tier: none).
-    pub(super) fn restore_s(&self, tier: Option<&str>) -> Option<f64> {
+    pub(crate) fn restore_s(&self, tier: Option<&str>) -> Option<f64> {
         self.ranks.iter().filter(|r| tier.is_none_or(|t| r.tier == t)).map(|r| r.restore_s).reduce(f64::max)
     }
 
     /// The most bytes one rank restored from `tier`.
-    pub(super) fn bytes_from(&self, tier: &str) -> u64 {
+    pub(crate) fn bytes_from(&self, tier: &str) -> u64 {
         self.ranks.iter().filter(|r| r.tier == tier).map(|r| r.bytes).max().unwrap_or(0)
     }
 
     /// The slowest tier any rank restored from.
-    pub(super) fn recovered_from(&self) -> &'static str {
+    pub(crate) fn recovered_from(&self) -> &'static str {
         if self.resume.is_none() {
             return "none";
         }

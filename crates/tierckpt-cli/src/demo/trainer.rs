@@ -79,7 +79,11 @@ fn run_daemon_trainer(a: &TrainerArgs, mut state: TrainState, mut client: Client
     emit(json!({ "event": "latest", "step": latest }))?;
     let mut order = stdin_orders();
     if let Some(step) = parse_resume(&order()?)? {
-        emit(restore_from_daemon(&mut client, &mut state, ns, step, rank)?)?;
+        let mut resumed = restore_from_daemon(&mut client, &mut state, ns, step, rank)?;
+        if a.state_hashes {
+            resumed["state_hash"] = state.state_hash().into();
+        }
+        emit(resumed)?;
     }
     client.discard_incomplete_after(ns, state.step()).context("discarding leftovers of a crashed run")?;
     emit(json!({ "event": "ready", "step": state.step() }))?;
@@ -113,7 +117,7 @@ impl Whereabouts {
             .context("listing this node's checkpoints")?
             .iter()
             .any(|s| s.step == step && s.ranks.contains(&rank));
-        let status = if local { None } else { client.status().ok() };
+        let status = client.status().ok();
         let cluster = status.as_ref().and_then(|s| s.cluster.as_ref());
         let peers: Vec<String> = cluster
             .and_then(|c| {
@@ -132,15 +136,14 @@ impl Whereabouts {
         Ok(Self { local, peers, fetched_before, expected })
     }
 
-    /// Where the daemon found it: a fetch from a peer is counted; a shard
-    /// this node did not hold and no peer sent came from the persistent tier.
+    /// Where the daemon found it: a fetch from a peer is counted (also when
+    /// the local copy was found corrupt and dropped); a shard this node did
+    /// not hold and no peer sent came from the persistent tier.
     fn found_in(&self, client: &mut Client) -> &'static str {
-        if self.local {
-            return "memory";
-        }
         let fetched_after = client.status().ok().and_then(|s| s.cluster).map(|c| c.replication.shards_fetched);
         match (self.fetched_before, fetched_after) {
             (Some(b), Some(a)) if a > b => "peer",
+            _ if self.local => "memory",
             (Some(_), Some(_)) => "persistent",
             // No counters to tell by: trust the view taken before.
             _ => self.expected,

@@ -5,25 +5,25 @@
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 /// Prints progress lines to stderr, unless `--json`.
-pub(super) struct Ui {
-    pub(super) json: bool,
+pub(crate) struct Ui {
+    pub(crate) json: bool,
 }
 
 impl Ui {
     /// A line above the progress bar `pb`.
-    pub(super) fn say(&self, pb: &ProgressBar, msg: impl AsRef<str>) {
+    pub(crate) fn say(&self, pb: &ProgressBar, msg: impl AsRef<str>) {
         if !self.json {
             pb.suspend(|| eprintln!("{}", msg.as_ref()));
         }
     }
 
     /// A line while no progress bar is drawn.
-    pub(super) fn line(&self, msg: impl AsRef<str>) {
+    pub(crate) fn line(&self, msg: impl AsRef<str>) {
         self.say(&ProgressBar::hidden(), msg);
     }
 
     /// A progress bar of `len` steps (hidden with `--json`).
-    pub(super) fn bar(&self, len: u64, prefix: &'static str) -> ProgressBar {
+    pub(crate) fn bar(&self, len: u64, prefix: &'static str) -> ProgressBar {
         if self.json {
             return ProgressBar::hidden();
         }
@@ -40,7 +40,7 @@ impl Ui {
 }
 
 /// "12.3 ms" under a second, "4.56 s" from one.
-pub(super) fn fmt_s(s: f64) -> String {
+pub(crate) fn fmt_s(s: f64) -> String {
     if s < 1.0 {
         format!("{:.1} ms", s * 1e3)
     } else {
@@ -49,6 +49,6 @@ pub(super) fn fmt_s(s: f64) -> String {
 }
 
 /// "0,1,3".
-pub(super) fn list(ranks: &[usize]) -> String {
+pub(crate) fn list(ranks: &[usize]) -> String {
     ranks.iter().map(usize::to_string).collect::<Vec<_>>().join(",")
 }

@@ -221,6 +221,12 @@ impl MemoryTier {
                 let p = st.pool.swap_remove(i);
                 fs::rename(&p.path, &path).map_err(io_err("reusing", &p.path))?;
                 let f = open_write(&path).map_err(io_err("opening", &path))?;
+                // A file truncated behind the daemon would fault its writer's
+                // mapping (SIGBUS): give it its length back.
+                if f.metadata().map_err(io_err("reading the size of", &path))?.len() < len {
+                    tracing::warn!(path = %path.display(), "a pooled segment was shorter than recorded; resized");
+                    f.set_len(len).map_err(io_err("resizing", &path))?;
+                }
                 if p.len > len {
                     // Still held until cut: counted as transient meanwhile.
                     st.transient += p.len - len;
