@@ -75,6 +75,22 @@ pub struct PersistStatus {
     pub namespaces: Vec<NamespaceDrain>,
 }
 
+/// What the steps other nodes began ask of this node's drainer.
+enum Begun {
+    /// Upload this node's ranks of this step not up yet (step, world size,
+    /// ranks), then commit it if it is whole: the oldest begun step that
+    /// lacks some of them, or only its commit.
+    Join(u64, u32, Vec<u32>),
+    /// A begun step lacks only other nodes' ranks: begin no newer step.
+    Wait,
+    /// Go on with the newest complete step.
+    Nothing,
+}
+
+/// How long a drainer waits for other nodes to finish a step it did its
+/// part of before it begins a newer one anyway.
+const PENDING_LIMIT: Duration = Duration::from_secs(30);
+
 #[derive(Default)]
 struct NsState {
     shown: NamespaceDrain,
@@ -82,6 +98,8 @@ struct NsState {
     decided: Option<u64>,
     since_last: u64,
     last_time: Option<Instant>,
+    /// The begun step this node waits for others to finish, since when.
+    waiting: Option<(u64, Instant)>,
 }
 
 /// Drains complete checkpoints from the memory tier to the persistent tier, in the background.
@@ -249,7 +267,16 @@ impl Drainer {
     }
 
     async fn drain_namespace(&self, ns: &str) -> Result<(), TierError> {
-        let Some((step, world, mine)) = self.work(ns).pop() else { return Ok(()) };
+        let mut work = self.work(ns);
+        // Finish what the cluster began first: a step commits only once
+        // every rank is up, and nodes that each went for their own newest
+        // step, while checkpoints come faster than the drain, would commit none.
+        match self.begun(ns, &work).await? {
+            Begun::Join(step, world, mine) => return self.persist(ns, step, world, mine).await,
+            Begun::Wait => return Ok(()),
+            Begun::Nothing => {}
+        }
+        let Some((step, world, mine)) = work.pop() else { return Ok(()) };
         if lock(&self.state).get(ns).is_some_and(|s| s.decided.is_some_and(|d| d >= step)) {
             return Ok(());
         }
@@ -267,19 +294,71 @@ impl Drainer {
             requested.unwrap_or(due_by_count || due_by_time)
         };
         if !due {
-            // Another node already started persisting this step: join in,
-            // whatever this node's own count says.
-            let started_elsewhere = self.cluster.is_some()
-                && self.store.steps(ns).await?.iter().any(|s| s.step == step && !s.ranks.is_empty());
-            if !started_elsewhere {
-                let mut st = lock(&self.state);
-                let s = st.entry(ns.to_string()).or_default();
-                s.decided = Some(step);
-                s.since_last += 1;
-                s.shown.skipped += 1;
-                return Ok(());
+            // (Had another node begun it, `begun_elsewhere` would have joined in.)
+            let mut st = lock(&self.state);
+            let s = st.entry(ns.to_string()).or_default();
+            s.decided = Some(step);
+            s.since_last += 1;
+            s.shown.skipped += 1;
+            return Ok(());
+        }
+        self.persist(ns, step, world, mine).await
+    }
+
+    /// What the steps begun in the store and not committed ask of this node
+    /// (in a cluster; the store is listed only while this node holds a
+    /// complete step newer than the last commit it saw).
+    async fn begun(&self, ns: &str, work: &[(u64, u32, Vec<u32>)]) -> Result<Begun, TierError> {
+        if self.cluster.is_none() {
+            return Ok(Begun::Nothing);
+        }
+        let seen = lock(&self.state).get(ns).and_then(|s| s.shown.last_committed);
+        if !work.iter().any(|(step, _, mine)| !mine.is_empty() && seen.is_none_or(|c| *step > c)) {
+            return Ok(Begun::Nothing);
+        }
+        let stored = self.store.steps(ns).await?;
+        let committed = stored.iter().filter(|s| s.committed).map(|s| s.step).max();
+        let mut st = lock(&self.state);
+        let state = st.entry(ns.to_string()).or_default();
+        if let Some(c) = committed.filter(|&c| seen.is_none_or(|s| c > s)) {
+            state.shown.last_committed = Some(c);
+        }
+        // Begun and still complete here (not evicted), oldest first.
+        let mut pending = work.iter().filter(|(step, ..)| {
+            committed.is_none_or(|c| *step > c)
+                && stored.iter().any(|s| s.step == *step && !s.committed && !s.ranks.is_empty())
+        });
+        let up = |step: u64| stored.iter().find(|s| s.step == step).map_or(&[][..], |s| &s.ranks[..]);
+        let Some(oldest) = pending.clone().next() else { return Ok(Begun::Nothing) };
+        // The oldest that lacks ranks of this node, or lacks only its COMMIT
+        // (the commit failed: any node may write it).
+        let join = pending.find(|(step, world, mine)| {
+            mine.iter().any(|r| !up(*step).contains(r)) || up(*step).len() == *world as usize
+        });
+        if let Some((step, world, mine)) = join {
+            let missing = mine.iter().copied().filter(|r| !up(*step).contains(r)).collect();
+            return Ok(Begun::Join(*step, *world, missing));
+        }
+        // Only other nodes' ranks are missing: start no new step meanwhile
+        // (a newer one would leave this one unfinished), unless they have
+        // not come for `PENDING_LIMIT` (a node lost, its copies not yet moved).
+        match state.waiting {
+            Some((step, since)) if step == oldest.0 && since.elapsed() > PENDING_LIMIT => Ok(Begun::Nothing),
+            Some((step, _)) if step == oldest.0 => Ok(Begun::Wait),
+            _ => {
+                state.waiting = Some((oldest.0, Instant::now()));
+                drop(st);
+                self.tier.pin_for_drain(ns, Some(oldest.0));
+                Ok(Begun::Wait)
             }
         }
+    }
+
+    /// Uploads this node's ranks (`mine`) of `step` and commits the step if
+    /// they were the last ones missing.
+    async fn persist(&self, ns: &str, step: u64, world: u32, mine: Vec<u32>) -> Result<(), TierError> {
+        // Retention must not drop this node's ranks of the step before they are up.
+        self.tier.pin_for_drain(ns, Some(step));
         let taken = Instant::now();
         // The step this drainer saw committed last: a delta base for the
         // ranks whose shard of it this node still holds in memory.
@@ -338,7 +417,7 @@ impl Drainer {
             {
                 let mut st = lock(&self.state);
                 let s = st.entry(ns.to_string()).or_default();
-                s.decided = Some(step);
+                s.decided = s.decided.max(Some(step));
                 s.since_last = 0;
                 s.last_time = Some(Instant::now());
                 s.shown.last_committed = Some(step);
@@ -347,6 +426,7 @@ impl Drainer {
                 s.shown.last_commit_unix_ms = Some(tierckpt_tiers::now_unix_ms());
             }
             self.metrics.committed(taken.elapsed());
+            self.tier.pin_for_drain(ns, None);
             // Clean-up after the commit point, reported separately from it.
             let _ = self.store.clean_unreferenced(ns, step).await;
             let deleted = self.store.retain(ns, self.cfg.keep_last, self.cfg.keep_every).await?;

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use tierckpt_client::{Client, ErrorKind, TensorData};
 use tierckpt_format::{Dtype, ShardKey};
+use tierckpt_harness::daemon::{LocalCluster, LocalClusterOptions};
 use tierckpt_harness::testing::{shm_dir, TestDaemon};
 
 const LIMIT: Duration = Duration::from_secs(60);
@@ -268,6 +269,82 @@ fn a_store_failing_30_percent_of_requests_still_commits() {
         save(&mut c, "flaky", step, 200_000);
     }
     wait_for("step 3 committed", || committed_steps(store.path(), "flaky").contains(&3));
+}
+
+#[test]
+fn a_throttled_slow_store_still_commits_and_restores_while_saves_go_on_in_memory() {
+    // 10 requests a second, each 30 ms late; over the rate: 503 SlowDown.
+    let (store, mut d) = file_daemon(&[
+        "--persistent-faults",
+        "rate=10,delay=30ms,seed=5",
+        "--persist-delta",
+        "false",
+        "--persist-keep-last",
+        "10",
+    ]);
+    let mut c = d.client();
+    let n = 300_000;
+    let mut saved = Vec::new();
+    for step in 1..=6 {
+        saved.push(save(&mut c, "slow", step, n));
+        // Saves land in memory whatever the store does.
+        assert_eq!(c.latest("slow").unwrap(), Some(step));
+    }
+    wait_for("step 6 committed", || committed_steps(store.path(), "slow").contains(&6));
+    lose_all_memory(&mut d);
+    let mut c = d.client();
+    assert_eq!(c.latest("slow").unwrap(), Some(6), "latest read through the throttled store");
+    assert!(load(&mut c, "slow", 6, n).unwrap() == saved[5], "restored bitwise through the throttled store");
+    for step in committed_steps(store.path(), "slow") {
+        assert!(load(&mut c, "slow", step, n).unwrap() == saved[step as usize - 1], "step {step}");
+    }
+}
+
+/// The steps of `ns` in a `file://` store with rank records but no COMMIT.
+fn begun_not_committed(dir: &Path, ns: &str) -> Vec<u64> {
+    let mut v: Vec<u64> = std::fs::read_dir(dir.join(ns))
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .filter(|e| !e.path().join("COMMIT").exists() && e.path().join("ranks").is_dir())
+                .filter_map(|e| e.file_name().to_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort_unstable();
+    v
+}
+
+#[test]
+fn a_cluster_whose_drain_is_slower_than_its_checkpoints_keeps_committing_steps() {
+    let dir = shm_dir();
+    let store = shm_dir();
+    let mut o = LocalClusterOptions { nodes: 3, ..Default::default() };
+    o.settings.memory_tier_size = Some("256MiB".into());
+    o.settings.keep_last = Some(100);
+    o.settings.persistent_path = Some(format!("file://{}", store.path().display()));
+    o.settings.persist_keep_last = Some(100);
+    o.settings.persist_delta = Some(false);
+    // Every request to the store takes 40 ms: a step's drain takes several
+    // times longer than the 25 ms between checkpoints.
+    o.settings.persistent_faults = Some("delay=40ms".into());
+    let c = LocalCluster::start(dir.path(), o).unwrap();
+    let mut clients: Vec<Client> = (0..3).map(|i| Client::connect(c.socket(i)).unwrap()).collect();
+    let n = 100_000;
+    for step in 1..=120u64 {
+        for (rank, client) in clients.iter_mut().enumerate() {
+            let data = payload(step * 3 + rank as u64, n);
+            let t = [TensorData { name: "w", dtype: Dtype::U8, shape: &[n], data: &data }];
+            client.save(&ShardKey::new("fast", step, rank as u32), 3, &t, &BTreeMap::new(), true).unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    // Nodes that each went for their own newest step committed 0 to 3 steps
+    // here in seven runs; finishing what another node began before beginning
+    // another, 5 or 6 (the saves pace it: a slower machine commits more).
+    let while_saving = committed_steps(store.path(), "fast");
+    assert!(while_saving.len() >= 4, "steps committed while checkpoints came faster than the drain: {while_saving:?}");
+    wait_for("the newest step committed", || committed_steps(store.path(), "fast").contains(&120));
+    wait_for("no step begun and left uncommitted", || begun_not_committed(store.path(), "fast").is_empty());
 }
 
 #[test]

@@ -1,11 +1,12 @@
 //! A fault-injecting adapter around any object store, for tests: a share of
 //! requests fail as a throttled or broken server would answer (before they
-//! reach the store, so they have no effect), and every request can be slowed.
-//! Configured with a spec such as `"fail=0.3,delay=5ms,seed=7"`.
+//! reach the store, so they have no effect), requests beyond a rate are
+//! refused as a throttling server refuses them, and every request can be
+//! slowed. Configured with a spec such as `"fail=0.3,delay=5ms,rate=50,seed=7"`.
 
 use std::fmt;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use futures_util::stream::BoxStream;
@@ -27,15 +28,18 @@ pub struct FaultSpec {
     pub fail: f64,
     /// Added to every request.
     pub delay: Duration,
+    /// Requests a second the store takes (a burst of as many); the rest
+    /// are refused with 503 SlowDown. None: no limit.
+    pub rate: Option<f64>,
     /// Seeds the choice of failing requests: the same seed fails the same
     /// requests of the same sequence.
     pub seed: u64,
 }
 
 impl FaultSpec {
-    /// Parses `"fail=0.3,delay=5ms,seed=7"` (every key optional).
+    /// Parses `"fail=0.3,delay=5ms,rate=50,seed=7"` (every key optional).
     pub fn parse(spec: &str) -> Result<Self, TierError> {
-        let mut f = FaultSpec { fail: 0.0, delay: Duration::ZERO, seed: 1 };
+        let mut f = FaultSpec { fail: 0.0, delay: Duration::ZERO, rate: None, seed: 1 };
         for kv in spec.split(',').filter(|s| !s.trim().is_empty()) {
             let (k, v) = kv.trim().split_once('=').ok_or_else(|| bad(kv))?;
             match k {
@@ -43,6 +47,9 @@ impl FaultSpec {
                 "delay" => {
                     let ms = v.strip_suffix("ms").and_then(|n| n.parse::<u64>().ok()).ok_or_else(|| bad(kv))?;
                     f.delay = Duration::from_millis(ms);
+                }
+                "rate" => {
+                    f.rate = Some(v.parse().ok().filter(|r: &f64| *r > 0.0 && r.is_finite()).ok_or_else(|| bad(kv))?)
                 }
                 "seed" => f.seed = v.parse().map_err(|_| bad(kv))?,
                 _ => return Err(bad(kv)),
@@ -53,43 +60,77 @@ impl FaultSpec {
 }
 
 fn bad(kv: &str) -> TierError {
-    TierError::InvalidArgument(format!("fault spec item {kv:?} is not fail=<0..1>, delay=<N>ms or seed=<N>"))
+    TierError::InvalidArgument(format!(
+        "fault spec item {kv:?} is not fail=<0..1>, delay=<N>ms, rate=<requests per second> or seed=<N>"
+    ))
 }
 
-/// Coin flips shared by a store and its uploads, the same sequence for the
-/// same seed.
+/// Coin flips and the rate limit shared by a store and its uploads, the
+/// same sequence of flips for the same seed.
 #[derive(Debug)]
 struct Dice {
     rng: Mutex<SmallRng>,
     fail: f64,
     delay: Duration,
+    bucket: Option<Mutex<Bucket>>,
+}
+
+/// A token bucket: `rate` tokens a second, at most `rate` held.
+#[derive(Debug)]
+struct Bucket {
+    rate: f64,
+    tokens: f64,
+    at: Instant,
+}
+
+impl Bucket {
+    /// Takes a token if one is there.
+    fn take(&mut self) -> bool {
+        let now = Instant::now();
+        self.tokens = (self.tokens + (now - self.at).as_secs_f64() * self.rate).min(self.rate);
+        self.at = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            return true;
+        }
+        false
+    }
 }
 
 impl Dice {
     fn new(spec: FaultSpec) -> Self {
-        Self { rng: Mutex::new(SmallRng::seed_from_u64(spec.seed)), fail: spec.fail, delay: spec.delay }
+        let bucket = spec.rate.map(|rate| Mutex::new(Bucket { rate, tokens: rate, at: Instant::now() }));
+        Self { rng: Mutex::new(SmallRng::seed_from_u64(spec.seed)), fail: spec.fail, delay: spec.delay, bucket }
     }
 
-    /// True when this request should fail (with probability `fail`).
-    fn roll(&self) -> bool {
-        self.rng.lock().unwrap_or_else(|p| p.into_inner()).random::<f64>() < self.fail
+    /// The injected error for this request, if it gets one: over the rate,
+    /// or failing (with probability `fail`).
+    fn refusal(&self, op: &str) -> Option<object_store::Error> {
+        if let Some(b) = &self.bucket {
+            let mut b = b.lock().unwrap_or_else(|p| p.into_inner());
+            if !b.take() {
+                return Some(injected(op, &format!("over {} requests a second", b.rate)));
+            }
+        }
+        let failed = self.fail > 0.0 && self.rng.lock().unwrap_or_else(|p| p.into_inner()).random::<f64>() < self.fail;
+        failed.then(|| injected(op, "injected"))
     }
 
     async fn gate(&self, op: &str) -> object_store::Result<()> {
         if !self.delay.is_zero() {
             tokio::time::sleep(self.delay).await;
         }
-        if self.fail > 0.0 && self.roll() {
-            return Err(injected(op));
+        match self.refusal(op) {
+            Some(e) => Err(e),
+            None => Ok(()),
         }
-        Ok(())
     }
 }
 
-fn injected(op: &str) -> object_store::Error {
+fn injected(op: &str, why: &str) -> object_store::Error {
     object_store::Error::Generic {
         store: "faults",
-        source: format!("injected fault on {op}: 503 SlowDown, please reduce your request rate").into(),
+        source: format!("{why} fault on {op}: 503 SlowDown, please reduce your request rate").into(),
     }
 }
 
@@ -129,8 +170,8 @@ struct FaultyUpload {
 impl MultipartUpload for FaultyUpload {
     fn put_part(&mut self, data: PutPayload) -> UploadPart {
         let dice = self.dice.clone();
-        if dice.fail > 0.0 && dice.roll() {
-            return Box::pin(async move { Err(injected("put_part")) });
+        if let Some(e) = dice.refusal("put_part") {
+            return Box::pin(async move { Err(e) });
         }
         let part = self.inner.put_part(data);
         Box::pin(async move {
@@ -186,8 +227,8 @@ impl ObjectStore for FaultyStore {
     }
 
     fn list(&self, prefix: Option<&Path>) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
-        if self.dice.fail > 0.0 && self.dice.roll() {
-            return futures_util::stream::once(async { Err(injected("list")) }).boxed();
+        if let Some(e) = self.dice.refusal("list") {
+            return futures_util::stream::once(async { Err(e) }).boxed();
         }
         self.inner.list(prefix)
     }

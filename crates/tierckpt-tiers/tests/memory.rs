@@ -130,6 +130,21 @@ fn a_recycled_segment_truncated_behind_the_tier_is_handed_out_at_full_length() {
 }
 
 #[test]
+fn a_step_pinned_for_the_drain_outlives_retention_until_unpinned() {
+    let dir = shm_dir();
+    let t = tier(dir.path(), 64 << 20, 2);
+    let steps = |t: &MemoryTier| t.steps("job").unwrap().iter().map(|s| s.step).collect::<Vec<_>>();
+    save(&t, "job", 1, 0, 1, 10_000);
+    save(&t, "job", 2, 0, 1, 10_000);
+    t.pin_for_drain("job", Some(1));
+    save(&t, "job", 3, 0, 1, 10_000);
+    save(&t, "job", 4, 0, 1, 10_000);
+    assert_eq!(steps(&t), [1, 3, 4], "the pinned step stays, the others follow keep_last");
+    t.pin_for_drain("job", None);
+    assert_eq!(steps(&t), [3, 4], "unpinned, retention applies at once");
+}
+
+#[test]
 fn full_tier_gives_capacity_exceeded_and_keeps_newest_complete() {
     let dir = shm_dir();
     let shard = sample_shard(ShardKey::new("a", 1, 0), 1, 100_000, 0).1.len() as u64;

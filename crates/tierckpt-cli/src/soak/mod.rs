@@ -29,6 +29,7 @@ use anyhow::{bail, ensure, Context, Result};
 use indicatif::ProgressBar;
 use tierckpt_harness::daemon::LocalCluster;
 use tierckpt_harness::size::{parse_size, Rate};
+use tierckpt_tiers::faults::FaultSpec;
 
 use self::oracle::judge;
 use self::oracle::Reference;
@@ -83,6 +84,10 @@ pub struct SoakArgs {
     /// Drain every Nth complete checkpoint to the persistent tier.
     #[arg(long, value_name = "N", default_value_t = 2)]
     pub persist_every: u64,
+    /// Faults of the persistent tier's store for the whole run: a share of
+    /// requests failing, a delay, a rate limit ("fail=0.3,delay=2ms,rate=200"; "off": none).
+    #[arg(long, value_name = "SPEC", default_value = "fail=0.3,delay=2ms")]
+    pub store_faults: String,
     /// Directory (a tmpfs) of the memory tiers.
     #[arg(long, value_name = "DIR", default_value = "/dev/shm")]
     pub tmp_dir: PathBuf,
@@ -136,20 +141,27 @@ pub fn run(a: &SoakArgs, json: bool) -> Result<()> {
     let capacity = 4 * (a.keep_last as u64 + 3) * (shard_bytes + (1 << 20));
     let dirs = Dirs::create(&job)?;
     let mut opts = options(&job, a.nodes, capacity, &dirs.persist_url);
-    opts.log = "error".into();
+    opts.log = std::env::var("SOAK_LOG").unwrap_or_else(|_| "error".into());
+    if a.store_faults != "off" {
+        let spec = format!("{},seed={}", a.store_faults, a.seed);
+        FaultSpec::parse(&spec).map_err(|e| anyhow::anyhow!("--store-faults: {e}"))?;
+        opts.settings.persistent_faults = Some(spec);
+    }
     let heartbeat_timeout = humantime::parse_duration(opts.settings.heartbeat_timeout.as_deref().unwrap_or("600ms"))?;
     let cluster = LocalCluster::start(dirs.memory.path(), opts).context("starting the cluster's daemons")?;
     let store = Store::Daemons((0..a.nodes).map(|i| cluster.socket(i)).collect());
     let faults = schedule(a.seed, job.steps, a.fault_every, a.nodes);
     let ui = Ui { json };
     ui.line(format!(
-        "tierckpt soak: {} checkpoints (one every {} steps) of a {}-rank job on {} local nodes, {} faults drawn from seed {}",
+        "tierckpt soak: {} checkpoints (one every {} steps) of a {}-rank job on {} local nodes, {} faults drawn from seed {}; \
+         store faults: {}",
         a.checkpoints,
         a.checkpoint_every,
         a.nodes,
         a.nodes,
         faults.len(),
-        a.seed
+        a.seed,
+        a.store_faults
     ));
     let mut soak = Soak {
         job,

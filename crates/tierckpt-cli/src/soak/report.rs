@@ -149,6 +149,7 @@ impl Report {
             "size": a.size,
             "checkpoint_every": a.checkpoint_every,
             "fault_every": a.fault_every,
+            "store_faults": a.store_faults,
             "steps": a.checkpoints * a.checkpoint_every,
             "checkpoints_planned": a.checkpoints,
             "checkpoints": self.checkpoints,

@@ -139,6 +139,9 @@ pub(super) struct State {
     pub(super) from_pool: u64,
     /// Reservations served from a fresh file.
     pub(super) fresh: u64,
+    /// Per namespace, the step the drain to the persistent tier works on:
+    /// retention keeps it, and memory pressure evicts it last.
+    pub(super) pinned: HashMap<String, u64>,
 }
 
 impl State {

@@ -17,14 +17,31 @@ impl MemoryTier {
     /// then complete steps other than the newest, oldest first. Steps being
     /// written and incomplete steps newer than the newest complete are kept.
     pub(super) fn victim(st: &State) -> Option<(String, u64)> {
-        let mut best: Option<(bool, u64, &(String, u64))> = None;
+        let mut best: Option<(bool, bool, u64, &(String, u64))> = None;
         for (k, s) in Self::evictable(st) {
-            let rank = (st.settled(&k.0, k.1, s), s.summary(k.1).created_unix_ms, k);
-            if best.as_ref().is_none_or(|b| (rank.0, rank.1) < (b.0, b.1)) {
+            let pinned = st.pinned.get(&k.0) == Some(&k.1);
+            let rank = (pinned, st.settled(&k.0, k.1, s), s.summary(k.1).created_unix_ms, k);
+            if best.as_ref().is_none_or(|b| (rank.0, rank.1, rank.2) < (b.0, b.1, b.2)) {
                 best = Some(rank);
             }
         }
-        best.map(|b| b.2.clone())
+        best.map(|b| b.3.clone())
+    }
+
+    /// Keeps `step` of `ns` from retention while the drain to the
+    /// persistent tier works on it (memory pressure still evicts it, last);
+    /// `None` lets it go. One step per namespace.
+    pub fn pin_for_drain(&self, ns: &str, step: Option<u64>) {
+        {
+            let mut st = self.lock();
+            match step {
+                Some(s) => st.pinned.insert(ns.to_string(), s),
+                None => st.pinned.remove(ns),
+            };
+        }
+        if step.is_none() {
+            self.retain(ns);
+        }
     }
 
     /// Bytes that pooled segments and every step [`Self::victim`] would
@@ -265,7 +282,7 @@ impl MemoryTier {
             let doomed: Vec<u64> = st
                 .steps
                 .range(range)
-                .filter(|((_, step), s)| *step < oldest_kept && !s.busy())
+                .filter(|((_, step), s)| *step < oldest_kept && !s.busy() && st.pinned.get(ns) != Some(step))
                 .map(|((_, step), _)| *step)
                 .collect();
             for step in doomed {
