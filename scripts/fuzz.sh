@@ -43,7 +43,7 @@ for t in "${TARGETS[@]}"; do
   status=0
   "fuzz/target/$HOST/release/$t" "$work" "fuzz/corpus/$t" \
     -max_total_time="$SECONDS_EACH" -timeout="$TIMEOUT_S" -rss_limit_mb=2048 \
-    -artifact_prefix="fuzz/artifacts/$t/" -print_final_stats=1 >"$log" 2>&1 || status=$?
+    -artifact_prefix="fuzz/artifacts/$t/" -dict=fuzz/dict/json.dict -print_final_stats=1 >"$log" 2>&1 || status=$?
   grep -E '^(#[0-9]+[[:space:]]+DONE|stat::number_of_executed_units|stat::peak_rss_mb)' "$log" || true
   if [ "$status" -ne 0 ]; then
     tail -n 40 "$log" >&2
