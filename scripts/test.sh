@@ -5,7 +5,8 @@
 # (CPU is enough; the first install downloads ~2 GB), xxhash and the
 # `tierckpt` package from ./python), then
 # the Rust workspace (unit, property, and integration tests with real daemon
-# processes on 127.0.0.1 and tmpfs), then the Python tests.
+# processes on 127.0.0.1 and tmpfs), the fuzz targets for a bounded time
+# (scripts/fuzz.sh), then the Python tests.
 # Needs cargo and python3 >= 3.10; the multi-host tests need root, iproute2 and
 # dnsmasq (installed below with apt-get when missing).
 set -euo pipefail
@@ -13,6 +14,7 @@ cd "$(dirname "$0")/.."
 
 echo "== cargo fmt --check"
 cargo fmt --all --check
+cargo fmt --manifest-path fuzz/Cargo.toml --check
 
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
@@ -36,6 +38,10 @@ cargo build --workspace --all-targets --locked
 
 echo "== cargo test"
 cargo test --workspace --locked
+
+echo "== fuzz"
+# Every fuzz target for 20 s from its committed corpus (docs/FUZZING.md).
+./scripts/fuzz.sh
 
 echo "== python tests"
 # Real daemons, real torch on CPU, 2-rank gloo jobs under torchrun.

@@ -122,6 +122,11 @@ pub(crate) async fn serve_app(
     // hyper's header timer also runs while a keep-alive connection waits
     // for its next request: one timeout covers slow heads and idle peers.
     http.timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(d.cfg.http_idle_timeout);
+    // A client may end its sending side once its request is whole (`curl -T`
+    // on some systems, `nc -N`): still answer it. Without this hyper drops
+    // the connection at that EOF, so such an upload got no reply and was
+    // sealed or not depending on timing.
+    http.half_close(true);
     let mut errors = crate::limits::AcceptErrors::new(what);
     let mut conns = tokio::task::JoinSet::new();
     loop {

@@ -5,7 +5,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use tierckpt_proto::{check_frame_len, Request, WireResult};
+use tierckpt_proto::{check_frame_len, frame, Request, WireResult};
 use tierckpt_tiers::{ErrorKind, WireError};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
@@ -94,18 +94,34 @@ fn peer_groups(s: &UnixStream) -> Vec<u32> {
     groups
 }
 
+/// One frame, as [`tierckpt_proto::read_frame`] reads it (the same errors).
 async fn read_frame(s: &mut UnixStream) -> std::io::Result<Option<Vec<u8>>> {
     let mut len = [0u8; 4];
-    match s.read_exact(&mut len).await {
-        Ok(_) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
-        Err(e) => return Err(e),
+    match read_full(s, &mut len).await? {
+        0 => return Ok(None),
+        4 => {}
+        n => return Err(frame::length_cut_short(n)),
     }
     let len = u32::from_be_bytes(len) as usize;
     check_frame_len(len)?;
     let mut body = vec![0u8; len];
-    s.read_exact(&mut body).await?;
+    let n = read_full(s, &mut body).await?;
+    if n < len {
+        return Err(frame::body_cut_short(n, len));
+    }
     Ok(Some(body))
+}
+
+/// Reads until `buf` is full or the stream ends: the bytes read.
+async fn read_full(s: &mut UnixStream, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match s.read(&mut buf[n..]).await? {
+            0 => break,
+            k => n += k,
+        }
+    }
+    Ok(n)
 }
 
 async fn write_reply(s: &mut UnixStream, reply: &WireResult) -> std::io::Result<()> {

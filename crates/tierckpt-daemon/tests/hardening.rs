@@ -1,7 +1,8 @@
 //! The daemon's network surfaces under abuse, against real daemon
 //! processes: steps far beyond the newest, uploads that trickle, idle and
 //! half-sent HTTP connections, a port already taken, and a flood of TCP
-//! connections under a low open-file limit.
+//! connections under a low open-file limit; arbitrary bytes on both
+//! sockets (`garbage`).
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -15,6 +16,9 @@ use tierckpt_format::{Dtype, ShardKey};
 use tierckpt_harness::daemon::{daemon_binary, DaemonOptions, DaemonProcess};
 use tierckpt_harness::testing::{http, shm_dir, TestDaemon};
 use tierckpt_tiers::conformance::sample_shard;
+
+#[path = "hardening/garbage.rs"]
+mod garbage;
 
 fn json(body: &[u8]) -> Value {
     serde_json::from_slice(body).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(body)))

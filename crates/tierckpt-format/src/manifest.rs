@@ -75,10 +75,11 @@ impl Manifest {
         }
     }
 
-    /// Byte range of chunk `i`.
+    /// Byte range of chunk `i` (empty, at the end, past the last chunk).
+    /// Saturating: a parsed manifest may have a chunk size near 2^64.
     pub fn chunk_range(&self, i: usize) -> (u64, u64) {
-        let a = i as u64 * self.chunk_size;
-        (a, (a + self.chunk_size).min(self.file_len))
+        let a = (i as u64).saturating_mul(self.chunk_size).min(self.file_len);
+        (a, a.saturating_add(self.chunk_size).min(self.file_len))
     }
 
     /// `Truncated` unless `len` is the file length this manifest describes.
@@ -164,6 +165,22 @@ mod tests {
         assert!(s.contains("x/manifest.json") && s.contains("2.0"), "{s}");
         m.format_version = "1.7".into();
         Manifest::from_json(&m.to_json(), "m").unwrap();
+    }
+
+    /// Found by the `manifest` fuzz target's invariant: chunk 1 of these
+    /// ended past 2^64 (a panic with overflow checks, a wrapped range
+    /// without).
+    #[test]
+    fn chunk_ranges_of_huge_chunks_stay_inside_the_file() {
+        let mut m = Manifest::compute(ShardKey::new("ns", 3, 1), 2, &[1, 2, 3], 5);
+        m.file_len = u64::MAX;
+        m.chunk_size = (1 << 63) + 1;
+        m.chunks = vec![m.chunks[0]; 2];
+        let m = Manifest::from_json(&m.to_json(), "m").unwrap();
+        assert_eq!(m.chunk_range(0), (0, (1 << 63) + 1));
+        assert_eq!(m.chunk_range(1), ((1 << 63) + 1, u64::MAX));
+        assert_eq!(m.chunk_range(2), (u64::MAX, u64::MAX));
+        assert_eq!(sample().chunk_range(usize::MAX), (10 << 20, 10 << 20));
     }
 
     #[test]
