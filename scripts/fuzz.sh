@@ -30,6 +30,9 @@ export RUSTFLAGS="-Cpasses=sancov-module -Cllvm-args=-sanitizer-coverage-level=4
 -Cllvm-args=-sanitizer-coverage-inline-8bit-counters -Cllvm-args=-sanitizer-coverage-pc-table \
 -Cllvm-args=-sanitizer-coverage-trace-compares --cfg fuzzing"
 export CARGO_INCREMENTAL=0
+# Its own build directory, whatever CARGO_TARGET_DIR says: instrumented
+# builds must not mix with the workspace's.
+export CARGO_TARGET_DIR="$PWD/fuzz/target"
 echo "== fuzz: build (${TARGETS[*]})"
 cargo build --manifest-path fuzz/Cargo.toml --release --locked --target "$HOST" \
   $(printf -- '--bin %s ' "${TARGETS[@]}")
