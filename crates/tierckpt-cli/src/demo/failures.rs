@@ -13,7 +13,7 @@ use tierckpt_harness::daemon::LocalCluster;
 
 use super::cluster::{committed_steps, copies, wait_persisted, wait_replicated};
 use super::job::{Job, Store};
-use super::lockstep::{drive, Outcome};
+use super::lockstep::{drive, drive_rolled_back, Outcome};
 use super::model::combined_hash;
 use super::plan::Plan;
 use super::run_log::{Incarnation, RankRestore, RunLog};
@@ -21,11 +21,35 @@ use super::traffic::{Meter, Traffic};
 use super::ui::{fmt_s, Ui};
 use super::{DemoArgs, REPLICATION_FACTOR};
 
-/// The namespace of the run with failures.
-const NS: &str = "demo";
+/// How the launcher brings the job back from a trainer crash or a node loss.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) enum Recovery {
+    /// The surviving ranks keep running and roll back in their own
+    /// processes; only the lost rank's trainer starts anew.
+    InProcess,
+    /// Every rank's trainer is stopped and started again.
+    FullRestart,
+}
+
+impl Recovery {
+    /// The namespace of the run, and its name in the report.
+    pub(super) fn namespace(self) -> &'static str {
+        match self {
+            Recovery::InProcess => "demo",
+            Recovery::FullRestart => "demo-restart",
+        }
+    }
+
+    pub(super) fn name(self) -> &'static str {
+        match self {
+            Recovery::InProcess => "in_process",
+            Recovery::FullRestart => "full_restart",
+        }
+    }
+}
 
 /// A failure the job came back from.
-pub(super) struct Recovery {
+pub(super) struct Recovered {
     /// Its record in the JSON report.
     pub(super) record: Value,
     /// How the job started again.
@@ -43,7 +67,9 @@ pub(super) struct TieredRun {
     pub(super) hashes: Vec<String>,
     pub(super) hash: String,
     /// [trainer crash, node loss, total memory loss].
-    pub(super) recoveries: [Recovery; 3],
+    pub(super) recoveries: [Recovered; 3],
+    /// How it came back from the crash and the node loss.
+    pub(super) recovery: Recovery,
     pub(super) wall_s: f64,
     /// The demo's own waits before failures (for a replica, for a commit):
     /// not the job's time.
@@ -64,22 +90,29 @@ pub(super) fn run_with_failures(
     store: &Store,
     persist_dir: &Path,
     ui: &Ui,
+    recovery: Recovery,
 ) -> Result<TieredRun> {
-    let meter = Meter::start(cluster, NS)?;
+    let ns = recovery.namespace();
+    let meter = Meter::start(cluster, ns)?;
     ui.line(format!(
-        "[2/3] training, with a trainer crash after step {}, the loss of node {} after step {} \
-         and the loss of every node's memory after step {}",
+        "[{}/4] training, with a trainer crash after step {}, the loss of node {} after step {} \
+         and the loss of every node's memory after step {}; {}",
+        if recovery == Recovery::InProcess { 2 } else { 3 },
         plan.crash_step,
         LocalCluster::node_id(plan.lost),
         plan.loss_step,
-        plan.total_step
+        plan.total_step,
+        match recovery {
+            Recovery::InProcess => "after the crash and the node loss the other ranks roll back in-process",
+            Recovery::FullRestart => "every failure restarts every rank (for comparison)",
+        }
     ));
     let log = RunLog::new("node memory");
     let t_main = Instant::now();
     let pb = ui.bar(a.steps, "training");
-    let mut run = Strikes { a, plan, cluster, store, persist_dir, ui, log, meter, pb, demo_waits_s: 0.0 };
+    let mut run = Strikes { a, plan, cluster, store, persist_dir, ui, log, meter, pb, demo_waits_s: 0.0, recovery };
 
-    let mut job = Job::spawn(store, NS, a, plan.threads)?;
+    let mut job = Job::spawn(store, ns, a, plan.threads)?;
     let (_, out) = drive(&mut job, a.steps, ui, &run.pb, &mut run.log, Some(plan.crash_step))?;
     ensure!(matches!(out, Outcome::Stopped), "the job finished before the crash");
     let (job, crash) = run.crash_trainer(job)?;
@@ -94,7 +127,7 @@ pub(super) fn run_with_failures(
     // counts below include it.
     let final_persist_wait_s = match run.log.last_checkpoint() {
         Some(s) if a.persist_every == 1 => {
-            Some(wait_persisted(run.cluster, persist_dir, NS, s, 1, Duration::from_secs(30))?.0)
+            Some(wait_persisted(run.cluster, persist_dir, ns, s, 1, Duration::from_secs(30))?.0)
         }
         _ => None,
     };
@@ -104,10 +137,11 @@ pub(super) fn run_with_failures(
         hashes,
         hash,
         recoveries: [crash, node_loss, total_loss],
+        recovery,
         wall_s,
         demo_waits_s: run.demo_waits_s,
         traffic: run.meter.total,
-        persisted_steps: committed_steps(persist_dir, NS),
+        persisted_steps: committed_steps(persist_dir, ns),
         final_persist_wait_s,
     })
 }
@@ -124,39 +158,74 @@ struct Strikes<'a> {
     meter: Meter,
     pb: ProgressBar,
     demo_waits_s: f64,
+    recovery: Recovery,
 }
 
 impl Strikes<'_> {
     /// Starts the job again and drives it until every rank finished
     /// `stop_at`, the step of the `next` failure.
     fn restart(&mut self, stop_at: u64, next: &str) -> Result<(Job, Incarnation)> {
-        let mut job = Job::spawn(self.store, NS, self.a, self.plan.threads)?;
+        let mut job = Job::spawn(self.store, self.recovery.namespace(), self.a, self.plan.threads)?;
         let (inc, out) = drive(&mut job, self.a.steps, self.ui, &self.pb, &mut self.log, Some(stop_at))?;
         ensure!(matches!(out, Outcome::Stopped), "the job finished before {next}");
         Ok((job, inc))
     }
 
+    /// Brings the job back after rank(s) `lost` died: in-process (their
+    /// trainers start anew, the others roll back to the newest checkpoint
+    /// in their own processes) or by a full restart; then drives it to
+    /// `stop_at`. Returns the job, how it came back, and the words for it.
+    fn bring_back(&mut self, mut job: Job, lost: usize, stop_at: u64, next: &str) -> Result<(Job, Incarnation)> {
+        match (self.recovery, self.log.last_checkpoint()) {
+            (Recovery::InProcess, Some(step)) => {
+                job.respawn(lost)?;
+                let (inc, out) = drive_rolled_back(
+                    &mut job,
+                    self.a.steps,
+                    self.ui,
+                    &self.pb,
+                    &mut self.log,
+                    Some(stop_at),
+                    (step, &[lost]),
+                )?;
+                ensure!(matches!(out, Outcome::Stopped), "the job finished before {next}");
+                Ok((job, inc))
+            }
+            _ => {
+                job.kill_all()?;
+                drop(job);
+                self.restart(stop_at, next)
+            }
+        }
+    }
+
+    /// How [`Self::bring_back`] will bring the job back, in words.
+    fn how(&self) -> &'static str {
+        match (self.recovery, self.log.last_checkpoint()) {
+            (Recovery::InProcess, Some(_)) => {
+                "the other ranks roll back in their processes; only its trainer starts again"
+            }
+            _ => "the launcher stops the other ranks and restarts the job",
+        }
+    }
+
     /// Failure 1: a trainer crash.
-    fn crash_trainer(&mut self, mut job: Job) -> Result<(Job, Recovery)> {
+    fn crash_trainer(&mut self, mut job: Job) -> Result<(Job, Recovered)> {
         let (rank, step, world) = (self.plan.crash_rank, self.plan.crash_step, self.plan.world);
         let last_ckpt = self.log.last_checkpoint();
         let pid = job.pid(rank);
         let killed_at = Instant::now();
         job.kill(rank)?;
-        // The launcher sees a rank die and stops the others (they would hang in
-        // the next collective), then starts the job again.
-        job.kill_all()?;
-        drop(job);
         self.log.killed_at = Some(killed_at);
+        let how = self.how();
         self.ui.say(
             &self.pb,
             format!(
-                "    SIGKILL     rank {rank}'s trainer (pid {pid}) after step {step} (last checkpoint: step {}); \
-                 the launcher stops the other ranks and restarts the job",
+                "    SIGKILL     rank {rank}'s trainer (pid {pid}) after step {step} (last checkpoint: step {}); {how}",
                 last_ckpt.map_or("none".into(), |s| s.to_string())
             ),
         );
-        let (job, inc) = self.restart(self.plan.loss_step, "the node loss")?;
+        let (job, inc) = self.bring_back(job, rank, self.plan.loss_step, "the node loss")?;
         let record = failure_json(
             "trainer_crash",
             step,
@@ -164,12 +233,17 @@ impl Strikes<'_> {
             &inc,
             json!({ "rank_killed": rank, "ranks_stopped": (0..world).filter(|&r| r != rank).collect::<Vec<_>>() }),
         );
-        let what = format!("rank {rank}'s trainer SIGKILLed after step {step}; job restarted");
-        Ok((job, Recovery { record, inc, what, before: None }))
+        let what = match inc.ranks.iter().any(|r| r.in_process) {
+            true => format!(
+                "rank {rank}'s trainer SIGKILLed after step {step}; its trainer restarted, the others rolled back"
+            ),
+            false => format!("rank {rank}'s trainer SIGKILLed after step {step}; job restarted"),
+        };
+        Ok((job, Recovered { record, inc, what, before: None }))
     }
 
     /// Failure 2: node `lost` goes away with its trainer; an empty node takes its place.
-    fn lose_node(&mut self, mut job: Job) -> Result<(Job, Recovery)> {
+    fn lose_node(&mut self, mut job: Job) -> Result<(Job, Recovered)> {
         let (lost, step, world) = (self.plan.lost, self.plan.loss_step, self.plan.world);
         let node = LocalCluster::node_id(lost);
         let last_ckpt = self.log.last_checkpoint();
@@ -178,11 +252,19 @@ impl Strikes<'_> {
         let watcher = (lost + 1) % world;
         let want = REPLICATION_FACTOR + 1;
         let replication_wait_s = match last_ckpt {
-            Some(s) => wait_replicated(self.cluster, watcher, NS, s, world, want, Duration::from_secs(30))?,
+            Some(s) => wait_replicated(
+                self.cluster,
+                watcher,
+                self.recovery.namespace(),
+                s,
+                world,
+                want,
+                Duration::from_secs(30),
+            )?,
             None => None,
         };
         let copies_at_kill = match last_ckpt {
-            Some(s) => copies(self.cluster, watcher, NS, s, world)?,
+            Some(s) => copies(self.cluster, watcher, self.recovery.namespace(), s, world)?,
             None => Vec::new(),
         };
         let daemon_pid = self.cluster.node(lost).pid();
@@ -191,8 +273,6 @@ impl Strikes<'_> {
         let killed_at = Instant::now();
         self.cluster.kill(lost)?;
         job.kill(lost)?;
-        job.kill_all()?;
-        drop(job);
         self.log.killed_at = Some(killed_at);
         let t = Instant::now();
         self.cluster.replace_empty(lost).context("starting an empty replacement node")?;
@@ -202,17 +282,18 @@ impl Strikes<'_> {
             &self.pb,
             format!(
                 "    node loss   {node}: tierckptd (pid {daemon_pid}) and rank {lost}'s trainer (pid {trainer_pid}) SIGKILLed after step {step} \
-                 (last checkpoint: step {}, {}); an empty tierckptd (pid {}) took its place in {}",
+                 (last checkpoint: step {}, {}); an empty tierckptd (pid {}) took its place in {}; {}",
                 last_ckpt.map_or("none".into(), |s| s.to_string()),
                 match replication_wait_s {
                     Some(w) => format!("every shard on {want} nodes, waited {} for it", fmt_s(w)),
                     None => format!("copies per shard {copies_at_kill:?}"),
                 },
                 self.cluster.node(lost).pid(),
-                fmt_s(replace_s)
+                fmt_s(replace_s),
+                self.how()
             ),
         );
-        let (job, inc) = self.restart(self.plan.total_step, "the total memory loss")?;
+        let (job, inc) = self.bring_back(job, lost, self.plan.total_step, "the total memory loss")?;
         let record = failure_json(
             "node_loss",
             step,
@@ -234,25 +315,30 @@ impl Strikes<'_> {
             format!("node {node} lost after step {step} (daemon and trainer SIGKILLed), replaced by an empty node");
         let before =
             replication_wait_s.map(|w| format!("waited {} for every shard to have a copy on a peer", fmt_s(w)));
-        Ok((job, Recovery { record, inc, what, before }))
+        Ok((job, Recovered { record, inc, what, before }))
     }
 
     /// Failure 3: every node loses its memory (and every trainer dies); empty
     /// nodes take their places and the job restores from the persistent tier
     /// and runs to the end. Returns the ranks' final state hashes.
-    fn lose_all_memory(&mut self, mut job: Job) -> Result<(Vec<String>, Recovery)> {
+    fn lose_all_memory(&mut self, mut job: Job) -> Result<(Vec<String>, Recovered)> {
         let (step, world) = (self.plan.total_step, self.plan.world);
         let last_ckpt = self.log.last_checkpoint();
         // The drain runs in the background, a second or so behind the trainers;
         // the demo waits for the newest checkpoint's commit so that the resume
         // step does not depend on timing.
         let (persist_wait_s, persisted) = match last_ckpt {
-            Some(s) => {
-                wait_persisted(self.cluster, self.persist_dir, NS, s, self.a.persist_every, Duration::from_secs(60))?
-            }
+            Some(s) => wait_persisted(
+                self.cluster,
+                self.persist_dir,
+                self.recovery.namespace(),
+                s,
+                self.a.persist_every,
+                Duration::from_secs(60),
+            )?,
             None => (0.0, false),
         };
-        let committed_at_kill = committed_steps(self.persist_dir, NS).last().copied();
+        let committed_at_kill = committed_steps(self.persist_dir, self.recovery.namespace()).last().copied();
         let daemon_pids: Vec<u32> = (0..world).map(|i| self.cluster.node(i).pid()).collect();
         self.meter.read_all(self.cluster)?;
         let killed_at = Instant::now();
@@ -284,7 +370,7 @@ impl Strikes<'_> {
                 fmt_s(replace_s)
             ),
         );
-        let mut job = Job::spawn(self.store, NS, self.a, self.plan.threads)?;
+        let mut job = Job::spawn(self.store, self.recovery.namespace(), self.a, self.plan.threads)?;
         let (inc, out) = drive(&mut job, self.a.steps, self.ui, &self.pb, &mut self.log, None)?;
         let hashes = out.into_hashes();
         drop(job);
@@ -315,7 +401,7 @@ impl Strikes<'_> {
             }
             _ => format!("waited {} for the drain; newest committed step {newest}", fmt_s(persist_wait_s)),
         });
-        Ok((hashes, Recovery { record, inc, what, before }))
+        Ok((hashes, Recovered { record, inc, what, before }))
     }
 }
 
@@ -337,6 +423,7 @@ pub(super) fn failure_json(kind: &str, step_killed: u64, killed_at: Instant, inc
                     "bytes": r.bytes,
                     "peers": r.peers,
                     "attempts": r.attempts,
+                    "in_process": r.in_process,
                 })
             })
             .collect()
@@ -359,6 +446,9 @@ pub(super) fn failure_json(kind: &str, step_killed: u64, killed_at: Instant, inc
         "restore_s_persistent": inc.restore_s(Some("persistent")),
         "init_s": inc.init_s,
         "recovery_s": inc.resumed_at.map(|t| (t - killed_at).as_secs_f64()),
+        "first_step_s": inc.first_step_at.map(|t| (t - killed_at).as_secs_f64()),
+        "recovery": if inc.ranks.iter().any(|r| r.in_process) { "in_process" } else { "full_restart" },
+        "ranks_rolled_back_in_process": inc.ranks.iter().filter(|r| r.in_process).map(|r| r.rank).collect::<Vec<_>>(),
         "latest_seen": inc.latest_seen,
         "ranks": ranks,
     });

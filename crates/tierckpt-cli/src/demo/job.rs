@@ -32,6 +32,7 @@ fn trainer_exe() -> Result<PathBuf> {
 }
 
 /// Where a job's ranks checkpoint.
+#[derive(Clone)]
 pub(crate) enum Store {
     /// Into the memory tier of each rank's node daemon (one socket per rank).
     Daemons(Vec<PathBuf>),
@@ -55,6 +56,10 @@ impl Store {
     }
 }
 
+/// A trainer's line: its rank, its process id (a rank's trainer started again
+/// has another), what it said.
+type Event = (usize, u32, Value);
+
 /// One rank's trainer process: its stdout events go to the job's channel,
 /// the tail of its stderr is kept for error messages. Killed on drop.
 struct Trainer {
@@ -70,7 +75,7 @@ impl Trainer {
         namespace: &str,
         a: &DemoArgs,
         threads: usize,
-        events: Sender<(usize, Value)>,
+        events: Sender<Event>,
     ) -> Result<Self> {
         let exe = trainer_exe()?;
         let mut cmd = Command::new(&exe);
@@ -98,15 +103,16 @@ impl Trainer {
             cmd.spawn().with_context(|| format!("starting {} demo-trainer --rank {rank}", exe.display()))?;
         let stdout = child.stdout.take().expect("piped stdout");
         let stderr = child.stderr.take().expect("piped stderr");
+        let pid = child.id();
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines() {
                 let Ok(line) = line else { break };
                 let v = serde_json::from_str(&line).unwrap_or_else(|_| json!({ "event": "text", "text": line }));
-                if events.send((rank, v)).is_err() {
+                if events.send((rank, pid, v)).is_err() {
                     return;
                 }
             }
-            let _ = events.send((rank, json!({ "event": "exit" })));
+            let _ = events.send((rank, pid, json!({ "event": "exit" })));
         });
         let tail = Arc::new(Mutex::new(VecDeque::new()));
         let t = tail.clone();
@@ -153,7 +159,13 @@ impl Drop for Trainer {
 /// The trainers of one incarnation of the job, rank r on node r.
 pub(crate) struct Job {
     trainers: Vec<Trainer>,
-    events: Receiver<(usize, Value)>,
+    events: Receiver<Event>,
+    /// What a trainer is started with, to start one rank again.
+    store: Store,
+    namespace: String,
+    args: DemoArgs,
+    threads: usize,
+    sender: Sender<Event>,
 }
 
 impl Job {
@@ -163,7 +175,30 @@ impl Job {
         let trainers = (0..store.world())
             .map(|rank| Trainer::spawn(rank, store, namespace, a, threads, tx.clone()))
             .collect::<Result<_>>()?;
-        Ok(Self { trainers, events })
+        Ok(Self {
+            trainers,
+            events,
+            store: store.clone(),
+            namespace: namespace.to_string(),
+            args: a.clone(),
+            threads,
+            sender: tx,
+        })
+    }
+
+    /// Starts rank `rank`'s trainer again, after it died or was killed (the
+    /// other ranks keep running).
+    pub(crate) fn respawn(&mut self, rank: usize) -> Result<()> {
+        self.trainers[rank].kill()?;
+        self.trainers[rank] =
+            Trainer::spawn(rank, &self.store, &self.namespace, &self.args, self.threads, self.sender.clone())?;
+        Ok(())
+    }
+
+    /// Sends one line to rank `rank`.
+    pub(crate) fn tell(&mut self, rank: usize, line: &str) -> Result<()> {
+        let stdin = self.trainers[rank].stdin.as_mut().ok_or_else(|| anyhow!("rank {rank}'s stdin is closed"))?;
+        writeln!(stdin, "{line}").and_then(|()| stdin.flush()).with_context(|| format!("telling rank {rank} {line:?}"))
     }
 
     /// Ranks of the job.
@@ -176,13 +211,15 @@ impl Job {
         self.trainers[rank].child.id()
     }
 
-    /// The next event of any rank.
+    /// The next event of any rank's current trainer (what a trainer that
+    /// was replaced said last, its exit among it, is dropped).
     pub(crate) fn next_event(&self) -> Result<(usize, Value)> {
         let deadline = Instant::now() + Duration::from_secs(600);
         loop {
             check_interrupt()?;
             match self.events.recv_timeout(Duration::from_millis(100)) {
-                Ok(e) => return Ok(e),
+                Ok((rank, pid, v)) if pid == self.trainers[rank].child.id() => return Ok((rank, v)),
+                Ok(_) => {}
                 Err(RecvTimeoutError::Disconnected) => bail!("every trainer closed its stdout"),
                 Err(RecvTimeoutError::Timeout) if Instant::now() > deadline => {
                     bail!("the trainers said nothing for 10 minutes")
@@ -194,13 +231,7 @@ impl Job {
 
     /// Sends one line to every rank.
     pub(crate) fn tell_all(&mut self, line: &str) -> Result<()> {
-        for (rank, t) in self.trainers.iter_mut().enumerate() {
-            let stdin = t.stdin.as_mut().ok_or_else(|| anyhow!("rank {rank}'s stdin is closed"))?;
-            writeln!(stdin, "{line}")
-                .and_then(|()| stdin.flush())
-                .with_context(|| format!("telling rank {rank} {line:?}"))?;
-        }
-        Ok(())
+        (0..self.trainers.len()).try_for_each(|rank| self.tell(rank, line))
     }
 
     /// SIGKILLs rank `rank`'s trainer.

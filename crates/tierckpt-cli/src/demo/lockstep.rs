@@ -62,6 +62,37 @@ pub(crate) fn drive(
     log: &mut RunLog,
     stop_at: Option<u64>,
 ) -> Result<(Incarnation, Outcome)> {
+    run(job, steps, ui, pb, log, stop_at, None)
+}
+
+/// Like [`drive`], after in-process recovery (`(step, restarted)`): the
+/// ranks in `restarted` are new processes, told to resume from `step`;
+/// every other rank is still running, waiting for orders, and is told to
+/// roll back to `step` in its own process.
+pub(crate) fn drive_rolled_back(
+    job: &mut Job,
+    steps: u64,
+    ui: &Ui,
+    pb: &ProgressBar,
+    log: &mut RunLog,
+    stop_at: Option<u64>,
+    (step, restarted): (u64, &[usize]),
+) -> Result<(Incarnation, Outcome)> {
+    for rank in (0..job.world()).filter(|r| !restarted.contains(r)) {
+        job.tell(rank, &format!("rollback {step}"))?;
+    }
+    run(job, steps, ui, pb, log, stop_at, Some((step, restarted.to_vec())))
+}
+
+fn run(
+    job: &mut Job,
+    steps: u64,
+    ui: &Ui,
+    pb: &ProgressBar,
+    log: &mut RunLog,
+    stop_at: Option<u64>,
+    rolled_back: Option<(u64, Vec<usize>)>,
+) -> Result<(Incarnation, Outcome)> {
     let world = job.world();
     let mut d = Lockstep {
         job,
@@ -71,7 +102,12 @@ pub(crate) fn drive(
         log,
         stop_at,
         world,
-        inc: Incarnation { latest_seen: vec![None; world], ..Default::default() },
+        inc: Incarnation {
+            latest_seen: vec![None; world],
+            resume: rolled_back.as_ref().map(|r| r.0),
+            ..Default::default()
+        },
+        restarted: rolled_back.map(|r| r.1),
         latest_n: 0,
         ready_n: 0,
         by_step: BTreeMap::new(),
@@ -95,6 +131,8 @@ struct Lockstep<'a> {
     stop_at: Option<u64>,
     world: usize,
     inc: Incarnation,
+    /// After in-process recovery: the ranks started anew (the others roll back).
+    restarted: Option<Vec<usize>>,
     latest_n: usize,
     ready_n: usize,
     by_step: BTreeMap<u64, StepIn>,
@@ -131,6 +169,16 @@ impl Lockstep<'_> {
     fn on_latest(&mut self, rank: usize, ev: &Value) -> Result<()> {
         self.inc.latest_seen[rank] = ev["step"].as_u64();
         self.latest_n += 1;
+        if let Some(restarted) = &self.restarted {
+            // The step was settled by the launcher: the ranks still running roll back to it.
+            if self.latest_n == restarted.len() {
+                let order = format!("resume {}", self.inc.resume.expect("set with restarted"));
+                for &r in restarted {
+                    self.job.tell(r, &order)?;
+                }
+            }
+            return Ok(());
+        }
         if self.latest_n == self.world {
             // Every shard of a step some rank saw complete is still
             // held: retention never drops a newest complete step.
@@ -154,6 +202,7 @@ impl Lockstep<'_> {
                 .unwrap_or_default(),
             attempts: ev["attempts"].as_u64().unwrap_or(1),
             state_hash: ev["state_hash"].as_str().map(String::from),
+            in_process: ev["in_process"].as_bool().unwrap_or(false),
         });
         if self.inc.ranks.len() == self.world {
             let now = Instant::now();
@@ -223,6 +272,7 @@ impl Lockstep<'_> {
         let e = self.by_step.remove(&step).expect("present");
         let loss = e.loss_sum / e.params.max(1.0);
         self.log.last_step_at = Some(Instant::now());
+        self.inc.first_step_at.get_or_insert_with(Instant::now);
         self.log.last_step = step;
         self.log.loss = Some(loss);
         self.pb.set_position(step);

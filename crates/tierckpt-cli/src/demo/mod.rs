@@ -71,7 +71,7 @@ use tierckpt_harness::size::{parse_rate, parse_size, Rate};
 
 use self::baseline::run_baseline;
 use self::cluster::{delete_everywhere, wait_replicated, Dirs};
-use self::failures::run_with_failures;
+use self::failures::{run_with_failures, Recovery};
 use self::job::{Job, Store};
 use self::lockstep::drive;
 use self::model::combined_hash;
@@ -221,15 +221,19 @@ pub fn run(a: &DemoArgs, json: bool) -> Result<()> {
 
     // 1. The reference: the same job, never interrupted.
     let reference = run_reference(a, &plan, &cluster, &store, &ui)?;
-    // 2. The same job, with three failures.
-    let tiered = run_with_failures(a, &plan, &mut cluster, &store, &dirs.persist_dir, &ui)?;
+    // 2. The same job, with three failures, recovering in-process where it can.
+    let tiered = run_with_failures(a, &plan, &mut cluster, &store, &dirs.persist_dir, &ui, Recovery::InProcess)?;
+    // Its memory goes back to the pools for the next run (the persistent tier keeps its steps).
+    delete_everywhere(&cluster, Recovery::InProcess.namespace()).context("deleting the first run's checkpoints")?;
+    // 3. Again, restarting every rank at each failure, for comparison.
+    let restart = run_with_failures(a, &plan, &mut cluster, &store, &dirs.persist_dir, &ui, Recovery::FullRestart)?;
     drop(cluster);
     dirs.memory.close().context("removing the demo's memory tiers")?;
     // 3. The baseline: the same job and failures, checkpointing to files only.
     let base = run_baseline(a, &plan, &dirs.baseline_dir, &ui)?;
     dirs.disk.close().context("removing the demo's persistent tier and baseline files")?;
 
-    let report = Report::new(a, &plan, &dirs.persist_url, reference, tiered, base, wall)?;
+    let report = Report::new(a, &plan, &dirs.persist_url, reference, (tiered, restart), base, wall)?;
     report.print(json);
     report.check()
 }
@@ -246,7 +250,7 @@ struct Reference {
 /// checkpoints are deleted afterwards.
 fn run_reference(a: &DemoArgs, plan: &Plan, cluster: &LocalCluster, store: &Store, ui: &Ui) -> Result<Reference> {
     let ns = "demo-reference";
-    ui.line("[1/3] reference run, uninterrupted");
+    ui.line("[1/4] reference run, uninterrupted");
     let mut log = RunLog::new("node memory");
     let t = Instant::now();
     let pb = ui.bar(a.steps, "reference");

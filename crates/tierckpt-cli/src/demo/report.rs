@@ -8,7 +8,7 @@ use serde_json::{json, Value};
 use tierckpt_harness::stats::{gibps, median};
 
 use super::baseline::BaselineRun;
-use super::failures::{Recovery, TieredRun};
+use super::failures::{Recovered, TieredRun};
 use super::plan::Plan;
 use super::ui::{fmt_s, list};
 use super::{DemoArgs, Reference, PLACEMENT, REPLICATION_FACTOR};
@@ -26,26 +26,30 @@ pub(super) struct Report<'a> {
     persist_url: &'a str,
     reference: Reference,
     tiered: TieredRun,
+    /// The same failures, every rank restarted at each.
+    restart: TieredRun,
     base: BaselineRun,
     /// The training time an uninterrupted run without checkpoints needs.
     useful_s: f64,
     /// The run with failures' wall time, less the demo's own waits.
     run_s: f64,
     goodput: f64,
+    restart_goodput: f64,
     baseline_goodput: f64,
     wall_s: f64,
 }
 
 impl<'a> Report<'a> {
-    /// Computes the goodput: the training time an uninterrupted run without
-    /// checkpoints needs, over each run's wall time. The demo's own waits
+    /// Computes the goodput of each run (`tiered` recovering in-process,
+    /// `restart` restarting every rank): the training time an uninterrupted
+    /// run without checkpoints needs, over the run's wall time. The demo's own waits
     /// (for a copy on a peer, for a commit) before a failure are not the job's.
     pub(super) fn new(
         a: &'a DemoArgs,
         plan: &'a Plan,
         persist_url: &'a str,
         reference: Reference,
-        tiered: TieredRun,
+        (tiered, restart): (TieredRun, TieredRun),
         base: BaselineRun,
         started: std::time::Instant,
     ) -> Result<Self> {
@@ -53,6 +57,8 @@ impl<'a> Report<'a> {
         let run_s = tiered.wall_s - tiered.demo_waits_s;
         Ok(Self {
             goodput: useful_s / run_s,
+            restart_goodput: useful_s / (restart.wall_s - restart.demo_waits_s),
+            restart,
             baseline_goodput: useful_s / base.wall_s,
             a,
             plan,
@@ -81,6 +87,11 @@ impl<'a> Report<'a> {
         ensure!(
             final_hash == ref_hash,
             "the final state after the failures ({final_hash}) differs from the uninterrupted run's ({ref_hash})"
+        );
+        ensure!(
+            self.restart.hash == *ref_hash,
+            "the final state after the failures with full restarts ({}) differs from the uninterrupted run's ({ref_hash})",
+            self.restart.hash
         );
         ensure!(
             base_hash == ref_hash,
@@ -174,6 +185,15 @@ impl<'a> Report<'a> {
             "run_s": self.run_s,
             "demo_waits_s": self.tiered.demo_waits_s,
             "goodput": self.goodput,
+            "recovery": self.tiered.recovery.name(),
+            "restart_goodput": self.restart_goodput,
+            "full_restart": {
+                "bitwise_identical": self.restart.hash == self.reference.hash,
+                "goodput": self.restart_goodput,
+                "run_s": self.restart.wall_s - self.restart.demo_waits_s,
+                "demo_waits_s": self.restart.demo_waits_s,
+                "failures": self.restart.recoveries.iter().map(|r| &r.record).collect::<Vec<_>>(),
+            },
             "baseline_goodput": self.baseline_goodput,
             "baseline": {
                 "storage": "files, written and fsynced by each trainer",
@@ -268,8 +288,15 @@ impl<'a> Report<'a> {
         t.add_row(vec![
             "goodput".to_string(),
             format!(
-                "{:.2} with tierckpt, {:.2} with the baseline: {:.1} s of training over {:.1} s and {:.1} s",
-                self.goodput, self.baseline_goodput, self.useful_s, self.run_s, base.wall_s
+                "{:.2} with tierckpt recovering in-process, {:.2} with full restarts, {:.2} with the baseline: \
+                 {:.1} s of training over {:.1} s, {:.1} s and {:.1} s",
+                self.goodput,
+                self.restart_goodput,
+                self.baseline_goodput,
+                self.useful_s,
+                self.run_s,
+                self.restart.wall_s - self.restart.demo_waits_s,
+                base.wall_s
             ),
         ]);
         if let Some(m) = median_of(&base.log.stalls()) {
@@ -288,7 +315,7 @@ impl<'a> Report<'a> {
 
 /// A failure's rows: what struck, what the demo waited for before, where
 /// the ranks restored from and how fast, the recovery, the steps redone.
-fn recovery_rows(t: &mut Table, r: &Recovery) {
+fn recovery_rows(t: &mut Table, r: &Recovered) {
     let (f, inc) = (&r.record, &r.inc);
     t.add_row(vec!["failure".to_string(), r.what.clone()]);
     if let Some(b) = &r.before {
@@ -323,10 +350,19 @@ fn recovery_rows(t: &mut Table, r: &Recovery) {
                 format!("empty node started in {}, ", fmt_s(r))
             }
         });
+        let rolled: Vec<usize> = inc.ranks.iter().filter(|r| r.in_process).map(|r| r.rank).collect::<Vec<_>>();
+        let processes = if rolled.is_empty() {
+            "new processes".to_string()
+        } else {
+            format!("ranks {} rolled back in their processes, 1 new process", list(&rolled))
+        };
         t.add_row(vec![
             "recovery, kill to resumed".to_string(),
-            format!("{} ({replace}new processes{init})", fmt_s(rec)),
+            format!("{} ({replace}{processes}{init})", fmt_s(rec)),
         ]);
+        if let Some(first) = f["first_step_s"].as_f64() {
+            t.add_row(vec!["kill to the first step done".to_string(), fmt_s(first)]);
+        }
     }
     t.add_row(vec!["steps recomputed".to_string(), f["steps_recomputed"].to_string()]);
 }

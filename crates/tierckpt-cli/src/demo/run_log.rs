@@ -73,6 +73,8 @@ pub(crate) struct RankRestore {
     pub(crate) attempts: u64,
     /// The hash of the state it restored, when the trainers report it.
     pub(crate) state_hash: Option<String>,
+    /// Restored by a process that kept running (in-process recovery).
+    pub(crate) in_process: bool,
 }
 
 /// What one start of the job did before training.
@@ -85,6 +87,8 @@ pub(crate) struct Incarnation {
     pub(crate) ranks: Vec<RankRestore>,
     /// When the last rank had restored its shard.
     pub(crate) resumed_at: Option<Instant>,
+    /// When every rank had finished the first step after it.
+    pub(crate) first_step_at: Option<Instant>,
     /// The slowest rank's model initialisation.
     pub(crate) init_s: Option<f64>,
 }

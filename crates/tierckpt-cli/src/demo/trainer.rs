@@ -87,13 +87,27 @@ fn run_daemon_trainer(a: &TrainerArgs, mut state: TrainState, mut client: Client
     }
     client.discard_incomplete_after(ns, state.step()).context("discarding leftovers of a crashed run")?;
     emit(json!({ "event": "ready", "step": state.step() }))?;
-    train(a, &mut state, threads, &mut order, |state, step| {
+    let client = std::cell::RefCell::new(client);
+    let save = |state: &TrainState, step: u64| {
         let key = ShardKey::new(ns, step, rank);
         let timing = state
-            .with_checkpoint(|tensors, meta| client.save(&key, a.world_size, tensors, meta, false))
+            .with_checkpoint(|tensors, meta| client.borrow_mut().save(&key, a.world_size, tensors, meta, false))
             .with_context(|| format!("saving {key}"))?;
         Ok((timing.total_s(), timing.copy_s, timing.bytes))
-    })
+    };
+    // In-process recovery: another rank died; this process stays, rolls its
+    // state back from its node's memory and drops what was saved after.
+    let rollback = |state: &mut TrainState, step: u64| {
+        let mut c = client.borrow_mut();
+        let mut resumed = restore_from_daemon(&mut c, state, ns, step, rank)?;
+        resumed["in_process"] = true.into();
+        if a.state_hashes {
+            resumed["state_hash"] = state.state_hash().into();
+        }
+        c.discard_incomplete_after(ns, step).context("discarding what was saved after the rollback step")?;
+        Ok(resumed)
+    };
+    train(a, &mut state, threads, &mut order, save, Some(rollback))
 }
 
 /// Where the daemon will find a shard it is asked for, seen before asking.
@@ -213,28 +227,38 @@ fn run_file_trainer(a: &TrainerArgs, mut state: TrainState, files: FileCheckpoin
         }))?;
     }
     emit(json!({ "event": "ready", "step": state.step() }))?;
-    train(a, &mut state, threads, &mut order, |state, step| {
+    let save = |state: &TrainState, step: u64| {
         let t = Instant::now();
         let bytes = state
             .with_checkpoint(|tensors, meta| files.save(step, tensors, meta))
             .with_context(|| format!("saving step {step} of rank {} to files", a.rank))?;
         let s = t.elapsed().as_secs_f64();
         Ok((s, s, bytes))
-    })
+    };
+    // The baseline restarts every rank: it has no in-process rollback.
+    train(a, &mut state, threads, &mut order, save, None::<fn(&mut TrainState, u64) -> Result<Value>>)
 }
 
 /// The training loop shared by both kinds of trainer: a step on each "go",
 /// a checkpoint (by `save`, returning stall, copy time and bytes) every
-/// `checkpoint_every` steps.
+/// `checkpoint_every` steps, and on "rollback <step>" (where `rollback` is
+/// given) the state of that step again, restored in this process.
 fn train(
     a: &TrainerArgs,
     state: &mut TrainState,
     threads: usize,
     order: &mut impl FnMut() -> Result<String>,
     mut save: impl FnMut(&TrainState, u64) -> Result<(f64, f64, u64)>,
+    mut rollback: Option<impl FnMut(&mut TrainState, u64) -> Result<Value>>,
 ) -> Result<()> {
     while state.step() < a.steps {
         let o = order()?;
+        if let (Some(step), Some(roll)) = (o.strip_prefix("rollback "), rollback.as_mut()) {
+            let step = step.parse().with_context(|| format!("the demo said {o:?}"))?;
+            emit(roll(state, step)?)?;
+            emit(json!({ "event": "ready", "step": state.step() }))?;
+            continue;
+        }
         ensure!(o == "go", "the demo said {o:?}, expected \"go\"");
         let t = Instant::now();
         let loss = state.train_step(threads);

@@ -152,6 +152,7 @@ mod tests {
             peers: Vec::new(),
             attempts: 1,
             state_hash: Some(hash.to_string()),
+            in_process: false,
         };
         let inc = |resume: Option<u64>, hashes: [&str; 2]| Incarnation {
             resume,
