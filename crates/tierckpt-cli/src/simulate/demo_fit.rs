@@ -14,11 +14,13 @@ use super::params::Kind;
 pub struct DemoFit {
     /// The demo's measured goodput.
     pub measured_goodput: f64,
+    /// The demo's useful time: its uninterrupted run's training time.
+    pub useful_s: f64,
     /// The engine's run of the demo's schedule.
     pub outcome: Outcome,
     /// The time before the first step (process start), added to the engine's wall time.
     pub start_s: f64,
-    /// The job's step time: the reference run's training time over its steps.
+    /// The job's step time, as measured in the run with failures.
     pub step_s: f64,
     /// The mean checkpoint stall.
     pub stall_s: f64,
@@ -27,9 +29,10 @@ pub struct DemoFit {
 }
 
 impl DemoFit {
-    /// The predicted goodput, with the start included.
+    /// The predicted goodput: the demo's useful time (its uninterrupted
+    /// run's) over the predicted wall time, the start included.
     pub fn predicted(&self) -> f64 {
-        self.outcome.useful_s / (self.outcome.wall_s + self.start_s)
+        self.useful_s / (self.outcome.wall_s + self.start_s)
     }
 
     /// Predicted over measured goodput.
@@ -47,7 +50,8 @@ impl DemoFit {
             "stall_s_mean": self.stall_s,
             "start_s": self.start_s,
             "predicted_wall_s": self.outcome.wall_s + self.start_s,
-            "useful_s": self.outcome.useful_s,
+            "useful_s": self.useful_s,
+            "simulated_step_time_s": self.outcome.useful_s,
             "checkpoint_stall_s": self.outcome.stall_s,
             "lost_s": self.outcome.lost_s,
             "recovery_s": self.outcome.recovery_s,
@@ -79,8 +83,13 @@ pub fn fit(v: &Value) -> Result<DemoFit> {
     let every = int(v, "checkpoint_every")?.max(1);
     let persist_every = v["persist_every"].as_u64().unwrap_or(1).max(1);
     let replicas = v["replication_factor"].as_u64().unwrap_or(0);
-    // The job's step: the uninterrupted run's training time (stalls excluded) per step.
-    let step_s = num(v, "useful_s")? / steps as f64;
+    // The job's step in the run with failures (launcher's "go" to every rank
+    // done, steps without a checkpoint); older reports: the uninterrupted
+    // run's training time per step.
+    let step_s = match v["job_step_s_mean"].as_f64() {
+        Some(s) => s,
+        None => num(v, "useful_s")? / steps as f64,
+    };
     let stalls: Vec<f64> =
         v["stall_s"].as_array().map(|a| a.iter().filter_map(Value::as_f64).collect()).unwrap_or_default();
     let stall_s = if stalls.is_empty() { 0.0 } else { stalls.iter().sum::<f64>() / stalls.len() as f64 };
@@ -119,6 +128,7 @@ pub fn fit(v: &Value) -> Result<DemoFit> {
     let outcome = simulate(&plan, steps, step_s, &Schedule::Fixed(schedule), 0);
     Ok(DemoFit {
         measured_goodput: num(v, "goodput")?,
+        useful_s: num(v, "useful_s")?,
         outcome,
         start_s: v["start_s"].as_f64().unwrap_or(0.0),
         step_s,

@@ -212,7 +212,10 @@ pub fn simulate(plan: &Plan, steps: u64, step_s: f64, schedule: &Schedule, seed:
         pending: vec![None; n],
         out: Outcome { restored_from: vec![0; n + 1], checkpoints: vec![0; n], ..Outcome::default() },
     };
+    // Separate streams: the i-th failure's gap and kind are the same for every
+    // plan under one seed (common random numbers), whatever the stragglers do.
     let mut rng = Rng::seeded(seed);
+    let mut slow_rng = Rng::seeded(seed ^ 0x5354_5241_4747_4c45);
     let (rates, straggler_rate, slowdown, straggler_s) = match schedule {
         Schedule::Poisson { rates, straggler_rate, slowdown, straggler_s } => {
             (*rates, *straggler_rate, *slowdown, *straggler_s)
@@ -225,12 +228,12 @@ pub fn simulate(plan: &Plan, steps: u64, step_s: f64, schedule: &Schedule, seed:
         Schedule::Poisson { .. } => Vec::new(),
     };
     let mut next_fail = exp(&mut rng, total);
-    let mut next_straggler = exp(&mut rng, straggler_rate);
+    let mut next_straggler = exp(&mut slow_rng, straggler_rate);
     let mut slow_until = 0.0;
     while run.step < steps {
         while next_straggler <= run.t {
             slow_until = f64::max(slow_until, next_straggler) + straggler_s;
-            next_straggler += exp(&mut rng, straggler_rate);
+            next_straggler += exp(&mut slow_rng, straggler_rate);
         }
         let dur = if run.t < slow_until { step_s * slowdown } else { step_s };
         if run.t + dur > next_fail {

@@ -177,3 +177,6 @@ pub fn run(a: &SimulateArgs, json: bool) -> Result<()> {
     report::print(&p, &results, json);
     Ok(())
 }
+
+#[cfg(test)]
+mod tests;
