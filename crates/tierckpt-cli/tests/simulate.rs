@@ -69,3 +69,28 @@ fn bad_input_is_refused_naming_the_flag() {
         assert!(stderr.contains(flag), "{args:?}: the error does not name {flag}: {stderr}");
     }
 }
+
+#[test]
+fn costs_come_from_a_benchmark_report_unless_a_flag_is_given() {
+    let bench = tierckpt_harness::testing::tierckpt()
+        .args(["bench", "memory", "--size", "4MiB", "--tensors", "4", "--iters", "3", "--warmup", "1", "--json"])
+        .output()
+        .expect("running tierckpt bench memory");
+    let b = json_of(&bench);
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let path = dir.path().join("bench.json");
+    std::fs::write(&path, b.to_string()).expect("writing the bench report");
+    let path = path.to_str().expect("utf-8 path");
+
+    let v = json_of(&simulate(&["--json", "--steps", "1000", "--costs", path]));
+    assert_eq!(v["params"]["d2h_gibps"], b["save_gibps"], "{v:#}");
+    assert_eq!(v["params"]["h2d_gibps"], b["restore_gibps"], "{v:#}");
+    let v = json_of(&simulate(&["--json", "--steps", "1000", "--costs", path, "--d2h-gibps", "7"]));
+    assert_eq!(v["params"]["d2h_gibps"], 7.0, "{v:#}");
+
+    let empty = dir.path().join("empty.json");
+    std::fs::write(&empty, "{}").expect("writing");
+    let out = simulate(&["--costs", empty.to_str().expect("utf-8 path")]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--costs"), "{out:?}");
+}

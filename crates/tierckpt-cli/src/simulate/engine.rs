@@ -237,8 +237,10 @@ pub fn simulate(plan: &Plan, steps: u64, step_s: f64, schedule: &Schedule, seed:
         }
         let dur = if run.t < slow_until { step_s * slowdown } else { step_s };
         if run.t + dur > next_fail {
-            let partial = next_fail - run.t;
-            run.t = next_fail;
+            // A failure during the last stall strikes as the next step begins.
+            let at = next_fail.max(run.t);
+            let partial = at - run.t;
+            run.t = at;
             run.fail(pick(&mut rng, &rates), partial);
             next_fail = run.t + exp(&mut rng, total);
             continue;

@@ -4,9 +4,10 @@
 //! own measured costs and failure schedule predict.
 //!
 //! `params` holds the job, the rates and the costs and refuses bad input;
-//! `engine` is the event loop; `strategy` turns each strategy into tiers;
+//! `costs` reads measured rates from benchmark reports; `engine` is the event loop; `strategy` turns each strategy into tiers;
 //! `demo_fit` reads a demo report; `report` prints the results.
 
+mod costs;
 pub mod demo_fit;
 mod engine;
 mod params;
@@ -74,24 +75,24 @@ pub struct SimulateArgs {
     /// Seconds a straggler lasts before it is found and fixed.
     #[arg(long, default_value_t = 600.0, allow_negative_numbers = true)]
     pub straggler_s: f64,
-    /// Device-to-host GiB/s per GPU (tierckpt's blocking copy).
-    #[arg(long, default_value_t = 51.3, allow_negative_numbers = true)]
-    pub d2h_gibps: f64,
-    /// Host-to-device GiB/s per GPU (a restore from local memory).
-    #[arg(long, default_value_t = 50.6, allow_negative_numbers = true)]
-    pub h2d_gibps: f64,
+    /// Device-to-host GiB/s per GPU (tierckpt's blocking copy) [default: --costs' save_gibps, else 51.3].
+    #[arg(long, allow_negative_numbers = true)]
+    pub d2h_gibps: Option<f64>,
+    /// Host-to-device GiB/s per GPU (a restore from local memory) [default: --costs' restore_gibps, else 50.6].
+    #[arg(long, allow_negative_numbers = true)]
+    pub h2d_gibps: Option<f64>,
     /// DCP async_save GiB/s per GPU while the caller is blocked.
     #[arg(long, default_value_t = 1.41, allow_negative_numbers = true)]
     pub dcp_stage_gibps: f64,
-    /// Network GiB/s per node for checkpoint copies.
-    #[arg(long, default_value_t = 11.6, allow_negative_numbers = true)]
-    pub net_gibps: f64,
+    /// Network GiB/s per node for checkpoint copies [default: --costs' replicate_gibps, else 11.6].
+    #[arg(long, allow_negative_numbers = true)]
+    pub net_gibps: Option<f64>,
     /// Persistent storage GiB/s for the whole cluster.
     #[arg(long, default_value_t = 1862.0, allow_negative_numbers = true)]
     pub storage_gibps: f64,
-    /// Persistent storage GiB/s per node at most.
-    #[arg(long, default_value_t = 2.0, allow_negative_numbers = true)]
-    pub storage_node_gibps: f64,
+    /// Persistent storage GiB/s per node at most [default: --costs' persist_gibps, else 2].
+    #[arg(long, allow_negative_numbers = true)]
+    pub storage_node_gibps: Option<f64>,
     /// Seconds from a failure until the job notices.
     #[arg(long, default_value_t = 30.0, allow_negative_numbers = true)]
     pub detect_s: f64,
@@ -116,6 +117,10 @@ pub struct SimulateArgs {
     /// The first run's seed.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    /// A `tierckpt bench memory|replicate|persist --json` report whose measured
+    /// rates replace the defaults of the bandwidth flags (repeatable; flags given win).
+    #[arg(long, value_name = "BENCH.json")]
+    pub costs: Vec<PathBuf>,
     /// Predict the goodput of a `tierckpt demo --json` report from its measured costs and failures.
     #[arg(long, value_name = "REPORT.json")]
     pub from_demo: Option<PathBuf>,
@@ -125,6 +130,7 @@ impl SimulateArgs {
     /// The parameters the flags describe, checked.
     pub fn params(&self) -> Result<Params> {
         let gib = |v: f64| v * GIB;
+        let bench = costs::BenchCosts::read(&self.costs)?;
         let p = Params {
             nodes: self.nodes,
             gpus_per_node: self.gpus_per_node,
@@ -142,12 +148,12 @@ impl SimulateArgs {
             straggler_per_node_hour: self.straggler_per_node_hour,
             straggler_slowdown: self.straggler_slowdown,
             straggler_s: self.straggler_s,
-            d2h_bps: gib(self.d2h_gibps),
-            h2d_bps: gib(self.h2d_gibps),
+            d2h_bps: gib(self.d2h_gibps.or(bench.save_gibps).unwrap_or(51.3)),
+            h2d_bps: gib(self.h2d_gibps.or(bench.restore_gibps).unwrap_or(50.6)),
             dcp_stage_bps: gib(self.dcp_stage_gibps),
-            net_bps: gib(self.net_gibps),
+            net_bps: gib(self.net_gibps.or(bench.replicate_gibps).unwrap_or(11.6)),
             storage_bps: gib(self.storage_gibps),
-            storage_node_bps: gib(self.storage_node_gibps),
+            storage_node_bps: gib(self.storage_node_gibps.or(bench.persist_gibps).unwrap_or(2.0)),
             detect_s: self.detect_s,
             replace_s: self.replace_s,
             restart_s: self.restart_s,

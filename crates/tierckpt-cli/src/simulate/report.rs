@@ -95,6 +95,8 @@ fn params_json(p: &Params) -> Value {
         "failures_per_hour": Kind::ALL.iter().map(|k| (k.name().to_string(), json!(rates[k.index()] * 3600.0)))
             .collect::<serde_json::Map<_, _>>(),
         "storage_bytes_per_s_per_node": p.storage_per_node_bps(),
+        "d2h_gibps": p.d2h_bps / GIB, "h2d_gibps": p.h2d_bps / GIB, "net_gibps": p.net_bps / GIB,
+        "storage_node_gibps": p.storage_node_bps / GIB,
     })
 }
 

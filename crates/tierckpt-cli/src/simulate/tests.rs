@@ -60,6 +60,23 @@ fn poisson_failures_lose_half_an_interval_each_on_average() {
 }
 
 #[test]
+fn wall_time_is_the_sum_of_its_parts_and_no_part_is_negative() {
+    // Stalls longer than the mean time between failures: failures strike during stalls.
+    let o = simulate(&one_tier(1, 100.0), 200, 1.0, &poisson(1.0 / 10.0), 3);
+    assert!(o.failures[0] > 10 && o.lost_s >= 0.0, "{o:?}");
+    let p =
+        args(&["--nodes", "4096", "--steps", "20000", "--straggler-per-node-hour", "0.01"]).params().expect("valid");
+    for r in report::compare(&p, 1800.0, 2, 5) {
+        for o in &r.runs {
+            let parts = [o.useful_s, o.stall_s, o.lost_s, o.recovery_s, o.straggler_s];
+            assert!(parts.iter().all(|x| *x >= 0.0), "{o:?}");
+            let sum: f64 = parts.iter().sum();
+            assert!((sum - o.wall_s).abs() < 1e-6 * o.wall_s, "{}: {sum} != {}", r.strategy.name(), o.wall_s);
+        }
+    }
+}
+
+#[test]
 fn a_seed_determines_the_run() {
     let p = args(&["--nodes", "1024", "--steps", "20000"]).params().expect("valid");
     let built = build(Strategy::Tierckpt, &p, 1800.0);
