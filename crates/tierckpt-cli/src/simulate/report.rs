@@ -157,7 +157,7 @@ pub fn print_demo(fit: &DemoFit, json: bool) {
         println!(
             "demo: measured goodput {:.3}, predicted {:.3} (ratio {:.3}); {} failures, steps recomputed {:?} (demo: {:?})",
             fit.measured_goodput,
-            fit.outcome.goodput(),
+            fit.predicted(),
             fit.ratio(),
             fit.outcome.recomputed.len(),
             fit.outcome.recomputed,

@@ -147,3 +147,22 @@ fn bad_input_is_refused_naming_the_flag() {
         }
     }
 }
+
+#[test]
+fn a_demo_report_is_replayed_step_for_step() {
+    let failure = |kind: &str, killed: u64, recomputed: u64, rec: f64| serde_json::json!({"kind": kind, "step_killed": killed, "steps_recomputed": recomputed, "recovery_s": rec});
+    let v = serde_json::json!({
+        "steps": 30, "checkpoint_every": 5, "persist_every": 2, "replication_factor": 1,
+        "useful_s": 0.6, "goodput": 0.5, "job_step_s_mean": 0.02, "start_s": 0.1,
+        "stall_s": [0.01, 0.01, 0.01, 0.01, 0.01, 0.01],
+        "failures": [failure("trainer_crash", 11, 1, 0.1), failure("node_loss", 17, 2, 0.2),
+                     failure("total_memory_loss", 27, 7, 0.5)],
+    });
+    let fit = super::demo_fit::fit(&v).expect("a report");
+    // Persistent every 10 steps: the total loss at 27 goes back to 20.
+    assert_eq!(fit.outcome.recomputed, vec![1, 2, 7]);
+    // start + (30 + 10 recomputed) steps + 7 checkpoints (25 twice) + recoveries.
+    let wall = 0.1 + 40.0 * 0.02 + 7.0 * 0.01 + 0.8;
+    assert!((fit.predicted() - 0.6 / wall).abs() < 1e-9, "{}", fit.predicted());
+    assert!((fit.ratio() - 0.6 / wall / 0.5).abs() < 1e-9);
+}
