@@ -51,7 +51,7 @@ impl DemoFit {
             "start_s": self.start_s,
             "predicted_wall_s": self.outcome.wall_s + self.start_s,
             "useful_s": self.useful_s,
-            "simulated_step_time_s": self.outcome.useful_s,
+            "simulated_useful_s": self.outcome.useful_s,
             "checkpoint_stall_s": self.outcome.stall_s,
             "lost_s": self.outcome.lost_s,
             "recovery_s": self.outcome.recovery_s,

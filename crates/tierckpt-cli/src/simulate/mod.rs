@@ -121,7 +121,8 @@ pub struct SimulateArgs {
     /// rates replace the defaults of the bandwidth flags (repeatable; flags given win).
     #[arg(long, value_name = "BENCH.json")]
     pub costs: Vec<PathBuf>,
-    /// Predict the goodput of a `tierckpt demo --json` report from its measured costs and failures.
+    /// Predict the goodput of a `tierckpt demo --json` report from its measured costs and failures
+    /// (the other flags are then ignored).
     #[arg(long, value_name = "REPORT.json")]
     pub from_demo: Option<PathBuf>,
 }
