@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand, ValueEnum};
-use tierckpt_cli::{bench, commands, demo, output::escape, soak, supervise};
+use tierckpt_cli::{bench, commands, demo, output::escape, simulate, soak, supervise};
 use tierckpt_client::Client;
 
 #[derive(Parser, Debug)]
@@ -70,6 +70,8 @@ enum Cmd {
     Bench(bench::BenchArgs),
     /// The demo's job on a local cluster under a seeded random schedule of faults, checked bit for bit.
     Soak(soak::SoakArgs),
+    /// Goodput of a training job under failures, by strategy, simulated.
+    Simulate(simulate::SimulateArgs),
     /// The demo's training process (started by `tierckpt demo`).
     #[command(hide = true)]
     DemoTrainer(demo::TrainerArgs),
@@ -112,6 +114,7 @@ fn run(cli: &Cli) -> Result<()> {
         Cmd::Demo(a) => demo::run(a, j),
         Cmd::Bench(a) => bench::run(a, j),
         Cmd::Soak(a) => soak::run(a, j),
+        Cmd::Simulate(a) => simulate::run(a, j),
         Cmd::DemoTrainer(a) => demo::run_trainer(a),
         Cmd::Run(_) => unreachable!("handled in main"),
     }

@@ -71,6 +71,8 @@ pub(super) struct TieredRun {
     /// How it came back from the crash and the node loss.
     pub(super) recovery: Recovery,
     pub(super) wall_s: f64,
+    /// From the start of the run to the first step ordered (processes started).
+    pub(super) start_s: Option<f64>,
     /// The demo's own waits before failures (for a replica, for a commit):
     /// not the job's time.
     pub(super) demo_waits_s: f64,
@@ -132,6 +134,7 @@ pub(super) fn run_with_failures(
         _ => None,
     };
     run.meter.read_all(run.cluster)?;
+    let start_s = run.log.trained_from.map(|f| (f - t_main).as_secs_f64());
     Ok(TieredRun {
         log: run.log,
         hashes,
@@ -139,6 +142,7 @@ pub(super) fn run_with_failures(
         recoveries: [crash, node_loss, total_loss],
         recovery,
         wall_s,
+        start_s,
         demo_waits_s: run.demo_waits_s,
         traffic: run.meter.total,
         persisted_steps: committed_steps(persist_dir, ns),

@@ -253,6 +253,7 @@ impl Lockstep<'_> {
             self.pb.set_position(step);
             if step < self.steps {
                 self.log.trained_from.get_or_insert_with(Instant::now);
+                self.log.go_at = Some(Instant::now());
                 self.job.tell_all("go")?;
             }
         }
@@ -271,8 +272,12 @@ impl Lockstep<'_> {
         }
         let e = self.by_step.remove(&step).expect("present");
         let loss = e.loss_sum / e.params.max(1.0);
-        self.log.last_step_at = Some(Instant::now());
-        self.inc.first_step_at.get_or_insert_with(Instant::now);
+        let now = Instant::now();
+        if let (Some(go), true) = (self.log.go_at, e.checkpoint.is_empty()) {
+            self.log.job_step_s.push((now - go).as_secs_f64());
+        }
+        self.log.last_step_at = Some(now);
+        self.inc.first_step_at.get_or_insert(now);
         self.log.last_step = step;
         self.log.loss = Some(loss);
         self.pb.set_position(step);
@@ -284,6 +289,7 @@ impl Lockstep<'_> {
             return Ok(Some(Outcome::Stopped));
         }
         if step < self.steps {
+            self.log.go_at = Some(Instant::now());
             self.job.tell_all("go")?;
         }
         Ok(None)

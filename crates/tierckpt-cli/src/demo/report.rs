@@ -153,6 +153,10 @@ impl<'a> Report<'a> {
             "stall_s_max": stalls.iter().copied().reduce(f64::max),
             "shard_stall_s_median": median_of(&shard_stalls),
             "step_s_median": median_of(&log.step_s),
+            "job_step_s_median": median_of(&log.job_step_s),
+            "job_step_s_mean": (!log.job_step_s.is_empty())
+                .then(|| log.job_step_s.iter().sum::<f64>() / log.job_step_s.len() as f64),
+            "start_s": t.start_s,
             "restore_s": crash.record["restore_s"],
             "recovery_s": crash.record["recovery_s"],
             "restore_s_memory": crash.inc.restore_s(Some("memory")),

@@ -32,6 +32,10 @@ pub(crate) struct RunLog {
     /// When the first step was ordered, and when the newest step ended.
     pub(crate) trained_from: Option<Instant>,
     pub(crate) last_step_at: Option<Instant>,
+    /// When the launcher last told the ranks to take a step.
+    pub(crate) go_at: Option<Instant>,
+    /// The job's steps without a checkpoint, from "go" to every rank done.
+    pub(crate) job_step_s: Vec<f64>,
 }
 
 impl RunLog {
