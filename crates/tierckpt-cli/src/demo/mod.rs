@@ -11,23 +11,29 @@
 //! (`--size` is the total across ranks), and checkpoints it every K steps.
 //!
 //! The demo runs the job once uninterrupted for a reference, then again with
-//! three failures, each between two checkpoints (so work is lost and redone):
+//! three failures, each between two checkpoints (so work is lost and redone),
+//! recovering in-process where it can:
 //!
-//! 1. **trainer crash**: one rank's trainer is SIGKILLed; as a job launcher
-//!    would, the demo then SIGKILLs the other ranks and restarts the whole
-//!    job. Every rank restores from its own node's memory tier.
+//! 1. **trainer crash**: one rank's trainer is SIGKILLed; only that rank's
+//!    trainer starts again and restores from its node's memory tier, while
+//!    the other ranks, still running, roll back to the same checkpoint in
+//!    their own processes (`rollback <step>`, no new process, no model
+//!    construction).
 //! 2. **node loss**: node 2's daemon and its trainer are SIGKILLed together,
-//!    the other ranks stopped, and an empty daemon with the same node id and
-//!    address takes the lost node's place. The job restarts; rank 2's shard
-//!    comes from the peer that holds its replica.
+//!    and an empty daemon with the same node id and address takes the lost
+//!    node's place. Rank 2's new trainer restores from the peer that holds
+//!    its replica; the other ranks roll back in place.
 //! 3. **total memory loss**: once the newest checkpoint is committed in the
 //!    persistent tier (the demo waits for it, and reports the wait), every
 //!    daemon and every trainer is SIGKILLed, every node's memory tier wiped,
 //!    and empty daemons start in their place. The job restarts; every rank's
 //!    shard comes from the persistent tier.
 //!
-//! At the end it compares the job's final state with the reference bit for
-//! bit (the xxh3-128 of the ranks' state hashes in rank order).
+//! Then it runs the same failures again with full restarts (every rank's
+//! trainer killed and started again at each, as job launchers do), for
+//! comparison. At the end it compares each run's final state with the
+//! reference bit for bit (the xxh3-128 of the ranks' state hashes in rank
+//! order).
 //!
 //! The workload is deterministic: the gradient of step t is a function of the
 //! weights, of a data batch picked by a shuffling data loader, and of noise
