@@ -148,8 +148,36 @@ fn demo_survives_a_crash_a_node_loss_and_a_total_memory_loss_bitwise_identical()
         assert_eq!(f["step_resumed"], base["step_resumed"], "same checkpoints, same resume step: {b:#}");
         assert_eq!(base["recovered_from"], "persistent", "{b:#}");
     }
-    for k in ["goodput", "baseline_goodput"] {
+    for k in ["goodput", "restart_goodput", "baseline_goodput"] {
         assert!(v[k].as_f64().is_some_and(|g| g > 0.0 && g <= 1.0), "{k}: {v:#}");
+    }
+    // In-process recovery: after the crash and the node loss only the lost
+    // rank's trainer started anew; the others rolled back in their processes.
+    assert_eq!(v["recovery"], "in_process", "{v:#}");
+    let lost_rank = crash["rank_killed"].as_u64().expect("rank_killed");
+    let survivors: Vec<u64> = (0..4).filter(|&r| r != lost_rank).collect();
+    assert_eq!(
+        (&crash["recovery"], ranks(&crash["ranks_rolled_back_in_process"])),
+        (&Value::from("in_process"), survivors),
+        "{crash:#}"
+    );
+    assert_eq!(ranks(&loss["ranks_rolled_back_in_process"]), [0, 1, 3], "{loss:#}");
+    assert_eq!(total["recovery"], "full_restart", "every process died: {total:#}");
+    for f in failures {
+        assert!(f["first_step_s"].as_f64().is_some_and(|s| s >= f["recovery_s"].as_f64().unwrap()), "{f:#}");
+    }
+    // The same failures with full restarts, side by side, to the same state.
+    let restart = &v["full_restart"];
+    assert_eq!(restart["bitwise_identical"], true, "{restart:#}");
+    let rf = restart["failures"].as_array().expect("full restart failures");
+    for (f, r) in failures.iter().zip(rf) {
+        assert_eq!(
+            (&r["kind"], &r["step_killed"], &r["step_resumed"]),
+            (&f["kind"], &f["step_killed"], &f["step_resumed"]),
+            "{restart:#}"
+        );
+        assert_eq!(r["recovery"], "full_restart", "{restart:#}");
+        assert!(ranks(&r["ranks_rolled_back_in_process"]).is_empty(), "{restart:#}");
     }
 
     let shards: u64 =

@@ -413,6 +413,8 @@ impl Strikes<'_> {
 /// the job resumed from and how fast, and `extra` fields of its kind.
 pub(super) fn failure_json(kind: &str, step_killed: u64, killed_at: Instant, inc: &Incarnation, extra: Value) -> Value {
     let step = inc.resume.unwrap_or(0);
+    let mut rolled_back: Vec<usize> = inc.ranks.iter().filter(|r| r.in_process).map(|r| r.rank).collect();
+    rolled_back.sort_unstable();
     let ranks: Vec<Value> = {
         let mut r: Vec<&RankRestore> = inc.ranks.iter().collect();
         r.sort_by_key(|r| r.rank);
@@ -452,7 +454,7 @@ pub(super) fn failure_json(kind: &str, step_killed: u64, killed_at: Instant, inc
         "recovery_s": inc.resumed_at.map(|t| (t - killed_at).as_secs_f64()),
         "first_step_s": inc.first_step_at.map(|t| (t - killed_at).as_secs_f64()),
         "recovery": if inc.ranks.iter().any(|r| r.in_process) { "in_process" } else { "full_restart" },
-        "ranks_rolled_back_in_process": inc.ranks.iter().filter(|r| r.in_process).map(|r| r.rank).collect::<Vec<_>>(),
+        "ranks_rolled_back_in_process": rolled_back,
         "latest_seen": inc.latest_seen,
         "ranks": ranks,
     });
