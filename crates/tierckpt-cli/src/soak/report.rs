@@ -206,6 +206,10 @@ impl Report {
             self.failed_starts,
             list(&v["restores"])
         );
+        let skipped = list(&v["faults_without_a_target"]);
+        if !skipped.is_empty() {
+            println!("  damage faults that found no shard with another copy (nothing damaged): {skipped}");
+        }
         if let Some((k, s)) = self.longest() {
             println!(
                 "  longest recovery {s:.2} s (after {k}), median {:.2} s",

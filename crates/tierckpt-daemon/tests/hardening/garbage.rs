@@ -79,22 +79,33 @@ fn corpus(target: &str) -> Vec<(PathBuf, Vec<u8>)> {
     files.into_iter().map(|p| (p.clone(), std::fs::read(&p).unwrap())).collect()
 }
 
-/// Sends `bytes` on a fresh connection to the local socket, ends the
-/// sending side, and reads what comes back until the daemon closes (which
-/// must be within 30 s: no input hangs a connection).
-fn on_socket(socket: &Path, bytes: &[u8]) -> Vec<u8> {
-    let mut s = UnixStream::connect(socket).expect("the local socket accepts");
-    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    s.set_write_timeout(Some(Duration::from_secs(30))).unwrap();
+/// Sends `bytes` on `s`, ends the sending side (`shut`), and reads what
+/// comes back until the daemon closes, which must be within 30 s (no input
+/// hangs a connection); `what` names the input in a failure.
+fn exchange(mut s: impl Read + Write, shut: impl FnOnce(), bytes: &[u8], what: impl Fn() -> String) -> Vec<u8> {
     // The daemon may stop reading (and close) before all of it is sent.
     let _ = s.write_all(bytes);
-    let _ = s.shutdown(Shutdown::Write);
+    shut();
     let mut got = Vec::new();
     match s.read_to_end(&mut got) {
         Ok(_) => got,
         Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => got,
-        Err(e) => panic!("after {} bytes ({:?}...) the local socket: {e}", bytes.len(), &bytes[..bytes.len().min(40)]),
+        Err(e) => panic!("after {}: {e}", what()),
     }
+}
+
+/// Sends `bytes` on a fresh connection to the local socket (see [`exchange`]).
+fn on_socket(socket: &Path, bytes: &[u8]) -> Vec<u8> {
+    let s = UnixStream::connect(socket).expect("the local socket accepts");
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    s.set_write_timeout(Some(Duration::from_secs(30))).unwrap();
+    let half = s.try_clone().unwrap();
+    exchange(
+        s,
+        move || drop(half.shutdown(Shutdown::Write)),
+        bytes,
+        || format!("{} bytes ({:?}...) the local socket", bytes.len(), &bytes[..bytes.len().min(40)]),
+    )
 }
 
 /// The replies in `got`: each frame's JSON.
@@ -107,19 +118,17 @@ fn replies(got: &[u8]) -> Vec<serde_json::Value> {
     out
 }
 
-/// Sends `bytes` on a fresh HTTP connection, ends the sending side, and
-/// reads until the daemon closes (within 30 s): what came back.
+/// Sends `bytes` on a fresh HTTP connection (see [`exchange`]).
 fn on_http(addr: &str, bytes: &[u8]) -> Vec<u8> {
-    let mut s = TcpStream::connect(addr).expect("the HTTP port accepts");
+    let s = TcpStream::connect(addr).expect("the HTTP port accepts");
     s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    let _ = s.write_all(bytes);
-    let _ = s.shutdown(Shutdown::Write);
-    let mut got = Vec::new();
-    match s.read_to_end(&mut got) {
-        Ok(_) => got,
-        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => got,
-        Err(e) => panic!("after {:?} the HTTP port: {e}", String::from_utf8_lossy(&bytes[..bytes.len().min(80)])),
-    }
+    let half = s.try_clone().unwrap();
+    exchange(
+        s,
+        move || drop(half.shutdown(Shutdown::Write)),
+        bytes,
+        || format!("{:?} the HTTP port", String::from_utf8_lossy(&bytes[..bytes.len().min(80)])),
+    )
 }
 
 /// The status code of an HTTP response (0 if there is none).
