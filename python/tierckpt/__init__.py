@@ -1,5 +1,6 @@
 """tierckpt: tiered checkpointing for ML training (Python client of `tierckptd`)."""
 
+from . import inprocess
 from .adaptive import daly_interval, interval_steps, mtbf_from_records
 from .checkpointer import Checkpointer, validate_config
 from .client import Client, default_socket
@@ -8,7 +9,7 @@ from .errors import (AlreadyExistsError, CancelledError, CapacityExceededError, 
                      TierckptIOError, UnauthorizedError, UnavailableError)
 
 __all__ = [
-    "Checkpointer", "Client", "default_socket", "validate_config",
+    "Checkpointer", "Client", "default_socket", "validate_config", "inprocess",
     "daly_interval", "interval_steps", "mtbf_from_records",
     "TierckptError", "NotFoundError", "AlreadyExistsError", "CorruptError", "CapacityExceededError",
     "InvalidArgumentError", "UnavailableError", "UnauthorizedError", "TierckptIOError",

@@ -743,6 +743,17 @@ class Checkpointer:
             pass
         return None
 
+    def recovering(self) -> None:
+        """Prepares this Checkpointer for a load after in-process recovery (`tierckpt.inprocess`):
+        its own saves are finished first, and the next load discards again the steps newer than
+        the one it restores (the dead rank's step left incomplete, this rank's after it)."""
+        try:
+            self.wait()
+        except Exception:
+            pass  # a save that failed with the group is dropped by the discard
+        self._discarded = False
+        self._next_save = None
+
     def _agreed_latest(self):
         """The newest complete step, the same on every rank. The daemon's `latest` waits for
         seals in flight (a dead incarnation's may be finishing) before it answers."""
