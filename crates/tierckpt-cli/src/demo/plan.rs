@@ -75,8 +75,9 @@ impl Plan {
             state_bytes: 12 * params as u64,
             shard_bytes,
             // Per node: its own rank's shards and a peer's replicas, each for the
-            // steps kept, one being written and one more (a fetched or re-replicated copy).
-            capacity: 2 * (a.keep_last as u64 + 3) * (shard_bytes + (1 << 20)),
+            // steps kept, one being written, one more (a fetched or re-replicated
+            // copy) and the step the drain holds past retention while it uploads it.
+            capacity: 2 * (a.keep_last as u64 + 4) * (shard_bytes + (1 << 20)),
             threads: a.threads.unwrap_or_else(|| default_threads(world)).max(1),
             crash_step,
             crash_rank: pick_crash_rank(world, a.seed),
