@@ -62,7 +62,7 @@ pub struct Cluster {
     /// that a delta can use it before the next heartbeat shows it there.
     sent: Mutex<BTreeMap<(String, String, u32), u64>>,
     /// When each copy this node pushed landed (target, shard), so that
-    /// re-replication counts it until the target's holdings are fresher.
+    /// re-replication counts it for two heartbeat timeouts (the view lags).
     pushed: Mutex<BTreeMap<(String, ShardKey), Instant>>,
     costs: Mutex<ReplicaCosts>,
     /// Where the round-robin part of the next probe round starts.

@@ -337,13 +337,14 @@ impl Cluster {
     }
 
     /// `holders` of `key` from the view, plus the live nodes this node
-    /// pushed it to since it last heard their holdings (the view lags a
-    /// probe behind a push; a later probe supersedes the entry).
+    /// pushed it to in the last two heartbeat timeouts (the view lags behind
+    /// a push: a probe answered after the push may have been sent before it,
+    /// so an answer alone does not supersede the entry).
     fn with_recent_pushes(&self, key: &ShardKey, holders: &[String], live: &[String]) -> Vec<String> {
         let mut out = holders.to_vec();
-        let members = lock(&self.members);
+        let grace = 2 * self.cfg.heartbeat_timeout;
         let mut pushed = lock(&self.pushed);
-        pushed.retain(|(t, _), at| members.get(t).and_then(|m| m.last_ok).is_none_or(|seen| seen < *at));
+        pushed.retain(|_, at| at.elapsed() < grace);
         for ((t, k), _) in pushed.iter() {
             if k == key && live.contains(t) && !out.contains(t) {
                 out.push(t.clone());
