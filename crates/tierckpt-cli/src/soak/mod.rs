@@ -311,7 +311,10 @@ impl Soak {
         let recovery_s = inc.resumed_at.map(|t| (t - struck.at).as_secs_f64());
         let tiers: Vec<String> = ["memory", "peer", "persistent"]
             .iter()
-            .filter_map(|t| Some(format!("{t} {}", list(&inc.ranks_from(t)).get(..).filter(|l| !l.is_empty())?)))
+            .filter_map(|t| {
+                let ranks = inc.ranks_from(t);
+                (!ranks.is_empty()).then(|| format!("{t} {}", list(&ranks)))
+            })
             .collect();
         self.ui.line(format!(
             "                    resumed from step {}{}{}",

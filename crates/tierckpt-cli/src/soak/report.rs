@@ -87,11 +87,6 @@ impl Report {
         *self.faults.entry(f.kind).or_default() += 1;
     }
 
-    /// A stop: struck, and nothing to recover (the job went on).
-    pub(crate) fn stopped(&mut self, f: &Fault) {
-        self.struck(f);
-    }
-
     pub(crate) fn skipped(&mut self, f: &Fault) {
         *self.without_target.entry(f.kind).or_default() += 1;
     }

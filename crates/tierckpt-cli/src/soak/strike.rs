@@ -46,7 +46,8 @@ impl Soak {
                     // SAFETY: as above; the child is reaped only by the cluster, after this thread is joined.
                     unsafe { libc::kill(pid, libc::SIGCONT) };
                 }));
-                self.report.stopped(fault);
+                // Nothing to recover: the job goes on.
+                self.report.struck(fault);
                 return Ok(Struck {
                     fault: fault.clone(),
                     at,
