@@ -1,6 +1,7 @@
-"""In-process recovery (`tierckpt.inprocess`): a rank of a 2-rank gloo job is SIGKILLed; the
-survivor keeps its process, rebuilds the process group with the replacement and rolls back
-from its node's memory; both end bitwise equal to an uninterrupted run."""
+"""In-process recovery (`tierckpt.inprocess`): a rank of a gloo job is SIGKILLed; the survivors keep their
+processes, rebuild the process group with the replacement and roll back from their node's memory; every rank
+ends bitwise equal to an uninterrupted run. By hand (2 ranks), under `tierckpt run --nproc-per-node 4` (beside
+its full restart), and under torchrun (which restarts every rank)."""
 
 import json
 import os
@@ -8,11 +9,12 @@ import signal
 import subprocess
 import sys
 import uuid
-from pathlib import Path
 
-from conftest import py_env, wait_until
+import pytest
 
-WORKER = Path(__file__).with_name("inprocess_worker.py")
+from conftest import binary, py_env, wait_until
+from tierckpt.recovery_job import read_events
+
 WORLD = 2
 
 
@@ -20,30 +22,28 @@ def start(rank, tmp, socket, ns, generation, tag):
     env = py_env(RANK=rank, WORLD_SIZE=WORLD, LOCAL_WORLD_SIZE=WORLD, TIERCKPT_SOCKET=socket,
                  TIERCKPT_NAMESPACE=ns, TIERCKPT_STORE_FILE=tmp / f"store-{tag}",
                  TIERCKPT_GENERATION=generation)
-    return subprocess.Popen([sys.executable, str(WORKER), "--progress", str(tmp / f"progress-{tag}.{rank}"),
-                             "--out", str(tmp / f"out-{tag}.{rank}")], env=env,
+    return subprocess.Popen([sys.executable, "-m", "tierckpt.recovery_job", "--steps", "60",
+                             "--events-dir", str(tmp / f"events-{tag}")], env=env,
                             stdout=subprocess.DEVNULL, stderr=open(tmp / f"err-{tag}.{rank}", "w"))
 
 
-def events(tmp, tag, rank):
-    p = tmp / f"progress-{tag}.{rank}"
-    return [json.loads(l) for l in p.read_text().splitlines()] if p.exists() else []
-
-
-def run_job(tmp, socket, kill_at=None):
+def run_by_hand(tmp, socket, kill_at=None):
+    """Starts the ranks itself and, after a kill, starts only the killed rank again (a launcher's part)."""
     tag = uuid.uuid4().hex[:8]
     ns = f"inproc-{tag}"
+    events = str(tmp / f"events-{tag}")
     procs = [start(r, tmp, socket, ns, 0, tag) for r in range(WORLD)]
     try:
         if kill_at is not None:
-            wait_until(lambda: any(e.get("step", 0) >= kill_at for e in events(tmp, tag, 1)), what="rank 1 at the kill step")
+            wait_until(lambda: any(e.get("step", 0) >= kill_at for e in read_events(events, 1)),
+                       what="rank 1 at the kill step")
             procs[1].send_signal(signal.SIGKILL)
             procs[1].wait()
-            procs[1] = start(1, tmp, socket, ns, 1, tag)  # the launcher restarts only rank 1
+            procs[1] = start(1, tmp, socket, ns, 1, tag)
         for r, p in enumerate(procs):
             assert p.wait(timeout=180) == 0, (tmp / f"err-{tag}.{r}").read_text()
-        outs = [(tmp / f"out-{tag}.{r}").read_text().strip() for r in range(WORLD)]
-        return outs, [events(tmp, tag, r) for r in range(WORLD)]
+        ev = [read_events(events, r) for r in range(WORLD)]
+        return [[e for e in x if e["event"] == "done"][-1]["digest"] for x in ev], ev
     finally:
         for p in procs:
             if p.poll() is None:
@@ -51,8 +51,8 @@ def run_job(tmp, socket, kill_at=None):
 
 
 def test_a_killed_rank_is_replaced_and_the_survivor_rolls_back_in_its_process(daemon, tmp_path):
-    reference, _ = run_job(tmp_path, daemon["socket"])
-    outs, ev = run_job(tmp_path, daemon["socket"], kill_at=23)
+    reference, _ = run_by_hand(tmp_path, daemon["socket"])
+    outs, ev = run_by_hand(tmp_path, daemon["socket"], kill_at=23)
     assert outs == reference, "bitwise equal to the uninterrupted run"
     survivor = ev[0]
     assert len({e["pid"] for e in survivor}) == 1, "rank 0 kept its process"
@@ -60,22 +60,73 @@ def test_a_killed_rank_is_replaced_and_the_survivor_rolls_back_in_its_process(da
     assert [r["generation"] for r in resumes] == [0, 1] and resumes[1]["in_process"], resumes
     assert resumes[1]["step"] == 20, "rolled back to the newest checkpoint every rank holds"
     assert len(resumes[1]["failures"]) == 1 and resumes[1]["failures"][0][2] > 0, resumes[1]
+    assert resumes[1]["error_at"] < resumes[1]["group_at"] < resumes[1]["restored_at"], resumes[1]
     replacement = [e for e in ev[1] if e["event"] == "resumed"][-1]
     assert (replacement["generation"], replacement["in_process"], replacement["step"]) == (1, False, 20), replacement
     steps = [e["step"] for e in survivor if e["event"] == "step"]
     assert steps.count(21) == 2 and steps[-1] == 60, "steps after the checkpoint were redone"
 
 
-def test_bad_arguments_are_named():
-    import pytest
+def recovery_bench(tmp, *args):
+    env = py_env(TIERCKPT_DAEMON_BIN=binary("tierckptd"), TIERCKPT_BIN=binary("tierckpt"))
+    env.pop("TIERCKPT_SOCKET", None)  # the bench starts its own daemon
+    r = subprocess.run([sys.executable, "-m", "tierckpt.recovery_bench", "--workdir", str(tmp), "--json", *args],
+                       env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return json.loads(r.stdout)
+
+
+def check_split(r):
+    for phase in ("detection", "rendezvous", "restore", "first_step"):
+        assert r[phase] is not None and r[phase] >= 0, (phase, r)
+    assert abs(sum(r[p] for p in ("detection", "rendezvous", "restore", "first_step")) - r["total"]) < 1e-6, r
+    assert r["bitwise_equal"], "every rank ends bitwise equal to the uninterrupted run"
+    assert r["rolled_back_to"] == 20 and r["steps_redone"] >= 3, r
+
+
+def test_tierckpt_run_restarts_only_the_killed_rank_of_four_beside_a_full_restart(tmpdir_shm):
+    rep = recovery_bench(tmpdir_shm, "--ranks", "4", "--steps", "30", "--kill-step", "23", "--kill-rank", "2",
+                         "--launchers", "in-process,full-restart")
+    inproc, full = rep["launchers"]["in-process"], rep["launchers"]["full-restart"]
+    check_split(inproc)
+    check_split(full)
+    assert inproc["ranks_kept_process"] == 3 and inproc["in_process"] == [True, True, False, True], inproc
+    assert full["ranks_kept_process"] == 0 and not any(full["in_process"]), full
+    assert full["vs_full_restart"] == 1.0 and inproc["vs_full_restart"] > 0, rep
+    assert rep["reference_wall_s"] > 0 and inproc["goodput"] > 0, rep
+    assert not [p for p in os.listdir(tmpdir_shm)], "the bench removed its events, logs and daemon"
+
+
+def test_under_torchrun_every_rank_restarts_and_restores_bitwise(tmpdir_shm):
+    rep = recovery_bench(tmpdir_shm, "--ranks", "2", "--steps", "30", "--kill-step", "23", "--launchers", "torchrun")
+    r = rep["launchers"]["torchrun"]
+    check_split(r)
+    assert r["ranks_kept_process"] == 0 and not any(r["in_process"]), r
+
+
+def test_bad_arguments_are_named(tmpdir_shm):
     import tierckpt.inprocess as ip
     env = dict(os.environ)
-    os.environ.pop(ip.STORE_FILE_VAR, None)
+    for var in (ip.STORE_FILE_VAR, ip.TORCHRUN_RESTARTS_VAR):
+        os.environ.pop(var, None)
     try:
         with pytest.raises(ValueError, match=ip.STORE_FILE_VAR):
             ip.run(lambda rec: None, rank=0, world_size=1)
         with pytest.raises(ValueError, match="max_failures"):
             ip.run(lambda rec: None, rank=0, world_size=1, store=object(), max_failures=-1)
+        bad = tmpdir_shm / "generation"
+        bad.write_text("seven\n")
+        os.environ[ip.GENERATION_FILE_VAR] = str(bad)
+        with pytest.raises(ValueError, match=ip.GENERATION_FILE_VAR):
+            ip._next_generation(0, 1.0)
+        bad.write_text("0\n")
+        with pytest.raises(TimeoutError, match="announced no generation after 0"):
+            ip._next_generation(0, 0.05)
     finally:
         os.environ.clear()
         os.environ.update(env)
+    for argv, what in ((["--launchers", "slurm"], "slurm"), (["--ranks", "1"], "--ranks"),
+                       (["--kill-rank", "4"], "--kill-rank"), (["--kill-step", "99"], "--kill-step")):
+        r = subprocess.run([sys.executable, "-m", "tierckpt.recovery_bench", *argv], env=py_env(),
+                           capture_output=True, text=True, timeout=60, check=False)
+        assert r.returncode == 2 and what in r.stderr, (argv, r.stderr)

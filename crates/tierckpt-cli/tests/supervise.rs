@@ -243,3 +243,93 @@ fn bad_input_gets_a_clear_error() {
     assert!(!o.status.success());
     assert!(stderr(&o).contains("--hang-timeout"), "{}", stderr(&o));
 }
+
+#[test]
+fn ranks_get_the_launcher_environment() {
+    let d = TestDaemon::start("64MiB");
+    let dir = d.dir.path();
+    let script = format!(
+        "echo \"$RANK $LOCAL_RANK $WORLD_SIZE $LOCAL_WORLD_SIZE $MASTER_ADDR $TIERCKPT_GENERATION \
+         $TIERCKPT_RESTART_POLICY ${{TIERCKPT_GENERATION_FILE:+gf}}\" > {0}/env.$RANK; \
+         test -n \"$MASTER_PORT\" && test -n \"$TIERCKPT_STORE_FILE\" && test \"$TIERCKPT_HEARTBEAT_FILE\" != \"\" \
+         && echo \"$TIERCKPT_HEARTBEAT_FILE\" > {0}/beat.$RANK",
+        dir.display()
+    );
+    let o = run(&d, "ranks", &["--nproc-per-node", "3"], &script);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let beats: std::collections::HashSet<String> =
+        (0..3).map(|r| std::fs::read_to_string(dir.join(format!("beat.{r}"))).unwrap()).collect();
+    assert_eq!(beats.len(), 3, "each rank has a heartbeat file of its own: {beats:?}");
+    for r in 0..3 {
+        let env = std::fs::read_to_string(dir.join(format!("env.{r}"))).unwrap();
+        assert_eq!(env.trim(), format!("{r} {r} 3 3 127.0.0.1 0 all"), "rank {r}");
+    }
+}
+
+/// A rank script for `--restart rank`: each start appends "generation pid"
+/// to starts.$RANK; rank 1's first start fails at once, the others wait
+/// for the launcher to announce generation 1 and exit 0.
+fn restart_rank_script(dir: &Path) -> String {
+    format!(
+        "echo \"$TIERCKPT_GENERATION $$\" >> {0}/starts.$RANK; \
+         if [ \"$RANK\" = 1 ] && [ \"$TIERCKPT_RESTART\" = 0 ]; then exit 7; fi; \
+         i=0; while [ \"$(cat \"$TIERCKPT_GENERATION_FILE\" 2>/dev/null)\" != 1 ]; do \
+           i=$((i+1)); [ $i -gt 600 ] && exit 8; sleep 0.05; done",
+        dir.display()
+    )
+}
+
+#[test]
+fn restart_rank_starts_only_the_failed_rank_in_the_next_generation() {
+    let d = TestDaemon::start("64MiB");
+    let dir = d.dir.path();
+    let o = run(&d, "rankonly", &["--nproc-per-node", "3", "--restart", "rank"], &restart_rank_script(dir));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let starts = |r: usize| -> Vec<String> {
+        let s = std::fs::read_to_string(dir.join(format!("starts.{r}"))).unwrap();
+        s.lines().map(|l| l.split(' ').next().unwrap().to_string()).collect()
+    };
+    assert_eq!(starts(0), ["0"], "rank 0 kept its process");
+    assert_eq!(starts(2), ["0"], "rank 2 kept its process");
+    assert_eq!(starts(1), ["0", "1"], "rank 1 started again, in generation 1");
+    let recs = records(&d, "rankonly");
+    assert_eq!(recs.iter().map(|r| r.kind).collect::<Vec<_>>(), [FailureKind::Start, FailureKind::Exit]);
+    assert_eq!(recs[1].detail, "rank 1: exit code 7");
+    assert!(stderr(&o).contains("restarting rank 1 in 0ns"), "{}", stderr(&o));
+}
+
+#[test]
+fn restart_all_stops_the_survivors_and_starts_every_rank() {
+    let d = TestDaemon::start("64MiB");
+    let dir = d.dir.path();
+    // The survivors would wait for a generation file that `--restart all` never writes: they must be killed.
+    let o = run(
+        &d,
+        "rankall",
+        &["--nproc-per-node", "3", "--restart", "all"],
+        &restart_rank_script(dir).replace("i=0;", "[ \"$TIERCKPT_RESTART\" = 1 ] && exit 0; i=0;"),
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    for r in 0..3 {
+        let s = std::fs::read_to_string(dir.join(format!("starts.{r}"))).unwrap();
+        let lines: Vec<&str> = s.lines().collect();
+        assert_eq!(lines.len(), 2, "rank {r} started twice: {s}");
+        assert!(lines[1].starts_with("1 "), "rank {r}'s second start is generation 1: {s}");
+        let first_pid: i32 = lines[0].split(' ').nth(1).unwrap().parse().unwrap();
+        assert!(gone(first_pid), "rank {r}'s first process was stopped");
+    }
+}
+
+#[test]
+fn bad_rank_arguments_are_named() {
+    let d = TestDaemon::start("64MiB");
+    let o = run(&d, "badranks", &["--nproc-per-node", "0"], "true");
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("--nproc-per-node"), "{}", stderr(&o));
+    let o = run(&d, "badranks", &["--restart", "rank"], "true");
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("--nproc-per-node"), "{}", stderr(&o));
+    let o = run(&d, "badranks", &["--nproc-per-node", "2", "--restart", "some"], "true");
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("some"), "{}", stderr(&o));
+}

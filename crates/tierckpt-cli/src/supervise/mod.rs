@@ -7,11 +7,18 @@
 //! checkpoint starts both over, so a job that fails once a day runs for
 //! months while a crash loop still stops. Every start and failure is recorded
 //! in the namespace through the daemon, where `tierckpt status` shows it and
-//! adaptive checkpoint intervals read it.
+//! adaptive checkpoint intervals read it. With `--nproc-per-node N` it is
+//! the launcher of a single-node PyTorch job (see `gang`), and with
+//! `--restart rank` it starts again only the ranks that failed.
 
-use std::os::unix::process::{CommandExt, ExitStatusExt};
+mod gang;
+mod procs;
+
+pub use gang::Restart;
+
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitCode, ExitStatus, Stdio};
+use std::process::{Command, ExitCode, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
@@ -39,9 +46,18 @@ pub struct RunArgs {
     /// must exceed the command's start-up time.
     #[arg(long, value_parser = humantime::parse_duration)]
     pub hang_timeout: Option<Duration>,
-    /// Wait before the first restart; doubles with each restart without progress, up to 1 min.
+    /// Wait before the first restart; doubles with each restart without progress, up to 1 min. Under
+    /// `--restart rank` the first replacement after progress starts at once (the survivors wait for it).
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
     pub backoff: Duration,
+    /// Start N ranks of the command on this node, with torchrun's environment (RANK, LOCAL_RANK,
+    /// WORLD_SIZE, MASTER_ADDR, MASTER_PORT) and a store file for `tierckpt.inprocess`.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub nproc_per_node: Option<u32>,
+    /// What starts again when ranks fail: only the failed ranks, which rejoin the survivors recovering
+    /// in process (`tierckpt.inprocess.run`), or all of them.
+    #[arg(long, value_enum, default_value_t = Restart::All, requires = "nproc_per_node")]
+    pub restart: Restart,
     /// Namespace of the job (passed on as TIERCKPT_NAMESPACE).
     #[arg(long, env = "TIERCKPT_NAMESPACE", default_value = "default")]
     pub namespace: String,
@@ -142,41 +158,12 @@ fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
-fn signal_name(sig: i32) -> String {
-    match sig {
-        libc::SIGKILL => "SIGKILL".into(),
-        libc::SIGTERM => "SIGTERM".into(),
-        libc::SIGINT => "SIGINT".into(),
-        libc::SIGSEGV => "SIGSEGV".into(),
-        libc::SIGABRT => "SIGABRT".into(),
-        libc::SIGBUS => "SIGBUS".into(),
-        libc::SIGHUP => "SIGHUP".into(),
-        libc::SIGPIPE => "SIGPIPE".into(),
-        s => format!("signal {s}"),
-    }
-}
-
-/// Exit code of the supervisor for the command's final status: its own code,
-/// or 128 + the signal, as a shell reports it.
-fn exit_code(status: ExitStatus) -> u8 {
-    match (status.code(), status.signal()) {
-        (Some(c), _) => c as u8,
-        (None, Some(s)) => (128 + s) as u8,
-        _ => 1,
-    }
-}
-
-/// How one run of the command ended.
-enum Outcome {
-    Exited(ExitStatus),
-    Hung(Duration),
-    Stopped(i32, ExitStatus),
-}
-
+/// What every run of the command shares: its arguments, the daemon, and a
+/// directory for the ranks' heartbeat files, store file and generation.
 struct Job<'a> {
     args: &'a RunArgs,
     socket: PathBuf,
-    heartbeat: PathBuf,
+    dir: PathBuf,
 }
 
 impl Job<'_> {
@@ -195,47 +182,6 @@ impl Job<'_> {
         }
         step
     }
-
-    fn spawn(&self, restart: u32) -> Result<Child> {
-        std::fs::write(&self.heartbeat, b"")
-            .with_context(|| format!("resetting the heartbeat file {}", self.heartbeat.display()))?;
-        let (prog, rest) = self.args.command.split_first().context("no command given after --")?;
-        let mut cmd = Command::new(prog);
-        cmd.args(rest)
-            .env("TIERCKPT_SOCKET", &self.socket)
-            .env("TIERCKPT_NAMESPACE", &self.args.namespace)
-            .env("TIERCKPT_HEARTBEAT_FILE", &self.heartbeat)
-            .env("TIERCKPT_RESTART", restart.to_string())
-            .process_group(0);
-        cmd.spawn().with_context(|| format!("cannot start {prog:?}"))
-    }
-
-    /// The newest sign of progress: the heartbeat file's modification time,
-    /// or the start of this run if it is older.
-    fn last_progress(&self, started: SystemTime) -> SystemTime {
-        std::fs::metadata(&self.heartbeat).and_then(|m| m.modified()).map_or(started, |t| t.max(started))
-    }
-
-    fn watch(&self, child: &mut Child) -> Result<Outcome> {
-        let started = SystemTime::now();
-        loop {
-            if let Some(status) = child.try_wait()? {
-                return Ok(Outcome::Exited(status));
-            }
-            let sig = crate::signals::take();
-            if sig != 0 {
-                let status = stop_group(child, sig)?;
-                return Ok(Outcome::Stopped(sig, status));
-            }
-            if let Some(limit) = self.args.hang_timeout {
-                let quiet = self.last_progress(started).elapsed().unwrap_or_default();
-                if quiet > limit {
-                    return Ok(Outcome::Hung(quiet));
-                }
-            }
-            std::thread::sleep(WATCH_EVERY);
-        }
-    }
 }
 
 fn describe(kind: FailureKind) -> &'static str {
@@ -248,63 +194,6 @@ fn describe(kind: FailureKind) -> &'static str {
     }
 }
 
-/// Sends `sig` to the command's process group, gives it a grace period,
-/// then kills what is left.
-fn stop_group(child: &mut Child, sig: i32) -> Result<ExitStatus> {
-    let pgid = child.id() as i32;
-    // SAFETY: kill has no memory-safety preconditions.
-    unsafe { libc::kill(-pgid, sig) };
-    let deadline = Instant::now() + STOP_GRACE;
-    while Instant::now() < deadline {
-        if let Some(s) = child.try_wait()? {
-            kill_group(pgid);
-            return Ok(s);
-        }
-        std::thread::sleep(WATCH_EVERY);
-    }
-    kill_group(pgid);
-    Ok(child.wait()?)
-}
-
-/// SIGKILLs every process left in the group (workers of a dead launcher),
-/// and every descendant of the command that left the group: torchrun
-/// starts its workers in sessions of their own.
-fn kill_group(pgid: i32) {
-    let tree = descendants(pgid);
-    // SAFETY: as above; an empty group gives ESRCH, which is fine.
-    unsafe { libc::kill(-pgid, libc::SIGKILL) };
-    for pid in tree {
-        // SAFETY: as above; a process gone meanwhile gives ESRCH.
-        unsafe { libc::kill(pid, libc::SIGKILL) };
-    }
-}
-
-/// The processes below `root` now (children, their children, ...), from
-/// the parent ids in /proc.
-fn descendants(root: i32) -> Vec<i32> {
-    let Ok(dir) = std::fs::read_dir("/proc") else { return Vec::new() };
-    let parents: Vec<(i32, i32)> = dir
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
-        .filter_map(|pid| {
-            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-            // "pid (comm) state ppid ...": the name may hold spaces and parentheses.
-            let ppid = stat.rsplit_once(')')?.1.split_whitespace().nth(1)?.parse().ok()?;
-            Some((pid, ppid))
-        })
-        .collect();
-    let mut out = vec![];
-    let mut frontier = vec![root];
-    while let Some(p) = frontier.pop() {
-        for &(pid, ppid) in &parents {
-            if ppid == p && !out.contains(&pid) {
-                out.push(pid);
-                frontier.push(pid);
-            }
-        }
-    }
-    out
-}
-
 /// Runs the supervisor; returns the exit code to leave with.
 pub fn run(args: &RunArgs, socket_flag: Option<&Path>) -> Result<ExitCode> {
     tierckpt_format::names::validate_namespace(&args.namespace)
@@ -312,60 +201,31 @@ pub fn run(args: &RunArgs, socket_flag: Option<&Path>) -> Result<ExitCode> {
     crate::signals::catch_int_term();
     let socket = resolve_socket(socket_flag);
     ensure_daemon(&socket)?;
-    let beat_dir =
-        tempfile::Builder::new().prefix("tierckpt-run-").tempdir().context("creating a heartbeat directory")?;
-    let job = Job { args, socket: socket.clone(), heartbeat: beat_dir.path().join("heartbeat") };
+    let dir = tempfile::Builder::new().prefix("tierckpt-run-").tempdir().context("creating a run directory")?;
+    let job = Job { args, socket: socket.clone(), dir: dir.path().to_path_buf() };
     // The newest complete step at the start and at each failure: a newer one
     // at a failure means the job made progress since the one before.
     let mut last_step = job.record(FailureKind::Start, args.command.join(" "), 0);
     let mut backoff = args.backoff;
     let mut restart = 0u32;
     let mut without_progress = 0u32;
+    let mut gang = gang::Gang::start(&job)?;
     loop {
-        if ensure_daemon(&socket)? {
-            job.record(
-                FailureKind::DaemonLost,
-                format!("no daemon answered on {}; started a new one", socket.display()),
-                restart,
-            );
-        }
-        let mut child = job.spawn(restart)?;
-        eprintln!("tierckpt run: started {:?} (pid {}, restart {restart})", args.command[0], child.id());
-        let outcome = job.watch(&mut child)?;
-        let pgid = child.id() as i32;
-        let (kind, detail, code) = match outcome {
-            Outcome::Stopped(sig, status) => {
-                eprintln!(
-                    "tierckpt run: {} received; stopped the command ({status}), not restarting",
-                    signal_name(sig)
-                );
+        let failures = match gang.watch()? {
+            gang::Outcome::Done => return Ok(ExitCode::SUCCESS),
+            gang::Outcome::Stopped(sig) => {
+                eprintln!("tierckpt run: {} received; stopped the command, not restarting", procs::signal_name(sig));
                 return Ok(ExitCode::from((128 + sig) as u8));
             }
-            Outcome::Exited(status) if status.success() => {
-                kill_group(pgid);
-                return Ok(ExitCode::SUCCESS);
-            }
-            Outcome::Exited(status) => {
-                kill_group(pgid);
-                match status.signal() {
-                    Some(sig) => (FailureKind::Signal, signal_name(sig), exit_code(status)),
-                    None => {
-                        (FailureKind::Exit, format!("exit code {}", status.code().unwrap_or(-1)), exit_code(status))
-                    }
-                }
-            }
-            Outcome::Hung(quiet) => {
-                kill_group(pgid);
-                let status = child.wait()?;
-                let detail = format!(
-                    "no heartbeat for {:.1} s (hang timeout {:?}); killed",
-                    quiet.as_secs_f64(),
-                    args.hang_timeout.unwrap_or_default()
-                );
-                (FailureKind::Hang, detail, exit_code(status))
-            }
+            gang::Outcome::Failed(failures) => failures,
         };
-        let step = job.record(kind, detail, restart);
+        let mut step = None;
+        for f in &failures {
+            let detail =
+                if args.nproc_per_node.is_some() { format!("rank {}: {}", f.rank, f.detail) } else { f.detail.clone() };
+            step = job.record(f.kind, detail, restart);
+        }
+        let code = failures.last().map_or(1, |f| f.code);
         if step > last_step && restart > 0 {
             eprintln!(
                 "tierckpt run: the job made progress since the last failure (newest complete step {} -> {}): the \
@@ -378,6 +238,7 @@ pub fn run(args: &RunArgs, socket_flag: Option<&Path>) -> Result<ExitCode> {
         }
         last_step = last_step.max(step);
         if without_progress >= args.max_restarts {
+            gang.kill_all();
             eprintln!(
                 "tierckpt run: giving up after {without_progress} restart(s) without a new checkpoint (--max-restarts {})",
                 args.max_restarts
@@ -386,19 +247,32 @@ pub fn run(args: &RunArgs, socket_flag: Option<&Path>) -> Result<ExitCode> {
         }
         restart += 1;
         without_progress += 1;
+        let delay = gang::restart_delay(args.restart, args.nproc_per_node.is_some(), without_progress, backoff);
         eprintln!(
-            "tierckpt run: restarting in {backoff:?} ({without_progress} of {} without progress)",
+            "tierckpt run: restarting {} in {delay:?} ({without_progress} of {} without progress)",
+            failures.iter().map(|f| gang.label(f.rank)).collect::<Vec<_>>().join(", "),
             args.max_restarts
         );
-        let until = Instant::now() + backoff;
+        let until = Instant::now() + delay;
         while Instant::now() < until {
             let sig = crate::signals::received();
             if sig != 0 {
-                eprintln!("tierckpt run: {} received while waiting to restart; stopping", signal_name(sig));
+                gang.kill_all();
+                eprintln!("tierckpt run: {} received while waiting to restart; stopping", procs::signal_name(sig));
                 return Ok(ExitCode::from((128 + sig) as u8));
             }
             std::thread::sleep(WATCH_EVERY.min(until.saturating_duration_since(Instant::now())));
         }
-        backoff = (backoff * 2).min(MAX_BACKOFF);
+        if !delay.is_zero() {
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+        }
+        if ensure_daemon(&socket)? {
+            job.record(
+                FailureKind::DaemonLost,
+                format!("no daemon answered on {}; started a new one", socket.display()),
+                restart,
+            );
+        }
+        gang.restart(restart)?;
     }
 }

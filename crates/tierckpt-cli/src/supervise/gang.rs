@@ -1,0 +1,305 @@
+//! The ranks of the job on this node: one command, or `--nproc-per-node`
+//! copies of it with torchrun's environment (`RANK`, `WORLD_SIZE`, ...),
+//! each in a process group of its own, watched together. When ranks fail,
+//! either only they start again and join the survivors' next process-group
+//! generation (`--restart rank`, for jobs that recover in process with
+//! `tierckpt.inprocess`), or every rank is stopped and all start again
+//! (`--restart all`).
+
+use std::net::TcpListener;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{Context, Result};
+use tierckpt_proto::FailureKind;
+
+use super::procs::{exit_code, kill_group, signal_name};
+use super::{Job, STOP_GRACE, WATCH_EVERY};
+
+/// What `tierckpt run` starts again when ranks fail.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Restart {
+    /// Only the failed ranks; the others recover in their processes (`tierckpt.inprocess.run`).
+    Rank,
+    /// Every rank: the survivors are killed and all start anew.
+    All,
+}
+
+impl Restart {
+    fn name(self) -> &'static str {
+        match self {
+            Restart::Rank => "rank",
+            Restart::All => "all",
+        }
+    }
+}
+
+/// One rank that failed, and how.
+pub(crate) struct Failure {
+    pub(crate) rank: usize,
+    pub(crate) kind: FailureKind,
+    pub(crate) detail: String,
+    /// The exit code the supervisor leaves with if it gives up here.
+    pub(crate) code: u8,
+}
+
+/// How watching the ranks ended.
+pub(crate) enum Outcome {
+    /// Every rank exited 0.
+    Done,
+    /// These ranks failed (all that were seen failing in one look).
+    Failed(Vec<Failure>),
+    /// Ctrl-C or SIGTERM arrived: every rank was sent it, then killed after a grace period.
+    Stopped(i32),
+}
+
+struct Running {
+    child: Child,
+    started: SystemTime,
+}
+
+enum Slot {
+    Running(Running),
+    Done,
+    Dead,
+}
+
+/// The ranks of this node's job.
+pub(crate) struct Gang<'a> {
+    job: &'a Job<'a>,
+    slots: Vec<Slot>,
+    generation: u32,
+    master_port: u16,
+}
+
+impl<'a> Gang<'a> {
+    /// Starts every rank, in generation 0.
+    pub(crate) fn start(job: &'a Job<'a>) -> Result<Self> {
+        let n = job.args.nproc_per_node.unwrap_or(1) as usize;
+        let mut gang = Gang { job, slots: (0..n).map(|_| Slot::Dead).collect(), generation: 0, master_port: 0 };
+        gang.spawn_all(0)?;
+        Ok(gang)
+    }
+
+    fn ranked(&self) -> bool {
+        self.job.args.nproc_per_node.is_some()
+    }
+
+    /// How the log and the failure record name `rank`.
+    pub(crate) fn label(&self, rank: usize) -> String {
+        if self.ranked() {
+            format!("rank {rank}")
+        } else {
+            format!("{:?}", self.job.args.command[0])
+        }
+    }
+
+    fn heartbeat(&self, rank: usize) -> PathBuf {
+        if self.ranked() {
+            self.job.dir.join(format!("heartbeat.{rank}"))
+        } else {
+            self.job.dir.join("heartbeat")
+        }
+    }
+
+    fn generation_file(&self) -> PathBuf {
+        self.job.dir.join("generation")
+    }
+
+    fn spawn_all(&mut self, restart: u32) -> Result<()> {
+        self.master_port = free_port()?;
+        for rank in 0..self.slots.len() {
+            self.spawn(rank, restart)?;
+        }
+        Ok(())
+    }
+
+    fn spawn(&mut self, rank: usize, restart: u32) -> Result<()> {
+        let heartbeat = self.heartbeat(rank);
+        std::fs::write(&heartbeat, b"")
+            .with_context(|| format!("resetting the heartbeat file {}", heartbeat.display()))?;
+        let args = self.job.args;
+        let (prog, rest) = args.command.split_first().context("no command given after --")?;
+        let mut cmd = Command::new(prog);
+        cmd.args(rest)
+            .env("TIERCKPT_SOCKET", &self.job.socket)
+            .env("TIERCKPT_NAMESPACE", &args.namespace)
+            .env("TIERCKPT_HEARTBEAT_FILE", &heartbeat)
+            .env("TIERCKPT_RESTART", restart.to_string())
+            .process_group(0);
+        if let Some(n) = args.nproc_per_node {
+            let n = n.to_string();
+            cmd.env("RANK", rank.to_string())
+                .env("LOCAL_RANK", rank.to_string())
+                .env("WORLD_SIZE", &n)
+                .env("LOCAL_WORLD_SIZE", &n)
+                .env("GROUP_RANK", "0")
+                .env("MASTER_ADDR", "127.0.0.1")
+                .env("MASTER_PORT", self.master_port.to_string())
+                .env("TIERCKPT_STORE_FILE", self.job.dir.join("store"))
+                .env("TIERCKPT_GENERATION", self.generation.to_string())
+                .env("TIERCKPT_RESTART_POLICY", args.restart.name());
+            if args.restart == Restart::Rank {
+                cmd.env("TIERCKPT_GENERATION_FILE", self.generation_file());
+            }
+        }
+        let child = cmd.spawn().with_context(|| format!("cannot start {prog:?}"))?;
+        eprintln!(
+            "tierckpt run: started {} (pid {}, restart {restart}{})",
+            self.label(rank),
+            child.id(),
+            if self.ranked() { format!(", generation {}", self.generation) } else { String::new() }
+        );
+        self.slots[rank] = Slot::Running(Running { child, started: SystemTime::now() });
+        Ok(())
+    }
+
+    /// Waits until every rank is done, some fail, or a signal arrives.
+    pub(crate) fn watch(&mut self) -> Result<Outcome> {
+        loop {
+            let sig = crate::signals::take();
+            if sig != 0 {
+                self.stop_all(sig)?;
+                return Ok(Outcome::Stopped(sig));
+            }
+            let mut failed = vec![];
+            for rank in 0..self.slots.len() {
+                if let Some(f) = self.look(rank)? {
+                    failed.push(f);
+                }
+            }
+            if !failed.is_empty() {
+                return Ok(Outcome::Failed(failed));
+            }
+            if self.slots.iter().all(|s| matches!(s, Slot::Done)) {
+                return Ok(Outcome::Done);
+            }
+            std::thread::sleep(WATCH_EVERY);
+        }
+    }
+
+    /// Looks at one rank: returns its failure if it failed since the last look.
+    fn look(&mut self, rank: usize) -> Result<Option<Failure>> {
+        let hang_timeout = self.job.args.hang_timeout;
+        let heartbeat = self.heartbeat(rank);
+        let Slot::Running(r) = &mut self.slots[rank] else { return Ok(None) };
+        let pgid = r.child.id() as i32;
+        let failure = if let Some(status) = r.child.try_wait()? {
+            kill_group(pgid);
+            if status.success() {
+                self.slots[rank] = Slot::Done;
+                return Ok(None);
+            }
+            let (kind, detail) = match status.signal() {
+                Some(sig) => (FailureKind::Signal, signal_name(sig)),
+                None => (FailureKind::Exit, format!("exit code {}", status.code().unwrap_or(-1))),
+            };
+            Failure { rank, kind, detail, code: exit_code(status) }
+        } else {
+            let Some(limit) = hang_timeout else { return Ok(None) };
+            let quiet = last_progress(&heartbeat, r.started).elapsed().unwrap_or_default();
+            if quiet <= limit {
+                return Ok(None);
+            }
+            kill_group(pgid);
+            let status = r.child.wait()?;
+            let detail = format!("no heartbeat for {:.1} s (hang timeout {limit:?}); killed", quiet.as_secs_f64());
+            Failure { rank, kind: FailureKind::Hang, detail, code: exit_code(status) }
+        };
+        self.slots[rank] = Slot::Dead;
+        Ok(Some(failure))
+    }
+
+    /// Starts the next generation: the dead ranks again under `--restart
+    /// rank` while no rank has finished, otherwise every rank anew.
+    pub(crate) fn restart(&mut self, restart: u32) -> Result<()> {
+        self.generation += 1;
+        let finished = self.slots.iter().any(|s| matches!(s, Slot::Done));
+        if self.job.args.restart == Restart::Rank && self.ranked() && !finished {
+            let tmp = self.generation_file().with_extension("tmp");
+            std::fs::write(&tmp, format!("{}\n", self.generation))
+                .and_then(|()| std::fs::rename(&tmp, self.generation_file()))
+                .with_context(|| format!("writing {}", self.generation_file().display()))?;
+            for rank in 0..self.slots.len() {
+                if matches!(self.slots[rank], Slot::Dead) {
+                    self.spawn(rank, restart)?;
+                }
+            }
+            return Ok(());
+        }
+        if finished && self.job.args.restart == Restart::Rank {
+            eprintln!("tierckpt run: a rank had already finished; restarting every rank");
+        }
+        self.kill_all();
+        self.spawn_all(restart)
+    }
+
+    /// SIGKILLs every running rank and what it started.
+    pub(crate) fn kill_all(&mut self) {
+        for slot in &mut self.slots {
+            if let Slot::Running(r) = slot {
+                kill_group(r.child.id() as i32);
+                let _ = r.child.wait();
+                *slot = Slot::Dead;
+            }
+        }
+    }
+
+    /// Sends `sig` to every rank's process group, waits up to the grace
+    /// period for them to end, then kills what is left.
+    fn stop_all(&mut self, sig: i32) -> Result<()> {
+        for slot in &self.slots {
+            if let Slot::Running(r) = slot {
+                // SAFETY: kill has no memory-safety preconditions.
+                unsafe { libc::kill(-(r.child.id() as i32), sig) };
+            }
+        }
+        let deadline = Instant::now() + STOP_GRACE;
+        while Instant::now() < deadline {
+            let mut running = false;
+            for slot in &mut self.slots {
+                if let Slot::Running(r) = slot {
+                    if let Some(status) = r.child.try_wait()? {
+                        eprintln!("tierckpt run: pid {} stopped ({status})", r.child.id());
+                        kill_group(r.child.id() as i32);
+                        *slot = Slot::Dead;
+                    } else {
+                        running = true;
+                    }
+                }
+            }
+            if !running {
+                return Ok(());
+            }
+            std::thread::sleep(WATCH_EVERY);
+        }
+        self.kill_all();
+        Ok(())
+    }
+}
+
+/// The newest sign of progress: the heartbeat file's modification time, or
+/// the start of this run if it is older.
+fn last_progress(heartbeat: &Path, started: SystemTime) -> SystemTime {
+    std::fs::metadata(heartbeat).and_then(|m| m.modified()).map_or(started, |t| t.max(started))
+}
+
+/// A TCP port free now on the loopback, for `MASTER_PORT`: a new one for
+/// each full start, so that a restart does not meet the old port in TIME_WAIT.
+fn free_port() -> Result<u16> {
+    let l = TcpListener::bind("127.0.0.1:0").context("finding a free port for MASTER_PORT")?;
+    Ok(l.local_addr()?.port())
+}
+
+/// How long the supervisor waits before restarting after `without_progress`
+/// failures in a row: under `--restart rank` the survivors wait in the
+/// rendezvous, so the first replacement starts at once.
+pub(crate) fn restart_delay(restart: Restart, ranked: bool, without_progress: u32, backoff: Duration) -> Duration {
+    if restart == Restart::Rank && ranked && without_progress <= 1 {
+        Duration::ZERO
+    } else {
+        backoff
+    }
+}
