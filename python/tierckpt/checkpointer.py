@@ -754,6 +754,15 @@ class Checkpointer:
         self._discarded = False
         self._next_save = None
 
+    def adopt_rank(self, rank: int) -> None:
+        """Makes this Checkpointer, built by a warm spare before it had a rank, save and load as
+        `rank` (`tierckpt.inprocess` calls it when the launcher gives the spare a failed rank)."""
+        if self._pending:
+            raise TierckptError(f"a Checkpointer that saved as rank {self.rank} cannot become rank {rank}")
+        if not (0 <= rank < self.world_size):
+            raise ValueError(f"rank {rank} is not below world_size {self.world_size}")
+        self.rank = rank
+
     def _agreed_latest(self):
         """The newest complete step, the same on every rank. The daemon's `latest` waits for
         seals in flight (a dead incarnation's may be finishing) before it answers."""

@@ -19,9 +19,18 @@ launcher may do the same, or start the replacement with
 ``TIERCKPT_GENERATION`` set to the generation it joins (then the survivors
 count generations themselves: one per failure).
 
+With `tierckpt run --spares K` the launcher also keeps K warm spares: the
+same command, started ahead without a rank (``TIERCKPT_SPARE_FILE`` set).
+A spare runs the script up to `run`, which waits there until the launcher
+names the rank it takes over; the replacement then has its interpreter,
+imports and model ready. The script must read its rank inside the function
+(``recovery.rank``, or ``RANK``, which `run` sets) and give `run` its
+Checkpointer, which `run` tells the rank.
+
 Under torchrun (no store file, ``TORCHELASTIC_RESTART_COUNT`` set) `run`
-joins torchrun's rendezvous and recovers nothing in process: torchrun's
-agent restarts every rank, and ``Checkpointer.load`` restores them.
+joins torchrun's store, on a prefix of its restart count, and recovers
+nothing in process: torchrun's agent restarts every rank, and
+``Checkpointer.load`` restores them.
 
     >>> def train(recovery):
     ...     ckpt.load({"model": model.state_dict(), "optim": opt.state_dict()})
@@ -41,6 +50,7 @@ GENERATION_VAR = "TIERCKPT_GENERATION"
 GENERATION_FILE_VAR = "TIERCKPT_GENERATION_FILE"
 STORE_FILE_VAR = "TIERCKPT_STORE_FILE"
 POLICY_VAR = "TIERCKPT_RESTART_POLICY"
+SPARE_FILE_VAR = "TIERCKPT_SPARE_FILE"
 TORCHRUN_RESTARTS_VAR = "TORCHELASTIC_RESTART_COUNT"
 WATCH_EVERY_S = 0.01
 
@@ -52,6 +62,8 @@ class Recovery:
     """The process group's generation: 0 at the job's start, one more per recovery."""
     in_process: bool
     """True when this process survived a failure and runs the function again."""
+    rank: int = 0
+    """This process's rank (a warm spare learns it when it takes over a failed rank)."""
     group_at: float = 0.0
     """Wall-clock time (``time.time()``) the process group of this generation formed."""
     error_at: float | None = None
@@ -67,6 +79,11 @@ def _store(store):
     path = os.environ.get(STORE_FILE_VAR)
     if path:
         return dist.FileStore(path, -1)
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        # torchrun's agent serves a store that outlives its workers; each restart gets a fresh
+        # prefix (keys a dead worker left there would send gloo to its old address).
+        return dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                             timeout=datetime.timedelta(seconds=60))
     if TORCHRUN_RESTARTS_VAR in os.environ:
         return None  # torchrun's own rendezvous (env://)
     raise ValueError(f"give a store, or set {STORE_FILE_VAR} to a file every rank can open "
@@ -126,6 +143,23 @@ def _abort_group():
         pass  # the collective's own error or timeout still ends it
 
 
+def _await_rank() -> tuple[int, int]:
+    """A warm spare's wait: (rank, generation) once the launcher writes them to ``TIERCKPT_SPARE_FILE``."""
+    path = os.environ[SPARE_FILE_VAR]
+    while True:
+        try:
+            with open(path) as f:
+                text = f.read()
+        except FileNotFoundError:
+            time.sleep(WATCH_EVERY_S / 2)
+            continue
+        try:
+            rank, generation = (int(x) for x in text.split())
+        except ValueError:
+            raise ValueError(f"{SPARE_FILE_VAR} {path}: expected 'rank generation', got {text!r}") from None
+        return rank, generation
+
+
 def _next_generation(current: int, timeout_s: float) -> int:
     """The generation to join after a failure: the launcher's next one (waited for), or current+1."""
     if os.environ.get(GENERATION_FILE_VAR) is None:
@@ -152,12 +186,18 @@ def run(fn, *, checkpointer=None, store=None, backend: str = "gloo", timeout_s: 
     import torch.distributed as dist
     if max_failures < 0:
         raise ValueError(f"max_failures must be at least 0, not {max_failures}")
-    rank = int(os.environ["RANK"]) if rank is None else rank
     world_size = int(os.environ["WORLD_SIZE"]) if world_size is None else world_size
     base = _store(store)
-    recovers = base is not None and os.environ.get(POLICY_VAR, "rank") == "rank"
+    under_torchrun = TORCHRUN_RESTARTS_VAR in os.environ and store is None and not os.environ.get(STORE_FILE_VAR)
+    recovers = base is not None and not under_torchrun and os.environ.get(POLICY_VAR, "rank") == "rank"
     generation = int(os.environ.get(GENERATION_VAR) or os.environ.get(TORCHRUN_RESTARTS_VAR) or 0)
-    rec = Recovery(generation=generation, in_process=False)
+    if rank is None and os.environ.get(SPARE_FILE_VAR):
+        rank, generation = _await_rank()
+        os.environ["RANK"] = os.environ["LOCAL_RANK"] = str(rank)
+        if checkpointer is not None:
+            checkpointer.adopt_rank(rank)
+    rank = int(os.environ["RANK"]) if rank is None else rank
+    rec = Recovery(generation=generation, rank=rank, in_process=False)
     timeout = datetime.timedelta(seconds=timeout_s)
     failed_text = None  # the error recovered from
     while True:
@@ -183,7 +223,7 @@ def run(fn, *, checkpointer=None, store=None, backend: str = "gloo", timeout_s: 
         dist.destroy_process_group()
         if checkpointer is not None:
             checkpointer.recovering()
-        rec = Recovery(generation=_next_generation(rec.generation, timeout_s), in_process=True,
+        rec = Recovery(generation=_next_generation(rec.generation, timeout_s), rank=rank, in_process=True,
                        error_at=error_at, failures=rec.failures)
 
 

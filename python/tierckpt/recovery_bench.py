@@ -4,15 +4,18 @@ One data-parallel job (`tierckpt.recovery_job`: `--ranks` gloo ranks on this nod
 `--every` steps) runs first without a failure (the reference), then once under each launcher in
 `--launchers`, where rank `--kill-rank` is SIGKILLed once it has done step `--kill-step`:
 
-  in-process    `tierckpt run --nproc-per-node N --restart rank`: only the killed rank starts again; the
-                survivors keep their processes, rebuild the process group and roll back from memory;
-  full-restart  `tierckpt run --nproc-per-node N --restart all --backoff 0s`: every rank starts again;
-  torchrun      `torchrun --standalone --max-restarts 1 --monitor-interval 0.1`: its agent restarts every rank.
+  in-process        `tierckpt run --nproc-per-node N --restart rank`: only the killed rank starts again; the
+                    survivors keep their processes, rebuild the process group and roll back from memory;
+  in-process-spare  the same with `--spares 1`: a warm spare, started ahead, takes over the killed rank;
+  full-restart      `tierckpt run --nproc-per-node N --restart all --backoff 0s`: every rank starts again;
+  torchrun          `torchrun --standalone --max-restarts 1 --monitor-interval 0.1`: its agent restarts every
+                    rank.
 
 Each recovery is split on its critical path, from the kill: `detection` (until the first survivor's
 collective failed), `rendezvous` (until every rank of the new process group joined), `restore` (until every
 rank restored its state) and `first_step` (until every rank finished its first step after it); `total` is their
-sum. The job's wall time is given beside the reference's (`goodput`: reference / this), with the steps done
+sum. The job's training time (from the first rank's restore to the last rank's end; `wall_s` counts the
+start of the processes too) is given beside the reference's (`goodput`: reference / this), with the steps done
 again, and every final state is checked bitwise against the reference's (sha256 per rank).
 
 A daemon: the one at `--socket` or $TIERCKPT_SOCKET, else the bench starts its own `tierckptd`
@@ -36,7 +39,7 @@ from .bench import Daemon
 from .errors import UnavailableError
 from .recovery_job import read_events
 
-LAUNCHERS = ("in-process", "full-restart", "torchrun")
+LAUNCHERS = ("in-process", "in-process-spare", "full-restart", "torchrun")
 PHASES = ("detection", "rendezvous", "restore", "first_step")
 
 
@@ -57,9 +60,10 @@ def _command(launcher: str, args, tierckpt: str, socket: str, ns: str, events: s
     if launcher == "torchrun":
         return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(args.ranks),
                 "--max-restarts", "1", "--monitor-interval", "0.1", *job[1:]]
-    restart = "rank" if launcher in ("in-process", "reference") else "all"
+    restart = "all" if launcher == "full-restart" else "rank"
+    spares = ["--spares", "1"] if launcher == "in-process-spare" else []
     return [tierckpt, "--socket", socket, "run", "--namespace", ns, "--nproc-per-node", str(args.ranks),
-            "--restart", restart, "--backoff", "0s", "--max-restarts", "1", "--", *job]
+            "--restart", restart, *spares, "--backoff", "0s", "--max-restarts", "1", "--", *job]
 
 
 def run_job(launcher: str, args, tierckpt: str, socket: str, workdir: str, kill: bool,
@@ -90,7 +94,9 @@ def run_job(launcher: str, args, tierckpt: str, socket: str, workdir: str, kill:
     if code != 0:
         raise RuntimeError(f"the {launcher} job exited {code}; its log: {log.name}")
     ranks = [read_events(events, r) for r in range(args.ranks)]
-    return {"ranks": ranks, "kill_at": kill_at, "wall_s": wall}
+    began = min(e["restored_at"] for ev in ranks for e in ev if e["event"] == "resumed")
+    ended = max(e["at"] for ev in ranks for e in ev if e["event"] == "done")
+    return {"ranks": ranks, "kill_at": kill_at, "wall_s": wall, "train_s": ended - began}
 
 
 def _wait_for_step(proc, events: str, args) -> int:
@@ -158,12 +164,13 @@ def measure(args) -> dict:
         want = digests(ref)
         report = {"ranks": args.ranks, "steps": args.steps, "every": args.every, "kill_step": args.kill_step,
                   "kill_rank": args.kill_rank, "step_s": args.step_s, "width": args.width,
-                  "reference_wall_s": ref["wall_s"], "launchers": {}}
+                  "reference_wall_s": ref["wall_s"], "reference_train_s": ref["train_s"], "launchers": {}}
         for launcher in args.launchers:
             run = run_job(launcher, args, tierckpt, daemon.socket, workdir, kill=True)
             r = recovery(run, args)
             r["wall_s"] = run["wall_s"]
-            r["goodput"] = ref["wall_s"] / run["wall_s"]
+            r["train_s"] = run["train_s"]
+            r["goodput"] = ref["train_s"] / run["train_s"]
             r["bitwise_equal"] = digests(run) == want
             report["launchers"][launcher] = r
         full = report["launchers"].get("full-restart")
@@ -189,7 +196,7 @@ def table(report: dict) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(cols))]
     lines = [f"recovery from SIGKILL of rank {report['kill_rank']} after step {report['kill_step']}, "
              f"{report['ranks']} gloo ranks, checkpoint every {report['every']} steps; seconds from the kill; "
-             f"reference job {report['reference_wall_s']:.2f} s"]
+             f"reference job {report['reference_train_s']:.2f} s training, {report['reference_wall_s']:.2f} s wall"]
     lines += ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in rows]
     return "\n".join(lines)
 

@@ -6,7 +6,8 @@ The job `python -m tierckpt.recovery_bench` and the in-process recovery tests la
 every `--every` steps the Checkpointer saves the rank's model and Adam state. Every event goes as a JSON
 line with its wall-clock time to `--events-dir/rank-<rank>.jsonl`: `start` (the process began), `resumed`
 (the process group formed, at `group_at`, and the state was restored, at `restored_at`), `step`, `error`
-(the function failed and the process is leaving), `done` (with the sha256 of the final state).
+(the function failed and the process is leaving), `done` (with the sha256 of the final state). A warm
+spare (`tierckpt run --spares`) learns its rank in `inprocess.run`, and writes its events from then on.
 """
 
 from __future__ import annotations
@@ -33,16 +34,21 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
-    rank = int(os.environ["RANK"])
     os.makedirs(args.events_dir, exist_ok=True)
-    events = os.path.join(args.events_dir, f"rank-{rank}.jsonl")
     pid = os.getpid()
+    held = []  # events before the rank is known (a spare learns it in inprocess.run)
 
     def report(event, **kv):
-        with open(events, "a") as f:
-            f.write(json.dumps({"event": event, "pid": pid, "rank": rank, "at": time.time(), **kv}) + "\n")
+        held.append((event, kv))
+        if "RANK" not in os.environ:
+            return
+        rank = int(os.environ["RANK"])
+        with open(os.path.join(args.events_dir, f"rank-{rank}.jsonl"), "a") as f:
+            for ev, k in held:
+                f.write(json.dumps({"event": ev, "pid": pid, "rank": rank, "at": time.time(), **k}) + "\n")
+        held.clear()
 
-    report("start", at=STARTED_AT)
+    report("start", at=STARTED_AT, spare="RANK" not in os.environ)
     import torch
     import torch.distributed as dist
 
@@ -67,6 +73,7 @@ def main(argv=None) -> int:
         return {"model": model.state_dict(), "optim": opt.state_dict(), "step": step}
 
     def train(rec):
+        rank = rec.rank
         start = 0
         got = ckpt.load(state(0))
         if got is not None:

@@ -333,3 +333,55 @@ fn bad_rank_arguments_are_named() {
     assert!(!o.status.success());
     assert!(stderr(&o).contains("some"), "{}", stderr(&o));
 }
+
+#[test]
+fn a_warm_spare_takes_over_a_failed_rank_and_is_replaced() {
+    let d = TestDaemon::start("64MiB");
+    let dir = d.dir.path();
+    // A spare notes its pid, waits for its rank, then runs as that rank. Every rank of generation 1 beats
+    // its heartbeat and lingers, so that the launcher sees progress and starts a new spare.
+    let script = format!(
+        "if [ -n \"$TIERCKPT_SPARE_FILE\" ]; then echo $$ >> {0}/spares; \
+           i=0; while [ ! -f \"$TIERCKPT_SPARE_FILE\" ]; do i=$((i+1)); [ $i -gt 600 ] && exit 8; sleep 0.02; done; \
+           read RANK TIERCKPT_GENERATION < \"$TIERCKPT_SPARE_FILE\"; fi; \
+         echo \"$TIERCKPT_GENERATION $$\" >> {0}/starts.$RANK; \
+         if [ \"$RANK\" = 1 ] && [ \"$TIERCKPT_GENERATION\" = 0 ]; then exit 7; fi; \
+         i=0; while [ \"$(cat \"$TIERCKPT_GENERATION_FILE\" 2>/dev/null)\" != 1 ]; do \
+           i=$((i+1)); [ $i -gt 600 ] && exit 8; sleep 0.02; done; \
+         touch \"$TIERCKPT_HEARTBEAT_FILE\"; sleep 1",
+        dir.display()
+    );
+    let o = run(&d, "spare", &["--nproc-per-node", "2", "--restart", "rank", "--spares", "1"], &script);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let spares: Vec<i32> =
+        std::fs::read_to_string(dir.join("spares")).unwrap().lines().map(|l| l.parse().unwrap()).collect();
+    assert_eq!(spares.len(), 2, "the spare taken was replaced: {}", stderr(&o));
+    let starts1 = std::fs::read_to_string(dir.join("starts.1")).unwrap();
+    let lines: Vec<&str> = starts1.lines().collect();
+    assert_eq!(lines.len(), 2, "{starts1}");
+    assert_eq!(lines[1], format!("1 {}", spares[0]), "the first spare became rank 1 of generation 1");
+    assert_eq!(std::fs::read_to_string(dir.join("starts.0")).unwrap().lines().count(), 1, "rank 0 kept its process");
+    assert!(
+        stderr(&o).contains(&format!("spare pid {} takes over rank 1 (generation 1)", spares[0])),
+        "{}",
+        stderr(&o)
+    );
+    assert!(gone(spares[1]), "the spare left over was stopped with the job");
+}
+
+#[test]
+fn a_spare_that_exits_stops_the_spares_not_the_job() {
+    let d = TestDaemon::start("64MiB");
+    let o = run(
+        &d,
+        "brokenspare",
+        &["--nproc-per-node", "2", "--restart", "rank", "--spares", "1"],
+        "[ -n \"$TIERCKPT_SPARE_FILE\" ] && exit 3; sleep 0.5",
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("starting no more spares"), "{}", stderr(&o));
+    assert_eq!(stderr(&o).matches("started spare").count(), 1, "{}", stderr(&o));
+    let o = run(&d, "brokenspare", &["--nproc-per-node", "2", "--spares", "1"], "true");
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("--spares 1 needs --nproc-per-node and --restart rank"), "{}", stderr(&o));
+}

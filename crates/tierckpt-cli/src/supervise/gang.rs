@@ -4,7 +4,11 @@
 //! either only they start again and join the survivors' next process-group
 //! generation (`--restart rank`, for jobs that recover in process with
 //! `tierckpt.inprocess`), or every rank is stopped and all start again
-//! (`--restart all`).
+//! (`--restart all`). Under `--restart rank`, `--spares K` keeps K warm
+//! spares: copies of the command started ahead that wait in
+//! `tierckpt.inprocess.run` for a rank, so that a replacement has already
+//! paid for its interpreter, imports and model; the spare taken is started
+//! again once every rank showed progress after the recovery.
 
 use std::net::TcpListener;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
@@ -58,6 +62,14 @@ pub(crate) enum Outcome {
 struct Running {
     child: Child,
     started: SystemTime,
+    heartbeat: PathBuf,
+}
+
+/// A warm spare: it waits for `file` to name its rank and generation.
+struct Spare {
+    child: Child,
+    file: PathBuf,
+    heartbeat: PathBuf,
 }
 
 enum Slot {
@@ -70,7 +82,17 @@ enum Slot {
 pub(crate) struct Gang<'a> {
     job: &'a Job<'a>,
     slots: Vec<Slot>,
+    spares: Vec<Spare>,
+    /// Spares started so far (names their files).
+    spares_started: u32,
+    /// Set when a spare exits on its own: no more are started.
+    spares_broken: bool,
+    /// When the spares taken at the last recovery may be replaced: once
+    /// every rank's heartbeat is newer than this.
+    replenish_after: Option<SystemTime>,
     generation: u32,
+    /// The supervisor's restart count at the last (re)start.
+    restart: u32,
     master_port: u16,
 }
 
@@ -78,7 +100,17 @@ impl<'a> Gang<'a> {
     /// Starts every rank, in generation 0.
     pub(crate) fn start(job: &'a Job<'a>) -> Result<Self> {
         let n = job.args.nproc_per_node.unwrap_or(1) as usize;
-        let mut gang = Gang { job, slots: (0..n).map(|_| Slot::Dead).collect(), generation: 0, master_port: 0 };
+        let mut gang = Gang {
+            job,
+            slots: (0..n).map(|_| Slot::Dead).collect(),
+            spares: vec![],
+            spares_started: 0,
+            spares_broken: false,
+            replenish_after: None,
+            generation: 0,
+            restart: 0,
+            master_port: 0,
+        };
         gang.spawn_all(0)?;
         Ok(gang)
     }
@@ -113,12 +145,46 @@ impl<'a> Gang<'a> {
         for rank in 0..self.slots.len() {
             self.spawn(rank, restart)?;
         }
-        Ok(())
+        self.replenish_after = None;
+        self.top_up_spares(restart)
     }
 
     fn spawn(&mut self, rank: usize, restart: u32) -> Result<()> {
         let heartbeat = self.heartbeat(rank);
-        std::fs::write(&heartbeat, b"")
+        let mut cmd = self.command(&heartbeat, restart)?;
+        if self.ranked() {
+            cmd.env("RANK", rank.to_string()).env("LOCAL_RANK", rank.to_string());
+        }
+        let child = cmd.spawn().with_context(|| format!("cannot start {:?}", self.job.args.command[0]))?;
+        eprintln!(
+            "tierckpt run: started {} (pid {}, restart {restart}{})",
+            self.label(rank),
+            child.id(),
+            if self.ranked() { format!(", generation {}", self.generation) } else { String::new() }
+        );
+        self.slots[rank] = Slot::Running(Running { child, started: SystemTime::now(), heartbeat });
+        Ok(())
+    }
+
+    /// Starts spares until there are `--spares` of them.
+    fn top_up_spares(&mut self, restart: u32) -> Result<()> {
+        while !self.spares_broken && self.spares.len() < self.job.args.spares as usize {
+            let id = self.spares_started;
+            self.spares_started += 1;
+            let heartbeat = self.job.dir.join(format!("heartbeat.spare{id}"));
+            let file = self.job.dir.join(format!("spare.{id}"));
+            let mut cmd = self.command(&heartbeat, restart)?;
+            cmd.env("TIERCKPT_SPARE_FILE", &file);
+            let child = cmd.spawn().with_context(|| format!("cannot start {:?}", self.job.args.command[0]))?;
+            eprintln!("tierckpt run: started spare {id} (pid {})", child.id());
+            self.spares.push(Spare { child, file, heartbeat });
+        }
+        Ok(())
+    }
+
+    /// The command with the environment every rank and spare gets.
+    fn command(&self, heartbeat: &Path, restart: u32) -> Result<Command> {
+        std::fs::write(heartbeat, b"")
             .with_context(|| format!("resetting the heartbeat file {}", heartbeat.display()))?;
         let args = self.job.args;
         let (prog, rest) = args.command.split_first().context("no command given after --")?;
@@ -126,14 +192,12 @@ impl<'a> Gang<'a> {
         cmd.args(rest)
             .env("TIERCKPT_SOCKET", &self.job.socket)
             .env("TIERCKPT_NAMESPACE", &args.namespace)
-            .env("TIERCKPT_HEARTBEAT_FILE", &heartbeat)
+            .env("TIERCKPT_HEARTBEAT_FILE", heartbeat)
             .env("TIERCKPT_RESTART", restart.to_string())
             .process_group(0);
         if let Some(n) = args.nproc_per_node {
             let n = n.to_string();
-            cmd.env("RANK", rank.to_string())
-                .env("LOCAL_RANK", rank.to_string())
-                .env("WORLD_SIZE", &n)
+            cmd.env("WORLD_SIZE", &n)
                 .env("LOCAL_WORLD_SIZE", &n)
                 .env("GROUP_RANK", "0")
                 .env("MASTER_ADDR", "127.0.0.1")
@@ -145,15 +209,7 @@ impl<'a> Gang<'a> {
                 cmd.env("TIERCKPT_GENERATION_FILE", self.generation_file());
             }
         }
-        let child = cmd.spawn().with_context(|| format!("cannot start {prog:?}"))?;
-        eprintln!(
-            "tierckpt run: started {} (pid {}, restart {restart}{})",
-            self.label(rank),
-            child.id(),
-            if self.ranked() { format!(", generation {}", self.generation) } else { String::new() }
-        );
-        self.slots[rank] = Slot::Running(Running { child, started: SystemTime::now() });
-        Ok(())
+        Ok(cmd)
     }
 
     /// Waits until every rank is done, some fail, or a signal arrives.
@@ -173,17 +229,50 @@ impl<'a> Gang<'a> {
             if !failed.is_empty() {
                 return Ok(Outcome::Failed(failed));
             }
+            self.look_at_spares()?;
             if self.slots.iter().all(|s| matches!(s, Slot::Done)) {
+                self.kill_all();
                 return Ok(Outcome::Done);
             }
             std::thread::sleep(WATCH_EVERY);
         }
     }
 
+    /// Notes a spare that exited (no more are started then: a spare must
+    /// wait in `tierckpt.inprocess.run`), and replaces the spares taken once
+    /// every rank showed progress after the recovery.
+    fn look_at_spares(&mut self) -> Result<()> {
+        let mut i = 0;
+        while i < self.spares.len() {
+            if let Some(status) = self.spares[i].child.try_wait()? {
+                kill_group(self.spares[i].child.id() as i32);
+                eprintln!(
+                    "tierckpt run: spare pid {} exited ({status}) before it was given a rank; starting no more \
+                     spares (a spare waits in tierckpt.inprocess.run for its rank: read RANK inside the function)",
+                    self.spares[i].child.id()
+                );
+                self.spares.remove(i);
+                self.spares_broken = true;
+            } else {
+                i += 1;
+            }
+        }
+        if let Some(after) = self.replenish_after {
+            let all_progressed = self.slots.iter().all(|s| match s {
+                Slot::Running(r) => std::fs::metadata(&r.heartbeat).and_then(|m| m.modified()).is_ok_and(|t| t > after),
+                _ => true,
+            });
+            if all_progressed {
+                self.replenish_after = None;
+                self.top_up_spares(self.restart)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Looks at one rank: returns its failure if it failed since the last look.
     fn look(&mut self, rank: usize) -> Result<Option<Failure>> {
         let hang_timeout = self.job.args.hang_timeout;
-        let heartbeat = self.heartbeat(rank);
         let Slot::Running(r) = &mut self.slots[rank] else { return Ok(None) };
         let pgid = r.child.id() as i32;
         let failure = if let Some(status) = r.child.try_wait()? {
@@ -199,7 +288,7 @@ impl<'a> Gang<'a> {
             Failure { rank, kind, detail, code: exit_code(status) }
         } else {
             let Some(limit) = hang_timeout else { return Ok(None) };
-            let quiet = last_progress(&heartbeat, r.started).elapsed().unwrap_or_default();
+            let quiet = last_progress(&r.heartbeat, r.started).elapsed().unwrap_or_default();
             if quiet <= limit {
                 return Ok(None);
             }
@@ -216,6 +305,7 @@ impl<'a> Gang<'a> {
     /// rank` while no rank has finished, otherwise every rank anew.
     pub(crate) fn restart(&mut self, restart: u32) -> Result<()> {
         self.generation += 1;
+        self.restart = restart;
         let finished = self.slots.iter().any(|s| matches!(s, Slot::Done));
         if self.job.args.restart == Restart::Rank && self.ranked() && !finished {
             let tmp = self.generation_file().with_extension("tmp");
@@ -224,8 +314,14 @@ impl<'a> Gang<'a> {
                 .with_context(|| format!("writing {}", self.generation_file().display()))?;
             for rank in 0..self.slots.len() {
                 if matches!(self.slots[rank], Slot::Dead) {
-                    self.spawn(rank, restart)?;
+                    match self.spares.pop() {
+                        Some(spare) => self.assign(spare, rank)?,
+                        None => self.spawn(rank, restart)?,
+                    }
                 }
+            }
+            if self.spares.len() < self.job.args.spares as usize {
+                self.replenish_after = Some(SystemTime::now());
             }
             return Ok(());
         }
@@ -236,8 +332,28 @@ impl<'a> Gang<'a> {
         self.spawn_all(restart)
     }
 
-    /// SIGKILLs every running rank and what it started.
+    /// Makes `spare` rank `rank` of the current generation.
+    fn assign(&mut self, spare: Spare, rank: usize) -> Result<()> {
+        let tmp = spare.file.with_extension("tmp");
+        std::fs::write(&tmp, format!("{rank} {}\n", self.generation))
+            .and_then(|()| std::fs::rename(&tmp, &spare.file))
+            .with_context(|| format!("writing {}", spare.file.display()))?;
+        eprintln!(
+            "tierckpt run: spare pid {} takes over rank {rank} (generation {})",
+            spare.child.id(),
+            self.generation
+        );
+        let started = SystemTime::now();
+        self.slots[rank] = Slot::Running(Running { child: spare.child, started, heartbeat: spare.heartbeat });
+        Ok(())
+    }
+
+    /// SIGKILLs every running rank and spare, and what they started.
     pub(crate) fn kill_all(&mut self) {
+        for mut spare in self.spares.drain(..) {
+            kill_group(spare.child.id() as i32);
+            let _ = spare.child.wait();
+        }
         for slot in &mut self.slots {
             if let Slot::Running(r) = slot {
                 kill_group(r.child.id() as i32);
@@ -250,6 +366,10 @@ impl<'a> Gang<'a> {
     /// Sends `sig` to every rank's process group, waits up to the grace
     /// period for them to end, then kills what is left.
     fn stop_all(&mut self, sig: i32) -> Result<()> {
+        for mut spare in self.spares.drain(..) {
+            kill_group(spare.child.id() as i32);
+            let _ = spare.child.wait();
+        }
         for slot in &self.slots {
             if let Slot::Running(r) = slot {
                 // SAFETY: kill has no memory-safety preconditions.

@@ -58,6 +58,10 @@ pub struct RunArgs {
     /// in process (`tierckpt.inprocess.run`), or all of them.
     #[arg(long, value_enum, default_value_t = Restart::All, requires = "nproc_per_node")]
     pub restart: Restart,
+    /// Under `--restart rank`, keep K warm spares started ahead, waiting in `tierckpt.inprocess.run`
+    /// for the rank of one that fails (its interpreter, imports and model already loaded).
+    #[arg(long, value_name = "K", default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=64))]
+    pub spares: u32,
     /// Namespace of the job (passed on as TIERCKPT_NAMESPACE).
     #[arg(long, env = "TIERCKPT_NAMESPACE", default_value = "default")]
     pub namespace: String,
@@ -198,6 +202,9 @@ fn describe(kind: FailureKind) -> &'static str {
 pub fn run(args: &RunArgs, socket_flag: Option<&Path>) -> Result<ExitCode> {
     tierckpt_format::names::validate_namespace(&args.namespace)
         .with_context(|| format!("--namespace {:?}", args.namespace))?;
+    if args.spares > 0 && (args.restart != Restart::Rank || args.nproc_per_node.is_none()) {
+        bail!("--spares {} needs --nproc-per-node and --restart rank (a spare takes over a failed rank)", args.spares);
+    }
     crate::signals::catch_int_term();
     let socket = resolve_socket(socket_flag);
     ensure_daemon(&socket)?;
