@@ -197,6 +197,9 @@ def run(fn, *, checkpointer=None, store=None, backend: str = "gloo", timeout_s: 
         if checkpointer is not None:
             checkpointer.adopt_rank(rank)
     rank = int(os.environ["RANK"]) if rank is None else rank
+    if backend == "nccl":
+        import torch
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
     rec = Recovery(generation=generation, rank=rank, in_process=False)
     timeout = datetime.timedelta(seconds=timeout_s)
     failed_text = None  # the error recovered from
@@ -220,7 +223,12 @@ def run(fn, *, checkpointer=None, store=None, backend: str = "gloo", timeout_s: 
             failed_text = str(e).splitlines()[0] if str(e) else type(e).__name__
         finally:
             watch.stop()
-        dist.destroy_process_group()
+        if backend == "nccl":
+            _abort_group()  # a NCCL communicator with a dead peer may hang in destroy
+        try:
+            dist.destroy_process_group()
+        except Exception:
+            pass  # the group is broken already; the new one is built on a fresh prefix
         if checkpointer is not None:
             checkpointer.recovering()
         rec = Recovery(generation=_next_generation(rec.generation, timeout_s), rank=rank, in_process=True,

@@ -56,7 +56,7 @@ def _tierckpt_binary(daemon: Daemon) -> str:
 
 def _command(launcher: str, args, tierckpt: str, socket: str, ns: str, events: str, steps: int) -> list:
     job = [sys.executable, "-m", "tierckpt.recovery_job", "--steps", str(steps), "--every", str(args.every),
-           "--width", str(args.width), "--step-s", str(args.step_s), "--events-dir", events]
+           "--width", str(args.width), "--step-s", str(args.step_s), "--backend", args.backend, "--events-dir", events]
     if launcher == "torchrun":
         return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(args.ranks),
                 "--max-restarts", "1", "--monitor-interval", "0.1", *job[1:]]
@@ -162,7 +162,7 @@ def measure(args) -> dict:
         run_job("reference", args, tierckpt, daemon.socket, workdir, kill=False, steps=1)
         ref = run_job("reference", args, tierckpt, daemon.socket, workdir, kill=False)
         want = digests(ref)
-        report = {"ranks": args.ranks, "steps": args.steps, "every": args.every, "kill_step": args.kill_step,
+        report = {"ranks": args.ranks, "backend": args.backend, "steps": args.steps, "every": args.every, "kill_step": args.kill_step,
                   "kill_rank": args.kill_rank, "step_s": args.step_s, "width": args.width,
                   "reference_wall_s": ref["wall_s"], "reference_train_s": ref["train_s"], "launchers": {}}
         for launcher in args.launchers:
@@ -195,7 +195,7 @@ def table(report: dict) -> str:
                      "yes" if r["bitwise_equal"] else "NO"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(cols))]
     lines = [f"recovery from SIGKILL of rank {report['kill_rank']} after step {report['kill_step']}, "
-             f"{report['ranks']} gloo ranks, checkpoint every {report['every']} steps; seconds from the kill; "
+             f"{report['ranks']} {report['backend']} ranks, checkpoint every {report['every']} steps; seconds from the kill; "
              f"reference job {report['reference_train_s']:.2f} s training, {report['reference_wall_s']:.2f} s wall"]
     lines += ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in rows]
     return "\n".join(lines)
@@ -208,6 +208,8 @@ def main(argv=None) -> int:
     p.add_argument("--every", type=int, default=5)
     p.add_argument("--width", type=int, default=256)
     p.add_argument("--step-s", type=float, default=0.05)
+    p.add_argument("--backend", choices=("gloo", "nccl"), default="gloo",
+                   help="nccl needs a GPU per rank (the job's model goes to cuda:LOCAL_RANK)")
     p.add_argument("--kill-step", type=int, default=23)
     p.add_argument("--kill-rank", type=int, default=1)
     p.add_argument("--launchers", default=",".join(LAUNCHERS), help=f"comma-separated, of {', '.join(LAUNCHERS)}")

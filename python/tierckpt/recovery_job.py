@@ -28,6 +28,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--every", type=int, default=5, help="checkpoint every this many steps")
     p.add_argument("--width", type=int, default=256, help="hidden width of the MLP (its state grows as width^2)")
     p.add_argument("--step-s", type=float, default=0.05, help="seconds each step waits, standing for compute")
+    p.add_argument("--backend", choices=("gloo", "nccl"), default="gloo",
+                   help="nccl: the model on cuda:LOCAL_RANK, its gradients all-reduced by NCCL")
     p.add_argument("--events-dir", required=True, help="directory for the ranks' event files")
     return p
 
@@ -49,6 +51,8 @@ def main(argv=None) -> int:
         held.clear()
 
     report("start", at=STARTED_AT, spare="RANK" not in os.environ)
+    if args.backend == "nccl":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS
     import torch
     import torch.distributed as dist
 
@@ -74,6 +78,10 @@ def main(argv=None) -> int:
 
     def train(rec):
         rank = rec.rank
+        device = torch.device("cpu")
+        if args.backend == "nccl":
+            device = torch.device("cuda", torch.cuda.current_device())
+            model.to(device)  # in place: the optimizer keeps its parameters
         start = 0
         got = ckpt.load(state(0))
         if got is not None:
@@ -87,7 +95,7 @@ def main(argv=None) -> int:
                group_at=rec.group_at, error_at=rec.error_at, restored_at=time.time(), failures=rec.failures)
         for step in range(start + 1, args.steps + 1):
             gen = torch.Generator().manual_seed(1000 * step + rank)
-            x = torch.randn(8, 16, generator=gen)
+            x = torch.randn(8, 16, generator=gen).to(device)
             loss = (model(x) - x[:, :4]).pow(2).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -104,7 +112,7 @@ def main(argv=None) -> int:
         return digest(model, opt)
 
     try:
-        result = inprocess.run(train, checkpointer=ckpt, timeout_s=60)
+        result = inprocess.run(train, checkpointer=ckpt, backend=args.backend, timeout_s=60)
     except BaseException as e:
         report("error", error=str(e).splitlines()[0] if str(e) else type(e).__name__)
         raise
@@ -118,11 +126,11 @@ def digest(model, opt) -> str:
     h = hashlib.sha256()
     for k, v in model.state_dict().items():
         h.update(k.encode())
-        h.update(v.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        h.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     for pid, st in sorted(opt.state_dict()["state"].items()):
         for k in sorted(st):
             h.update(f"{pid}.{k}".encode())
-            h.update(torch.as_tensor(st[k]).contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+            h.update(torch.as_tensor(st[k]).cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 

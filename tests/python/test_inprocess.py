@@ -107,6 +107,21 @@ def test_tierckpt_run_restarts_only_the_killed_rank_and_torchrun_restarts_all(tm
     assert torchrun["ranks_kept_process"] == 0 and not any(torchrun["in_process"]), torchrun
 
 
+def gpus() -> int:
+    import torch
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+@pytest.mark.skipif(gpus() < 2, reason="NCCL recovery needs a GPU per rank, 2 at least")
+def test_nccl_ranks_recover_in_process_beside_a_full_restart(tmpdir_shm):
+    rep = recovery_bench(tmpdir_shm, "--backend", "nccl", "--ranks", "2", "--steps", "30", "--kill-step", "23",
+                         "--launchers", "in-process,in-process-spare,full-restart")
+    for name in ("in-process", "in-process-spare", "full-restart"):
+        check_split(rep["launchers"][name])
+    assert rep["launchers"]["in-process"]["ranks_kept_process"] == 1, rep
+    assert rep["launchers"]["in-process-spare"]["in_process"] == [False, True], rep
+
+
 def test_bad_arguments_are_named(tmpdir_shm):
     import tierckpt.inprocess as ip
     env = dict(os.environ)
