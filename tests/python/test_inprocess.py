@@ -84,12 +84,13 @@ def check_split(r):
     assert r["rolled_back_to"] == 20 and r["steps_redone"] >= 3, r
 
 
-def test_tierckpt_run_gives_a_killed_rank_of_four_to_a_warm_spare_beside_a_full_restart(tmpdir_shm):
+def test_four_ranks_a_warm_spare_beside_a_full_restart_and_torchrun(tmpdir_shm):
     rep = recovery_bench(tmpdir_shm, "--ranks", "4", "--steps", "30", "--kill-step", "23", "--kill-rank", "2",
-                         "--launchers", "in-process-spare,full-restart")
+                         "--launchers", "in-process-spare,full-restart,torchrun")
     spare, full = rep["launchers"]["in-process-spare"], rep["launchers"]["full-restart"]
-    check_split(spare)
-    check_split(full)
+    for r in rep["launchers"].values():
+        check_split(r)
+    assert rep["launchers"]["torchrun"]["ranks_kept_process"] == 0, rep
     assert spare["ranks_kept_process"] == 3 and spare["in_process"] == [True, True, False, True], spare
     assert full["ranks_kept_process"] == 0 and not any(full["in_process"]), full
     assert full["vs_full_restart"] == 1.0 and spare["vs_full_restart"] > 0, rep
@@ -97,7 +98,7 @@ def test_tierckpt_run_gives_a_killed_rank_of_four_to_a_warm_spare_beside_a_full_
     assert not [p for p in os.listdir(tmpdir_shm)], "the bench removed its events, logs and daemon"
 
 
-def test_tierckpt_run_restarts_only_the_killed_rank_and_torchrun_restarts_all(tmpdir_shm):
+def test_two_ranks_in_process_under_tierckpt_run_and_torchrun_restarting_all(tmpdir_shm):
     rep = recovery_bench(tmpdir_shm, "--ranks", "2", "--steps", "30", "--kill-step", "23",
                          "--launchers", "in-process,torchrun")
     inproc, torchrun = rep["launchers"]["in-process"], rep["launchers"]["torchrun"]
