@@ -17,12 +17,19 @@ pub enum FailureKind {
     Hang,
     /// The node daemon was gone, and with it the node's memory tier.
     DaemonLost,
+    /// The job checkpointed and stopped for a preemption, to be resumed
+    /// later (not a failure).
+    Preempted,
+    /// The daemon asked for a checkpoint at the next step: a preemption
+    /// notice, a suspect placement neighbour or a failed health check (not a
+    /// failure; the detail says which).
+    Alert,
 }
 
 impl FailureKind {
-    /// Whether the event is a failure (anything but a start).
+    /// Whether the event is a failure (anything but a start, a preemption or an alert).
     pub fn is_failure(self) -> bool {
-        self != FailureKind::Start
+        !matches!(self, FailureKind::Start | FailureKind::Preempted | FailureKind::Alert)
     }
 }
 

@@ -195,6 +195,8 @@ fn describe(kind: FailureKind) -> &'static str {
         FailureKind::Hang => "no heartbeat",
         FailureKind::DaemonLost => "node daemon gone",
         FailureKind::Start => "start",
+        FailureKind::Preempted => "preempted",
+        FailureKind::Alert => "checkpoint asked for",
     }
 }
 
