@@ -13,7 +13,7 @@ import time
 import warnings
 import weakref
 
-from . import prefault, restore, shard
+from . import preemption, prefault, restore, shard
 from .adaptive import Ema, interval_steps, mtbf_from_records
 from .client import Client, default_socket
 from .errors import CorruptError, NotFoundError, TierckptError, UnavailableError
@@ -36,6 +36,9 @@ DEFAULTS = {
     "persist_mtbf_s": None,
     "min_interval": 10,
     "max_interval": 100_000,
+    "preemption_signals": list(preemption.DEFAULT_SIGNALS),
+    "preemption_grace_s": 30.0,
+    "preemption_exit": True,
 }
 
 _SIZE_RE = re.compile(r"^\s*(auto|\d+(\.\d+)?\s*([KMGT]i?B|B)?)\s*$", re.IGNORECASE)
@@ -103,6 +106,7 @@ def validate_config(config: dict, nodes: int = 1) -> dict:
     if c["socket"] is not None and not isinstance(c["socket"], str):
         raise _bad("socket", c["socket"], "None or the path of the daemon's Unix socket")
     c["socket"] = c["socket"] or default_socket()
+    preemption.validate(c)
     return c
 
 
@@ -336,6 +340,18 @@ class Checkpointer:
         self.last_intervals: dict = {}
         self._hb_path = os.environ.get("TIERCKPT_HEARTBEAT_FILE") or None
         self._hb_last = 0.0
+        self._preemption = preemption.Watch(self)
+
+    @property
+    def preempted(self) -> bool:
+        """True once the step saved for a preemption is safe (with ``preemption_exit`` off; with it on,
+        the save exits the process with `preemption.EXIT_PREEMPTED` instead)."""
+        return self._preemption.preempted
+
+    def _dist_group(self):
+        """torch.distributed when this is one rank of several in a process group, else None."""
+        d = _dist()
+        return d if d is not None and self.world_size > 1 else None
 
     # -- daemon -------------------------------------------------------------
     def _connect(self) -> Client:
@@ -573,6 +589,7 @@ class Checkpointer:
         self._last_save_step = step
         if self._persist_probe is None and self._persistent_status() is not None:
             self._persist_probe = (step, time.time())
+        self._preemption.after_save(step)
 
     def _copy_to_segment(self, seg: _Segment, refs: list) -> list:
         """Enqueues device-to-host copies of CUDA tensors into `seg`; one event per device."""
@@ -830,6 +847,9 @@ class Checkpointer:
                 self._step_time.add(dt)
         self._last_call = now
         self._blocked_since_call = 0.0
+        asked = self._preemption.tiers(step)  # collective across ranks, like intervals()
+        if asked is not None:
+            return asked
         f = self.config["checkpoint_frequency"]
         persist = self._persistent_status() is not None
         if f != "adaptive":
@@ -924,6 +944,7 @@ class Checkpointer:
     def close(self) -> None:
         """Seals what was saved (waiting for pending copies), unregisters and unmaps the segments and
         closes the connection. A save that failed in the background is reported as a warning."""
+        self._preemption.close()
         self._closer()
         self._warn_failed_seals()
         self._join_prepare()

@@ -1,6 +1,7 @@
-//! Ctrl-C and SIGTERM as a flag the long-running commands (the demo, the
-//! supervisor) poll, so that they stop through their normal path: children
-//! killed or told, temporary directories removed.
+//! Ctrl-C and SIGTERM (and the supervisor's preemption signals) as a flag
+//! the long-running commands (the demo, the supervisor) poll, so that they
+//! stop through their normal path: children killed or told, temporary
+//! directories removed.
 
 use std::sync::atomic::{AtomicI32, Ordering};
 
@@ -18,6 +19,32 @@ pub fn catch_int_term() {
         libc::signal(libc::SIGINT, handler);
         libc::signal(libc::SIGTERM, handler);
     }
+}
+
+/// From now on each of `sigs` sets the flag too.
+pub fn catch(sigs: &[i32]) {
+    let handler = on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
+    for &sig in sigs {
+        // SAFETY: as above.
+        unsafe { libc::signal(sig, handler) };
+    }
+}
+
+/// The number of a signal named "SIGTERM", "TERM" or "term".
+pub fn number(name: &str) -> Result<i32, String> {
+    let upper = name.to_ascii_uppercase();
+    let short = upper.strip_prefix("SIG").unwrap_or(&upper);
+    Ok(match short {
+        "TERM" => libc::SIGTERM,
+        "INT" => libc::SIGINT,
+        "HUP" => libc::SIGHUP,
+        "USR1" => libc::SIGUSR1,
+        "USR2" => libc::SIGUSR2,
+        "QUIT" => libc::SIGQUIT,
+        "ALRM" => libc::SIGALRM,
+        "KILL" | "STOP" => return Err(format!("signal {name:?} cannot be caught")),
+        _ => return Err(format!("unknown signal name {name:?} (e.g. TERM, USR1, USR2, HUP)")),
+    })
 }
 
 /// The signal received, if any (0: none), left set.

@@ -385,3 +385,79 @@ fn a_spare_that_exits_stops_the_spares_not_the_job() {
     assert!(!o.status.success());
     assert!(stderr(&o).contains("--spares 1 needs --nproc-per-node and --restart rank"), "{}", stderr(&o));
 }
+
+#[test]
+fn exit_75_is_a_preemption_passed_on_without_a_restart() {
+    let d = TestDaemon::start("64MiB");
+    let log = d.dir.path().join("runs");
+    let o = run(&d, "preempt75", &["--max-restarts", "3"], &format!("echo run >> {}; exit 75", log.display()));
+    assert_eq!(o.status.code(), Some(75), "{}", stderr(&o));
+    assert_eq!(std::fs::read_to_string(&log).unwrap(), "run\n", "not restarted");
+    let recs = records(&d, "preempt75");
+    assert_eq!(recs.iter().map(|r| r.kind).collect::<Vec<_>>(), [FailureKind::Start, FailureKind::Preempted]);
+    assert!(!recs[1].kind.is_failure());
+    assert!(stderr(&o).contains("resumed later"), "{}", stderr(&o));
+}
+
+/// Ranks that checkpoint on `sig` (trap it, note it, exit 75) and print their pid first.
+fn preemptible_ranks(dir: &Path, sig: &str) -> String {
+    format!(
+        "trap 'echo $TIERCKPT_RESTART > {0}/caught.$RANK; exit 75' {sig}; echo $$ > {0}/pid.$RANK; \
+         while true; do sleep 0.02; done",
+        dir.display()
+    )
+}
+
+#[test]
+fn a_preemption_signal_is_forwarded_and_ranks_that_checkpoint_make_the_job_preempted() {
+    let d = TestDaemon::start("64MiB");
+    let dir = d.dir.path();
+    for (ns, sig, signo) in [("preterm", "TERM", libc::SIGTERM), ("preusr1", "USR1", libc::SIGUSR1)] {
+        let mut sup = supervise(&d, ns, &["--nproc-per-node", "2"], &preemptible_ranks(dir, sig))
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        wait_for_file(&dir.join("pid.0"));
+        wait_for_file(&dir.join("pid.1"));
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(sup.id() as i32, signo) };
+        let out = sup.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(75), "{sig}: {err}");
+        for r in 0..2 {
+            assert_eq!(wait_for_file(&dir.join(format!("caught.{r}"))), "0\n", "{sig}: rank {r} checkpointed");
+            std::fs::remove_file(dir.join(format!("caught.{r}"))).unwrap();
+            std::fs::remove_file(dir.join(format!("pid.{r}"))).unwrap();
+        }
+        assert_eq!(kinds(&d, ns), [FailureKind::Start, FailureKind::Preempted], "{sig}");
+        assert!(records(&d, ns)[1].detail.contains(&format!("SIG{sig}")), "{:?}", records(&d, ns));
+    }
+}
+
+#[test]
+fn ranks_that_ignore_a_preemption_signal_are_killed_after_the_grace() {
+    let d = TestDaemon::start("64MiB");
+    let dir = d.dir.path();
+    let script = format!("trap '' TERM; echo $$ > {}/pid.$RANK; while true; do sleep 0.02; done", dir.display());
+    let mut sup = supervise(&d, "ignored", &["--nproc-per-node", "2", "--grace", "300ms"], &script)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pids: Vec<i32> = (0..2).map(|r| wait_for_file(&dir.join(format!("pid.{r}"))).trim().parse().unwrap()).collect();
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(sup.id() as i32, libc::SIGTERM) };
+    assert_eq!(sup.wait().unwrap().code(), Some(143), "not preempted: nobody checkpointed");
+    assert!(pids.iter().all(|&p| gone(p)), "the ranks were killed after the grace");
+    assert_eq!(kinds(&d, "ignored"), [FailureKind::Start]);
+}
+
+#[test]
+fn an_unknown_preemption_signal_is_named() {
+    let d = TestDaemon::start("64MiB");
+    let o = run(&d, "badsig", &["--preemption-signals", "TERM,BOGUS"], "true");
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("unknown signal name \"BOGUS\""), "{}", stderr(&o));
+    let o = run(&d, "badsig", &["--preemption-signals", "KILL"], "true");
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("cannot be caught"), "{}", stderr(&o));
+}

@@ -20,7 +20,7 @@ use anyhow::{Context, Result};
 use tierckpt_proto::FailureKind;
 
 use super::procs::{exit_code, kill_group, signal_name};
-use super::{Job, STOP_GRACE, WATCH_EVERY};
+use super::{Job, EXIT_PREEMPTED, STOP_GRACE, WATCH_EVERY};
 
 /// What `tierckpt run` starts again when ranks fail.
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -55,8 +55,12 @@ pub(crate) enum Outcome {
     Done,
     /// These ranks failed (all that were seen failing in one look).
     Failed(Vec<Failure>),
-    /// Ctrl-C or SIGTERM arrived: every rank was sent it, then killed after a grace period.
+    /// Ctrl-C arrived, or a preemption signal after which no rank exited
+    /// preempted: every rank was sent it, then killed after a grace period.
     Stopped(i32),
+    /// Every rank ended, some of them preempted (exit 75: checkpointed, to
+    /// be resumed later), none failed; the detail says what announced it.
+    Preempted(String),
 }
 
 struct Running {
@@ -75,6 +79,7 @@ struct Spare {
 enum Slot {
     Running(Running),
     Done,
+    Preempted,
     Dead,
 }
 
@@ -212,13 +217,26 @@ impl<'a> Gang<'a> {
         Ok(cmd)
     }
 
-    /// Waits until every rank is done, some fail, or a signal arrives.
+    /// Waits until every rank is done or preempted, some fail, or a signal
+    /// arrives. A preemption signal is forwarded to every rank, which then
+    /// has `--grace` to checkpoint and exit.
     pub(crate) fn watch(&mut self) -> Result<Outcome> {
+        let mut stopping: Option<(i32, Instant)> = None;
         loop {
             let sig = crate::signals::take();
-            if sig != 0 {
+            if sig == libc::SIGINT || (sig != 0 && !self.job.args.preemption_signals.contains(&sig)) {
                 self.stop_all(sig)?;
                 return Ok(Outcome::Stopped(sig));
+            }
+            if sig != 0 && stopping.is_none() {
+                eprintln!(
+                    "tierckpt run: {} received: forwarded to every rank, which may take {:?} to checkpoint and exit",
+                    signal_name(sig),
+                    self.job.args.grace
+                );
+                self.kill_spares();
+                self.signal_all(sig);
+                stopping = Some((sig, Instant::now() + self.job.args.grace));
             }
             let mut failed = vec![];
             for rank in 0..self.slots.len() {
@@ -226,15 +244,53 @@ impl<'a> Gang<'a> {
                     failed.push(f);
                 }
             }
-            if !failed.is_empty() {
+            if let Some((sig, deadline)) = stopping {
+                let running = self.slots.iter().any(|s| matches!(s, Slot::Running(_)));
+                if !running || Instant::now() > deadline {
+                    // Every rank must have checkpointed: one that failed or was still running is no preemption.
+                    let all = self.slots.iter().all(|s| matches!(s, Slot::Done | Slot::Preempted));
+                    let preempted = self.preempted();
+                    self.kill_all();
+                    return Ok(match preempted {
+                        Some(n) if all => {
+                            Outcome::Preempted(format!("{}: {n} rank(s) checkpointed and exited", signal_name(sig)))
+                        }
+                        _ => Outcome::Stopped(sig),
+                    });
+                }
+            } else if !failed.is_empty() {
                 return Ok(Outcome::Failed(failed));
+            } else if self.slots.iter().all(|s| matches!(s, Slot::Done | Slot::Preempted)) {
+                self.kill_all();
+                return Ok(match self.preempted() {
+                    Some(n) => Outcome::Preempted(format!("{n} rank(s) checkpointed and exited {EXIT_PREEMPTED}")),
+                    None => Outcome::Done,
+                });
             }
             self.look_at_spares()?;
-            if self.slots.iter().all(|s| matches!(s, Slot::Done)) {
-                self.kill_all();
-                return Ok(Outcome::Done);
-            }
             std::thread::sleep(WATCH_EVERY);
+        }
+    }
+
+    /// How many ranks exited preempted, if any did.
+    fn preempted(&self) -> Option<usize> {
+        let n = self.slots.iter().filter(|s| matches!(s, Slot::Preempted)).count();
+        (n > 0).then_some(n)
+    }
+
+    fn signal_all(&self, sig: i32) {
+        for slot in &self.slots {
+            if let Slot::Running(r) = slot {
+                // SAFETY: kill has no memory-safety preconditions.
+                unsafe { libc::kill(-(r.child.id() as i32), sig) };
+            }
+        }
+    }
+
+    fn kill_spares(&mut self) {
+        for mut spare in self.spares.drain(..) {
+            kill_group(spare.child.id() as i32);
+            let _ = spare.child.wait();
         }
     }
 
@@ -281,6 +337,11 @@ impl<'a> Gang<'a> {
                 self.slots[rank] = Slot::Done;
                 return Ok(None);
             }
+            if status.code() == Some(EXIT_PREEMPTED.into()) {
+                eprintln!("tierckpt run: {} checkpointed and exited preempted ({EXIT_PREEMPTED})", self.label(rank));
+                self.slots[rank] = Slot::Preempted;
+                return Ok(None);
+            }
             let (kind, detail) = match status.signal() {
                 Some(sig) => (FailureKind::Signal, signal_name(sig)),
                 None => (FailureKind::Exit, format!("exit code {}", status.code().unwrap_or(-1))),
@@ -306,7 +367,7 @@ impl<'a> Gang<'a> {
     pub(crate) fn restart(&mut self, restart: u32) -> Result<()> {
         self.generation += 1;
         self.restart = restart;
-        let finished = self.slots.iter().any(|s| matches!(s, Slot::Done));
+        let finished = self.slots.iter().any(|s| matches!(s, Slot::Done | Slot::Preempted));
         if self.job.args.restart == Restart::Rank && self.ranked() && !finished {
             let tmp = self.generation_file().with_extension("tmp");
             std::fs::write(&tmp, format!("{}\n", self.generation))
@@ -350,10 +411,7 @@ impl<'a> Gang<'a> {
 
     /// SIGKILLs every running rank and spare, and what they started.
     pub(crate) fn kill_all(&mut self) {
-        for mut spare in self.spares.drain(..) {
-            kill_group(spare.child.id() as i32);
-            let _ = spare.child.wait();
-        }
+        self.kill_spares();
         for slot in &mut self.slots {
             if let Slot::Running(r) = slot {
                 kill_group(r.child.id() as i32);
@@ -366,16 +424,8 @@ impl<'a> Gang<'a> {
     /// Sends `sig` to every rank's process group, waits up to the grace
     /// period for them to end, then kills what is left.
     fn stop_all(&mut self, sig: i32) -> Result<()> {
-        for mut spare in self.spares.drain(..) {
-            kill_group(spare.child.id() as i32);
-            let _ = spare.child.wait();
-        }
-        for slot in &self.slots {
-            if let Slot::Running(r) = slot {
-                // SAFETY: kill has no memory-safety preconditions.
-                unsafe { libc::kill(-(r.child.id() as i32), sig) };
-            }
-        }
+        self.kill_spares();
+        self.signal_all(sig);
         let deadline = Instant::now() + STOP_GRACE;
         while Instant::now() < deadline {
             let mut running = false;

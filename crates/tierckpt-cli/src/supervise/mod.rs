@@ -31,8 +31,12 @@ const MAX_BACKOFF: Duration = Duration::from_secs(60);
 const WATCH_EVERY: Duration = Duration::from_millis(50);
 /// How long a daemon started by the supervisor may take to answer.
 const DAEMON_START_TIMEOUT: Duration = Duration::from_secs(30);
-/// After forwarding Ctrl-C or SIGTERM, how long the command may take to stop.
+/// After forwarding Ctrl-C, how long the command may take to stop.
 const STOP_GRACE: Duration = Duration::from_secs(10);
+/// The exit code of a command that checkpointed and stopped for a
+/// preemption (EX_TEMPFAIL: try again later); the Python Checkpointer exits
+/// with it, and the supervisor passes it on without a restart.
+pub const EXIT_PREEMPTED: u8 = 75;
 
 #[derive(clap::Args, Debug)]
 /// The arguments of `tierckpt run`.
@@ -62,12 +66,23 @@ pub struct RunArgs {
     /// for the rank of one that fails (its interpreter, imports and model already loaded).
     #[arg(long, value_name = "K", default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=64))]
     pub spares: u32,
+    /// Signals that announce a preemption (SIGTERM from Kubernetes, a Slurm `--signal`): forwarded to every
+    /// rank, which checkpoints and exits 75; the supervisor then exits 75 ("preempted, resume later").
+    #[arg(long, value_delimiter = ',', default_value = "TERM,USR1", value_parser = parse_signal)]
+    pub preemption_signals: Vec<i32>,
+    /// How long the ranks may take to checkpoint and exit after a preemption signal, before they are killed.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub grace: Duration,
     /// Namespace of the job (passed on as TIERCKPT_NAMESPACE).
     #[arg(long, env = "TIERCKPT_NAMESPACE", default_value = "default")]
     pub namespace: String,
     /// The training command and its arguments.
     #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true, value_name = "CMD")]
     pub command: Vec<String>,
+}
+
+fn parse_signal(name: &str) -> Result<i32, String> {
+    crate::signals::number(name)
 }
 
 /// The socket a job on this node uses: the flag, `$TIERCKPT_SOCKET`,
@@ -208,6 +223,7 @@ pub fn run(args: &RunArgs, socket_flag: Option<&Path>) -> Result<ExitCode> {
         bail!("--spares {} needs --nproc-per-node and --restart rank (a spare takes over a failed rank)", args.spares);
     }
     crate::signals::catch_int_term();
+    crate::signals::catch(&args.preemption_signals);
     let socket = resolve_socket(socket_flag);
     ensure_daemon(&socket)?;
     let dir = tempfile::Builder::new().prefix("tierckpt-run-").tempdir().context("creating a run directory")?;
@@ -225,6 +241,15 @@ pub fn run(args: &RunArgs, socket_flag: Option<&Path>) -> Result<ExitCode> {
             gang::Outcome::Stopped(sig) => {
                 eprintln!("tierckpt run: {} received; stopped the command, not restarting", procs::signal_name(sig));
                 return Ok(ExitCode::from((128 + sig) as u8));
+            }
+            gang::Outcome::Preempted(detail) => {
+                let step = job.record(FailureKind::Preempted, detail.clone(), restart);
+                eprintln!(
+                    "tierckpt run: preempted ({detail}); newest complete step {}; exiting {EXIT_PREEMPTED} to be \
+                     resumed later",
+                    step.map_or("none".into(), |s| s.to_string())
+                );
+                return Ok(ExitCode::from(EXIT_PREEMPTED));
             }
             gang::Outcome::Failed(failures) => failures,
         };

@@ -15,6 +15,10 @@ pub(crate) fn signal_name(sig: i32) -> String {
         libc::SIGBUS => "SIGBUS".into(),
         libc::SIGHUP => "SIGHUP".into(),
         libc::SIGPIPE => "SIGPIPE".into(),
+        libc::SIGUSR1 => "SIGUSR1".into(),
+        libc::SIGUSR2 => "SIGUSR2".into(),
+        libc::SIGQUIT => "SIGQUIT".into(),
+        libc::SIGALRM => "SIGALRM".into(),
         s => format!("signal {s}"),
     }
 }
