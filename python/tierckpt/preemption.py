@@ -25,6 +25,7 @@ import signal
 import sys
 import threading
 import time
+import weakref
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL (sysexits.h): stopped for a preemption, try again later
 ADVICE_EVERY_S = 0.1
@@ -92,8 +93,10 @@ class Watch:
             warnings.warn("tierckpt: the Checkpointer was made outside the main thread; preemption signals are "
                           "not handled (make it in the main thread, or set preemption_signals=[])", stacklevel=4)
             return
+        self._previous = {s: signal.getsignal(s) for s in sigs}
+        handler = _handler(weakref.ref(self), dict(self._previous))
         for s in sigs:
-            self._previous[s] = signal.signal(s, self._on_signal)
+            signal.signal(s, handler)
             self._signals.append(s)
 
     def close(self) -> None:
@@ -250,6 +253,20 @@ class Watch:
                     return (ns.get("last_committed") or -1) >= step
             return False
         return self._until(committed)
+
+
+def _handler(watch_ref, previous: dict):
+    """A signal handler holding its `Watch` weakly (a dropped Checkpointer is not kept alive by it); once
+    the Watch is gone, the signal gets its `previous` handler back and is raised again."""
+
+    def on_signal(sig, frame):
+        w = watch_ref()
+        if w is not None:
+            return w._on_signal(sig, frame)
+        h = previous.get(sig, signal.SIG_DFL)
+        signal.signal(sig, h if h is not None else signal.SIG_DFL)
+        os.kill(os.getpid(), sig)
+    return on_signal
 
 
 def _all_max(d, vals):

@@ -104,7 +104,17 @@ def test_bad_preemption_settings_are_named(daemon):
     ck = Checkpointer({"socket": daemon["socket"], "namespace": "names", "preemption_signals": ["term", "USR2"]})
     try:
         assert ck.config["preemption_signals"] == ["SIGTERM", "SIGUSR2"]
-        assert signal.getsignal(signal.SIGUSR2) == ck._preemption._on_signal
+        assert callable(signal.getsignal(signal.SIGUSR2)), "the Checkpointer handles SIGUSR2"
     finally:
         ck.close()
     assert signal.getsignal(signal.SIGUSR2) == signal.SIG_DFL, "close() put the previous handler back"
+
+
+def test_a_dropped_checkpointer_gives_the_signal_back(daemon, tmp_path):
+    """A Checkpointer dropped without close(): its handler no longer swallows the signal."""
+    code = (f"import gc, os, signal, time, tierckpt\n"
+            f"c = tierckpt.Checkpointer({{'socket': {daemon['socket']!r}, 'namespace': 'dropped'}})\n"
+            f"del c; gc.collect()\n"
+            f"os.kill(os.getpid(), signal.SIGTERM); time.sleep(5); print('survived')\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=py_env())
+    assert r.returncode == -signal.SIGTERM, (r.returncode, r.stdout, r.stderr)
