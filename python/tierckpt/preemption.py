@@ -164,6 +164,8 @@ class Watch:
     def tiers(self, step: int):
         """Tiers to save `step` to for a preemption or an alert (agreed across ranks), or None."""
         want = self._local()
+        if not self._signals and not self._advice_supported:
+            return None  # nothing can ask (the same on every rank): no collective
         d = self.ckpt._dist_group()
         if d is not None:
             want = int(_all_max(d, [want])[0])

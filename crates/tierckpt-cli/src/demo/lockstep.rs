@@ -84,6 +84,23 @@ pub(crate) fn drive_rolled_back(
     run(job, steps, ui, pb, log, stop_at, Some((step, restarted.to_vec())))
 }
 
+/// Continues a start that [`drive`] stopped (every rank waits for its next
+/// "go"): the next step, checkpointed by every rank too when `checkpoint`
+/// (a preemption's early checkpoint), then on until `stop_at` or the end.
+pub(crate) fn drive_on(
+    job: &mut Job,
+    steps: u64,
+    ui: &Ui,
+    pb: &ProgressBar,
+    log: &mut RunLog,
+    stop_at: Option<u64>,
+    checkpoint: bool,
+) -> Result<Outcome> {
+    log.go_at = Some(Instant::now());
+    job.tell_all(if checkpoint { "go save" } else { "go" })?;
+    Ok(run(job, steps, ui, pb, log, stop_at, None)?.1)
+}
+
 fn run(
     job: &mut Job,
     steps: u64,

@@ -241,8 +241,9 @@ fn run_file_trainer(a: &TrainerArgs, mut state: TrainState, files: FileCheckpoin
 
 /// The training loop shared by both kinds of trainer: a step on each "go",
 /// a checkpoint (by `save`, returning stall, copy time and bytes) every
-/// `checkpoint_every` steps, and on "rollback <step>" (where `rollback` is
-/// given) the state of that step again, restored in this process.
+/// `checkpoint_every` steps and after a "go save", and on "rollback <step>"
+/// (where `rollback` is given) the state of that step again, restored in
+/// this process.
 fn train(
     a: &TrainerArgs,
     state: &mut TrainState,
@@ -259,14 +260,15 @@ fn train(
             emit(json!({ "event": "ready", "step": state.step() }))?;
             continue;
         }
-        ensure!(o == "go", "the demo said {o:?}, expected \"go\"");
+        // "go save": the launcher asks for a checkpoint of this step too (a preemption's early checkpoint).
+        ensure!(o == "go" || o == "go save", "the demo said {o:?}, expected \"go\" or \"go save\"");
         let t = Instant::now();
         let loss = state.train_step(threads);
         // The accelerator's share of the step: the host's cores are free meanwhile.
         std::thread::sleep(Duration::from_millis(a.compute_ms));
         let step_s = t.elapsed().as_secs_f64();
         let step = state.step();
-        if step % a.checkpoint_every == 0 {
+        if step % a.checkpoint_every == 0 || o == "go save" {
             let (stall_s, copy_s, bytes) = save(state, step)?;
             emit(json!({
                 "event": "checkpoint",
