@@ -185,6 +185,8 @@ fn notice_time(text: &str) -> Option<u64> {
 fn alert(d: &Daemon, kind: AdviceKind, detail: String) {
     let e = d.advice.raise(kind, detail);
     tracing::warn!(id = e.id, kind = ?e.kind, detail = %e.detail, "checkpoint advised");
+    let kind = serde_json::to_value(e.kind).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default();
+    d.metrics.advised(&kind);
     for ns in d.tier.namespaces() {
         let rec = FailureRecord {
             unix_ms: e.at_unix_ms,

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use tierckpt_client::{Client, TensorData};
 use tierckpt_format::{Dtype, ShardKey};
 use tierckpt_harness::daemon::{daemon_binary, LocalCluster, LocalClusterOptions};
-use tierckpt_harness::testing::{shm_dir, TestDaemon};
+use tierckpt_harness::testing::{http, shm_dir, TestDaemon};
 use tierckpt_proto::{Advice, AdviceKind, FailureKind, NodeState};
 
 const LIMIT: Duration = Duration::from_secs(30);
@@ -232,6 +232,9 @@ fn a_health_check_that_starts_failing_asks_for_a_save_once() {
     let records = d.client().failures("job").unwrap();
     let alert = records.iter().find(|r| r.kind == FailureKind::Alert).expect("an alert recorded");
     assert_eq!((alert.detail.as_str(), alert.step), (detail, Some(4)));
+    let (code, body) = http(&d.http_addr(), "GET", "/metrics", &[("Authorization", &d.bearer())], b"");
+    let text = String::from_utf8_lossy(&body);
+    assert!(code == 200 && text.contains("tierckpt_advice_events_total{kind=\"health_check\"} 1"), "{text}");
     // Still failing: no new event; the status shows why.
     std::thread::sleep(Duration::from_millis(400));
     assert_eq!(advice(&d).events.len(), 1);
