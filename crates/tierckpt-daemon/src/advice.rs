@@ -233,23 +233,6 @@ pub(crate) fn start(d: Arc<Daemon>, stop: watch::Receiver<bool>) -> Vec<tokio::t
     tasks
 }
 
-/// Runs `round` every `interval` (the first at once) until `stop`.
-async fn every<F, Fut>(interval: Duration, mut stop: watch::Receiver<bool>, mut round: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = ()>,
-{
-    let mut tick = tokio::time::interval(interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = stop.changed() => return,
-            _ = tick.tick() => {}
-        }
-        round().await;
-    }
-}
-
 type HttpClient = hyper_util::client::legacy::Client<
     hyper_util::client::legacy::connect::HttpConnector,
     http_body_util::Empty<bytes::Bytes>,
@@ -327,29 +310,46 @@ async fn get_notice(client: &HttpClient, url: &str, timeout: Duration) -> Result
     }
 }
 
-async fn health_checks(d: Arc<Daemon>, cfg: HealthCheckConfig, stop: watch::Receiver<bool>) {
-    let failing = std::sync::atomic::AtomicBool::new(false);
-    every(cfg.every, stop, || async {
-        let c = cfg.clone();
-        let result = tokio::task::spawn_blocking(move || run_check(&c))
-            .await
-            .unwrap_or_else(|e| Err(format!("the check's worker failed: {e}")));
+async fn health_checks(d: Arc<Daemon>, cfg: HealthCheckConfig, mut stop: watch::Receiver<bool>) {
+    use std::sync::atomic::{AtomicI32, Ordering};
+    // The process group of the check running now (0: none), killed if the daemon stops meanwhile.
+    let running = Arc::new(AtomicI32::new(0));
+    let mut failing = false;
+    let mut tick = tokio::time::interval(cfg.every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return,
+            _ = tick.tick() => {}
+        }
+        let (c, r) = (cfg.clone(), running.clone());
+        let job = tokio::task::spawn_blocking(move || run_check(&c, &r));
+        let result = tokio::select! {
+            _ = stop.changed() => {
+                let group = running.load(Ordering::Acquire);
+                if group > 0 {
+                    // SAFETY: signals the process group of the check this task started, and only it.
+                    unsafe { libc::kill(-group, libc::SIGKILL) };
+                }
+                return;
+            }
+            r = job => r.unwrap_or_else(|e| Err(format!("the check's worker failed: {e}"))),
+        };
         d.advice.health_checked(&result);
-        let was = failing.swap(result.is_err(), std::sync::atomic::Ordering::Relaxed);
+        let was = std::mem::replace(&mut failing, result.is_err());
         match result {
             // One alert when the check starts failing, not one per failed run.
             Err(why) if !was => alert(&d, AdviceKind::HealthCheck, format!("health check failed: {why}")),
             Ok(()) if was => tracing::info!(command = %cfg.command, "the health check passes again"),
             _ => {}
         }
-    })
-    .await
+    }
 }
 
 /// Runs the health check once: `Err` says how it failed (exit code,
 /// signal, timeout, or why it did not start; with its last stderr line).
-fn run_check(cfg: &HealthCheckConfig) -> Result<(), String> {
-    use std::os::unix::process::{CommandExt, ExitStatusExt};
+fn run_check(cfg: &HealthCheckConfig, running: &std::sync::atomic::AtomicI32) -> Result<(), String> {
+    use std::os::unix::process::CommandExt;
     let mut cmd = std::process::Command::new("sh");
     cmd.arg("-c")
         .arg(&cfg.command)
@@ -366,6 +366,15 @@ fn run_check(cfg: &HealthCheckConfig) -> Result<(), String> {
         });
     }
     let mut child = cmd.spawn().map_err(|e| format!("could not start sh -c {:?}: {e}", cfg.command))?;
+    running.store(child.id() as i32, std::sync::atomic::Ordering::Release);
+    let result = wait_check(cfg, &mut child);
+    running.store(0, std::sync::atomic::Ordering::Release);
+    result
+}
+
+/// Waits for a started check (see [`run_check`]).
+fn wait_check(cfg: &HealthCheckConfig, child: &mut std::process::Child) -> Result<(), String> {
+    use std::os::unix::process::ExitStatusExt;
     let mut stderr = child.stderr.take().expect("piped");
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {

@@ -252,11 +252,28 @@ fn a_health_check_that_starts_failing_asks_for_a_save_once() {
 #[test]
 fn a_hung_health_check_is_killed_and_failed() {
     let d = TestDaemon::start_with("64MiB", |o| {
-        o.set_flags(&["--health-check-command", "sleep 30", "--health-check-every", "100ms"]).unwrap();
+        o.set_flags(&["--health-check-command", "exec sleep 30", "--health-check-every", "100ms"]).unwrap();
         o.set_flags(&["--health-check-timeout", "200ms"]).unwrap();
     });
     let a = wait_for("the timed-out check", || Some(advice(&d)).filter(|a| a.save_now));
     assert_eq!(a.events[0].detail, "health check failed: timed out after 200ms");
+}
+
+#[test]
+fn a_daemon_that_stops_kills_the_check_it_runs() {
+    let dir = shm_dir();
+    let pid_file = dir.path().join("check.pid");
+    // sh forks sleep: the check is a process group of two.
+    let cmd = format!("echo $$ > {}; sleep 30; true", pid_file.display());
+    let mut d = TestDaemon::start_with("64MiB", |o| {
+        o.set_flags(&["--health-check-command", &cmd, "--health-check-timeout", "60s"]).unwrap();
+    });
+    let group: i32 = wait_for("the check running", || std::fs::read_to_string(&pid_file).ok()?.trim().parse().ok());
+    // SAFETY: signal 0 only asks whether the group exists.
+    let alive = || unsafe { libc::kill(-group, 0) } == 0;
+    assert!(alive());
+    d.proc.stop().unwrap();
+    wait_for("the check's processes gone", || Some(()).filter(|_| !alive()));
 }
 
 /// SIGSTOPs (or with `cont`, SIGCONTs) node `i`'s daemon.
