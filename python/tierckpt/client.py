@@ -217,3 +217,9 @@ class Client:
         if isinstance(body, dict):
             return list(body.get("records", []))
         return list(body or [])
+
+    def advice(self, namespace: str) -> dict:
+        """Whether to checkpoint at the next step boundary, and why: `{"save_now", "events": [{"id",
+        "kind", "detail", "at_unix_ms"}], "preemption": {"deadline_unix_ms", "detail"}?,
+        "drain_estimate_ms"?}`. Cheap (no I/O in the daemon): may be asked every step."""
+        return self._expect({"op": "advice", "namespace": namespace}, "advice")

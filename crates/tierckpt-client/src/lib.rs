@@ -447,6 +447,16 @@ impl Client {
             r => Err(unexpected(r)),
         }
     }
+
+    /// Whether to checkpoint at the next step boundary, and why: the
+    /// daemon's alerts not yet expired, a standing preemption notice, and
+    /// how long persisting a step of `namespace` takes. Cheap: ask every step.
+    pub fn advice(&mut self, namespace: &str) -> Result<tierckpt_proto::Advice> {
+        match self.call(&Request::Advice { namespace: namespace.into() })? {
+            Reply::Advice(a) => Ok(a),
+            r => Err(unexpected(r)),
+        }
+    }
 }
 
 /// A reserved, mapped segment being filled. Seal it to publish; dropping it

@@ -100,6 +100,8 @@ struct NsState {
     last_time: Option<Instant>,
     /// The begun step this node waits for others to finish, since when.
     waiting: Option<(u64, Instant)>,
+    /// Bytes of this node's ranks of the last step it uploaded any of.
+    step_bytes: u64,
 }
 
 /// Drains complete checkpoints from the memory tier to the persistent tier, in the background.
@@ -112,6 +114,8 @@ pub struct Drainer {
     state: Mutex<BTreeMap<String, NsState>>,
     wake: Notify,
     metrics: Arc<Metrics>,
+    /// Recent upload throughput, bytes per second (a moving average).
+    throughput: Mutex<Option<f64>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -150,6 +154,7 @@ impl Drainer {
             state: Mutex::new(BTreeMap::new()),
             wake: Notify::new(),
             metrics,
+            throughput: Mutex::new(None),
         });
         tokio::spawn(d.clone().run(stop));
         Ok(d)
@@ -170,6 +175,15 @@ impl Drainer {
             delta: self.cfg.reduce.delta,
             namespaces: lock(&self.state).values().map(|s| s.shown.clone()).collect(),
         }
+    }
+
+    /// How long persisting one step of `ns` from this node takes, in ms:
+    /// the bytes of its ranks of the last step uploaded over the recent
+    /// upload throughput; none before an upload of `ns` was measured.
+    pub fn estimate_ms(&self, ns: &str) -> Option<u64> {
+        let bytes = lock(&self.state).get(ns).map(|s| s.step_bytes).filter(|&b| b > 0)?;
+        let rate = (*lock(&self.throughput)).filter(|&r| r > 0.0)?;
+        Some((bytes as f64 / rate * 1000.0).ceil() as u64)
     }
 
     /// Complete steps per namespace newer than the last one persisted or
@@ -367,6 +381,7 @@ impl Drainer {
             Some(s) if self.cfg.reduce.delta => self.store.commit_record(ns, s).await.ok(),
             _ => None,
         };
+        let mut step_bytes = 0;
         for rank in mine {
             let key = ShardKey::new(ns, step, rank);
             let t = self.tier.clone();
@@ -393,6 +408,11 @@ impl Drainer {
             match self.store.upload_with_base(&m, bytes::Bytes::from_owner(map), base).await {
                 Ok(up) => {
                     self.metrics.uploaded(t0.elapsed());
+                    step_bytes += m.file_len;
+                    let rate = m.file_len as f64 / t0.elapsed().as_secs_f64().max(1e-6);
+                    let mut avg = lock(&self.throughput);
+                    *avg = Some(avg.map_or(rate, |a| 0.7 * a + 0.3 * rate));
+                    drop(avg);
                     tracing::info!(
                         shard = %key,
                         bytes = m.file_len,
@@ -413,6 +433,9 @@ impl Drainer {
             }
         }
         self.set_uploading(ns, None);
+        if step_bytes > 0 {
+            lock(&self.state).entry(ns.to_string()).or_default().step_bytes = step_bytes;
+        }
         if self.store.try_commit(ns, step, world).await? {
             {
                 let mut st = lock(&self.state);

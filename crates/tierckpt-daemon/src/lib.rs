@@ -3,6 +3,7 @@
 //! reserve, write into the mapped segment, seal) and an HTTP API (axum) with
 //! the native `/v1` endpoints and `/health`. Binaries are thin wrappers.
 
+pub mod advice;
 pub mod auth;
 pub mod cluster;
 pub mod config;

@@ -33,6 +33,11 @@ struct EventLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabels {
+    kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct TierLabels {
     tier: String,
 }
@@ -55,6 +60,7 @@ pub struct Metrics {
     bytes_sealed: Counter,
     unrestorable_steps: Counter,
     node_events: Family<EventLabels, Counter>,
+    advice_events: Family<KindLabels, Counter>,
     reserve: Histogram,
     write: Histogram,
     seal: Histogram,
@@ -74,6 +80,7 @@ impl Default for Metrics {
             bytes_sealed: Counter::default(),
             unrestorable_steps: Counter::default(),
             node_events: Family::default(),
+            advice_events: Family::default(),
             reserve: latency(),
             write: latency(),
             seal: latency(),
@@ -92,6 +99,7 @@ impl Default for Metrics {
             m.unrestorable_steps.clone(),
         );
         r.register("node_events", "Node state changes seen by this node", m.node_events.clone());
+        r.register("advice_events", "Alerts that advised a checkpoint, by kind", m.advice_events.clone());
         r.register(
             "reserve_duration_seconds",
             "Local reservations: request to segment ready (waits for seals included)",
@@ -194,6 +202,11 @@ impl Metrics {
     /// A peer changed state.
     pub fn node_event(&self, node: &str, state: NodeState) {
         self.node_events.get_or_create(&EventLabels { node: node.into(), state: state_name(state).into() }).inc();
+    }
+
+    /// An alert advised a checkpoint (`kind` as the advice names it).
+    pub fn advised(&self, kind: &str) {
+        self.advice_events.get_or_create(&KindLabels { kind: kind.into() }).inc();
     }
 
     /// The text exposition (OpenMetrics), with the collector's values taken now.

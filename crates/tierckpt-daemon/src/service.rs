@@ -43,6 +43,8 @@ pub struct Daemon {
     pub read_path: Vec<Arc<dyn Tier>>,
     /// Starts and failures recorded by supervisors.
     pub failures: crate::failures::FailureLog,
+    /// The checkpoint advice: alerts, the preemption notice, health checks.
+    pub advice: crate::advice::Advisor,
     /// Steps found corrupt on every tier, which `latest` skips.
     pub unrestorable: Arc<crate::unrestorable::Unrestorable>,
     /// Whether the memory directory's tmpfs gives huge pages.
@@ -140,6 +142,7 @@ impl Daemon {
         cfg: DaemonConfig,
         background: tokio::runtime::Handle,
     ) -> std::result::Result<RunningDaemon, DaemonError> {
+        crate::advice::check_notice(&cfg.advice).await?;
         let mount_size = cfg.capacity + (256 << 20);
         let pages = if cfg.mount_huge_tmpfs {
             Some(crate::hugepages::ensure_huge_tmpfs(&cfg.memory_dir, mount_size)?)
@@ -239,6 +242,7 @@ impl Daemon {
         let unrestorable = Arc::new(crate::unrestorable::Unrestorable::open(&cfg.memory_dir, daemon_access));
         let hyperpod_namespaces = crate::hyperpod::Configs::open(&cfg.memory_dir, daemon_access);
         let daemon = Arc::new(Daemon {
+            advice: crate::advice::Advisor::new(&cfg.advice),
             failures,
             unrestorable,
             huge_pages,
@@ -257,6 +261,10 @@ impl Daemon {
         });
         unbind.0 = None;
         let mut tasks = vec![tokio::spawn(crate::uds::serve(daemon.clone(), listener, stopped.clone()))];
+        {
+            let _bg = background.enter();
+            tasks.extend(crate::advice::start(daemon.clone(), stopped.clone()));
+        }
         if let Some(l) = hyperpod {
             tasks.push(background.spawn(crate::hyperpod::serve(daemon.clone(), l, stopped.clone())));
         }
@@ -312,6 +320,7 @@ impl Daemon {
             failures: self.failures.recent(STATUS_FAILURES),
             unrestorable: self.unrestorable.all(),
             huge_pages: self.huge_pages,
+            advice: self.advice.status(),
         }
     }
 
@@ -588,6 +597,11 @@ impl Daemon {
                 Reply::Done
             }
             Request::Failures { namespace } => Reply::Failures { records: self.failures.read(&namespace)? },
+            Request::Advice { namespace } => {
+                tierckpt_format::names::validate_namespace(&namespace)?;
+                let estimate = self.drainer.as_ref().and_then(|d| d.estimate_ms(&namespace));
+                Reply::Advice(self.advice.advice(estimate))
+            }
         })
     }
 }

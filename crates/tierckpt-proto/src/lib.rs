@@ -7,12 +7,14 @@
 //! It depends on the shard format and serde only, so that a training process
 //! linking a client links no storage backend and no async runtime.
 
+mod advice;
 mod error;
 mod failure;
 pub mod frame;
 mod request;
 mod status;
 
+pub use advice::{Advice, AdviceEvent, AdviceKind, AdviceSource, AdviceStatus, Preemption};
 pub use error::{ErrorKind, WireError};
 pub use failure::{FailureKind, FailureRecord};
 pub use frame::{check_frame_len, read_frame, write_frame, MAX_FRAME};

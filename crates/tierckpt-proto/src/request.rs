@@ -3,7 +3,7 @@
 use serde::{Deserialize, Serialize};
 use tierckpt_format::Manifest;
 
-use crate::{DaemonStatus, FailureRecord, NamespaceSummary, StepSummary, WireError};
+use crate::{Advice, DaemonStatus, FailureRecord, NamespaceSummary, StepSummary, WireError};
 
 /// A request from a client to its node daemon, one per frame.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -136,6 +136,12 @@ pub enum Request {
         /// The namespace.
         namespace: String,
     },
+    /// Whether to checkpoint at the next step boundary, and why (cheap: the
+    /// daemon checks its sources in the background).
+    Advice {
+        /// The namespace (for its drain estimate).
+        namespace: String,
+    },
 }
 
 /// The daemon's answer to a [`Request`] that succeeded. Externally tagged,
@@ -197,6 +203,8 @@ pub enum Reply {
         /// The namespace's recorded events, oldest first.
         records: Vec<FailureRecord>,
     },
+    /// To `Advice`.
+    Advice(Advice),
 }
 
 /// A reply as it travels: the reply, or the error the request met.

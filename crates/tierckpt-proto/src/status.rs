@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::FailureRecord;
+use crate::{AdviceStatus, FailureRecord};
 
 /// One namespace at a glance.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -57,6 +57,10 @@ pub struct DaemonStatus {
     /// Steps found corrupt on every tier, by namespace: `latest` skips them.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub unrestorable: BTreeMap<String, Vec<u64>>,
+    /// The checkpoint advice: alerts, a standing preemption notice, the
+    /// state of the notice and the health check (see `advice`).
+    #[serde(default)]
+    pub advice: AdviceStatus,
 }
 
 /// What one node holds in memory: visible shards per namespace and step.

@@ -54,7 +54,46 @@ pub fn status(c: &mut Client, as_json: bool) -> Result<()> {
     if !s.failures.is_empty() {
         print_failures(&s.failures);
     }
+    print_advice(&s.advice);
     Ok(())
+}
+
+/// The checkpoint advice: the notice and health check polled, a standing
+/// preemption, and the alerts not yet expired.
+fn print_advice(a: &tierckpt_proto::AdviceStatus) {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+    let ago = |ms: u64| format!("{:.0} s ago", now.saturating_sub(ms) as f64 / 1000.0);
+    let source = |what: &str, s: &tierckpt_proto::AdviceSource| {
+        let checked = s.checked_unix_ms.map_or("not checked yet".into(), |t| format!("checked {}", ago(t)));
+        let error = s.last_error.as_deref().map_or(String::new(), |e| format!("; last error: {}", escape(e)));
+        println!("  {what:<14}{} ({checked}{error})", escape(&s.source));
+    };
+    if a.notice.is_none() && a.health_check.is_none() && a.events.is_empty() {
+        return;
+    }
+    println!("checkpoint advice:");
+    if let Some(n) = &a.notice {
+        source("notice", n);
+    }
+    if let Some(h) = &a.health_check {
+        source("health check", h);
+    }
+    if let Some(p) = &a.preemption {
+        let left = p.deadline_unix_ms.saturating_sub(now) as f64 / 1000.0;
+        println!("  PREEMPTION    notice stands, {left:.0} s left: {}", escape(&p.detail));
+    }
+    if !a.events.is_empty() {
+        let mut t = table(&["id", "when", "alert", "detail"]);
+        for e in &a.events {
+            t.add_row(vec![
+                e.id.to_string(),
+                ago(e.at_unix_ms),
+                format!("{:?}", e.kind).to_lowercase(),
+                escape(&e.detail.chars().take(80).collect::<String>()),
+            ]);
+        }
+        println!("{t}");
+    }
 }
 
 /// The jobs' starts and failures recorded by `tierckpt run` (newest few).

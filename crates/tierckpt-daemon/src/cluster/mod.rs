@@ -69,6 +69,8 @@ pub struct Cluster {
     probe_cursor: AtomicUsize,
     /// What each placement target is owed, for the lag metrics.
     backlog: Mutex<BTreeMap<String, lag::Backlog>>,
+    /// Each member's change of state: (id, before, after).
+    changes: tokio::sync::broadcast::Sender<(String, NodeState, NodeState)>,
 }
 
 /// Runs `round` every `interval`, the first at once (a late round delays
@@ -150,6 +152,7 @@ impl Cluster {
             costs: Mutex::new(ReplicaCosts::default()),
             probe_cursor: AtomicUsize::new(0),
             backlog: Mutex::new(BTreeMap::new()),
+            changes: tokio::sync::broadcast::channel(64).0,
         });
         if let Some(source) = c.cfg.discover.clone() {
             tokio::spawn(c.clone().discover_loop(source, stop.clone()));
@@ -197,6 +200,20 @@ impl Cluster {
         let members = lock(&self.members);
         let live = members.list.iter().filter(|m| m.reachable || m.id == self.cfg.node_id).map(|m| m.id.clone());
         (members.order(), live.collect())
+    }
+
+    /// Every later change of a member's state: (id, before, after).
+    pub fn subscribe_changes(&self) -> tokio::sync::broadcast::Receiver<(String, NodeState, NodeState)> {
+        self.changes.subscribe()
+    }
+
+    /// Whether `id` is a placement neighbour now: a node this node copies
+    /// its shards to, or one that copies its shards here.
+    pub fn is_placement_neighbour(&self, id: &str) -> bool {
+        let order = lock(&self.members).order();
+        let (p, k) = (self.cfg.placement, self.cfg.replication_factor);
+        targets_of(p, &order, &self.cfg.node_id, k).iter().any(|t| t == id)
+            || targets_of(p, &order, id, k).contains(&self.cfg.node_id)
     }
 
     /// Where this node's shards are copied now.
@@ -375,7 +392,7 @@ impl Cluster {
                     }
                 }
                 if m.state != before {
-                    events.push((id.clone(), m.state));
+                    events.push((id.clone(), before, m.state));
                 }
                 if !gossip.is_empty() {
                     members.compare(&id, &gossip);
@@ -407,14 +424,15 @@ impl Cluster {
                 };
                 m.reachable = m.state == NodeState::Alive && m.holdings.is_some();
                 if m.state != before {
-                    events.push((m.id.clone(), m.state));
+                    events.push((m.id.clone(), before, m.state));
                 }
             }
             for id in members.forget_dead() {
                 tracing::info!(node = %id, "a member no source lists any more is dead: forgotten");
             }
         }
-        for (id, state) in events {
+        for (id, before, state) in events {
+            let _ = self.changes.send((id.clone(), before, state));
             match state {
                 NodeState::Dead => tracing::warn!(node = %id, "node is dead"),
                 NodeState::Suspect => tracing::warn!(node = %id, "node is suspect"),

@@ -199,6 +199,28 @@ pub struct ConfigLayer {
     /// fields, target) [default: text].
     #[arg(long, env = "TIERCKPT_LOG_FORMAT")]
     pub log_format: Option<String>,
+    /// A preemption notice to poll: a file (a notice while it exists and is not empty) or an http:// URL (a
+    /// notice when it answers 200 with a body other than FALSE; 404 or FALSE: none), e.g. the EC2 metadata
+    /// http://169.254.169.254/latest/meta-data/spot/instance-action; a notice asks trainers to checkpoint
+    /// now [default: none].
+    #[arg(long, env = "TIERCKPT_PREEMPTION_NOTICE")]
+    pub preemption_notice: Option<String>,
+    /// How often the preemption notice is polled [default: 1s].
+    #[arg(long, env = "TIERCKPT_PREEMPTION_NOTICE_EVERY")]
+    pub preemption_notice_every: Option<String>,
+    /// The time a notice leaves before the node goes, unless the notice gives it (EC2's "time") [default: 30s].
+    #[arg(long, env = "TIERCKPT_PREEMPTION_GRACE")]
+    pub preemption_grace: Option<String>,
+    /// A command (run with sh -c, e.g. a GPU probe) whose failure (a non-zero exit, a timeout) asks trainers
+    /// to checkpoint now [default: none].
+    #[arg(long, env = "TIERCKPT_HEALTH_CHECK_COMMAND")]
+    pub health_check_command: Option<String>,
+    /// How often the health check runs [default: 10s].
+    #[arg(long, env = "TIERCKPT_HEALTH_CHECK_EVERY")]
+    pub health_check_every: Option<String>,
+    /// A health check running longer than this is killed and failed [default: 5s].
+    #[arg(long, env = "TIERCKPT_HEALTH_CHECK_TIMEOUT")]
+    pub health_check_timeout: Option<String>,
 }
 
 /// How the daemon writes its log (`log_format`).

@@ -12,6 +12,7 @@ mod resolve;
 
 pub use layer::{ConfigLayer, LogFormat, NodeList, NodeSpec, StoreOptions};
 pub use resolve::{
-    open_file_limit, parse_capacity, ClusterConfig, DaemonConfig, PersistConfig, Placement, AUTO_COMPRESSION_CORES,
-    DEFAULT_HYPERPOD_PORT, DEFAULT_MAX_STEP_ADVANCE, DEFAULT_MEMORY_DIR, DEFAULT_PERSIST_COMPRESSION, STEP_LIMIT,
+    open_file_limit, parse_capacity, AdviceConfig, ClusterConfig, DaemonConfig, HealthCheckConfig, NoticeSource,
+    PersistConfig, Placement, AUTO_COMPRESSION_CORES, DEFAULT_HYPERPOD_PORT, DEFAULT_MAX_STEP_ADVANCE,
+    DEFAULT_MEMORY_DIR, DEFAULT_PERSIST_COMPRESSION, STEP_LIMIT,
 };

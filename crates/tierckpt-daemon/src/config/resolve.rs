@@ -102,6 +102,8 @@ pub struct DaemonConfig {
     pub mount_huge_tmpfs_by_default: bool,
     /// Address of the HyperPod API (see [`ConfigLayer::hyperpod_listen`]); none when off.
     pub hyperpod_listen: Option<SocketAddr>,
+    /// The sources of the checkpoint advice.
+    pub advice: AdviceConfig,
 }
 
 impl DaemonConfig {
@@ -190,6 +192,101 @@ pub enum Placement {
     Ring,
     /// Nodes form groups of k+1 consecutive nodes; a shard goes to its whole group.
     Group,
+}
+
+/// Where the preemption notice is read (`preemption_notice`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NoticeSource {
+    /// A file: a notice while it exists and is not empty.
+    File(PathBuf),
+    /// An http:// URL: a notice while it answers 200 with a body other than FALSE.
+    Url {
+        /// The URL as configured.
+        url: String,
+        /// Its host:port (port 80 unless given), connected to at start.
+        authority: String,
+    },
+}
+
+impl std::fmt::Display for NoticeSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NoticeSource::File(p) => write!(f, "{}", p.display()),
+            NoticeSource::Url { url, .. } => f.write_str(url),
+        }
+    }
+}
+
+/// The health check (`health_check_command` and its timings).
+#[derive(Debug, Clone)]
+pub struct HealthCheckConfig {
+    /// Run with `sh -c`.
+    pub command: String,
+    /// How often.
+    pub every: std::time::Duration,
+    /// Killed and failed after this long.
+    pub timeout: std::time::Duration,
+}
+
+/// The sources of the checkpoint advice (see `crate::advice`).
+#[derive(Debug, Clone)]
+pub struct AdviceConfig {
+    /// The preemption notice polled, if any.
+    pub notice: Option<NoticeSource>,
+    /// How often it is polled.
+    pub notice_every: std::time::Duration,
+    /// The time a notice leaves unless it says.
+    pub grace: std::time::Duration,
+    /// The health check, if any.
+    pub health_check: Option<HealthCheckConfig>,
+}
+
+/// A duration setting that must be above 0, `default` unless set.
+fn positive_duration(key: &str, s: Option<&str>, default: &str) -> Result<std::time::Duration, DaemonError> {
+    let d = parse_duration(key, s.unwrap_or(default))?;
+    if d.is_zero() {
+        return Err(DaemonError::Config(format!("{key} must be above 0")));
+    }
+    Ok(d)
+}
+
+fn resolve_notice(v: &str) -> Result<NoticeSource, DaemonError> {
+    let v = v.trim();
+    let bad = |why: String| DaemonError::Config(format!("preemption_notice {v:?} {why}"));
+    if v.is_empty() {
+        return Err(bad("is empty: give a file path or an http:// URL".into()));
+    }
+    if v.starts_with("https://") {
+        return Err(bad("is https, which the notice poller does not speak: give an http:// URL (the cloud \
+             metadata services are plain http) or a file"
+            .into()));
+    }
+    if !v.starts_with("http://") {
+        let path = v.strip_prefix("file://").unwrap_or(v);
+        return Ok(NoticeSource::File(PathBuf::from(path)));
+    }
+    let uri: hyper::Uri = v.parse().map_err(|e| bad(format!("is not a URL ({e})")))?;
+    let host = uri.host().filter(|h| !h.is_empty()).ok_or_else(|| bad("names no host".into()))?;
+    let authority = format!("{host}:{}", uri.port_u16().unwrap_or(80));
+    Ok(NoticeSource::Url { url: v.to_string(), authority })
+}
+
+fn resolve_advice(layer: &ConfigLayer) -> Result<AdviceConfig, DaemonError> {
+    let notice = layer.preemption_notice.as_deref().map(resolve_notice).transpose()?;
+    let notice_every = positive_duration("preemption_notice_every", layer.preemption_notice_every.as_deref(), "1s")?;
+    let grace = parse_duration("preemption_grace", layer.preemption_grace.as_deref().unwrap_or("30s"))?;
+    let every = positive_duration("health_check_every", layer.health_check_every.as_deref(), "10s")?;
+    let timeout = positive_duration("health_check_timeout", layer.health_check_timeout.as_deref(), "5s")?;
+    let health_check = match layer.health_check_command.as_deref().map(str::trim) {
+        None => None,
+        Some("") => {
+            return Err(DaemonError::Config(
+                "health_check_command is empty: give a command (run with sh -c), or leave it unset".into(),
+            ))
+        }
+        Some(c) => Some(HealthCheckConfig { command: c.to_string(), every, timeout }),
+    };
+    Ok(AdviceConfig { notice, notice_every, grace, health_check })
 }
 
 /// Membership and replication settings of a clustered daemon.
@@ -385,6 +482,7 @@ impl DaemonConfig {
     /// Checks a merged layer and fills in defaults; errors name the setting.
     pub fn resolve(layer: ConfigLayer) -> Result<Self, DaemonError> {
         let cluster = resolve_cluster(&layer)?;
+        let advice = resolve_advice(&layer)?;
         let persist = resolve_persist(&layer)?;
         let tls = resolve_tls(&layer, cluster.is_some())?;
         let memory_dir = layer.memory_dir.unwrap_or_else(|| DEFAULT_MEMORY_DIR.into());
@@ -544,6 +642,7 @@ impl DaemonConfig {
             prefault_share,
             mount_huge_tmpfs_by_default: layer.mount_huge_tmpfs.is_none() && root,
             hyperpod_listen,
+            advice,
         })
     }
 }
@@ -837,6 +936,41 @@ mod tests {
         for bad in [["--min-upload-rate", "0"], ["--http-max-connections", "0"], ["--upload-grace", "soon"]] {
             let e = DaemonConfig::resolve(flags(&bad).unwrap()).unwrap_err().to_string();
             assert!(e.contains(&bad[0][2..].replace('-', "_")), "{e}");
+        }
+    }
+
+    #[test]
+    fn advice_settings() {
+        let c = DaemonConfig::resolve(flags(&["--memory-tier-size", "1MB"]).unwrap()).unwrap();
+        assert!(c.advice.notice.is_none() && c.advice.health_check.is_none());
+        assert_eq!(c.advice.grace, std::time::Duration::from_secs(30));
+        let l = flags(&[
+            "--memory-tier-size",
+            "1MB",
+            "--preemption-notice",
+            "http://169.254.169.254/latest/meta-data/spot/instance-action",
+            "--health-check-command",
+            "nvidia-smi",
+        ])
+        .unwrap();
+        let c = DaemonConfig::resolve(l).unwrap();
+        let Some(NoticeSource::Url { authority, .. }) = c.advice.notice else { panic!("{:?}", c.advice.notice) };
+        assert_eq!(authority, "169.254.169.254:80");
+        assert_eq!(c.advice.health_check.unwrap().timeout, std::time::Duration::from_secs(5));
+        let file =
+            DaemonConfig::resolve(flags(&["--memory-tier-size", "1MB", "--preemption-notice", "/run/x"]).unwrap());
+        assert_eq!(file.unwrap().advice.notice, Some(NoticeSource::File("/run/x".into())));
+        for (bad, named) in [
+            (["--preemption-notice-every", "often"], "preemption_notice_every \"often\""),
+            (["--preemption-grace", "1 fortnight"], "preemption_grace"),
+            (["--health-check-every", "0s"], "health_check_every must be above 0"),
+            (["--health-check-timeout", "x"], "health_check_timeout \"x\""),
+            (["--health-check-command", " "], "health_check_command is empty"),
+            (["--preemption-notice", "https://metadata/x"], "preemption_notice \"https://metadata/x\" is https"),
+            (["--preemption-notice", "http://"], "preemption_notice \"http://\""),
+        ] {
+            let e = DaemonConfig::resolve(flags(&bad).unwrap()).unwrap_err().to_string();
+            assert!(e.contains(named), "{bad:?}: {e}");
         }
     }
 
