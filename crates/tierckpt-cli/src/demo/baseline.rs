@@ -175,7 +175,7 @@ pub(super) struct BaselineRun {
 /// fsync); every restart reads the newest complete step's files.
 pub(super) fn run_baseline(a: &DemoArgs, plan: &Plan, dir: &Path, ui: &Ui) -> Result<BaselineRun> {
     ui.line(format!(
-        "[4/4] baseline: the same job and failures, checkpointing only to files on disk ({}), written and fsynced by the trainers",
+        "[5/5] baseline: the same job and failures, checkpointing only to files on disk ({}), written and fsynced by the trainers",
         dir.display()
     ));
     let failures = plan.failures();

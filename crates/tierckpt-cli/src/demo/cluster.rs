@@ -66,6 +66,23 @@ pub(crate) fn options(a: &DemoArgs, world: usize, capacity: u64, persist_url: &s
     o
 }
 
+/// Node `i` polls its own notice file, `<base>/n<i>.notice` (as a cloud
+/// node polls its spot notice), for the demo's preemption.
+pub(crate) fn with_notices(o: &mut LocalClusterOptions, base: &Path) {
+    o.node_settings = (0..o.nodes)
+        .map(|i| tierckpt_daemon::ConfigLayer {
+            preemption_notice: Some(notice_path(base, i).display().to_string()),
+            preemption_notice_every: Some(super::preemption::NOTICE_EVERY.into()),
+            ..Default::default()
+        })
+        .collect();
+}
+
+/// The notice file node `i` of a cluster under `base` polls.
+pub(crate) fn notice_path(base: &Path, i: usize) -> PathBuf {
+    base.join(format!("{}.notice", LocalCluster::node_id(i)))
+}
+
 /// Live copies of every rank's shard of `step`, as node `from` sees them.
 pub(crate) fn copies(cluster: &LocalCluster, from: usize, ns: &str, step: u64, world: usize) -> Result<Vec<usize>> {
     let st = Client::connect(cluster.socket(from))?.status()?;

@@ -97,7 +97,7 @@ pub(super) fn run_with_failures(
     let ns = recovery.namespace();
     let meter = Meter::start(cluster, ns)?;
     ui.line(format!(
-        "[{}/4] training, with a trainer crash after step {}, the loss of node {} after step {} \
+        "[{}/5] training, with a trainer crash after step {}, the loss of node {} after step {} \
          and the loss of every node's memory after step {}; {}",
         if recovery == Recovery::InProcess { 2 } else { 3 },
         plan.crash_step,

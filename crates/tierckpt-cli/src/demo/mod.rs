@@ -93,6 +93,7 @@ pub(crate) mod job;
 pub(crate) mod lockstep;
 pub(crate) mod model;
 mod plan;
+mod preemption;
 mod report;
 pub(crate) mod run_log;
 mod traffic;
@@ -219,7 +220,8 @@ pub fn run(a: &DemoArgs, json: bool) -> Result<()> {
     // children are killed and the memory tiers removed.
     crate::signals::catch_int_term();
     let dirs = Dirs::create(a)?;
-    let opts = cluster::options(a, plan.world, plan.capacity, &dirs.persist_url);
+    let mut opts = cluster::options(a, plan.world, plan.capacity, &dirs.persist_url);
+    cluster::with_notices(&mut opts, dirs.memory.path());
     let mut cluster = LocalCluster::start(dirs.memory.path(), opts).context("starting the cluster's daemons")?;
     let store = Store::Daemons((0..plan.world).map(|i| cluster.socket(i)).collect());
     let ui = Ui { json };
@@ -233,13 +235,15 @@ pub fn run(a: &DemoArgs, json: bool) -> Result<()> {
     delete_everywhere(&cluster, Recovery::InProcess.namespace()).context("deleting the first run's checkpoints")?;
     // 3. Again, restarting every rank at each failure, for comparison.
     let restart = run_with_failures(a, &plan, &mut cluster, &store, &dirs.persist_dir, &ui, Recovery::FullRestart)?;
+    // 4. A preemption announced by a notice, with and without the early checkpoint.
+    let preempted = preemption::run(a, &plan, &mut cluster, &store, &ui)?;
     drop(cluster);
     dirs.memory.close().context("removing the demo's memory tiers")?;
     // 3. The baseline: the same job and failures, checkpointing to files only.
     let base = run_baseline(a, &plan, &dirs.baseline_dir, &ui)?;
     dirs.disk.close().context("removing the demo's persistent tier and baseline files")?;
 
-    let report = Report::new(a, &plan, &dirs.persist_url, reference, (tiered, restart), base, wall)?;
+    let report = Report::new(a, &plan, &dirs.persist_url, reference, (tiered, restart, preempted), base, wall)?;
     report.print(json);
     report.check()
 }
@@ -256,7 +260,7 @@ struct Reference {
 /// checkpoints are deleted afterwards.
 fn run_reference(a: &DemoArgs, plan: &Plan, cluster: &LocalCluster, store: &Store, ui: &Ui) -> Result<Reference> {
     let ns = "demo-reference";
-    ui.line("[1/4] reference run, uninterrupted");
+    ui.line("[1/5] reference run, uninterrupted");
     let mut log = RunLog::new("node memory");
     let t = Instant::now();
     let pb = ui.bar(a.steps, "reference");

@@ -29,6 +29,8 @@ pub(super) struct Report<'a> {
     /// The same failures, every rank restarted at each.
     restart: TieredRun,
     base: BaselineRun,
+    /// The preemption with a notice, with and without the early checkpoint.
+    preemption: Value,
     /// The training time an uninterrupted run without checkpoints needs.
     useful_s: f64,
     /// The run with failures' wall time, less the demo's own waits.
@@ -49,7 +51,7 @@ impl<'a> Report<'a> {
         plan: &'a Plan,
         persist_url: &'a str,
         reference: Reference,
-        (tiered, restart): (TieredRun, TieredRun),
+        (tiered, restart, preemption): (TieredRun, TieredRun, Value),
         base: BaselineRun,
         started: std::time::Instant,
     ) -> Result<Self> {
@@ -59,6 +61,7 @@ impl<'a> Report<'a> {
             goodput: useful_s / run_s,
             restart_goodput: useful_s / (restart.wall_s - restart.demo_waits_s),
             restart,
+            preemption,
             baseline_goodput: useful_s / base.wall_s,
             a,
             plan,
@@ -172,6 +175,7 @@ impl<'a> Report<'a> {
             },
             "wall_s": self.wall_s,
         });
+        report["preemption"] = self.preemption.clone();
         for part in [tiers, self.goodput_json()] {
             if let (Some(r), Value::Object(t)) = (report.as_object_mut(), part) {
                 r.extend(t);
@@ -219,6 +223,7 @@ impl<'a> Report<'a> {
         for r in &self.tiered.recoveries {
             recovery_rows(&mut t, r);
         }
+        self.preemption_row(&mut t);
         self.outcome_rows(&mut t);
         t
     }
@@ -274,6 +279,27 @@ impl<'a> Report<'a> {
                 traffic.persisted_shards,
                 human_bytes(traffic.persisted_stored),
                 run.persisted_steps.last().map_or("none".to_string(), u64::to_string)
+            ),
+        ]);
+    }
+
+    /// The preemption: the notice, and the steps lost with and without the early checkpoint.
+    fn preemption_row(&self, t: &mut Table) {
+        let p = &self.preemption;
+        let (with, without) = (&p["with_early_checkpoint"], &p["without_early_checkpoint"]);
+        t.add_row(vec![
+            "preemption with a notice".to_string(),
+            format!(
+                "notice to {} after step {}, reclaimed {} steps later: {} steps lost with the early checkpoint \
+                 (step {} saved and on a peer {} after the notice), {} without it (resumed from step {})",
+                p["node"].as_str().unwrap_or("?"),
+                p["notice_after_step"],
+                p["grace_steps"],
+                with["steps_lost"],
+                with["checkpoint_step"],
+                with["notice_to_safe_s"].as_f64().map_or("-".into(), fmt_s),
+                without["steps_lost"],
+                without["resumed_from"],
             ),
         ]);
     }
