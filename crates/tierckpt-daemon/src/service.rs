@@ -43,6 +43,8 @@ pub struct Daemon {
     pub read_path: Vec<Arc<dyn Tier>>,
     /// Starts and failures recorded by supervisors.
     pub failures: crate::failures::FailureLog,
+    /// Pinned and named steps (see [`crate::pins`]).
+    pub pins: crate::pins::Pins,
     /// Steps found corrupt on every tier, which `latest` skips.
     pub unrestorable: Arc<crate::unrestorable::Unrestorable>,
     /// Whether the memory directory's tmpfs gives huge pages.
@@ -162,6 +164,8 @@ impl Daemon {
         tcfg.keep_last = cfg.keep_last;
         tcfg.access = cfg.access;
         tcfg.prefault_share = cfg.prefault_share;
+        let pins = crate::pins::Pins::open(&cfg.memory_dir, cfg.access);
+        tcfg.pinned = pins.steps();
         let daemon_access = cfg.access;
         let tier = Arc::new(blocking(move || MemoryTier::open(tcfg)).await?);
         // Pre-faulting yields to training as the background work does.
@@ -240,6 +244,7 @@ impl Daemon {
         let hyperpod_namespaces = crate::hyperpod::Configs::open(&cfg.memory_dir, daemon_access);
         let daemon = Arc::new(Daemon {
             failures,
+            pins,
             unrestorable,
             huge_pages,
             hyperpod_namespaces,
@@ -588,6 +593,15 @@ impl Daemon {
                 Reply::Done
             }
             Request::Failures { namespace } => Reply::Failures { records: self.failures.read(&namespace)? },
+            Request::Pin { namespace, step, name } => {
+                let (pin, not_reached) = self.pin(&namespace, step, name).await?;
+                Reply::Pinned { pin, not_reached }
+            }
+            Request::Unpin { namespace, step, name } => {
+                let (pin, not_reached) = self.unpin(&namespace, step, name).await?;
+                Reply::Pinned { pin, not_reached }
+            }
+            Request::Pins { namespace } => Reply::Pins { pins: self.list_pins(&namespace).await? },
         })
     }
 }
