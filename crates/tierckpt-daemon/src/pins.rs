@@ -9,7 +9,7 @@
 //!
 //! This node's pins live in `<memory dir>/pins.json`, so they survive a
 //! restart of the daemon (given to the memory tier at open, before its
-//! retention runs).
+//! retention runs). Deleting a step here (`tierckpt rm`) forgets its pins.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -70,6 +70,23 @@ impl Pins {
         (now, moved)
     }
 
+    /// Forgets the pins of a deleted step (`None`: of the whole namespace).
+    fn forget(&self, ns: &str, step: Option<u64>) -> Vec<u64> {
+        let mut all = self.rec.lock();
+        let gone: Vec<u64> = match (all.get_mut(ns), step) {
+            (None, _) => return Vec::new(),
+            (Some(p), Some(s)) => p.remove(&s).map(|_| s).into_iter().collect(),
+            (Some(p), None) => std::mem::take(p).into_keys().collect(),
+        };
+        if all.get(ns).is_some_and(|p| p.is_empty()) {
+            all.remove(ns);
+        }
+        if !gone.is_empty() {
+            self.rec.save(&all);
+        }
+        gone
+    }
+
     /// Unpins `step`; its names if it was pinned.
     fn remove(&self, ns: &str, step: u64) -> Option<BTreeSet<String>> {
         let mut all = self.rec.lock();
@@ -111,6 +128,15 @@ impl Daemon {
             tracing::info!(namespace = ns, step, "unpinned a step");
         }
         Ok(was)
+    }
+
+    /// A step (`None`: the namespace) was deleted here: its pins go too,
+    /// so that no name points at a step this node no longer holds. (The
+    /// store's pins stay with the store's copies, which a delete keeps.)
+    pub(crate) fn forget_pins(&self, ns: &str, step: Option<u64>) {
+        for s in self.pins.forget(ns, step) {
+            let _ = self.tier.unpin(ns, s);
+        }
     }
 
     /// The tiers that hold `step` of `ns` for this node.

@@ -393,6 +393,9 @@ impl Daemon {
             }
         })
         .await;
+        if here.is_ok() {
+            self.forget_pins(ns, step);
+        }
         let cluster = self.cluster.as_ref().filter(|_| everywhere);
         let Some(c) = cluster else { return here };
         let mut total = match here {

@@ -118,6 +118,10 @@ fn names_resolve_move_and_bad_input_is_refused_by_name() {
     assert_eq!(e.kind(), ErrorKind::InvalidArgument, "{e}");
     let e = c.unpin("nm", None, None).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::InvalidArgument, "{e}");
+    // Deleting a step forgets its pins and names.
+    c.delete_step("nm", 3).unwrap();
+    assert_eq!(c.pins("nm").unwrap().iter().map(|p| p.step).collect::<Vec<_>>(), [1]);
+    assert_eq!(c.resolve("nm", "best").unwrap_err().kind(), ErrorKind::NotFound);
 }
 
 #[test]
