@@ -229,13 +229,17 @@ fn pinned_step_survives_persistent_retention(mut d: TestDaemon, committed: impl 
     assert_eq!((pins[0].step, pins[0].tiers.clone()), (1, vec!["persistent".to_string()]), "{pins:?}");
     assert_eq!(c.resolve("dur", "best").unwrap(), 1, "the store's pin names the step");
     assert!(load(&mut c, "dur", 1).unwrap() == one, "restored bitwise from the persistent tier");
-    // Unpinned, the store's next retention pass drops it.
+    // A step held only by the store can be pinned too.
+    let (pin, _) = c.pin("dur", 4, Some("later")).unwrap();
+    assert_eq!(pin.tiers, ["persistent"]);
+    // Unpinned, the store's next retention pass drops step 1; 4 stays.
     c.unpin("dur", None, Some("best")).unwrap();
     save_to(&d.proc.socket, "dur", 6);
     wait_for("step 6 committed", || last_committed(&mut c, "dur") == 6);
     if let Some(steps) = committed() {
-        assert_eq!(steps, [5, 6], "retention applies once unpinned");
+        assert_eq!(steps, [4, 5, 6], "retention applies once unpinned");
     }
+    assert_eq!(c.resolve("dur", "later").unwrap(), 4);
 }
 
 #[test]
@@ -244,7 +248,9 @@ fn a_pinned_step_survives_persistent_retention_on_file_and_loads_after_memory_is
     let target = format!("file://{}", store.path().display());
     let d = daemon(&["--keep-last", "2", "--persistent-path", &target, "--persist-keep-last", "2"]);
     pinned_step_survives_persistent_retention(d, || Some(committed_steps(store.path(), "dur")));
-    assert!(!store.path().join("dur/pins").read_dir().is_ok_and(|mut d| d.next().is_some()), "pin object gone");
+    let pins: Vec<_> =
+        std::fs::read_dir(store.path().join("dur/pins")).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(pins, [format!("{:020}.json", 4).as_str()], "step 1's pin object is gone");
 }
 
 #[test]
