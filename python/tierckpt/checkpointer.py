@@ -968,8 +968,8 @@ class Checkpointer:
 
         A loss above `loss_spike_factor` times the moving average of the `loss_spike_window`
         losses before it (judged once `loss_spike_min_steps` were observed), or one that is not
-        finite, is a spike: the newest complete step saved at or before the previous observed
-        step is pinned as `pre-spike-<step>` on this node (every rank calls observe, so every node
+        finite, is a spike: the newest step saved (by this rank, or complete here) at or before
+        the previous observed step is pinned as `pre-spike-<step>` on this node (every rank calls observe, so every node
         pins its copies), and so kept from retention until unpinned. A spike right after another
         that would pin the same step pins nothing more. Steps must grow from call to call."""
         w = getattr(self, "_spikes", None)
@@ -981,7 +981,7 @@ class Checkpointer:
         if not w.observe(step, loss):
             return False
         self.wait()  # this Checkpointer's own saves visible first
-        target = _pins.pre_spike_step(self._client.list_steps(self.namespace), before)
+        target = _pins.pre_spike_step(self._client.list_steps(self.namespace), before, self.rank)
         if target is None:
             warnings.warn(f"loss spike at step {step}: no complete step at or before {before} to pin")
         elif target != getattr(self, "_spike_pinned", None):

@@ -4,8 +4,8 @@ A pinned step is kept from retention on every tier that holds it (this node's me
 copies, the persistent tier) until unpinned; a named one (`best`, `pre-spike-1200`) can be
 restored by name (`Checkpointer.load(step="best")`). `SpikeWatch` judges each observed loss
 against the moving average of the losses before it: above `loss_spike_factor` times that average
-(or not finite) is a spike, and the newest complete step saved at or before the previous observed
-step is pinned as `pre-spike-<spike step>`.
+(or not finite) is a spike, and the newest step saved at or before the previous observed step is
+pinned as `pre-spike-<spike step>`.
 """
 
 from __future__ import annotations
@@ -80,9 +80,12 @@ class SpikeWatch:
         return spike
 
 
-def pre_spike_step(steps: list, before: int) -> int | None:
-    """The newest complete step at or before `before` in a `list_steps` answer."""
-    done = [s["step"] for s in steps if s.get("complete") and s["step"] <= before]
+def pre_spike_step(steps: list, before: int, rank: int) -> int | None:
+    """The newest step at or before `before` in a `list_steps` answer that is complete here or
+    holds `rank`'s shard: in a job over several nodes no node holds every rank, and every rank
+    saves the same steps, so each node pins the step its ranks saved."""
+    done = [s["step"] for s in steps
+            if s["step"] <= before and (s.get("complete") or rank in s.get("ranks", []))]
     return max(done) if done else None
 
 

@@ -113,3 +113,19 @@ def test_bad_spike_settings_name_the_key(daemon, cfg, key):
     with pytest.raises(ValueError) as e:
         Checkpointer({"socket": daemon["socket"], **cfg}, rank=0, world_size=1)
     assert repr(key) in str(e.value), str(e.value)
+
+
+def test_each_rank_pins_the_step_it_saved_though_another_rank_has_not_yet(daemon):
+    # In a job over several nodes no node holds every rank: the step a rank saved is the one to pin.
+    cfg = {"socket": daemon["socket"], "namespace": "spiky", "async_save": False, "loss_spike_min_steps": 1}
+    r0 = Checkpointer(cfg, rank=0, world_size=2)
+    r1 = Checkpointer(cfg, rank=1, world_size=2)
+    for step in (1, 2, 3):
+        r0.save(step, state(step))
+        r1.save(step, state(step))
+    r0.save(4, state(4))  # rank 1 has not saved step 4 yet
+    assert r0.observe(3, 1.0) is False and r0.observe(4, 1.0) is False
+    assert r0.observe(5, 100.0) is True
+    assert [(p["step"], p["names"]) for p in r0.pins()] == [(4, ["pre-spike-5"])]
+    r0.close()
+    r1.close()
