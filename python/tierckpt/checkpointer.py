@@ -13,6 +13,7 @@ import time
 import warnings
 import weakref
 
+from . import pins as _pins
 from . import preemption, prefault, restore, shard
 from .adaptive import Ema, interval_steps, mtbf_from_records
 from .client import Client, default_socket
@@ -40,6 +41,7 @@ DEFAULTS = {
     "preemption_grace_s": 30.0,
     "preemption_exit": True,
 }
+DEFAULTS.update(_pins.DEFAULTS)  # loss_spike_factor, loss_spike_window, loss_spike_min_steps
 
 _SIZE_RE = re.compile(r"^\s*(auto|\d+(\.\d+)?\s*([KMGT]i?B|B)?)\s*$", re.IGNORECASE)
 _NS_RE = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
@@ -107,6 +109,7 @@ def validate_config(config: dict, nodes: int = 1) -> dict:
         raise _bad("socket", c["socket"], "None or the path of the daemon's Unix socket")
     c["socket"] = c["socket"] or default_socket()
     preemption.validate(c)
+    _pins.validate_config(c)
     return c
 
 
@@ -711,8 +714,9 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self._client.latest(self.namespace)
 
-    def load(self, state=None, step: int | None = None):
-        """Restores the newest complete step (or `step`) and returns the restored tree.
+    def load(self, state=None, step: int | str | None = None):
+        """Restores the newest complete step (or `step`, a number or the name of a pinned step such
+        as "best" or "pre-spike-1200") and returns the restored tree.
 
         Tensors of `state` at the same path, with the same shape and dtype, are
         filled in place (and appear in the returned tree); others come back as
@@ -726,6 +730,8 @@ class Checkpointer:
         ranks loads on M (a plain tensor of the global shape, or none, gets
         the whole tensor).
         """
+        if isinstance(step, str):
+            step = _pins.resolve(self._client, self.namespace, step)
         self.heartbeat(step)
         self.wait()  # this Checkpointer's own saves first
         if step is None:
@@ -956,3 +962,50 @@ class Checkpointer:
 
     def __exit__(self, *exc):
         self.close()
+
+    # -- pinned and named steps, training signals (issue 19; see tierckpt.pins) ----
+    def pin(self, step: int, name: str | None = None) -> dict:
+        """Keeps `step` from retention on every tier that holds it (this node's memory, the peers'
+        copies, the persistent tier), optionally naming it; a name on another step moves here.
+        Returns the daemon's answer: `{"pin": {"step", "names", "tiers"}, "not_reached": [...]}`."""
+        if not _is_int(step) or step < 0:
+            raise ValueError(f"pin: step must be a whole number >= 0, got {step!r}")
+        if name is not None:
+            _pins.validate_name(name)
+        return self._client.pin(self.namespace, step, name)
+
+    def unpin(self, step: int | None = None, name: str | None = None) -> dict:
+        """Makes a pinned step, given by number or by name (exactly one), ordinary again."""
+        if name is not None:
+            _pins.validate_name(name)
+        return self._client.unpin(self.namespace, step, name)
+
+    def pins(self) -> list:
+        """The pinned steps of this job's namespace: `[{"step", "names", "tiers"}]`."""
+        return self._client.pins(self.namespace)
+
+    def observe(self, step: int, loss) -> bool:
+        """Feeds the loss of `step` to the spike rule; returns whether it is a spike.
+
+        A loss above `loss_spike_factor` times the moving average of the `loss_spike_window`
+        losses before it (judged once `loss_spike_min_steps` were observed), or one that is not
+        finite, is a spike: the newest step saved (by this rank, or complete here) at or before
+        the previous observed step is pinned as `pre-spike-<step>` on this node (every rank calls observe, so every node
+        pins its copies), and so kept from retention until unpinned. A spike right after another
+        that would pin the same step pins nothing more. Steps must grow from call to call."""
+        w = getattr(self, "_spikes", None)
+        if w is None:
+            c = self.config
+            w = self._spikes = _pins.SpikeWatch(c["loss_spike_factor"], c["loss_spike_window"],
+                                                c["loss_spike_min_steps"])
+        before = w.prev_step if w.prev_step is not None else step - 1 if _is_int(step) else None
+        if not w.observe(step, loss):
+            return False
+        self.wait()  # this Checkpointer's own saves visible first
+        target = _pins.pre_spike_step(self._client.list_steps(self.namespace), before, self.rank)
+        if target is None:
+            warnings.warn(f"loss spike at step {step}: no complete step at or before {before} to pin")
+        elif target != getattr(self, "_spike_pinned", None):
+            self.pin(target, f"pre-spike-{step}")
+            self._spike_pinned = target
+        return True

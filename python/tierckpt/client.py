@@ -223,3 +223,28 @@ class Client:
         "kind", "detail", "at_unix_ms"}], "preemption": {"deadline_unix_ms", "detail"}?,
         "drain_estimate_ms"?}`. Cheap (no I/O in the daemon): may be asked every step."""
         return self._expect({"op": "advice", "namespace": namespace}, "advice")
+
+    # -- pinned and named steps (issue 19) -----------------------------------
+    def pin(self, namespace: str, step: int, name: str | None = None) -> dict:
+        """Pins `step` (held in this node's memory or the persistent tier) on every tier that holds
+        it, optionally naming it (a name on another step moves here): `{"pin": {"step", "names",
+        "tiers"}, "not_reached": [...]}`."""
+        req = {"op": "pin", "namespace": namespace, "step": int(step)}
+        if name is not None:
+            req["name"] = str(name)
+        return self._expect(req, "pinned")
+
+    def unpin(self, namespace: str, step: int | None = None, name: str | None = None) -> dict:
+        """Unpins the step given by number or by name (exactly one): `{"pin", "not_reached"}`."""
+        if (step is None) == (name is None):
+            raise ValueError("unpin takes exactly one of step and name")
+        req = {"op": "unpin", "namespace": namespace}
+        if step is not None:
+            req["step"] = int(step)
+        else:
+            req["name"] = str(name)
+        return self._expect(req, "pinned")
+
+    def pins(self, namespace: str) -> list:
+        """The pinned steps of a namespace, oldest first: `[{"step", "names", "tiers"}]`."""
+        return self._expect({"op": "pins", "namespace": namespace}, "pins")["pins"]

@@ -34,9 +34,9 @@ enum Cmd {
     /// Tensors, metadata and checksums of a step's shards.
     Inspect {
         namespace: String,
-        /// Step [default: newest complete].
+        /// Step, or the name of a pinned step [default: newest complete].
         #[arg(long)]
-        step: Option<u64>,
+        step: Option<String>,
         #[arg(long)]
         rank: Option<u32>,
     },
@@ -49,9 +49,9 @@ enum Cmd {
     /// Write a step's shards as safetensors files into DIR.
     Export {
         namespace: String,
-        /// Step [default: newest complete].
+        /// Step, or the name of a pinned step [default: newest complete].
         #[arg(long)]
-        step: Option<u64>,
+        step: Option<String>,
         #[arg(long, value_enum, default_value = "safetensors")]
         format: ExportFormat,
         dir: PathBuf,
@@ -61,6 +61,24 @@ enum Cmd {
         namespace: String,
         #[arg(long)]
         step: Option<u64>,
+    },
+    /// Keep a step from retention on every tier that holds it, optionally naming it.
+    Pin {
+        namespace: String,
+        #[arg(long)]
+        step: u64,
+        /// A name for the step (A-Z a-z 0-9 . _ -, not all digits); moves from another step if taken.
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Make a pinned step ordinary again.
+    #[command(group(clap::ArgGroup::new("which").required(true).args(["step", "name"])))]
+    Unpin {
+        namespace: String,
+        #[arg(long)]
+        step: Option<u64>,
+        #[arg(long)]
+        name: Option<String>,
     },
     /// Run a training command, restarting it when it fails or hangs.
     Run(supervise::RunArgs),
@@ -105,11 +123,19 @@ fn run(cli: &Cli) -> Result<()> {
     match &cli.cmd {
         Cmd::Status => commands::status(&mut connect()?, j),
         Cmd::Ls { namespace } => commands::ls(&mut connect()?, namespace.as_deref(), j),
-        Cmd::Inspect { namespace, step, rank } => commands::inspect(&mut connect()?, namespace, *step, *rank, j),
+        Cmd::Inspect { namespace, step, rank } => {
+            let c = &mut connect()?;
+            let step = commands::resolve_step(c, namespace, step.as_deref())?;
+            commands::inspect(c, namespace, step, *rank, j)
+        }
         Cmd::Verify { namespace, step } => commands::verify(&mut connect()?, namespace, *step, j),
         Cmd::Export { namespace, step, format: ExportFormat::Safetensors, dir } => {
-            commands::export(&mut connect()?, namespace, *step, dir, j)
+            let c = &mut connect()?;
+            let step = commands::resolve_step(c, namespace, step.as_deref())?;
+            commands::export(c, namespace, step, dir, j)
         }
+        Cmd::Pin { namespace, step, name } => commands::pin(&mut connect()?, namespace, *step, name.as_deref(), j),
+        Cmd::Unpin { namespace, step, name } => commands::unpin(&mut connect()?, namespace, *step, name.as_deref(), j),
         Cmd::Rm { namespace, step } => commands::rm(&mut connect()?, namespace, *step, j),
         Cmd::Demo(a) => demo::run(a, j),
         Cmd::Bench(a) => bench::run(a, j),

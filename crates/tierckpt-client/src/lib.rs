@@ -25,6 +25,7 @@ use tierckpt_format::{
     copy_verified, parse_shard, verify_chunks, CopyTarget, Dtype, Manifest, ShardKey, ShardLayout, ShardView,
     TensorSpec,
 };
+pub use tierckpt_proto::PinInfo;
 use tierckpt_proto::{DaemonStatus, FailureRecord, NamespaceSummary, Reply, Request, WireResult};
 pub use tierckpt_proto::{ErrorKind, StepSummary};
 
@@ -456,6 +457,45 @@ impl Client {
             Reply::Advice(a) => Ok(a),
             r => Err(unexpected(r)),
         }
+    }
+
+    /// Pins a step (held in memory or in the persistent tier) on every tier
+    /// that holds it, optionally naming it; returns the pin and the members
+    /// that could not be told.
+    pub fn pin(&mut self, namespace: &str, step: u64, name: Option<&str>) -> Result<(PinInfo, Vec<String>)> {
+        let req = Request::Pin { namespace: namespace.into(), step, name: name.map(String::from) };
+        match self.call(&req)? {
+            Reply::Pinned { pin, not_reached } => Ok((pin, not_reached)),
+            r => Err(unexpected(r)),
+        }
+    }
+
+    /// Unpins a step given by number or by name (exactly one).
+    pub fn unpin(&mut self, namespace: &str, step: Option<u64>, name: Option<&str>) -> Result<(PinInfo, Vec<String>)> {
+        let req = Request::Unpin { namespace: namespace.into(), step, name: name.map(String::from) };
+        match self.call(&req)? {
+            Reply::Pinned { pin, not_reached } => Ok((pin, not_reached)),
+            r => Err(unexpected(r)),
+        }
+    }
+
+    /// The pinned steps of a namespace, with their names and tiers.
+    pub fn pins(&mut self, namespace: &str) -> Result<Vec<PinInfo>> {
+        match self.call(&Request::Pins { namespace: namespace.into() })? {
+            Reply::Pins { pins } => Ok(pins),
+            r => Err(unexpected(r)),
+        }
+    }
+
+    /// The step of `namespace` named `name` (see [`Self::pin`]).
+    pub fn resolve(&mut self, namespace: &str, name: &str) -> Result<u64> {
+        tierckpt_proto::validate_pin_name(name).map_err(Error::InvalidArgument)?;
+        let pins = self.pins(namespace)?;
+        pins.iter().find(|p| p.names.iter().any(|n| n == name)).map(|p| p.step).ok_or_else(|| {
+            let message =
+                format!("no step of {namespace} is named {name:?}; `tierckpt ls {namespace}` lists the names");
+            Error::remote(ErrorKind::NotFound, message)
+        })
     }
 }
 

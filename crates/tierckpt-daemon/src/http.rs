@@ -90,6 +90,7 @@ pub(crate) fn router(d: Arc<Daemon>) -> Router {
         .route("/v1/replicas/{ns}/{step}/{rank}", get(get_replica).put(put_replica))
         .route("/v1/peer/holdings", get(holdings))
         .route("/v1/peer/leave", axum::routing::post(peer_leave))
+        .route("/v1/peer/pins/{ns}/{step}", axum::routing::post(peer_pin).delete(peer_unpin))
         .route("/v1/hyperpod/namespaces/{ns}", get(hyperpod_namespace).delete(forget_hyperpod_namespace))
         .route("/metrics", get(metrics))
         .fallback(|uri: Uri| async move { ApiError(TierError::NotFound(format!("no endpoint {}", uri.path()))) })
@@ -335,6 +336,27 @@ async fn peer_leave(State(d): D, body: axum::body::Bytes) -> Result<Json<serde_j
     crate::membership::validate_node_id(&seen.id).map_err(bad)?;
     c.left(&seen);
     Ok(Json(json!({ "left": seen.id })))
+}
+
+/// A member forwards a pin (`?name=` names the step): this node keeps its
+/// copies of the step (see `crate::pins`).
+async fn peer_pin(
+    State(d): D,
+    Path((ns, step)): Path<(String, String)>,
+    uri: Uri,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let step = parse_u64("step", &step)?;
+    let (names, _) = d.pin_here(&ns, step, query_param(&uri, "name"))?;
+    Ok(Json(json!({ "step": step, "names": names })))
+}
+
+/// A member forwards an unpin.
+async fn peer_unpin(
+    State(d): D,
+    Path((ns, step)): Path<(String, String)>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let step = parse_u64("step", &step)?;
+    Ok(Json(json!({ "step": step, "was_pinned": d.unpin_here(&ns, step)? })))
 }
 
 /// A namespace created here through the HyperPod API (for a peer that was

@@ -17,6 +17,7 @@ pub mod membership;
 pub mod metrics;
 pub mod peer;
 pub mod peer_tier;
+pub mod pins;
 mod record;
 mod service;
 pub mod tls;

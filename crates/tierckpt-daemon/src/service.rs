@@ -45,6 +45,8 @@ pub struct Daemon {
     pub failures: crate::failures::FailureLog,
     /// The checkpoint advice: alerts, the preemption notice, health checks.
     pub advice: crate::advice::Advisor,
+    /// Pinned and named steps (see [`crate::pins`]).
+    pub pins: crate::pins::Pins,
     /// Steps found corrupt on every tier, which `latest` skips.
     pub unrestorable: Arc<crate::unrestorable::Unrestorable>,
     /// Whether the memory directory's tmpfs gives huge pages.
@@ -165,6 +167,8 @@ impl Daemon {
         tcfg.keep_last = cfg.keep_last;
         tcfg.access = cfg.access;
         tcfg.prefault_share = cfg.prefault_share;
+        let pins = crate::pins::Pins::open(&cfg.memory_dir, cfg.access);
+        tcfg.pinned = pins.steps();
         let daemon_access = cfg.access;
         let tier = Arc::new(blocking(move || MemoryTier::open(tcfg)).await?);
         // Pre-faulting yields to training as the background work does.
@@ -244,6 +248,7 @@ impl Daemon {
         let daemon = Arc::new(Daemon {
             advice: crate::advice::Advisor::new(&cfg.advice),
             failures,
+            pins,
             unrestorable,
             huge_pages,
             hyperpod_namespaces,
@@ -397,6 +402,9 @@ impl Daemon {
             }
         })
         .await;
+        if here.is_ok() {
+            self.forget_pins(ns, step);
+        }
         let cluster = self.cluster.as_ref().filter(|_| everywhere);
         let Some(c) = cluster else { return here };
         let mut total = match here {
@@ -602,6 +610,15 @@ impl Daemon {
                 let estimate = self.drainer.as_ref().and_then(|d| d.estimate_ms(&namespace));
                 Reply::Advice(self.advice.advice(estimate))
             }
+            Request::Pin { namespace, step, name } => {
+                let (pin, not_reached) = self.pin(&namespace, step, name).await?;
+                Reply::Pinned { pin, not_reached }
+            }
+            Request::Unpin { namespace, step, name } => {
+                let (pin, not_reached) = self.unpin(&namespace, step, name).await?;
+                Reply::Pinned { pin, not_reached }
+            }
+            Request::Pins { namespace } => Reply::Pins { pins: self.list_pins(&namespace).await? },
         })
     }
 }

@@ -11,6 +11,7 @@ mod advice;
 mod error;
 mod failure;
 pub mod frame;
+mod pins;
 mod request;
 mod status;
 
@@ -18,6 +19,7 @@ pub use advice::{Advice, AdviceEvent, AdviceKind, AdviceSource, AdviceStatus, Pr
 pub use error::{ErrorKind, WireError};
 pub use failure::{FailureKind, FailureRecord};
 pub use frame::{check_frame_len, read_frame, write_frame, MAX_FRAME};
+pub use pins::{validate_pin_name, PinInfo, MAX_PIN_NAME};
 pub use request::{Reply, Request, WireResult};
 pub use status::{
     ClusterStatus, ClusterStep, DaemonStatus, HeldStep, Holdings, MemberSeen, MemoryUsage, NamespaceSummary, NodeState,

@@ -3,7 +3,7 @@
 use serde::{Deserialize, Serialize};
 use tierckpt_format::Manifest;
 
-use crate::{Advice, DaemonStatus, FailureRecord, NamespaceSummary, StepSummary, WireError};
+use crate::{Advice, DaemonStatus, FailureRecord, NamespaceSummary, PinInfo, StepSummary, WireError};
 
 /// A request from a client to its node daemon, one per frame.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -142,6 +142,34 @@ pub enum Request {
         /// The namespace (for its drain estimate).
         namespace: String,
     },
+    /// Pins a step held here or in the persistent tier, optionally naming
+    /// it: retention keeps it on this node, on the peers (forwarded) and in
+    /// the store. A name already on another step moves to this one.
+    Pin {
+        /// The namespace.
+        namespace: String,
+        /// The step.
+        step: u64,
+        /// A name for it (`best`), see [`crate::validate_pin_name`].
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        name: Option<String>,
+    },
+    /// Unpins a step, given by number or by one of its names (exactly one).
+    Unpin {
+        /// The namespace.
+        namespace: String,
+        /// The step.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        step: Option<u64>,
+        /// A name of the step.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        name: Option<String>,
+    },
+    /// The pinned steps of a namespace, with their names and tiers.
+    Pins {
+        /// The namespace.
+        namespace: String,
+    },
 }
 
 /// The daemon's answer to a [`Request`] that succeeded. Externally tagged,
@@ -205,6 +233,19 @@ pub enum Reply {
     },
     /// To `Advice`.
     Advice(Advice),
+    /// To `Pin` and `Unpin`: the step as it now stands (unpinned: no names).
+    Pinned {
+        /// The step, its names and the tiers holding it.
+        pin: PinInfo,
+        /// Cluster members the change could not reach, with why: they may
+        /// still drop (or keep) their copies by their own retention.
+        not_reached: Vec<String>,
+    },
+    /// To `Pins`: oldest step first.
+    Pins {
+        /// The pinned steps.
+        pins: Vec<PinInfo>,
+    },
 }
 
 /// A reply as it travels: the reply, or the error the request met.

@@ -145,6 +145,57 @@ fn a_step_pinned_for_the_drain_outlives_retention_until_unpinned() {
 }
 
 #[test]
+fn a_pinned_step_outlives_retention_and_goes_at_the_next_pass_once_unpinned() {
+    let dir = shm_dir();
+    let steps = |t: &MemoryTier| t.steps("job").unwrap().iter().map(|s| s.step).collect::<Vec<_>>();
+    {
+        let t = tier(dir.path(), 64 << 20, 2);
+        save(&t, "job", 1, 0, 1, 10_000);
+        t.pin("job", 1).unwrap();
+        for step in 2..=6 {
+            save(&t, "job", step, 0, 1, 10_000);
+        }
+        assert_eq!(steps(&t), [1, 5, 6], "the pinned step stays, the others follow keep_last");
+        // The drain's pin and a client's pin do not undo each other.
+        t.pin_for_drain("job", Some(1));
+        t.pin_for_drain("job", None);
+        assert_eq!(steps(&t), [1, 5, 6]);
+        assert_eq!(t.pinned_steps("job").into_iter().collect::<Vec<_>>(), [1]);
+    }
+    // Pins given at open hold through the retention that runs at open.
+    let mut cfg = MemoryTierConfig::new(dir.path(), 64 << 20);
+    cfg.keep_last = 1;
+    cfg.pinned.insert("job".into(), [1].into());
+    let t = MemoryTier::open(cfg).unwrap();
+    assert_eq!(steps(&t), [1, 6], "keep_last 1 at open keeps the pinned step");
+    assert!(t.unpin("job", 1).unwrap(), "it was pinned");
+    assert_eq!(steps(&t), [6], "unpinned, retention applies at once");
+    assert!(!t.unpin("job", 1).unwrap(), "no longer pinned");
+    assert!(t.pin("bad/ns", 1).is_err(), "the namespace is checked");
+}
+
+#[test]
+fn under_memory_pressure_a_pinned_step_is_evicted_last() {
+    let dir = shm_dir();
+    let shard = sample_shard(ShardKey::new("a", 1, 0), 1, 100_000, 0).1.len() as u64;
+    let t = tier(dir.path(), shard * 3 + shard / 2, 10);
+    let steps = |t: &MemoryTier| t.steps("job").unwrap().iter().map(|s| s.step).collect::<Vec<_>>();
+    save(&t, "job", 1, 0, 1, 100_000);
+    t.pin("job", 1).unwrap();
+    save(&t, "job", 2, 0, 1, 100_000);
+    save(&t, "job", 3, 0, 1, 100_000);
+    // Step 4 fits only by evicting one step: not the pinned one, though oldest.
+    save(&t, "job", 4, 0, 1, 100_000);
+    assert_eq!(steps(&t), [1, 3, 4]);
+    save(&t, "job", 5, 0, 1, 100_000);
+    assert_eq!(steps(&t), [1, 4, 5]);
+    // When nothing else may go, the pinned step goes too (last).
+    let big = t.reserve(&ShardKey::new("job", 6, 0), 1, shard * 2).unwrap();
+    assert_eq!(steps(&t), [5, 6], "the pinned step went last (6 is being written)");
+    t.abort(big.id).unwrap();
+}
+
+#[test]
 fn full_tier_gives_capacity_exceeded_and_keeps_newest_complete() {
     let dir = shm_dir();
     let shard = sample_shard(ShardKey::new("a", 1, 0), 1, 100_000, 0).1.len() as u64;

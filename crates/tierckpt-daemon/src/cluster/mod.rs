@@ -12,6 +12,7 @@
 
 mod lag;
 mod members;
+mod pins;
 mod placement;
 mod replicate;
 

@@ -139,12 +139,27 @@ pub(super) struct State {
     pub(super) from_pool: u64,
     /// Reservations served from a fresh file.
     pub(super) fresh: u64,
-    /// Per namespace, the step the drain to the persistent tier works on:
-    /// retention keeps it, and memory pressure evicts it last.
-    pub(super) pinned: HashMap<String, u64>,
+    /// Per namespace, the steps retention keeps and memory pressure evicts
+    /// last: the one the drain to the persistent tier works on, and those
+    /// pinned by hand or by a training signal.
+    pub(super) pinned: HashMap<String, Pinned>,
+}
+
+/// The pinned steps of one namespace.
+#[derive(Debug, Default)]
+pub(super) struct Pinned {
+    /// The step the drain works on.
+    pub(super) drain: Option<u64>,
+    /// Steps pinned by a client (`pin`), until unpinned.
+    pub(super) kept: BTreeSet<u64>,
 }
 
 impl State {
+    /// Whether retention must keep `step` of `ns` (and eviction take it last).
+    pub(super) fn is_pinned(&self, ns: &str, step: u64) -> bool {
+        self.pinned.get(ns).is_some_and(|p| p.drain == Some(step) || p.kept.contains(&step))
+    }
+
     /// Complete here, or known complete across the cluster.
     pub(super) fn settled(&self, ns: &str, step: u64, s: &Step) -> bool {
         s.complete() || self.known_complete.get(ns).is_some_and(|set| set.contains(&step))

@@ -63,6 +63,9 @@ pub struct MemoryTierConfig {
     /// Share of `capacity` that [`MemoryTier::start_filler`] keeps faulted
     /// in as free pooled segments (0: no filler work).
     pub prefault_share: f64,
+    /// Steps pinned at open, by namespace (see [`MemoryTier::pin`]):
+    /// retention at open keeps them.
+    pub pinned: std::collections::BTreeMap<String, std::collections::BTreeSet<u64>>,
 }
 
 impl MemoryTierConfig {
@@ -77,6 +80,7 @@ impl MemoryTierConfig {
             max_pooled_segments: 32,
             access: Access::default(),
             prefault_share: 0.0,
+            pinned: Default::default(),
         }
     }
 }
@@ -142,13 +146,12 @@ impl MemoryTier {
                 lock_path.display()
             )));
         }
-        let tier = Self {
-            cfg,
-            state: Mutex::new(State::default()),
-            changed: Condvar::new(),
-            fill_wake: Condvar::new(),
-            _lock: lock,
-        };
+        let mut state = State::default();
+        for (ns, steps) in &cfg.pinned {
+            state.pinned.entry(ns.clone()).or_default().kept.extend(steps);
+        }
+        let tier =
+            Self { cfg, state: Mutex::new(state), changed: Condvar::new(), fill_wake: Condvar::new(), _lock: lock };
         tier.recover()?;
         Ok(tier)
     }

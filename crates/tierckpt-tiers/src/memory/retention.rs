@@ -19,7 +19,7 @@ impl MemoryTier {
     pub(super) fn victim(st: &State) -> Option<(String, u64)> {
         let mut best: Option<(bool, bool, u64, &(String, u64))> = None;
         for (k, s) in Self::evictable(st) {
-            let pinned = st.pinned.get(&k.0) == Some(&k.1);
+            let pinned = st.is_pinned(&k.0, k.1);
             let rank = (pinned, st.settled(&k.0, k.1, s), s.summary(k.1).created_unix_ms, k);
             if best.as_ref().is_none_or(|b| (rank.0, rank.1, rank.2) < (b.0, b.1, b.2)) {
                 best = Some(rank);
@@ -34,14 +34,36 @@ impl MemoryTier {
     pub fn pin_for_drain(&self, ns: &str, step: Option<u64>) {
         {
             let mut st = self.lock();
-            match step {
-                Some(s) => st.pinned.insert(ns.to_string(), s),
-                None => st.pinned.remove(ns),
-            };
+            st.pinned.entry(ns.to_string()).or_default().drain = step;
         }
         if step.is_none() {
             self.retain(ns);
         }
+    }
+
+    /// Pins `step` of `ns` (held here or not, so a pin can precede a copy):
+    /// retention keeps it and memory pressure evicts it last, as the
+    /// drain's pin, until [`Self::unpin`]. Pins live in memory only: the
+    /// daemon records them and gives them back at open
+    /// ([`super::MemoryTierConfig::pinned`]).
+    pub fn pin(&self, ns: &str, step: u64) -> Result<()> {
+        validate_namespace(ns)?;
+        self.lock().pinned.entry(ns.to_string()).or_default().kept.insert(step);
+        Ok(())
+    }
+
+    /// Makes a pinned step ordinary again; retention applies at once.
+    /// Returns whether it was pinned.
+    pub fn unpin(&self, ns: &str, step: u64) -> Result<bool> {
+        validate_namespace(ns)?;
+        let was = self.lock().pinned.get_mut(ns).is_some_and(|p| p.kept.remove(&step));
+        self.retain(ns);
+        Ok(was)
+    }
+
+    /// The steps of `ns` pinned with [`Self::pin`].
+    pub fn pinned_steps(&self, ns: &str) -> BTreeSet<u64> {
+        self.lock().pinned.get(ns).map(|p| p.kept.clone()).unwrap_or_default()
     }
 
     /// Bytes that pooled segments and every step [`Self::victim`] would
@@ -282,7 +304,7 @@ impl MemoryTier {
             let doomed: Vec<u64> = st
                 .steps
                 .range(range)
-                .filter(|((_, step), s)| *step < oldest_kept && !s.busy() && st.pinned.get(ns) != Some(step))
+                .filter(|((_, step), s)| *step < oldest_kept && !s.busy() && !st.is_pinned(ns, *step))
                 .map(|((_, step), _)| *step)
                 .collect();
             for step in doomed {

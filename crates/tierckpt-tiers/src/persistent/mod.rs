@@ -6,6 +6,7 @@
 //! <ns>/<step:020>/data/<writer>/rank-RRRRR-of-WWWWW.safetensors   shard bytes
 //! <ns>/<step:020>/ranks/rank-RRRRR-of-WWWWW.json                   rank record (create-only)
 //! <ns>/<step:020>/COMMIT                                           commit record (create-only)
+//! <ns>/pins/<step:020>.json                                        a pinned step and its names
 //! ```
 //! With compression or delta (`PersistOptions::reduce`), the shard bytes are
 //! stored as a reduced blob (`tierckpt_format::reduce`, `.tcz`): chunks
@@ -21,6 +22,7 @@
 //! step exists for readers only through its COMMIT; objects it does not
 //! reference are not part of the persistent state and are cleaned up, as are
 //! the staging files of uploads a crash interrupted (`leftovers`).
+//! Retention never deletes a pinned step (nor the delta bases it needs).
 
 mod io;
 mod leftovers;

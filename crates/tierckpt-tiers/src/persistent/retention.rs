@@ -3,6 +3,14 @@
 
 use super::*;
 
+/// A pin as recorded in the store, `<ns>/pins/<step:020>.json`.
+#[derive(Serialize, Deserialize)]
+struct StoredPin {
+    step: u64,
+    #[serde(default)]
+    names: Vec<String>,
+}
+
 impl PersistentTier {
     /// Deletes a step: its COMMIT first (so readers stop seeing it), then
     /// everything under it, leftovers of interrupted uploads included.
@@ -33,11 +41,55 @@ impl PersistentTier {
         Ok(n + self.clean_interrupted_in_step(ns, step).await?)
     }
 
+    /// Where the pin of `step` of `ns` is recorded.
+    fn pin_path(&self, ns: &str, step: u64) -> ObjPath {
+        self.child(&[ns, "pins", &format!("{}.json", step_name(step))])
+    }
+
+    /// Records a pin of `step` of `ns` with its names (replacing any
+    /// record of it): retention keeps the step, for every node.
+    pub async fn put_pin(&self, ns: &str, step: u64, names: &[String]) -> Result<()> {
+        validate_namespace(ns)?;
+        let body = serde_json::to_vec(&StoredPin { step, names: names.to_vec() })
+            .map_err(|e| TierError::InvalidArgument(e.to_string()))?;
+        self.put_small(&self.pin_path(ns, step), body.into(), PutMode::Overwrite, &format!("pin of {ns}/step {step}"))
+            .await
+    }
+
+    /// Removes the pin record of `step` of `ns` (none is fine).
+    pub async fn remove_pin(&self, ns: &str, step: u64) -> Result<()> {
+        validate_namespace(ns)?;
+        self.remove(&self.pin_path(ns, step)).await
+    }
+
+    /// The pinned steps of `ns` and their names; a record that does not
+    /// parse is skipped (and logged).
+    pub async fn pins(&self, ns: &str) -> Result<std::collections::BTreeMap<u64, Vec<String>>> {
+        validate_namespace(ns)?;
+        let mut out = std::collections::BTreeMap::new();
+        for p in self.list_all(&self.child(&[ns, "pins"])).await? {
+            let what = format!("pin record {p}");
+            let bytes = match self.get_bytes(&p, &what).await {
+                Ok(b) => b,
+                Err(e) if e.kind() == ErrorKind::NotFound => continue,
+                Err(e) => return Err(e),
+            };
+            match serde_json::from_slice::<StoredPin>(&bytes) {
+                Ok(pin) => {
+                    out.insert(pin.step, pin.names);
+                }
+                Err(e) => tracing::warn!(record = %p, error = %e, "skipping an unreadable pin record"),
+            }
+        }
+        Ok(out)
+    }
+
     /// Keeps the newest `keep_last` committed steps (and, with a nonzero
-    /// `keep_every`, every step that is a multiple of it), and every step one
-    /// of those needs as a delta base; deletes older committed steps and
-    /// uncommitted leftovers older than the newest commit. Never deletes the
-    /// newest committed step. Returns the steps deleted.
+    /// `keep_every`, every step that is a multiple of it), the pinned steps
+    /// ([`Self::put_pin`]), and every step one of those needs as a delta
+    /// base; deletes older committed steps and uncommitted leftovers older
+    /// than the newest commit. Never deletes the newest committed step.
+    /// Returns the steps deleted.
     pub async fn retain(&self, ns: &str, keep_last: usize, keep_every: u64) -> Result<Vec<u64>> {
         let steps = self.steps(ns).await?;
         let committed: Vec<u64> = steps.iter().filter(|s| s.committed).map(|s| s.step).collect();
@@ -45,6 +97,8 @@ impl PersistentTier {
         let keep_from = committed.len().saturating_sub(keep_last.max(1));
         let mut kept: Vec<u64> = committed[keep_from..].to_vec();
         kept.extend(committed.iter().filter(|&&s| keep_every > 0 && s % keep_every == 0));
+        let pins = self.pins(ns).await?;
+        kept.extend(committed.iter().filter(|s| pins.contains_key(s)));
         // A kept step's delta bases, and theirs, are kept too.
         let mut todo = kept.clone();
         while let Some(s) = todo.pop() {
@@ -60,6 +114,7 @@ impl PersistentTier {
         let mut deleted = Vec::new();
         for s in &steps {
             let keep = kept.contains(&s.step)
+                || pins.contains_key(&s.step)
                 || s.step >= newest
                 || (s.committed && keep_every > 0 && s.step % keep_every == 0);
             if !keep {
