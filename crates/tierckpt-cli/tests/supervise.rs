@@ -413,7 +413,7 @@ fn a_preemption_signal_is_forwarded_and_ranks_that_checkpoint_make_the_job_preem
     let d = TestDaemon::start("64MiB");
     let dir = d.dir.path();
     for (ns, sig, signo) in [("preterm", "TERM", libc::SIGTERM), ("preusr1", "USR1", libc::SIGUSR1)] {
-        let mut sup = supervise(&d, ns, &["--nproc-per-node", "2"], &preemptible_ranks(dir, sig))
+        let sup = supervise(&d, ns, &["--nproc-per-node", "2"], &preemptible_ranks(dir, sig))
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();

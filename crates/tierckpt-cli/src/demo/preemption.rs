@@ -48,7 +48,7 @@ pub(super) fn notice_step(a: &DemoArgs) -> u64 {
 pub(super) fn run(a: &DemoArgs, plan: &Plan, cluster: &mut LocalCluster, store: &Store, ui: &Ui) -> Result<Value> {
     let node = plan.lost;
     let at = notice_step(a);
-    ensure!(at + GRACE_STEPS + 1 <= a.steps, "--steps {} leaves no room for the preemption after step {at}", a.steps);
+    ensure!(at + GRACE_STEPS < a.steps, "--steps {} leaves no room for the preemption after step {at}", a.steps);
     ui.line(format!(
         "[4/5] a preemption announced by a notice to {} after step {at} (the node is reclaimed {GRACE_STEPS} steps \
          later): with the early checkpoint, then without it",
@@ -150,7 +150,7 @@ fn once(
 /// returns how long that took.
 fn wait_for_notice(cluster: &LocalCluster, i: usize, ns: &str) -> Result<f64> {
     let t = Instant::now();
-    let mut client = Client::connect(&cluster.socket(i)).context("connecting to the notified node's daemon")?;
+    let mut client = Client::connect(cluster.socket(i)).context("connecting to the notified node's daemon")?;
     while t.elapsed() < Duration::from_secs(10) {
         super::check_interrupt()?;
         if client.advice(ns).context("asking the daemon's advice")?.preemption.is_some() {
