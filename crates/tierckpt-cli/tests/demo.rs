@@ -180,6 +180,20 @@ fn demo_survives_a_crash_a_node_loss_and_a_total_memory_loss_bitwise_identical()
         assert!(ranks(&r["ranks_rolled_back_in_process"]).is_empty(), "{restart:#}");
     }
 
+    // A preemption announced by a notice: with the early checkpoint nothing is lost.
+    let p = &v["preemption"];
+    let (with, without) = (&p["with_early_checkpoint"], &p["without_early_checkpoint"]);
+    let notice = p["notice_after_step"].as_u64().expect("notice step");
+    assert_eq!(with["checkpoint_step"].as_u64(), Some(notice + 1), "{p:#}");
+    assert_eq!(with["resumed_from"], with["checkpoint_step"], "resumed from the early checkpoint: {p:#}");
+    assert_eq!(with["steps_lost"], 0, "{p:#}");
+    let late = without["reclaimed_after_step"].as_u64().unwrap();
+    assert_eq!(late, notice + p["grace_steps"].as_u64().unwrap(), "{p:#}");
+    let resumed = without["resumed_from"].as_u64().expect("a periodic checkpoint to resume from");
+    assert!(resumed % 5 == 0 && resumed <= notice, "the last periodic checkpoint: {p:#}");
+    assert_eq!(without["steps_lost"].as_u64(), Some(late - resumed), "{p:#}");
+    assert!(with["notice_to_advice_s"].as_f64().is_some_and(|s| s < 10.0), "{p:#}");
+
     let shards: u64 =
         v["shard_state_bytes"].as_array().expect("shard_state_bytes").iter().map(|b| b.as_u64().unwrap()).sum();
     assert_eq!(Some(shards), v["state_bytes"].as_u64(), "the shards partition the state: {v:#}");

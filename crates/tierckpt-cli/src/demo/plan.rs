@@ -57,6 +57,15 @@ impl Plan {
         ensure!(a.persist_every > 0, "--persist-every must be at least 1");
         ensure!(a.nodes >= 2, "--nodes must be at least 2: each shard is copied to {REPLICATION_FACTOR} peer");
         ensure!(a.nodes <= 64, "--nodes must be at most 64 on one machine");
+        let notice = super::preemption::notice_step(a);
+        ensure!(
+            notice + super::preemption::GRACE_STEPS < a.steps,
+            "--steps {} leaves no room for the preemption: its notice comes after step {notice} (--checkpoint-every \
+             {} and a half) and the node goes {} steps later",
+            a.steps,
+            a.checkpoint_every,
+            super::preemption::GRACE_STEPS
+        );
         let world = a.nodes;
         let rows = model_rows(a.size)?;
         let shards: Vec<Shard> = (0..world as u32).map(|r| Shard::of(&rows, r, world as u32)).collect::<Result<_>>()?;
