@@ -118,3 +118,168 @@ def test_a_dropped_checkpointer_gives_the_signal_back(daemon, tmp_path):
             f"os.kill(os.getpid(), signal.SIGTERM); time.sleep(5); print('survived')\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=py_env())
     assert r.returncode == -signal.SIGTERM, (r.returncode, r.stdout, r.stderr)
+
+
+# -- the daemon's advice: a notice URL, a failed health check, a suspect neighbour ---------------------------
+
+import datetime
+import http.server
+import json
+import os
+import secrets
+import shutil
+import tempfile
+import threading
+
+from conftest import free_port, run_daemon
+
+
+class SpotNotice:
+    """A local HTTP server answering as a cloud's spot notice does: 404 until `post()`, then 200 with EC2's
+    JSON (the action and its time)."""
+
+    def __init__(self):
+        self.posted = None
+        notice = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                if notice.posted is None:
+                    self.send_response(404)
+                    self.end_headers()
+                    return
+                body = json.dumps({"action": "terminate", "time": notice.posted}).encode()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/latest/meta-data/spot/instance-action"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def post(self, in_s=30):
+        t = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=in_s)
+        self.posted = t.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_a_notice_url_preempts_the_job_which_resumes_bitwise_from_the_step_saved(tmp_path):
+    spot = SpotNotice()
+    daemons = run_daemon("--preemption-notice", spot.url, "--preemption-notice-every", "50ms")
+    daemon = next(daemons)
+    try:
+        code, log = run(example(daemon, "ref", tmp_path / "ref", "--nproc-per-node", "2"))
+        assert code == 0, log
+        reference = digests(tmp_path / "ref")
+        proc = subprocess.Popen(example(daemon, "spot", tmp_path / "out", "--nproc-per-node", "2"),
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=py_env(),
+                                start_new_session=True)
+        lines = []
+        try:
+            while "".join(lines).count("starting from scratch") < 2:
+                line = proc.stdout.readline()
+                assert line, "the job ended before training: " + "".join(lines)
+                lines.append(line)
+            time.sleep(1.0)
+            spot.post()
+            rest, _ = proc.communicate(timeout=120)
+        finally:
+            kill_tree(proc)
+        log = "".join(lines) + rest
+        assert proc.returncode == EXIT_PREEMPTED, log
+        (step,) = {int(m) for m in re.findall(r"preemption notice: .*?: saving step (\d+)", log)}
+        c = Client(daemon["socket"])
+        assert c.latest("spot") == step
+        kinds = [r["kind"] for r in c.failures("spot")]
+        assert "alert" in kinds and kinds[-1] == "preempted", kinds
+
+        spot.posted = None  # the node came back (a new one): no notice
+        wait_until(lambda: "preemption" not in c.advice("spot"), what="the notice withdrawn")
+        code, log = run(example(daemon, "spot", tmp_path / "out", "--nproc-per-node", "2"))
+        assert code == 0, log
+        assert log.count(f"resumed from step {step}") == 2, log
+        assert digests(tmp_path / "out") == reference
+    finally:
+        daemons.close()
+        spot.close()
+
+
+def steps_saved(ck, steps, step_s=0.05):
+    """Runs `should_save` over `steps` of `step_s` each; returns the steps it asked to save."""
+    asked = []
+    for s in steps:
+        time.sleep(step_s)  # a step: the Checkpointer asks the daemon at most every 0.1 s
+        if ck.should_save(s):
+            ck.save(s, {"w": torch_full(s)})
+            asked.append(s)
+    return asked
+
+
+def torch_full(s):
+    import torch
+    return torch.full((1000,), float(s))
+
+
+def test_a_failed_health_check_saves_the_next_step_once(tmp_path):
+    sick = tmp_path / "sick"
+    daemons = run_daemon("--health-check-command", f"test ! -e {sick}", "--health-check-every", "50ms")
+    daemon = next(daemons)
+    try:
+        ck = Checkpointer({"socket": daemon["socket"], "namespace": "health", "checkpoint_frequency": 1000})
+        assert steps_saved(ck, range(1, 6)) == [], "nothing asked while healthy"
+        sick.write_text("gpu fell off the bus\n")
+        c = Client(daemon["socket"])
+        wait_until(lambda: c.advice("health")["events"], what="the failed check")
+        asked = steps_saved(ck, range(6, 30))
+        assert len(asked) == 1 and asked[0] <= 8, f"a step within 0.1 s, once: {asked}"
+        ck.wait()
+        assert c.latest("health") == asked[0]
+        ck.close()
+    finally:
+        daemons.close()
+
+
+def cluster_of_two(tmp):
+    ports = [free_port(), free_port()]
+    nodes = ",".join(f"n{i}=127.0.0.1:{p}" for i, p in enumerate(ports))
+    env = {**os.environ, "TIERCKPT_LOG": "error", "TIERCKPT_TOKEN": secrets.token_hex(16)}
+    procs = []
+    for i in range(2):
+        p = subprocess.Popen([binary("tierckptd"), "--memory-dir", f"{tmp}/n{i}", "--memory-tier-size", "128MiB",
+                              "--node-id", f"n{i}", "--nodes", nodes, "--heartbeat-interval", "100ms",
+                              "--heartbeat-timeout", "600ms"], stdout=subprocess.PIPE, text=True, env=env)
+        procs.append(p)
+    sockets = [json.loads(p.stdout.readline())["socket"] for p in procs]
+    return procs, sockets
+
+
+def test_a_suspect_neighbour_saves_the_next_step():
+    tmp = tempfile.mkdtemp(prefix="tierckpt-py-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+    procs, sockets = cluster_of_two(tmp)
+    try:
+        c0 = Client(sockets[0])
+        wait_until(lambda: all(n["state"] == "alive" for n in c0.status()["cluster"]["nodes"]), what="both alive")
+        ck = Checkpointer({"socket": sockets[0], "namespace": "suspect", "checkpoint_frequency": 1000})
+        assert steps_saved(ck, range(1, 4)) == []
+        procs[1].send_signal(signal.SIGSTOP)
+        try:
+            ev = wait_until(lambda: c0.advice("suspect")["events"], what="n1 suspect")
+            assert ev[0]["kind"] == "suspect_neighbour" and "n1" in ev[0]["detail"], ev
+            asked = steps_saved(ck, range(4, 20))
+            assert len(asked) == 1 and asked[0] <= 6, f"a step within 0.1 s, once: {asked}"
+        finally:
+            procs[1].send_signal(signal.SIGCONT)
+        ck.wait()
+        ck.close()
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -7,7 +7,7 @@
 //!
 //! Each alert is an event with an id that only grows (at least its time in
 //! Unix ms, so across daemon restarts too), kept for [`EVENT_TTL`]; it is
-//! also recorded as a `FailureKind::Alert` in every namespace held here.
+//! also recorded as a `FailureKind::Alert` in every namespace held or recorded here.
 //! The `advice` request reads the state under one mutex: no I/O on the
 //! request path, so a trainer may ask every step.
 
@@ -181,22 +181,26 @@ fn notice_time(text: &str) -> Option<u64> {
 }
 
 /// Records an alert: an event, a log line, and an `Alert` in the failure
-/// record of every namespace held here.
+/// record of every namespace held or recorded here.
 fn alert(d: &Daemon, kind: AdviceKind, detail: String) {
     let e = d.advice.raise(kind, detail);
     tracing::warn!(id = e.id, kind = ?e.kind, detail = %e.detail, "checkpoint advised");
     let kind = serde_json::to_value(e.kind).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default();
     d.metrics.advised(&kind);
-    for ns in d.tier.namespaces() {
+    // The namespaces held here, and those of jobs recorded here (a job that has not saved yet).
+    let mut namespaces: std::collections::BTreeMap<String, Option<u64>> =
+        d.failures.recent(1).into_keys().map(|ns| (ns, None)).collect();
+    namespaces.extend(d.tier.namespaces().into_iter().map(|ns| (ns.namespace, ns.latest_complete)));
+    for (ns, step) in namespaces {
         let rec = FailureRecord {
             unix_ms: e.at_unix_ms,
             kind: FailureKind::Alert,
             detail: e.detail.clone(),
-            step: ns.latest_complete,
+            step,
             restart: 0,
         };
-        if let Err(err) = d.failures.record(&ns.namespace, &rec) {
-            tracing::warn!(namespace = %ns.namespace, error = %err, "could not record an alert");
+        if let Err(err) = d.failures.record(&ns, &rec) {
+            tracing::warn!(namespace = %ns, error = %err, "could not record an alert");
         }
     }
 }
