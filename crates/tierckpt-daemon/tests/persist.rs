@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use tierckpt_client::{Client, ErrorKind, TensorData};
 use tierckpt_format::{Dtype, ShardKey};
 use tierckpt_harness::daemon::{LocalCluster, LocalClusterOptions};
-use tierckpt_harness::testing::{shm_dir, TestDaemon};
+use tierckpt_harness::testing::{committed_steps, shm_dir, TestDaemon};
 
 const LIMIT: Duration = Duration::from_secs(60);
 
@@ -66,19 +66,6 @@ fn file_daemon(extra: &[&str]) -> (tempfile::TempDir, TestDaemon) {
     let store = shm_dir();
     let d = daemon(&format!("file://{}", store.path().display()), extra);
     (store, d)
-}
-
-fn committed_steps(dir: &Path, ns: &str) -> Vec<u64> {
-    let mut v: Vec<u64> = std::fs::read_dir(dir.join(ns))
-        .map(|rd| {
-            rd.filter_map(|e| e.ok())
-                .filter(|e| e.path().join("COMMIT").exists())
-                .filter_map(|e| e.file_name().to_str()?.parse().ok())
-                .collect()
-        })
-        .unwrap_or_default();
-    v.sort_unstable();
-    v
 }
 
 /// The shard file of `ns`/`step` rank 0 in a daemon's memory tier.

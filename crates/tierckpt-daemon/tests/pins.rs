@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use tierckpt_client::{Client, ErrorKind, TensorData};
 use tierckpt_format::{Dtype, ShardKey};
 use tierckpt_harness::daemon::{LocalCluster, LocalClusterOptions};
-use tierckpt_harness::testing::{cli, shm_dir, TestDaemon};
+use tierckpt_harness::testing::{cli, committed_steps, shm_dir, TestDaemon};
 
 const LIMIT: Duration = Duration::from_secs(60);
 const N: usize = 1 << 20;
@@ -181,19 +181,6 @@ fn a_pin_is_forwarded_and_the_peer_keeps_its_replica_beyond_keep_last() {
     c.kill(1).unwrap();
     let (_, not_reached) = Client::connect(c.socket(0)).unwrap().pin("rep", 5, None).unwrap();
     assert!(not_reached.len() == 1 && not_reached[0].starts_with(&LocalCluster::node_id(1)), "{not_reached:?}");
-}
-
-fn committed_steps(dir: &Path, ns: &str) -> Vec<u64> {
-    let mut v: Vec<u64> = std::fs::read_dir(dir.join(ns))
-        .map(|rd| {
-            rd.filter_map(|e| e.ok())
-                .filter(|e| e.path().join("COMMIT").exists())
-                .filter_map(|e| e.file_name().to_str()?.parse().ok())
-                .collect()
-        })
-        .unwrap_or_default();
-    v.sort_unstable();
-    v
 }
 
 fn last_committed(c: &mut Client, ns: &str) -> serde_json::Value {

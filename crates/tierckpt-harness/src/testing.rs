@@ -173,3 +173,19 @@ pub fn raw_shard(name: &str, metadata: &[(&str, &str)]) -> Vec<u8> {
     file.extend_from_slice(&[1, 2, 3, 4]);
     file
 }
+
+/// The steps of `ns` committed in the `file://` persistent tier at `dir`
+/// (a step exists there only through its COMMIT object), oldest first.
+pub fn committed_steps(dir: &Path, ns: &str) -> Vec<u64> {
+    let mut steps: Vec<u64> = std::fs::read_dir(dir.join(ns))
+        .map(|entries| {
+            entries
+                .filter_map(|e| e.ok())
+                .filter(|e| e.path().join("COMMIT").is_file())
+                .filter_map(|e| e.file_name().to_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    steps.sort_unstable();
+    steps
+}

@@ -140,21 +140,7 @@ pub(crate) fn delete_everywhere(cluster: &LocalCluster, ns: &str) -> Result<()> 
     bail!("the nodes still hold copies of {ns} after deleting it five times")
 }
 
-/// The steps of `ns` committed in the `file://` persistent tier at `dir`
-/// (a step exists there only through its COMMIT object).
-pub(crate) fn committed_steps(dir: &Path, ns: &str) -> Vec<u64> {
-    let mut steps: Vec<u64> = std::fs::read_dir(dir.join(ns))
-        .map(|entries| {
-            entries
-                .filter_map(|e| e.ok())
-                .filter(|e| e.path().join("COMMIT").is_file())
-                .filter_map(|e| e.file_name().to_str()?.parse().ok())
-                .collect()
-        })
-        .unwrap_or_default();
-    steps.sort_unstable();
-    steps
-}
+pub(crate) use tierckpt_harness::testing::committed_steps;
 
 /// Whether some node's drainer is uploading a shard of `ns` right now.
 fn uploading(cluster: &LocalCluster, ns: &str) -> Result<bool> {
