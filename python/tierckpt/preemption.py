@@ -207,10 +207,11 @@ class Watch:
         ckpt = self.ckpt
         ckpt.wait(timeout_s=max(1.0, self.seconds_left()))
         where = ["memory"]
-        if self._wait_replicated(step):
-            where.append("replicated")
-        if "persistent" in self._tiers and self._wait_persisted(step):
-            where.append("persisted")
+        copies = self._wait_replicated(step)
+        if copies is not None:
+            where.append("replicated" if copies else "NOT replicated in time")
+        if "persistent" in self._tiers:
+            where.append("persisted" if self._wait_persisted(step) else "NOT persisted in time")
         self.preempted = True
         print(f"tierckpt: {self.reason}: step {step} is safe ({', '.join(where)}) after "
               f"{time.monotonic() - t0:.2f} s; " + (f"exiting {EXIT_PREEMPTED} (preempted, resume later)"
@@ -228,15 +229,15 @@ class Watch:
                 return False
             time.sleep(WAIT_POLL_S)
 
-    def _wait_replicated(self, step: int) -> bool:
-        """Until this rank's shard of `step` has its copies on peers (as many as live nodes allow)."""
+    def _wait_replicated(self, step: int):
+        """Until this rank's shard of `step` has its copies on peers (as many as live nodes allow):
+        True once it has, False at the deadline, None without a cluster."""
         ckpt = self.ckpt
+        if not (ckpt._client.status() or {}).get("cluster"):
+            return None
 
         def copies_made():
-            st = ckpt._client.status() or {}
-            cl = st.get("cluster")
-            if not cl:
-                return True  # no peers to copy to
+            cl = (ckpt._client.status() or {}).get("cluster") or {}
             live = sum(1 for n in cl.get("nodes", []) if n.get("state") == "alive")
             want = min(1 + int(cl.get("replication_factor", 0)), max(1, live))
             for s in cl.get("namespaces", {}).get(ckpt.namespace, []):

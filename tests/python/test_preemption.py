@@ -283,3 +283,32 @@ def test_a_suspect_neighbour_saves_the_next_step():
             p.kill()
             p.wait()
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def test_a_preemption_persists_the_step_too_when_the_grace_allows(draining_daemon):
+    """With a persistent tier whose drain time is measured and well within the grace, the step saved for the
+    preemption is committed there too before the exit."""
+    code = (f"import time, torch, tierckpt\n"
+            f"c = tierckpt.Checkpointer({{'socket': {draining_daemon['socket']!r}, 'namespace': 'graced', "
+            f"'checkpoint_frequency': 2}})\n"
+            f"for step in range(1, 10_000):\n"
+            f"    time.sleep(0.05)\n"
+            f"    if c.should_save(step):\n"
+            f"        c.save(step, {{'w': torch.full((10_000,), float(step))}})\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=py_env(), start_new_session=True)
+    try:
+        c = Client(draining_daemon["socket"])
+        wait_until(lambda: (c.status().get("persistent") or {}).get("namespaces")
+                   and any((n.get("last_committed") or 0) >= 6 for n in c.status()["persistent"]["namespaces"]),
+                   what="steps drained, so that the drain time is measured")
+        proc.send_signal(signal.SIGUSR1)
+        log, _ = proc.communicate(timeout=120)
+    finally:
+        kill_tree(proc)
+    assert proc.returncode == EXIT_PREEMPTED, log
+    step = int(re.search(r"SIGUSR1: saving step (\d+) to memory, persistent", log).group(1))
+    assert f"step {step} is safe (memory, persisted)" in log, log
+    committed = [n["last_committed"] for n in Client(draining_daemon["socket"]).status()["persistent"]["namespaces"]
+                 if n["namespace"] == "graced"]
+    assert committed == [step], committed
