@@ -21,7 +21,7 @@ use tierckpt_format::{parse_shard, ShardLayout, TensorSpec};
 
 use super::failures::failure_json;
 use super::job::{Job, Store};
-use super::lockstep::{drive, Outcome};
+use super::lockstep::{drive, Begin, Outcome};
 use super::model::combined_hash;
 use super::plan::{Failure, Plan};
 use super::run_log::RunLog;
@@ -188,7 +188,7 @@ pub(super) fn run_baseline(a: &DemoArgs, plan: &Plan, dir: &Path, ui: &Ui) -> Re
     let mut reports = Vec::new();
     let mut pending: Option<(&Failure, Instant)> = None;
     for next in failures.iter().map(Some).chain([None]) {
-        let (inc, out) = drive(&mut job, a.steps, ui, &pb, &mut log, next.map(|f| f.step))?;
+        let (inc, out) = drive(&mut job, a.steps, ui, &pb, &mut log, next.map(|f| f.step), Begin::Start)?;
         if let Some((f, killed_at)) = pending.take() {
             reports.push(failure_json(f.kind, f.step, killed_at, &inc, json!({ "ranks_killed": f.ranks })));
         }

@@ -13,7 +13,7 @@ use tierckpt_harness::daemon::LocalCluster;
 
 use super::cluster::{committed_steps, copies, wait_persisted, wait_replicated};
 use super::job::{Job, Store};
-use super::lockstep::{drive, drive_rolled_back, Outcome};
+use super::lockstep::{drive, Begin, Outcome};
 use super::model::combined_hash;
 use super::plan::Plan;
 use super::run_log::{Incarnation, RankRestore, RunLog};
@@ -115,7 +115,7 @@ pub(super) fn run_with_failures(
     let mut run = Strikes { a, plan, cluster, store, persist_dir, ui, log, meter, pb, demo_waits_s: 0.0, recovery };
 
     let mut job = Job::spawn(store, ns, a, plan.threads)?;
-    let (_, out) = drive(&mut job, a.steps, ui, &run.pb, &mut run.log, Some(plan.crash_step))?;
+    let (_, out) = drive(&mut job, a.steps, ui, &run.pb, &mut run.log, Some(plan.crash_step), Begin::Start)?;
     ensure!(matches!(out, Outcome::Stopped), "the job finished before the crash");
     let (job, crash) = run.crash_trainer(job)?;
     let (job, node_loss) = run.lose_node(job)?;
@@ -170,7 +170,7 @@ impl Strikes<'_> {
     /// `stop_at`, the step of the `next` failure.
     fn restart(&mut self, stop_at: u64, next: &str) -> Result<(Job, Incarnation)> {
         let mut job = Job::spawn(self.store, self.recovery.namespace(), self.a, self.plan.threads)?;
-        let (inc, out) = drive(&mut job, self.a.steps, self.ui, &self.pb, &mut self.log, Some(stop_at))?;
+        let (inc, out) = drive(&mut job, self.a.steps, self.ui, &self.pb, &mut self.log, Some(stop_at), Begin::Start)?;
         ensure!(matches!(out, Outcome::Stopped), "the job finished before {next}");
         Ok((job, inc))
     }
@@ -183,15 +183,8 @@ impl Strikes<'_> {
         match (self.recovery, self.log.last_checkpoint()) {
             (Recovery::InProcess, Some(step)) => {
                 job.respawn(lost)?;
-                let (inc, out) = drive_rolled_back(
-                    &mut job,
-                    self.a.steps,
-                    self.ui,
-                    &self.pb,
-                    &mut self.log,
-                    Some(stop_at),
-                    (step, &[lost]),
-                )?;
+                let begin = Begin::RolledBack { step, restarted: &[lost] };
+                let (inc, out) = drive(&mut job, self.a.steps, self.ui, &self.pb, &mut self.log, Some(stop_at), begin)?;
                 ensure!(matches!(out, Outcome::Stopped), "the job finished before {next}");
                 Ok((job, inc))
             }
@@ -375,7 +368,7 @@ impl Strikes<'_> {
             ),
         );
         let mut job = Job::spawn(self.store, self.recovery.namespace(), self.a, self.plan.threads)?;
-        let (inc, out) = drive(&mut job, self.a.steps, self.ui, &self.pb, &mut self.log, None)?;
+        let (inc, out) = drive(&mut job, self.a.steps, self.ui, &self.pb, &mut self.log, None, Begin::Start)?;
         let hashes = out.into_hashes();
         drop(job);
         let record = failure_json(

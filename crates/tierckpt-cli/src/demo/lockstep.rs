@@ -51,9 +51,24 @@ fn num(v: &Value, k: &str) -> Result<f64> {
     v[k].as_f64().ok_or_else(|| anyhow!("a trainer sent {v} without a number {k:?}"))
 }
 
-/// Runs one start of the job: agrees on the step to resume from, then
-/// steps the ranks in lockstep until they are done, or until every rank
-/// finished step `stop_at` (they then wait for orders that never come).
+/// How a drive of the job begins.
+pub(crate) enum Begin<'r> {
+    /// New processes: they agree on the step to resume from.
+    Start,
+    /// After in-process recovery: the ranks in `restarted` are new
+    /// processes, told to resume from `step`; every other rank is still
+    /// running, waiting for orders, and rolls back to `step` in its own
+    /// process.
+    RolledBack { step: u64, restarted: &'r [usize] },
+    /// A drive that stopped (every rank waits for its next "go") goes on:
+    /// the next step, checkpointed by every rank too when `checkpoint` (a
+    /// preemption's early checkpoint).
+    Stopped { checkpoint: bool },
+}
+
+/// Drives one start of the job, begun as `begin` says, in lockstep until
+/// the ranks are done, or until every rank finished step `stop_at` (they
+/// then wait for orders that never come).
 pub(crate) fn drive(
     job: &mut Job,
     steps: u64,
@@ -61,44 +76,23 @@ pub(crate) fn drive(
     pb: &ProgressBar,
     log: &mut RunLog,
     stop_at: Option<u64>,
+    begin: Begin,
 ) -> Result<(Incarnation, Outcome)> {
-    run(job, steps, ui, pb, log, stop_at, None)
-}
-
-/// Like [`drive`], after in-process recovery (`(step, restarted)`): the
-/// ranks in `restarted` are new processes, told to resume from `step`;
-/// every other rank is still running, waiting for orders, and is told to
-/// roll back to `step` in its own process.
-pub(crate) fn drive_rolled_back(
-    job: &mut Job,
-    steps: u64,
-    ui: &Ui,
-    pb: &ProgressBar,
-    log: &mut RunLog,
-    stop_at: Option<u64>,
-    (step, restarted): (u64, &[usize]),
-) -> Result<(Incarnation, Outcome)> {
-    for rank in (0..job.world()).filter(|r| !restarted.contains(r)) {
-        job.tell(rank, &format!("rollback {step}"))?;
-    }
-    run(job, steps, ui, pb, log, stop_at, Some((step, restarted.to_vec())))
-}
-
-/// Continues a start that [`drive`] stopped (every rank waits for its next
-/// "go"): the next step, checkpointed by every rank too when `checkpoint`
-/// (a preemption's early checkpoint), then on until `stop_at` or the end.
-pub(crate) fn drive_on(
-    job: &mut Job,
-    steps: u64,
-    ui: &Ui,
-    pb: &ProgressBar,
-    log: &mut RunLog,
-    stop_at: Option<u64>,
-    checkpoint: bool,
-) -> Result<Outcome> {
-    log.go_at = Some(Instant::now());
-    job.tell_all(if checkpoint { "go save" } else { "go" })?;
-    Ok(run(job, steps, ui, pb, log, stop_at, None)?.1)
+    let rolled_back = match begin {
+        Begin::Start => None,
+        Begin::RolledBack { step, restarted } => {
+            for rank in (0..job.world()).filter(|r| !restarted.contains(r)) {
+                job.tell(rank, &format!("rollback {step}"))?;
+            }
+            Some((step, restarted.to_vec()))
+        }
+        Begin::Stopped { checkpoint } => {
+            log.go_at = Some(Instant::now());
+            job.tell_all(if checkpoint { "go save" } else { "go" })?;
+            None
+        }
+    };
+    run(job, steps, ui, pb, log, stop_at, rolled_back)
 }
 
 fn run(

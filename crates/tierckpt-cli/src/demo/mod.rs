@@ -79,7 +79,7 @@ use self::baseline::run_baseline;
 use self::cluster::{delete_everywhere, wait_replicated, Dirs};
 use self::failures::{run_with_failures, Recovery};
 use self::job::{Job, Store};
-use self::lockstep::drive;
+use self::lockstep::{drive, Begin};
 use self::model::combined_hash;
 use self::plan::Plan;
 use self::report::Report;
@@ -265,7 +265,7 @@ fn run_reference(a: &DemoArgs, plan: &Plan, cluster: &LocalCluster, store: &Stor
     let t = Instant::now();
     let pb = ui.bar(a.steps, "reference");
     let mut job = Job::spawn(store, ns, a, plan.threads)?;
-    let hashes = drive(&mut job, a.steps, ui, &pb, &mut log, None)?.1.into_hashes();
+    let hashes = drive(&mut job, a.steps, ui, &pb, &mut log, None, Begin::Start)?.1.into_hashes();
     drop(job);
     let hash = combined_hash(&hashes);
     let wall_s = t.elapsed().as_secs_f64();

@@ -16,7 +16,7 @@ use tierckpt_harness::daemon::LocalCluster;
 
 use super::cluster::{delete_everywhere, notice_path, wait_replicated};
 use super::job::{Job, Store};
-use super::lockstep::{drive, drive_on, Outcome};
+use super::lockstep::{drive, Begin, Outcome};
 use super::plan::Plan;
 use super::run_log::RunLog;
 use super::ui::{fmt_s, Ui};
@@ -96,7 +96,7 @@ fn once(
     let mut log = RunLog::new("node memory");
     let pb = ui.bar(a.steps, if early { "preemption" } else { "preemption, notice ignored" });
     let mut job = Job::spawn(store, ns, a, plan.threads)?;
-    let (_, out) = drive(&mut job, a.steps, ui, &pb, &mut log, Some(at))?;
+    let (_, out) = drive(&mut job, a.steps, ui, &pb, &mut log, Some(at), Begin::Start)?;
     ensure!(matches!(out, Outcome::Stopped), "the job finished before the notice");
 
     let notice = notice_path(&cluster.base, node);
@@ -105,13 +105,14 @@ fn once(
     let t_notice = Instant::now();
     let advice_s = wait_for_notice(cluster, node, ns)?;
     let (reclaimed_after, safe_s) = if early {
-        let out = drive_on(&mut job, a.steps, ui, &pb, &mut log, Some(at + 1), true)?;
+        let (_, out) = drive(&mut job, a.steps, ui, &pb, &mut log, Some(at + 1), Begin::Stopped { checkpoint: true })?;
         ensure!(matches!(out, Outcome::Stopped), "the job finished before its early checkpoint");
         let watcher = (node + 1) % plan.world;
         wait_replicated(cluster, watcher, ns, at + 1, plan.world, REPLICATION_FACTOR + 1, Duration::from_secs(30))?;
         (at + 1, Some(t_notice.elapsed().as_secs_f64()))
     } else {
-        let out = drive_on(&mut job, a.steps, ui, &pb, &mut log, Some(at + GRACE_STEPS), false)?;
+        let stop = Some(at + GRACE_STEPS);
+        let (_, out) = drive(&mut job, a.steps, ui, &pb, &mut log, stop, Begin::Stopped { checkpoint: false })?;
         ensure!(matches!(out, Outcome::Stopped), "the job finished before the reclaim");
         (at + GRACE_STEPS, None)
     };
@@ -133,7 +134,7 @@ fn once(
         ),
     );
     let mut job = Job::spawn(store, ns, a, plan.threads)?;
-    let (inc, out) = drive(&mut job, a.steps, ui, &pb, &mut log, Some(reclaimed_after + 1))?;
+    let (inc, out) = drive(&mut job, a.steps, ui, &pb, &mut log, Some(reclaimed_after + 1), Begin::Start)?;
     ensure!(matches!(out, Outcome::Stopped), "the job finished before it was stopped after the preemption");
     job.kill_all()?;
     drop(job);

@@ -37,7 +37,7 @@ use self::report::Report;
 use self::schedule::{schedule, Fault};
 use crate::demo::cluster::{options, Dirs};
 use crate::demo::job::{Job, Store};
-use crate::demo::lockstep::{drive, Outcome};
+use crate::demo::lockstep::{drive, Begin, Outcome};
 use crate::demo::model::{largest_checkpoint_len, model_rows};
 use crate::demo::run_log::{Incarnation, RunLog};
 use crate::demo::ui::{fmt_s, list, Ui};
@@ -237,13 +237,14 @@ impl Soak {
             let driven = match job.as_mut() {
                 Some(j) => {
                     // A job stopped at a fault it survived goes on.
-                    j.tell_all("go")
-                        .and_then(|()| drive(j, self.job.steps, &self.quiet, &self.pb, &mut self.log, stop_at))
+                    j.tell_all("go").and_then(|()| {
+                        drive(j, self.job.steps, &self.quiet, &self.pb, &mut self.log, stop_at, Begin::Start)
+                    })
                 }
                 None => {
                     self.report.job_starts += 1;
                     let mut j = Job::spawn(&self.store, NS, &self.job, 1)?;
-                    let d = drive(&mut j, self.job.steps, &self.quiet, &self.pb, &mut self.log, stop_at);
+                    let d = drive(&mut j, self.job.steps, &self.quiet, &self.pb, &mut self.log, stop_at, Begin::Start);
                     if let Ok((inc, _)) = &d {
                         self.check_resume(inc, pending.take())?;
                     }
