@@ -70,7 +70,9 @@ class Watch:
     """What asks the Checkpointer it belongs to for a checkpoint, and its exit after a preemption's save."""
 
     def __init__(self, ckpt):
-        self.ckpt = ckpt
+        # Weakly: a Checkpointer dropped unclosed is freed at once (by reference count), not by a later
+        # collection of a cycle, so its finalizer unmaps its segments while nothing else is being freed.
+        self._ckpt = weakref.ref(ckpt)
         c = ckpt.config
         self.grace_s = float(c["preemption_grace_s"])
         self.exit = c["preemption_exit"]
@@ -86,6 +88,10 @@ class Watch:
         self._previous = {}
         if c["preemption_signals"]:
             self._install([signal_number(s) for s in c["preemption_signals"]])
+
+    @property
+    def ckpt(self):
+        return self._ckpt()
 
     def _install(self, sigs) -> None:
         if threading.current_thread() is not threading.main_thread():

@@ -312,3 +312,19 @@ def test_a_preemption_persists_the_step_too_when_the_grace_allows(draining_daemo
     committed = [n["last_committed"] for n in Client(draining_daemon["socket"]).status()["persistent"]["namespaces"]
                  if n["namespace"] == "graced"]
     assert committed == [step], committed
+
+
+def test_a_checkpointer_is_freed_as_soon_as_it_is_dropped(daemon):
+    """No reference cycle through its preemption watch: dropped unclosed, it is freed (and its segments
+    unmapped by its finalizer) at once, not at some later garbage collection."""
+    import gc
+    import weakref
+    gc.disable()
+    try:
+        ck = Checkpointer({"socket": daemon["socket"], "namespace": "freed"})
+        ck.save(1, {"w": torch_full(1)})
+        ref = weakref.ref(ck)
+        del ck
+        assert ref() is None, "kept alive by a cycle"
+    finally:
+        gc.enable()
