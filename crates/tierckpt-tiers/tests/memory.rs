@@ -670,3 +670,28 @@ fn the_filler_waits_while_a_segment_is_being_written() {
     assert!(u.prefaulted > 0, "the filler went on once the writer was done: {u:?}");
     assert_exact(&u);
 }
+
+/// A shard file truncated behind the tier while a reader holds its mapping
+/// (an operator's `truncate`, a tampering process): with
+/// `tolerate_truncated_files`, as tierckptd installs it, the pages past the
+/// new end read as zeros instead of ending the process with SIGBUS, and the
+/// reader's checksums refuse the shard.
+#[test]
+fn a_shard_truncated_under_its_mapping_reads_as_zeros_and_fails_verification() {
+    tierckpt_tiers::memory::tolerate_truncated_files();
+    let dir = shm_dir();
+    let t = Arc::new(tier(dir.path(), 64 << 20, 3));
+    let data = save(&t, "cut", 1, 0, 1, 1_000_000);
+    let key = ShardKey::new("cut", 1, 0);
+    let (m, map) = t.map_leased(&key).unwrap();
+    tierckpt_format::verify_chunks(&map, &m, "cut/1/0").expect("intact before the cut");
+    let path = dir.path().join("ns/cut").join(format!("{:020}", 1)).join("rank-00000-of-00001.safetensors");
+    assert_eq!(std::fs::metadata(&path).unwrap().len(), data.len() as u64, "{}", path.display());
+    OpenOptions::new().write(true).open(&path).unwrap().set_len(4096).unwrap();
+
+    let before = tierckpt_tiers::memory::truncated_pages_read();
+    assert!(map[map.len() - 100..].iter().all(|&b| b == 0), "past the new end: zeros");
+    assert!(tierckpt_tiers::memory::truncated_pages_read() > before);
+    let err = tierckpt_format::verify_chunks(&map, &m, "cut/1/0").expect_err("the cut shard is refused");
+    assert!(err.to_string().contains("cut/1/0"), "{err}");
+}

@@ -69,6 +69,9 @@ fn run() -> anyhow::Result<()> {
         print!("{}", toml::to_string(&shown)?);
         return Ok(());
     }
+    // A shard file truncated behind the daemon while it streams the file is refused by its reader's
+    // checksums, instead of ending the daemon with SIGBUS.
+    tierckpt_tiers::memory::tolerate_truncated_files();
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let background = tierckpt_daemon::background_runtime(cfg.background_nice)?;
     let bg = background.handle().clone();

@@ -28,11 +28,13 @@ mod read;
 mod recover;
 mod retention;
 mod seal;
+mod sigbus;
 mod tier_impl;
 
 pub use pool::PoolFiller;
 pub use read::LeasedMap;
 pub use seal::{Reservation, ReservationGuard, ReserveOptions, SealJob};
+pub use sigbus::{tolerate_truncated_files, truncated_pages_read};
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
