@@ -279,6 +279,11 @@ impl DaemonProcess {
         matches!(self.child.try_wait(), Ok(None))
     }
 
+    /// How the process ended, if it did ("signal: 7 (SIGBUS)", "exit status: 1").
+    pub fn ended(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
     /// Starts a new daemon on the same directory (after a kill or stop).
     pub fn restart(&mut self) -> Result<()> {
         if self.alive() {

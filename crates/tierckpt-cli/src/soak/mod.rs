@@ -237,9 +237,8 @@ impl Soak {
             let driven = match job.as_mut() {
                 Some(j) => {
                     // A job stopped at a fault it survived goes on.
-                    j.tell_all("go").and_then(|()| {
-                        drive(j, self.job.steps, &self.quiet, &self.pb, &mut self.log, stop_at, Begin::Start)
-                    })
+                    let begin = Begin::Stopped { checkpoint: false };
+                    drive(j, self.job.steps, &self.quiet, &self.pb, &mut self.log, stop_at, begin)
                 }
                 None => {
                     self.report.job_starts += 1;
@@ -338,7 +337,9 @@ impl Soak {
     fn check_daemons(&mut self) -> Result<()> {
         for (i, n) in self.cluster.nodes.iter_mut().enumerate() {
             if let Some(n) = n {
-                ensure!(n.alive(), "node n{i}'s daemon (pid {}) died without being killed", n.pid());
+                if let Some(status) = n.ended() {
+                    bail!("node n{i}'s daemon (pid {}) died without being killed ({status})", n.pid());
+                }
             }
         }
         Ok(())
