@@ -34,8 +34,9 @@ def digests(out):
     return [open(f"{out}.rank{r}").read().strip() for r in range(2)]
 
 
-def start_then_signal(cmd, sig, started_lines=2):
-    """Starts `cmd`, waits until every rank started training, lets it train a second, sends `sig`."""
+def start_then(cmd, act, started_lines=2):
+    """Starts `cmd`, waits until every rank started training, lets it train a second, calls `act(proc)`;
+    returns its exit code and output."""
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=py_env(),
                             start_new_session=True)
     lines = []
@@ -45,7 +46,7 @@ def start_then_signal(cmd, sig, started_lines=2):
             assert line, "the job ended before training: " + "".join(lines)
             lines.append(line)
         time.sleep(1.0)  # mid-training: 80 steps take 4 s at least
-        proc.send_signal(sig)
+        act(proc)
         rest, _ = proc.communicate(timeout=120)
     finally:
         kill_tree(proc)
@@ -57,7 +58,8 @@ def test_sigterm_under_tierckpt_run_checkpoints_the_next_step_and_resumes_bitwis
     assert code == 0, log
     reference = digests(tmp_path / "ref")
 
-    code, log = start_then_signal(example(daemon, "pre", tmp_path / "out", "--nproc-per-node", "2"), signal.SIGTERM)
+    code, log = start_then(example(daemon, "pre", tmp_path / "out", "--nproc-per-node", "2"),
+                           lambda proc: proc.send_signal(signal.SIGTERM))
     assert code == EXIT_PREEMPTED, log
     saved = {int(m) for m in re.findall(r"SIGTERM: saving step (\d+)", log)}
     assert len(saved) == 1, f"both ranks saved the same step: {log}"
@@ -178,22 +180,9 @@ def test_a_notice_url_preempts_the_job_which_resumes_bitwise_from_the_step_saved
         code, log = run(example(daemon, "ref", tmp_path / "ref", "--nproc-per-node", "2"))
         assert code == 0, log
         reference = digests(tmp_path / "ref")
-        proc = subprocess.Popen(example(daemon, "spot", tmp_path / "out", "--nproc-per-node", "2"),
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=py_env(),
-                                start_new_session=True)
-        lines = []
-        try:
-            while "".join(lines).count("starting from scratch") < 2:
-                line = proc.stdout.readline()
-                assert line, "the job ended before training: " + "".join(lines)
-                lines.append(line)
-            time.sleep(1.0)
-            spot.post()
-            rest, _ = proc.communicate(timeout=120)
-        finally:
-            kill_tree(proc)
-        log = "".join(lines) + rest
-        assert proc.returncode == EXIT_PREEMPTED, log
+        code, log = start_then(example(daemon, "spot", tmp_path / "out", "--nproc-per-node", "2"),
+                               lambda proc: spot.post())
+        assert code == EXIT_PREEMPTED, log
         (step,) = {int(m) for m in re.findall(r"preemption notice: .*?: saving step (\d+)", log)}
         c = Client(daemon["socket"])
         assert c.latest("spot") == step
