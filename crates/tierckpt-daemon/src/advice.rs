@@ -242,34 +242,33 @@ type HttpClient = hyper_util::client::legacy::Client<
     http_body_util::Empty<bytes::Bytes>,
 >;
 
-async fn poll_notice(d: Arc<Daemon>, source: NoticeSource, interval: Duration, mut stop: watch::Receiver<bool>) {
+async fn poll_notice(d: Arc<Daemon>, source: NoticeSource, interval: Duration, stop: watch::Receiver<bool>) {
     let client: HttpClient =
         hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
     let timeout = interval.clamp(Duration::from_secs(1), Duration::from_secs(5));
-    let mut logged: Option<(String, Instant)> = None;
-    let mut tick = tokio::time::interval(interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = stop.changed() => return,
-            _ = tick.tick() => {}
-        }
+    // The last error logged and when: the same one is logged again only after LOG_AGAIN.
+    let logged: Mutex<Option<(String, Instant)>> = Mutex::new(None);
+    crate::cluster::every(interval, stop, || async {
         let polled = match &source {
             NoticeSource::File(p) => read_notice_file(p).await,
             NoticeSource::Url { url, .. } => get_notice(&client, url, timeout).await,
         };
-        match &polled {
-            Err(e) if logged.as_ref().is_none_or(|(l, at)| l != e || at.elapsed() >= LOG_AGAIN) => {
-                tracing::warn!(source = %source, error = %e, "the preemption notice could not be checked");
-                logged = Some((e.clone(), Instant::now()));
+        {
+            let mut logged = logged.lock().unwrap_or_else(|p| p.into_inner());
+            match &polled {
+                Err(e) if logged.as_ref().is_none_or(|(l, at)| l != e || at.elapsed() >= LOG_AGAIN) => {
+                    tracing::warn!(source = %source, error = %e, "the preemption notice could not be checked");
+                    *logged = Some((e.clone(), Instant::now()));
+                }
+                Err(_) => {}
+                Ok(_) => *logged = None,
             }
-            Err(_) => {}
-            Ok(_) => logged = None,
         }
         if let Some(detail) = d.advice.noticed(polled) {
             alert(&d, AdviceKind::Preemption, format!("preemption notice: {detail}"));
         }
-    }
+    })
+    .await
 }
 
 async fn read_notice_file(p: &std::path::Path) -> Result<Option<String>, String> {

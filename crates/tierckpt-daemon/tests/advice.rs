@@ -40,6 +40,11 @@ fn save(socket: &std::path::Path, ns: &str, step: u64) {
     c.save(&ShardKey::new(ns, step, 0), 1, &t, &BTreeMap::new(), true).unwrap();
 }
 
+/// When the daemon last finished polling its notice.
+fn notice_checked(d: &TestDaemon) -> Option<u64> {
+    d.client().status().unwrap().advice.notice.and_then(|n| n.checked_unix_ms)
+}
+
 fn advice(d: &TestDaemon) -> Advice {
     d.client().advice("job").unwrap()
 }
@@ -57,7 +62,8 @@ fn a_notice_file_asks_for_a_save_with_a_deadline_until_it_goes() {
     assert!(!quiet.save_now && quiet.events.is_empty() && quiet.preemption.is_none(), "{quiet:?}");
     // An empty file is no notice.
     std::fs::write(&file, "").unwrap();
-    std::thread::sleep(Duration::from_millis(300));
+    let written = now_ms();
+    wait_for("a poll after the empty file", || notice_checked(&d).filter(|&t| t > written));
     assert!(!advice(&d).save_now);
     let before = now_ms();
     std::fs::write(&file, "terminate in 45 s\n").unwrap();
@@ -237,8 +243,11 @@ fn a_health_check_that_starts_failing_asks_for_a_save_once() {
     let (code, body) = http(&d.http_addr(), "GET", "/metrics", &[("Authorization", &d.bearer())], b"");
     let text = String::from_utf8_lossy(&body);
     assert!(code == 200 && text.contains("tierckpt_advice_events_total{kind=\"health_check\"} 1"), "{text}");
-    // Still failing: no new event; the status shows why.
-    std::thread::sleep(Duration::from_millis(400));
+    // Still failing at the next check: no new event; the status shows why.
+    let seen = now_ms();
+    wait_for("a later check", || {
+        d.client().status().unwrap().advice.health_check.and_then(|h| h.checked_unix_ms).filter(|&t| t > seen)
+    });
     assert_eq!(advice(&d).events.len(), 1);
     let h = d.client().status().unwrap().advice.health_check.unwrap();
     assert_eq!((h.source.as_str(), h.last_error.as_deref()), (cmd.as_str(), Some(&detail[21..])));

@@ -76,7 +76,7 @@ pub struct Cluster {
 
 /// Runs `round` every `interval`, the first at once (a late round delays
 /// the next rather than bunching up), until `stop`.
-async fn every<F, Fut>(interval: std::time::Duration, mut stop: watch::Receiver<bool>, mut round: F)
+pub(crate) async fn every<F, Fut>(interval: std::time::Duration, mut stop: watch::Receiver<bool>, mut round: F)
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = ()>,
