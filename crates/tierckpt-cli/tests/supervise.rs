@@ -339,7 +339,8 @@ fn a_warm_spare_takes_over_a_failed_rank_and_is_replaced() {
     let d = TestDaemon::start("64MiB");
     let dir = d.dir.path();
     // A spare notes its pid, waits for its rank, then runs as that rank. Every rank of generation 1 beats
-    // its heartbeat and lingers, so that the launcher sees progress and starts a new spare.
+    // its heartbeat, as a trainer does each step, until the launcher, seeing that progress, has started a
+    // new spare.
     let script = format!(
         "if [ -n \"$TIERCKPT_SPARE_FILE\" ]; then echo $$ >> {0}/spares; \
            i=0; while [ ! -f \"$TIERCKPT_SPARE_FILE\" ]; do i=$((i+1)); [ $i -gt 600 ] && exit 8; sleep 0.02; done; \
@@ -348,7 +349,8 @@ fn a_warm_spare_takes_over_a_failed_rank_and_is_replaced() {
          if [ \"$RANK\" = 1 ] && [ \"$TIERCKPT_GENERATION\" = 0 ]; then exit 7; fi; \
          i=0; while [ \"$(cat \"$TIERCKPT_GENERATION_FILE\" 2>/dev/null)\" != 1 ]; do \
            i=$((i+1)); [ $i -gt 600 ] && exit 8; sleep 0.02; done; \
-         touch \"$TIERCKPT_HEARTBEAT_FILE\"; sleep 1",
+         i=0; while [ \"$(wc -l < {0}/spares)\" -lt 2 ]; do \
+           touch \"$TIERCKPT_HEARTBEAT_FILE\"; i=$((i+1)); [ $i -gt 600 ] && exit 9; sleep 0.02; done",
         dir.display()
     );
     let o = run(&d, "spare", &["--nproc-per-node", "2", "--restart", "rank", "--spares", "1"], &script);

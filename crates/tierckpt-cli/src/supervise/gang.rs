@@ -365,6 +365,8 @@ impl<'a> Gang<'a> {
     /// Starts the next generation: the dead ranks again under `--restart
     /// rank` while no rank has finished, otherwise every rank anew.
     pub(crate) fn restart(&mut self, restart: u32) -> Result<()> {
+        // Before any rank can learn of the new generation: progress is what comes after this.
+        let restarted_at = SystemTime::now();
         self.generation += 1;
         self.restart = restart;
         let finished = self.slots.iter().any(|s| matches!(s, Slot::Done | Slot::Preempted));
@@ -382,7 +384,7 @@ impl<'a> Gang<'a> {
                 }
             }
             if self.spares.len() < self.job.args.spares as usize {
-                self.replenish_after = Some(SystemTime::now());
+                self.replenish_after = Some(restarted_at);
             }
             return Ok(());
         }
