@@ -84,8 +84,7 @@ class Watch:
         self._advice_supported = True
         self._acted_on = 0  # the newest alert id a save was made for
         self._pending_alert = 0
-        self._signals = []
-        self._previous = {}
+        self._previous = {}  # the handlers this one replaced, by signal
         if c["preemption_signals"]:
             self._install([signal_number(s) for s in c["preemption_signals"]])
 
@@ -103,7 +102,6 @@ class Watch:
         handler = _handler(weakref.ref(self), dict(self._previous))
         for s in sigs:
             signal.signal(s, handler)
-            self._signals.append(s)
 
     def close(self) -> None:
         """Puts the previous handlers back."""
@@ -170,7 +168,7 @@ class Watch:
     def tiers(self, step: int):
         """Tiers to save `step` to for a preemption or an alert (agreed across ranks), or None."""
         want = self._local()
-        if not self._signals and not self._advice_supported:
+        if not self._previous and not self._advice_supported:
             return None  # nothing can ask (the same on every rank): no collective
         d = self.ckpt._dist_group()
         if d is not None:

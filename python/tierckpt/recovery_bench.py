@@ -114,7 +114,7 @@ def _wait_for_step(proc, events: str, args) -> int:
     raise TimeoutError(f"rank {args.kill_rank} did not reach step {args.kill_step} in {args.timeout_s} s")
 
 
-def recovery(run: dict, args) -> dict:
+def recovery(run: dict) -> dict:
     """The recovery's phases, on its critical path from the kill, and what it cost."""
     kill_at = run["kill_at"]
     ranks = run["ranks"]
@@ -140,7 +140,7 @@ def recovery(run: dict, args) -> dict:
     start_pids = [ev[0]["pid"] for ev in ranks]
     end_pids = [[e for e in ev if e["event"] == "done"][-1]["pid"] for ev in ranks]
     return {
-        **{k: v for k, v in phases.items()},
+        **phases,
         "total": first - kill_at,
         "rolled_back_to": rolled_back_to,
         "steps_redone": max(before) - rolled_back_to,
@@ -167,7 +167,7 @@ def measure(args) -> dict:
                   "reference_wall_s": ref["wall_s"], "reference_train_s": ref["train_s"], "launchers": {}}
         for launcher in args.launchers:
             run = run_job(launcher, args, tierckpt, daemon.socket, workdir, kill=True)
-            r = recovery(run, args)
+            r = recovery(run)
             r["wall_s"] = run["wall_s"]
             r["train_s"] = run["train_s"]
             r["goodput"] = ref["train_s"] / run["train_s"]
