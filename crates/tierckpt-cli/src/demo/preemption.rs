@@ -29,7 +29,7 @@ pub(super) const GRACE_STEPS: u64 = 2;
 pub(super) const NOTICE_EVERY: &str = "50ms";
 
 /// What one run of the preemption measured.
-struct Outcome1 {
+struct Reclaimed {
     /// The step after which the node was reclaimed, and the step resumed from.
     reclaimed_after: u64,
     resumed_from: Option<u64>,
@@ -56,7 +56,7 @@ pub(super) fn run(a: &DemoArgs, plan: &Plan, cluster: &mut LocalCluster, store: 
     ));
     let early = once(a, plan, cluster, store, ui, true)?;
     let late = once(a, plan, cluster, store, ui, false)?;
-    let lost = |o: &Outcome1| o.reclaimed_after - o.resumed_from.unwrap_or(0);
+    let lost = |o: &Reclaimed| o.reclaimed_after - o.resumed_from.unwrap_or(0);
     let (with, without) = (lost(&early), lost(&late));
     ui.line(format!(
         "    steps lost: {with} with the early checkpoint (notice to a safe checkpoint in {}), {without} without it\n",
@@ -90,7 +90,7 @@ fn once(
     store: &Store,
     ui: &Ui,
     early: bool,
-) -> Result<Outcome1> {
+) -> Result<Reclaimed> {
     let ns = if early { "demo-preempt" } else { "demo-preempt-ignored" };
     let (node, at) = (plan.lost, notice_step(a));
     let mut log = RunLog::new("node memory");
@@ -144,7 +144,7 @@ fn once(
         wait_replicated(cluster, 0, ns, s, plan.world, REPLICATION_FACTOR + 1, Duration::from_secs(30))?;
     }
     delete_everywhere(cluster, ns).context("deleting the preemption run's checkpoints")?;
-    Ok(Outcome1 { reclaimed_after, resumed_from: inc.resume, advice_s, safe_s })
+    Ok(Reclaimed { reclaimed_after, resumed_from: inc.resume, advice_s, safe_s })
 }
 
 /// Waits until node `i`'s daemon advises a checkpoint for a preemption;
