@@ -332,7 +332,7 @@ fn a_delta_whose_base_the_peer_dropped_is_sent_whole() {
     });
     save_partly_changed(&c, 0, "gone", 1);
     wait_for(LIMIT, "the first replica", || {
-        Client::connect(c.socket(1)).unwrap().steps("gone").unwrap().iter().any(|s| s.step == 1)
+        Client::connect(c.socket(1)).unwrap().steps("gone").unwrap().iter().any(|s| s.step == 1 && s.complete)
     });
     wait_for(LIMIT, "n0 to see it", || holders(&c, 0, "gone", 1, 0).len() == 2);
     // n1 drops step 1 alone; n0's view (heartbeats every 5 s) still has it there.
@@ -346,7 +346,7 @@ fn a_delta_whose_base_the_peer_dropped_is_sent_whole() {
     assert_eq!(status, 200);
     let data = save_partly_changed(&c, 0, "gone", 2);
     wait_for(LIMIT, "the second replica", || {
-        Client::connect(c.socket(1)).unwrap().steps("gone").unwrap().iter().any(|s| s.step == 2)
+        Client::connect(c.socket(1)).unwrap().steps("gone").unwrap().iter().any(|s| s.step == 2 && s.complete)
     });
     // n1 publishes before it answers n0, which then counts the replica.
     wait_for(LIMIT, "n0 to count it", || cluster_status(&c, 0).replication.shards_sent == 2);

@@ -125,7 +125,7 @@ fn a_cluster_replicates_and_restores_over_mutual_tls() {
     let (_d, mut c) = tls_cluster(pki.path(), &ca, &certs, |_| {});
     let data = save(&c, 0, "tls", 5, 1 << 20);
     wait_for(LIMIT, "the replica on n1", || {
-        Client::connect(c.socket(1)).unwrap().steps("tls").unwrap().iter().any(|s| s.step == 5)
+        Client::connect(c.socket(1)).unwrap().steps("tls").unwrap().iter().any(|s| s.step == 5 && s.complete)
     });
     // n0 comes back empty and restores its rank from n1's copy.
     c.replace_empty(0).unwrap();
@@ -274,7 +274,7 @@ fn peers_send_the_peer_token() {
     c.restart(1).unwrap();
     save(&c, 0, "pt", 1, 4096);
     wait_for(LIMIT, "the replica on n1", || {
-        Client::connect(c.socket(1)).unwrap().steps("pt").unwrap().iter().any(|s| s.step == 1)
+        Client::connect(c.socket(1)).unwrap().steps("pt").unwrap().iter().any(|s| s.step == 1 && s.complete)
     });
 }
 
@@ -313,7 +313,7 @@ fn a_refused_node_joins_once_its_certificate_is_replaced_without_a_restart() {
     assert_eq!(cluster_status(&c, 0).nodes[1].last_error, None);
     let data = save(&c, 0, "join", 1, 4096);
     wait_for(LIMIT, "the replica on n1", || {
-        Client::connect(c.socket(1)).unwrap().steps("join").unwrap().iter().any(|s| s.step == 1)
+        Client::connect(c.socket(1)).unwrap().steps("join").unwrap().iter().any(|s| s.step == 1 && s.complete)
     });
     assert!(load(&c, 1, "join", 1, 4096) == data);
 }
