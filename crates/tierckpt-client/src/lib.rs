@@ -390,7 +390,7 @@ impl Client {
 
     /// Every namespace the daemon holds, at a glance.
     pub fn namespaces(&mut self) -> Result<Vec<NamespaceSummary>> {
-        match self.call(&Request::ListNamespaces)? {
+        match self.call(&Request::ListNamespaces {})? {
             Reply::Namespaces { namespaces } => Ok(namespaces),
             r => Err(unexpected(r)),
         }
@@ -443,7 +443,7 @@ impl Client {
 
     /// The daemon's status: memory, namespaces, cluster, persistent tier.
     pub fn status(&mut self) -> Result<DaemonStatus> {
-        match self.call(&Request::Status)? {
+        match self.call(&Request::Status {})? {
             Reply::Status(s) => Ok(*s),
             r => Err(unexpected(r)),
         }

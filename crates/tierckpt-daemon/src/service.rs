@@ -579,7 +579,7 @@ impl Daemon {
                 Reply::Done
             }
             Request::Latest { namespace } => Reply::Latest { step: self.latest(&namespace).await? },
-            Request::ListNamespaces => Reply::Namespaces { namespaces: tier.namespaces() },
+            Request::ListNamespaces {} => Reply::Namespaces { namespaces: tier.namespaces() },
             Request::ListSteps { namespace } => Reply::Steps { steps: tier.steps(&namespace)? },
             Request::DeleteStep { namespace, step } => {
                 let (shards, bytes) = self.delete(&namespace, Some(step), true).await?;
@@ -598,7 +598,7 @@ impl Daemon {
                 .await?;
                 Reply::Deleted { shards, bytes }
             }
-            Request::Status => Reply::Status(Box::new(self.status())),
+            Request::Status {} => Reply::Status(Box::new(self.status())),
             Request::RecordFailure { namespace, record } => {
                 self.failures.record(&namespace, &record)?;
                 tracing::info!(namespace = %namespace, kind = ?record.kind, step = ?record.step, restart = record.restart, detail = %record.detail, "job event recorded");

@@ -94,8 +94,9 @@ pub enum Request {
         /// The namespace.
         namespace: String,
     },
-    /// Every namespace at a glance.
-    ListNamespaces,
+    /// Every namespace at a glance. (Variants without fields are written
+    /// `{}` so that serde refuses unknown fields on them too.)
+    ListNamespaces {},
     /// The steps of a namespace.
     ListSteps {
         /// The namespace.
@@ -122,7 +123,7 @@ pub enum Request {
         step: u64,
     },
     /// The daemon's status.
-    Status,
+    Status {},
     /// Appends an event of a job's life (a start or a failure), as the
     /// supervisor `tierckpt run` sees it, to the namespace's record.
     RecordFailure {
@@ -250,3 +251,18 @@ pub enum Reply {
 
 /// A reply as it travels: the reply, or the error the request met.
 pub type WireResult = Result<Reply, WireError>;
+
+#[cfg(test)]
+mod tests {
+    use super::Request;
+
+    #[test]
+    fn an_unknown_field_is_refused_by_name_on_every_kind_of_request() {
+        for op in [r#"{"op":"status""#, r#"{"op":"list_namespaces""#, r#"{"op":"latest","namespace":"j""#] {
+            let ok: Request = serde_json::from_str(&format!("{op}}}")).unwrap();
+            assert_eq!(serde_json::to_string(&ok).unwrap(), format!("{op}}}"));
+            let err = serde_json::from_str::<Request>(&format!(r#"{op},"extra":1}}"#)).unwrap_err().to_string();
+            assert!(err.contains("unknown field `extra`"), "{op}: {err}");
+        }
+    }
+}
