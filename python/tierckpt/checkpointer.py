@@ -990,9 +990,11 @@ class Checkpointer:
         A loss above `loss_spike_factor` times the moving average of the `loss_spike_window`
         losses before it (judged once `loss_spike_min_steps` were observed), or one that is not
         finite, is a spike: the newest step saved (by this rank, or complete here) at or before
-        the previous observed step is pinned as `pre-spike-<step>` on this node (every rank calls observe, so every node
-        pins its copies), and so kept from retention until unpinned. A spike right after another
-        that would pin the same step pins nothing more. Steps must grow from call to call."""
+        the previous observed step is pinned as `pre-spike-<step>`, and so kept from retention until
+        unpinned: rank 0 pins it on every tier and member, every other rank on its own node only
+        (every rank calls observe, so every node pins its copies without a forward per rank). A
+        spike right after another that would pin the same step pins nothing more. Steps must grow
+        from call to call."""
         w = getattr(self, "_spikes", None)
         if w is None:
             c = self.config
@@ -1006,6 +1008,6 @@ class Checkpointer:
         if target is None:
             warnings.warn(f"loss spike at step {step}: no complete step at or before {before} to pin")
         elif target != getattr(self, "_spike_pinned", None):
-            self.pin(target, f"pre-spike-{step}")
+            self._client.pin(self.namespace, target, f"pre-spike-{step}", node_only=self.rank != 0)
             self._spike_pinned = target
         return True

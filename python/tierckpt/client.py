@@ -225,13 +225,16 @@ class Client:
         return self._expect({"op": "advice", "namespace": namespace}, "advice")
 
     # -- pinned and named steps (issue 19) -----------------------------------
-    def pin(self, namespace: str, step: int, name: str | None = None) -> dict:
+    def pin(self, namespace: str, step: int, name: str | None = None, node_only: bool = False) -> dict:
         """Pins `step` (held in this node's memory or the persistent tier) on every tier that holds
         it, optionally naming it (a name on another step moves here): `{"pin": {"step", "names",
-        "tiers"}, "not_reached": [...]}`."""
+        "tiers"}, "not_reached": [...]}`. `node_only` pins this node's memory copy alone (nothing
+        forwarded to the members or written to the store)."""
         req = {"op": "pin", "namespace": namespace, "step": int(step)}
         if name is not None:
             req["name"] = str(name)
+        if node_only:
+            req["node_only"] = True
         return self._expect(req, "pinned")
 
     def unpin(self, namespace: str, step: int | None = None, name: str | None = None) -> dict:

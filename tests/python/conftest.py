@@ -111,6 +111,30 @@ def kill_tree(proc: subprocess.Popen) -> None:
 
 
 @pytest.fixture
+def two_nodes(tmpdir_shm):
+    """Two clustered daemons (n0, n1) on 127.0.0.1, both seen alive: `(processes, sockets)`."""
+    ports = [free_port(), free_port()]
+    nodes = ",".join(f"n{i}=127.0.0.1:{p}" for i, p in enumerate(ports))
+    env = {**os.environ, "TIERCKPT_LOG": "error", "TIERCKPT_TOKEN": secrets.token_hex(16)}
+    procs = []
+    try:
+        for i in range(2):
+            procs.append(subprocess.Popen(
+                [binary("tierckptd"), "--memory-dir", str(tmpdir_shm / f"n{i}"), "--memory-tier-size", "128MiB",
+                 "--node-id", f"n{i}", "--nodes", nodes, "--heartbeat-interval", "100ms",
+                 "--heartbeat-timeout", "600ms"], stdout=subprocess.PIPE, text=True, env=env))
+        sockets = [json.loads(p.stdout.readline())["socket"] for p in procs]
+        from tierckpt import Client
+        c0 = Client(sockets[0])
+        wait_until(lambda: all(n["state"] == "alive" for n in c0.status()["cluster"]["nodes"]), what="both alive")
+        yield procs, sockets
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+
+
+@pytest.fixture
 def tmpdir_shm():
     base = "/dev/shm" if os.path.isdir("/dev/shm") else None
     tmp = tempfile.mkdtemp(prefix="tierckpt-py-", dir=base)

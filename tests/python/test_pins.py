@@ -129,3 +129,24 @@ def test_each_rank_pins_the_step_it_saved_though_another_rank_has_not_yet(daemon
     assert [(p["step"], p["names"]) for p in r0.pins()] == [(4, ["pre-spike-5"])]
     r0.close()
     r1.close()
+
+
+def test_rank_0_pins_a_spike_on_every_node_and_the_other_ranks_on_their_own(two_nodes):
+    _, sockets = two_nodes
+    cfg = {"namespace": "spread", "async_save": False, "loss_spike_min_steps": 1}
+    ranks = [Checkpointer({**cfg, "socket": s}, rank=r, world_size=2) for r, s in enumerate(sockets)]
+    nodes = [Client(s) for s in sockets]
+
+    def pinned(node):
+        return [(p["step"], p["names"]) for p in node.pins("spread")]
+
+    for step in (1, 2):
+        for r in ranks:
+            r.save(step, state(step))
+    assert ranks[1].observe(2, 1.0) is False and ranks[1].observe(3, 100.0) is True
+    assert pinned(nodes[1]) == [(2, ["pre-spike-3"])]
+    assert pinned(nodes[0]) == [], "rank 1 pins its own node only"
+    assert ranks[0].observe(2, 1.0) is False and ranks[0].observe(3, 100.0) is True
+    assert pinned(nodes[0]) == pinned(nodes[1]) == [(2, ["pre-spike-3"])], "rank 0's pin reaches every member"
+    for r in ranks:
+        r.close()

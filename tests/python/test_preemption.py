@@ -1,10 +1,14 @@
 """Preemption: a signal (or the daemon's notice) makes the Checkpointer save the next step, wait until it is
 safe, and exit 75; `tierckpt run` passes that on as "preempted"; the job resumes bitwise from that very step."""
 
+import datetime
+import http.server
+import json
 import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -12,7 +16,7 @@ import pytest
 from tierckpt import Client, Checkpointer
 from tierckpt.preemption import EXIT_PREEMPTED
 
-from conftest import EXAMPLES, binary, kill_tree, py_env, wait_until
+from conftest import EXAMPLES, binary, kill_tree, py_env, run_daemon, wait_until
 
 SCRIPT = str(EXAMPLES / "torch_train.py")
 STEPS = 80
@@ -124,18 +128,6 @@ def test_a_dropped_checkpointer_gives_the_signal_back(daemon, tmp_path):
 
 # -- the daemon's advice: a notice URL, a failed health check, a suspect neighbour ---------------------------
 
-import datetime
-import http.server
-import json
-import os
-import secrets
-import shutil
-import tempfile
-import threading
-
-from conftest import free_port, run_daemon
-
-
 class SpotNotice:
     """A local HTTP server answering as a cloud's spot notice does: 404 until `post()`, then 200 with EC2's
     JSON (the action and its time)."""
@@ -235,43 +227,21 @@ def test_a_failed_health_check_saves_the_next_step_once(tmp_path):
         daemons.close()
 
 
-def cluster_of_two(tmp):
-    ports = [free_port(), free_port()]
-    nodes = ",".join(f"n{i}=127.0.0.1:{p}" for i, p in enumerate(ports))
-    env = {**os.environ, "TIERCKPT_LOG": "error", "TIERCKPT_TOKEN": secrets.token_hex(16)}
-    procs = []
-    for i in range(2):
-        p = subprocess.Popen([binary("tierckptd"), "--memory-dir", f"{tmp}/n{i}", "--memory-tier-size", "128MiB",
-                              "--node-id", f"n{i}", "--nodes", nodes, "--heartbeat-interval", "100ms",
-                              "--heartbeat-timeout", "600ms"], stdout=subprocess.PIPE, text=True, env=env)
-        procs.append(p)
-    sockets = [json.loads(p.stdout.readline())["socket"] for p in procs]
-    return procs, sockets
-
-
-def test_a_suspect_neighbour_saves_the_next_step():
-    tmp = tempfile.mkdtemp(prefix="tierckpt-py-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
-    procs, sockets = cluster_of_two(tmp)
+def test_a_suspect_neighbour_saves_the_next_step(two_nodes):
+    procs, sockets = two_nodes
+    c0 = Client(sockets[0])
+    ck = Checkpointer({"socket": sockets[0], "namespace": "suspect", "checkpoint_frequency": 1000})
+    assert steps_saved(ck, range(1, 4)) == []
+    procs[1].send_signal(signal.SIGSTOP)
     try:
-        c0 = Client(sockets[0])
-        wait_until(lambda: all(n["state"] == "alive" for n in c0.status()["cluster"]["nodes"]), what="both alive")
-        ck = Checkpointer({"socket": sockets[0], "namespace": "suspect", "checkpoint_frequency": 1000})
-        assert steps_saved(ck, range(1, 4)) == []
-        procs[1].send_signal(signal.SIGSTOP)
-        try:
-            ev = wait_until(lambda: c0.advice("suspect")["events"], what="n1 suspect")
-            assert ev[0]["kind"] == "suspect_neighbour" and "n1" in ev[0]["detail"], ev
-            asked = steps_saved(ck, range(4, 20))
-            assert len(asked) == 1 and asked[0] <= 6, f"a step within 0.1 s, once: {asked}"
-        finally:
-            procs[1].send_signal(signal.SIGCONT)
-        ck.wait()
-        ck.close()
+        ev = wait_until(lambda: c0.advice("suspect")["events"], what="n1 suspect")
+        assert ev[0]["kind"] == "suspect_neighbour" and "n1" in ev[0]["detail"], ev
+        asked = steps_saved(ck, range(4, 20))
+        assert len(asked) == 1 and asked[0] <= 6, f"a step within 0.1 s, once: {asked}"
     finally:
-        for p in procs:
-            p.kill()
-            p.wait()
-        shutil.rmtree(tmp, ignore_errors=True)
+        procs[1].send_signal(signal.SIGCONT)
+    ck.wait()
+    ck.close()
 
 
 def test_a_preemption_persists_the_step_too_when_the_grace_allows(draining_daemon):

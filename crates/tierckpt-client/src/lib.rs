@@ -463,7 +463,22 @@ impl Client {
     /// that holds it, optionally naming it; returns the pin and the members
     /// that could not be told.
     pub fn pin(&mut self, namespace: &str, step: u64, name: Option<&str>) -> Result<(PinInfo, Vec<String>)> {
-        let req = Request::Pin { namespace: namespace.into(), step, name: name.map(String::from) };
+        self.pin_request(Request::Pin {
+            namespace: namespace.into(),
+            step,
+            name: name.map(String::from),
+            node_only: false,
+        })
+    }
+
+    /// Pins `step` in this node's memory only (see [`Request::Pin`]): the
+    /// step must be held here.
+    pub fn pin_on_this_node(&mut self, namespace: &str, step: u64, name: Option<&str>) -> Result<PinInfo> {
+        let req = Request::Pin { namespace: namespace.into(), step, name: name.map(String::from), node_only: true };
+        Ok(self.pin_request(req)?.0)
+    }
+
+    fn pin_request(&mut self, req: Request) -> Result<(PinInfo, Vec<String>)> {
         match self.call(&req)? {
             Reply::Pinned { pin, not_reached } => Ok((pin, not_reached)),
             r => Err(unexpected(r)),
@@ -472,11 +487,7 @@ impl Client {
 
     /// Unpins a step given by number or by name (exactly one).
     pub fn unpin(&mut self, namespace: &str, step: Option<u64>, name: Option<&str>) -> Result<(PinInfo, Vec<String>)> {
-        let req = Request::Unpin { namespace: namespace.into(), step, name: name.map(String::from) };
-        match self.call(&req)? {
-            Reply::Pinned { pin, not_reached } => Ok((pin, not_reached)),
-            r => Err(unexpected(r)),
-        }
+        self.pin_request(Request::Unpin { namespace: namespace.into(), step, name: name.map(String::from) })
     }
 
     /// The pinned steps of a namespace, with their names and tiers.

@@ -163,12 +163,29 @@ impl Daemon {
     }
 
     /// Pins `step` of `ns`, held in this node's memory or in the persistent
-    /// tier, here, on every member and in the store; with `name`, names it
-    /// (moving the name from another step). Returns the pin and the members
-    /// (or the store) that could not be told.
-    pub async fn pin(&self, ns: &str, step: u64, name: Option<String>) -> Result<(PinInfo, Vec<String>)> {
+    /// tier, here, on every member and in the store (`node_only`: here, in
+    /// memory, only); with `name`, names it (moving the name from another
+    /// step). Returns the pin and the members (or the store) that could not
+    /// be told.
+    pub async fn pin(
+        &self,
+        ns: &str,
+        step: u64,
+        name: Option<String>,
+        node_only: bool,
+    ) -> Result<(PinInfo, Vec<String>)> {
         validate_namespace(ns)?;
         check_name(name.as_deref())?;
+        if node_only {
+            if !self.tier.steps(ns).unwrap_or_default().iter().any(|s| s.step == step) {
+                return Err(TierError::NotFound(format!(
+                    "{ns}/step {step} to pin on this node alone: it is not in this node's memory"
+                )));
+            }
+            let (names, _) = self.pin_here(ns, step, name.as_deref())?;
+            let tiers = vec!["memory".to_string()];
+            return Ok((PinInfo { step, names: names.into_iter().collect(), tiers }, Vec::new()));
+        }
         let tiers = self.tiers_holding(ns, &BTreeSet::from([step])).await.remove(&step).unwrap_or_default();
         if tiers.is_empty() {
             let persistent = if self.drainer.is_some() { " nor in the persistent tier" } else { "" };

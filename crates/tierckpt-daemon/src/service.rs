@@ -610,8 +610,8 @@ impl Daemon {
                 let estimate = self.drainer.as_ref().and_then(|d| d.estimate_ms(&namespace));
                 Reply::Advice(self.advice.advice(estimate))
             }
-            Request::Pin { namespace, step, name } => {
-                let (pin, not_reached) = self.pin(&namespace, step, name).await?;
+            Request::Pin { namespace, step, name, node_only } => {
+                let (pin, not_reached) = self.pin(&namespace, step, name, node_only).await?;
                 Reply::Pinned { pin, not_reached }
             }
             Request::Unpin { namespace, step, name } => {

@@ -183,6 +183,25 @@ fn a_pin_is_forwarded_and_the_peer_keeps_its_replica_beyond_keep_last() {
     assert!(not_reached.len() == 1 && not_reached[0].starts_with(&LocalCluster::node_id(1)), "{not_reached:?}");
 }
 
+#[test]
+fn a_pin_on_this_node_alone_is_neither_forwarded_nor_stored() {
+    let (dir, store) = (shm_dir(), shm_dir());
+    let mut o = LocalClusterOptions { nodes: 2, ..Default::default() };
+    o.settings.memory_tier_size = Some("256MiB".into());
+    o.settings.persistent_path = Some(format!("file://{}", store.path().display()));
+    let c = LocalCluster::start(dir.path(), o).unwrap();
+    save_to(&c.socket(0), "solo", 1);
+    let (mut n0, mut n1) = (Client::connect(c.socket(0)).unwrap(), Client::connect(c.socket(1)).unwrap());
+    wait_for("the replica on n1", || n1.steps("solo").unwrap().iter().any(|s| s.complete));
+    let pin = n0.pin_on_this_node("solo", 1, Some("here")).unwrap();
+    assert_eq!((pin.tiers, pin.names), (vec!["memory".to_string()], vec!["here".to_string()]));
+    assert_eq!(n0.resolve("solo", "here").unwrap(), 1);
+    assert!(n1.pins("solo").unwrap().is_empty(), "not forwarded to the member");
+    assert!(!store.path().join("solo/pins").exists(), "no pin object in the store");
+    let e = n0.pin_on_this_node("solo", 9, None).unwrap_err();
+    assert!(e.kind() == ErrorKind::NotFound && e.to_string().contains("solo/step 9"), "{e}");
+}
+
 fn last_committed(c: &mut Client, ns: &str) -> serde_json::Value {
     let p = c.status().unwrap().persistent.expect("the daemon drains");
     let n = p["namespaces"].as_array().unwrap().iter().find(|n| n["namespace"] == ns).cloned();

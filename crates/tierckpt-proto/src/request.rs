@@ -154,6 +154,11 @@ pub enum Request {
         /// A name for it (`best`), see [`crate::validate_pin_name`].
         #[serde(default, skip_serializing_if = "Option::is_none")]
         name: Option<String>,
+        /// Pin this node's memory copy only: nothing is forwarded to the
+        /// members or written to the store (each rank of a job pins its
+        /// own node; one of them pins the step everywhere).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        node_only: bool,
     },
     /// Unpins a step, given by number or by one of its names (exactly one).
     Unpin {
