@@ -50,6 +50,10 @@ pub struct NamespaceDrain {
     /// When this node last saw a step committed (Unix ms).
     #[serde(default)]
     pub last_commit_unix_ms: Option<u64>,
+    /// Listings of the store's steps to see what other nodes began (in a
+    /// cluster): at most one per new step, per own upload and per `RELIST`.
+    #[serde(default)]
+    pub store_lists: u64,
     /// Failed attempts to persist.
     pub failures: u64,
     /// The last failure, as a person reads it.
@@ -91,6 +95,11 @@ enum Begun {
 /// part of before it begins a newer one anyway.
 const PENDING_LIMIT: Duration = Duration::from_secs(30);
 
+/// How long what a listing of the store showed holds while no new step
+/// comes: a listing every drain round (200 ms) on every node would cost a
+/// cluster of thousands of nodes more LIST requests than a store serves.
+const RELIST: Duration = Duration::from_secs(2);
+
 #[derive(Default)]
 struct NsState {
     shown: NamespaceDrain,
@@ -100,6 +109,9 @@ struct NsState {
     last_time: Option<Instant>,
     /// The begun step this node waits for others to finish, since when.
     waiting: Option<(u64, Instant)>,
+    /// The last listing of the store: the newest step it was made for,
+    /// when, and whether it said to wait.
+    listed: Option<(u64, Instant, bool)>,
     /// Bytes of this node's ranks of the last step it uploaded any of.
     step_bytes: u64,
 }
@@ -320,16 +332,41 @@ impl Drainer {
     }
 
     /// What the steps begun in the store and not committed ask of this node
-    /// (in a cluster; the store is listed only while this node holds a
-    /// complete step newer than the last commit it saw).
+    /// (in a cluster). The store is listed only while this node holds a
+    /// complete step newer than the last commit it saw, and then again only
+    /// for a newer step, after this node's own upload, or after `RELIST`.
     async fn begun(&self, ns: &str, work: &[(u64, u32, Vec<u32>)]) -> Result<Begun, TierError> {
         if self.cluster.is_none() {
             return Ok(Begun::Nothing);
         }
-        let seen = lock(&self.state).get(ns).and_then(|s| s.shown.last_committed);
-        if !work.iter().any(|(step, _, mine)| !mine.is_empty() && seen.is_none_or(|c| *step > c)) {
-            return Ok(Begun::Nothing);
+        let (seen, listed) = lock(&self.state).get(ns).map_or((None, None), |s| (s.shown.last_committed, s.listed));
+        let newest = work
+            .iter()
+            .filter(|(step, _, mine)| !mine.is_empty() && seen.is_none_or(|c| *step > c))
+            .map(|(step, ..)| *step)
+            .max();
+        let Some(newest) = newest else { return Ok(Begun::Nothing) };
+        match listed {
+            Some((n, at, wait)) if n >= newest && at.elapsed() < RELIST => {
+                return Ok(if wait { Begun::Wait } else { Begun::Nothing });
+            }
+            _ => {}
         }
+        let begun = self.begun_in_store(ns, work).await?;
+        let mut st = lock(&self.state);
+        let state = st.entry(ns.to_string()).or_default();
+        state.shown.store_lists += 1;
+        state.listed = match begun {
+            Begun::Join(..) => None,
+            Begun::Wait => Some((newest, Instant::now(), true)),
+            Begun::Nothing => Some((newest, Instant::now(), false)),
+        };
+        Ok(begun)
+    }
+
+    /// [`Self::begun`] from a listing of the store made now.
+    async fn begun_in_store(&self, ns: &str, work: &[(u64, u32, Vec<u32>)]) -> Result<Begun, TierError> {
+        let seen = lock(&self.state).get(ns).and_then(|s| s.shown.last_committed);
         let stored = self.store.steps(ns).await?;
         let committed = stored.iter().filter(|s| s.committed).map(|s| s.step).max();
         let mut st = lock(&self.state);
@@ -373,6 +410,8 @@ impl Drainer {
     async fn persist(&self, ns: &str, step: u64, world: u32, mine: Vec<u32>) -> Result<(), TierError> {
         // Retention must not drop this node's ranks of the step before they are up.
         self.tier.pin_for_drain(ns, Some(step));
+        // What the store shows changes with this upload: list it again next.
+        lock(&self.state).entry(ns.to_string()).or_default().listed = None;
         let taken = Instant::now();
         // The step this drainer saw committed last: a delta base for the
         // ranks whose shard of it this node still holds in memory.

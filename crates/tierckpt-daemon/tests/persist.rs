@@ -335,6 +335,32 @@ fn a_cluster_whose_drain_is_slower_than_its_checkpoints_keeps_committing_steps()
 }
 
 #[test]
+fn a_cluster_node_holding_steps_newer_than_the_last_commit_lists_the_store_rarely() {
+    let (dir, store) = (shm_dir(), shm_dir());
+    let mut o = LocalClusterOptions { nodes: 2, ..Default::default() };
+    o.settings.memory_tier_size = Some("256MiB".into());
+    o.settings.persistent_path = Some(format!("file://{}", store.path().display()));
+    // Step 1 is persisted, 2 and 3 are not: n0 holds steps newer than the
+    // last commit for as long as it runs.
+    o.settings.persist_every = Some(1000);
+    let c = LocalCluster::start(dir.path(), o).unwrap();
+    let mut n0 = Client::connect(c.socket(0)).unwrap();
+    for step in 1..=3 {
+        save(&mut n0, "idle", step, 1000);
+        wait_for("the drainer to decide", || {
+            let s = drain_status(&mut n0, "idle");
+            s["last_committed"] == 1 && s["skipped"].as_u64().unwrap_or(0) + 1 >= step
+        });
+    }
+    let lists = || drain_status(&mut Client::connect(c.socket(0)).unwrap(), "idle")["store_lists"].as_u64().unwrap();
+    let before = lists();
+    // 20 drain rounds of 200 ms; a listing holds for 2 s while no step comes.
+    std::thread::sleep(Duration::from_secs(4));
+    let during = lists() - before;
+    assert!(during <= 3, "{during} listings of the store in 4 s while nothing changed");
+}
+
+#[test]
 fn a_full_file_system_is_a_clear_error_and_memory_keeps_working() {
     let mnt = shm_dir();
     let target = mnt.path().join("small");
