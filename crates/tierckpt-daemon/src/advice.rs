@@ -221,6 +221,16 @@ pub(crate) async fn check_notice(cfg: &AdviceConfig) -> Result<(), DaemonError> 
     }
 }
 
+impl Daemon {
+    /// Whether `ns` should checkpoint at its next step, and why (the
+    /// `advice` request and `GET /v1/namespaces/{ns}/advice`).
+    pub fn advice_for(&self, ns: &str) -> tierckpt_tiers::Result<Advice> {
+        tierckpt_format::names::validate_namespace(ns)?;
+        let estimate = self.drainer.as_ref().and_then(|d| d.estimate_ms(ns));
+        Ok(self.advice.advice(estimate))
+    }
+}
+
 /// Starts the background checks configured, on the current runtime.
 pub(crate) fn start(d: Arc<Daemon>, stop: watch::Receiver<bool>) -> Vec<tokio::task::JoinHandle<()>> {
     let mut tasks = Vec::new();

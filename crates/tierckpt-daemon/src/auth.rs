@@ -57,7 +57,8 @@ pub fn needed(method: &Method, path: &str, query: Option<&str>) -> Role {
     }
     let reading = method == Method::GET || method == Method::HEAD;
     let listing = path == "/v1/namespaces"
-        || (path.starts_with("/v1/namespaces/") && (path.ends_with("/steps") || path.ends_with("/latest")));
+        || (path.starts_with("/v1/namespaces/")
+            && ["/steps", "/latest", "/advice", "/pins"].iter().any(|end| path.ends_with(end)));
     if reading && (path == "/v1/status" || path == "/metrics" || listing) {
         return Role::Read;
     }
@@ -112,7 +113,8 @@ mod tests {
         assert_eq!(needed(&Method::DELETE, "/v1/namespaces/a/steps/1", None), Role::Write);
         assert_eq!(needed(&Method::PUT, "/v1/shards/a/1/0", Some("world_size=1")), Role::Write);
         assert_eq!(needed(&get, "/v1/shards/a/1/0", None), Role::Write);
-        for p in ["/v1/status", "/metrics", "/v1/namespaces", "/v1/namespaces/a/steps", "/v1/namespaces/a/latest"] {
+        let read = ["/v1/status", "/metrics", "/v1/namespaces", "/v1/namespaces/a/steps", "/v1/namespaces/a/latest"];
+        for p in read.into_iter().chain(["/v1/namespaces/a/advice", "/v1/namespaces/a/pins"]) {
             assert_eq!(needed(&get, p, None), Role::Read, "{p}");
         }
     }

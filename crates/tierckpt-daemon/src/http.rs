@@ -84,6 +84,8 @@ pub(crate) fn router(d: Arc<Daemon>) -> Router {
         .route("/v1/namespaces/{ns}", axum::routing::delete(delete_namespace))
         .route("/v1/namespaces/{ns}/steps", get(steps))
         .route("/v1/namespaces/{ns}/latest", get(latest))
+        .route("/v1/namespaces/{ns}/advice", get(advice))
+        .route("/v1/namespaces/{ns}/pins", get(pins))
         .route("/v1/namespaces/{ns}/steps/{step}", axum::routing::delete(delete_step))
         .route("/v1/shards/{ns}/{step}/{rank}", get(get_shard).put(put_shard))
         .route("/v1/shards/{ns}/{step}/{rank}/manifest", get(get_manifest))
@@ -293,6 +295,14 @@ async fn steps(State(d): D, Path(ns): Path<String>) -> Result<Json<serde_json::V
 
 async fn latest(State(d): D, Path(ns): Path<String>) -> Result<Json<serde_json::Value>, ApiError> {
     Ok(Json(json!({ "namespace": ns, "step": d.latest(&ns).await? })))
+}
+
+async fn advice(State(d): D, Path(ns): Path<String>) -> Result<Json<tierckpt_proto::Advice>, ApiError> {
+    Ok(Json(d.advice_for(&ns)?))
+}
+
+async fn pins(State(d): D, Path(ns): Path<String>) -> Result<Json<serde_json::Value>, ApiError> {
+    Ok(Json(json!({ "namespace": ns, "pins": d.list_pins(&ns).await? })))
 }
 
 async fn metrics(State(d): D) -> Response {

@@ -605,11 +605,7 @@ impl Daemon {
                 Reply::Done
             }
             Request::Failures { namespace } => Reply::Failures { records: self.failures.read(&namespace)? },
-            Request::Advice { namespace } => {
-                tierckpt_format::names::validate_namespace(&namespace)?;
-                let estimate = self.drainer.as_ref().and_then(|d| d.estimate_ms(&namespace));
-                Reply::Advice(self.advice.advice(estimate))
-            }
+            Request::Advice { namespace } => Reply::Advice(self.advice_for(&namespace)?),
             Request::Pin { namespace, step, name, node_only } => {
                 let (pin, not_reached) = self.pin(&namespace, step, name, node_only).await?;
                 Reply::Pinned { pin, not_reached }

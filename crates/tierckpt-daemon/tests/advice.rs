@@ -81,6 +81,11 @@ fn a_notice_file_asks_for_a_save_with_a_deadline_until_it_goes() {
     let alert = records.iter().find(|r| r.kind == FailureKind::Alert).expect("an alert recorded");
     assert_eq!((alert.detail.as_str(), alert.step), ("preemption notice: terminate in 45 s", Some(1)));
     assert!(!alert.kind.is_failure());
+    // So does the HTTP API.
+    let (code, body) = http(&d.http_addr(), "GET", "/v1/namespaces/job/advice", &[("Authorization", &d.bearer())], b"");
+    assert_eq!(code, 200, "{}", String::from_utf8_lossy(&body));
+    let over_http: Advice = serde_json::from_slice(&body).unwrap();
+    assert!(over_http.save_now && over_http.preemption.unwrap().detail == "terminate in 45 s");
     // Status shows it too.
     let s = d.client().status().unwrap().advice;
     assert!(s.preemption.is_some() && s.events.len() == 1, "{s:?}");

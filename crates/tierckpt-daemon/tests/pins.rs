@@ -94,6 +94,11 @@ fn names_resolve_move_and_bad_input_is_refused_by_name() {
     let pins = c.pins("nm").unwrap();
     let by_step: Vec<(u64, Vec<String>)> = pins.iter().map(|p| (p.step, p.names.clone())).collect();
     assert_eq!(by_step, [(1, vec![]), (2, vec!["pre-spike-3".to_string()]), (3, vec!["best".to_string()])], "{pins:?}");
+    let bearer = d.bearer();
+    let auth = [("Authorization", bearer.as_str())];
+    let (code, body) = tierckpt_harness::testing::http(&d.http_addr(), "GET", "/v1/namespaces/nm/pins", &auth, b"");
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!((code, v["pins"][2]["names"][0].as_str()), (200, Some("best")), "the HTTP API lists them too: {v}");
     // Unpin by name unpins the step it names.
     let (pin, _) = c.unpin("nm", None, Some("pre-spike-3")).unwrap();
     assert_eq!(pin.step, 2);
