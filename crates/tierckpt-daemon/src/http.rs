@@ -286,7 +286,7 @@ async fn status(State(d): D) -> Json<serde_json::Value> {
 }
 
 async fn namespaces(State(d): D) -> Json<serde_json::Value> {
-    Json(json!({ "namespaces": d.tier.namespaces() }))
+    Json(json!({ "namespaces": d.namespaces() }))
 }
 
 async fn steps(State(d): D, Path(ns): Path<String>) -> Result<Json<serde_json::Value>, ApiError> {

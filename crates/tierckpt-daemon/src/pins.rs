@@ -15,7 +15,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use tierckpt_format::names::validate_namespace;
-use tierckpt_proto::{validate_pin_name, PinInfo};
+use tierckpt_proto::{validate_pin_name, NamespaceSummary, PinInfo};
 use tierckpt_tiers::private_fs::Access;
 use tierckpt_tiers::{ErrorKind, Result, TierError};
 
@@ -137,6 +137,17 @@ impl Daemon {
         for s in self.pins.forget(ns, step) {
             let _ = self.tier.unpin(ns, s);
         }
+    }
+
+    /// This node's namespaces, each with the steps pinned here (status,
+    /// listings).
+    pub fn namespaces(&self) -> Vec<NamespaceSummary> {
+        let mut pinned = self.pins.steps();
+        let mut all = self.tier.namespaces();
+        for n in &mut all {
+            n.pinned = pinned.remove(&n.namespace).unwrap_or_default().into_iter().collect();
+        }
+        all
     }
 
     /// The tiers that hold `step` of `ns` for this node.

@@ -319,7 +319,7 @@ impl Daemon {
             http_addr: self.http_addr.map(|a| a.to_string()),
             uptime_s: self.started.elapsed().as_secs_f64(),
             memory: self.tier.usage(),
-            namespaces: self.tier.namespaces(),
+            namespaces: self.namespaces(),
             cluster: self.cluster.as_ref().map(|c| c.status()),
             persistent: self.drainer.as_ref().map(|d| serde_json::to_value(d.status()).unwrap_or_default()),
             failures: self.failures.recent(STATUS_FAILURES),
@@ -579,7 +579,7 @@ impl Daemon {
                 Reply::Done
             }
             Request::Latest { namespace } => Reply::Latest { step: self.latest(&namespace).await? },
-            Request::ListNamespaces {} => Reply::Namespaces { namespaces: tier.namespaces() },
+            Request::ListNamespaces {} => Reply::Namespaces { namespaces: self.namespaces() },
             Request::ListSteps { namespace } => Reply::Steps { steps: tier.steps(&namespace)? },
             Request::DeleteStep { namespace, step } => {
                 let (shards, bytes) = self.delete(&namespace, Some(step), true).await?;

@@ -151,6 +151,12 @@ fn the_cli_pins_unpins_and_lists_names_as_json() {
     assert_eq!(v["pins"][0]["names"][0], "best", "{v}");
     let (ok, out, _) = cli(&d.proc.socket, &["ls", "cli"]);
     assert!(ok && out.contains("best"), "{out}");
+    // Status and the list of namespaces show the steps pinned here.
+    let v = run(&["--json", "status"]);
+    assert_eq!(v["namespaces"][0]["pinned"], serde_json::json!([1]), "{v}");
+    let (ok, out, _) = cli(&d.proc.socket, &["status"]);
+    let row = out.lines().find(|l| l.contains(" cli ")).map(|l| l.split_whitespace().filter(|w| *w != "│").collect());
+    assert!(ok && out.contains("pinned") && row.is_some_and(|w: Vec<&str>| w.last() == Some(&"1")), "{out}");
     // A name where inspect takes a step.
     let v = run(&["--json", "inspect", "cli", "--step", "best"]);
     assert!(v.to_string().contains("\"step\":1"), "{v}");

@@ -20,6 +20,9 @@ pub struct NamespaceSummary {
     pub latest_complete: Option<u64>,
     /// Bytes of its shards, sealed or being sealed.
     pub bytes: u64,
+    /// Its steps pinned on this node (filled in by the daemon).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pinned: Vec<u64>,
 }
 
 /// What `tierckpt status` shows.

@@ -201,7 +201,7 @@ pub(super) fn print_namespaces(ns: &[tierckpt_proto::NamespaceSummary]) {
         println!("no checkpoints");
         return;
     }
-    let mut t = table(&["namespace", "steps", "complete", "latest complete", "bytes"]);
+    let mut t = table(&["namespace", "steps", "complete", "latest complete", "bytes", "pinned"]);
     for n in ns {
         t.add_row(vec![
             escape(&n.namespace),
@@ -209,6 +209,11 @@ pub(super) fn print_namespaces(ns: &[tierckpt_proto::NamespaceSummary]) {
             n.complete_steps.to_string(),
             n.latest_complete.map_or("-".into(), |s| s.to_string()),
             human_bytes(n.bytes),
+            if n.pinned.is_empty() {
+                "-".into()
+            } else {
+                n.pinned.iter().map(u64::to_string).collect::<Vec<_>>().join(",")
+            },
         ]);
     }
     println!("{t}");

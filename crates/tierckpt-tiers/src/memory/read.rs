@@ -134,6 +134,7 @@ impl MemoryTier {
                 complete_steps: 0,
                 latest_complete: None,
                 bytes: 0,
+                pinned: Vec::new(),
             });
             e.steps += 1;
             e.bytes += s.bytes();
