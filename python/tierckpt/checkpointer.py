@@ -14,7 +14,7 @@ import warnings
 import weakref
 
 from . import pins as _pins
-from . import preemption, prefault, restore, shard
+from . import completion, preemption, prefault, restore, shard
 from .adaptive import Ema, interval_steps, mtbf_from_records
 from .client import Client, default_socket
 from .errors import CorruptError, NotFoundError, TierckptError, UnavailableError
@@ -344,6 +344,7 @@ class Checkpointer:
         self._hb_path = os.environ.get("TIERCKPT_HEARTBEAT_FILE") or None
         self._hb_last = 0.0
         self._preemption = preemption.Watch(self)
+        self._completion = completion.Completion()
 
     @property
     def preempted(self) -> bool:

@@ -204,6 +204,10 @@ class Client:
     def status(self) -> dict:
         return self._expect({"op": "status"}, "status")
 
+    def declare_complete(self, namespace: str, step: int) -> None:
+        """Every rank of the job holds `step` visible: this node's retention counts it complete now."""
+        self._expect({"op": "declare_complete", "namespace": namespace, "step": int(step)}, "done")
+
     def record_failure(self, namespace: str, kind: str, detail: str = "", step: int | None = None,
                        restart: int = 0, unix_ms: int | None = None) -> None:
         import time

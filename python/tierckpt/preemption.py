@@ -170,9 +170,13 @@ class Watch:
         want = self._local()
         if not self._previous and not self._advice_supported:
             return None  # nothing can ask (the same on every rank): no collective
-        d = self.ckpt._dist_group()
+        ck = self.ckpt
+        d = ck._dist_group()
         if d is not None:
-            want = int(_all_max(d, [want])[0])
+            # The same all-reduce carries the round of the job's completion (see completion.py).
+            vals = _all_max(d, [want] + ck._completion.local(ck))
+            want = int(vals[0])
+            ck._completion.agreed(ck, vals[1:])
         if want == PREEMPT:
             if self.reason is None:
                 self._ask("preemption on another rank", self.grace_s)

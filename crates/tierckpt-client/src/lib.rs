@@ -428,6 +428,12 @@ impl Client {
         self.deleted(Request::DiscardIncompleteAfter { namespace: namespace.into(), step })
     }
 
+    /// Tells the daemon that every rank of the job has `step` visible (see
+    /// [`Request::DeclareComplete`]).
+    pub fn declare_complete(&mut self, namespace: &str, step: u64) -> Result<()> {
+        self.done(&Request::DeclareComplete { namespace: namespace.into(), step })
+    }
+
     /// Appends a start or failure of a job to the namespace's record.
     pub fn record_failure(&mut self, namespace: &str, record: FailureRecord) -> Result<()> {
         self.done(&Request::RecordFailure { namespace: namespace.into(), record })

@@ -615,6 +615,11 @@ impl Daemon {
                 Reply::Pinned { pin, not_reached }
             }
             Request::Pins { namespace } => Reply::Pins { pins: self.list_pins(&namespace).await? },
+            Request::DeclareComplete { namespace, step } => {
+                let t = tier.clone();
+                blocking(move || t.declare_complete(&namespace, step)).await?;
+                Reply::Done
+            }
         })
     }
 }

@@ -176,6 +176,15 @@ pub enum Request {
         /// The namespace.
         namespace: String,
     },
+    /// The job's ranks agreed that every rank's shard of `step` is visible:
+    /// this node's retention counts the step complete at once, before its
+    /// cluster view shows it (which takes up to n/(2(k+1)) heartbeat rounds).
+    DeclareComplete {
+        /// The namespace.
+        namespace: String,
+        /// The step.
+        step: u64,
+    },
 }
 
 /// The daemon's answer to a [`Request`] that succeeded. Externally tagged,

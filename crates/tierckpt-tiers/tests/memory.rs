@@ -223,6 +223,30 @@ fn full_tier_gives_capacity_exceeded_and_keeps_newest_complete() {
 }
 
 #[test]
+fn a_step_the_job_declares_complete_settles_retention_and_eviction_before_the_cluster_view() {
+    let dir = shm_dir();
+    let shard = sample_shard(ShardKey::new("a", 1, 0), 2, 100_000, 0).1.len() as u64;
+    // Room for three of this node's shards; keep_last 1.
+    let t = tier(dir.path(), shard * 3 + shard / 2, 1);
+    let steps = |t: &MemoryTier| t.steps("job").unwrap().iter().map(|s| s.step).collect::<Vec<_>>();
+    // A node of a two-rank job holds rank 0 only: no step is complete here.
+    for step in 1..=3 {
+        save(&t, "job", step, 0, 2, 100_000);
+    }
+    assert_eq!(steps(&t), [1, 2, 3], "nothing settled: every step is kept");
+    let e = t.reserve(&ShardKey::new("job", 4, 0), 2, shard).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::CapacityExceeded, "and nothing may be evicted: {e}");
+    t.declare_complete("job", 2).unwrap();
+    assert_eq!(steps(&t), [2, 3], "keep_last 1 counts step 2 complete");
+    save(&t, "job", 4, 0, 2, 100_000);
+    t.declare_complete("job", 4).unwrap();
+    assert_eq!(steps(&t), [4]);
+    // A step this node holds no part of is refused, named.
+    let e = t.declare_complete("job", 2).unwrap_err();
+    assert!(e.kind() == ErrorKind::NotFound && e.to_string().contains("job/step 2"), "{e}");
+}
+
+#[test]
 fn concurrent_writers_of_one_key_exactly_one_wins() {
     let dir = shm_dir();
     let t = Arc::new(tier(dir.path(), 64 << 20, 3));

@@ -118,6 +118,9 @@ pub(super) struct State {
     /// Steps known to be complete across a cluster (every rank held by some
     /// live node), though this node holds only some ranks of them.
     pub(super) known_complete: HashMap<String, BTreeSet<u64>>,
+    /// Steps the job declared complete (its ranks agreed every shard is
+    /// visible), before the cluster view shows it; dropped with the step.
+    pub(super) declared_complete: HashMap<String, BTreeSet<u64>>,
     /// Shards mapped by readers: when dropped they are unlinked, never
     /// recycled, so what a reader maps never changes under it.
     pub(super) leases: HashMap<ShardKey, usize>,
@@ -160,8 +163,10 @@ impl State {
         self.pinned.get(ns).is_some_and(|p| p.drain == Some(step) || p.kept.contains(&step))
     }
 
-    /// Complete here, or known complete across the cluster.
+    /// Complete here, known complete across the cluster, or declared
+    /// complete by the job.
     pub(super) fn settled(&self, ns: &str, step: u64, s: &Step) -> bool {
-        s.complete() || self.known_complete.get(ns).is_some_and(|set| set.contains(&step))
+        let has = |sets: &HashMap<String, BTreeSet<u64>>| sets.get(ns).is_some_and(|set| set.contains(&step));
+        s.complete() || has(&self.known_complete) || has(&self.declared_complete)
     }
 }

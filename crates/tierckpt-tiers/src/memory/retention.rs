@@ -92,6 +92,9 @@ impl MemoryTier {
         let Some(s) = st.steps.remove(&(ns.to_string(), step)) else {
             return (0, 0);
         };
+        if let Some(set) = st.declared_complete.get_mut(ns) {
+            set.remove(&step);
+        }
         let (mut n, mut bytes) = (0, 0);
         for (rank, shard) in s.shards {
             bytes += self.drop_shard_files(st, &ShardKey::new(ns, step, rank), s.world_size, shard.len(), unlinks);
@@ -282,6 +285,26 @@ impl MemoryTier {
     pub fn set_known_complete(&self, ns: &str, steps: BTreeSet<u64>) {
         self.lock().known_complete.insert(ns.to_string(), steps);
         self.retain(ns);
+    }
+
+    /// The job declares `step` of `ns` complete: its ranks agreed that every
+    /// rank's shard of it is visible on its node. Retention and eviction
+    /// treat it as complete here at once, where the cluster view may take
+    /// many heartbeat rounds to show it; then retention applies. `NotFound`
+    /// when this node holds no part of the step.
+    pub fn declare_complete(&self, ns: &str, step: u64) -> Result<()> {
+        validate_namespace(ns)?;
+        {
+            let mut st = self.lock();
+            if st.steps.get(&(ns.to_string(), step)).is_none_or(|s| s.deleted) {
+                return Err(TierError::NotFound(format!(
+                    "{ns}/step {step} to declare complete: this node holds no shard of it"
+                )));
+            }
+            st.declared_complete.entry(ns.to_string()).or_default().insert(step);
+        }
+        self.retain(ns);
+        Ok(())
     }
 
     /// Keeps the newest `keep_last` complete steps of `ns`; drops older
