@@ -45,7 +45,7 @@ class Completion:
     def agreed(self, ck, reduced: list) -> None:
         """Acts on the all-reduced `local()`: declares the candidate if every rank holds it."""
         newest_everywhere, lacking = int(-reduced[0]), reduced[1] > 0
-        if not lacking and self.candidate > self.declared:
+        if not lacking and self.candidate != self.declared:  # (after a rollback a lower step comes again)
             self.declared = self.candidate
             try:
                 ck._client.declare_complete(ck.namespace, self.candidate)

@@ -84,5 +84,16 @@ def test_a_step_one_rank_lacks_is_never_declared(two_daemons, monkeypatch):
     agree()
     agree()
     assert held() == [[3], [3]], "step 3 is on every rank: declared, and keep_last 1 follows"
+    # A rollback: step 6, declared, is discarded; steps 4 and 5 come again and are declared in turn.
+    for step in (6, 4, 5):
+        for ck in ranks:
+            ck.save(step, {"w": [float(step)]})
+        agree()
+        agree()
+        if step == 6:
+            assert held() == [[6], [6]]
+            for d in two_daemons:
+                Client(d["socket"]).delete_step("hole", 6)
+    assert held() == [[5], [5]]
     for ck in ranks:
         ck.close()
