@@ -31,6 +31,28 @@ dist.destroy_process_group()
 """
 
 
+DCP_JOB = r"""
+import sys, torch, torch.distributed as dist, torch.distributed.checkpoint as dcp
+from tierckpt.torch import TierckptWriter
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+writer = TierckptWriter(namespace="dcp-settle", socket=sys.argv[1 + rank])
+for step in range(1, 5):
+    dcp.save({f"w{rank}": torch.full((256,), float(10 * step + rank))}, checkpoint_id=step, storage_writer=writer)
+writer.close()
+dist.destroy_process_group()
+"""
+
+
+def torchrun(tmp_path, job, *args):
+    script = tmp_path / "job.py"
+    script.write_text(job)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
+                        "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}",
+                        str(script), *args], capture_output=True, text=True, timeout=300, env=py_env())
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
 @pytest.fixture
 def two_daemons():
     first, second = run_daemon("--keep-last", "1"), run_daemon("--keep-last", "1")
@@ -43,13 +65,8 @@ def two_daemons():
 
 @pytest.mark.parametrize("mode", ["sync", "async"])
 def test_ranks_on_separate_nodes_declare_their_steps_complete_and_retention_follows(two_daemons, tmp_path, mode):
-    script = tmp_path / "job.py"
-    script.write_text(JOB)
     sockets = [d["socket"] for d in two_daemons]
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
-                        "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}",
-                        str(script), *sockets, mode], capture_output=True, text=True, timeout=300, env=py_env())
-    assert r.returncode == 0, r.stdout + r.stderr
+    torchrun(tmp_path, JOB, *sockets, mode)
     # Each node holds one rank of a two-rank job: no step is complete there by itself, and without
     # the declarations keep_last 1 would keep all 8.
     for rank, sock in enumerate(sockets):
@@ -97,3 +114,11 @@ def test_a_step_one_rank_lacks_is_never_declared(two_daemons, monkeypatch):
     assert held() == [[5], [5]]
     for ck in ranks:
         ck.close()
+
+
+def test_dcp_saves_are_declared_complete_by_the_coordinator_and_in_the_next_plans(two_daemons, tmp_path):
+    torchrun(tmp_path, DCP_JOB, *[d["socket"] for d in two_daemons])
+    # A DCP step has 3 shards here: rank 0 and the metadata (rank 2) on node 0, rank 1 on node 1.
+    held = [[(s["step"], s["ranks"]) for s in Client(d["socket"]).list_steps("dcp-settle")] for d in two_daemons]
+    assert held[0] == [(4, [0, 2])], "the coordinator declares each step it commits: keep_last 1 keeps the last"
+    assert held[1] == [(3, [1]), (4, [1])], "rank 1 learns of step 3 in step 4's plan, of step 4 at the next save"

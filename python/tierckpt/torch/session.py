@@ -109,6 +109,16 @@ class Session:
             self.abort(res_id)
             raise TierckptError(f"{what}: sealing failed: {e}; the shard was aborted") from e
 
+    def declare_complete(self, step: int) -> None:
+        """Every DCP rank's shard and the metadata of `step` are sealed: this node's retention counts
+        the step complete at once (see `tierckpt.completion`). Best effort: a step evicted here
+        meanwhile, or an older daemon, is no error."""
+        ck = self.ckpt()
+        try:
+            ck.client.declare_complete(ck.namespace, step)
+        except TierckptError:
+            pass
+
     def abort(self, res_id: int) -> None:
         try:
             self.ckpt().client.abort(res_id)

@@ -3,11 +3,14 @@
 Each rank resolves its items and copies them into one reserved segment (or, after a
 `TierckptStager`, seals the segment the stager already filled, without another copy);
 the coordinator then writes DCP's `Metadata` as the step's last shard: the commit point
-(see `session`).
+(see `session`). The coordinator declares each step it commits complete to its daemon, and tells the
+other ranks in the next save's plans (`storage_data`), so every node's retention counts the step
+complete without waiting for the cluster view.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import io
 
 import torch
@@ -40,6 +43,7 @@ class TierckptWriter(StorageWriter):
         self.rank, self.world = rank_world()
         self.is_coordinator = self.rank == 0
         self._staged: dict = {}  # step -> stager.StagedShard, filled by TierckptStager
+        self._committed = None  # the step this coordinator last committed
 
     # -- DCP's calls --------------------------------------------------------
     def reset(self, checkpoint_id=None) -> None:
@@ -71,10 +75,15 @@ class TierckptWriter(StorageWriter):
         return plan
 
     def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
-        return plans
+        if self._committed is None:
+            return plans
+        return [dataclasses.replace(p, storage_data={"committed": self._committed}) for p in plans]
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future:
         step = self._need_step()
+        committed = plan.storage_data.get("committed") if isinstance(plan.storage_data, dict) else None
+        if committed is not None and not self.is_coordinator:
+            self.session.declare_complete(committed)
         staged = self._staged.pop(step, None)
         what = f"DCP step {step} rank {self.rank} of {self.session.namespace!r}"
         try:
@@ -106,6 +115,9 @@ class TierckptWriter(StorageWriter):
         refs.append(layout.bytes_ref(names(METADATA_ENTRY), md_io.dumps(metadata)))
         layout.write_shard(self.session, step, self.world, self.world, refs,
                            f"DCP step {step} metadata of {self.session.namespace!r}", {"dcp": "metadata"})
+        # Every rank's write succeeded (DCP calls finish only then) and the metadata is sealed.
+        self._committed = step
+        self.session.declare_complete(step)
 
     def close(self) -> None:
         """Closes the connection to the daemon (and unmaps the cached segments)."""
