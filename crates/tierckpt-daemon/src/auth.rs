@@ -113,8 +113,16 @@ mod tests {
         assert_eq!(needed(&Method::DELETE, "/v1/namespaces/a/steps/1", None), Role::Write);
         assert_eq!(needed(&Method::PUT, "/v1/shards/a/1/0", Some("world_size=1")), Role::Write);
         assert_eq!(needed(&get, "/v1/shards/a/1/0", None), Role::Write);
-        let read = ["/v1/status", "/metrics", "/v1/namespaces", "/v1/namespaces/a/steps", "/v1/namespaces/a/latest"];
-        for p in read.into_iter().chain(["/v1/namespaces/a/advice", "/v1/namespaces/a/pins"]) {
+        let read = [
+            "/v1/status",
+            "/metrics",
+            "/v1/namespaces",
+            "/v1/namespaces/a/steps",
+            "/v1/namespaces/a/latest",
+            "/v1/namespaces/a/advice",
+            "/v1/namespaces/a/pins",
+        ];
+        for p in read {
             assert_eq!(needed(&get, p, None), Role::Read, "{p}");
         }
     }

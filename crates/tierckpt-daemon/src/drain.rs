@@ -352,7 +352,7 @@ impl Drainer {
             }
             _ => {}
         }
-        let begun = self.begun_in_store(ns, work).await?;
+        let begun = self.begun_in_store(ns, work, seen).await?;
         let mut st = lock(&self.state);
         let state = st.entry(ns.to_string()).or_default();
         state.shown.store_lists += 1;
@@ -364,9 +364,14 @@ impl Drainer {
         Ok(begun)
     }
 
-    /// [`Self::begun`] from a listing of the store made now.
-    async fn begun_in_store(&self, ns: &str, work: &[(u64, u32, Vec<u32>)]) -> Result<Begun, TierError> {
-        let seen = lock(&self.state).get(ns).and_then(|s| s.shown.last_committed);
+    /// [`Self::begun`] from a listing of the store made now (`seen`: the
+    /// last commit this node saw).
+    async fn begun_in_store(
+        &self,
+        ns: &str,
+        work: &[(u64, u32, Vec<u32>)],
+        seen: Option<u64>,
+    ) -> Result<Begun, TierError> {
         let stored = self.store.steps(ns).await?;
         let committed = stored.iter().filter(|s| s.committed).map(|s| s.step).max();
         let mut st = lock(&self.state);
