@@ -17,7 +17,7 @@ from . import pins as _pins
 from . import completion, preemption, prefault, restore, shard
 from .adaptive import Ema, interval_steps, mtbf_from_records
 from .client import Client, default_socket
-from .errors import CorruptError, NotFoundError, TierckptError, UnavailableError
+from .errors import CorruptError, NotFoundError, TierckptError, UnavailableError, unsupported_request
 
 DAY = 86400.0
 
@@ -351,6 +351,18 @@ class Checkpointer:
         """True once the step saved for a preemption is safe (with ``preemption_exit`` off; with it on,
         the save exits the process with `preemption.EXIT_PREEMPTED` instead)."""
         return self._preemption.preempted
+
+    def _agree(self) -> int:
+        """The one all-reduce (max) per `should_save` of a multi-rank job, so collective like
+        `intervals()`: the preemption's request, which every rank must answer at the same step, and a
+        round of the job's completion (`completion.py`). Returns the request agreed."""
+        want = self._preemption.wants()
+        d = self._dist_group()
+        if d is None:
+            return want
+        vals = preemption.all_max(d, [want] + self._completion.local(self))
+        self._completion.agreed(self, vals[1:])
+        return int(vals[0])
 
     def _dist_group(self):
         """torch.distributed when this is one rank of several in a process group, else None."""
@@ -854,7 +866,7 @@ class Checkpointer:
                 self._step_time.add(dt)
         self._last_call = now
         self._blocked_since_call = 0.0
-        asked = self._preemption.tiers(step)  # collective across ranks, like intervals()
+        asked = self._preemption.tiers(step, self._agree())
         if asked is not None:
             return asked
         f = self.config["checkpoint_frequency"]
@@ -887,7 +899,7 @@ class Checkpointer:
         try:
             recs = self._client.failures(self.namespace)
         except TierckptError as e:
-            if e.kind == "invalid_argument" or "unknown variant" in str(e):
+            if unsupported_request(e):
                 self._failures_supported = False  # an older daemon
             recs = []
         self._failures_cache = (time.monotonic(), recs)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 
-from .errors import NotFoundError, TierckptError
+from .errors import NotFoundError, TierckptError, unsupported_request
 
 ASK_EVERY_S = 0.1  # how often a rank asks its daemon which of its steps are visible, at most
 
@@ -52,6 +52,6 @@ class Completion:
             except NotFoundError:
                 pass  # dropped here meanwhile: nothing to settle
             except TierckptError as e:
-                if e.kind == "invalid_argument" or "unknown variant" in str(e):
+                if unsupported_request(e):
                     self.supported = False  # an older daemon
         self.candidate = newest_everywhere

@@ -13,6 +13,11 @@ class TierckptError(Exception):
             self.kind = kind
 
 
+def unsupported_request(e: Exception) -> bool:
+    """Whether `e` is an older daemon refusing a request it does not know."""
+    return getattr(e, "kind", None) == "invalid_argument" or "unknown variant" in str(e)
+
+
 class NotFoundError(TierckptError):
     kind = "not_found"
 

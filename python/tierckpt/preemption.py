@@ -27,6 +27,8 @@ import threading
 import time
 import weakref
 
+from .errors import unsupported_request
+
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL (sysexits.h): stopped for a preemption, try again later
 ADVICE_EVERY_S = 0.1
 WAIT_POLL_S = 0.02
@@ -143,14 +145,14 @@ class Watch:
             self._advice_supported = False
             adv = None
         except Exception as e:  # an older daemon: the request is unknown
-            if "unknown variant" in str(e) or getattr(e, "kind", None) == "invalid_argument":
+            if unsupported_request(e):
                 self._advice_supported = False
             adv = None
         self._advice = (time.monotonic(), adv)
         return adv
 
-    def _local(self) -> int:
-        """This rank's view: PREEMPT, ALERT or NONE."""
+    def wants(self) -> int:
+        """This rank's request, before the ranks agree: PREEMPT, ALERT or NONE."""
         adv = self._daemon_advice()
         if adv:
             p = adv.get("preemption")
@@ -165,18 +167,9 @@ class Watch:
             return PREEMPT
         return ALERT if self._pending_alert > self._acted_on else NONE
 
-    def tiers(self, step: int):
-        """Tiers to save `step` to for a preemption or an alert (agreed across ranks), or None."""
-        want = self._local()
-        if not self._previous and not self._advice_supported:
-            return None  # nothing can ask (the same on every rank): no collective
-        ck = self.ckpt
-        d = ck._dist_group()
-        if d is not None:
-            # The same all-reduce carries the round of the job's completion (see completion.py).
-            vals = _all_max(d, [want] + ck._completion.local(ck))
-            want = int(vals[0])
-            ck._completion.agreed(ck, vals[1:])
+    def tiers(self, step: int, want: int):
+        """Tiers to save `step` to for the request `want` the ranks agreed on (the largest of their
+        `wants()`), or None."""
         if want == PREEMPT:
             if self.reason is None:
                 self._ask("preemption on another rank", self.grace_s)
@@ -280,7 +273,7 @@ def _handler(watch_ref, previous: dict):
     return on_signal
 
 
-def _all_max(d, vals):
+def all_max(d, vals):
     """All-reduce (max) of a few numbers over the default group, on the device its backend needs."""
     import torch
     dev = torch.device("cuda", torch.cuda.current_device()) if d.get_backend() == "nccl" else "cpu"
